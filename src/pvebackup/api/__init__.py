@@ -1,0 +1,32 @@
+"""The backup provider API: what a third-party provider needs, and nothing else of ours.
+
+``from pvebackup.api import BackupProvider, BackupMechanism, ...``
+"""
+
+from pvebackup.api import errors
+from pvebackup.api.provider import BackupProvider
+from pvebackup.api.types import (
+    BackupMechanism,
+    BitmapMode,
+    DeviceInfo,
+    DeviceInfoEntry,
+    GuestType,
+    IdMapEntry,
+    LogFunction,
+    LogLevel,
+    RestoreMechanism,
+)
+
+__all__ = [
+    "BackupMechanism",
+    "BackupProvider",
+    "BitmapMode",
+    "DeviceInfo",
+    "DeviceInfoEntry",
+    "GuestType",
+    "IdMapEntry",
+    "LogFunction",
+    "LogLevel",
+    "RestoreMechanism",
+    "errors",
+]

@@ -1,0 +1,267 @@
+"""Every error pvebackup raises on purpose, in one tree.
+
+Each leaf carries a stable ``exit_code`` (what the CLI exits with) and a message
+meant for a person. Foreign errors (OSError, libnbd, botocore, subprocess failures)
+are mapped at the boundary where they occur: ``raise OurError(...) from exc``.
+Not-found, integrity, permanent and transient failures are kept apart so that a
+caller can decide whether retrying can help.
+
+::
+
+    PveBackupError                      exit 1   anything of ours
+    ├── UsageError                      exit 2   bad command line or arguments
+    ├── ConfigError                     exit 2   a malformed file; names file and line
+    │   ├── StorageConfigError                   storage.cfg
+    │   └── GuestConfigError                     qemu-server/<vmid>.conf, lxc/<vmid>.conf
+    ├── NotFoundError                   exit 3   something named does not exist
+    │   ├── StorageNotFoundError                 no storage with that id
+    │   ├── PluginNotFoundError                  no plugin for that storage type
+    │   ├── GuestNotFoundError                   no guest with that vmid
+    │   ├── VolumeNotFoundError                  no backup volume with that name
+    │   └── ObjectNotFoundError                  a backend key is missing
+    ├── PluginError                     exit 4   a storage plugin or provider misbehaves
+    │   ├── PluginVersionError                   api version out of the accepted range
+    │   ├── ProviderNotImplementedError          method not implemented by the provider
+    │   └── UnsupportedError                     provider does not support this guest/mechanism
+    ├── IntegrityError                  exit 5   stored data is not what was written
+    │   ├── CorruptChunkError                    digest/tag mismatch, bad blob header
+    │   └── CorruptIndexError                    bad index, manifest or snapshot
+    ├── CryptoError                     exit 6   keys
+    │   ├── MissingKeyError                      encrypted store opened without a key
+    │   ├── WrongKeyError                        key or passphrase does not fit
+    │   └── KeyFileError                         unreadable or malformed key file
+    ├── StateError                      exit 7   refused because of existing state
+    │   ├── GuestExistsError                     restore onto an existing vmid without --force
+    │   ├── VolumeInUseError                     remove a volume another one depends on
+    │   └── LockedError                          someone else holds a lock
+    ├── UnsafeArchiveError              exit 8   hostile archive entry (absolute, .., escaping link)
+    ├── ExternalToolError               exit 9   qemu-img, qemu-storage-daemon, nbdkit, tar failed
+    │   ├── QmpError                             QMP command answered with an error
+    │   └── NbdError                             libnbd call failed
+    ├── BackendError                    exit 10  storage backend I/O
+    │   ├── TransientBackendError                may succeed when retried
+    │   └── PermanentBackendError                will not succeed when retried (full disk, denied)
+    ├── GuestBackupError                exit 11  one or more guests of a job failed
+    └── AbortedError                    exit 130 interrupted by SIGINT/SIGTERM
+
+This module imports nothing of ours, so every layer, and every third-party
+provider, can use it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AbortedError",
+    "BackendError",
+    "ConfigError",
+    "CorruptChunkError",
+    "CorruptIndexError",
+    "CryptoError",
+    "ExternalToolError",
+    "GuestBackupError",
+    "GuestConfigError",
+    "GuestExistsError",
+    "GuestNotFoundError",
+    "IntegrityError",
+    "KeyFileError",
+    "LockedError",
+    "MissingKeyError",
+    "NbdError",
+    "NotFoundError",
+    "ObjectNotFoundError",
+    "PermanentBackendError",
+    "PluginError",
+    "PluginNotFoundError",
+    "PluginVersionError",
+    "ProviderNotImplementedError",
+    "PveBackupError",
+    "QmpError",
+    "StateError",
+    "StorageConfigError",
+    "StorageNotFoundError",
+    "TransientBackendError",
+    "UnsafeArchiveError",
+    "UnsupportedError",
+    "UsageError",
+    "VolumeInUseError",
+    "VolumeNotFoundError",
+    "WrongKeyError",
+]
+
+
+class PveBackupError(Exception):
+    """Base of every error pvebackup raises on purpose."""
+
+    exit_code: int = 1
+
+
+class UsageError(PveBackupError):
+    """The command line or the arguments of a call are wrong."""
+
+    exit_code = 2
+
+
+class ConfigError(PveBackupError):
+    """A configuration file is malformed. The message names the file and the line."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, path: str | None = None, line: int | None = None):
+        where = ""
+        if path is not None:
+            where = f"{path}:{line}: " if line is not None else f"{path}: "
+        super().__init__(f"{where}{message}")
+        self.path = path
+        self.line = line
+        self.reason = message
+
+
+class StorageConfigError(ConfigError):
+    """storage.cfg (or one storage's properties) is malformed."""
+
+
+class GuestConfigError(ConfigError):
+    """A VM or container configuration file is malformed."""
+
+
+class NotFoundError(PveBackupError):
+    """Something named by the caller does not exist."""
+
+    exit_code = 3
+
+
+class StorageNotFoundError(NotFoundError):
+    """No storage with that id in storage.cfg."""
+
+
+class PluginNotFoundError(NotFoundError):
+    """No storage plugin is registered for that storage type."""
+
+
+class GuestNotFoundError(NotFoundError):
+    """No guest configuration with that vmid."""
+
+
+class VolumeNotFoundError(NotFoundError):
+    """No backup volume with that name on the storage."""
+
+
+class ObjectNotFoundError(NotFoundError):
+    """A key is missing in a store backend."""
+
+
+class PluginError(PveBackupError):
+    """A storage plugin or a backup provider cannot be used as asked."""
+
+    exit_code = 4
+
+
+class PluginVersionError(PluginError):
+    """A plugin declares a storage API version outside the accepted range."""
+
+
+class ProviderNotImplementedError(PluginError, NotImplementedError):
+    """A provider method the host called is not implemented by that provider.
+
+    The Python form of the seed's ``die "implement me in subclass\\n"``.
+    """
+
+
+class UnsupportedError(PluginError):
+    """The provider does not support this guest type or mechanism."""
+
+
+class IntegrityError(PveBackupError):
+    """Stored data does not match what was written (checksum, tag, structure)."""
+
+    exit_code = 5
+
+
+class CorruptChunkError(IntegrityError):
+    """A chunk failed its digest or authentication check, or its header is bad."""
+
+
+class CorruptIndexError(IntegrityError):
+    """An index, manifest or snapshot is malformed or fails its checksum."""
+
+
+class CryptoError(PveBackupError):
+    """Key handling failed. Messages never contain key material."""
+
+    exit_code = 6
+
+
+class MissingKeyError(CryptoError):
+    """The store is encrypted and no key was given."""
+
+
+class WrongKeyError(CryptoError):
+    """The key (or the passphrase protecting it) does not fit."""
+
+
+class KeyFileError(CryptoError):
+    """The key file cannot be read or is malformed."""
+
+
+class StateError(PveBackupError):
+    """Refused because of existing state; nothing was changed."""
+
+    exit_code = 7
+
+
+class GuestExistsError(StateError):
+    """A guest with the target vmid exists and --force was not given."""
+
+
+class VolumeInUseError(StateError):
+    """The volume is the base of another volume and cannot be removed."""
+
+
+class LockedError(StateError):
+    """A lock is held by someone else."""
+
+
+class UnsafeArchiveError(PveBackupError):
+    """An archive entry would write outside the target (absolute path, '..', link)."""
+
+    exit_code = 8
+
+
+class ExternalToolError(PveBackupError):
+    """An external program (qemu-img, qemu-storage-daemon, nbdkit, tar) failed."""
+
+    exit_code = 9
+
+
+class QmpError(ExternalToolError):
+    """A QMP command was answered with an error."""
+
+
+class NbdError(ExternalToolError):
+    """A libnbd call failed."""
+
+
+class BackendError(PveBackupError):
+    """A store backend could not read or write."""
+
+    exit_code = 10
+
+
+class TransientBackendError(BackendError):
+    """A backend failure that may go away when retried (timeout, throttling)."""
+
+
+class PermanentBackendError(BackendError):
+    """A backend failure that retrying will not fix (disk full, permission denied)."""
+
+
+class GuestBackupError(PveBackupError):
+    """One or more guests of a backup job failed; the others were backed up."""
+
+    exit_code = 11
+
+
+class AbortedError(PveBackupError):
+    """The job was interrupted (SIGINT, SIGTERM)."""
+
+    exit_code = 130

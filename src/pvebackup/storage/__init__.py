@@ -1,0 +1,1 @@
+"""Storage layer: storage.cfg, plugin registry, API version."""

@@ -1,0 +1,1 @@
+"""pvebackup.store."""
