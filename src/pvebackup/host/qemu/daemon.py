@@ -1,0 +1,211 @@
+"""Start and stop one ``qemu-storage-daemon`` driven over QMP.
+
+The daemon gets a private runtime directory (mode 0700) holding its QMP socket,
+its log and whatever sockets the caller adds (the NBD server's). It runs in its
+own session, so a Ctrl-C on the terminal reaches only us: the host must be able
+to finish the bitmaps over QMP before the daemon goes away.
+
+Stopping escalates: ``quit`` over QMP, then SIGTERM, then SIGKILL, each by PID
+and each followed by a bounded wait; the process is always reaped.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from pvebackup.api.errors import ExternalToolError, QmpError
+
+from .qmp import QmpClient
+
+__all__ = ["StorageDaemon"]
+
+_BINARY = "qemu-storage-daemon"
+
+
+class StorageDaemon:
+    """A running ``qemu-storage-daemon`` with a connected QMP client.
+
+    Use as a context manager, or call :meth:`start` and :meth:`stop`.
+
+    :param start_timeout: seconds to wait for the QMP socket to accept.
+    :param qmp_timeout: seconds each QMP command may take.
+    :param stop_timeout: seconds to wait at each stop escalation step.
+    """
+
+    def __init__(
+        self,
+        *,
+        binary: str = _BINARY,
+        start_timeout: float = 15.0,
+        qmp_timeout: float = 60.0,
+        stop_timeout: float = 5.0,
+    ) -> None:
+        self.binary = binary
+        self.start_timeout = start_timeout
+        self.qmp_timeout = qmp_timeout
+        self.stop_timeout = stop_timeout
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._qmp: QmpClient | None = None
+        self._runtime_dir: Path | None = None
+
+    # -- properties ---------------------------------------------------------------
+
+    @property
+    def pid(self) -> int:
+        """The daemon's process id (valid after :meth:`start`)."""
+        if self._proc is None:
+            raise RuntimeError("qemu-storage-daemon is not started")
+        return self._proc.pid
+
+    @property
+    def runtime_dir(self) -> Path:
+        """Private directory (0700) for sockets; removed by :meth:`stop`."""
+        if self._runtime_dir is None:
+            raise RuntimeError("qemu-storage-daemon is not started")
+        return self._runtime_dir
+
+    @property
+    def qmp(self) -> QmpClient:
+        """The QMP session (valid after :meth:`start`)."""
+        if self._qmp is None:
+            raise RuntimeError("qemu-storage-daemon is not started")
+        return self._qmp
+
+    @property
+    def alive(self) -> bool:
+        """True while the process runs (a dead one is reaped here)."""
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit status once the process ended (negative: killed by that signal)."""
+        return None if self._proc is None else self._proc.poll()
+
+    def execute(self, cmd: str, /, **args: Any) -> Any:
+        """Shorthand for ``self.qmp.execute``."""
+        return self.qmp.execute(cmd, **args)
+
+    def log_tail(self, limit: int = 2000) -> str:
+        """The end of the daemon's stderr/stdout, for error messages."""
+        if self._runtime_dir is None:
+            return ""
+        try:
+            data = (self._runtime_dir / "daemon.log").read_bytes()
+        except OSError:
+            return ""
+        return data[-limit:].decode(errors="replace").strip()
+
+    # -- life cycle ---------------------------------------------------------------
+
+    def start(self) -> StorageDaemon:
+        """Start the daemon and connect to its QMP monitor.
+
+        :raises ExternalToolError: it cannot be started or does not answer; in that
+            case nothing is left running and the runtime directory is gone.
+        """
+        if self._proc is not None:
+            raise RuntimeError("qemu-storage-daemon already started")
+        # Short path: Unix socket paths are limited to 107 bytes.
+        self._runtime_dir = Path(tempfile.mkdtemp(prefix="pvebackup-qsd-"))
+        os.chmod(self._runtime_dir, 0o700)
+        qmp_path = self._runtime_dir / "qmp.sock"
+        try:
+            with open(self._runtime_dir / "daemon.log", "wb") as log:
+                self._proc = subprocess.Popen(
+                    [
+                        self.binary,
+                        "--chardev",
+                        f"socket,path={qmp_path},server=on,wait=off,id=qmp0",
+                        "--monitor",
+                        "chardev=qmp0",
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            self._qmp = self._connect(qmp_path)
+        except OSError as exc:
+            self.stop()
+            raise ExternalToolError(f"cannot start {self.binary}: {exc}") from exc
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _connect(self, qmp_path: Path) -> QmpClient:
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            assert self._proc is not None
+            code = self._proc.poll()
+            if code is not None:
+                raise ExternalToolError(
+                    f"{self.binary} exited with status {code} at start: {self.log_tail()}"
+                )
+            if qmp_path.exists():
+                try:
+                    return QmpClient(str(qmp_path), timeout=self.qmp_timeout)
+                except (OSError, QmpError) as exc:
+                    if time.monotonic() > deadline:
+                        raise ExternalToolError(
+                            f"{self.binary}: QMP does not answer: {exc}"
+                        ) from exc
+            if time.monotonic() > deadline:
+                raise ExternalToolError(
+                    f"{self.binary}: no QMP socket after {self.start_timeout:g} s"
+                )
+            time.sleep(0.02)
+
+    def stop(self) -> int | None:
+        """Stop the daemon (quit, SIGTERM, SIGKILL), reap it, remove the runtime dir.
+
+        Idempotent and safe when the daemon already died. Returns the exit status.
+        """
+        try:
+            proc = self._proc
+            if proc is not None and proc.poll() is None and self._qmp is not None:
+                try:
+                    self._qmp.execute("quit")
+                except QmpError:
+                    pass  # the connection may close before the answer arrives
+            if self._qmp is not None:
+                self._qmp.close()
+            if proc is not None:
+                self._wait_or_signal(proc, signal.SIGTERM)
+                self._wait_or_signal(proc, signal.SIGKILL)
+                if proc.poll() is None:
+                    proc.wait()  # SIGKILL was sent: this returns
+            return None if proc is None else proc.returncode
+        finally:
+            if self._runtime_dir is not None:
+                shutil.rmtree(self._runtime_dir, ignore_errors=True)
+
+    def _wait_or_signal(self, proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+        try:
+            proc.wait(timeout=self.stop_timeout)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.kill(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> StorageDaemon:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
