@@ -1,0 +1,210 @@
+"""The built-in ``dir`` storage: a plain directory holding guest images.
+
+Layout, as in Proxmox VE: ``<path>/images/<vmid>/<name>``, where ``<name>`` is
+``vm-<vmid>-disk-<n>.<fmt>`` for a VM disk image (qcow2 or raw) or
+``subvol-<vmid>-disk-<n>.subvol`` for a container's root or mount point
+directory. The volume name is ``<vmid>/<name>``. The host side uses it for the
+guests it backs up and restores; it has no backup provider.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import ClassVar
+
+from pvebackup.api.errors import (
+    ExternalToolError,
+    StateError,
+    StorageConfigError,
+    UsageError,
+    VolumeNotFoundError,
+)
+from pvebackup.storage.plugin import COMMON_PROPERTIES, PropertySpec, StoragePlugin
+
+__all__ = ["DirPlugin", "IMAGE_FORMATS"]
+
+IMAGE_FORMATS = ("raw", "qcow2")
+"""Disk image formats ``alloc_image`` creates."""
+
+# vm-, base- (templates) and subvol- names share one disk number space per vmid,
+# as in Proxmox VE, so that vm-100-disk-0 and subvol-100-disk-0 never coexist.
+_DISK_NUMBER = re.compile(r"^(?:vm|base|subvol)-(\d+)-disk-(\d+)(?:\.|$)")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+_VOLNAME = re.compile(r"^(\d+)/([^/]+)$")
+
+_DIR_PROPERTIES: dict[str, PropertySpec] = {
+    **COMMON_PROPERTIES,
+    "path": PropertySpec(required=True, description="file system path of the storage"),
+    "content-dirs": PropertySpec(description="overrides of the default content dirs"),
+    "create-base-path": PropertySpec(flag=True, description="create path if missing"),
+    "create-subdirs": PropertySpec(flag=True, description="create content subdirs"),
+    "mkdir": PropertySpec(flag=True, description="deprecated: create-base-path"),
+    "is_mountpoint": PropertySpec(description="path must be a mounted file system"),
+    "format": PropertySpec(description="default image format (raw, qcow2)"),
+    "preallocation": PropertySpec(description="qcow2/raw preallocation mode"),
+    "prune-backups": PropertySpec(description="retention options for backups"),
+    "max-protected-backups": PropertySpec(description="limit of protected backups"),
+    "bwlimit": PropertySpec(description="bandwidth limits per operation"),
+}
+
+
+class DirPlugin(StoragePlugin):
+    """Plain directory storage (``dir: ID`` with ``path``)."""
+
+    type: ClassVar[str] = "dir"
+    properties: ClassVar[Mapping[str, PropertySpec]] = _DIR_PROPERTIES
+
+    # paths -----------------------------------------------------------------------
+
+    def _base(self, scfg: Mapping[str, str]) -> Path:
+        path = scfg.get("path")
+        if not path:
+            raise StorageConfigError("dir storage without 'path'")
+        return Path(path)
+
+    def image_path(self, scfg: Mapping[str, str], volname: str) -> Path:
+        """``<path>/images/<vmid>/<name>`` for volname ``<vmid>/<name>``.
+
+        :raises UsageError: ``volname`` is not ``<vmid>/<name>`` with a plain name.
+        """
+        vmid, name = self._split_volname(volname)
+        return self._base(scfg) / "images" / str(vmid) / name
+
+    @staticmethod
+    def _split_volname(volname: str) -> tuple[int, str]:
+        m = _VOLNAME.match(volname)
+        if m is None or not _NAME.match(m.group(2)):
+            raise UsageError(f"invalid dir volume name {volname!r}: expected <vmid>/<name>")
+        return int(m.group(1)), m.group(2)
+
+    def _vm_dir(self, scfg: Mapping[str, str], vmid: int) -> Path:
+        if vmid <= 0:
+            raise UsageError(f"invalid vmid {vmid}")
+        return self._base(scfg) / "images" / str(vmid)
+
+    @staticmethod
+    def _free_numbers(vm_dir: Path, vmid: int) -> list[int]:
+        used: set[int] = set()
+        if vm_dir.is_dir():
+            for entry in vm_dir.iterdir():
+                m = _DISK_NUMBER.match(entry.name)
+                if m and int(m.group(1)) == vmid:
+                    used.add(int(m.group(2)))
+        # every number up to len(used) is a candidate, so one is always free
+        return [n for n in range(len(used) + 1) if n not in used]
+
+    # allocation ------------------------------------------------------------------
+
+    def alloc_image(
+        self,
+        scfg: Mapping[str, str],
+        storeid: str,
+        vmid: int,
+        fmt: str,
+        size: int,
+        name: str | None = None,
+    ) -> str:
+        """Create a disk image with ``qemu-img create`` and return its volname.
+
+        :param fmt: ``qcow2`` or ``raw``.
+        :param size: virtual size in bytes (> 0).
+        :param name: file name; default ``vm-<vmid>-disk-<n>.<fmt>`` with the
+            lowest free ``n``. A given name must end in ``.<fmt>``.
+        :returns: ``<vmid>/<name>``.
+        :raises UsageError: bad format, size or name.
+        :raises StateError: ``name`` exists already.
+        :raises ExternalToolError: qemu-img failed (nothing is left behind).
+        """
+        if fmt not in IMAGE_FORMATS:
+            raise UsageError(f"unsupported image format {fmt!r}; use one of {IMAGE_FORMATS}")
+        if size <= 0:
+            raise UsageError(f"invalid image size {size}")
+        if name is not None and (not _NAME.match(name) or not name.endswith(f".{fmt}")):
+            raise UsageError(f"invalid image name {name!r}: a file name ending in .{fmt}")
+        vm_dir = self._vm_dir(scfg, vmid)
+        vm_dir.mkdir(parents=True, exist_ok=True)
+        path = self._reserve(vm_dir, vmid, name, lambda n: f"vm-{vmid}-disk-{n}.{fmt}")
+        cmd = ["qemu-img", "create", "-q", "-f", fmt]
+        if scfg.get("preallocation"):
+            cmd += ["-o", f"preallocation={scfg['preallocation']}"]
+        cmd += [str(path), str(size)]
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, text=True)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            path.unlink(missing_ok=True)
+            detail = getattr(exc, "stderr", None) or str(exc)
+            raise ExternalToolError(
+                f"qemu-img create {path} failed: {detail.strip()}"
+            ) from exc
+        return f"{vmid}/{path.name}"
+
+    @staticmethod
+    def _reserve(
+        vm_dir: Path, vmid: int, name: str | None, default: Callable[[int], str]
+    ) -> Path:
+        # O_EXCL makes the name ours even if another allocation races with us;
+        # qemu-img create then overwrites the empty placeholder.
+        if name is not None:
+            candidates = [name]
+        else:
+            candidates = [default(n) for n in DirPlugin._free_numbers(vm_dir, vmid)]
+        for candidate in candidates:
+            path = vm_dir / candidate
+            try:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            except FileExistsError:
+                continue
+            return path
+        if name is not None:
+            raise StateError(f"volume {vmid}/{name} exists already")
+        return DirPlugin._reserve(vm_dir, vmid, None, default)  # lost a race: rescan
+
+    def alloc_subvol(
+        self, scfg: Mapping[str, str], storeid: str, vmid: int, name: str | None = None
+    ) -> str:
+        """Create a container subvol directory and return its volname.
+
+        :param name: directory name; default ``subvol-<vmid>-disk-<n>.subvol``
+            with the lowest free ``n``.
+        :returns: ``<vmid>/<name>``; the directory is ``<path>/images/<vmid>/<name>``.
+        :raises UsageError: bad name.
+        :raises StateError: ``name`` exists already.
+        """
+        if name is not None and not _NAME.match(name):
+            raise UsageError(f"invalid subvol name {name!r}")
+        vm_dir = self._vm_dir(scfg, vmid)
+        vm_dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            if name is not None:
+                candidates = [name]
+            else:
+                candidates = [
+                    f"subvol-{vmid}-disk-{n}.subvol" for n in self._free_numbers(vm_dir, vmid)
+                ]
+            for candidate in candidates:
+                try:
+                    (vm_dir / candidate).mkdir(mode=0o755)
+                except FileExistsError:
+                    continue
+                return f"{vmid}/{candidate}"
+            if name is not None:
+                raise StateError(f"volume {vmid}/{name} exists already")
+
+    def free_image(self, scfg: Mapping[str, str], volname: str) -> None:
+        """Remove an image file or a subvol directory (with its content).
+
+        :raises VolumeNotFoundError: it does not exist.
+        """
+        path = self.image_path(scfg, volname)
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except FileNotFoundError as exc:
+            raise VolumeNotFoundError(f"volume {volname} not found at {path}") from exc

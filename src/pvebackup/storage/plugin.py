@@ -1,0 +1,162 @@
+"""``StoragePlugin``: the base class of every storage type in storage.cfg.
+
+One plugin class per storage ``type`` (``dir``, ``backup-dir``, ...). The registry
+(:mod:`pvebackup.storage.registry`) keeps one instance per type; the methods take
+the storage's configuration (``scfg``, a ``dict`` of strings with ``type``) and the
+storage id, like Proxmox VE's class methods take ``$scfg`` and ``$storeid``. A
+plugin therefore holds no per-storage state itself.
+
+A plugin for an external backup system overrides :meth:`new_backup_provider` to
+return its :class:`~pvebackup.api.BackupProvider`, and :meth:`list_volumes` /
+:meth:`free_volume` so that ``pvebackup list``/``remove`` can show and remove its
+backups. A plain storage (``dir``) returns ``None`` and holds guest images instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pvebackup.api.errors import UnsupportedError
+from pvebackup.api.provider import BackupProvider
+from pvebackup.api.types import GuestType, LogFunction
+from pvebackup.storage.version import APIVER
+
+__all__ = [
+    "COMMON_PROPERTIES",
+    "PropertySpec",
+    "StoragePlugin",
+    "VolumeInfo",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class PropertySpec:
+    """What a plugin accepts for one storage.cfg property.
+
+    :ivar required: the section is refused without it.
+    :ivar flag: a boolean property; may be written without a value (``shared``),
+        which means ``"1"``. Values ``0/1/yes/no/on/off/true/false`` are accepted.
+    :ivar description: one line for people (``pvebackup`` help, docs).
+    """
+
+    required: bool = False
+    flag: bool = False
+    description: str = ""
+
+
+COMMON_PROPERTIES: Mapping[str, PropertySpec] = {
+    "content": PropertySpec(
+        description="comma separated content types (images, rootdir, backup, ...)"
+    ),
+    "disable": PropertySpec(flag=True, description="the storage is disabled"),
+    "nodes": PropertySpec(description="comma separated node names that may use it"),
+    "shared": PropertySpec(flag=True, description="all nodes see the same content"),
+}
+"""Properties every storage type understands (Proxmox VE's common options)."""
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeInfo:
+    """One backup volume on a storage, as ``pvebackup list`` shows it.
+
+    :ivar volid: ``"STOREID:VOLNAME"``.
+    :ivar vmid: the guest the backup belongs to.
+    :ivar vmtype: ``qemu`` or ``lxc``.
+    :ivar ctime: creation time, Unix seconds.
+    :ivar size: bytes the volume occupies (or the provider's best estimate).
+    :ivar format: the provider's format name (e.g. ``pvebackup-dir``).
+    :ivar parent: volname this volume depends on (the base of an incremental
+        chain), ``None`` when it stands alone.
+    :ivar notes: free text attached to the backup.
+    """
+
+    volid: str
+    vmid: int
+    vmtype: GuestType
+    ctime: int
+    size: int
+    format: str
+    parent: str | None = None
+    notes: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict with stable keys; ``vmtype`` as its plain string."""
+        return {
+            "volid": self.volid,
+            "vmid": self.vmid,
+            "vmtype": str(self.vmtype),
+            "ctime": self.ctime,
+            "size": self.size,
+            "format": self.format,
+            "parent": self.parent,
+            "notes": self.notes,
+        }
+
+
+class StoragePlugin:
+    """Base class of storage plugins. Subclasses set ``type`` and ``properties``.
+
+    :cvar type: the storage type as written in storage.cfg headers (``dir: local``).
+    :cvar api_version: the storage API version the plugin was written against; the
+        registry refuses it unless ``APIVER - APIAGE <= api_version <= APIVER``.
+    :cvar properties: every property a section of this type may have (include
+        :data:`COMMON_PROPERTIES`); storage.cfg parsing refuses others.
+    """
+
+    type: ClassVar[str]
+    api_version: ClassVar[int] = APIVER
+    properties: ClassVar[Mapping[str, PropertySpec]] = COMMON_PROPERTIES
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} type={getattr(self, 'type', '?')!r}>"
+
+    def new_backup_provider(
+        self, scfg: Mapping[str, str], storeid: str, log_function: LogFunction
+    ) -> BackupProvider | None:
+        """Return the backup provider of an external backup system, or ``None``.
+
+        Used by storage plugins for external backup providers. See
+        :class:`pvebackup.api.BackupProvider` for the API the provider needs to
+        implement. When this returns a provider, the host uses callbacks to that
+        provider for backups and restores instead of its usual mechanisms. Called
+        once per backup job and once per restore, through the module-level
+        :func:`pvebackup.storage.new_backup_provider`.
+
+        :param scfg: the storage configuration: ``type`` and the section's
+            properties from storage.cfg, all values strings (flags ``"1"``).
+        :param storeid: the storage id.
+        :param log_function: ``log_function(level, message)`` writes to the
+            backup task log; ``level`` is ``info``, ``warn`` or ``err``,
+            ``message`` is the message to be printed.
+        :returns: a new provider instance (constructed as
+            ``Provider(self, scfg, storeid, log_function)``), or ``None``: the
+            base class returns ``None`` because a plain storage has no provider.
+        :raises ConfigError: the plugin cannot make a provider from ``scfg``.
+        """
+        return None
+
+    def list_volumes(self, scfg: Mapping[str, str], storeid: str) -> list[VolumeInfo]:
+        """List the backup volumes on this storage, oldest first.
+
+        :raises UnsupportedError: the storage type does not hold backups (base).
+        """
+        raise UnsupportedError(f"storage type {self.type} does not hold backups")
+
+    def free_volume(self, scfg: Mapping[str, str], storeid: str, volname: str) -> None:
+        """Remove one backup volume.
+
+        :raises VolumeNotFoundError: no such volume.
+        :raises VolumeInUseError: another volume depends on it (``parent``).
+        :raises UnsupportedError: the storage type does not hold backups (base).
+        """
+        raise UnsupportedError(f"storage type {self.type} does not hold backups")
+
+    def image_path(self, scfg: Mapping[str, str], volname: str) -> Path:
+        """Path of a guest image or subvol volume (``<vmid>/<name>``) on this storage.
+
+        :raises UnsupportedError: the storage type holds no guest images (base).
+        """
+        raise UnsupportedError(f"storage type {self.type} holds no guest images")
