@@ -33,6 +33,7 @@ caller can decide whether retrying can help.
     ├── StateError                      exit 7   refused because of existing state
     │   ├── GuestExistsError                     restore onto an existing vmid without --force
     │   ├── VolumeInUseError                     remove a volume another one depends on
+    │   ├── SnapshotExistsError                  a snapshot with that name is already stored
     │   └── LockedError                          someone else holds a lock
     ├── UnsafeArchiveError              exit 8   hostile archive entry (absolute, .., escaping link)
     ├── ExternalToolError               exit 9   qemu-img, qemu-storage-daemon, nbdkit, tar failed
@@ -76,6 +77,7 @@ __all__ = [
     "ProviderNotImplementedError",
     "PveBackupError",
     "QmpError",
+    "SnapshotExistsError",
     "StateError",
     "StorageConfigError",
     "StorageNotFoundError",
@@ -215,6 +217,10 @@ class GuestExistsError(StateError):
 
 class VolumeInUseError(StateError):
     """The volume is the base of another volume and cannot be removed."""
+
+
+class SnapshotExistsError(StateError):
+    """A store snapshot with that name exists already; it was left alone."""
 
 
 class LockedError(StateError):
