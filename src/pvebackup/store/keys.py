@@ -1,0 +1,282 @@
+"""Encryption keys: the key object, the keys derived from it, and key files.
+
+One random 256-bit master key per store. Nothing uses it directly: HKDF-SHA256
+derives a separate key per purpose (distinct ``info`` labels), so that a chunk id
+never doubles as a cipher key or a signature:
+
+* ``cipher_key``  AES-256-GCM key of every blob,
+* ``id_key``      HMAC-SHA256 key of chunk digests (chunk names reveal nothing),
+* ``signing_key`` HMAC-SHA256 key of snapshot manifests,
+* ``check_key``   HMAC-SHA256 key of the store config's key check value.
+
+The key file (JSON, mode 0600, never overwritten) holds the master key either in
+the clear (``kdf: none``) or wrapped with AES-256-GCM under a key derived from a
+passphrase with scrypt. Its ``fingerprint`` is derived from the key (HKDF, own
+label) and safe to show; the key and the passphrase never appear in a repr, a
+log line or an exception message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import os
+import secrets
+import time
+import unicodedata
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from pvebackup.api.errors import KeyFileError, MissingKeyError, WrongKeyError
+from pvebackup.store.formats import FORMAT_VERSION, KEY_FILE_FORMAT
+
+__all__ = [
+    "KEY_SIZE",
+    "EncryptionKey",
+    "PassphraseProvider",
+    "create_key_file",
+    "load_key_file",
+    "write_key_file",
+]
+
+KEY_SIZE: Final = 32
+PassphraseProvider = Callable[[], str]
+
+_HKDF_SALT: Final = b"pvebackup key derivation v1"
+_LABEL_CIPHER: Final = b"pvebackup blob cipher v1"
+_LABEL_ID: Final = b"pvebackup chunk id v1"
+_LABEL_SIGN: Final = b"pvebackup manifest signature v1"
+_LABEL_CHECK: Final = b"pvebackup key check v1"
+_LABEL_FINGERPRINT: Final = b"pvebackup key fingerprint v1"
+_WRAP_AAD: Final = b"pvebackup key file v1"
+
+# scrypt cost: n=2**15, r=8 is ~32 MiB and ~0.1 s here. Limits for reading a file
+# bound what a malformed key file can make us spend.
+DEFAULT_SCRYPT_N: Final = 2**15
+_SCRYPT_MAX_N: Final = 2**20
+_SCRYPT_SALT_SIZE: Final = 16
+
+
+def _derive(material: bytes, label: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=_HKDF_SALT, info=label).derive(
+        material
+    )
+
+
+class EncryptionKey:
+    """A store's 256-bit master key and the keys derived from it.
+
+    ``repr()`` and ``str()`` show only the fingerprint. Instances are immutable and
+    safe to share between threads.
+    """
+
+    __slots__ = ("_material", "_cipher", "_id", "_sign", "_check", "_fingerprint")
+
+    def __init__(self, material: bytes) -> None:
+        if len(material) != KEY_SIZE:
+            raise KeyFileError(f"an encryption key has {KEY_SIZE} bytes")
+        self._material = bytes(material)
+        self._cipher = _derive(material, _LABEL_CIPHER)
+        self._id = _derive(material, _LABEL_ID)
+        self._sign = _derive(material, _LABEL_SIGN)
+        self._check = _derive(material, _LABEL_CHECK)
+        fp = _derive(material, _LABEL_FINGERPRINT)[:8]
+        self._fingerprint = ":".join(f"{b:02x}" for b in fp)
+
+    @classmethod
+    def generate(cls) -> EncryptionKey:
+        """A new random key from the OS's CSPRNG."""
+        return cls(secrets.token_bytes(KEY_SIZE))
+
+    @property
+    def fingerprint(self) -> str:
+        """``aa:bb:...`` (8 bytes, derived): identifies the key, reveals nothing of it."""
+        return self._fingerprint
+
+    @property
+    def material(self) -> bytes:
+        """The raw master key. Only for writing a key file."""
+        return self._material
+
+    @property
+    def cipher_key(self) -> bytes:
+        return self._cipher
+
+    @property
+    def id_key(self) -> bytes:
+        return self._id
+
+    @property
+    def signing_key(self) -> bytes:
+        return self._sign
+
+    def check_value(self, store_id: str) -> str:
+        """The key check value stored in a store's config (hex HMAC of the store id)."""
+        return hmac.digest(self._check, b"store " + store_id.encode(), "sha256").hex()
+
+    def __repr__(self) -> str:
+        return f"EncryptionKey(fingerprint={self._fingerprint!r})"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, EncryptionKey):
+            return NotImplemented
+        return hmac.compare_digest(self._material, other._material)
+
+    def __hash__(self) -> int:
+        return hash(self._fingerprint)
+
+    def __reduce__(self) -> Any:
+        # Pickling would write the key into whatever the pickle goes to.
+        raise TypeError("EncryptionKey cannot be pickled")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(value: object, what: str, path: Path) -> bytes:
+    if not isinstance(value, str):
+        raise KeyFileError(f"{path}: {what} is not a string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise KeyFileError(f"{path}: {what} is not base64") from exc
+
+
+def _scrypt_key(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    secret = unicodedata.normalize("NFC", passphrase).encode("utf-8")
+    return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(secret)
+
+
+def write_key_file(
+    path: str | os.PathLike[str],
+    key: EncryptionKey,
+    passphrase: str | None,
+    *,
+    scrypt_n: int = DEFAULT_SCRYPT_N,
+) -> None:
+    """Write ``key`` to a new file ``path`` (mode 0600), wrapped when ``passphrase``.
+
+    Refuses to overwrite an existing file (``KeyFileError``); the file appears
+    fully written or not at all from the point of view of a later ``load``.
+    """
+    target = Path(path)
+    doc: dict[str, Any] = {
+        "format": KEY_FILE_FORMAT,
+        "version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "fingerprint": key.fingerprint,
+    }
+    if passphrase is None:
+        doc["kdf"] = {"name": "none"}
+        doc["key"] = _b64(key.material)
+    else:
+        if not passphrase:
+            raise KeyFileError("the passphrase is empty")
+        salt = secrets.token_bytes(_SCRYPT_SALT_SIZE)
+        r, p = 8, 1
+        wrap = _scrypt_key(passphrase, salt, scrypt_n, r, p)
+        nonce = secrets.token_bytes(12)
+        sealed = AESGCM(wrap).encrypt(nonce, key.material, _WRAP_AAD)
+        doc["kdf"] = {"name": "scrypt", "n": scrypt_n, "r": r, "p": p, "salt": _b64(salt)}
+        doc["key"] = _b64(nonce + sealed)
+    data = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("ascii")
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError as exc:
+        raise KeyFileError(f"{target}: exists, refusing to overwrite a key file") from exc
+    except OSError as exc:
+        raise KeyFileError(f"{target}: cannot create: {exc.strerror}") from exc
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        target.unlink(missing_ok=True)
+        raise KeyFileError(f"{target}: cannot write: {exc.strerror}") from exc
+
+
+def create_key_file(
+    path: str | os.PathLike[str],
+    passphrase: str | None,
+    *,
+    scrypt_n: int = DEFAULT_SCRYPT_N,
+) -> EncryptionKey:
+    """Generate a random key, write it to the new file ``path`` and return it."""
+    key = EncryptionKey.generate()
+    write_key_file(path, key, passphrase, scrypt_n=scrypt_n)
+    return key
+
+
+def _int_param(kdf: dict[str, Any], name: str, lo: int, hi: int, path: Path) -> int:
+    value = kdf.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise KeyFileError(f"{path}: scrypt parameter {name} missing or out of range")
+    return value
+
+
+def load_key_file(
+    path: str | os.PathLike[str],
+    passphrase_provider: PassphraseProvider | None = None,
+) -> EncryptionKey:
+    """Read a key file. ``passphrase_provider`` is called only if the file needs it.
+
+    Raises ``KeyFileError`` (unreadable or malformed), ``MissingKeyError`` (needs a
+    passphrase, no provider), ``WrongKeyError`` (the passphrase does not fit).
+    """
+    src = Path(path)
+    try:
+        raw = src.read_bytes()
+    except OSError as exc:
+        raise KeyFileError(f"{src}: cannot read: {exc.strerror}") from exc
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise KeyFileError(f"{src}: not a key file (no valid JSON)") from exc
+    if not isinstance(doc, dict) or doc.get("format") != KEY_FILE_FORMAT:
+        raise KeyFileError(f"{src}: not a pvebackup key file")
+    if doc.get("version") != FORMAT_VERSION:
+        raise KeyFileError(f"{src}: unsupported key file version {doc.get('version')!r}")
+    kdf = doc.get("kdf")
+    if not isinstance(kdf, dict):
+        raise KeyFileError(f"{src}: kdf missing")
+    blob = _unb64(doc.get("key"), "key", src)
+    name = kdf.get("name")
+    if name == "none":
+        material = blob
+    elif name == "scrypt":
+        n = _int_param(kdf, "n", 2, _SCRYPT_MAX_N, src)
+        r = _int_param(kdf, "r", 1, 32, src)
+        p = _int_param(kdf, "p", 1, 16, src)
+        if n & (n - 1) or 128 * n * r * p > 1 << 30:
+            raise KeyFileError(f"{src}: scrypt parameters out of range")
+        salt = _unb64(kdf.get("salt"), "salt", src)
+        if len(blob) != 12 + KEY_SIZE + 16:
+            raise KeyFileError(f"{src}: wrapped key has the wrong length")
+        if passphrase_provider is None:
+            raise MissingKeyError(f"{src}: the key is protected by a passphrase; none given")
+        wrap = _scrypt_key(passphrase_provider(), salt, n, r, p)
+        try:
+            material = AESGCM(wrap).decrypt(blob[:12], blob[12:], _WRAP_AAD)
+        except InvalidTag as exc:
+            raise WrongKeyError(f"{src}: wrong passphrase") from exc
+    else:
+        raise KeyFileError(f"{src}: unknown kdf {name!r}")
+    if len(material) != KEY_SIZE:
+        raise KeyFileError(f"{src}: the key has the wrong length")
+    key = EncryptionKey(material)
+    if doc.get("fingerprint") != key.fingerprint:
+        raise KeyFileError(f"{src}: the fingerprint does not match the key (damaged file)")
+    return key
