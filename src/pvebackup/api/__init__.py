@@ -4,6 +4,8 @@
 """
 
 from pvebackup.api import errors
+from pvebackup.api.excludes import ExcludeMatcher
+from pvebackup.api.idmap import IdMapper
 from pvebackup.api.provider import BackupProvider
 from pvebackup.api.types import (
     BackupMechanism,
@@ -23,8 +25,10 @@ __all__ = [
     "BitmapMode",
     "DeviceInfo",
     "DeviceInfoEntry",
+    "ExcludeMatcher",
     "GuestType",
     "IdMapEntry",
+    "IdMapper",
     "LogFunction",
     "LogLevel",
     "RestoreMechanism",
