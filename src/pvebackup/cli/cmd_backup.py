@@ -1,0 +1,110 @@
+"""``pvebackup backup``: run a backup job (vzdump's role)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pvebackup.api.errors import GuestBackupError
+from pvebackup.cli.common import vmid_arg
+from pvebackup.cli.output import human_size, table
+from pvebackup.host.guests import NodeRoot
+from pvebackup.host.job import JobResult, run_backup_job
+
+__all__ = ["BackupOptions", "add_parser", "run"]
+
+
+@dataclass
+class BackupOptions:
+    root: Path
+    storage: str
+    vmids: list[int] | None  # None: every guest (--all)
+    bwlimit_kib: int | None = None
+    exclude_paths: list[str] = field(default_factory=list)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, not {value}")
+    return value
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "backup",
+        help="back up guests to a storage with a backup provider",
+        description="Back up guests through the backup provider of STORAGE, "
+        "like vzdump. Each guest gets a task log in <root>/var/log/vzdump/. "
+        "Exit status 0 when every guest was backed up, 11 when some failed, "
+        "130 when interrupted (SIGINT/SIGTERM), other codes as listed in "
+        "'pvebackup --help'.",
+    )
+    p.add_argument("vmids", metavar="VMID", nargs="*", type=vmid_arg, help="guests to back up")
+    p.add_argument("--all", action="store_true", help="back up every guest on the node")
+    p.add_argument("--storage", required=True, metavar="STOREID", help="the backup storage")
+    p.add_argument(
+        "--bwlimit", type=_positive, metavar="KIB_PER_S", help="bandwidth limit in KiB/s"
+    )
+    p.add_argument(
+        "--exclude-path",
+        dest="exclude_paths",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="exclude files of containers (rsync-style pattern; repeatable)",
+    )
+    p.set_defaults(command=_from_args)
+
+
+def _from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.all == bool(args.vmids):
+        parser.error("backup: give VMIDs or --all (not both)")
+    opts = BackupOptions(
+        root=args.root,
+        storage=args.storage,
+        vmids=None if args.all else list(args.vmids),
+        bwlimit_kib=args.bwlimit,
+        exclude_paths=list(args.exclude_paths),
+    )
+    return run(opts)
+
+
+def _report(result: JobResult) -> str:
+    rows = []
+    for g in result.guests:
+        status = "ok" if g.ok else "FAILED"
+        rows.append(
+            [
+                str(g.vmid),
+                str(g.vmtype or "-"),
+                status,
+                f"{g.seconds:.1f}s",
+                human_size(g.size),
+                g.target or "-",
+            ]
+        )
+    return table(["VMID", "TYPE", "STATUS", "TIME", "SIZE", "TARGET"], rows)
+
+
+def run(opts: BackupOptions) -> int:
+    """Run the job; print a report on stdout. Returns the exit status."""
+    result = run_backup_job(
+        NodeRoot(opts.root),
+        opts.storage,
+        opts.vmids,
+        bwlimit_kib=opts.bwlimit_kib,
+        exclude_paths=opts.exclude_paths,
+        terminal=sys.stderr,
+    )
+    print(_report(result), flush=True)
+    if result.failed:
+        for g in result.failed:
+            print(f"error: backup of {g.vmid} failed: {g.error}", file=sys.stderr)
+        return GuestBackupError.exit_code
+    return 0

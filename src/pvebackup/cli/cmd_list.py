@@ -1,0 +1,58 @@
+"""``pvebackup list``: the backups on a storage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pvebackup.cli.output import human_size, table, utc_time
+from pvebackup.host.guests import NodeRoot
+from pvebackup.storage import VolumeInfo, lookup, read_storage_config, storage_config
+
+__all__ = ["ListOptions", "add_parser", "list_volumes", "run"]
+
+
+@dataclass
+class ListOptions:
+    root: Path
+    storage: str
+    output: str = "text"
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "list",
+        help="list the backups on a storage",
+        description="List the backup volumes on STOREID, oldest first. "
+        "--output json prints a list of records with the keys volid, vmid, vmtype, "
+        "ctime (Unix seconds), size (bytes), format, parent and notes. "
+        "Exit status 0, or a code as listed in 'pvebackup --help'.",
+    )
+    p.add_argument("storage", metavar="STOREID", help="the backup storage")
+    p.add_argument("--output", choices=("text", "json"), default="text", help="output format")
+    p.set_defaults(command=_from_args)
+
+
+def _from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    return run(ListOptions(args.root, args.storage, args.output))
+
+
+def list_volumes(root: NodeRoot, storeid: str) -> list[VolumeInfo]:
+    cfg = read_storage_config(root.storage_cfg)
+    scfg = storage_config(cfg, storeid)
+    return lookup(scfg["type"]).list_volumes(scfg, storeid)
+
+
+def run(opts: ListOptions) -> int:
+    volumes = list_volumes(NodeRoot(opts.root), opts.storage)
+    if opts.output == "json":
+        print(json.dumps([v.to_json() for v in volumes], indent=2))
+        return 0
+    rows = [
+        [v.volid, str(v.vmid), str(v.vmtype), utc_time(v.ctime), human_size(v.size)]
+        for v in volumes
+    ]
+    print(table(["VOLID", "GUEST", "TYPE", "TIME (UTC)", "SIZE"], rows))
+    return 0

@@ -1,0 +1,44 @@
+"""``pvebackup remove``: remove one backup volume."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from pvebackup.host.guests import NodeRoot
+from pvebackup.storage import lookup, parse_volume_id, read_storage_config, storage_config
+
+__all__ = ["RemoveOptions", "add_parser", "run"]
+
+
+@dataclass
+class RemoveOptions:
+    root: Path
+    volid: str
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "remove",
+        help="remove a backup",
+        description="Remove backup STOREID:VOLNAME. Exit status 0; 3 when it does not "
+        "exist; 7 when another backup depends on it; other codes as listed in "
+        "'pvebackup --help'.",
+    )
+    p.add_argument("volid", metavar="STOREID:VOLNAME", help="the backup to remove")
+    p.set_defaults(command=_from_args)
+
+
+def _from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    return run(RemoveOptions(args.root, args.volid))
+
+
+def run(opts: RemoveOptions) -> int:
+    root = NodeRoot(opts.root)
+    storeid, volname = parse_volume_id(opts.volid)
+    cfg = read_storage_config(root.storage_cfg)
+    scfg = storage_config(cfg, storeid)
+    lookup(scfg["type"]).free_volume(scfg, storeid, volname)
+    print(f"removed {opts.volid}")
+    return 0

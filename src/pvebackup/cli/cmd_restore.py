@@ -1,0 +1,60 @@
+"""``pvebackup restore``: restore a backup as a guest (qmrestore/pct restore's role)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from pvebackup.cli.common import vmid_arg
+from pvebackup.host.guests import NodeRoot
+from pvebackup.host.restore import run_restore
+
+__all__ = ["RestoreOptions", "add_parser", "run"]
+
+
+@dataclass
+class RestoreOptions:
+    root: Path
+    volid: str
+    vmid: int
+    storage: str | None = None
+    force: bool = False
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "restore",
+        help="restore a backup as a new guest",
+        description="Restore backup STOREID:VOLNAME as guest VMID. New volumes are "
+        "created on the --storage dir storage (default: where each volume was). "
+        "An existing guest VMID is refused (exit 7) unless --force is given; it is "
+        "replaced only after the restore succeeded. A failed restore removes what it "
+        "created. Exit status 0 on success, codes as listed in 'pvebackup --help'.",
+    )
+    p.add_argument("volid", metavar="STOREID:VOLNAME", help="the backup to restore")
+    p.add_argument("vmid", metavar="VMID", type=vmid_arg, help="id of the restored guest")
+    p.add_argument("--storage", metavar="STOREID", help="dir storage for the new volumes")
+    p.add_argument("--force", action="store_true", help="replace an existing guest VMID")
+    p.set_defaults(command=_from_args)
+
+
+def _from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    return run(RestoreOptions(args.root, args.volid, args.vmid, args.storage, args.force))
+
+
+def run(opts: RestoreOptions) -> int:
+    result = run_restore(
+        NodeRoot(opts.root),
+        opts.volid,
+        opts.vmid,
+        target_storage=opts.storage,
+        force=opts.force,
+        terminal=sys.stderr,
+    )
+    print(f"restored {opts.volid} as {result.vmtype} guest {result.vmid}")
+    for volid in result.volumes:
+        print(f"  volume {volid}")
+    print(f"  config {result.config_path}")
+    return 0

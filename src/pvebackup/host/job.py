@@ -1,0 +1,366 @@
+"""Backup jobs: vzdump's role. Calls the provider exactly in the seed's order.
+
+::
+
+    job_start(start_time)                       once; failure -> job_abort, job fails
+    per guest:
+        backup_start(vmid, vmtype)
+        backup_get_mechanism(vmid, vmtype)      must be nbd (qemu) / directory (lxc)
+        backup_get_target(vmid, vmtype)         reported as STOREID:VOLNAME
+        backup_guest_config(vmid, copy of the config's main section)
+        backup_firewall_config(vmid, copy)      only when <vmid>.fw exists
+        backup_nbd per disk | backup_directory
+        backup_end(vmid)   (then the dirty bitmaps are committed)
+        or backup_abort(vmid, error) on any failure of the guest; the job goes on
+        backup_handle_log_file(vmid, task log)
+        backup_get_task_size(vmid)              successful guests only, for the report
+    job_end()                                   after all guests, even if some failed
+    job_abort(error)                            instead, on SIGINT/SIGTERM or job failure
+
+Cleanup (export teardown, unmounts, temporary copies) lives in context managers
+and ``finally`` blocks, so it runs on every path, including signals: the
+handlers of :mod:`pvebackup.host.signals` turn SIGINT/SIGTERM into
+:class:`AbortedError` raised in the main thread.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from pvebackup.api.errors import (
+    AbortedError,
+    GuestConfigError,
+    GuestNotFoundError,
+    PluginError,
+    PveBackupError,
+    UnsupportedError,
+)
+from pvebackup.api.provider import BackupProvider
+from pvebackup.api.types import BackupMechanism, GuestType
+from pvebackup.host.guests import CtConfig, GuestConfig, NodeRoot, VmConfig
+from pvebackup.host.lxc.directory import backup_sources, prepare_backup_directory
+from pvebackup.host.qemu.export import BackupExport, DiskSpec
+from pvebackup.host.signals import abort_on_signals
+from pvebackup.host.tasklog import LogRouter, TaskLog
+from pvebackup.storage import (
+    StorageConfig,
+    new_backup_provider,
+    read_storage_config,
+    storage_config,
+    volume_path,
+)
+
+__all__ = ["GuestResult", "JobResult", "run_backup_job"]
+
+_EXPECTED = {GuestType.QEMU: BackupMechanism.NBD, GuestType.LXC: BackupMechanism.DIRECTORY}
+
+
+@dataclass
+class GuestResult:
+    """Outcome of one guest's backup."""
+
+    vmid: int
+    vmtype: GuestType | None
+    ok: bool = False
+    error: str | None = None
+    target: str | None = None
+    size: int | None = None
+    seconds: float = 0.0
+    log_path: Path | None = None
+
+
+@dataclass
+class JobResult:
+    """Outcome of a job that ran to ``job_end`` (job-level failures raise instead)."""
+
+    storeid: str
+    provider_name: str
+    start_time: int
+    guests: list[GuestResult] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[GuestResult]:
+        return [g for g in self.guests if not g.ok]
+
+
+def _provider_name(provider: BackupProvider) -> str:
+    try:
+        return str(provider.provider_name())
+    except Exception:  # a provider without a name still gets its job run
+        return type(provider).__name__
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, PveBackupError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def run_backup_job(
+    root: NodeRoot,
+    storeid: str,
+    vmids: Sequence[int] | None,
+    *,
+    bwlimit_kib: int | None = None,
+    exclude_paths: Sequence[str] = (),
+    terminal: TextIO | None = sys.stderr,
+    clock: Callable[[], float] = time.time,
+) -> JobResult:
+    """Back up guests ``vmids`` (``None``: every guest) to storage ``storeid``.
+
+    :param bwlimit_kib: KiB/s as vzdump's ``--bwlimit``; the provider gets bytes/s.
+    :param exclude_paths: rsync-style patterns handed to ``backup_directory``.
+    :param terminal: where log lines go besides the task logs (``None``: nowhere).
+    :returns: the per-guest results; check :attr:`JobResult.failed`.
+    :raises StorageConfigError, StorageNotFoundError, PluginError: before the job starts.
+    :raises GuestNotFoundError: a requested vmid has no config (before the job starts).
+    :raises UnsupportedError: the storage has no backup provider.
+    :raises AbortedError: SIGINT/SIGTERM; ``job_abort`` was called, cleanup done.
+    :raises PveBackupError: ``job_start`` failed; ``job_abort`` was called.
+    """
+    if bwlimit_kib is not None and bwlimit_kib <= 0:
+        raise UnsupportedError(f"bandwidth limit must be positive, not {bwlimit_kib}")
+    cfg = read_storage_config(root.storage_cfg)
+    scfg = storage_config(cfg, storeid)
+    guests = _select_guests(root, vmids)
+    log = LogRouter(terminal)
+    provider = new_backup_provider(cfg, storeid, log)
+    if provider is None:
+        raise UnsupportedError(
+            f"storage '{storeid}' (type {scfg.get('type')}) has no backup provider"
+        )
+    name = _provider_name(provider)
+    start_time = int(clock())
+    result = JobResult(storeid, name, start_time)
+    bwlimit = bwlimit_kib * 1024 if bwlimit_kib is not None else None
+    job = _Job(root, cfg, storeid, provider, log, bwlimit, list(exclude_paths))
+    with abort_on_signals():
+        try:
+            log.info(f"starting new backup job: storage {storeid}, provider {name}")
+            provider.job_start(start_time)
+            for vmid, vmtype in guests:
+                result.guests.append(job.backup_guest(vmid, vmtype))
+        except BaseException as exc:
+            error = _describe(exc)
+            log.err(f"backup job failed: {error}")
+            try:
+                provider.job_abort(error)
+            except Exception as abort_exc:
+                log.err(f"job_abort failed: {_describe(abort_exc)}")
+            if isinstance(exc, PveBackupError):
+                raise
+            raise PluginError(f"backup job failed: {error}") from exc
+        try:
+            provider.job_end()
+        except Exception as exc:
+            raise PluginError(f"job_end failed: {_describe(exc)}") from exc
+    failed = len(result.failed)
+    if failed:
+        log.err(f"backup job finished with errors: {failed} of {len(guests)} guests failed")
+    else:
+        log.info(f"backup job finished successfully ({len(guests)} guests)")
+    return result
+
+
+def _select_guests(root: NodeRoot, vmids: Sequence[int] | None) -> list[tuple[int, GuestType]]:
+    if vmids is None:
+        return root.list_guests()
+    selected: list[tuple[int, GuestType]] = []
+    for vmid in dict.fromkeys(vmids):
+        vmtype = root.guest_type(vmid)
+        if vmtype is None:
+            raise GuestNotFoundError(f"no guest with vmid {vmid}")
+        selected.append((vmid, vmtype))
+    return selected
+
+
+class _Job:
+    """State shared by the guest backups of one job."""
+
+    def __init__(
+        self,
+        root: NodeRoot,
+        cfg: StorageConfig,
+        storeid: str,
+        provider: BackupProvider,
+        log: LogRouter,
+        bwlimit: int | None,
+        exclude_paths: list[str],
+    ) -> None:
+        self.root = root
+        self.cfg = cfg
+        self.storeid = storeid
+        self.provider = provider
+        self.log = log
+        self.bwlimit = bwlimit
+        self.exclude_paths = exclude_paths
+
+    def backup_guest(self, vmid: int, vmtype: GuestType) -> GuestResult:
+        """One guest, start to finish. Re-raises only AbortedError (after backup_abort)."""
+        res = GuestResult(vmid, vmtype)
+        res.log_path = self.root.log_dir / f"{vmtype}-{vmid}.log"
+        started = time.monotonic()
+        tasklog = TaskLog(res.log_path)
+        self.log.current = tasklog
+        aborted: AbortedError | None = None
+        try:
+            self.log.info(f"Starting Backup of VM {vmid} ({vmtype})")
+            try:
+                self._backup(vmid, vmtype, res)
+                res.ok = True
+            except Exception as exc:
+                res.error = _describe(exc)
+                if isinstance(exc, AbortedError):
+                    aborted = exc
+                self.log.err(f"Backup of VM {vmid} failed - {res.error}")
+                try:
+                    self.provider.backup_abort(vmid, res.error)
+                except Exception as abort_exc:
+                    self.log.err(f"backup_abort failed: {_describe(abort_exc)}")
+            res.seconds = time.monotonic() - started
+            if res.ok:
+                self.log.info(f"Finished Backup of VM {vmid} ({_hms(res.seconds)})")
+        finally:
+            self.log.current = None
+            tasklog.close()
+        try:
+            self.provider.backup_handle_log_file(vmid, str(res.log_path))
+        except Exception as exc:
+            self.log.warn(f"VM {vmid}: handling the task log failed: {_describe(exc)}")
+        if aborted is not None:
+            raise aborted
+        if res.ok:
+            try:
+                res.size = int(self.provider.backup_get_task_size(vmid))
+            except Exception as exc:
+                self.log.warn(f"VM {vmid}: backup_get_task_size failed: {_describe(exc)}")
+        return res
+
+    def _backup(self, vmid: int, vmtype: GuestType, res: GuestResult) -> None:
+        provider = self.provider
+        provider.backup_start(vmid, vmtype)
+        config = self.root.load_guest(vmid, vmtype)
+        mechanism, bitmap_id = provider.backup_get_mechanism(vmid, vmtype)
+        if mechanism is None:
+            raise UnsupportedError(f"provider does not support backing up {vmtype} guests")
+        if mechanism != _EXPECTED[vmtype]:
+            raise UnsupportedError(
+                f"provider chose mechanism '{mechanism}' for a {vmtype} guest; "
+                f"only '{_EXPECTED[vmtype]}' is possible"
+            )
+        volname = provider.backup_get_target(vmid, vmtype)
+        res.target = f"{self.storeid}:{volname}"
+        self.log.info(f"Backup target: {res.target}")
+        with ExitStack() as stack:
+            workdir = Path(tempfile.mkdtemp(prefix=f"pvebackup-{vmid}-"))
+            stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+            conf_copy = workdir / ("qemu-server.conf" if vmtype == GuestType.QEMU else "pct.conf")
+            conf_copy.write_text(config.render(), encoding="utf-8")
+            provider.backup_guest_config(vmid, str(conf_copy))
+            fw = self.root.firewall_path(vmid)
+            if fw.exists():
+                fw_copy = workdir / "fw.conf"
+                shutil.copyfile(fw, fw_copy)
+                provider.backup_firewall_config(vmid, str(fw_copy))
+            if isinstance(config, VmConfig):
+                self._backup_vm(vmid, config, workdir, bitmap_id)
+            elif isinstance(config, CtConfig):
+                self._backup_ct(vmid, config, workdir)
+            else:  # pragma: no cover - parse_guest_config returns one of the two
+                raise GuestConfigError(f"unexpected config {config!r}")
+
+    def _volume_path(self, config: GuestConfig, volid: str) -> Path:
+        try:
+            return volume_path(self.cfg, volid)
+        except PveBackupError as exc:
+            raise GuestConfigError(f"volume {volid}: {exc}", path=config.where) from exc
+
+    def _backup_vm(
+        self, vmid: int, config: VmConfig, workdir: Path, bitmap_id: str | None
+    ) -> None:
+        specs: list[DiskSpec] = []
+        for disk in config.disks:
+            if not disk.included:
+                self.log.info(f"exclude disk '{disk.key}' '{disk.spec.volume}' ({disk.reason})")
+                continue
+            volid = disk.spec.volid
+            assert volid is not None
+            path = self._volume_path(config, volid)
+            fmt = _image_format(volid, config)
+            self.log.info(f"include disk '{disk.key}' '{volid}' ({fmt})")
+            specs.append(DiskSpec(disk.devicename, path, fmt))
+        if not specs:
+            self.log.warn("VM has no disks to back up; backing up its configuration only")
+            self.provider.backup_end(vmid)
+            return
+        with BackupExport(
+            specs,
+            storeid=self.storeid,
+            bitmap_id=bitmap_id,
+            log=self.log,
+            workdir=workdir,
+        ) as export:
+            for exported in export.disks:
+                self.log.info(
+                    f"{exported.devicename}: backup via NBD, bitmap mode {exported.bitmap_mode}"
+                )
+                self.provider.backup_nbd(
+                    vmid,
+                    exported.devicename,
+                    str(export.socket_path),
+                    exported.bitmap_mode,
+                    exported.bitmap_name,
+                    self.bwlimit,
+                )
+            self.provider.backup_end(vmid)
+            export.commit()
+
+    def _backup_ct(self, vmid: int, config: CtConfig, workdir: Path) -> None:
+        rootfs_volid = config.rootfs.spec.volid
+        assert rootfs_volid is not None
+        rootfs = self._volume_path(config, rootfs_volid)
+        mounts: list[tuple[str, Path]] = []
+        for mp in config.mountpoints[1:]:
+            if not mp.included:
+                self.log.info(f"excluding {mp.key} ({mp.ct_path}) from backup ({mp.reason})")
+                continue
+            volid = mp.spec.volid
+            assert volid is not None
+            mounts.append((mp.ct_path, self._volume_path(config, volid)))
+            self.log.info(f"including {mp.key} ({mp.ct_path}) in backup")
+        id_map = config.id_map()
+        running = self.root.is_running(vmid)
+        with prepare_backup_directory(
+            rootfs, mounts, running=running, workdir=workdir
+        ) as directory:
+            self.provider.backup_directory(
+                vmid,
+                str(directory),
+                id_map,
+                list(self.exclude_paths),
+                backup_sources(mounts),
+                self.bwlimit,
+            )
+            self.provider.backup_end(vmid)
+
+
+def _image_format(volid: str, config: GuestConfig) -> str:
+    suffix = volid.rsplit(".", 1)[-1] if "." in volid.rpartition("/")[2] else ""
+    if suffix in ("qcow2", "raw"):
+        return suffix
+    raise GuestConfigError(
+        f"volume {volid}: unsupported image format (qcow2 or raw)", path=config.where
+    )
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"

@@ -1,0 +1,381 @@
+"""Restores: qmrestore's and ``pct restore``'s role.
+
+::
+
+    restore_get_mechanism(volname, storeid)      -> (mechanism, vmtype)
+    extract_guest_config, extract_firewall_config
+    qemu-img:  restore_qemu_get_device_info; per disk in the backed-up config that
+               the backup holds: allocate a qcow2 image of at least that size,
+               restore_qemu_img_init -> path/URI, qemu-img convert -n,
+               restore_qemu_img_cleanup (always)
+    tar:       allocate subvols, restore_tar_init, extract, restore_tar_cleanup (always)
+    directory: allocate subvols, restore_directory_init, copy,
+               restore_directory_cleanup (always)
+    write the new config (new vmid, new volume ids), then the firewall config
+
+Guarantees: an existing guest with the vmid is refused without ``force``. The
+restore fills *new* volumes; only when everything succeeded is the config written
+(atomically, the commit point) and, with ``force``, the old guest's volumes
+removed. A failed or interrupted restore frees every volume it allocated and
+leaves existing guests untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from pvebackup.api.errors import (
+    ExternalToolError,
+    GuestConfigError,
+    GuestExistsError,
+    PveBackupError,
+    StorageNotFoundError,
+    UnsupportedError,
+)
+from pvebackup.api.provider import BackupProvider
+from pvebackup.api.types import GuestType, RestoreMechanism
+from pvebackup.host.guests import (
+    CtConfig,
+    GuestConfig,
+    NodeRoot,
+    VmConfig,
+    format_size,
+    parse_guest_config,
+    write_config_file,
+)
+from pvebackup.host.lxc.restore import copy_directory, extract_tar
+from pvebackup.host.signals import abort_on_signals
+from pvebackup.host.tasklog import LogRouter
+from pvebackup.storage import (
+    DirPlugin,
+    StorageConfig,
+    lookup,
+    new_backup_provider,
+    parse_volume_id,
+    read_storage_config,
+    storage_config,
+)
+
+__all__ = ["RestoreResult", "run_restore"]
+
+_VMTYPE_OF = {
+    RestoreMechanism.QEMU_IMG: GuestType.QEMU,
+    RestoreMechanism.TAR: GuestType.LXC,
+    RestoreMechanism.DIRECTORY: GuestType.LXC,
+}
+_DROP_KEYS = ("parent", "lock")
+
+
+@dataclass
+class RestoreResult:
+    """What a successful restore created."""
+
+    vmid: int
+    vmtype: GuestType
+    config_path: Path
+    volumes: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+
+def run_restore(
+    root: NodeRoot,
+    volid: str,
+    vmid: int,
+    *,
+    target_storage: str | None = None,
+    force: bool = False,
+    terminal: TextIO | None = sys.stderr,
+) -> RestoreResult:
+    """Restore backup ``volid`` (``STOREID:VOLNAME``) as guest ``vmid``.
+
+    :param target_storage: a ``dir`` storage for the new volumes (default: the
+        storage each volume had, if it is a ``dir`` storage, else the first one).
+    :param force: replace an existing guest ``vmid`` (after the restore succeeded).
+    :raises GuestExistsError: guest ``vmid`` exists and ``force`` is not set.
+    :raises UnsupportedError: the storage has no provider, or the mechanism does
+        not fit the guest type.
+    :raises AbortedError: SIGINT/SIGTERM; everything created was removed.
+    :raises PveBackupError: anything else that failed; everything created was removed.
+    """
+    log = LogRouter(terminal)
+    cfg = read_storage_config(root.storage_cfg)
+    storeid, volname = parse_volume_id(volid)
+    scfg = storage_config(cfg, storeid)
+    old_type = root.guest_type(vmid)
+    if old_type is not None and not force:
+        raise GuestExistsError(
+            f"guest {vmid} exists already ({old_type}); use --force to replace it"
+        )
+    old_config = root.load_guest(vmid, old_type) if old_type is not None else None
+    provider = new_backup_provider(cfg, storeid, log)
+    if provider is None:
+        raise UnsupportedError(
+            f"storage '{storeid}' (type {scfg.get('type')}) has no backup provider"
+        )
+    with abort_on_signals():
+        run = _Restore(root, cfg, provider, storeid, volname, vmid, target_storage, log)
+        result = run.restore()
+        if old_config is not None:
+            run.remove_old_guest(old_config, result)
+    log.info(f"restored {volid} as {result.vmtype} guest {vmid}")
+    return result
+
+
+class _Restore:
+    def __init__(
+        self,
+        root: NodeRoot,
+        cfg: StorageConfig,
+        provider: BackupProvider,
+        storeid: str,
+        volname: str,
+        vmid: int,
+        target_storage: str | None,
+        log: LogRouter,
+    ) -> None:
+        self.root = root
+        self.cfg = cfg
+        self.provider = provider
+        self.storeid = storeid
+        self.volname = volname
+        self.vmid = vmid
+        self.target_storage = target_storage
+        self.log = log
+        self.created: list[str] = []
+        if target_storage is not None:
+            self._dir_storage(target_storage)  # fail early on a bad --storage
+
+    # -- storages ------------------------------------------------------------------
+
+    def _dir_storage(self, storeid: str) -> tuple[dict[str, str], DirPlugin]:
+        scfg = storage_config(self.cfg, storeid)
+        plugin = lookup(scfg["type"])
+        if not isinstance(plugin, DirPlugin):
+            raise UnsupportedError(
+                f"storage '{storeid}' (type {scfg['type']}) cannot hold guest volumes;"
+                " a dir storage is needed"
+            )
+        return scfg, plugin
+
+    def _target_for(self, original: str | None, content: str) -> str:
+        if self.target_storage is not None:
+            return self.target_storage
+        if original is not None:
+            try:
+                self._dir_storage(original)
+                return original
+            except (StorageNotFoundError, UnsupportedError):
+                pass
+        candidates: list[str] = []
+        for sid in self.cfg:
+            scfg = storage_config(self.cfg, sid)
+            if scfg.get("disable") == "1" or not isinstance(lookup(scfg["type"]), DirPlugin):
+                continue
+            contents = scfg.get("content")
+            if contents is None or content in contents.split(","):
+                candidates.append(sid)
+        if not candidates:
+            raise UnsupportedError(f"no dir storage for {content}; give one with --storage")
+        return candidates[0]
+
+    # -- the restore -----------------------------------------------------------------
+
+    def restore(self) -> RestoreResult:
+        try:
+            mechanism, vmtype = self.provider.restore_get_mechanism(self.volname, self.storeid)
+            mechanism = RestoreMechanism(mechanism)
+            vmtype = GuestType(vmtype)
+            if _VMTYPE_OF[mechanism] != vmtype:
+                raise UnsupportedError(
+                    f"restore mechanism '{mechanism}' does not fit guest type '{vmtype}'"
+                )
+            text = self.provider.extract_guest_config(self.volname, self.storeid)
+            where = f"{self.storeid}:{self.volname} (guest config)"
+            config = parse_guest_config(text, self.vmid, vmtype, where=where)
+            firewall = self.provider.extract_firewall_config(self.volname, self.storeid)
+            if isinstance(config, VmConfig):
+                replace = self._restore_vm(config)
+            elif isinstance(config, CtConfig):
+                replace = self._restore_ct(config, mechanism)
+            else:  # pragma: no cover
+                raise GuestConfigError("unexpected guest config", path=where)
+            for entry in config.entries:
+                if entry.key in _DROP_KEYS or entry.key.startswith("unused"):
+                    replace[entry.key] = None
+            path = self.root.config_path(self.vmid, vmtype)
+            write_config_file(path, config.render(replace))
+        except BaseException as exc:
+            self.log.err(f"restore failed: {_describe(exc)}")
+            self._free_created()
+            raise
+        self._write_firewall(firewall)
+        return RestoreResult(self.vmid, vmtype, path, list(self.created))
+
+    def _alloc_image(self, original: str | None, size: int) -> tuple[str, Path]:
+        target = self._target_for(original, "images")
+        scfg, plugin = self._dir_storage(target)
+        volname = plugin.alloc_image(scfg, target, self.vmid, "qcow2", size)
+        volid = f"{target}:{volname}"
+        self.created.append(volid)
+        return volid, plugin.image_path(scfg, volname)
+
+    def _alloc_subvol(self, original: str | None) -> tuple[str, Path]:
+        target = self._target_for(original, "rootdir")
+        scfg, plugin = self._dir_storage(target)
+        volname = plugin.alloc_subvol(scfg, target, self.vmid)
+        volid = f"{target}:{volname}"
+        self.created.append(volid)
+        return volid, plugin.image_path(scfg, volname)
+
+    def _restore_vm(self, config: VmConfig) -> dict[str, str | None]:
+        info = self.provider.restore_qemu_get_device_info(self.volname, self.storeid)
+        replace: dict[str, str | None] = {}
+        known = {d.devicename for d in config.disks}
+        for devicename in info:
+            if devicename not in known:
+                self.log.warn(f"{devicename} is in the backup but not in its config; skipped")
+        for disk in config.disks:
+            if disk.devicename not in info:
+                if disk.spec.volid is None or disk.reason == "CD-ROM drive":
+                    continue  # none, CD-ROMs and passthrough devices stay as they are
+                why = f" ({disk.reason})" if disk.reason else ""
+                self.log.warn(
+                    f"{disk.key} ({disk.spec.volume}) is not in the backup{why};"
+                    " dropped from the restored config"
+                )
+                replace[disk.key] = None
+                continue
+            size = int(info[disk.devicename]["size"])
+            volid, path = self._alloc_image(disk.spec.storeid, size)
+            self.log.info(f"{disk.devicename}: restoring {format_size(size)} into {volid}")
+            source = self.provider.restore_qemu_img_init(
+                self.volname, self.storeid, disk.devicename
+            )
+            try:
+                _qemu_img_convert(str(source), path)
+            finally:
+                self.provider.restore_qemu_img_cleanup(
+                    self.volname, self.storeid, disk.devicename
+                )
+            replace[disk.key] = disk.spec.render(volume=volid, size=format_size(size))
+        return replace
+
+    def _restore_ct(self, config: CtConfig, mechanism: RestoreMechanism) -> dict[str, str | None]:
+        replace: dict[str, str | None] = {}
+        targets: dict[str, Path] = {}
+        for mp in config.mountpoints:
+            if not mp.included:
+                if mp.spec.volid is not None:
+                    self.log.warn(
+                        f"{mp.key} ({mp.ct_path}) was not backed up ({mp.reason});"
+                        " dropped from the restored config"
+                    )
+                    replace[mp.key] = None
+                continue
+            volid, path = self._alloc_subvol(mp.spec.storeid)
+            targets[mp.ct_path] = path
+            replace[mp.key] = mp.spec.render(volume=volid)
+            self.log.info(f"{mp.key} ({mp.ct_path}): restoring into {volid}")
+        id_map = config.id_map()
+        if mechanism == RestoreMechanism.TAR:
+            archive = self.provider.restore_tar_init(self.volname, self.storeid)
+            try:
+                extract_tar(Path(archive), targets, id_map, log=self.log)
+            finally:
+                self.provider.restore_tar_cleanup(self.volname, self.storeid)
+        else:
+            source = self.provider.restore_directory_init(self.volname, self.storeid)
+            try:
+                copy_directory(Path(source), targets, id_map, log=self.log)
+            finally:
+                self.provider.restore_directory_cleanup(self.volname, self.storeid)
+        return replace
+
+    # -- cleanup and replacement ---------------------------------------------------
+
+    def _free(self, volid: str) -> None:
+        storeid, volname = parse_volume_id(volid)
+        scfg, plugin = self._dir_storage(storeid)
+        plugin.free_image(scfg, volname)
+
+    def _free_created(self) -> None:
+        for volid in reversed(self.created):
+            try:
+                self._free(volid)
+                self.log.info(f"removed {volid}")
+            except Exception as exc:
+                self.log.err(f"could not remove {volid}: {_describe(exc)}")
+        self.created.clear()
+
+    def _write_firewall(self, firewall: str | None) -> None:
+        path = self.root.firewall_path(self.vmid)
+        try:
+            if firewall is not None:
+                write_config_file(path, firewall)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise ExternalToolError(
+                f"guest {self.vmid} restored, but its firewall config {path} could not be"
+                f" written: {exc}"
+            ) from exc
+
+    def remove_old_guest(self, old: GuestConfig, result: RestoreResult) -> None:
+        """After a successful restore with --force: drop the replaced guest's leftovers."""
+        if old.vmtype != result.vmtype:
+            self.root.config_path(self.vmid, old.vmtype).unlink(missing_ok=True)
+        assert isinstance(old, VmConfig | CtConfig)
+        for volid in old.volume_ids():
+            if volid in result.volumes:
+                continue
+            _, volname = volid.split(":", 1)
+            if not volname.startswith(f"{self.vmid}/"):
+                continue  # not the guest's own (an ISO, another guest's base image)
+            try:
+                self._free(volid)
+                result.removed.append(volid)
+                self.log.info(f"removed volume {volid} of the replaced guest")
+            except Exception as exc:
+                self.log.warn(f"could not remove old volume {volid}: {_describe(exc)}")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, PveBackupError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _source_format(source: str) -> str | None:
+    """``raw`` for NBD URIs, the probed format for files, None to let qemu-img probe."""
+    if source.startswith(("nbd:", "nbd+", "nbds:", "nbds+")):
+        return "raw"
+    if not Path(source).exists():
+        return None
+    proc = subprocess.run(
+        ["qemu-img", "info", "--output=json", source], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise ExternalToolError(f"qemu-img info {source} failed: {proc.stderr.strip()}")
+    fmt = json.loads(proc.stdout).get("format")
+    return str(fmt) if fmt else None
+
+
+def _qemu_img_convert(source: str, target: Path) -> None:
+    fmt = _source_format(source)
+    cmd = ["qemu-img", "convert", "-n", "--target-is-zero"]
+    if fmt is not None:
+        cmd += ["-f", fmt]
+    cmd += [source, "-O", "qcow2", str(target)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as exc:
+        raise ExternalToolError(f"cannot run qemu-img: {exc}") from exc
+    if proc.returncode != 0:
+        raise ExternalToolError(
+            f"qemu-img convert {source} -> {target} failed: {proc.stderr.strip()}"
+        )
