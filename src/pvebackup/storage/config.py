@@ -38,7 +38,12 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pvebackup.api.errors import PluginError, StorageConfigError, StorageNotFoundError
+from pvebackup.api.errors import (
+    PluginError,
+    PluginNotFoundError,
+    StorageConfigError,
+    StorageNotFoundError,
+)
 from pvebackup.storage import registry
 from pvebackup.storage.plugin import StoragePlugin
 
@@ -116,7 +121,7 @@ def _flag_names(lookup: Lookup | None, plugin_type: str) -> frozenset[str]:
         return frozenset()
     try:
         plugin = lookup(plugin_type)
-    except PluginError:
+    except (PluginError, PluginNotFoundError):
         return frozenset()
     return frozenset(k for k, spec in plugin.properties.items() if spec.flag)
 
@@ -198,7 +203,7 @@ def _check_header(cfg: StorageConfig, plugin_type: str, storeid: str, line: int 
         )
     try:
         cfg._lookup(plugin_type)
-    except PluginError as exc:  # unknown type, or its plugin was refused
+    except (PluginError, PluginNotFoundError) as exc:  # unknown, or refused
         raise StorageConfigError(
             f"storage '{storeid}': unsupported type '{plugin_type}': {exc}",
             path=cfg.path,
