@@ -1,0 +1,86 @@
+"""``BackupDirPlugin``: the storage type ``backup-dir`` in storage.cfg.
+
+::
+
+    backup-dir: mybackups
+        path /srv/backups
+        bitmap yes          # incremental VM backups with a dirty bitmap (default yes)
+        ct-format tar       # containers as root.tar.zst (default) or a directory tree
+
+Registered through the entry point group ``pvebackup.storage_plugins`` (see
+``pyproject.toml``), like any third-party plugin. The plugin itself holds no
+state: every method gets the storage's ``scfg``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+from pvebackup.api.errors import StorageConfigError
+from pvebackup.api.provider import BackupProvider
+from pvebackup.api.types import GuestType, LogFunction
+from pvebackup.providers.directory.provider import BackupDirProvider
+from pvebackup.providers.directory.volumes import VolumeLayout
+from pvebackup.storage.plugin import COMMON_PROPERTIES, PropertySpec, StoragePlugin, VolumeInfo
+
+__all__ = ["BackupDirPlugin"]
+
+_FORMATS = {"tar": "tar.zst", "directory": "directory"}
+
+
+class BackupDirPlugin(StoragePlugin):
+    """Storage plugin of type ``backup-dir``: backups as plain files in a directory."""
+
+    type: ClassVar[str] = "backup-dir"
+    properties: ClassVar[Mapping[str, PropertySpec]] = {
+        **COMMON_PROPERTIES,
+        "path": PropertySpec(required=True, description="directory the backups are kept in"),
+        "bitmap": PropertySpec(
+            flag=True, description="incremental VM backups with dirty bitmaps (default yes)"
+        ),
+        "ct-format": PropertySpec(
+            description="how containers are stored: tar (zstd tar, default) or directory"
+        ),
+    }
+
+    def new_backup_provider(
+        self, scfg: Mapping[str, str], storeid: str, log_function: LogFunction
+    ) -> BackupProvider | None:
+        """A new :class:`BackupDirProvider` for one backup job or restore."""
+        return BackupDirProvider(self, scfg, storeid, log_function)
+
+    def list_volumes(self, scfg: Mapping[str, str], storeid: str) -> list[VolumeInfo]:
+        """Every committed backup, oldest first; ``parent`` names an incremental's base."""
+        layout = self._layout(scfg, storeid)
+        volumes = []
+        for volname in layout.volnames():
+            index = layout.read_index(volname)
+            fmt = "qcow2" if index.vmtype is GuestType.QEMU else _FORMATS[index.ct_format or "tar"]
+            volumes.append(
+                VolumeInfo(
+                    volid=f"{storeid}:{volname}",
+                    vmid=index.vmid,
+                    vmtype=index.vmtype,
+                    ctime=index.ctime,
+                    size=index.stored_size,
+                    format=fmt,
+                    parent=index.parent,
+                )
+            )
+        return volumes
+
+    def free_volume(self, scfg: Mapping[str, str], storeid: str, volname: str) -> None:
+        """Remove one backup, refusing while an incremental backup depends on it.
+
+        :raises VolumeNotFoundError: no such volume.
+        :raises VolumeInUseError: the message names the volumes that depend on it.
+        """
+        self._layout(scfg, storeid).remove(volname)
+
+    @staticmethod
+    def _layout(scfg: Mapping[str, str], storeid: str) -> VolumeLayout:
+        path = scfg.get("path")
+        if not path:
+            raise StorageConfigError(f"storage {storeid!r}: backup-dir needs 'path'")
+        return VolumeLayout(path)

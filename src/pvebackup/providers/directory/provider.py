@@ -1,0 +1,399 @@
+"""``BackupDirProvider``: every method of the backup provider API, storing plain files.
+
+Read this file top to bottom next to :mod:`pvebackup.api.provider`: the methods
+come in the order the host calls them. The data paths live in their own modules:
+:mod:`.vm` (NBD export -> qcow2), :mod:`.archive` (directory -> zstd tar),
+:mod:`.tree` (directory -> plain tree), :mod:`.volumes` (names and layout).
+
+State per guest backup is a :class:`_GuestBackup`, keyed by vmid: the host backs
+up one guest after the other and names the guest in every call.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pvebackup.api.errors import (
+    ConfigError,
+    IntegrityError,
+    StorageConfigError,
+    UnsupportedError,
+    UsageError,
+    VolumeNotFoundError,
+)
+from pvebackup.api.provider import BackupProvider
+from pvebackup.api.types import (
+    BackupMechanism,
+    BitmapMode,
+    DeviceInfo,
+    GuestType,
+    IdMapEntry,
+    LogFunction,
+    RestoreMechanism,
+)
+from pvebackup.providers.directory import archive, tree, vm
+from pvebackup.providers.directory.transfer import MIB
+from pvebackup.providers.directory.volumes import (
+    BackupIndex,
+    DeviceEntry,
+    VolumeLayout,
+    VolumeName,
+    allocated_size,
+)
+
+__all__ = ["BackupDirProvider", "CT_FORMATS", "parse_flag"]
+
+CT_FORMATS = ("tar", "directory")
+GUEST_CONFIG = "guest.conf"
+FIREWALL_CONFIG = "firewall.fw"
+TASK_LOG = "task.log"
+TAR_NAME = "root.tar.zst"
+TREE_NAME = "root"
+_TRUE = {"1", "yes", "on", "true"}
+_FALSE = {"0", "no", "off", "false"}
+
+
+def parse_flag(value: str | None, default: bool, name: str) -> bool:
+    """Read a yes/no storage property; :class:`StorageConfigError` if it is neither."""
+    if value is None or value == "":
+        return default
+    if value.lower() in _TRUE:
+        return True
+    if value.lower() in _FALSE:
+        return False
+    raise StorageConfigError(f"property {name!r} must be yes or no, not {value!r}")
+
+
+def _safe_devicename(devicename: str) -> str:
+    # The device name becomes a file name inside the volume.
+    ok = devicename and not devicename.startswith(".") and "/" not in devicename
+    if not ok or devicename in (GUEST_CONFIG, FIREWALL_CONFIG, TASK_LOG):
+        raise UsageError(f"device name {devicename!r} cannot be used as a file name")
+    return devicename
+
+
+@dataclass(slots=True)
+class _GuestBackup:
+    """One guest's backup in progress (or just finished)."""
+
+    index: BackupIndex
+    volname: str
+    workdir: Path
+    """The ``.tmp-`` directory data is written to until ``backup_end``."""
+    base: str | None = None
+    """Volume an incremental backup builds on (chosen in ``backup_get_mechanism``)."""
+    final: Path | None = None
+    """The committed volume directory, set by ``backup_end``."""
+    aborted: bool = False
+
+
+class BackupDirProvider(BackupProvider):
+    """The reference provider: each backup is a directory of plain files.
+
+    Storage properties (``scfg``): ``path`` (required), ``bitmap`` (yes/no,
+    default yes: incremental VM backups with a dirty bitmap), ``ct-format``
+    (``tar``, the default, or ``directory``).
+    """
+
+    def __init__(
+        self,
+        storage_plugin: object,
+        scfg: Mapping[str, str],
+        storeid: str,
+        log_function: LogFunction,
+    ) -> None:
+        super().__init__(storage_plugin, scfg, storeid, log_function)
+        path = scfg.get("path")
+        if not path:
+            raise StorageConfigError(f"storage {storeid!r}: backup-dir needs 'path'")
+        self.layout = VolumeLayout(path)
+        self.use_bitmap = parse_flag(scfg.get("bitmap"), True, "bitmap")
+        self.ct_format = scfg.get("ct-format") or "tar"
+        if self.ct_format not in CT_FORMATS:
+            raise StorageConfigError(
+                f"storage {storeid!r}: ct-format must be tar or directory, not {self.ct_format!r}"
+            )
+        self.bitmap_id = f"backup-dir-{storeid}"
+        """Stable per storage: two storages backing up one VM need separate bitmaps."""
+        self._guests: dict[int, _GuestBackup] = {}
+
+    def provider_name(self) -> str:
+        return "backup-dir"
+
+    # job hooks -------------------------------------------------------------------
+
+    def job_start(self, start_time: int) -> None:
+        """Check the storage path and create ``<path>/backup``."""
+        if not self.layout.root.is_dir():
+            raise ConfigError(f"storage {self.storeid!r}: path {self.layout.root} does not exist")
+        self.layout.backup_dir.mkdir(exist_ok=True)
+        self.log("info", f"backup-dir: job started, writing to {self.layout.backup_dir}")
+
+    def job_end(self) -> None:
+        """Throw away any guest backup that neither ended nor was aborted."""
+        self._discard_unfinished("job ended")
+        self.log("info", "backup-dir: job finished")
+
+    def job_abort(self, error: str) -> None:
+        """Throw away unfinished guest backups; committed volumes stay."""
+        self._discard_unfinished(f"job aborted: {error}")
+        self.log("info", "backup-dir: job aborted, unfinished backups removed")
+
+    def _discard_unfinished(self, why: str) -> None:
+        for vmid, guest in self._guests.items():
+            if guest.final is None and not guest.aborted:
+                self.backup_abort(vmid, why)
+
+    # guest hooks -----------------------------------------------------------------
+
+    def backup_start(self, vmid: int, vmtype: GuestType) -> None:
+        """Pick the volume name and create its temporary directory."""
+        vmtype = GuestType(vmtype)
+        self.layout.backup_dir.mkdir(parents=True, exist_ok=True)
+        volname = self.layout.new_volname(vmtype, vmid, time.time())
+        workdir = self.layout.temp_path(volname)
+        workdir.mkdir()
+        index = BackupIndex(vmid=vmid, vmtype=vmtype, ctime=VolumeName.parse(volname).ctime)
+        self._guests[vmid] = _GuestBackup(index=index, volname=volname, workdir=workdir)
+        self.log("info", f"backup-dir: starting backup of {vmtype.value} {vmid} to {volname}")
+
+    def _guest(self, vmid: int) -> _GuestBackup:
+        guest = self._guests.get(vmid)
+        if guest is None:
+            raise UsageError(f"backup-dir: backup_start was not called for guest {vmid}")
+        return guest
+
+    def backup_get_mechanism(
+        self, vmid: int, vmtype: GuestType
+    ) -> tuple[BackupMechanism, str | None]:
+        """``nbd`` (with our bitmap id if a usable base exists) or ``directory``."""
+        vmtype = GuestType(vmtype)
+        if vmtype is GuestType.LXC:
+            return BackupMechanism.DIRECTORY, None
+        if vmtype is not GuestType.QEMU:
+            raise UnsupportedError(f"backup-dir cannot back up guests of type {vmtype}")
+        base = self._usable_base(vmid) if self.use_bitmap else None
+        if vmid in self._guests:
+            self._guests[vmid].base = base
+        if not self.use_bitmap:
+            return BackupMechanism.NBD, None
+        if base is None:
+            # Without the volume the bitmap was last cleared at, the changes
+            # since then are lost to us: a bitmap would leave a gap. Go full.
+            self.log("info", f"backup-dir: no complete previous backup of {vmid}: full backup")
+            return BackupMechanism.NBD, None
+        self.log("info", f"backup-dir: incremental backup on top of {base}")
+        return BackupMechanism.NBD, self.bitmap_id
+
+    def _usable_base(self, vmid: int) -> str | None:
+        """The last successful backup of VM ``vmid`` if every image of its chain exists."""
+        base = self.layout.last_successful(GuestType.QEMU, vmid)
+        if base is None:
+            return None
+        try:
+            for devicename in self.layout.read_index(base).devices:
+                self.layout.image_chain(base, devicename)
+        except (VolumeNotFoundError, IntegrityError) as exc:
+            self.log("warn", f"backup-dir: previous backup {base} unusable as a base: {exc}")
+            return None
+        return base
+
+    def backup_get_target(self, vmid: int, vmtype: GuestType) -> str:
+        """``backup/<vmtype>-<vmid>-<UTC time>``, chosen in ``backup_start``."""
+        return self._guest(vmid).volname
+
+    def backup_get_task_size(self, vmid: int) -> int:
+        """Bytes the volume occupies on disk (allocated blocks of all its files)."""
+        guest = self._guest(vmid)
+        path = guest.final or guest.workdir
+        return allocated_size(path) if path.exists() else 0
+
+    # configuration and log -------------------------------------------------------
+
+    def backup_guest_config(self, vmid: int, filename: str) -> None:
+        shutil.copyfile(filename, self._guest(vmid).workdir / GUEST_CONFIG)
+        self.log("info", f"backup-dir: stored guest configuration {filename}")
+
+    def backup_firewall_config(self, vmid: int, filename: str) -> None:
+        shutil.copyfile(filename, self._guest(vmid).workdir / FIREWALL_CONFIG)
+        self.log("info", f"backup-dir: stored firewall configuration {filename}")
+
+    def backup_handle_log_file(self, vmid: int, filename: str) -> None:
+        """Store the task log in the committed volume; nothing for aborted ones."""
+        guest = self._guest(vmid)
+        if guest.final is None:
+            self.log("info", f"backup-dir: backup of {vmid} did not complete, log not kept")
+            return
+        shutil.copyfile(filename, guest.final / TASK_LOG)
+
+    # backup mechanisms -----------------------------------------------------------
+
+    def backup_nbd(
+        self,
+        vmid: int,
+        devicename: str,
+        nbd_path: str,
+        bitmap_mode: BitmapMode,
+        bitmap_name: str | None,
+        bandwidth_limit: int | None,
+    ) -> None:
+        """Write the disk as ``<devicename>.qcow2``: full, or on top of the base."""
+        guest = self._guest(vmid)
+        bitmap_mode = BitmapMode(bitmap_mode)
+        image = guest.workdir / f"{_safe_devicename(devicename)}.qcow2"
+        backing: Path | None = None
+        backing_volname: str | None = None
+        if bitmap_mode is BitmapMode.REUSE:
+            # Only dirty extents can be read: the rest must come from the base.
+            if guest.base is None:
+                raise IntegrityError(
+                    f"{devicename}: bitmap mode reuse but no base volume was chosen "
+                    "(backup_get_mechanism returned no bitmap)"
+                )
+            chain = self.layout.image_chain(guest.base, devicename)
+            backing, backing_volname = chain[0], guest.base
+        stats = vm.backup_disk(
+            nbd_path=nbd_path,
+            devicename=devicename,
+            image=image,
+            backing=backing,
+            bitmap_name=bitmap_name,
+            bandwidth_limit=bandwidth_limit,
+            log_function=self.log_function,
+        )
+        guest.index.devices[devicename] = DeviceEntry(
+            size=stats.size,
+            file=image.name,
+            backing=backing_volname,
+            bitmap_mode=bitmap_mode.value,
+        )
+        if backing_volname is not None:
+            guest.index.parent = backing_volname
+            guest.index.bitmap_id = self.bitmap_id
+        self.log(
+            "info",
+            f"backup-dir: {devicename}: read {stats.read / MIB:.1f} MiB, wrote "
+            f"{stats.written / MIB:.1f} MiB, {stats.zeroed / MIB:.1f} MiB zero",
+        )
+
+    def backup_directory(
+        self,
+        vmid: int,
+        directory: str,
+        id_map: Sequence[IdMapEntry],
+        exclude_paths: Sequence[str],
+        sources: Sequence[str],
+        bandwidth_limit: int | None,
+    ) -> None:
+        """Archive the container as ``root.tar.zst`` or copy it as ``root/``."""
+        guest = self._guest(vmid)
+        guest.index.ct_format = self.ct_format
+        if self.ct_format == "tar":
+            target = guest.workdir / TAR_NAME
+            stats = archive.write_tar(
+                directory, sources, id_map, exclude_paths, target, bandwidth_limit, self.log
+            )
+        else:
+            target = guest.workdir / TREE_NAME
+            stats = tree.copy_tree(
+                directory, sources, id_map, exclude_paths, target, bandwidth_limit, self.log
+            )
+        self.log(
+            "info",
+            f"backup-dir: {stats.entries} entries, {stats.data / MIB:.1f} MiB of file data, "
+            f"{stats.excluded} excluded, stored as {target.name}",
+        )
+
+    def backup_end(self, vmid: int) -> None:
+        """Write ``index.json``, rename the volume into place, remember it as the base."""
+        guest = self._guest(vmid)
+        guest.index.stored_size = allocated_size(guest.workdir)
+        self.layout.write_index(guest.workdir, guest.index)
+        guest.final = self.layout.commit(guest.volname)
+        if guest.index.vmtype is GuestType.QEMU:
+            self.layout.set_last_successful(GuestType.QEMU, vmid, guest.volname)
+        self.log(
+            "info",
+            f"backup-dir: committed {guest.volname} "
+            f"({guest.index.stored_size / MIB:.1f} MiB stored)",
+        )
+
+    def backup_abort(self, vmid: int, error: str) -> None:
+        """Remove everything this guest's backup wrote."""
+        guest = self._guests.get(vmid)
+        if guest is None or guest.aborted:
+            return
+        guest.aborted = True
+        shutil.rmtree(guest.workdir, ignore_errors=True)
+        self.log("info", f"backup-dir: backup of {vmid} aborted, removed {guest.workdir.name}")
+
+    # restore ---------------------------------------------------------------------
+
+    def restore_get_mechanism(
+        self, volname: str, storeid: str
+    ) -> tuple[RestoreMechanism, GuestType]:
+        """``qemu-img`` for VMs; ``tar`` or ``directory`` as the container was stored."""
+        index = self.layout.read_index(volname)
+        if index.vmtype is GuestType.QEMU:
+            return RestoreMechanism.QEMU_IMG, GuestType.QEMU
+        if index.ct_format == "directory":
+            return RestoreMechanism.DIRECTORY, GuestType.LXC
+        return RestoreMechanism.TAR, GuestType.LXC
+
+    def extract_guest_config(self, volname: str, storeid: str) -> str:
+        path = self.layout.volume_path(volname) / GUEST_CONFIG
+        self.layout.read_index(volname)
+        try:
+            return path.read_text(encoding="utf-8")
+        except FileNotFoundError as exc:
+            raise IntegrityError(f"backup volume {volname!r} has no guest configuration") from exc
+
+    def extract_firewall_config(self, volname: str, storeid: str) -> str | None:
+        self.layout.read_index(volname)
+        path = self.layout.volume_path(volname) / FIREWALL_CONFIG
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+
+    def restore_qemu_get_device_info(self, volname: str, storeid: str) -> DeviceInfo:
+        index = self.layout.read_index(volname)
+        return {name: {"size": dev.size} for name, dev in index.devices.items()}
+
+    def restore_qemu_img_init(self, volname: str, storeid: str, devicename: str) -> str:
+        """The top image of the chain; qemu-img follows its backing files."""
+        chain = self.layout.image_chain(volname, devicename)
+        self.log(
+            "info",
+            f"backup-dir: restoring {devicename} from {chain[0].name} "
+            f"(chain of {len(chain)} image(s))",
+        )
+        return str(chain[0])
+
+    def restore_qemu_img_cleanup(self, volname: str, storeid: str, devicename: str) -> None:
+        """Nothing to clean up: the host reads the stored image directly."""
+
+    def restore_tar_init(self, volname: str, storeid: str) -> str:
+        return str(self._stored_ct_data(volname, "tar", TAR_NAME))
+
+    def restore_tar_cleanup(self, volname: str, storeid: str) -> None:
+        """Nothing to clean up: the host reads the stored archive directly."""
+
+    def restore_directory_init(self, volname: str, storeid: str) -> str:
+        return str(self._stored_ct_data(volname, "directory", TREE_NAME))
+
+    def restore_directory_cleanup(self, volname: str, storeid: str) -> None:
+        """Nothing to clean up: the host copies from the stored tree directly."""
+
+    def _stored_ct_data(self, volname: str, ct_format: str, name: str) -> Path:
+        index = self.layout.read_index(volname)
+        if index.vmtype is not GuestType.LXC or index.ct_format != ct_format:
+            raise UnsupportedError(
+                f"backup volume {volname!r} is not a container backup stored as {ct_format}"
+            )
+        path = self.layout.volume_path(volname) / name
+        if not path.exists():
+            raise IntegrityError(f"backup volume {volname!r} lacks {name}")
+        return path
+
