@@ -154,7 +154,7 @@ FIXED_INDEX_HEADER: Final = Layout(
         Field("flags", "I"),  # none defined yet: must be 0
         # sha256 over the header with this field zeroed, then all digests
         Field("checksum", "32s"),
-        Field("reserved", "436s"),
+        Field("reserved", "432s"),
     ),
     512,
 )

@@ -42,8 +42,7 @@ def check_chunk_size(chunk_size: int) -> int:
     """Return ``chunk_size`` if valid (a power of two within the limits)."""
     if not (MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE) or chunk_size & (chunk_size - 1):
         raise ValueError(
-            f"chunk size {chunk_size} is not a power of two in "
-            f"[{MIN_CHUNK_SIZE}, {MAX_CHUNK_SIZE}]"
+            f"chunk size {chunk_size} is not a power of two in [{MIN_CHUNK_SIZE}, {MAX_CHUNK_SIZE}]"
         )
     return chunk_size
 

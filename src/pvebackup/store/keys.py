@@ -67,9 +67,7 @@ _SCRYPT_SALT_SIZE: Final = 16
 
 
 def _derive(material: bytes, label: bytes) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=_HKDF_SALT, info=label).derive(
-        material
-    )
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=_HKDF_SALT, info=label).derive(material)
 
 
 class EncryptionKey:

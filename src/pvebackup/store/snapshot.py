@@ -1,0 +1,462 @@
+"""Snapshots: one key prefix per backup, made visible by its manifest.
+
+A snapshot of guest ``vm``/``ct`` ``<vmid>`` taken at ``<time>`` (UTC, seconds)
+lives under ``snapshots/<kind>/<vmid>/<YYYY-MM-DDTHH:MM:SSZ>/``: one ``<device>.fidx``
+per disk, further files (guest config, firewall config, task log) as blobs
+(compressed, and encrypted in an encrypted store), and ``manifest.json`` last.
+Its volume name is ``backup/<kind>-<vmid>-<time>`` (``SnapshotId.volname``).
+
+The manifest lists every file with size and SHA-256 of the stored bytes and holds
+the metadata (guest, time, devices and sizes, chunk size, bitmap id, parent). It is
+canonical JSON (sorted keys, no spaces, ASCII) plus ``"checksum"``: ``sha256:<hex>``
+of the canonical JSON without that field, or in an encrypted store
+``hmac-sha256:<hex>`` under the signing key. A reader insists on the exact
+canonical bytes, so any flipped bit is found.
+
+Write order (``SnapshotWriter``): chunks (by the caller, through the datastore),
+then indexes and files, then ``backend.sync()``, then the manifest (durable,
+no-overwrite), then ``sync()`` again. Without a manifest a snapshot does not exist:
+listing ignores such prefixes and ``Datastore.cleanup_incomplete`` removes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Final
+
+from pvebackup.api.errors import (
+    CorruptChunkError,
+    CorruptIndexError,
+    MissingKeyError,
+    ObjectNotFoundError,
+    SnapshotExistsError,
+    WrongKeyError,
+)
+from pvebackup.api.types import GuestType
+from pvebackup.store.backends.base import Backend
+from pvebackup.store.blob import ChunkCodec
+from pvebackup.store.formats import FORMAT_VERSION, MANIFEST_FORMAT
+from pvebackup.store.index import FixedIndex, FixedIndexWriter, check_chunk_size
+from pvebackup.store.keys import EncryptionKey
+
+__all__ = [
+    "MANIFEST_NAME",
+    "SNAPSHOTS_PREFIX",
+    "FileEntry",
+    "Manifest",
+    "Snapshot",
+    "SnapshotDevice",
+    "SnapshotId",
+    "SnapshotWriter",
+]
+
+SNAPSHOTS_PREFIX: Final = "snapshots/"
+MANIFEST_NAME: Final = "manifest.json"
+INDEX_SUFFIX: Final = ".fidx"
+
+_KINDS: Final = {GuestType.QEMU: "vm", GuestType.LXC: "ct"}
+_GUEST_OF_KIND: Final = {v: k for k, v in _KINDS.items()}
+_TIME_FORMAT: Final = "%Y-%m-%dT%H:%M:%SZ"
+_TIME_RE: Final = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
+_PATH_RE: Final = re.compile(rf"(vm|ct)/([1-9]\d{{0,8}})/({_TIME_RE})")
+_VOLNAME_RE: Final = re.compile(rf"backup/(vm|ct)-([1-9]\d{{0,8}})-({_TIME_RE})")
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
+
+
+def _format_time(t: int) -> str:
+    return time.strftime(_TIME_FORMAT, time.gmtime(t))
+
+
+def _parse_time(s: str) -> int:
+    t = int(datetime.strptime(s, _TIME_FORMAT).replace(tzinfo=UTC).timestamp())
+    if _format_time(t) != s:
+        raise ValueError(f"not a canonical time: {s!r}")
+    return t
+
+
+def _check_name(name: str, what: str) -> str:
+    if not _NAME_RE.fullmatch(name) or name == MANIFEST_NAME:
+        raise ValueError(f"invalid {what} name {name!r}")
+    return name
+
+
+@dataclass(frozen=True, order=True, slots=True)
+class SnapshotId:
+    """Names one snapshot: guest type, vmid and backup time (UTC epoch seconds)."""
+
+    guest_type: GuestType
+    vmid: int
+    backup_time: int
+
+    def __post_init__(self) -> None:
+        if self.guest_type not in _KINDS or not 0 < self.vmid < 10**9:
+            raise ValueError(f"invalid snapshot guest {self.guest_type}/{self.vmid}")
+        if self.backup_time < 0:
+            raise ValueError("backup time before the epoch")
+
+    @property
+    def kind(self) -> str:
+        """``vm`` or ``ct``."""
+        return _KINDS[self.guest_type]
+
+    @property
+    def time_str(self) -> str:
+        return _format_time(self.backup_time)
+
+    @property
+    def path(self) -> str:
+        """``vm/100/2026-11-26T09:30:00Z``."""
+        return f"{self.kind}/{self.vmid}/{self.time_str}"
+
+    @property
+    def volname(self) -> str:
+        """``backup/vm-100-2026-11-26T09:30:00Z``: the volume name PVE sees."""
+        return f"backup/{self.kind}-{self.vmid}-{self.time_str}"
+
+    @property
+    def prefix(self) -> str:
+        """Backend key prefix of the snapshot's files (ends with ``/``)."""
+        return f"{SNAPSHOTS_PREFIX}{self.path}/"
+
+    def __str__(self) -> str:
+        return self.path
+
+    @classmethod
+    def _from_match(cls, m: re.Match[str] | None, text: str) -> SnapshotId:
+        if m is None:
+            raise ValueError(f"not a snapshot name: {text!r}")
+        return cls(_GUEST_OF_KIND[m.group(1)], int(m.group(2)), _parse_time(m.group(3)))
+
+    @classmethod
+    def parse(cls, path: str) -> SnapshotId:
+        """Inverse of ``path``; ``ValueError`` if malformed."""
+        return cls._from_match(_PATH_RE.fullmatch(path), path)
+
+    @classmethod
+    def from_volname(cls, volname: str) -> SnapshotId:
+        """Inverse of ``volname``; ``ValueError`` if malformed."""
+        return cls._from_match(_VOLNAME_RE.fullmatch(volname), volname)
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """One stored file of a snapshot: ``kind`` is ``index`` or ``blob``."""
+
+    size: int
+    sha256: str
+    kind: str
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotDevice:
+    """A disk of the snapshot: its size in bytes and its index file's name."""
+
+    size: int
+    index: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The contents of ``manifest.json`` (see the module docstring)."""
+
+    snapshot: SnapshotId
+    created: int
+    encrypted: bool
+    key_fingerprint: str | None
+    chunk_size: int
+    devices: Mapping[str, SnapshotDevice]
+    files: Mapping[str, FileEntry]
+    bitmap_id: str | None = None
+    parent: SnapshotId | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    def _body(self) -> dict[str, Any]:
+        return {
+            "format": MANIFEST_FORMAT,
+            "version": FORMAT_VERSION,
+            "snapshot": self.snapshot.path,
+            "created": self.created,
+            "encrypted": self.encrypted,
+            "key_fingerprint": self.key_fingerprint,
+            "chunk_size": self.chunk_size,
+            "bitmap_id": self.bitmap_id,
+            "parent": None if self.parent is None else self.parent.path,
+            "devices": {k: {"size": d.size, "index": d.index} for k, d in self.devices.items()},
+            "files": {
+                k: {"size": f.size, "sha256": f.sha256, "kind": f.kind}
+                for k, f in self.files.items()
+            },
+            "metadata": dict(self.metadata),
+        }
+
+    def to_bytes(self, key: EncryptionKey | None) -> bytes:
+        """Canonical JSON with checksum (signed with ``key`` when encrypted)."""
+        if self.encrypted != (key is not None):
+            raise ValueError("an encrypted manifest needs the key, a plain one none")
+        body = self._body()
+        body["checksum"] = _checksum(_canonical(body), key)
+        return _canonical(body) + b"\n"
+
+    @classmethod
+    def from_bytes(cls, data: bytes, key: EncryptionKey | None, *, name: str) -> Manifest:
+        """Parse and verify. ``key`` is the store's key (None for a plain store).
+
+        ``CorruptIndexError``: malformed, checksum or signature mismatch, or an
+        unsigned manifest in an encrypted store. ``MissingKeyError``: encrypted, no
+        key. ``WrongKeyError``: signed by a key with another fingerprint.
+        """
+
+        def bad(reason: str) -> CorruptIndexError:
+            return CorruptIndexError(f"{name}: {reason}")
+
+        try:
+            doc = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise bad("not valid JSON") from exc
+        if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
+            raise bad("not a manifest")
+        if doc.get("version") != FORMAT_VERSION:
+            raise bad(f"unsupported manifest version {doc.get('version')!r}")
+        if _canonical(doc) + b"\n" != data:
+            raise bad("not in canonical form (damaged)")
+        stored = doc.pop("checksum", None)
+        encrypted = doc.get("encrypted")
+        if encrypted is True:
+            if key is None:
+                raise MissingKeyError(f"{name}: the snapshot is encrypted; no key given")
+        elif key is not None:
+            raise bad("unsigned manifest in an encrypted store")
+        if not isinstance(stored, str) or not hmac.compare_digest(
+            stored, _checksum(_canonical(doc), key)
+        ):
+            if key is not None and doc.get("key_fingerprint") != key.fingerprint:
+                raise WrongKeyError(
+                    f"{name}: signed with key {doc.get('key_fingerprint')!r}, "
+                    f"not with the given key {key.fingerprint}"
+                )
+            raise bad("checksum or signature mismatch")
+        try:
+            return cls._from_doc(doc)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise bad(f"malformed field: {exc}") from exc
+
+    @classmethod
+    def _from_doc(cls, doc: dict[str, Any]) -> Manifest:
+        def typed(value: Any, t: type | tuple[type, ...]) -> Any:
+            if not isinstance(value, t) or (t is int and isinstance(value, bool)):
+                raise TypeError(f"{value!r} is not {t}")
+            return value
+
+        parent = doc["parent"]
+        meta = typed(doc["metadata"], dict)
+        return cls(
+            snapshot=SnapshotId.parse(typed(doc["snapshot"], str)),
+            created=typed(doc["created"], int),
+            encrypted=typed(doc["encrypted"], bool),
+            key_fingerprint=typed(doc["key_fingerprint"], (str, type(None))),
+            chunk_size=check_chunk_size(typed(doc["chunk_size"], int)),
+            bitmap_id=typed(doc["bitmap_id"], (str, type(None))),
+            parent=None if parent is None else SnapshotId.parse(typed(parent, str)),
+            devices={
+                typed(k, str): SnapshotDevice(typed(v["size"], int), typed(v["index"], str))
+                for k, v in typed(doc["devices"], dict).items()
+            },
+            files={
+                typed(k, str): FileEntry(
+                    typed(v["size"], int), typed(v["sha256"], str), typed(v["kind"], str)
+                )
+                for k, v in typed(doc["files"], dict).items()
+            },
+            metadata={typed(k, str): typed(v, str) for k, v in meta.items()},
+        )
+
+
+def _canonical(doc: Mapping[str, Any]) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _checksum(body: bytes, key: EncryptionKey | None) -> str:
+    if key is None:
+        return "sha256:" + hashlib.sha256(body).hexdigest()
+    return "hmac-sha256:" + hmac.digest(key.signing_key, body, "sha256").hex()
+
+
+class SnapshotWriter:
+    """Writes one snapshot; the manifest goes last, on ``commit()`` or a clean exit.
+
+    Made by ``Datastore.new_snapshot``. Store the chunks through the datastore
+    first, then add indexes (``index_writer``/``add_index``) and files
+    (``add_file``). Leaving the ``with`` block by an exception deletes what was
+    written (no manifest, so nothing became visible anyway).
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        codec: ChunkCodec,
+        key: EncryptionKey | None,
+        snapshot: SnapshotId,
+        *,
+        chunk_size: int,
+        bitmap_id: str | None = None,
+        parent: SnapshotId | None = None,
+    ) -> None:
+        self._backend = backend
+        self._codec = codec
+        self._key = key
+        self.snapshot = snapshot
+        self.chunk_size = check_chunk_size(chunk_size)
+        self.bitmap_id = bitmap_id
+        self.parent = parent
+        self.metadata: dict[str, str] = {}
+        self._devices: dict[str, SnapshotDevice] = {}
+        self._files: dict[str, FileEntry] = {}
+        self.manifest: Manifest | None = None
+        if backend.exists(snapshot.prefix + MANIFEST_NAME):
+            raise SnapshotExistsError(f"snapshot {snapshot} exists already")
+
+    def _put(self, name: str, data: bytes, kind: str) -> None:
+        if self.manifest is not None:
+            raise RuntimeError("the snapshot is committed already")
+        if name in self._files:
+            raise ValueError(f"file {name!r} added twice")
+        self._backend.put(self.snapshot.prefix + name, data, overwrite=True, durable=False)
+        self._files[name] = FileEntry(len(data), hashlib.sha256(data).hexdigest(), kind)
+
+    def add_index(self, device: str, index: bytes) -> None:
+        """Store the encoded fixed index of disk ``device``."""
+        parsed = FixedIndex(index, name=f"{self.snapshot} {device}")
+        if parsed.chunk_size != self.chunk_size:
+            raise ValueError(f"index chunk size {parsed.chunk_size} != {self.chunk_size}")
+        name = _check_name(device, "device") + INDEX_SUFFIX
+        self._put(name, index, "index")
+        self._devices[device] = SnapshotDevice(parsed.size, name)
+
+    def index_writer(self, device: str, size: int) -> FixedIndexWriter:
+        """A new all-zero index for ``device``, stored when its ``with`` block ends."""
+        _check_name(device, "device")
+        return FixedIndexWriter(
+            size, self.chunk_size, on_commit=lambda data: self.add_index(device, data)
+        )
+
+    def index_writer_from(self, device: str, previous: FixedIndex) -> FixedIndexWriter:
+        """An index for ``device`` starting from ``previous`` (incremental backup)."""
+        _check_name(device, "device")
+        return FixedIndexWriter.from_index(
+            previous, on_commit=lambda data: self.add_index(device, data)
+        )
+
+    def add_file(self, name: str, data: bytes) -> None:
+        """Store a small file (config, log) as a blob; at most 16 MiB."""
+        self._put(_check_name(name, "file"), self._codec.encode(data), "blob")
+
+    def commit(self) -> Manifest:
+        """Make the snapshot durable and visible. Returns its manifest."""
+        if self.manifest is not None:
+            return self.manifest
+        manifest = Manifest(
+            snapshot=self.snapshot,
+            created=int(time.time()),
+            encrypted=self._key is not None,
+            key_fingerprint=None if self._key is None else self._key.fingerprint,
+            chunk_size=self.chunk_size,
+            devices=dict(self._devices),
+            files=dict(self._files),
+            bitmap_id=self.bitmap_id,
+            parent=self.parent,
+            metadata=dict(self.metadata),
+        )
+        self._backend.sync()  # chunks, indexes and files before the manifest
+        data = manifest.to_bytes(self._key)
+        if not self._backend.put(self.snapshot.prefix + MANIFEST_NAME, data, overwrite=False):
+            raise SnapshotExistsError(f"snapshot {self.snapshot} was committed by someone else")
+        self._backend.sync()
+        self.manifest = manifest
+        return manifest
+
+    def abort(self) -> None:
+        """Delete what this writer stored (it never had a manifest)."""
+        if self.manifest is not None:
+            return
+        for name in self._files:
+            self._backend.delete(self.snapshot.prefix + name)
+        self._files.clear()
+        self._devices.clear()
+
+    def __enter__(self) -> SnapshotWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+class Snapshot:
+    """A committed snapshot: its verified manifest and verified reads of its files."""
+
+    def __init__(self, backend: Backend, codec: ChunkCodec, manifest: Manifest) -> None:
+        self._backend = backend
+        self._codec = codec
+        self.manifest = manifest
+        self.id = manifest.snapshot
+
+    def __repr__(self) -> str:
+        return f"Snapshot({self.id})"
+
+    @property
+    def devices(self) -> Mapping[str, SnapshotDevice]:
+        return self.manifest.devices
+
+    def file_names(self) -> list[str]:
+        """Names of the non-index files (configs, logs)."""
+        return sorted(k for k, f in self.manifest.files.items() if f.kind == "blob")
+
+    def _read(self, name: str, kind: str) -> bytes:
+        entry = self.manifest.files.get(name)
+        if entry is None or entry.kind != kind:
+            raise ObjectNotFoundError(f"snapshot {self.id} has no {kind} {name!r}")
+        try:
+            data = self._backend.get(self.id.prefix + name)
+        except ObjectNotFoundError as exc:
+            raise CorruptIndexError(f"snapshot {self.id}: {name} listed but missing") from exc
+        if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise CorruptIndexError(f"snapshot {self.id}: {name} does not match the manifest")
+        return data
+
+    def read_file(self, name: str) -> bytes:
+        """The verified contents of file ``name`` (``ObjectNotFoundError`` if unlisted)."""
+        data = self._read(name, "blob")
+        try:
+            return self._codec.decode(data, name=f"snapshot {self.id} {name}")
+        except CorruptChunkError as exc:
+            raise CorruptIndexError(str(exc)) from exc
+
+    def open_index(self, device: str) -> FixedIndex:
+        """The verified fixed index of ``device``."""
+        dev = self.manifest.devices.get(device)
+        if dev is None:
+            raise ObjectNotFoundError(f"snapshot {self.id} has no device {device!r}")
+        index = FixedIndex(self._read(dev.index, "index"), name=f"snapshot {self.id} {device}")
+        if index.size != dev.size or index.chunk_size != self.manifest.chunk_size:
+            raise CorruptIndexError(f"snapshot {self.id} {device}: index disagrees with manifest")
+        return index
+
+    def keys(self) -> Iterator[str]:
+        """Backend keys of every listed file (for verification and removal)."""
+        for name in self.manifest.files:
+            yield self.id.prefix + name
