@@ -28,6 +28,8 @@ from .qmp import QmpClient
 __all__ = ["StorageDaemon"]
 
 _BINARY = "qemu-storage-daemon"
+# 107 bytes for a socket path, minus "/pvebackup-qsd-XXXXXXXX/qmp.sock" and a margin.
+_MAX_PARENT_LEN = 64
 
 
 class StorageDaemon:
@@ -35,6 +37,8 @@ class StorageDaemon:
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`.
 
+    :param runtime_parent: where the private runtime directory is made; the system
+        temporary directory when None or when socket paths there would be too long.
     :param start_timeout: seconds to wait for the QMP socket to accept.
     :param qmp_timeout: seconds each QMP command may take.
     :param stop_timeout: seconds to wait at each stop escalation step.
@@ -44,11 +48,13 @@ class StorageDaemon:
         self,
         *,
         binary: str = _BINARY,
+        runtime_parent: Path | None = None,
         start_timeout: float = 15.0,
         qmp_timeout: float = 60.0,
         stop_timeout: float = 5.0,
     ) -> None:
         self.binary = binary
+        self.runtime_parent = runtime_parent
         self.start_timeout = start_timeout
         self.qmp_timeout = qmp_timeout
         self.stop_timeout = stop_timeout
@@ -113,8 +119,10 @@ class StorageDaemon:
         """
         if self._proc is not None:
             raise RuntimeError("qemu-storage-daemon already started")
-        # Short path: Unix socket paths are limited to 107 bytes.
-        self._runtime_dir = Path(tempfile.mkdtemp(prefix="pvebackup-qsd-"))
+        parent = self.runtime_parent
+        if parent is not None and len(str(parent.resolve())) > _MAX_PARENT_LEN:
+            parent = None  # Unix socket paths are limited to 107 bytes
+        self._runtime_dir = Path(tempfile.mkdtemp(prefix="pvebackup-qsd-", dir=parent))
         os.chmod(self._runtime_dir, 0o700)
         qmp_path = self._runtime_dir / "qmp.sock"
         try:

@@ -91,8 +91,9 @@ class BackupExport:
     :param storeid: the backup storage; part of the bitmap names.
     :param bitmap_id: the provider's bitmap id, or None for no bitmap.
     :param log: the task log, ``log(level, message)``.
-    :param workdir: where the private fleecing directory is made (default: the
-        system temporary directory). Fleecing images grow with guest writes.
+    :param workdir: where the private directories (fleecing images, and sockets
+        when the path is short enough) are made; default: the system temporary
+        directory. Fleecing images grow with guest writes.
     :param guest_writable: also export each copy-before-write node writable under
         :meth:`guest_export_name`: writes there are what a running guest's writes
         would be (tests use it; a real VM writes through QEMU instead).
@@ -190,7 +191,7 @@ class BackupExport:
             fleece = self._fleece_dir / f"fleece{i}.qcow2"
             self._disks.append(_Disk(i, spec, size, plan, fleece))
 
-        self._daemon = StorageDaemon().start()
+        self._daemon = StorageDaemon(runtime_parent=self._workdir).start()
         for d in self._disks:
             self._add_nodes(d)
         for d in self._disks:
@@ -294,6 +295,8 @@ class BackupExport:
             "blockdev-add",
             driver="snapshot-access",
             file=f"pvb-cbw{i}",
+            # QEMU drops discards on nodes not opened with discard=unmap.
+            discard="unmap",
             **{"node-name": f"pvb-snap{i}"},
         )
         d.nodes.append(f"pvb-snap{i}")
@@ -337,15 +340,10 @@ class BackupExport:
                     try:
                         self._teardown_qmp()
                     except QmpConnectionError as exc:
-                        self._log(LogLevel.ERR, f"lost qemu-storage-daemon during cleanup: {exc}")
-                        self._log_bitmaps_unknown()
+                        self._log(LogLevel.ERR, f"cleanup: {exc}")
+                        self._log_daemon_lost(daemon)
                 else:
-                    self._log(
-                        LogLevel.WARN,
-                        f"qemu-storage-daemon (pid {daemon.pid}) exited unexpectedly"
-                        f" (status {daemon.returncode}): {daemon.log_tail(500) or 'no output'}",
-                    )
-                    self._log_bitmaps_unknown()
+                    self._log_daemon_lost(daemon)
         finally:
             try:
                 if daemon is not None:
@@ -353,6 +351,20 @@ class BackupExport:
             finally:
                 if self._fleece_dir is not None:
                     shutil.rmtree(self._fleece_dir, ignore_errors=True)
+
+    def _log_daemon_lost(self, daemon: StorageDaemon) -> None:
+        deadline = time.monotonic() + 1.0
+        while daemon.alive and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if daemon.alive:
+            self._log(LogLevel.WARN, f"qemu-storage-daemon (pid {daemon.pid}) stopped answering")
+        else:
+            self._log(
+                LogLevel.WARN,
+                f"qemu-storage-daemon (pid {daemon.pid}) exited unexpectedly"
+                f" (status {daemon.returncode}): {daemon.log_tail(500) or 'no output'}",
+            )
+        self._log_bitmaps_unknown()
 
     def _log_bitmaps_unknown(self) -> None:
         for d in self._disks:
