@@ -152,6 +152,10 @@ def test_entry_points_are_loaded_lazily(install_plugin: InstallPlugin) -> None:
          PluginError, ["not a StoragePlugin subclass", "epbroken = epbroken_mod:X"]),
         ("\n", "epbroken = epbroken_mod:Missing",
          PluginError, ["failed to load", "AttributeError"]),
+        (GOOD_PLUGIN.format(type="epbroken", version=11)
+         + "    def __init__(self):\n        raise OSError('no socket')\n",
+         "epbroken = epbroken_mod:GoodPlugin",
+         PluginError, ["failed to initialise", "OSError: no socket"]),
     ],
 )
 def test_broken_entry_point_is_refused_others_still_work(

@@ -114,6 +114,11 @@ def _load_entry_point(plugin_type: str, eps: list[EntryPoint]) -> StoragePlugin:
         return _checked_instance(obj, plugin_type)
     except PluginError as exc:
         raise type(exc)(f"{exc} (entry point {plugin_type} = {ep.value})") from exc
+    except Exception as exc:  # the plugin's own __init__ failed
+        raise PluginError(
+            f"storage plugin '{plugin_type}' ({ep.value}) failed to initialise: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def lookup(plugin_type: str) -> StoragePlugin:

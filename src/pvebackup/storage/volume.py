@@ -18,8 +18,8 @@ _VOLID = re.compile(r"^([a-z][a-z0-9\-_.]*[a-z0-9]):(.+)$", re.IGNORECASE | re.D
 def parse_volume_id(volid: str) -> tuple[str, str]:
     """Split ``"STOREID:VOLNAME"`` into ``(storeid, volname)``.
 
-    :raises UsageError: not of that form (also a ``ValueError``-free path: every
-        bad input, including a bad storage id or an empty volname, is this one).
+    :raises UsageError: not of that form: no colon, an invalid storage id, an
+        empty volname or a newline (one error type for every bad input, exit 2).
     """
     m = _VOLID.match(volid)
     if m is None or "\n" in volid:
