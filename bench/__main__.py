@@ -1,0 +1,120 @@
+"""``python -m bench``: run the benchmark and print the table (see ``bench/__init__``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from bench.inputs import GiB, MiB
+from bench.machine import machine_info
+from bench.measure import drop_caches
+from bench.peers import tool_versions
+from bench.report import evaluate, format_bytes, format_report, format_sweep, write_json
+from bench.scenarios import (
+    Config,
+    Results,
+    prepare_inputs,
+    run_dense,
+    run_sparse,
+    run_sweep,
+)
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "out"
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--runs", type=int, help="runs per scenario; the table shows medians "
+                   "(default 3, with --quick 1)")
+    p.add_argument("--quick", action="store_true",
+                   help="256 MiB of data (16 GiB sparse image) and 40 changed blocks")
+    p.add_argument("--chunk-size", help="chunk-size property of the backup-store "
+                   "(default: the store's own default)")
+    p.add_argument("--chunk-sizes", help="comma-separated sizes, e.g. 64K,256K,1M,4M: "
+                   "only the chunk-size sweep (full + incremental per size)")
+    p.add_argument("--no-peers", action="store_true", help="measure only ours")
+    p.add_argument("--seed", type=int, default=5, help="seed of the generated data")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help="work and result directory (default bench/out)")
+    args = p.parse_args(argv)
+    if args.runs is None:
+        args.runs = 1 if args.quick else 3
+    if args.runs < 1:
+        p.error("--runs must be at least 1")
+    return args
+
+
+def _config(args: argparse.Namespace) -> Config:
+    if args.quick:
+        return Config(out=args.out, runs=args.runs, seed=args.seed, data_size=256 * MiB,
+                      sparse_size=16 * GiB, writes=40, chunk_size=args.chunk_size,
+                      with_peers=not args.no_peers)
+    return Config(out=args.out, runs=args.runs, seed=args.seed, chunk_size=args.chunk_size,
+                  with_peers=not args.no_peers)
+
+
+def _progress(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    cfg = _config(args)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    machine = machine_info(cfg.out)
+    cold = drop_caches()
+    inputs = prepare_inputs(cfg)
+    results = Results()
+    dense = format_bytes(cfg.data_size).replace(".0 ", " ")
+    sparse = format_bytes(cfg.sparse_size).replace(".0 ", " ")
+    info = {
+        "dense": dense,
+        "sparse": sparse,
+        "change": f"{cfg.writes} x 64 KiB",
+        "summary": (f"{dense} mixed image, {cfg.writes} x 64 KiB scattered change, "
+                    f"{cfg.runs} run(s), medians, "
+                    + ("page cache dropped before each timed step" if cold
+                       else "WARM page cache (cannot drop caches)")),
+        "machine": (f"{machine['nproc']} x {machine['cpu']}, "
+                    f"{format_bytes(int(str(machine['memory_bytes'])))} RAM, "
+                    f"disk {machine['disk']}"),
+    }
+    extra: dict[str, object] = {
+        "machine": machine,
+        "config": {**asdict(cfg), "out": str(cfg.out), "cold_cache": cold},
+        "tools": tool_versions(),
+    }
+
+    if args.chunk_sizes:
+        sizes = [s.strip() for s in args.chunk_sizes.split(",") if s.strip()]
+        reason = results.ours_error
+        for size in sizes:
+            for n in range(1, cfg.runs + 1):
+                _progress(f"chunk size {size}, run {n}/{cfg.runs}")
+                results.ours_error = reason  # one failing size must not hide the others
+                run_sweep(cfg, inputs, results, n, size)
+        measurements = list(results)
+        print(f"pvebackup chunk-size sweep: {info['summary']}\nmachine: {info['machine']}\n")
+        print(format_sweep(measurements, sizes))
+        write_json(cfg.out / "sweep.json", measurements, [], extra)
+        return 0
+
+    for n in range(1, cfg.runs + 1):
+        _progress(f"run {n}/{cfg.runs}: {dense} image, all tools")
+        run_dense(cfg, inputs, results, n)
+    for n in range(1, cfg.runs + 1):
+        _progress(f"run {n}/{cfg.runs}: {sparse} sparse image, ours")
+        run_sparse(cfg, inputs, results, n)
+    measurements = list(results)
+    goals = evaluate(measurements)
+    print(format_report(measurements, goals, info, results.ours_error))
+    out = cfg.out / "results.json"
+    write_json(out, measurements, goals, extra)
+    print(f"\nresults: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

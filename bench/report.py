@@ -1,0 +1,238 @@
+"""Goals, the table on stdout and ``results.json``.
+
+Times are medians over the runs; sizes are bytes allocated on disk (``du``). In
+the table, "vs ours" divides the tool's median time by ours in the same scenario,
+so 3.0x means ours took a third of the time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bench.measure import Measurement
+from bench.ours import OURS, PYTHON_NAME
+
+__all__ = [
+    "Goal",
+    "GoalResult",
+    "GOALS",
+    "evaluate",
+    "format_bytes",
+    "format_report",
+    "format_sweep",
+    "write_json",
+]
+
+MiB = 1 << 20
+BORG_AND_RESTIC = ("borg lz4", "borg zstd,3", "restic")
+
+Lookup = Callable[[str, str], Measurement | None]
+
+
+def format_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _seconds(find: Lookup, scenario: str, tool: str) -> float | None:
+    m = find(scenario, tool)
+    return m.median_seconds if m is not None and not m.error else None
+
+
+def _size(find: Lookup, scenario: str, tool: str) -> int | None:
+    m = find(scenario, tool)
+    return m.median_size if m is not None and not m.error else None
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b <= 0:
+        return None
+    return a / b
+
+
+@dataclass(frozen=True, slots=True)
+class Goal:
+    """A goal: ``value(find)`` compared with ``target`` (``at_least`` or at most)."""
+
+    name: str
+    target: float
+    at_least: bool
+    unit: str  # "x" for ratios, "MiB" for sizes
+    value: Callable[[Lookup], float | None]
+
+    def target_text(self) -> str:
+        op = ">=" if self.at_least else "<="
+        return f"{op} {self.target:.3g}{'x' if self.unit == 'x' else ' ' + self.unit}"
+
+
+@dataclass(frozen=True, slots=True)
+class GoalResult:
+    name: str
+    target: str
+    value: float | None
+    passed: bool | None  # None: could not be measured
+
+    @property
+    def verdict(self) -> str:
+        return "n/a" if self.passed is None else ("PASS" if self.passed else "MISS")
+
+
+def _full_vs_borg(find: Lookup) -> float | None:
+    return _div(_seconds(find, "full", "borg lz4"), _seconds(find, "full", OURS))
+
+
+def _incremental_vs_peers(find: Lookup) -> float | None:
+    peers = [t for t in (_seconds(find, "incremental", p) for p in BORG_AND_RESTIC) if t]
+    return _div(min(peers) if peers else None, _seconds(find, "incremental", OURS))
+
+
+def _sparse_vs_dense(find: Lookup) -> float | None:
+    return _div(_seconds(find, "sparse-incremental", OURS), _seconds(find, "incremental", OURS))
+
+
+def _growth_vs_restic(find: Lookup) -> float | None:
+    ours = _size(find, "incremental", OURS)
+    return _div(float(ours) if ours is not None else None,
+                _size(find, "incremental", "restic"))
+
+
+def _restore_vs_local(find: Lookup) -> float | None:
+    return _div(_seconds(find, "restore", "local convert"), _seconds(find, "restore", OURS))
+
+
+def _peak_rss(find: Lookup) -> float | None:
+    m = find("sparse-full", OURS)
+    if m is None or m.error or PYTHON_NAME not in m.rss:
+        return None
+    return m.rss[PYTHON_NAME] / MiB
+
+
+GOALS: tuple[Goal, ...] = (
+    Goal("full backup: borg lz4 time / ours", 3.0, True, "x", _full_vs_borg),
+    Goal("incremental: fastest borg/restic re-run / ours", 10.0, True, "x",
+         _incremental_vs_peers),
+    Goal("incremental: sparse image / dense image (ours)", 1.5, False, "x", _sparse_vs_dense),
+    Goal("store growth: ours / restic", 1 / 3, False, "x", _growth_vs_restic),
+    Goal("restore: speed of ours / local convert", 0.6, True, "x", _restore_vs_local),
+    Goal("peak RSS of pvebackup, sparse full backup", 200.0, False, "MiB", _peak_rss),
+)
+
+
+def evaluate(measurements: Iterable[Measurement],
+             goals: Sequence[Goal] = GOALS) -> list[GoalResult]:
+    """Each goal's value and verdict from ``measurements``."""
+    table = {(m.scenario, m.tool): m for m in measurements}
+
+    def find(scenario: str, tool: str) -> Measurement | None:
+        return table.get((scenario, tool))
+
+    results = []
+    for goal in goals:
+        value = goal.value(find)
+        passed = None
+        if value is not None:
+            passed = value >= goal.target if goal.at_least else value <= goal.target
+        results.append(GoalResult(goal.name, goal.target_text(), value, passed))
+    return results
+
+
+def _scenario_title(scenario: str, info: dict[str, str]) -> tuple[str, str]:
+    """Heading and meaning of the size column for a scenario key."""
+    titles = {
+        "full": (f"full backup of the {info['dense']} qcow2 image", "stored"),
+        "incremental": (f"re-run after the {info['change']} change", "growth"),
+        "restore": (f"restore {info['dense']} to a raw file (qemu-img convert)", ""),
+        "sparse-full": (f"full backup of the {info['sparse']} sparse image", "stored"),
+        "sparse-incremental": (f"re-run after the same change, {info['sparse']} image",
+                               "growth"),
+    }
+    if scenario in titles:
+        return titles[scenario]
+    return scenario, "growth" if scenario.endswith("incremental") else "stored"
+
+
+def _row(m: Measurement, ours: float | None, size_label: str) -> str:
+    if m.error:
+        return f"  {m.tool:<26} error: {m.error}"
+    seconds = m.median_seconds
+    ratio = _div(seconds, ours)
+    cells = [
+        f"  {m.tool:<26}",
+        f"{seconds:8.2f} s" if seconds is not None else f"{'-':>10}",
+        f"{format_bytes(m.median_size):>11}" if size_label else " " * 11,
+        f"{ratio:9.2f}x" if ratio is not None else f"{'':>10}",
+        f"  ({len(m.seconds)} runs)",
+    ]
+    line = " ".join(cells)
+    if m.rss:
+        peaks = ", ".join(f"{name} {format_bytes(v)}" for name, v in sorted(m.rss.items()))
+        line += f"\n  {'':<26} peak RSS: {peaks}"
+    return line
+
+
+def format_report(measurements: Sequence[Measurement], goals: Sequence[GoalResult],
+                  info: dict[str, str], ours_error: str | None) -> str:
+    """The human-readable table (one block per scenario, then the goals)."""
+    lines = [f"pvebackup benchmark: {info['summary']}"]
+    if info.get("machine"):
+        lines.append(f"machine: {info['machine']}")
+    if ours_error:
+        lines.append(f"ours: not available ({ours_error})")
+    scenarios: list[str] = []
+    for m in measurements:
+        if m.scenario not in scenarios:
+            scenarios.append(m.scenario)
+    for scenario in scenarios:
+        title, size_label = _scenario_title(scenario, info)
+        lines += ["", title, f"  {'tool':<26} {'median':>10} {size_label:>11} {'vs ours':>10}"]
+        ours_m = next((m for m in measurements
+                       if m.scenario == scenario and m.tool == OURS), None)
+        ours = ours_m.median_seconds if ours_m is not None and not ours_m.error else None
+        lines += [_row(m, ours, size_label) for m in measurements if m.scenario == scenario]
+    if goals:
+        lines += ["", f"{'goal':<50} {'value':>9} {'target':>11}  result"]
+        for g in goals:
+            unit = "x" if g.target.endswith("x") else ""
+            value = f"{g.value:.2f}{unit}" if g.value is not None else "-"
+            lines.append(f"  {g.name:<48} {value:>9} {g.target:>11}  {g.verdict}")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, measurements: Sequence[Measurement], goals: Sequence[GoalResult],
+               extra: dict[str, object]) -> None:
+    """Write ``results.json``: ``extra`` (machine, config, versions), measurements, goals."""
+    doc = {
+        **extra,
+        "measurements": [m.as_json() for m in measurements],
+        "goals": [{**asdict(g), "verdict": g.verdict} for g in goals],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def format_sweep(measurements: Sequence[Measurement], chunk_sizes: Sequence[str]) -> str:
+    """The chunk-size sweep: per size, full and incremental time, stored and growth."""
+    lines = [f"{'chunk size':<12} {'full':>9} {'stored':>11} {'incremental':>12} {'growth':>11}"]
+    table = {(m.scenario, m.tool): m for m in measurements}
+    for size in chunk_sizes:
+        full = table.get((f"sweep {size} full", OURS))
+        incr = table.get((f"sweep {size} incremental", OURS))
+        error = next((m.error for m in (full, incr) if m is not None and m.error), None)
+        if error or full is None or incr is None:
+            lines.append(f"{size:<12} error: {error or 'not measured'}")
+            continue
+        fs, is_ = full.median_seconds, incr.median_seconds
+        lines.append(
+            f"{size:<12} {fs or 0:8.2f}s {format_bytes(full.median_size):>11} "
+            f"{is_ or 0:11.2f}s {format_bytes(incr.median_size):>11}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,287 @@
+"""The measured scenarios, one function each, and the runs that chain them.
+
+A dense run (``run_dense``) builds a fresh node and repositories, then measures in
+this order, every tool on the same image file: full backup, the scattered change,
+the incremental re-run (with store growth), and restore. A sparse run
+(``run_sparse``) does full and incremental backups of the 64 GiB sparse image
+(ours only: peak RSS and incremental cost). ``run_sweep`` repeats the dense
+full+incremental for each chunk size. Work directories are removed after each run.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.inputs import (
+    GiB,
+    Layout,
+    Write,
+    apply_change,
+    change_writes,
+    make_image,
+    write_raw,
+)
+from bench.measure import Measurement, ToolFailed, disk_usage
+from bench.ours import OURS, OurNode, unavailable_reason
+from bench.peers import local_convert, peers
+
+__all__ = [
+    "Config",
+    "Inputs",
+    "Results",
+    "prepare_inputs",
+    "run_dense",
+    "run_sparse",
+    "run_sweep",
+]
+
+OURS_CLI_RESTORE = "ours (pvebackup restore)"
+LOCAL_CONVERT = "local convert"
+SKIPPED = "skipped: ours not available"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """What to run: sizes, runs, seed, where to work."""
+
+    out: Path
+    runs: int = 3
+    seed: int = 5
+    data_size: int = GiB
+    sparse_size: int = 64 * GiB
+    writes: int = 160
+    chunk_size: str | None = None  # None: the store's default
+    with_peers: bool = True
+
+    @property
+    def work(self) -> Path:
+        return self.out / "work"
+
+
+@dataclass(frozen=True, slots=True)
+class Inputs:
+    """Generated images (cached in ``out/inputs``) and the change applied to them."""
+
+    dense: Layout
+    sparse: Layout
+    dense_raw: Path
+    dense_qcow2: Path
+    sparse_qcow2: Path
+    writes: list[Write]
+
+
+class Results:
+    """Measurements keyed by (scenario, tool), in the order they were first made."""
+
+    def __init__(self) -> None:
+        self._items: dict[tuple[str, str], Measurement] = {}
+        self.ours_error: str | None = unavailable_reason()
+
+    def get(self, scenario: str, tool: str) -> Measurement:
+        key = (scenario, tool)
+        if key not in self._items:
+            self._items[key] = Measurement(scenario, tool)
+        return self._items[key]
+
+    def find(self, scenario: str, tool: str) -> Measurement | None:
+        return self._items.get((scenario, tool))
+
+    def __iter__(self) -> Iterator[Measurement]:
+        return iter(self._items.values())
+
+
+@dataclass(slots=True)
+class _Run:
+    """State of one run: its node, its image, the peers still working."""
+
+    cfg: Config
+    inputs: Inputs
+    results: Results
+    work: Path
+    node: OurNode
+    image: Path
+    failed_peers: set[str] = field(default_factory=set)
+
+    def ours(self, scenario: str) -> Measurement | None:
+        """The measurement to add to, or None (error recorded) when ours is out."""
+        m = self.results.get(scenario, OURS)
+        if self.results.ours_error:
+            m.error = m.error or SKIPPED
+            return None
+        return m
+
+    def ours_failed(self, m: Measurement, exc: Exception) -> None:
+        m.error = str(exc)
+        self.results.ours_error = f"{m.scenario}: {exc}"
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def prepare_inputs(cfg: Config) -> Inputs:
+    """Generate (or reuse from an earlier run with the same parameters) the images."""
+    dense = Layout(cfg.data_size, cfg.data_size)
+    sparse = Layout(cfg.data_size, cfg.sparse_size)
+    base = cfg.out / "inputs" / f"seed{cfg.seed}-{cfg.data_size >> 20}M"
+    dense_raw, dense_qcow2 = base / "dense.raw", base / "dense.qcow2"
+    sparse_qcow2 = base / f"sparse-{cfg.sparse_size >> 30}G.qcow2"
+    done = base / ".done"
+    if not done.exists() or done.read_text() != sparse_qcow2.name:
+        _fresh(base)
+        print(f"generating inputs in {base} ...", flush=True)
+        write_raw(dense_raw, dense, cfg.seed)
+        make_image(dense_raw, dense_qcow2)
+        sparse_raw = base / "sparse.raw"
+        write_raw(sparse_raw, sparse, cfg.seed)
+        make_image(sparse_raw, sparse_qcow2)
+        sparse_raw.unlink()
+        done.write_text(sparse_qcow2.name)
+    return Inputs(dense, sparse, dense_raw, dense_qcow2, sparse_qcow2,
+                  change_writes(dense, cfg.seed, cfg.writes))
+
+
+def _same_image(a: Path, b: Path) -> bool:
+    return subprocess.run(["qemu-img", "compare", "-q", str(a), str(b)]).returncode == 0
+
+
+# scenarios -----------------------------------------------------------------------
+
+
+def scenario_full(run: _Run, scenario: str = "full") -> None:
+    """Full backup: ours (a new bitmap is made) and every peer into a fresh repo."""
+    m = run.ours(scenario)
+    if m is not None:
+        try:
+            m.add(run.node.backup(), run.node.store_usage())
+        except ToolFailed as exc:
+            run.ours_failed(m, exc)
+    if not run.cfg.with_peers or scenario != "full":
+        return
+    home = run.work / "home"
+    for peer in peers():
+        pm = run.results.get(scenario, peer.name)
+        repo = run.work / "repos" / _slug(peer.name)
+        try:
+            peer.init(repo, home)
+            pm.add(peer.backup(repo, run.image, 1, home), disk_usage(repo))
+        except (ToolFailed, FileNotFoundError) as exc:
+            pm.error = str(exc)
+            run.failed_peers.add(peer.name)
+
+
+def scenario_incremental(run: _Run, scenario: str = "incremental") -> None:
+    """Re-run after the change: ours through the bitmap; borg and restic re-read all."""
+    m = run.ours(scenario)
+    if m is not None:
+        before = run.node.store_usage()
+        try:
+            timed = run.node.backup()
+            m.add(timed, run.node.store_usage() - before)
+        except ToolFailed as exc:
+            run.ours_failed(m, exc)
+    if not run.cfg.with_peers or scenario != "incremental":
+        return
+    home = run.work / "home"
+    for peer in peers():
+        if not peer.incremental or peer.name in run.failed_peers:
+            continue
+        pm = run.results.get(scenario, peer.name)
+        repo = run.work / "repos" / _slug(peer.name)
+        before = disk_usage(repo)
+        try:
+            pm.add(peer.backup(repo, run.image, 2, home), disk_usage(repo) - before)
+        except ToolFailed as exc:
+            pm.error = str(exc)
+
+
+def scenario_restore(run: _Run) -> None:
+    """Restore: ``qemu-img convert`` from our export vs from a local raw copy."""
+    local = run.results.get("restore", LOCAL_CONVERT)
+    target = run.work / "restored.raw"
+    try:
+        local.add(local_convert(run.inputs.dense_raw, target))
+    except ToolFailed as exc:
+        local.error = str(exc)
+    m = run.ours("restore")
+    if m is not None:
+        try:
+            timed = run.node.restore_export(target)
+            if not _same_image(target, run.image):
+                raise ToolFailed("restored image differs from the backed-up image")
+            m.add(timed)
+        except ToolFailed as exc:
+            m.error = str(exc)  # the CLI restore below may still work
+    target.unlink(missing_ok=True)
+    cli = run.results.get("restore", OURS_CLI_RESTORE)
+    if run.results.ours_error:
+        cli.error = cli.error or SKIPPED
+        return
+    try:
+        timed, restored = run.node.restore_cli()
+        if not _same_image(restored, run.image):
+            raise ToolFailed("restored image differs from the backed-up image")
+        cli.add(timed)
+    except (ToolFailed, ValueError, KeyError) as exc:
+        cli.error = str(exc)
+    run.node.forget_restored()
+
+
+# runs ------------------------------------------------------------------------------
+
+
+def _new_run(cfg: Config, inputs: Inputs, results: Results, name: str, image: Path,
+             layout: Layout, chunk_size: str | None) -> _Run:
+    work = _fresh(cfg.work / name)
+    node = OurNode(work / "node", chunk_size)
+    installed = node.install(image, layout.virtual_size)
+    return _Run(cfg, inputs, results, work, node, installed)
+
+
+def run_dense(cfg: Config, inputs: Inputs, results: Results, number: int) -> None:
+    """One run of full, change, incremental and restore on the dense image."""
+    run = _new_run(cfg, inputs, results, f"dense-{number}", inputs.dense_qcow2,
+                   inputs.dense, cfg.chunk_size)
+    try:
+        scenario_full(run)
+        apply_change(run.image, inputs.dense, inputs.writes)
+        scenario_incremental(run)
+        scenario_restore(run)
+    finally:
+        shutil.rmtree(run.work, ignore_errors=True)
+
+
+def run_sparse(cfg: Config, inputs: Inputs, results: Results, number: int) -> None:
+    """One run of full and incremental backups of the sparse image (ours only)."""
+    run = _new_run(cfg, inputs, results, f"sparse-{number}", inputs.sparse_qcow2,
+                   inputs.sparse, cfg.chunk_size)
+    try:
+        scenario_full(run, "sparse-full")
+        apply_change(run.image, inputs.sparse, inputs.writes)
+        scenario_incremental(run, "sparse-incremental")
+    finally:
+        shutil.rmtree(run.work, ignore_errors=True)
+
+
+def run_sweep(cfg: Config, inputs: Inputs, results: Results, number: int,
+              chunk_size: str) -> None:
+    """Full and incremental backups of the dense image with one chunk size."""
+    run = _new_run(cfg, inputs, results, f"sweep-{chunk_size}-{number}",
+                   inputs.dense_qcow2, inputs.dense, chunk_size)
+    try:
+        scenario_full(run, f"sweep {chunk_size} full")
+        apply_change(run.image, inputs.dense, inputs.writes)
+        scenario_incremental(run, f"sweep {chunk_size} incremental")
+    finally:
+        shutil.rmtree(run.work, ignore_errors=True)
