@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import ClassVar
 
@@ -215,3 +216,12 @@ def test_register_refuses_a_type_an_entry_point_provides(install_plugin: Install
 
 def test_group_name() -> None:
     assert ENTRY_POINT_GROUP == "pvebackup.storage_plugins"
+
+
+def test_every_installed_entry_point_loads() -> None:
+    # the project's own plugins (pyproject.toml) come through the same group
+    names = {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    for name in sorted(names - {"dir"}):
+        plugin = lookup(name)
+        assert plugin.type == name
+        assert name in plugin_types()
