@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pvebackup.api.errors import GuestConfigError, GuestNotFoundError
+from pvebackup.api.idmap import DEFAULT_UNPRIVILEGED_MAP, parse_lxc_idmap
 from pvebackup.api.types import GuestType, IdMapEntry
 
 __all__ = [
@@ -52,10 +53,7 @@ __all__ = [
     "write_config_file",
 ]
 
-DEFAULT_UNPRIVILEGED_ID_MAP: tuple[IdMapEntry, ...] = (
-    IdMapEntry("u", 0, 100000, 65536),
-    IdMapEntry("g", 0, 100000, 65536),
-)
+DEFAULT_UNPRIVILEGED_ID_MAP = DEFAULT_UNPRIVILEGED_MAP
 """Proxmox VE's map for an unprivileged container without ``lxc.idmap`` lines."""
 
 _KEY_RE = re.compile(r"^([A-Za-z][A-Za-z0-9_\-]*|lxc(?:\.[A-Za-z0-9_\-]+)+)\s*:\s*(.*?)\s*$")
@@ -297,13 +295,10 @@ def _iter_main_section(text: str, where: str) -> Iterator[tuple[int, str | Confi
 
 
 def _parse_idmap(value: str, where: str, line: int) -> IdMapEntry:
-    parts = value.split()
     try:
-        if len(parts) != 4:
-            raise ValueError("expected 'u|g CT_START HOST_START COUNT'")
-        return IdMapEntry(parts[0], int(parts[1]), int(parts[2]), int(parts[3]))
+        return parse_lxc_idmap(value)
     except ValueError as exc:
-        raise GuestConfigError(f"lxc.idmap {value!r}: {exc}", path=where, line=line) from exc
+        raise GuestConfigError(str(exc), path=where, line=line) from exc
 
 
 def parse_guest_config(text: str, vmid: int, vmtype: GuestType, *, where: str) -> GuestConfig:

@@ -1,0 +1,365 @@
+"""A real backup provider for the host tests: records every call, stores what it reads.
+
+Storage type ``test-recording`` (storage.cfg: ``test-recording: ID`` with
+``path DIR``). Every call is appended as a JSON line to ``DIR/calls.jsonl``, so a
+test sees the sequence also when the job ran in another process.
+
+- VM disks: a full read (modes ``none``/``new``) copies every block through libnbd
+  into ``<device>.raw``; ``reuse`` copies the previous backup's image and applies only
+  the extents the dirty bitmap lists. The extents read are kept in the call log.
+  Everything read is discarded (trimmed) on the export, as the seed asks.
+- Containers: ``rsync -aHAX`` of the directory with the excludes, then every
+  owner mapped from host ids to container ids. Restores hand that tree back as a
+  directory or a tar archive (``restore-mechanism tar|directory``).
+
+Knobs (storage.cfg properties): ``bitmap-id`` (default ``bm1``; ``none`` for no
+bitmap), ``mechanism-qemu``/``mechanism-lxc`` (what backup_get_mechanism returns),
+``fail-vmid`` (backup_nbd/backup_directory of that guest raise), ``fail-job-start``,
+``restore-mechanism``, ``fail-restore`` (restore_qemu_img_init / *_init raise).
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import nbd
+
+from pvebackup.api import BackupProvider
+from pvebackup.api.errors import (
+    ExternalToolError,
+    IntegrityError,
+    PluginError,
+    VolumeNotFoundError,
+)
+from pvebackup.api.idmap import IdMapper
+from pvebackup.api.types import DeviceInfo, GuestType, IdMapEntry
+from pvebackup.storage import COMMON_PROPERTIES, PropertySpec, StoragePlugin, VolumeInfo
+
+TYPE = "test-recording"
+CHUNK = 1 << 20
+
+
+def read_calls(base: Path) -> list[list[Any]]:
+    path = base / "calls.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def call_names(base: Path) -> list[str]:
+    return [c[0] for c in read_calls(base)]
+
+
+class RecordingProvider(BackupProvider):
+    def __init__(self, plugin: object, scfg: Mapping[str, str], storeid: str, log: Any) -> None:
+        super().__init__(plugin, scfg, storeid, log)
+        self.base = Path(scfg["path"])
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.staging: dict[int, Path] = {}
+        self.targets: dict[int, str] = {}
+        self.restore_tmp: Path | None = None
+
+    # -- bookkeeping ---------------------------------------------------------------
+    def _record(self, *call: Any) -> None:
+        with builtins.open(self.base / "calls.jsonl", "a") as fh:
+            fh.write(json.dumps([str(c) if isinstance(c, Path) else c for c in call]) + "\n")
+
+    def provider_name(self) -> str:
+        return "recording"
+
+    def _latest(self, vmid: int) -> Path | None:
+        done = sorted(
+            p for p in self.base.glob(f"*-{vmid}-*") if (p / "meta.json").exists()
+        )
+        return done[-1] if done else None
+
+    # -- job -----------------------------------------------------------------------
+    def job_start(self, start_time: int) -> None:
+        self._record("job_start", start_time)
+        if self.scfg.get("fail-job-start") == "1":
+            raise PluginError("job_start refused by test")
+
+    def job_end(self) -> None:
+        self._record("job_end")
+
+    def job_abort(self, error: str) -> None:
+        self._record("job_abort", error)
+
+    def backup_start(self, vmid: int, vmtype: GuestType) -> None:
+        self._record("backup_start", vmid, str(vmtype))
+
+    def backup_get_mechanism(self, vmid: int, vmtype: GuestType) -> tuple[Any, str | None]:
+        self._record("backup_get_mechanism", vmid, str(vmtype))
+        default = "nbd" if vmtype == "qemu" else "directory"
+        mech = self.scfg.get(f"mechanism-{vmtype}", default)
+        bitmap = self.scfg.get("bitmap-id", "bm1")
+        return mech, (None if bitmap == "none" or vmtype == "lxc" else bitmap)
+
+    def backup_get_target(self, vmid: int, vmtype: GuestType) -> str:
+        n = len(list(self.base.glob(f"{vmtype}-{vmid}-*")))
+        volname = f"{vmtype}-{vmid}-{n:03d}"
+        self.targets[vmid] = volname
+        self.staging[vmid] = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.base))
+        (self.staging[vmid] / "vmtype").write_text(str(vmtype))
+        self._record("backup_get_target", vmid, str(vmtype), volname)
+        return volname
+
+    def backup_guest_config(self, vmid: int, filename: str) -> None:
+        self._record("backup_guest_config", vmid, filename)
+        shutil.copyfile(filename, self.staging[vmid] / "guest.conf")
+
+    def backup_firewall_config(self, vmid: int, filename: str) -> None:
+        self._record("backup_firewall_config", vmid, filename)
+        shutil.copyfile(filename, self.staging[vmid] / "fw.conf")
+
+    def backup_nbd(
+        self,
+        vmid: int,
+        devicename: str,
+        nbd_path: str,
+        bitmap_mode: Any,
+        bitmap_name: str | None,
+        bandwidth_limit: int | None,
+    ) -> None:
+        self._record(
+            "backup_nbd", vmid, devicename, str(bitmap_mode), bitmap_name, bandwidth_limit
+        )
+        target = self.staging[vmid] / f"{devicename}.raw"
+        h = nbd.NBD()
+        ctx = f"qemu:dirty-bitmap:{bitmap_name}"
+        if bitmap_mode == "reuse":
+            h.add_meta_context(ctx)
+        h.set_export_name(devicename)
+        h.connect_unix(nbd_path)
+        try:
+            size = h.get_size()
+            if bitmap_mode == "reuse":
+                prev = self._latest(vmid)
+                if prev is None or not (prev / f"{devicename}.raw").exists():
+                    raise IntegrityError(f"{devicename}: no base for an incremental backup")
+                shutil.copyfile(prev / f"{devicename}.raw", target)
+                extents = _dirty_extents(h, size, ctx)
+            else:
+                with builtins.open(target, "wb") as fh:
+                    fh.truncate(size)
+                extents = [(0, size)]
+            self._record("read_extents", vmid, devicename, extents)
+            step = 64 * 1024 if bandwidth_limit else CHUNK
+            with builtins.open(target, "r+b") as fh:
+                for offset, length in extents:
+                    end = offset + length
+                    while offset < end:
+                        n = min(step, end - offset)
+                        started = time.monotonic()
+                        data = h.pread(n, offset)
+                        if any(data):
+                            fh.seek(offset)
+                            fh.write(data)
+                        h.trim(n, offset)
+                        offset += n
+                        if bandwidth_limit:
+                            wait = n / bandwidth_limit - (time.monotonic() - started)
+                            if wait > 0:
+                                time.sleep(wait)
+        finally:
+            h.shutdown()
+        if self.scfg.get("fail-vmid") == str(vmid):
+            raise ExternalToolError(f"injected failure for {vmid}")
+
+    def backup_directory(
+        self,
+        vmid: int,
+        directory: str,
+        id_map: Sequence[IdMapEntry],
+        exclude_paths: Sequence[str],
+        sources: Sequence[str],
+        bandwidth_limit: int | None,
+    ) -> None:
+        self._record(
+            "backup_directory",
+            vmid,
+            directory,
+            [e.as_list() for e in id_map],
+            list(exclude_paths),
+            list(sources),
+            bandwidth_limit,
+        )
+        tree = self.staging[vmid] / "tree"
+        cmd = ["rsync", "-aHAX", "--numeric-ids"]
+        cmd += [f"--exclude={p}" for p in exclude_paths]
+        subprocess.run([*cmd, f"{directory}/", f"{tree}/"], check=True, capture_output=True)
+        mapper = IdMapper(id_map)
+        for dirpath, dirnames, filenames in os.walk(tree):
+            for name in [".", *dirnames, *filenames]:
+                p = os.path.join(dirpath, name)
+                st = os.lstat(p)
+                os.lchown(p, mapper.host_to_ct_uid(st.st_uid), mapper.host_to_ct_gid(st.st_gid))
+                if not os.path.islink(p) and st.st_mode & 0o6000:
+                    os.chmod(p, st.st_mode & 0o7777)  # chown cleared setuid/setgid
+        if self.scfg.get("fail-vmid") == str(vmid):
+            raise ExternalToolError(f"injected failure for {vmid}")
+
+    def backup_end(self, vmid: int) -> None:
+        self._record("backup_end", vmid)
+        staging = self.staging.pop(vmid)
+        (staging / "meta.json").write_text(json.dumps({"vmid": vmid, "ctime": int(time.time())}))
+        staging.rename(self.base / self.targets[vmid])
+
+    def backup_abort(self, vmid: int, error: str) -> None:
+        self._record("backup_abort", vmid, error)
+        staging = self.staging.pop(vmid, None)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def backup_handle_log_file(self, vmid: int, filename: str) -> None:
+        self._record("backup_handle_log_file", vmid, filename)
+        done = self.base / self.targets.get(vmid, "-")
+        if (done / "meta.json").exists():
+            shutil.copyfile(filename, done / "task.log")
+
+    def backup_get_task_size(self, vmid: int) -> int:
+        self._record("backup_get_task_size", vmid)
+        done = self.base / self.targets[vmid]
+        return sum(p.stat().st_blocks * 512 for p in done.rglob("*") if p.is_file())
+
+    # -- restore -------------------------------------------------------------------
+    def _volume(self, volname: str) -> Path:
+        path = self.base / volname
+        if not (path / "meta.json").exists():
+            raise VolumeNotFoundError(f"no backup {volname}")
+        return path
+
+    def restore_get_mechanism(self, volname: str, storeid: str) -> tuple[Any, Any]:
+        self._record("restore_get_mechanism", volname, storeid)
+        vmtype = (self._volume(volname) / "vmtype").read_text()
+        if vmtype == "qemu":
+            return "qemu-img", "qemu"
+        return self.scfg.get("restore-mechanism", "tar"), "lxc"
+
+    def extract_guest_config(self, volname: str, storeid: str) -> str:
+        self._record("extract_guest_config", volname, storeid)
+        return (self._volume(volname) / "guest.conf").read_text()
+
+    def extract_firewall_config(self, volname: str, storeid: str) -> str | None:
+        self._record("extract_firewall_config", volname, storeid)
+        fw = self._volume(volname) / "fw.conf"
+        return fw.read_text() if fw.exists() else None
+
+    def restore_qemu_get_device_info(self, volname: str, storeid: str) -> DeviceInfo:
+        self._record("restore_qemu_get_device_info", volname, storeid)
+        return {
+            p.stem: {"size": p.stat().st_size}
+            for p in sorted(self._volume(volname).glob("*.raw"))
+        }
+
+    def restore_qemu_img_init(self, volname: str, storeid: str, devicename: str) -> str:
+        self._record("restore_qemu_img_init", volname, storeid, devicename)
+        if self.scfg.get("fail-restore") == devicename:
+            raise ExternalToolError(f"injected restore failure for {devicename}")
+        return str(self._volume(volname) / f"{devicename}.raw")
+
+    def restore_qemu_img_cleanup(self, volname: str, storeid: str, devicename: str) -> None:
+        self._record("restore_qemu_img_cleanup", volname, storeid, devicename)
+
+    def restore_tar_init(self, volname: str, storeid: str) -> str:
+        self._record("restore_tar_init", volname, storeid)
+        if self.scfg.get("fail-restore") == "tar":
+            raise ExternalToolError("injected restore failure for tar")
+        self.restore_tmp = Path(tempfile.mkdtemp(prefix=".restore-", dir=self.base))
+        archive = self.restore_tmp / "archive.tar"
+        subprocess.run(
+            ["tar", "--numeric-owner", "--xattrs", "--acls", "-cf", str(archive),
+             "-C", str(self._volume(volname) / "tree"), "."],
+            check=True,
+            capture_output=True,
+        )
+        return str(archive)
+
+    def restore_tar_cleanup(self, volname: str, storeid: str) -> None:
+        self._record("restore_tar_cleanup", volname, storeid)
+        if self.restore_tmp is not None:
+            shutil.rmtree(self.restore_tmp, ignore_errors=True)
+
+    def restore_directory_init(self, volname: str, storeid: str) -> str:
+        self._record("restore_directory_init", volname, storeid)
+        return str(self._volume(volname) / "tree")
+
+    def restore_directory_cleanup(self, volname: str, storeid: str) -> None:
+        self._record("restore_directory_cleanup", volname, storeid)
+
+
+def _dirty_extents(h: Any, size: int, ctx: str) -> list[tuple[int, int]]:
+    extents: list[tuple[int, int]] = []
+    offset = 0
+    while offset < size:
+        seen = [offset]
+
+        def cb(metacontext: str, off: int, entries: list[int], err: Any) -> int:
+            if metacontext != ctx:
+                return 0
+            pos = off
+            for i in range(0, len(entries), 2):
+                length, flags = entries[i], entries[i + 1]
+                if flags & 1:
+                    if extents and extents[-1][0] + extents[-1][1] == pos:
+                        extents[-1] = (extents[-1][0], extents[-1][1] + length)
+                    else:
+                        extents.append((pos, length))
+                pos += length
+            seen[0] = pos
+            return 0
+
+        h.block_status(min(size - offset, 1 << 30), offset, cb)
+        if seen[0] <= offset:
+            raise IntegrityError("block status made no progress")
+        offset = seen[0]
+    return [(o, min(n, size - o)) for o, n in extents]
+
+
+class RecordingPlugin(StoragePlugin):
+    type: ClassVar[str] = TYPE
+    properties: ClassVar[Mapping[str, PropertySpec]] = {
+        **COMMON_PROPERTIES,
+        "path": PropertySpec(required=True),
+        "bitmap-id": PropertySpec(),
+        "mechanism-qemu": PropertySpec(),
+        "mechanism-lxc": PropertySpec(),
+        "fail-vmid": PropertySpec(),
+        "fail-job-start": PropertySpec(),
+        "restore-mechanism": PropertySpec(),
+        "fail-restore": PropertySpec(),
+    }
+
+    def new_backup_provider(
+        self, scfg: Mapping[str, str], storeid: str, log_function: Any
+    ) -> BackupProvider | None:
+        return RecordingProvider(self, scfg, storeid, log_function)
+
+    def list_volumes(self, scfg: Mapping[str, str], storeid: str) -> list[VolumeInfo]:
+        out = []
+        for p in sorted(Path(scfg["path"]).glob("*-*-*")):
+            if not (p / "meta.json").exists():
+                continue
+            meta = json.loads((p / "meta.json").read_text())
+            size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+            vmtype = GuestType((p / "vmtype").read_text())
+            out.append(
+                VolumeInfo(f"{storeid}:{p.name}", meta["vmid"], vmtype, meta["ctime"], size,
+                           "test-recording")
+            )
+        return out
+
+    def free_volume(self, scfg: Mapping[str, str], storeid: str, volname: str) -> None:
+        path = Path(scfg["path"]) / volname
+        if not (path / "meta.json").exists():
+            raise VolumeNotFoundError(f"no backup {volname}")
+        shutil.rmtree(path)
