@@ -300,8 +300,9 @@ class RecordingProvider(BackupProvider):
 def _dirty_extents(h: Any, size: int, ctx: str) -> list[tuple[int, int]]:
     extents: list[tuple[int, int]] = []
     offset = 0
+    seen = [0]
     while offset < size:
-        seen = [offset]
+        seen[0] = offset
 
         def cb(metacontext: str, off: int, entries: list[int], err: Any) -> int:
             if metacontext != ctx:
