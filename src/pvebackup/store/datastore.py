@@ -79,6 +79,7 @@ CONFIG_KEY: Final = "config.json"
 CHUNKS_PREFIX: Final = "chunks/"
 DEFAULT_CHUNK_SIZE: Final = 256 * 1024
 """See docs/design.md, "Chunk size": scattered small writes must not cost much."""
+_MIN_BLOB: Final = BLOB_HEADER.size
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,41 +231,43 @@ class Datastore:
         """Digest and blob of ``data``: CPU only, no backend; for worker threads."""
         return self.codec.prepare(data)
 
-    def _stored_size(self, digest: bytes) -> int | None:
-        """Size of the stored blob, or None if missing or unusable (crash leftover)."""
+    def _probe(self, key: str) -> int:
+        """Size of the stored object ``key``, -1 if missing."""
         try:
-            size = self.backend.stat(self.chunk_key(digest)).size
+            return self.backend.stat(key).size
         except ObjectNotFoundError:
-            return None
-        return size if size >= BLOB_HEADER.size else None
+            return -1
+
+    def _write(self, key: str, digest: bytes, blob: bytes, probed: int) -> InsertResult:
+        # An existing object shorter than a header is a leftover of a crash between
+        # a non-durable put and sync(): replace it instead of trusting it.
+        new = self.backend.put(key, blob, overwrite=probed >= 0, durable=False)
+        return InsertResult(digest, len(blob), new)
 
     def store_prepared(self, chunk: PreparedChunk) -> InsertResult:
         """Insert a prepared chunk (idempotent; a zero chunk is not stored)."""
         if chunk.blob is None:
             return InsertResult(ZERO_DIGEST, 0, False)
-        existing = self._stored_size(chunk.digest)
-        if existing is not None:
-            return InsertResult(chunk.digest, existing, False)
-        # An existing but empty/short object is a leftover of a crash: replace it.
-        overwrite = self.backend.exists(self.chunk_key(chunk.digest))
-        new = self.backend.put(
-            self.chunk_key(chunk.digest), chunk.blob, overwrite=overwrite, durable=False
-        )
-        return InsertResult(chunk.digest, len(chunk.blob), new)
+        key = self.chunk_key(chunk.digest)
+        size = self._probe(key)
+        if size >= _MIN_BLOB:
+            return InsertResult(chunk.digest, size, False)
+        return self._write(key, chunk.digest, chunk.blob, size)
 
     def insert_chunk(self, data: BytesLike) -> InsertResult:
         """Digest ``data`` and store it unless present (then it is not even encoded)."""
         if is_zero(data):
             return InsertResult(ZERO_DIGEST, 0, False)
         digest = self.codec.digest(data)
-        existing = self._stored_size(digest)
-        if existing is not None:
-            return InsertResult(digest, existing, False)
-        return self.store_prepared(PreparedChunk(digest, self.codec.encode(data), len(data)))
+        key = self.chunk_key(digest)
+        size = self._probe(key)
+        if size >= _MIN_BLOB:
+            return InsertResult(digest, size, False)
+        return self._write(key, digest, self.codec.encode(data), size)
 
     def has_chunk(self, digest: bytes) -> bool:
         """True if the chunk is stored (always for ``ZERO_DIGEST``)."""
-        return digest == ZERO_DIGEST or self._stored_size(digest) is not None
+        return digest == ZERO_DIGEST or self._probe(self.chunk_key(digest)) >= _MIN_BLOB
 
     def read_chunk(self, digest: bytes, size: int | None = None) -> bytes:
         """The verified plaintext of chunk ``digest``.
