@@ -153,6 +153,7 @@ class RecordingProvider(BackupProvider):
                     fh.truncate(size)
                 extents = [(0, size)]
             self._record("read_extents", vmid, devicename, extents)
+            self.log("info", f"{devicename}: reading {sum(n for _, n in extents)} bytes")
             step = 64 * 1024 if bandwidth_limit else CHUNK
             with builtins.open(target, "r+b") as fh:
                 for offset, length in extents:

@@ -338,9 +338,9 @@ class _Job:
             self.log.info(f"including {mp.key} ({mp.ct_path}) in backup")
         id_map = config.id_map()
         running = self.root.is_running(vmid)
-        with prepare_backup_directory(
-            rootfs, mounts, running=running, workdir=workdir
-        ) as directory:
+        view = workdir / "view"  # prepare_backup_directory wants an empty private dir
+        view.mkdir(mode=0o700)
+        with prepare_backup_directory(rootfs, mounts, running=running, workdir=view) as directory:
             self.provider.backup_directory(
                 vmid,
                 str(directory),
