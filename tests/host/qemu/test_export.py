@@ -370,3 +370,36 @@ def test_wrong_format_and_bad_arguments(images: Images, log: LogRecorder, tmp_pa
     with pytest.raises(UsageError):
         ex.guest_export_name("drive-scsi0")
     assert leftovers(tmp_path) == []
+
+
+def test_sigterm_turned_into_an_exception_tears_down(
+    images: Images,
+    log: LogRecorder,
+    tmp_path: Path,
+    nbd_client: Connect,
+    assert_gone: Callable[[int], None],
+) -> None:
+    """The job runner turns SIGTERM into an exception; __exit__ does the rest."""
+    img = images.create("d.qcow2")
+    backup_full(img, log, tmp_path, nbd_client)
+    images.write(img, 0, 65536, 0x22)
+
+    def on_term(signum: int, frame: object) -> None:
+        raise Boom
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        with pytest.raises(Boom), export(scsi0(img), log, tmp_path, guest_writable=True) as ex:
+            pid = ex.pid
+            guest = nbd_client(ex.socket_path, ex.guest_export_name("drive-scsi0"))
+            guest.write(7 * MiB, b"\x44" * 4096)
+            src = nbd_client(ex.socket_path, "drive-scsi0", B)
+            src.read(0, 65536)  # the provider is mid-read, still connected
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)  # never finishes: the handler raises
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert_gone(pid)
+    assert leftovers(tmp_path) == []
+    assert log.at("err") == []
+    assert dirty_now(img, log, tmp_path, nbd_client) == [(0, 65536), (7 * MiB, 65536)]
