@@ -1,0 +1,445 @@
+"""Write a container's file tree into restore targets without ever leaving them.
+
+Both restore mechanisms (a tar archive, a directory) turn their input into a
+stream of :class:`Entry` values; :class:`SafeTreeWriter` puts them on disk. The
+safety rules (see ``docs/design.md``, host-lxc):
+
+- Names are relative container paths. An absolute name or a ``..`` component is
+  refused; ``.`` and empty components are dropped.
+- Each entry goes to the target with the longest matching container prefix
+  (``/srv/data/x`` to the ``/srv/data`` target, everything else to ``/``).
+- No symlink is ever followed: parent directories are opened one component at a
+  time with ``O_NOFOLLOW`` relative to the parent's file descriptor, and every
+  entry is created with ``*at`` calls on that descriptor, so a symlink placed by
+  an earlier entry (or by anyone racing us) cannot redirect a write. A parent that
+  is a symlink is refused.
+- A relative symlink whose target climbs above the container root from the
+  link's own location is refused; absolute symlinks are fine (a container
+  resolves them against its own root, and the host never follows them).
+- A hard link must point at a non-directory extracted earlier in the same run,
+  within the same target.
+- On a refused entry :class:`UnsafeArchiveError` is raised and the whole restore
+  fails; what was written so far stays inside the targets, for the host to remove.
+
+Owners are container ids and are mapped with :meth:`IdMapper.ct_to_host_uid`; an id
+the target's map cannot express becomes the container's ``nobody`` (logged once).
+Directory mtimes are set last, after everything inside them was written.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import IO
+
+from pvebackup.api.errors import PveBackupError, UnsafeArchiveError
+from pvebackup.api.idmap import OVERFLOW_ID, IdMapper
+from pvebackup.api.types import IdMapEntry, LogFunction
+from pvebackup.host.lxc.acl import ACL_XATTRS, map_acl_xattr
+
+__all__ = ["Entry", "EntryKind", "SafeTreeWriter", "split_name"]
+
+_CHUNK = 1 << 20
+_ZERO_CHUNK = bytes(_CHUNK)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class EntryKind(Enum):
+    FILE = "file"
+    DIR = "dir"
+    SYMLINK = "symlink"
+    HARDLINK = "hardlink"
+    CHR = "chr"
+    BLK = "blk"
+    FIFO = "fifo"
+
+
+@dataclass
+class Entry:
+    """One file system object with container ids, as a restore source yields it.
+
+    ``name`` is the path relative to the container root, as written in the source
+    (validated by the writer). ``linkname`` is the symlink target, or for a hard
+    link the name of the earlier entry. ``mtime_ns``/``atime_ns`` are nanoseconds.
+    """
+
+    name: str
+    kind: EntryKind
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 0
+    atime_ns: int | None = None
+    linkname: str = ""
+    rdev: int = 0
+    size: int = 0
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+
+
+def split_name(name: str) -> tuple[str, ...]:
+    """Validate a relative container path and split it into components."""
+    if name.startswith("/"):
+        raise UnsafeArchiveError(f"{name!r}: absolute path")
+    parts = tuple(p for p in name.split("/") if p not in ("", "."))
+    if ".." in parts:
+        raise UnsafeArchiveError(f"{name!r}: '..' component")
+    if any("\0" in p for p in parts):
+        raise UnsafeArchiveError(f"{name!r}: NUL byte in name")
+    return parts
+
+
+def _symlink_stays_inside(location: tuple[str, ...], target: str) -> bool:
+    """Whether a relative symlink at ``location`` stays below the container root."""
+    if target.startswith("/"):
+        return True
+    stack = list(location[:-1])
+    for comp in target.split("/"):
+        if comp in ("", "."):
+            continue
+        if comp == "..":
+            if not stack:
+                return False
+            stack.pop()
+        else:
+            stack.append(comp)
+    return True
+
+
+class SafeTreeWriter:
+    """Create entries inside ``targets`` (container path -> host directory).
+
+    Use as a context manager; call :meth:`write` per entry in source order and
+    :meth:`finish` at the end (it sets directory mtimes). ``targets`` must contain
+    ``"/"``; the target directories must exist.
+    """
+
+    def __init__(
+        self, targets: Mapping[str, Path], id_map: Sequence[IdMapEntry], log: LogFunction
+    ) -> None:
+        self._log = log
+        self._mapper = IdMapper(id_map)
+        roots: dict[tuple[str, ...], Path] = {}
+        for ct_path, host_dir in targets.items():
+            if not ct_path.startswith("/"):
+                raise ValueError(f"target container path must be absolute: {ct_path!r}")
+            roots[split_name(ct_path.lstrip("/"))] = Path(host_dir)
+        if () not in roots:
+            raise ValueError("targets must include the container root '/'")
+        # Longest prefixes first, so that the first match is the best one.
+        self._prefixes = sorted(roots, key=len, reverse=True)
+        self._paths = roots
+        self._fds: dict[tuple[str, ...], int] = {}
+        self._cache: tuple[tuple[str, ...], tuple[str, ...], int] | None = None
+        self._linkable: set[tuple[str, ...]] = set()
+        self._dir_times: list[tuple[tuple[str, ...], tuple[str, ...], int, int]] = []
+        self._warned: set[str] = set()
+
+    def __enter__(self) -> SafeTreeWriter:
+        try:
+            for prefix in self._prefixes:
+                self._fds[prefix] = os.open(self._paths[prefix], os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            self.close()
+            raise PveBackupError(f"cannot open restore target: {exc}") from exc
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._drop_cache()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    # -- lookups ------------------------------------------------------------
+
+    def _route(self, parts: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        for prefix in self._prefixes:
+            if parts[: len(prefix)] == prefix:
+                return prefix, parts[len(prefix) :]
+        raise AssertionError("the root target matches every path")
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            self._log("warn", message)
+
+    def _drop_cache(self) -> None:
+        if self._cache is not None:
+            os.close(self._cache[2])
+            self._cache = None
+
+    def _open_dir(
+        self, prefix: tuple[str, ...], rel: tuple[str, ...], name: str, *, create: bool
+    ) -> int:
+        """Open directory ``rel`` of a target without following symlinks.
+
+        The caller must not close the returned descriptor: the last one is cached,
+        since consecutive entries usually share their parent.
+        """
+        if self._cache is not None and self._cache[:2] == (prefix, rel):
+            return self._cache[2]
+        self._drop_cache()
+        fd = os.dup(self._fds[prefix])
+        try:
+            for comp in rel:
+                try:
+                    nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise UnsafeArchiveError(f"{name!r}: {comp!r} does not exist") from None
+                    os.mkdir(comp, 0o755, dir_fd=fd)
+                    os.chown(comp, self._uid(0), self._gid(0), dir_fd=fd, follow_symlinks=False)
+                    nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise UnsafeArchiveError(
+                            f"{name!r}: parent {comp!r} is a symlink or not a directory"
+                        ) from exc
+                    raise
+                os.close(fd)
+                fd = nfd
+        except BaseException:
+            os.close(fd)
+            raise
+        self._cache = (prefix, rel, fd)
+        return fd
+
+    def _uid(self, ct_uid: int) -> int:
+        try:
+            return self._mapper.ct_to_host_uid(ct_uid)
+        except ValueError:
+            self._warn_once(f"u{ct_uid}", f"uid {ct_uid} is not mapped; restored as nobody")
+            try:
+                return self._mapper.ct_to_host_uid(OVERFLOW_ID)
+            except ValueError:
+                return OVERFLOW_ID
+
+    def _gid(self, ct_gid: int) -> int:
+        try:
+            return self._mapper.ct_to_host_gid(ct_gid)
+        except ValueError:
+            self._warn_once(f"g{ct_gid}", f"gid {ct_gid} is not mapped; restored as nogroup")
+            try:
+                return self._mapper.ct_to_host_gid(OVERFLOW_ID)
+            except ValueError:
+                return OVERFLOW_ID
+
+    # -- writing ------------------------------------------------------------
+
+    def write(self, entry: Entry, data: IO[bytes] | None = None) -> None:
+        """Create one entry; ``data`` gives a regular file's contents."""
+        parts = split_name(entry.name)
+        prefix, rel = self._route(parts)
+        try:
+            if not rel:
+                if entry.kind is not EntryKind.DIR:
+                    raise UnsafeArchiveError(f"{entry.name!r}: would replace a restore target")
+                self._apply_dir(entry, prefix, rel, self._fds[prefix])
+                return
+            parent = self._open_dir(prefix, rel[:-1], entry.name, create=True)
+            self._create(entry, parts, prefix, rel, parent, data)
+        except OSError as exc:
+            raise PveBackupError(f"restoring {entry.name!r} failed: {exc}") from exc
+
+    def _make_room(self, parent: int, name: str, entry: Entry) -> bool:
+        """Remove what is in the way of ``entry``; True if a directory stays."""
+        try:
+            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        if stat.S_ISDIR(st.st_mode):
+            if entry.kind is EntryKind.DIR:
+                return True
+            try:
+                os.rmdir(name, dir_fd=parent)
+            except OSError as exc:
+                raise UnsafeArchiveError(
+                    f"{entry.name!r}: would replace a non-empty directory"
+                ) from exc
+        else:
+            os.unlink(name, dir_fd=parent)
+        return False
+
+    def _create(
+        self,
+        entry: Entry,
+        parts: tuple[str, ...],
+        prefix: tuple[str, ...],
+        rel: tuple[str, ...],
+        parent: int,
+        data: IO[bytes] | None,
+    ) -> None:
+        name = rel[-1]
+        kind = entry.kind
+        if kind is EntryKind.HARDLINK:
+            self._link(entry, parts, prefix, parent, name)
+            return
+        if kind is EntryKind.SYMLINK and (
+            not entry.linkname or not _symlink_stays_inside(parts, entry.linkname)
+        ):
+            raise UnsafeArchiveError(
+                f"{entry.name!r}: symlink target {entry.linkname!r} leaves the container root"
+            )
+        dir_exists = self._make_room(parent, name, entry)
+        if kind is EntryKind.DIR:
+            if not dir_exists:
+                os.mkdir(name, 0o700, dir_fd=parent)
+            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+            try:
+                self._apply_dir(entry, prefix, rel, fd)
+            finally:
+                os.close(fd)
+            return
+        self._linkable.add(parts)
+        if kind is EntryKind.FILE:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(name, flags, 0o600, dir_fd=parent)
+            try:
+                self._fill(fd, data)
+                self._apply(entry, fd, fd)
+            finally:
+                os.close(fd)
+        elif kind is EntryKind.SYMLINK:
+            os.symlink(entry.linkname, name, dir_fd=parent)
+            os.chown(
+                name,
+                self._uid(entry.uid),
+                self._gid(entry.gid),
+                dir_fd=parent,
+                follow_symlinks=False,
+            )
+            self._set_xattrs(entry, f"/proc/self/fd/{parent}/{name}")
+            times = (entry.atime_ns or entry.mtime_ns, entry.mtime_ns)
+            os.utime(name, ns=times, dir_fd=parent, follow_symlinks=False)
+        else:
+            type_bits = {
+                EntryKind.CHR: stat.S_IFCHR,
+                EntryKind.BLK: stat.S_IFBLK,
+                EntryKind.FIFO: stat.S_IFIFO,
+            }[kind]
+            os.mknod(name, type_bits | 0o600, entry.rdev, dir_fd=parent)
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+            try:
+                if stat.S_IFMT(os.fstat(fd).st_mode) != type_bits:
+                    raise UnsafeArchiveError(f"{entry.name!r}: replaced while restoring")
+                # O_PATH descriptors allow no f*() calls; the /proc magic link
+                # reaches exactly this inode.
+                self._apply(entry, f"/proc/self/fd/{fd}", f"/proc/self/fd/{fd}")
+            finally:
+                os.close(fd)
+
+    def _link(
+        self,
+        entry: Entry,
+        parts: tuple[str, ...],
+        prefix: tuple[str, ...],
+        parent: int,
+        name: str,
+    ) -> None:
+        source = split_name(entry.linkname)
+        if source not in self._linkable:
+            raise UnsafeArchiveError(
+                f"{entry.name!r}: hard link to {entry.linkname!r}, which was not restored before"
+            )
+        src_prefix, src_rel = self._route(source)
+        if src_prefix != prefix:
+            raise UnsafeArchiveError(f"{entry.name!r}: hard link across mount points")
+        if source == parts:
+            return
+        self._make_room(parent, name, entry)
+        # Keep our parent open while the source's parent takes the cache.
+        dst_parent = os.dup(parent)
+        try:
+            src_parent = self._open_dir(prefix, src_rel[:-1], entry.name, create=False)
+            os.link(
+                src_rel[-1],
+                name,
+                src_dir_fd=src_parent,
+                dst_dir_fd=dst_parent,
+                follow_symlinks=False,
+            )
+        finally:
+            os.close(dst_parent)
+        self._linkable.add(parts)
+
+    def _fill(self, fd: int, data: IO[bytes] | None) -> None:
+        """Copy the contents, leaving holes where whole chunks are zero."""
+        written = 0
+        if data is not None:
+            while chunk := data.read(_CHUNK):
+                if chunk == _ZERO_CHUNK[: len(chunk)]:
+                    os.lseek(fd, len(chunk), os.SEEK_CUR)
+                else:
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                written += len(chunk)
+        os.ftruncate(fd, written)
+
+    def _apply_dir(
+        self, entry: Entry, prefix: tuple[str, ...], rel: tuple[str, ...], fd: int
+    ) -> None:
+        self._apply(entry, fd, fd, times=False)
+        self._dir_times.append((prefix, rel, entry.atime_ns or entry.mtime_ns, entry.mtime_ns))
+
+    def _apply(
+        self, entry: Entry, target: int | str, xattr_target: int | str, *, times: bool = True
+    ) -> None:
+        os.chown(target, self._uid(entry.uid), self._gid(entry.gid))
+        self._set_xattrs(entry, xattr_target)
+        # After chown (which clears setuid/setgid) and after the ACL xattrs (which
+        # set the group bits from the mask).
+        os.chmod(target, entry.mode & 0o7777)
+        if times:
+            os.utime(target, ns=(entry.atime_ns or entry.mtime_ns, entry.mtime_ns))
+
+    def _set_xattrs(self, entry: Entry, target: int | str) -> None:
+        if entry.kind is not EntryKind.SYMLINK:
+            # A new object inherits the default ACL of its parent directory;
+            # drop what the entry itself does not have.
+            for key in ACL_XATTRS:
+                if key not in entry.xattrs:
+                    try:
+                        os.removexattr(target, key)
+                    except OSError as exc:
+                        if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EACCES):
+                            raise
+        for key, value in entry.xattrs.items():
+            if key in ACL_XATTRS:
+                try:
+                    value = map_acl_xattr(value, self._uid, self._gid)
+                except ValueError as exc:
+                    self._warn_once(f"acl:{entry.name}", f"{entry.name}: bad ACL skipped: {exc}")
+                    continue
+            try:
+                if isinstance(target, int):
+                    os.setxattr(target, key, value)
+                else:
+                    os.setxattr(target, key, value, follow_symlinks=False)
+            except OSError as exc:
+                self._warn_once(
+                    f"xattr:{key}:{exc.errno}",
+                    f"cannot set xattr {key} (first on {entry.name!r}): {exc.strerror}",
+                )
+
+    def finish(self) -> None:
+        """Set directory times, now that nothing more is written into them."""
+        self._drop_cache()
+        for prefix, rel, atime, mtime in reversed(self._dir_times):
+            if not rel:
+                os.utime(self._fds[prefix], ns=(atime, mtime))
+                continue
+            try:
+                fd = self._open_dir(prefix, rel, "/".join(prefix + rel), create=False)
+            except UnsafeArchiveError:
+                continue  # replaced by a later entry of another type
+            os.utime(fd, ns=(atime, mtime))
+        self._drop_cache()
+        self._dir_times.clear()
