@@ -403,3 +403,25 @@ def test_sigterm_turned_into_an_exception_tears_down(
     assert leftovers(tmp_path) == []
     assert log.at("err") == []
     assert dirty_now(img, log, tmp_path, nbd_client) == [(0, 65536), (7 * MiB, 65536)]
+
+
+def test_a_failing_cleanup_step_is_logged_and_the_rest_still_runs(
+    images: Images,
+    log: LogRecorder,
+    tmp_path: Path,
+    nbd_client: Connect,
+    assert_gone: Callable[[int], None],
+) -> None:
+    img = images.create("d.qcow2")
+    backup_full(img, log, tmp_path, nbd_client)
+    images.write(img, 0, 65536, 0x22)
+    with export(scsi0(img), log, tmp_path) as ex:
+        pid = ex.pid
+        # Someone removed the export behind our back: its removal at exit fails.
+        ex._daemon.execute("block-export-del", id="pvb-export0")  # type: ignore[union-attr]
+        ex.commit()
+    [err] = log.at("err")
+    assert "remove export pvb-export0" in err and "block-export-del" in err
+    assert_gone(pid)
+    assert leftovers(tmp_path) == []
+    assert dirty_now(img, log, tmp_path, nbd_client) == []  # commit still took effect

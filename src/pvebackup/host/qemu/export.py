@@ -342,6 +342,8 @@ class BackupExport:
                     except QmpConnectionError as exc:
                         self._log(LogLevel.ERR, f"cleanup: {exc}")
                         self._log_daemon_lost(daemon)
+                    except QmpError as exc:
+                        self._log(LogLevel.ERR, f"cleanup: {exc}")
                 else:
                     self._log_daemon_lost(daemon)
         finally:
