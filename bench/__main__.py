@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bench.inputs import GiB, MiB
 from bench.machine import machine_info
-from bench.measure import drop_caches
+from bench.measure import drop_caches, keep_caches_warm
 from bench.peers import tool_versions
 from bench.report import evaluate, format_bytes, format_report, format_sweep, write_json
 from bench.scenarios import (
@@ -34,6 +34,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                    "(default: the store's own default)")
     p.add_argument("--chunk-sizes", help="comma-separated sizes, e.g. 64K,256K,1M,4M: "
                    "only the chunk-size sweep (full + incremental per size)")
+    p.add_argument("--storage-type", default="backup-store",
+                   help="storage type measured as ours (backup-dir: the reference provider)")
+    p.add_argument("--warm", action="store_true",
+                   help="do not drop the page cache before timed steps")
     p.add_argument("--no-peers", action="store_true", help="measure only ours")
     p.add_argument("--seed", type=int, default=5, help="seed of the generated data")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
@@ -50,9 +54,9 @@ def _config(args: argparse.Namespace) -> Config:
     if args.quick:
         return Config(out=args.out, runs=args.runs, seed=args.seed, data_size=256 * MiB,
                       sparse_size=16 * GiB, writes=40, chunk_size=args.chunk_size,
-                      with_peers=not args.no_peers)
+                      storage_type=args.storage_type, with_peers=not args.no_peers)
     return Config(out=args.out, runs=args.runs, seed=args.seed, chunk_size=args.chunk_size,
-                  with_peers=not args.no_peers)
+                  storage_type=args.storage_type, with_peers=not args.no_peers)
 
 
 def _progress(message: str) -> None:
@@ -64,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = _config(args)
     cfg.out.mkdir(parents=True, exist_ok=True)
     machine = machine_info(cfg.out)
+    if args.warm:
+        keep_caches_warm()
     cold = drop_caches()
     inputs = prepare_inputs(cfg)
     results = Results()
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": (f"{dense} mixed image, {cfg.writes} x 64 KiB scattered change, "
                     f"{cfg.runs} run(s), medians, "
                     + ("page cache dropped before each timed step" if cold
-                       else "WARM page cache (cannot drop caches)")),
+                       else "WARM page cache (caches not dropped)")),
         "machine": (f"{machine['nproc']} x {machine['cpu']}, "
                     f"{format_bytes(int(str(machine['memory_bytes'])))} RAM, "
                     f"disk {machine['disk']}"),

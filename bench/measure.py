@@ -23,11 +23,13 @@ __all__ = [
     "ToolFailed",
     "disk_usage",
     "drop_caches",
+    "keep_caches_warm",
     "run_timed",
 ]
 
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 POLL_SECONDS = 0.05
+_keep_warm = False
 
 
 class ToolFailed(RuntimeError):
@@ -91,9 +93,17 @@ class Timed:
     stdout: str = ""
 
 
+def keep_caches_warm() -> None:
+    """From now on ``drop_caches`` only syncs (``--warm``: data stays in the page cache)."""
+    global _keep_warm
+    _keep_warm = True
+
+
 def drop_caches() -> bool:
-    """``sync`` and drop the page cache; False when not permitted (warm cache then)."""
+    """``sync`` and drop the page cache; False when not done (warm cache then)."""
     os.sync()
+    if _keep_warm:
+        return False
     try:
         DROP_CACHES.write_text("3\n")
     except OSError:

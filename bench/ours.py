@@ -1,5 +1,7 @@
 """Ours: a node root with a ``dir`` storage holding VM 100 and a ``backup-store``.
 
+(``--storage-type backup-dir`` measures the reference provider instead.)
+
 Everything runs through the real command line, as an operator would:
 ``pvebackup --root R backup --storage store 100`` and ``pvebackup --root R restore``.
 The restore goal is measured on the provider's export itself: ``bench.export``
@@ -43,9 +45,11 @@ def unavailable_reason() -> str | None:
 class OurNode:
     """A node root for one run: ``etc/pve``, the ``local`` dir storage, the store."""
 
-    def __init__(self, root: Path, chunk_size: str | None = None) -> None:
+    def __init__(self, root: Path, chunk_size: str | None = None,
+                 storage_type: str = "backup-store") -> None:
         self.root = root
         self.chunk_size = chunk_size
+        self.storage_type = storage_type
         self.images = root / "var/lib/vz/images"
         self.store = root / "backup/store"
         self.image = self.images / str(VMID) / f"vm-{VMID}-disk-0.qcow2"
@@ -53,9 +57,9 @@ class OurNode:
     def storage_cfg(self) -> str:
         text = (
             f"dir: local\n\tpath {self.root}/var/lib/vz\n\tcontent images,rootdir\n\n"
-            f"backup-store: {STOREID}\n\tpath {self.store}\n"
+            f"{self.storage_type}: {STOREID}\n\tpath {self.store}\n"
         )
-        if self.chunk_size:
+        if self.chunk_size and self.storage_type == "backup-store":
             text += f"\tchunk-size {self.chunk_size}\n"
         return text
 

@@ -56,6 +56,7 @@ class Config:
     sparse_size: int = 64 * GiB
     writes: int = 160
     chunk_size: str | None = None  # None: the store's default
+    storage_type: str = "backup-store"
     with_peers: bool = True
 
     @property
@@ -244,7 +245,7 @@ def scenario_restore(run: _Run) -> None:
 def _new_run(cfg: Config, inputs: Inputs, results: Results, name: str, image: Path,
              layout: Layout, chunk_size: str | None) -> _Run:
     work = _fresh(cfg.work / name)
-    node = OurNode(work / "node", chunk_size)
+    node = OurNode(work / "node", chunk_size, cfg.storage_type)
     installed = node.install(image, layout.virtual_size)
     return _Run(cfg, inputs, results, work, node, installed)
 
