@@ -23,6 +23,7 @@ there that must read as zero now).
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -193,8 +194,8 @@ def create_image(image: Path, size: int, backing: Path | None) -> None:
     cmd = ["qemu-img", "create", "-q", "-f", "qcow2"]
     if backing is not None:
         # Relative to the image's directory, so that the storage can be moved.
-        relative = Path("..") / backing.parent.name / backing.name
-        cmd += ["-b", str(relative), "-F", "qcow2"]
+        relative = os.path.relpath(backing, image.parent)
+        cmd += ["-b", relative, "-F", "qcow2"]
     cmd += [str(image), str(size)]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -218,6 +219,15 @@ def _connect_target(image: Path) -> Any:
         ["qemu-nbd", "-f", "qcow2", "--discard=unmap", "--detect-zeroes=unmap", str(image)]
     )
     return handle
+
+
+def _disconnect(handle: Any) -> None:
+    if handle is None:
+        return
+    try:
+        handle.shutdown()
+    except nbd.Error:
+        pass  # already dead; the connection is gone either way
 
 
 def backup_disk(
@@ -246,6 +256,7 @@ def backup_disk(
     context = ALLOCATION_CONTEXT
     if incremental and bitmap_name is not None:
         context = dirty_bitmap_context(bitmap_name)
+    source = target = None
     try:
         source = connect_source(nbd_path, devicename, context)
         size = source.get_size()
@@ -272,9 +283,12 @@ def backup_disk(
             discard=bool(source.can_trim()),
         )
         target.flush()
-        target.shutdown()
-        source.shutdown()
         progress.finish()
     except nbd.Error as exc:
         raise NbdError(f"{devicename}: NBD error: {exc}") from exc
+    finally:
+        # Disconnect now, also on errors: a traceback would keep the handles alive,
+        # and with them the connection to the export and our qemu-nbd.
+        for handle in (target, source):
+            _disconnect(handle)
     return stats

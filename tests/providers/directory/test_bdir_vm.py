@@ -1,0 +1,366 @@
+"""VM disks: NBD export -> qcow2 chain, read planning, discards, restore paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import nbd
+import pytest
+from bdir_helpers import STOREID, LogRecords, NbdExports, qemu_io, run
+
+from pvebackup.api.errors import IntegrityError, NbdError, VolumeNotFoundError
+from pvebackup.api.types import BackupMechanism, BitmapMode, GuestType, RestoreMechanism
+from pvebackup.providers.directory import vm
+from pvebackup.providers.directory.provider import BackupDirProvider
+from pvebackup.providers.directory.transfer import MIB
+from pvebackup.providers.directory.volumes import VolumeLayout
+
+DEVICE = "drive-scsi0"
+BITMAP = "bm0"
+
+
+# -- read planning (pure) ------------------------------------------------------------
+
+
+def test_plan_full_skips_zero_extents_and_splits() -> None:
+    extents = [
+        (0, 3 * MIB, 0),  # data
+        (3 * MIB, 1 * MIB, nbd.STATE_HOLE | nbd.STATE_ZERO),  # hole
+        (4 * MIB, 1 * MIB, nbd.STATE_ZERO),  # allocated zeroes
+        (5 * MIB, 1 * MIB, nbd.STATE_HOLE),  # hole that is not known zero: read it
+    ]
+    reads = vm.plan_reads(extents, incremental=False, chunk=2 * MIB)
+    assert reads == [
+        vm.Extent(0, 2 * MIB),
+        vm.Extent(2 * MIB, 1 * MIB),
+        vm.Extent(5 * MIB, 1 * MIB),
+    ]
+
+
+def test_plan_incremental_reads_only_dirty_extents() -> None:
+    extents = [(0, 65536, 0), (65536, 131072, 1), (196608, 65536, 0), (262144, 65536, 1)]
+    reads = vm.plan_reads(extents, incremental=True)
+    assert reads == [vm.Extent(65536, 131072), vm.Extent(262144, 65536)]
+    for read in reads:
+        assert any(
+            off <= read.offset and read.offset + read.length <= off + length
+            for off, length, flags in extents
+            if flags & 1
+        )
+
+
+def test_plan_merges_adjacent_extents() -> None:
+    extents = [(0, 100, 1), (100, 50, 1), (300, 10, 1)]
+    assert vm.plan_reads(extents, incremental=True) == [vm.Extent(0, 150), vm.Extent(300, 10)]
+
+
+# -- end to end with qemu-nbd --------------------------------------------------------
+
+
+def make_disk(tmp_path: Path, size: str = "32M") -> Path:
+    disk = tmp_path / "disk.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(disk), size)
+    qemu_io(disk, "write -P 0x11 0 3M", "write -P 0x22 8M 1M", "write -z 12M 2M")
+    return disk
+
+
+def full_backup(
+    provider: BackupDirProvider, nbd_exports: NbdExports, disk: Path, vmid: int = 100
+) -> str:
+    provider.job_start(int(time.time()))
+    provider.backup_start(vmid, GuestType.QEMU)
+    mechanism, bitmap_id = provider.backup_get_mechanism(vmid, GuestType.QEMU)
+    assert mechanism == BackupMechanism.NBD
+    assert bitmap_id is None  # no base yet
+    volname = provider.backup_get_target(vmid, GuestType.QEMU)
+    sock = nbd_exports.start(disk)
+    provider.backup_nbd(vmid, DEVICE, sock, BitmapMode.NONE, None, None)
+    provider.backup_end(vmid)
+    nbd_exports.stop_all()
+    return volname
+
+
+def image_map(image: Path) -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = json.loads(
+        run("qemu-img", "map", "--output=json", str(image))
+    )
+    return result
+
+
+@pytest.mark.e2e
+def test_full_backup_restores_identically_and_keeps_zeroes_unallocated(
+    tmp_path: Path, provider: BackupDirProvider, nbd_exports: NbdExports, logs: LogRecords
+) -> None:
+    disk = make_disk(tmp_path)
+    volname = full_backup(provider, nbd_exports, disk)
+    assert volname.startswith("backup/qemu-100-")
+
+    assert provider.restore_get_mechanism(volname, STOREID) == (
+        RestoreMechanism.QEMU_IMG,
+        GuestType.QEMU,
+    )
+    assert provider.restore_qemu_get_device_info(volname, STOREID) == {DEVICE: {"size": 32 * MIB}}
+    path = provider.restore_qemu_img_init(volname, STOREID, DEVICE)
+    run("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(disk), path)
+    provider.restore_qemu_img_cleanup(volname, STOREID, DEVICE)
+
+    # Only the 4 MiB of data are allocated in the backup image.
+    data = sum(e["length"] for e in image_map(Path(path)) if e["data"])
+    assert data == 4 * MIB
+    assert Path(path).stat().st_size < 5 * MIB
+    assert any("100%" in msg for level, msg in logs if level == "info")
+
+
+@pytest.mark.e2e
+def test_incremental_backup_writes_only_changes_and_restores_the_chain(
+    tmp_path: Path,
+    make_provider: Callable[..., BackupDirProvider],
+    nbd_exports: NbdExports,
+) -> None:
+    disk = make_disk(tmp_path)
+    first = full_backup(make_provider(), nbd_exports, disk)
+    # The bitmap starts at the full backup; then the "guest" writes.
+    run("qemu-img", "bitmap", "--add", str(disk), BITMAP)
+    qemu_io(disk, "write -P 0x33 1M 512K", "write -z 8M 256K", "write -P 0x44 20M 64K")
+
+    provider = make_provider()
+    provider.backup_start(100, GuestType.QEMU)
+    mechanism, bitmap_id = provider.backup_get_mechanism(100, GuestType.QEMU)
+    assert (mechanism, bitmap_id) == (BackupMechanism.NBD, f"backup-dir-{STOREID}")
+    second = provider.backup_get_target(100, GuestType.QEMU)
+    sock = nbd_exports.start(disk, bitmap=BITMAP)
+    provider.backup_nbd(100, DEVICE, sock, BitmapMode.REUSE, BITMAP, None)
+    provider.backup_end(100)
+    nbd_exports.stop_all()
+
+    path = Path(provider.restore_qemu_img_init(second, STOREID, DEVICE))
+    run("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(disk), str(path))
+    info = json.loads(run("qemu-img", "info", "--output=json", str(path)))
+    assert info["backing-filename"] == f"../{first.removeprefix('backup/')}/{DEVICE}.qcow2"
+    assert path.stat().st_size < 2 * MIB  # ~832 KiB changed, not 4 MiB
+    layout = VolumeLayout(provider.layout.root)
+    assert layout.read_index(second).parent == first
+    assert provider.backup_get_task_size(100) < 2 * MIB
+
+
+class RecordingSource:
+    """Wraps the libnbd source handle and records reads and trims."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+        self.reads: list[tuple[int, int]] = []
+        self.trims: list[tuple[int, int]] = []
+
+    def aio_pread(self, buf: Any, offset: int) -> Any:
+        self.reads.append((offset, len(buf)))
+        return self._handle.aio_pread(buf, offset)
+
+    def trim(self, length: int, offset: int) -> Any:
+        self.trims.append((offset, length))
+        return self._handle.trim(length, offset)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+
+@pytest.mark.e2e
+def test_incremental_never_reads_outside_dirty_extents(
+    tmp_path: Path, nbd_exports: NbdExports, logs: LogRecords
+) -> None:
+    disk = make_disk(tmp_path)
+    run("qemu-img", "bitmap", "--add", "-g", "64K", str(disk), BITMAP)
+    qemu_io(disk, "write -P 0x55 2M 64K", "write -P 0x66 16M 128K")
+    dirty = [(2 * MIB, 65536), (16 * MIB, 131072)]
+    base = tmp_path / "base.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(base), "32M")
+    recorded: list[RecordingSource] = []
+
+    def connect(path: str, name: str, context: str) -> Any:
+        recorded.append(RecordingSource(vm._connect_source(path, name, context)))
+        return recorded[-1]
+
+    sock = nbd_exports.start(disk, bitmap=BITMAP)
+    (tmp_path / "vol").mkdir()
+    stats = vm.backup_disk(
+        nbd_path=sock,
+        devicename=DEVICE,
+        image=tmp_path / "vol" / "out.qcow2",
+        backing=base,
+        bitmap_name=BITMAP,
+        bandwidth_limit=None,
+        log_function=lambda level, msg: logs.append((level, msg)),
+        connect_source=connect,
+    )
+    reads = recorded[0].reads
+    assert sorted(reads) == dirty
+    assert stats.read == stats.written == 3 * 65536
+    assert recorded[0].trims == []  # read-only export: nothing to discard
+
+
+@pytest.mark.e2e
+def test_discards_every_extent_after_writing_it(
+    tmp_path: Path, nbd_exports: NbdExports, logs: LogRecords
+) -> None:
+    disk = make_disk(tmp_path)
+    fleece_like = tmp_path / "copy.qcow2"
+    run("cp", "--sparse=always", str(disk), str(fleece_like))
+    recorded: list[RecordingSource] = []
+
+    def connect(path: str, name: str, context: str) -> Any:
+        recorded.append(RecordingSource(vm._connect_source(path, name, context)))
+        return recorded[-1]
+
+    sock = nbd_exports.start(fleece_like, writable=True)
+    (tmp_path / "vol").mkdir()
+    out = tmp_path / "vol" / "out.qcow2"
+    stats = vm.backup_disk(
+        nbd_path=sock,
+        devicename=DEVICE,
+        image=out,
+        backing=None,
+        bitmap_name=None,
+        bandwidth_limit=None,
+        log_function=lambda level, msg: logs.append((level, msg)),
+        connect_source=connect,
+    )
+    nbd_exports.stop_all()
+    assert sorted(recorded[0].trims) == sorted(recorded[0].reads)
+    assert stats.discarded == stats.read == 4 * MIB
+    # The discarded export image no longer holds the data; the backup does.
+    assert not any(e["data"] for e in image_map(fleece_like))
+    run("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(disk), str(out))
+
+
+@pytest.mark.e2e
+def test_missing_base_image_means_full_backup(
+    tmp_path: Path, make_provider: Callable[..., BackupDirProvider], nbd_exports: NbdExports
+) -> None:
+    disk = make_disk(tmp_path)
+    first = full_backup(make_provider(), nbd_exports, disk)
+    provider = make_provider()
+    provider.backup_start(100, GuestType.QEMU)
+    assert provider.backup_get_mechanism(100, GuestType.QEMU)[1] == f"backup-dir-{STOREID}"
+    provider.backup_abort(100, "test")
+
+    (provider.layout.volume_path(first) / f"{DEVICE}.qcow2").unlink()
+    provider = make_provider()
+    provider.backup_start(100, GuestType.QEMU)
+    assert provider.backup_get_mechanism(100, GuestType.QEMU) == (BackupMechanism.NBD, None)
+    # A reuse request without a base is refused instead of leaving a gap.
+    with pytest.raises(IntegrityError, match="no base"):
+        provider.backup_nbd(100, DEVICE, "/nonexistent", BitmapMode.REUSE, BITMAP, None)
+    with pytest.raises(IntegrityError, match="lacks its image"):
+        provider.restore_qemu_img_init(first, STOREID, DEVICE)
+
+
+@pytest.mark.e2e
+def test_removed_base_volume_means_full_backup_and_broken_chain_is_named(
+    tmp_path: Path, make_provider: Callable[..., BackupDirProvider], nbd_exports: NbdExports
+) -> None:
+    disk = make_disk(tmp_path)
+    first = full_backup(make_provider(), nbd_exports, disk)
+    run("qemu-img", "bitmap", "--add", str(disk), BITMAP)
+    qemu_io(disk, "write -P 0x33 1M 64K")
+    provider = make_provider()
+    provider.backup_start(100, GuestType.QEMU)
+    provider.backup_get_mechanism(100, GuestType.QEMU)
+    second = provider.backup_get_target(100, GuestType.QEMU)
+    sock = nbd_exports.start(disk, bitmap=BITMAP)
+    provider.backup_nbd(100, DEVICE, sock, BitmapMode.REUSE, BITMAP, None)
+    provider.backup_end(100)
+    nbd_exports.stop_all()
+
+    # Bypass free_volume's refusal, as a careless admin with rm -r would.
+    import shutil
+
+    shutil.rmtree(provider.layout.volume_path(first))
+    with pytest.raises(VolumeNotFoundError, match=first):
+        provider.restore_qemu_img_init(second, STOREID, DEVICE)
+    provider = make_provider()
+    provider.backup_start(100, GuestType.QEMU)
+    assert provider.backup_get_mechanism(100, GuestType.QEMU)[1] is None
+
+
+@pytest.mark.e2e
+def test_aborted_backup_leaves_nothing_and_is_no_base(
+    tmp_path: Path, make_provider: Callable[..., BackupDirProvider], nbd_exports: NbdExports
+) -> None:
+    disk = make_disk(tmp_path)
+    provider = make_provider()
+    provider.job_start(0)
+    provider.backup_start(100, GuestType.QEMU)
+    provider.backup_get_mechanism(100, GuestType.QEMU)
+    sock = nbd_exports.start(disk)
+    provider.backup_nbd(100, DEVICE, sock, BitmapMode.NEW, BITMAP, None)
+    provider.backup_abort(100, "disk 2 failed")
+    log = tmp_path / "task.log"
+    log.write_text("log\n")
+    provider.backup_handle_log_file(100, str(log))
+    provider.job_end()
+    assert list(provider.layout.backup_dir.iterdir()) == []
+    provider = make_provider()
+    provider.backup_start(100, GuestType.QEMU)
+    assert provider.backup_get_mechanism(100, GuestType.QEMU)[1] is None
+
+
+@pytest.mark.e2e
+def test_bitmap_no_never_asks_for_a_bitmap(
+    tmp_path: Path, make_provider: Callable[..., BackupDirProvider], nbd_exports: NbdExports
+) -> None:
+    disk = make_disk(tmp_path)
+    full_backup(make_provider(bitmap="no"), nbd_exports, disk)
+    provider = make_provider(bitmap="no")
+    provider.backup_start(100, GuestType.QEMU)
+    assert provider.backup_get_mechanism(100, GuestType.QEMU) == (BackupMechanism.NBD, None)
+
+
+@pytest.mark.e2e
+def test_export_without_the_bitmap_is_an_nbd_error(
+    tmp_path: Path, nbd_exports: NbdExports, logs: LogRecords
+) -> None:
+    disk = make_disk(tmp_path)
+    sock = nbd_exports.start(disk)
+    (tmp_path / "vol").mkdir()
+    with pytest.raises(NbdError, match="does not offer qemu:dirty-bitmap:nope"):
+        vm.backup_disk(
+            nbd_path=sock,
+            devicename=DEVICE,
+            image=tmp_path / "vol" / "x.qcow2",
+            backing=disk,
+            bitmap_name="nope",
+            bandwidth_limit=None,
+            log_function=lambda level, msg: logs.append((level, msg)),
+        )
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_bandwidth_limit_holds_within_ten_percent(
+    tmp_path: Path, nbd_exports: NbdExports, logs: LogRecords
+) -> None:
+    disk = tmp_path / "random.qcow2"
+    raw = tmp_path / "random.raw"
+    with open(raw, "wb") as out:
+        out.write(os.urandom(12 * MIB))
+    run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(disk))
+    sock = nbd_exports.start(disk)
+    (tmp_path / "vol").mkdir()
+    start = time.monotonic()
+    stats = vm.backup_disk(
+        nbd_path=sock,
+        devicename=DEVICE,
+        image=tmp_path / "vol" / "out.qcow2",
+        backing=None,
+        bitmap_name=None,
+        bandwidth_limit=4 * MIB,
+        log_function=lambda level, msg: logs.append((level, msg)),
+    )
+    elapsed = time.monotonic() - start
+    assert stats.read == 12 * MIB
+    rate = stats.read / elapsed
+    assert 0.9 * 4 * MIB <= rate <= 1.1 * 4 * MIB, f"{rate / MIB:.2f} MiB/s"
