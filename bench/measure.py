@@ -142,6 +142,15 @@ def _parents() -> dict[int, tuple[int, str]]:
     return table
 
 
+def _program(pid: int, comm: str) -> str:
+    """The program name of ``pid``: argv[0]'s basename (comm is cut at 15 chars)."""
+    try:
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0]
+    except OSError:
+        return comm
+    return os.path.basename(argv0.decode(errors="replace")) or comm
+
+
 def _hwm(pid: int) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -176,7 +185,7 @@ class _RssMonitor(threading.Thread):
             peak = _hwm(pid)
             if peak is None:
                 continue
-            name = self.root_name if pid == self.root else table.get(pid, (0, "?"))[1]
+            name = self.root_name if pid == self.root else _program(pid, table[pid][1])
             self.peaks[name] = max(self.peaks.get(name, 0), peak)
 
     def run(self) -> None:

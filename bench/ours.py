@@ -70,6 +70,7 @@ class OurNode:
             (pve / sub).mkdir(parents=True, exist_ok=True)
         (pve / "storage.cfg").write_text(self.storage_cfg())
         self.image.parent.mkdir(parents=True, exist_ok=True)
+        self.store.mkdir(parents=True, exist_ok=True)
         # cp keeps holes (--sparse=auto), so the 64 GiB image stays ~1 GiB on disk.
         subprocess.run(["cp", "--sparse=always", str(image), str(self.image)], check=True)
         (pve / f"qemu-server/{VMID}.conf").write_text(

@@ -80,6 +80,13 @@ class GoalResult:
     target: str
     value: float | None
     passed: bool | None  # None: could not be measured
+    unit: str = "x"
+
+    @property
+    def value_text(self) -> str:
+        if self.value is None:
+            return "-"
+        return f"{self.value:.2f}x" if self.unit == "x" else f"{self.value:.1f} {self.unit}"
 
     @property
     def verdict(self) -> str:
@@ -141,7 +148,7 @@ def evaluate(measurements: Iterable[Measurement],
         passed = None
         if value is not None:
             passed = value >= goal.target if goal.at_least else value <= goal.target
-        results.append(GoalResult(goal.name, goal.target_text(), value, passed))
+        results.append(GoalResult(goal.name, goal.target_text(), value, passed, goal.unit))
     return results
 
 
@@ -201,9 +208,7 @@ def format_report(measurements: Sequence[Measurement], goals: Sequence[GoalResul
     if goals:
         lines += ["", f"{'goal':<50} {'value':>9} {'target':>11}  result"]
         for g in goals:
-            unit = "x" if g.target.endswith("x") else ""
-            value = f"{g.value:.2f}{unit}" if g.value is not None else "-"
-            lines.append(f"  {g.name:<48} {value:>9} {g.target:>11}  {g.verdict}")
+            lines.append(f"  {g.name:<48} {g.value_text:>9} {g.target:>11}  {g.verdict}")
     return "\n".join(lines)
 
 

@@ -113,3 +113,11 @@ def test_sweep_table_and_byte_formatting() -> None:
     assert lines[3] == "1M           error: not measured"
     assert (format_bytes(512), format_bytes(3 * MiB // 2), format_bytes(None)) == (
         "512 B", "1.5 MiB", "-")
+
+
+def test_goal_values_carry_their_unit() -> None:
+    text = format_report(measurements(), evaluate(measurements()), INFO, ours_error=None)
+    rss = next(line for line in text.splitlines() if line.strip().startswith("peak RSS of"))
+    assert "90.0 MiB" in rss and "<= 200 MiB" in rss and rss.endswith("PASS")
+    growth = next(line for line in text.splitlines() if "store growth" in line)
+    assert "0.09x" in growth and "<= 0.333x" in growth
