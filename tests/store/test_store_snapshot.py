@@ -89,7 +89,7 @@ def test_manifest_round_trip(m: Manifest) -> None:
     assert Manifest.from_bytes(data, KEY, name="t") == e
 
 
-@settings(max_examples=200)
+@settings(max_examples=100)
 @given(m=manifests, encrypted=st.booleans(), pos=st.data())
 def test_manifest_bit_flips_are_rejected(m: Manifest, encrypted: bool, pos: st.DataObject) -> None:
     key = KEY if encrypted else None
