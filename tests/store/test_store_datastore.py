@@ -333,3 +333,32 @@ def test_two_writer_processes_into_one_store(tmp_path: Path) -> None:
         for i in range(len(idx)):
             tag = i if i < 32 else sid.vmid * 1000 + i
             assert ds.read_chunk(idx.digest(i), CS) == (f"chunk {tag} ".encode() * CS)[:CS]
+
+
+def test_incremental_index_from_previous_snapshot(store: Datastore) -> None:
+    first = [store.insert_chunk(_chunk(i)).digest for i in range(4)]
+    with store.new_snapshot(SID) as w:
+        with w.index_writer("drive-scsi0", 4 * CS) as iw:
+            for i, d in enumerate(first):
+                iw.set(i, d)
+    prev = store.open_snapshot(SID).open_index("drive-scsi0")
+    later = SnapshotId(GuestType.QEMU, 100, SID.backup_time + 60)
+    with store.new_snapshot(later, parent=SID) as w:
+        with w.index_writer_from("drive-scsi0", prev) as iw:
+            iw.set(2, store.insert_chunk(_chunk(99)).digest)
+    idx = store.open_snapshot(later).open_index("drive-scsi0")
+    assert [store.read_chunk(idx.digest(i), CS) for i in range(4)] == [
+        _chunk(0),
+        _chunk(1),
+        _chunk(99),
+        _chunk(3),
+    ]
+    assert store.list_snapshots(GuestType.QEMU, 100) == [SID, later]
+
+
+def test_listing_ignores_foreign_keys(store: Datastore) -> None:
+    store.backend.put("snapshots/vm/abc/nonsense/manifest.json", b"{}", overwrite=False)
+    store.backend.put("snapshots/README", b"hi", overwrite=False)
+    with store.new_snapshot(SID) as w:
+        w.add_file("task.log", b"x")
+    assert store.list_snapshots() == [SID]
