@@ -195,14 +195,19 @@ class RecordingProvider(BackupProvider):
             bandwidth_limit,
         )
         tree = self.staging[vmid] / "tree"
-        cmd = ["rsync", "-aHAX", "--numeric-ids"]
+        cmd = ["rsync", "-aHAX", "--numeric-ids", "--modify-window=-1"]
         cmd += [f"--exclude={p}" for p in exclude_paths]
         subprocess.run([*cmd, f"{directory}/", f"{tree}/"], check=True, capture_output=True)
         mapper = IdMapper(id_map)
+        done: set[tuple[int, int]] = set()  # hard links: map each inode once
         for dirpath, dirnames, filenames in os.walk(tree):
-            for name in [".", *dirnames, *filenames]:
+            names = [*dirnames, *filenames] + (["."] if dirpath == str(tree) else [])
+            for name in names:
                 p = os.path.join(dirpath, name)
                 st = os.lstat(p)
+                if (st.st_dev, st.st_ino) in done:
+                    continue
+                done.add((st.st_dev, st.st_ino))
                 os.lchown(p, mapper.host_to_ct_uid(st.st_uid), mapper.host_to_ct_gid(st.st_gid))
                 if not os.path.islink(p) and st.st_mode & 0o6000:
                     os.chmod(p, st.st_mode & 0o7777)  # chown cleared setuid/setgid
@@ -278,7 +283,7 @@ class RecordingProvider(BackupProvider):
         self.restore_tmp = Path(tempfile.mkdtemp(prefix=".restore-", dir=self.base))
         archive = self.restore_tmp / "archive.tar"
         subprocess.run(
-            ["tar", "--numeric-owner", "--xattrs", "--acls", "-cf", str(archive),
+            ["tar", "--format=posix", "--numeric-owner", "--xattrs", "--acls", "-cf", str(archive),
              "-C", str(self._volume(volname) / "tree"), "."],
             check=True,
             capture_output=True,
