@@ -4,13 +4,14 @@ The host hands over ``directory`` (an unchanging copy of the container's file
 system) and ``sources``: ``"."`` for the root plus one entry per separate mount
 point (``"./srv/data"``). :class:`SourceWalker` yields every entry to store:
 
-- each source's root first (it is never excluded), then its tree in pre-order,
-  names sorted, so archives are reproducible;
+- each source's root first (it is never excluded), then its tree depth first
+  (a directory, then its contents), names sorted, so archives are reproducible;
 - ``exclude_paths`` (rsync semantics, :class:`~pvebackup.api.excludes.ExcludeMatcher`)
   are matched against paths relative to the container root; an excluded
   directory is not descended into;
-- a directory that is itself another source is skipped (its own source stores
-  it, so nothing is stored twice);
+- another source met inside a source is walked in place, with its own file
+  system; each source is walked once, so nothing is stored twice, and a source
+  the walk does not reach (below an excluded directory) is walked on its own;
 - other file systems are not entered: a mount point that is not a source is
   stored as an empty directory, like ``rsync -x``.
 """
@@ -70,6 +71,7 @@ class SourceWalker:
         # Parents before children, so an archive creates "srv" before "srv/data".
         normalized = {normalize_source(source) for source in sources} or {""}
         self.sources = sorted(normalized, key=lambda rel: (rel.count("/") if rel else -1, rel))
+        """Normalized sources, parents first."""
         self.matcher = ExcludeMatcher(list(exclude_paths))
         self.excluded = 0
         """Entries left out because an exclude pattern matched (counted while walking)."""
@@ -78,36 +80,42 @@ class SourceWalker:
         return os.path.join(self.directory, relpath) if relpath else self.directory
 
     def __iter__(self) -> Iterator[Entry]:
+        walked: set[str] = set()
         for source in self.sources:
-            yield from self._walk_source(source)
+            if source not in walked:
+                yield from self._walk_source(source, walked)
 
-    def _walk_source(self, source: str) -> Iterator[Entry]:
+    def _walk_source(self, source: str, walked: set[str]) -> Iterator[Entry]:
         root = Entry(source, self._host_path(source), os.lstat(self._host_path(source)))
-        yield root
-        if not root.is_dir:
-            return
-        device = root.st.st_dev
-        others = set(self.sources) - {source}
-        stack = [root]
+        # Depth first, parents before their contents: GNU tar sets a directory's
+        # mtime when extraction leaves it, so its contents must follow it directly.
+        # Each entry carries the device of the source it belongs to.
+        stack = [(root, root.st.st_dev)]
         while stack:
-            parent = stack.pop()
-            children = []
-            with os.scandir(parent.path) as listing:
-                names = sorted(item.name for item in listing)
-            for name in names:
-                relpath = f"{parent.relpath}/{name}" if parent.relpath else name
-                if relpath in others:
-                    continue
-                path = os.path.join(parent.path, name)
-                entry = Entry(relpath, path, os.lstat(path))
-                if self.matcher.excluded(relpath, entry.is_dir):
-                    self.excluded += 1
-                    continue
-                yield entry
-                if entry.is_dir and entry.st.st_dev == device:
-                    children.append(entry)
-            # Reversed onto the stack, so the first name is walked first.
-            stack.extend(reversed(children))
+            entry, device = stack.pop()
+            if entry.relpath in self.sources:
+                # A mount point source met inside another: walk it right here, so
+                # that its parent directory is complete before tar leaves it.
+                walked.add(entry.relpath)
+                device = entry.st.st_dev
+            yield entry
+            if entry.is_dir and entry.st.st_dev == device:
+                stack.extend((child, device) for child in reversed(self._children(entry)))
+
+    def _children(self, parent: Entry) -> list[Entry]:
+        """The entries of directory ``parent`` to store, sorted by name."""
+        with os.scandir(parent.path) as listing:
+            names = sorted(item.name for item in listing)
+        children = []
+        for name in names:
+            relpath = f"{parent.relpath}/{name}" if parent.relpath else name
+            path = os.path.join(parent.path, name)
+            entry = Entry(relpath, path, os.lstat(path))
+            if relpath not in self.sources and self.matcher.excluded(relpath, entry.is_dir):
+                self.excluded += 1
+                continue
+            children.append(entry)
+        return children
 
 
 @dataclass(slots=True)
