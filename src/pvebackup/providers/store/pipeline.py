@@ -1,0 +1,170 @@
+"""The disk backup pipeline: NBD reads in order, chunk work on two threads.
+
+::
+
+    main thread                               2 worker threads
+    plan -> rate limit -> aio reads (<= N in flight, in order)
+         -> oldest read done -> submit ------> merge with base chunk (incremental),
+                                               zero check, digest, compress,
+                                               encrypt, insert into the store
+         <- oldest chunk done <--------------- (digest, bytes written)
+         -> index entry, stats, discard the range on the export
+
+Memory is bounded by the number of reads in flight plus the chunks queued for the
+workers, each at most one chunk: a few MiB whatever the disk size. Reads are
+issued in disk order and results are taken in submission order, so the index and
+the discards advance front to back. Chunks the plan marks as zero are never read.
+All libnbd calls stay on the main thread.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+from pvebackup.providers.store.nbdsource import BlockSource
+from pvebackup.providers.store.plan import ChunkJob, Range
+from pvebackup.providers.store.progress import BackupStats
+from pvebackup.providers.store.ratelimit import TokenBucket
+
+__all__ = ["ChunkSink", "ChunkResult", "run_pipeline"]
+
+WORKERS = 2
+READS_IN_FLIGHT = 4
+# Chunks handed to the workers but not collected yet (bounds memory with the reads).
+QUEUED_CHUNKS = 2 * WORKERS + 2
+# Discards of consecutive stored ranges are joined up to this size.
+TRIM_BATCH = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkResult:
+    """What storing one chunk did: its digest, whether it was new, bytes written."""
+
+    digest: bytes
+    new: bool
+    written: int
+    zero: bool = False
+
+
+class ChunkSink(Protocol):
+    """Where chunks go, and where the bytes of previous chunks come from."""
+
+    def store_chunk(self, data: bytes | bytearray) -> ChunkResult:
+        """Digest, encode and insert one chunk (idempotent; zero chunks not stored)."""
+        ...
+
+    def load_chunk(self, digest: bytes, size: int) -> bytes:
+        """The verified plaintext of a stored chunk (zeros for the zero digest)."""
+        ...
+
+
+def _build(sink: ChunkSink, job: ChunkJob, buf: bytearray) -> ChunkResult:
+    if job.base is not None:
+        # Partly dirty chunk: clean bytes from the previous chunk, dirty bytes as read.
+        merged = bytearray(sink.load_chunk(job.base, job.length))
+        for offset, length in job.reads:
+            start = offset - job.offset
+            merged[start : start + length] = buf[start : start + length]
+        buf = merged
+    return sink.store_chunk(buf)
+
+
+class _Trimmer:
+    """Joins discards of consecutive ranges; issues them when a gap or size says so."""
+
+    def __init__(self, source: BlockSource) -> None:
+        self._source = source
+        self._start = 0
+        self._end = 0
+
+    def add(self, ranges: Iterable[Range]) -> None:
+        for offset, length in ranges:
+            if self._end == offset and self._end - self._start < TRIM_BATCH:
+                self._end += length
+                continue
+            self.flush()
+            self._start, self._end = offset, offset + length
+
+    def flush(self) -> None:
+        if self._end > self._start:
+            self._source.trim(self._start, self._end - self._start)
+        self._start = self._end = 0
+
+
+def run_pipeline(
+    source: BlockSource,
+    sink: ChunkSink,
+    jobs: Iterable[ChunkJob],
+    set_digest: Callable[[int, bytes], None],
+    stats: BackupStats,
+    *,
+    limiter: TokenBucket | None = None,
+    tick: Callable[[], None] = lambda: None,
+    zero_digest: bytes,
+) -> None:
+    """Build every chunk of ``jobs`` and record it with ``set_digest(job.index, digest)``.
+
+    Chunks without a job keep what the index held (incremental). Raises whatever
+    the source or the sink raise; on an exception the reads in flight are
+    abandoned with the source (the caller closes it).
+    """
+    reads: deque[tuple[ChunkJob, bytearray, list[int]]] = deque()
+    work: deque[tuple[ChunkJob, Future[ChunkResult]]] = deque()
+    trimmer = _Trimmer(source)
+
+    def collect_one() -> None:
+        job, fut = work.popleft()
+        result = fut.result()
+        set_digest(job.index, result.digest)
+        if result.zero:
+            stats.zero += job.length
+        elif result.new:
+            stats.new += job.length
+            stats.stored += result.written
+        else:
+            stats.reused += job.length
+        stats.done += job.read_bytes if job.base is not None else job.length
+        trimmer.add(job.reads)
+        tick()
+
+    def submit_oldest_read(pool: ThreadPoolExecutor) -> None:
+        job, buf, cookies = reads.popleft()
+        for cookie in cookies:
+            source.wait(cookie)
+        stats.read += job.read_bytes
+        while len(work) >= QUEUED_CHUNKS:
+            collect_one()
+        work.append((job, pool.submit(_build, sink, job, buf)))
+
+    with ThreadPoolExecutor(WORKERS, thread_name_prefix="pvebackup-chunk") as pool:
+        try:
+            for job in jobs:
+                if job.is_zero:
+                    set_digest(job.index, zero_digest)
+                    stats.zero += job.length
+                    stats.done += job.length
+                    continue
+                if limiter is not None:
+                    limiter.consume(job.read_bytes)
+                buf = bytearray(job.length)
+                view = memoryview(buf)
+                cookies = [
+                    source.submit_read(view[off - job.offset : off - job.offset + ln], off)
+                    for off, ln in job.reads
+                ]
+                reads.append((job, buf, cookies))
+                if len(reads) >= READS_IN_FLIGHT:
+                    submit_oldest_read(pool)
+            while reads:
+                submit_oldest_read(pool)
+            while work:
+                collect_one()
+            trimmer.flush()
+        except BaseException:
+            for _, fut in work:
+                fut.cancel()
+            raise
