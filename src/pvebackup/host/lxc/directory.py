@@ -13,7 +13,8 @@ Two ways, as vzdump has them:
 - **Running container** (``running=True``): a copy, like vzdump's suspend mode,
   made with ``rsync -aHAX --numeric-ids`` (owners, modes, times, symlinks, hard
   links, devices, fifos, xattrs, ACLs) into ``workdir/copy``, each mount point
-  copied into its place; the copy is removed at the end.
+  copied into its place; what a mount point hides in the rootfs (or in the mount
+  point above it) is left out. The copy is removed at the end.
 
 Mount point paths are walked one component at a time with ``O_NOFOLLOW`` and the
 mount or copy targets the opened directory through ``/proc/self/fd``: a symlink
@@ -29,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
@@ -162,8 +164,22 @@ def _bind_view(
         yield staging
 
 
-def _rsync(source: Path, dest: str, pass_fds: tuple[int, ...] = ()) -> None:
-    cmd = ["rsync", "-aHAX", "--numeric-ids", "--one-file-system", f"{source}/", f"{dest}/"]
+def _hidden_below(parts: tuple[str, ...], all_parts: list[tuple[str, ...]]) -> list[str]:
+    """rsync excludes for what mount points below ``parts`` hide in its source."""
+    excludes = []
+    for other in all_parts:
+        if len(other) > len(parts) and other[: len(parts)] == parts:
+            rel = "/".join(re.sub(r"([*?\[\\])", r"\\\1", c) for c in other[len(parts) :])
+            excludes.append(f"--exclude=/{rel}/*")
+    return excludes
+
+
+def _rsync(source: Path, dest: str, excludes: list[str], pass_fds: tuple[int, ...] = ()) -> None:
+    # --modify-window=-1: compare nanoseconds, or rsync leaves a directory time
+    # alone when it differs from the source only below one second.
+    cmd = ["rsync", "-aHAX", "--numeric-ids", "--one-file-system", "--modify-window=-1"]
+    cmd += excludes
+    cmd += [f"{source}/", f"{dest}/"]
     proc = subprocess.run(cmd, capture_output=True, text=True, pass_fds=pass_fds, check=False)
     # 24: files vanished while copying, expected from a running container.
     if proc.returncode not in (0, _RSYNC_VANISHED):
@@ -178,12 +194,15 @@ def _copy_view(
 ) -> Iterator[Path]:
     copy = workdir / "copy"
     copy.mkdir(mode=0o700)
+    ordered = _ordered(mountpoints)
+    all_parts = [parts for parts, _host in ordered]
     try:
-        _rsync(rootfs, str(copy))
-        for parts, host_dir in _ordered(mountpoints):
+        _rsync(rootfs, str(copy), _hidden_below((), all_parts))
+        for parts, host_dir in ordered:
             fd = _open_target(copy, parts)
             try:
-                _rsync(host_dir, f"/proc/self/fd/{fd}", pass_fds=(fd,))
+                excludes = _hidden_below(parts, all_parts)
+                _rsync(host_dir, f"/proc/self/fd/{fd}", excludes, pass_fds=(fd,))
             finally:
                 os.close(fd)
         yield copy
