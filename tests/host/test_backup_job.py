@@ -8,8 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import MiB, Node, sh
 from recording_provider import call_names, read_calls
+from sample_node import MiB, Node, sh
 
 from pvebackup.api.errors import GuestNotFoundError, PluginError, UnsupportedError
 from pvebackup.host.job import run_backup_job

@@ -12,8 +12,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import MiB, Node, sh
 from recording_provider import RecordingProvider, call_names, read_calls
+from sample_node import MiB, Node, sh
 
 from pvebackup.api.errors import ExternalToolError, GuestExistsError
 from pvebackup.api.types import GuestType
