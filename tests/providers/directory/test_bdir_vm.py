@@ -72,14 +72,19 @@ def make_disk(tmp_path: Path, size: str = "32M") -> Path:
 def full_backup(
     provider: BackupDirProvider, nbd_exports: NbdExports, disk: Path, vmid: int = 100
 ) -> str:
+    """A first backup: the provider starts a chain, the host creates the bitmap (new)."""
     provider.job_start(int(time.time()))
     provider.backup_start(vmid, GuestType.QEMU)
     mechanism, bitmap_id = provider.backup_get_mechanism(vmid, GuestType.QEMU)
     assert mechanism == BackupMechanism.NBD
-    assert bitmap_id is None  # no base yet
     volname = provider.backup_get_target(vmid, GuestType.QEMU)
+    mode = BitmapMode.NONE
+    if provider.use_bitmap:
+        assert bitmap_id is not None  # a fresh chain
+        assert bitmap_id.startswith("backup-dir-" + volname.split("-", 2)[2] + "-")
+        mode = BitmapMode.NEW
     sock = nbd_exports.start(disk)
-    provider.backup_nbd(vmid, DEVICE, sock, BitmapMode.NONE, None, None)
+    provider.backup_nbd(vmid, DEVICE, sock, mode, BITMAP if bitmap_id else None, None)
     provider.backup_end(vmid)
     nbd_exports.stop_all()
     return volname
@@ -128,10 +133,12 @@ def test_incremental_backup_writes_only_changes_and_restores_the_chain(
     run("qemu-img", "bitmap", "--add", str(disk), BITMAP)
     qemu_io(disk, "write -P 0x33 1M 512K", "write -z 8M 256K", "write -P 0x44 20M 64K")
 
+    chain_id = VolumeLayout(make_provider().layout.root).read_index(first).bitmap_id
+    assert chain_id is not None
     provider = make_provider()
     provider.backup_start(100, GuestType.QEMU)
     mechanism, bitmap_id = provider.backup_get_mechanism(100, GuestType.QEMU)
-    assert (mechanism, bitmap_id) == (BackupMechanism.NBD, f"backup-dir-{STOREID}")
+    assert (mechanism, bitmap_id) == (BackupMechanism.NBD, chain_id)
     second = provider.backup_get_target(100, GuestType.QEMU)
     sock = nbd_exports.start(disk, bitmap=BITMAP)
     provider.backup_nbd(100, DEVICE, sock, BitmapMode.REUSE, BITMAP, None)
@@ -145,6 +152,7 @@ def test_incremental_backup_writes_only_changes_and_restores_the_chain(
     assert path.stat().st_size < 2 * MIB  # ~832 KiB changed, not 4 MiB
     layout = VolumeLayout(provider.layout.root)
     assert layout.read_index(second).parent == first
+    assert layout.read_index(second).bitmap_id == chain_id
     assert provider.backup_get_task_size(100) < 2 * MIB
 
 
@@ -244,7 +252,8 @@ def test_missing_base_image_means_full_backup(
     first = full_backup(make_provider(), nbd_exports, disk)
     provider = make_provider()
     provider.backup_start(100, GuestType.QEMU)
-    assert provider.backup_get_mechanism(100, GuestType.QEMU)[1] == f"backup-dir-{STOREID}"
+    chain_id = provider.backup_get_mechanism(100, GuestType.QEMU)[1]
+    assert chain_id is not None
     provider.backup_abort(100, "test")
 
     (provider.layout.volume_path(first) / f"{DEVICE}.qcow2").unlink()
@@ -278,17 +287,30 @@ def test_removed_base_volume_means_full_backup_and_broken_chain_is_named(
     # Bypass free_volume's refusal, as a careless admin with rm -r would.
     import shutil
 
+    chain_id = provider.layout.read_index(second).bitmap_id
     shutil.rmtree(provider.layout.volume_path(first))
     with pytest.raises(VolumeNotFoundError, match=first):
         provider.restore_qemu_img_init(second, STOREID, DEVICE)
     provider = make_provider()
     provider.backup_start(100, GuestType.QEMU)
     assert provider.backup_get_mechanism(100, GuestType.QEMU)[1] is None
+    sock = nbd_exports.start(disk)
+    provider.backup_nbd(100, DEVICE, sock, BitmapMode.NONE, None, None)
+    provider.backup_end(100)
+    nbd_exports.stop_all()
+    # After the full backup without a bitmap, a new chain starts with a new id.
+    provider = make_provider()
+    provider.backup_start(100, GuestType.QEMU)
+    fresh = provider.backup_get_mechanism(100, GuestType.QEMU)[1]
+    assert fresh is not None and fresh != chain_id
 
 
 @pytest.mark.e2e
 def test_aborted_backup_leaves_nothing_and_is_no_base(
-    tmp_path: Path, make_provider: Callable[..., BackupDirProvider], nbd_exports: NbdExports
+    tmp_path: Path,
+    make_provider: Callable[..., BackupDirProvider],
+    nbd_exports: NbdExports,
+    logs: LogRecords,
 ) -> None:
     disk = make_disk(tmp_path)
     provider = make_provider()
@@ -303,9 +325,13 @@ def test_aborted_backup_leaves_nothing_and_is_no_base(
     provider.backup_handle_log_file(100, str(log))
     provider.job_end()
     assert list(provider.layout.backup_dir.iterdir()) == []
+    assert provider.layout.last_recorded(GuestType.QEMU, 100) is None
+    assert ("info", "backup-dir: backup of 100 did not complete, log not kept") in logs
     provider = make_provider()
     provider.backup_start(100, GuestType.QEMU)
-    assert provider.backup_get_mechanism(100, GuestType.QEMU)[1] is None
+    provider.backup_get_mechanism(100, GuestType.QEMU)
+    assert any("full backup of 100, starting bitmap" in msg for _, msg in logs)
+    assert not any("incremental" in msg for _, msg in logs)
 
 
 @pytest.mark.e2e

@@ -11,6 +11,7 @@ up one guest after the other and names the guest in every call.
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -86,6 +87,8 @@ class _GuestBackup:
     """The ``.tmp-`` directory data is written to until ``backup_end``."""
     base: str | None = None
     """Volume an incremental backup builds on (chosen in ``backup_get_mechanism``)."""
+    bitmap_id: str | None = None
+    """The bitmap id ``backup_get_mechanism`` returned."""
     final: Path | None = None
     """The committed volume directory, set by ``backup_end``."""
     aborted: bool = False
@@ -117,8 +120,6 @@ class BackupDirProvider(BackupProvider):
             raise StorageConfigError(
                 f"storage {storeid!r}: ct-format must be tar or directory, not {self.ct_format!r}"
             )
-        self.bitmap_id = f"backup-dir-{storeid}"
-        """Stable per storage: two storages backing up one VM need separate bitmaps."""
         self._guests: dict[int, _GuestBackup] = {}
 
     def provider_name(self) -> str:
@@ -170,24 +171,60 @@ class BackupDirProvider(BackupProvider):
     def backup_get_mechanism(
         self, vmid: int, vmtype: GuestType
     ) -> tuple[BackupMechanism, str | None]:
-        """``nbd`` (with our bitmap id if a usable base exists) or ``directory``."""
+        """``directory`` for containers; ``nbd`` for VMs, with a bitmap id chosen so
+        that the host can only ever *reuse* a bitmap we hold the base of.
+
+        An incremental *chain* has one bitmap id, ``backup-dir-<time of its first
+        backup>-<6 random hex digits>``, recorded in every ``index.json`` of the chain:
+
+        - the last successful backup exists with every image of its chain: return
+          its chain's id (the host reuses the bitmap, or creates it anew when
+          it was lost: then this backup is full and the chain goes on);
+        - there was no backup yet, or the last one had no bitmap: a fresh id. The
+          host cannot hold a bitmap of that name, so it creates one: full backup,
+          and the next backup is incremental;
+        - the last successful backup is gone or incomplete: ``None``. Its bitmap
+          holds changes since a point we no longer have, so it must not be used;
+          the host drops our stale bitmaps and makes a full backup, and the
+          backup after it starts a new chain.
+        """
         vmtype = GuestType(vmtype)
         if vmtype is GuestType.LXC:
             return BackupMechanism.DIRECTORY, None
         if vmtype is not GuestType.QEMU:
             raise UnsupportedError(f"backup-dir cannot back up guests of type {vmtype}")
-        base = self._usable_base(vmid) if self.use_bitmap else None
+        base, bitmap_id = self._choose_bitmap(vmid)
         if vmid in self._guests:
             self._guests[vmid].base = base
+            self._guests[vmid].bitmap_id = bitmap_id
+        return BackupMechanism.NBD, bitmap_id
+
+    def _choose_bitmap(self, vmid: int) -> tuple[str | None, str | None]:
+        """``(base volume, bitmap id)`` for a VM backup (see ``backup_get_mechanism``)."""
         if not self.use_bitmap:
-            return BackupMechanism.NBD, None
-        if base is None:
-            # Without the volume the bitmap was last cleared at, the changes
-            # since then are lost to us: a bitmap would leave a gap. Go full.
-            self.log("info", f"backup-dir: no complete previous backup of {vmid}: full backup")
-            return BackupMechanism.NBD, None
-        self.log("info", f"backup-dir: incremental backup on top of {base}")
-        return BackupMechanism.NBD, self.bitmap_id
+            return None, None
+        recorded = self.layout.last_recorded(GuestType.QEMU, vmid)
+        base = self._usable_base(vmid) if recorded is not None else None
+        if recorded is not None and base is None:
+            self.log(
+                "info",
+                f"backup-dir: previous backup {recorded} of {vmid} is gone or incomplete: "
+                "full backup without a bitmap",
+            )
+            return None, None
+        chain_id = self.layout.read_index(base).bitmap_id if base is not None else None
+        if base is None or chain_id is None:
+            guest = self._guests.get(vmid)
+            name = VolumeName.parse(guest.volname) if guest else VolumeName(
+                GuestType.QEMU, vmid, int(time.time())
+            )
+            # The random part keeps a new chain's id apart from any earlier one,
+            # even from a removed chain started within the same second.
+            fresh = f"backup-dir-{name.stamp}-{secrets.token_hex(3)}"
+            self.log("info", f"backup-dir: full backup of {vmid}, starting bitmap {fresh}")
+            return None, fresh
+        self.log("info", f"backup-dir: incremental backup of {vmid} on top of {base}")
+        return base, chain_id
 
     def _usable_base(self, vmid: int) -> str | None:
         """The last successful backup of VM ``vmid`` if every image of its chain exists."""
@@ -249,7 +286,7 @@ class BackupDirProvider(BackupProvider):
         backing_volname: str | None = None
         if bitmap_mode is BitmapMode.REUSE:
             # Only dirty extents can be read: the rest must come from the base.
-            if guest.base is None:
+            if guest.base is None or bitmap_name is None:
                 raise IntegrityError(
                     f"{devicename}: bitmap mode reuse but no base volume was chosen "
                     "(backup_get_mechanism returned no bitmap)"
@@ -273,7 +310,9 @@ class BackupDirProvider(BackupProvider):
         )
         if backing_volname is not None:
             guest.index.parent = backing_volname
-            guest.index.bitmap_id = self.bitmap_id
+        if bitmap_mode is not BitmapMode.NONE:
+            # The host cleared (or created) the bitmap at this backup: the chain goes on.
+            guest.index.bitmap_id = guest.bitmap_id
         self.log(
             "info",
             f"backup-dir: {devicename}: read {stats.read / MIB:.1f} MiB, wrote "

@@ -18,10 +18,10 @@ hosts never disagree about them. A volume is written under a ``.tmp-`` name and
 renamed into place only when the guest's backup succeeded, so a listed volume is
 always complete.
 
-``.last/qemu-<vmid>`` names the volume that the guest's dirty bitmap was last
-cleared at. Only that volume may be the base of an incremental backup: if it was
-removed, an older volume would be missing the changes it held, so the next backup
-must be a full one.
+``.last/qemu-<vmid>`` names the guest's last successful backup: the host cleared
+the dirty bitmap at that point. Only that volume may be the base of an
+incremental backup: if it was removed, an older volume would be missing the
+changes it held, so the next backup must be a full one.
 """
 
 from __future__ import annotations
@@ -72,9 +72,13 @@ class VolumeName:
     ctime: int
     """Backup start, Unix seconds (whole seconds: the name has no finer time)."""
 
+    @property
+    def stamp(self) -> str:
+        """The UTC time as the name shows it: ``2026_11_26-09_30_00``."""
+        return datetime.fromtimestamp(self.ctime, UTC).strftime(_TIME_FORMAT)
+
     def __str__(self) -> str:
-        stamp = datetime.fromtimestamp(self.ctime, UTC).strftime(_TIME_FORMAT)
-        return f"backup/{self.vmtype.value}-{self.vmid}-{stamp}"
+        return f"backup/{self.vmtype.value}-{self.vmid}-{self.stamp}"
 
     @property
     def dirname(self) -> str:
@@ -311,11 +315,17 @@ class VolumeLayout:
     def _last_path(self, vmtype: GuestType, vmid: int) -> Path:
         return self.backup_dir / ".last" / f"{vmtype.value}-{vmid}"
 
+    def last_recorded(self, vmtype: GuestType, vmid: int) -> str | None:
+        """The volume recorded as the guest's last successful backup, existing or not."""
+        try:
+            return self._last_path(vmtype, vmid).read_text(encoding="utf-8").strip() or None
+        except FileNotFoundError:
+            return None
+
     def last_successful(self, vmtype: GuestType, vmid: int) -> str | None:
         """The volume the guest's last successful backup wrote, if it still exists."""
-        try:
-            volname = self._last_path(vmtype, vmid).read_text(encoding="utf-8").strip()
-        except FileNotFoundError:
+        volname = self.last_recorded(vmtype, vmid)
+        if volname is None:
             return None
         try:
             self.read_index(volname)
