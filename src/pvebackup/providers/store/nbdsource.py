@@ -39,6 +39,14 @@ class BlockSource(Protocol):
 
     size: int
 
+    def data_extents(self) -> list[Range]:
+        """Ranges that may hold data (full backups)."""
+        ...
+
+    def dirty_extents(self) -> list[Range]:
+        """Ranges marked dirty in the bitmap (incremental backups)."""
+        ...
+
     def submit_read(self, buf: memoryview, offset: int) -> int:
         """Start reading ``len(buf)`` bytes at ``offset`` into ``buf``; returns a cookie."""
         ...
@@ -49,6 +57,10 @@ class BlockSource(Protocol):
 
     def trim(self, offset: int, length: int) -> None:
         """Discard a range that has been stored (no-op if the export cannot trim)."""
+        ...
+
+    def close(self) -> None:
+        """Disconnect."""
         ...
 
 

@@ -1,0 +1,95 @@
+"""``BackupStorePlugin``: the storage type ``backup-store`` in storage.cfg.
+
+::
+
+    backup-store: store1
+        path /srv/pvebackup-store
+        encryption-key /etc/pvebackup/store1.key      # optional
+        encryption-passphrase-file /root/store1.pass  # only for a passphrase-protected key
+        chunk-size 256K                               # optional; default: the store's
+
+Registered through the entry point group ``pvebackup.storage_plugins``. Volumes
+are the store's snapshots, named ``backup/vm-<vmid>-<UTC time>``. A listed
+volume's ``size`` is the logical size of its disks (what a restore writes); the
+bytes it occupies are shared with other snapshots through deduplication, so there
+is no meaningful per-snapshot figure. Snapshots never depend on each other in a
+chunk store (``parent`` is always ``None``), so any of them can be removed;
+removing one frees chunk space only at the next garbage collection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+from pvebackup.api.errors import IntegrityError, VolumeNotFoundError
+from pvebackup.api.provider import BackupProvider
+from pvebackup.api.types import LogFunction
+from pvebackup.providers.store.provider import BackupStoreProvider
+from pvebackup.providers.store.settings import StoreSettings
+from pvebackup.storage.plugin import COMMON_PROPERTIES, PropertySpec, StoragePlugin, VolumeInfo
+from pvebackup.store.snapshot import SnapshotId
+
+__all__ = ["FORMAT", "BackupStorePlugin"]
+
+FORMAT = "pvebackup-store"
+
+
+class BackupStorePlugin(StoragePlugin):
+    """Storage plugin of type ``backup-store``: the deduplicating chunk store."""
+
+    type: ClassVar[str] = "backup-store"
+    properties: ClassVar[Mapping[str, PropertySpec]] = {
+        **COMMON_PROPERTIES,
+        "path": PropertySpec(required=True, description="datastore directory"),
+        "encryption-key": PropertySpec(description="key file (pvebackup key create)"),
+        "encryption-passphrase-file": PropertySpec(
+            description="file holding the passphrase of a protected key file"
+        ),
+        "chunk-size": PropertySpec(
+            description="chunk size of new disk indexes (power of two, 64K..16M)"
+        ),
+    }
+
+    def new_backup_provider(
+        self, scfg: Mapping[str, str], storeid: str, log_function: LogFunction
+    ) -> BackupProvider | None:
+        """A new :class:`BackupStoreProvider` for one backup job or restore."""
+        return BackupStoreProvider(self, scfg, storeid, log_function)
+
+    def list_volumes(self, scfg: Mapping[str, str], storeid: str) -> list[VolumeInfo]:
+        """Every committed snapshot, oldest first (a damaged one is listed, size 0)."""
+        store = StoreSettings.from_scfg(scfg, storeid).open()
+        volumes: list[VolumeInfo] = []
+        for sid in store.list_snapshots():
+            size = 0
+            notes = ""
+            try:
+                snap = store.open_snapshot(sid)
+                size = sum(d.size for d in snap.devices.values())
+            except IntegrityError as exc:
+                notes = f"damaged: {exc}"
+            volumes.append(
+                VolumeInfo(
+                    volid=f"{storeid}:{sid.volname}",
+                    vmid=sid.vmid,
+                    vmtype=sid.guest_type,
+                    ctime=sid.backup_time,
+                    size=size,
+                    format=FORMAT,
+                    parent=None,
+                    notes=notes,
+                )
+            )
+        return volumes
+
+    def free_volume(self, scfg: Mapping[str, str], storeid: str, volname: str) -> None:
+        """Remove the snapshot; its chunks are reclaimed by a later garbage collection.
+
+        :raises VolumeNotFoundError: no such snapshot.
+        """
+        try:
+            sid = SnapshotId.from_volname(volname)
+        except ValueError as exc:
+            raise VolumeNotFoundError(f"{volname!r} is not a backup-store volume name") from exc
+        StoreSettings.from_scfg(scfg, storeid).open().remove_snapshot(sid)

@@ -1,0 +1,372 @@
+"""``BackupStoreProvider``: VM backups into the deduplicating chunk store.
+
+One snapshot per guest backup (see :mod:`pvebackup.store.snapshot`): one fixed
+index per disk, the guest and firewall configs as blobs, the manifest last
+(written in ``backup_end``, which makes the backup durable and visible). The task
+log arrives after ``backup_end``: it is stored as ``task.log``, a blob next to the
+manifest and not listed in it (AEAD-protected in an encrypted store), so the
+committed manifest never has to be rewritten. It goes away with the snapshot.
+
+Incremental backups use one dirty bitmap per storage (``store-<store id>``); which
+snapshot the bitmap may be applied to is kept by :mod:`.bitmap_base`. Containers
+are not supported yet (part 2). Restores serve each disk through nbdkit
+(:mod:`.restore_server`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from pvebackup.api.errors import (
+    IntegrityError,
+    NotFoundError,
+    PveBackupError,
+    StateError,
+    UnsupportedError,
+    UsageError,
+    VolumeNotFoundError,
+)
+from pvebackup.api.provider import BackupProvider
+from pvebackup.api.types import (
+    BackupMechanism,
+    BitmapMode,
+    DeviceInfo,
+    GuestType,
+    LogFunction,
+    RestoreMechanism,
+)
+from pvebackup.providers.store.bitmap_base import BitmapBase, read_base, write_base
+from pvebackup.providers.store.disk import BaseUnusableError, DiskBackup, SourceFactory
+from pvebackup.providers.store.progress import format_bytes
+from pvebackup.providers.store.restore_server import RestoreServer
+from pvebackup.providers.store.settings import StoreSettings
+from pvebackup.store.datastore import Datastore
+from pvebackup.store.snapshot import Snapshot, SnapshotId, SnapshotWriter
+
+__all__ = ["CONFIG_FILE", "FIREWALL_FILE", "TASK_LOG_FILE", "BackupStoreProvider"]
+
+CONFIG_FILE = "guest.conf"
+FIREWALL_FILE = "firewall.fw"
+TASK_LOG_FILE = "task.log"
+_NOT_YET = "containers are not supported by this storage yet"
+
+
+@dataclass
+class _Guest:
+    """State of one guest's backup between ``backup_start`` and the log file."""
+
+    vmid: int
+    vmtype: GuestType
+    snapshot: SnapshotId
+    writer: SnapshotWriter
+    bitmap_id: str | None = None
+    base: SnapshotId | None = None
+    modes: dict[str, str] = field(default_factory=dict)
+    new_bytes: int = 0
+    stored_bytes: int = 0
+    reused_bytes: int = 0
+    committed: bool = False
+    base_unusable: str | None = None
+    task_size: int = 0
+
+
+class BackupStoreProvider(BackupProvider):
+    """The provider of storage type ``backup-store``."""
+
+    source_factory: SourceFactory | None = None
+    """Tests set this to wrap the NBD source (e.g. to record reads)."""
+    progress_interval: float = 5.0
+
+    def __init__(
+        self,
+        storage_plugin: object,
+        scfg: Mapping[str, str],
+        storeid: str,
+        log_function: LogFunction,
+    ) -> None:
+        super().__init__(storage_plugin, scfg, storeid, log_function)
+        self.settings = StoreSettings.from_scfg(scfg, storeid)
+        self._store: Datastore | None = None
+        self._guests: dict[int, _Guest] = {}
+        self._restores: dict[tuple[str, str], RestoreServer] = {}
+
+    def provider_name(self) -> str:
+        return "backup-store"
+
+    # store -------------------------------------------------------------------------
+
+    def store(self, *, create: bool = False) -> Datastore:
+        """The datastore, opened on first use (created by ``job_start`` if empty)."""
+        if self._store is None:
+            self._store = self.settings.open(create=create)
+        return self._store
+
+    def bitmap_id(self) -> str:
+        """The dirty bitmap name of this storage: stable, unique per store."""
+        return "store-" + self.store().config.store_id.split("-")[0]
+
+    # job hooks ---------------------------------------------------------------------
+
+    def job_start(self, start_time: int) -> None:
+        store = self.store(create=True)
+        enc = "encrypted" if store.encrypted else "not encrypted"
+        self.log("info", f"backup-store {self.storeid}: {self.settings.path} ({enc})")
+
+    def job_end(self) -> None:
+        self._drop_unfinished("the job ended")
+
+    def job_abort(self, error: str) -> None:
+        self._drop_unfinished(f"the job was aborted: {error}")
+
+    def _drop_unfinished(self, why: str) -> None:
+        for guest in list(self._guests.values()):
+            if not guest.committed:
+                guest.writer.abort()
+        self._guests.clear()
+
+    # guest hooks -------------------------------------------------------------------
+
+    def _guest(self, vmid: int) -> _Guest:
+        guest = self._guests.get(vmid)
+        if guest is None:
+            raise StateError(f"no backup of guest {vmid} was started")
+        return guest
+
+    def _new_snapshot_id(self, vmtype: GuestType, vmid: int) -> SnapshotId:
+        # Names have one-second resolution: never reuse or go behind an existing one.
+        existing = self.store().list_snapshots(vmtype, vmid)
+        t = int(time.time())
+        if existing and existing[-1].backup_time >= t:
+            t = existing[-1].backup_time + 1
+        return SnapshotId(vmtype, vmid, t)
+
+    def backup_start(self, vmid: int, vmtype: GuestType) -> None:
+        vmtype = GuestType(vmtype)
+        if vmtype is GuestType.LXC:
+            raise UnsupportedError(_NOT_YET)
+        store = self.store()
+        sid = self._new_snapshot_id(vmtype, vmid)
+        writer = store.new_snapshot(sid, chunk_size=self.settings.index_chunk_size(store))
+        self._guests[vmid] = _Guest(vmid, vmtype, sid, writer)
+
+    def backup_get_mechanism(
+        self, vmid: int, vmtype: GuestType
+    ) -> tuple[BackupMechanism, str | None]:
+        if GuestType(vmtype) is GuestType.LXC:
+            raise UnsupportedError(_NOT_YET)
+        guest = self._guests.get(vmid)
+        bitmap = self.bitmap_id()
+        record = read_base(self.store().backend, "vm", vmid)
+        if record is None:
+            # No backup into this store used the bitmap yet: the host creates it.
+            return BackupMechanism.NBD, bitmap
+        if record.snapshot is None:
+            self.log("info", f"full backup: {record.reason or 'no usable base'}")
+            return BackupMechanism.NBD, None
+        why = self._base_problem(record.snapshot)
+        if why is not None:
+            self.log("warn", f"full backup: the previous backup {record.snapshot} {why}")
+            return BackupMechanism.NBD, None
+        if guest is not None:
+            guest.bitmap_id = bitmap
+            guest.base = record.snapshot
+        return BackupMechanism.NBD, bitmap
+
+    def _base_problem(self, sid: SnapshotId) -> str | None:
+        """Why snapshot ``sid`` cannot be an incremental base, or None if it can."""
+        store = self.store()
+        try:
+            snap = store.open_snapshot(sid)
+        except VolumeNotFoundError:
+            return "is gone"
+        except IntegrityError as exc:
+            return f"is unreadable ({exc})"
+        if snap.manifest.chunk_size != self.settings.index_chunk_size(store):
+            return "uses another chunk size"
+        return None
+
+    def backup_get_target(self, vmid: int, vmtype: GuestType) -> str:
+        return self._guest(vmid).snapshot.volname
+
+    def backup_get_task_size(self, vmid: int) -> int:
+        guest = self._guests.get(vmid)
+        return 0 if guest is None else guest.task_size
+
+    def backup_guest_config(self, vmid: int, filename: str) -> None:
+        self._add_file(vmid, CONFIG_FILE, filename)
+
+    def backup_firewall_config(self, vmid: int, filename: str) -> None:
+        self._add_file(vmid, FIREWALL_FILE, filename)
+
+    def _add_file(self, vmid: int, name: str, filename: str) -> None:
+        try:
+            with open(filename, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise NotFoundError(f"cannot read {filename}: {exc.strerror}") from exc
+        self._guest(vmid).writer.add_file(name, data)
+
+    def backup_nbd(
+        self,
+        vmid: int,
+        devicename: str,
+        nbd_path: str,
+        bitmap_mode: BitmapMode,
+        bitmap_name: str | None,
+        bandwidth_limit: int | None,
+    ) -> None:
+        guest = self._guest(vmid)
+        mode = BitmapMode(bitmap_mode)
+        guest.modes[devicename] = mode.value
+        reuse = mode is BitmapMode.REUSE
+        if reuse and not bitmap_name:
+            raise UsageError(f"{devicename}: bitmap mode reuse without a bitmap name")
+        base: Snapshot | None = None
+        if reuse and guest.base is not None:
+            try:
+                base = self.store().open_snapshot(guest.base)
+            except PveBackupError:
+                base = None
+        job = DiskBackup(
+            store=self.store(),
+            writer=guest.writer,
+            devicename=devicename,
+            nbd_path=nbd_path,
+            log=self.log_function,
+            bandwidth_limit=bandwidth_limit,
+            progress_interval=self.progress_interval,
+        )
+        if self.source_factory is not None:
+            job.source_factory = self.source_factory
+        try:
+            stats = job.run(bitmap_name if reuse else None, base)
+        except BaseUnusableError as exc:
+            guest.base_unusable = str(exc)
+            raise BaseUnusableError(
+                f"{exc}; the incremental backup cannot be made, the next backup will be full"
+            ) from exc
+        guest.new_bytes += stats.new
+        guest.stored_bytes += stats.stored
+        guest.reused_bytes += stats.reused
+
+    def backup_end(self, vmid: int) -> None:
+        guest = self._guest(vmid)
+        writer = guest.writer
+        writer.bitmap_id = guest.bitmap_id if any(
+            m != BitmapMode.NONE for m in guest.modes.values()
+        ) else None
+        writer.parent = guest.base if BitmapMode.REUSE in guest.modes.values() else None
+        writer.metadata.update(
+            {
+                "provider": "backup-store",
+                "bitmap-modes": ",".join(f"{d}={m}" for d, m in sorted(guest.modes.items())),
+                "new-bytes": str(guest.new_bytes),
+                "stored-bytes": str(guest.stored_bytes),
+                "reused-bytes": str(guest.reused_bytes),
+            }
+        )
+        manifest = writer.commit()
+        guest.committed = True
+        guest.task_size = guest.stored_bytes + sum(f.size for f in manifest.files.values())
+        write_base(self.store().backend, "vm", vmid, BitmapBase(guest.snapshot))
+        self.log(
+            "info",
+            f"snapshot {guest.snapshot} committed: new {format_bytes(guest.new_bytes)} "
+            f"(stored {format_bytes(guest.stored_bytes)}), "
+            f"reused {format_bytes(guest.reused_bytes)}",
+        )
+
+    def backup_abort(self, vmid: int, error: str) -> None:
+        guest = self._guests.get(vmid)
+        if guest is None:
+            return
+        if not guest.committed:
+            guest.writer.abort()
+        reason: str | None = None
+        if guest.base_unusable is not None:
+            reason = guest.base_unusable
+        elif BitmapMode.NEW in guest.modes.values():
+            reason = "a backup that created a new dirty bitmap failed"
+        if reason is not None and not guest.committed:
+            write_base(self.store().backend, "vm", vmid, BitmapBase(None, reason))
+
+    def backup_handle_log_file(self, vmid: int, filename: str) -> None:
+        guest = self._guests.get(vmid)
+        if guest is None or not guest.committed:
+            return  # nothing was kept of a failed backup, so neither is its log
+        try:
+            with open(filename, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            self.log("warn", f"cannot read the task log {filename}: {exc.strerror}")
+            return
+        store = self.store()
+        store.backend.put(
+            guest.snapshot.prefix + TASK_LOG_FILE, store.codec.encode(data), overwrite=True
+        )
+
+    # restore -----------------------------------------------------------------------
+
+    def _snapshot(self, volname: str) -> Snapshot:
+        try:
+            sid = SnapshotId.from_volname(volname)
+        except ValueError as exc:
+            raise VolumeNotFoundError(f"{volname!r} is not a backup-store volume name") from exc
+        return self.store().open_snapshot(sid)
+
+    def restore_get_mechanism(
+        self, volname: str, storeid: str
+    ) -> tuple[RestoreMechanism, GuestType]:
+        snap = self._snapshot(volname)
+        if snap.id.guest_type is not GuestType.QEMU:
+            raise UnsupportedError(_NOT_YET)
+        return RestoreMechanism.QEMU_IMG, GuestType.QEMU
+
+    def extract_guest_config(self, volname: str, storeid: str) -> str:
+        return self._snapshot(volname).read_file(CONFIG_FILE).decode("utf-8")
+
+    def extract_firewall_config(self, volname: str, storeid: str) -> str | None:
+        snap = self._snapshot(volname)
+        if FIREWALL_FILE not in snap.file_names():
+            return None
+        return snap.read_file(FIREWALL_FILE).decode("utf-8")
+
+    def restore_qemu_get_device_info(self, volname: str, storeid: str) -> DeviceInfo:
+        return {name: {"size": dev.size} for name, dev in self._snapshot(volname).devices.items()}
+
+    def restore_qemu_img_init(self, volname: str, storeid: str, devicename: str) -> str:
+        snap = self._snapshot(volname)
+        snap.open_index(devicename)  # fail here, with a clear error, not inside nbdkit
+        self.restore_qemu_img_cleanup(volname, storeid, devicename)
+        key = self.settings.load_key()
+        server = RestoreServer(
+            self.settings.path,
+            snap.id.path,
+            devicename,
+            None if key is None else key.material,
+            backend=self.settings.backend,
+        )
+        self._restores[(volname, devicename)] = server
+        return server.uri
+
+    def restore_qemu_img_cleanup(self, volname: str, storeid: str, devicename: str) -> None:
+        server = self._restores.pop((volname, devicename), None)
+        if server is None:
+            return
+        errors = server.stop()
+        if errors:
+            self.log("err", f"restore of {devicename} from {volname}: {errors}")
+
+    def read_task_log(self, volname: str) -> str | None:
+        """The stored task log of a backup, ``None`` if it has none."""
+        snap = self._snapshot(volname)
+        store = self.store()
+        try:
+            data = store.backend.get(snap.id.prefix + TASK_LOG_FILE)
+        except NotFoundError:
+            return None
+        return store.codec.decode(data, name=f"snapshot {snap.id} {TASK_LOG_FILE}").decode(
+            "utf-8", errors="replace"
+        )
