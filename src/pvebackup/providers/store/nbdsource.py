@@ -98,7 +98,7 @@ class NbdSource:
                 handle.shutdown()
             except nbd.Error:
                 pass  # the connection may already be gone; nothing left to flush
-            handle.close()
+            del handle  # libnbd 1.14 has no close(): dropping the handle closes it
 
     def __enter__(self) -> NbdSource:
         return self
