@@ -66,8 +66,8 @@ def tar_info(entry: Entry, ids: IdTranslator, first_name: str | None) -> tarfile
     info.uid = ids.uid(st.st_uid)
     info.gid = ids.gid(st.st_gid)
     info.uname = info.gname = ""
-    mtime = st.st_mtime_ns / 1e9
-    info.mtime = int(mtime) if st.st_mtime_ns % 1_000_000_000 == 0 else mtime
+    seconds, nanoseconds = divmod(st.st_mtime_ns, 1_000_000_000)
+    info.mtime = seconds
     if first_name is not None:
         info.type = tarfile.LNKTYPE
         info.linkname = first_name
@@ -81,6 +81,10 @@ def tar_info(entry: Entry, ids: IdTranslator, first_name: str | None) -> tarfile
             info.devmajor = os.major(st.st_rdev)
             info.devminor = os.minor(st.st_rdev)
     headers: dict[str, str] = {}
+    if nanoseconds:
+        # tarfile would write str(float) and lose the last digits; an explicit pax
+        # "mtime" keeps the exact nanoseconds (our pax headers take priority).
+        headers["mtime"] = f"{seconds}.{nanoseconds:09d}".rstrip("0")
     for name, value in read_xattrs(entry.path, ids).items():
         # surrogateescape keeps non-UTF-8 bytes; tarfile writes them back raw.
         headers[f"SCHILY.xattr.{name}"] = value.decode("utf-8", "surrogateescape")
