@@ -1,0 +1,56 @@
+"""backup-store through the host side: full, incremental, restore, qemu-img compare."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+from bstore_support import CHUNK, KiB, MiB, compare, qemu_write, run
+
+from pvebackup.api.types import GuestType
+from pvebackup.host.guests import NodeRoot
+from pvebackup.host.job import run_backup_job
+from pvebackup.host.restore import run_restore
+
+pytestmark = pytest.mark.e2e
+
+
+def _node(path: Path) -> tuple[NodeRoot, Path]:
+    root = NodeRoot(path)
+    for sub in ("qemu-server", "lxc", "firewall"):
+        (root.pve_dir / sub).mkdir(parents=True, exist_ok=True)
+    root.storage_cfg.write_text(
+        f"dir: local\n\tpath {path}/var/lib/vz\n\tcontent images,rootdir\n\n"
+        f"backup-store: store1\n\tpath {path}/store\n\tchunk-size {CHUNK}\n"
+    )
+    disk = path / "var/lib/vz/images/100/vm-100-disk-0.qcow2"
+    disk.parent.mkdir(parents=True)
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(disk), str(4 * MiB))
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x21 0 1M", str(disk))
+    root.config_path(100, GuestType.QEMU).write_text(
+        "name: vm\nmemory: 512\nscsi0: local:100/vm-100-disk-0.qcow2,size=4M\n"
+    )
+    return root, disk
+
+
+def test_full_incremental_restore_through_the_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    root, disk = _node(tmp_path / "node")
+    first = run_backup_job(root, "store1", [100], terminal=None)
+    assert not first.failed, first.guests
+    qemu_write(disk, 3 * CHUNK + 8 * KiB, 4 * KiB, 0x55)
+    qemu_write(disk, 2 * MiB, 4 * KiB, 0x66)
+    second = run_backup_job(root, "store1", [100], terminal=None)
+    assert not second.failed, second.guests
+    log = second.guests[0].log_path
+    assert log is not None and "dirty extents" in log.read_text()
+    target = second.guests[0].target
+    assert target is not None
+    volid = target if target.startswith("store1:") else f"store1:{target}"
+    result = run_restore(root, volid, 200, terminal=None)
+    restored = [p for p in (tmp_path / "node/var/lib/vz/images/200").iterdir()]
+    assert len(restored) == 1, result
+    assert compare(disk, restored[0]).returncode == 0
