@@ -142,13 +142,14 @@ def _parents() -> dict[int, tuple[int, str]]:
     return table
 
 
-def _program(pid: int, comm: str) -> str:
-    """The program name of ``pid``: argv[0]'s basename (comm is cut at 15 chars)."""
+def _program(pid: int) -> str | None:
+    """argv[0]'s basename of ``pid`` (comm is cut at 15 chars); None while it has none
+    (a process being forked or exec'd, or a zombie)."""
     try:
         argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0]
     except OSError:
-        return comm
-    return os.path.basename(argv0.decode(errors="replace")) or comm
+        return None
+    return os.path.basename(argv0.decode(errors="replace")) or None
 
 
 def _hwm(pid: int) -> int | None:
@@ -185,7 +186,9 @@ class _RssMonitor(threading.Thread):
             peak = _hwm(pid)
             if peak is None:
                 continue
-            name = self.root_name if pid == self.root else _program(pid, table[pid][1])
+            name = self.root_name if pid == self.root else _program(pid)
+            if name is None:
+                continue
             self.peaks[name] = max(self.peaks.get(name, 0), peak)
 
     def run(self) -> None:
