@@ -68,7 +68,7 @@ def nbd_export(image: Path, bitmap: str | None = None) -> Iterator[str]:
     """``qemu-nbd`` serving ``image`` as ``DEVICE`` (writable, discard=unmap)."""
     sock = Path(tempfile.mkdtemp(prefix="nbd-")) / "s"
     cmd = ["qemu-nbd", "-f", "qcow2", "-k", str(sock), "-x", DEVICE, "-e", "2",
-           "--discard=unmap", "--cache=none", str(image)]  # fmt: skip
+           "--discard=unmap", str(image)]  # fmt: skip
     if bitmap:
         cmd[1:1] = ["-B", bitmap]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
