@@ -115,12 +115,12 @@ class BackupStoreProvider(BackupProvider):
         self.log("info", f"backup-store {self.storeid}: {self.settings.path} ({enc})")
 
     def job_end(self) -> None:
-        self._drop_unfinished("the job ended")
+        self._drop_unfinished()
 
     def job_abort(self, error: str) -> None:
-        self._drop_unfinished(f"the job was aborted: {error}")
+        self._drop_unfinished()
 
-    def _drop_unfinished(self, why: str) -> None:
+    def _drop_unfinished(self) -> None:
         for guest in list(self._guests.values()):
             if not guest.committed:
                 guest.writer.abort()

@@ -67,16 +67,21 @@ class StoreSettings:
         if self.key_file is None:
             return None
         passphrase_file = self.passphrase_file
+        if passphrase_file is None:
+            # A protected key then fails with MissingKeyError, naming the key file.
+            return load_key_file(self.key_file)
 
         def passphrase() -> str:
-            if passphrase_file is None:
-                # Not MissingKeyError from here: load_key_file raises that itself
-                # when no provider is given; this path cannot be reached without one.
-                raise StorageConfigError("no encryption-passphrase-file")
-            with open(passphrase_file, encoding="utf-8") as f:
-                return f.read().rstrip("\n")
+            try:
+                with open(passphrase_file, encoding="utf-8") as f:
+                    return f.readline().rstrip("\n")
+            except OSError as exc:
+                raise StorageConfigError(
+                    f"storage {self.storeid!r}: cannot read encryption-passphrase-file "
+                    f"{passphrase_file}: {exc.strerror}"
+                ) from exc
 
-        return load_key_file(self.key_file, passphrase if passphrase_file else None)
+        return load_key_file(self.key_file, passphrase)
 
     def open(self, *, create: bool = False) -> Datastore:
         """Open the datastore; with ``create``, initialise an empty or new directory.
