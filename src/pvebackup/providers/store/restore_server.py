@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import pvebackup
 from pvebackup.api.errors import ExternalToolError
 
 __all__ = ["RestoreServer", "plugin_pythonpath"]
@@ -35,7 +34,8 @@ ERROR_PREFIX = "pvebackup restore: "
 
 def plugin_pythonpath() -> str:
     """``PYTHONPATH`` for the plugin: our source tree, then this venv's packages."""
-    src = str(Path(pvebackup.__file__).resolve().parent.parent)
+    # .../src/pvebackup/providers/store/restore_server.py -> .../src
+    src = str(Path(__file__).resolve().parents[3])
     paths = [src]
     for key in ("purelib", "platlib"):
         p = sysconfig.get_paths()[key]
