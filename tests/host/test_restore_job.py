@@ -71,11 +71,12 @@ def test_backup_change_incremental_restore(node: Node, tmp_path: Path, mechanism
     expected_ct = tmp_path / "expected-ct"
     snapshot_tree(rootfs, expected_ct / "rootfs")
     snapshot_tree(data, expected_ct / "data")
-    # the mount point directory itself is not part of the restored rootfs volume
-    srv = expected_ct / "rootfs/srv"
-    st = srv.stat()
-    (srv / "data").rmdir()
-    os.utime(srv, ns=(st.st_atime_ns, st.st_mtime_ns))
+    # the directory the mount point is mounted on is hidden by the mount: the
+    # restore recreates it in the rootfs with what the container saw there
+    mp_dir, mp_root = expected_ct / "rootfs/srv/data", data.stat()
+    os.chown(mp_dir, mp_root.st_uid, mp_root.st_gid)
+    os.chmod(mp_dir, mp_root.st_mode & 0o7777)
+    os.utime(mp_dir, ns=(mp_root.st_atime_ns, mp_root.st_mtime_ns))
     second = run_backup_job(node.root, "rec", [100, 101], terminal=None)
     assert not second.failed
     modes = [c[3] for c in read_calls(node.backup_dir) if c[0] == "backup_nbd"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import stat
 import subprocess
 from pathlib import Path
 
@@ -90,8 +91,8 @@ def test_tar_with_mount_point_targets(
     root.mkdir()
     data.mkdir()
     extract_tar(archive, {"/": root, "/srv/data": data}, [], log=log)
-    assert not (root / "srv/data").exists()
     assert compare_trees(container_tree / "srv/data", data) == []
+    assert_mount_point_dir(root / "srv/data", container_tree / "srv/data")
     assert (root / "srv/sparse.img").is_file()
 
 
@@ -109,7 +110,7 @@ def test_directory_with_mount_point(container_tree: Path, tmp_path: Path, log: L
     data.mkdir()
     copy_directory(container_tree, {"/": root, "/srv/data/": data}, [], log=log)
     assert compare_trees(container_tree / "srv/data", data) == []
-    assert not (root / "srv/data").exists()
+    assert_mount_point_dir(root / "srv/data", container_tree / "srv/data")
 
 
 def test_unmapped_owner_becomes_nobody(tmp_path: Path, log: LogRecorder) -> None:
@@ -138,3 +139,13 @@ def test_corrupt_archive(tmp_path: Path, log: LogRecorder) -> None:
 def test_targets_need_root(tmp_path: Path, log: LogRecorder) -> None:
     with pytest.raises(ValueError, match="root"):
         copy_directory(tmp_path, {"/srv": tmp_path}, [], log=log)
+
+
+def assert_mount_point_dir(made: Path, source: Path) -> None:
+    """The rootfs gets the directory the mount point is mounted on, like its root."""
+    got, want = made.lstat(), source.lstat()
+    assert stat.S_ISDIR(got.st_mode)
+    assert not any(made.iterdir())
+    assert (got.st_uid, got.st_gid, stat.S_IMODE(got.st_mode)) == (
+        want.st_uid, want.st_gid, stat.S_IMODE(want.st_mode))
+    assert got.st_mtime_ns == want.st_mtime_ns

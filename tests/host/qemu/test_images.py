@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -62,8 +63,9 @@ def test_locked_image_needs_force_share(tmp_path: Path) -> None:
     create_image(q, 1 << 20)
     holder = subprocess.Popen(["qemu-io", "-c", "sleep 60000", str(q)])
     try:
+        deadline = time.monotonic() + 30  # until qemu-io has the image open
         with pytest.raises(ExternalToolError, match="lock"):
-            for _ in range(200):  # until qemu-io has the image open
+            while time.monotonic() < deadline:
                 image_info(q)
         assert image_info(q, force_share=True).virtual_size == 1 << 20
     finally:

@@ -242,11 +242,25 @@ class SafeTreeWriter:
                 if entry.kind is not EntryKind.DIR:
                     raise UnsafeArchiveError(f"{entry.name!r}: would replace a restore target")
                 self._apply_dir(entry, prefix, rel, self._fds[prefix])
+                if prefix:
+                    self._mount_point_dir(entry, parts)
                 return
             parent = self._open_dir(prefix, rel[:-1], entry.name, create=True)
             self._create(entry, parts, prefix, rel, parent, data)
         except OSError as exc:
             raise PveBackupError(f"restoring {entry.name!r} failed: {exc}") from exc
+
+    def _mount_point_dir(self, entry: Entry, parts: tuple[str, ...]) -> None:
+        """Create a mount point's directory in the target that encloses it.
+
+        The archive holds the mount point's root (what the container sees there);
+        the directory it is mounted on belongs to the enclosing volume and must
+        exist for the container to start, so it gets the same metadata.
+        """
+        outer = next(p for p in self._prefixes if len(p) < len(parts) and parts[: len(p)] == p)
+        rel = parts[len(outer) :]
+        parent = self._open_dir(outer, rel[:-1], entry.name, create=True)
+        self._create(entry, parts, outer, rel, parent, None)
 
     def _make_room(self, parent: int, name: str, entry: Entry) -> bool:
         """Remove what is in the way of ``entry``; True if a directory stays."""
