@@ -75,19 +75,38 @@ class Demo:
         self.root = root
         self.images = root / "var/lib/vz/images"
         self.steps: list[Step] = []
+        self.storage_bytes: dict[str, int] = {}
         self.rng = random.Random(20241126)
 
     # running the CLI ---------------------------------------------------------------
 
     def pvebackup(self, *args: str, capture: bool = False) -> tuple[float, str]:
+        """Run the CLI; returns (seconds, output). The task log (stderr) is shown
+        as it comes and also returned, so the summary can say what really happened."""
         cmd = [sys.executable, "-m", "pvebackup", "--root", str(self.root), *args]
         print("$ pvebackup " + " ".join(["--root", str(self.root), *args]), flush=True)
         start = time.perf_counter()
-        proc = subprocess.run(cmd, text=True, stdout=subprocess.PIPE if capture else None)
+        proc = subprocess.Popen(cmd, text=True, stderr=subprocess.PIPE,
+                                stdout=subprocess.PIPE if capture else None)
+        assert proc.stderr is not None
+        log = []
+        for line in proc.stderr:
+            print(line, end="", file=sys.stderr, flush=True)
+            log.append(line)
+        stdout = proc.stdout.read() if proc.stdout is not None else ""
+        proc.wait()
         elapsed = time.perf_counter() - start
         if proc.returncode != 0:
             raise SystemExit(f"demo: `pvebackup {' '.join(args)}` failed (exit {proc.returncode})")
-        return elapsed, proc.stdout or ""
+        return elapsed, stdout if capture else "".join(log)
+
+    def added_bytes(self, storeid: str) -> int:
+        """Bytes on disk of the storage now minus before (the previous call)."""
+        path = self.root / "backup" / storeid
+        total = sum(f.lstat().st_blocks * 512 for f in path.rglob("*") if not f.is_symlink())
+        added = total - self.storage_bytes.get(storeid, 0)
+        self.storage_bytes[storeid] = total
+        return added
 
     def newest_volume(self, storeid: str, vmid: int) -> dict[str, object]:
         _, out = self.pvebackup("list", storeid, "--output", "json", capture=True)
@@ -104,6 +123,8 @@ class Demo:
         for sub in ("qemu-server", "lxc", "firewall"):
             (pve / sub).mkdir(parents=True, exist_ok=True)
         (pve / "storage.cfg").write_text(STORAGE_CFG.format(root=self.root))
+        # backup-dir refuses a missing path (an unmounted disk must not fill up /)
+        (self.root / "backup/plain").mkdir(parents=True, exist_ok=True)
         self.build_vm(pve)
         self.build_container(pve)
 
@@ -144,6 +165,8 @@ class Demo:
             os.chown(d, HOST_ID_BASE, HOST_ID_BASE)
         for top in ("etc", "usr/bin", "var/log", "home/alice", "srv/data"):
             (rootfs / top).mkdir(parents=True, exist_ok=True)
+        for d in [rootfs, *(p for p in rootfs.rglob("*") if p.is_dir())]:
+            os.chown(d, HOST_ID_BASE, HOST_ID_BASE)  # the container's root owns them
         count = 0
         for i in range(300):
             sub = ("etc", "usr/bin", "var/log", "home/alice")[i % 4]
@@ -154,6 +177,7 @@ class Demo:
             os.chmod(path, 0o755 if sub == "usr/bin" else 0o644)
             count += 1
         os.symlink("../usr/bin/file-001", rootfs / "etc/link-to-bin")
+        os.lchown(rootfs / "etc/link-to-bin", HOST_ID_BASE, HOST_ID_BASE)
         os.link(rootfs / "etc/file-000", rootfs / "etc/hardlink-000")
         os.chown(rootfs / "home/alice", HOST_ID_BASE + 1000, HOST_ID_BASE + 1000)
         for i in range(60):
@@ -161,6 +185,10 @@ class Demo:
             record.write_text(f"record {i}\n" * (i + 1))
             os.chown(record, HOST_ID_BASE + 33, HOST_ID_BASE + 33)
             count += 1
+        # /srv/data in the rootfs is hidden by the mount point; what the container
+        # (and so its backup) sees there is the mount point's root directory
+        mp_root = data.stat()
+        os.utime(rootfs / "srv/data", ns=(mp_root.st_atime_ns, mp_root.st_mtime_ns))
         (pve / f"lxc/{CT_ID}.conf").write_text(
             "arch: amd64\nhostname: demo-ct\nmemory: 512\nostype: debian\nunprivileged: 1\n"
             f"rootfs: local:{CT_ID}/{rootfs.name},size=0T\n"
@@ -191,12 +219,12 @@ class Demo:
     def backup(self, label: str) -> None:
         say(f"{label}: backing up VM {VM_ID} to 'store' and CT {CT_ID} to 'plain'")
         for vmid, storeid, guest in ((VM_ID, "store", "VM"), (CT_ID, "plain", "CT")):
-            seconds, _ = self.pvebackup("backup", "--storage", storeid, str(vmid))
+            seconds, log = self.pvebackup("backup", "--storage", storeid, str(vmid))
             rec = self.newest_volume(storeid, vmid)
-            kind = "full" if label.startswith("first") else (
-                "incremental" if guest == "VM" else "full")
+            # what the host decided, from the task log: bitmap reuse = incremental
+            kind = "incremental" if "bitmap mode reuse" in log else "full"
             self.steps.append(Step(label, f"{guest} {vmid}", storeid, kind,
-                                   int(str(rec["size"])), seconds, str(rec["volid"])))
+                                   self.added_bytes(storeid), seconds, str(rec["volid"])))
 
     def restore_and_compare(self) -> bool:
         say(f"restoring to new VMIDs {VM_RESTORED} and {CT_RESTORED} and comparing")
