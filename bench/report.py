@@ -156,6 +156,7 @@ def _scenario_title(scenario: str, info: dict[str, str]) -> tuple[str, str]:
     """Heading and meaning of the size column for a scenario key."""
     titles = {
         "full": (f"full backup of the {info['dense']} qcow2 image", "stored"),
+        "unchanged": ("re-run with nothing changed (ours: fixed cost per backup)", "growth"),
         "incremental": (f"re-run after the {info['change']} change", "growth"),
         "restore": (f"restore {info['dense']} to a raw file (qemu-img convert)", ""),
         "sparse-full": (f"full backup of the {info['sparse']} sparse image", "stored"),

@@ -1,8 +1,9 @@
 """The measured scenarios, one function each, and the runs that chain them.
 
 A dense run (``run_dense``) builds a fresh node and repositories, then measures in
-this order, every tool on the same image file: full backup, the scattered change,
-the incremental re-run (with store growth), and restore. A sparse run
+this order, every tool on the same image file: full backup, (ours only) a re-run
+with nothing changed, the scattered change, the incremental re-run (with store
+growth), and restore. A sparse run
 (``run_sparse``) does full and incremental backups of the 64 GiB sparse image
 (ours only: peak RSS and incremental cost). ``run_sweep`` repeats the dense
 full+incremental for each chunk size. Work directories are removed after each run.
@@ -207,6 +208,18 @@ def scenario_incremental(run: _Run, scenario: str = "incremental") -> None:
             pm.error = str(exc)
 
 
+def scenario_unchanged(run: _Run) -> None:
+    """Ours re-run with nothing changed: the fixed cost of one backup invocation."""
+    m = run.ours("unchanged")
+    if m is None:
+        return
+    before = run.node.store_usage()
+    try:
+        m.add(run.node.backup(), run.node.store_usage() - before)
+    except ToolFailed as exc:
+        run.ours_failed(m, exc)
+
+
 def scenario_restore(run: _Run) -> None:
     """Restore: ``qemu-img convert`` from our export vs from a local raw copy."""
     local = run.results.get("restore", LOCAL_CONVERT)
@@ -256,6 +269,7 @@ def run_dense(cfg: Config, inputs: Inputs, results: Results, number: int) -> Non
                    inputs.dense, cfg.chunk_size)
     try:
         scenario_full(run)
+        scenario_unchanged(run)
         apply_change(run.image, inputs.dense, inputs.writes)
         scenario_incremental(run)
         scenario_restore(run)
