@@ -71,8 +71,11 @@ def test_missing_or_failed_measurements_give_n_a() -> None:
 def test_report_shows_rows_ratios_errors_and_verdicts() -> None:
     ms = measurements()
     ms.append(m("full", "restic", [], error="restic exited 1: no password"))
+    ms.append(m("unchanged", "ours", [0.35], [150 * 1024]))
     text = format_report(ms, evaluate(ms), INFO, ours_error=None)
     assert "full backup of the 1 GiB qcow2 image" in text
+    assert "re-run with nothing changed (ours: fixed cost per backup)" in text
+    assert "re-run after the 160 x 64 KiB change" in text
     borg = next(line for line in text.splitlines() if line.strip().startswith("borg lz4"))
     assert "5.30 s" in borg and "4.42x" in borg and "700.0 MiB" in borg
     assert "restic                     error: restic exited 1: no password" in text
