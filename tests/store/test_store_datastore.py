@@ -109,7 +109,7 @@ def test_insert_read_and_idempotence(store: Datastore) -> None:
     assert store.has_chunk(r1.digest)
     assert store.read_chunk(r1.digest, CS) == _chunk(1)
     assert store.backend.exists(Datastore.chunk_key(r1.digest))
-    assert Datastore.chunk_key(r1.digest) == f"chunks/{r1.digest.hex()[:4]}/{r1.digest.hex()}"
+    assert Datastore.chunk_key(r1.digest) == f"chunks/{r1.digest.hex()[:2]}/{r1.digest.hex()}"
 
 
 def test_prepare_then_store_separately(store: Datastore) -> None:

@@ -3,7 +3,7 @@
 Key layout on the backend::
 
     config.json                                   store config (format, chunk size, key check)
-    chunks/<hex[0:4]>/<hex digest>                one blob per chunk
+    chunks/<hex[0:2]>/<hex digest>                one blob per chunk
     snapshots/<vm|ct>/<vmid>/<time>/<file>        indexes, blobs, manifest.json (last)
 
 Opening checks the config against the key before anything else is read:
@@ -221,11 +221,11 @@ class Datastore:
 
     @staticmethod
     def chunk_key(digest: bytes) -> str:
-        """Backend key of a chunk: ``chunks/<first 4 hex digits>/<64 hex digits>``."""
+        """Backend key of a chunk: ``chunks/<first 2 hex digits>/<64 hex digits>``."""
         if len(digest) != DIGEST_SIZE:
             raise ValueError(f"a digest has {DIGEST_SIZE} bytes")
         h = digest.hex()
-        return f"{CHUNKS_PREFIX}{h[:4]}/{h}"
+        return f"{CHUNKS_PREFIX}{h[:2]}/{h}"
 
     def prepare_chunk(self, data: BytesLike) -> PreparedChunk:
         """Digest and blob of ``data``: CPU only, no backend; for worker threads."""

@@ -81,7 +81,22 @@ def test_list_by_prefix(backend: Backend) -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", ["", "/abs", "a//b", "a/../b", "./a", "a/.hidden", "tab\tkey", "back\\slash", "é"]
+    "bad",
+    [
+        "",
+        "/abs",
+        "a//b",
+        "a/../b",
+        "./a",
+        "a/.hidden",
+        "tab\tkey",
+        "back\\slash",
+        "é",
+        "trailing/",
+        "sp ace",
+        "del\x7f",
+        "nl\n",
+    ],
 )
 def test_invalid_keys_are_refused(backend: Backend, bad: str) -> None:
     with pytest.raises(PermanentBackendError):
@@ -90,6 +105,20 @@ def test_invalid_keys_are_refused(backend: Backend, bad: str) -> None:
         backend.get(bad)
     with pytest.raises(PermanentBackendError):
         validate_key(bad)
+
+
+@pytest.mark.parametrize(
+    "good",
+    [
+        "config.json",
+        "chunks/ab/ab12",
+        "snapshots/vm/100/2026-11-26T09:30:00Z/m.json",
+        "a-b_c.d~!",
+        "x/y.z/-",
+    ],
+)
+def test_valid_keys_are_accepted(good: str) -> None:
+    assert validate_key(good) == good
 
 
 def test_sync_keeps_objects(backend: Backend) -> None:

@@ -1,7 +1,7 @@
 """The contract every store backend fulfils: opaque string keys to bytes.
 
 Backends know nothing of chunks, indexes or snapshots; the datastore decides the
-key layout (``config.json``, ``chunks/ab12/<digest>``, ``snapshots/...``). The
+key layout (``config.json``, ``chunks/ab/<digest>``, ``snapshots/...``). The
 contract is shaped so that S3-compatible object storage fits it: no rename, no
 append, no partial writes, listing by prefix only.
 
@@ -23,6 +23,7 @@ several processes on the same store at once.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -40,16 +41,15 @@ class ObjectInfo:
     mtime: float
 
 
-_BAD_CHARS = frozenset("\\\x7f")
+# A key: segments joined by "/"; each segment printable ASCII without space, "/"
+# or backslash, not empty and not starting with ".". One regex: this runs per chunk.
+_SEGMENT = r"[!-\-0-\[\]-~][!-.0-\[\]-~]*"
+_KEY = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})*")
 
 
 def validate_key(key: str) -> str:
     """Return ``key`` if it is a valid backend key, else raise PermanentBackendError."""
-    if (
-        not key
-        or any(c in _BAD_CHARS or not " " < c <= "~" for c in key)
-        or any(not seg or seg.startswith(".") for seg in key.split("/"))
-    ):
+    if _KEY.fullmatch(key) is None:
         raise PermanentBackendError(f"invalid backend key {key!r}")
     return key
 

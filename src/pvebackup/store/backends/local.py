@@ -56,6 +56,7 @@ class LocalBackend:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
+        self._dirs: set[Path] = set()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -77,18 +78,22 @@ class LocalBackend:
             _fail("cannot read", path, exc)
 
     def _make_parents(self, parent: Path, durable: bool) -> None:
+        # Directories are never removed behind our back while a store is open, so
+        # the ones seen once need no more system calls (a stat per chunk adds up).
+        if parent in self._dirs:
+            return
         missing: list[Path] = []
         p = parent
         while not p.is_dir():
             missing.append(p)
             p = p.parent
-        if not missing:
-            return
-        parent.mkdir(parents=True, exist_ok=True)
-        if durable:
-            # A new directory is durable only once its own parent is synced.
-            for d in missing:
-                _fsync_dir(d.parent)
+        if missing:
+            parent.mkdir(parents=True, exist_ok=True)
+            if durable:
+                # A new directory is durable only once its own parent is synced.
+                for d in missing:
+                    _fsync_dir(d.parent)
+        self._dirs.add(parent)
 
     def put(self, key: str, data: bytes, *, overwrite: bool, durable: bool = True) -> bool:
         path = self._path(key)
