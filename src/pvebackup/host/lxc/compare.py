@@ -16,9 +16,9 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
+from pvebackup.api.acl import ACL_XATTRS, map_acl_xattr
 from pvebackup.api.idmap import OVERFLOW_ID, IdMapper
 from pvebackup.api.types import IdMapEntry
-from pvebackup.host.lxc.acl import ACL_XATTRS, map_acl_xattr
 
 __all__ = ["compare_trees"]
 

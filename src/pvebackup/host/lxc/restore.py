@@ -27,9 +27,9 @@ from typing import BinaryIO
 
 import zstandard
 
+from pvebackup.api.acl import acl_text_to_xattr
 from pvebackup.api.errors import IntegrityError, PveBackupError
 from pvebackup.api.types import IdMapEntry, LogFunction
-from pvebackup.host.lxc.acl import acl_text_to_xattr
 from pvebackup.host.lxc.writer import Entry, EntryKind, SafeTreeWriter
 
 __all__ = ["copy_directory", "extract_tar"]

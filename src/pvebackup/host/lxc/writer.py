@@ -37,10 +37,10 @@ from enum import Enum
 from pathlib import Path
 from typing import IO
 
+from pvebackup.api.acl import ACL_XATTRS, map_acl_xattr
 from pvebackup.api.errors import PveBackupError, UnsafeArchiveError
 from pvebackup.api.idmap import OVERFLOW_ID, IdMapper
 from pvebackup.api.types import IdMapEntry, LogFunction
-from pvebackup.host.lxc.acl import ACL_XATTRS, map_acl_xattr
 
 __all__ = ["Entry", "EntryKind", "SafeTreeWriter", "split_name"]
 

@@ -7,18 +7,17 @@ inside POSIX ACLs: the named ``user:``/``group:`` entries of the raw
 with the same reverse mapping. The archive also stores ACLs in the text form
 GNU tar and star use (``SCHILY.acl.access``), built from the raw value.
 
-Raw ACL xattr layout (Linux ``posix_acl_xattr.h``), little endian: a 4-byte
-version (2), then 8-byte entries ``tag:u16 perm:u16 id:u32``.
+The ACL codec itself is :mod:`pvebackup.api.acl`, shared with the host's restore.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import struct
 from collections.abc import Sequence
 from typing import Protocol
 
+from pvebackup.api.acl import ACL_XATTRS, acl_to_text, map_acl_xattr
 from pvebackup.api.idmap import IdMapper
 from pvebackup.api.types import IdMapEntry
 
@@ -31,20 +30,6 @@ __all__ = [
     "read_xattrs",
 ]
 
-ACL_XATTRS = ("system.posix_acl_access", "system.posix_acl_default")
-_HEADER = struct.Struct("<I")
-_ENTRY = struct.Struct("<HHI")
-_VERSION = 2
-_USER_OBJ, _USER, _GROUP_OBJ, _GROUP, _MASK, _OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
-_TAG_NAMES = {
-    _USER_OBJ: "user",
-    _USER: "user",
-    _GROUP_OBJ: "group",
-    _GROUP: "group",
-    _MASK: "mask",
-    _OTHER: "other",
-}
-
 
 class IdTranslator(Protocol):
     """Maps one uid or gid (host ids to container ids, or the reverse)."""
@@ -54,39 +39,9 @@ class IdTranslator(Protocol):
     def gid(self, gid: int) -> int: ...
 
 
-def _entries(raw: bytes) -> list[tuple[int, int, int]]:
-    if len(raw) < _HEADER.size or (len(raw) - _HEADER.size) % _ENTRY.size:
-        raise ValueError(f"malformed POSIX ACL xattr of {len(raw)} bytes")
-    (version,) = _HEADER.unpack_from(raw)
-    if version != _VERSION:
-        raise ValueError(f"unknown POSIX ACL xattr version {version}")
-    return [entry for entry in _ENTRY.iter_unpack(raw[_HEADER.size :])]
-
-
 def map_acl_ids(raw: bytes, ids: IdTranslator) -> bytes:
     """The raw ACL value with the ids of named user and group entries mapped."""
-    out = [_HEADER.pack(_VERSION)]
-    for tag, perm, ident in _entries(raw):
-        if tag == _USER:
-            ident = ids.uid(ident)
-        elif tag == _GROUP:
-            ident = ids.gid(ident)
-        out.append(_ENTRY.pack(tag, perm, ident))
-    return b"".join(out)
-
-
-def acl_to_text(raw: bytes) -> str:
-    """GNU tar's text form: ``user::rw-,user:1000:r--,group::r--,mask::r--,other::---``.
-
-    Named entries carry numeric ids (the archive is restored with
-    ``--numeric-owner``; names would mean the host's, not the container's users).
-    """
-    parts = []
-    for tag, perm, ident in _entries(raw):
-        qualifier = str(ident) if tag in (_USER, _GROUP) else ""
-        bits = "".join(ch if perm & bit else "-" for ch, bit in (("r", 4), ("w", 2), ("x", 1)))
-        parts.append(f"{_TAG_NAMES.get(tag, 'unknown')}:{qualifier}:{bits}")
-    return ",".join(parts)
+    return map_acl_xattr(raw, ids.uid, ids.gid)
 
 
 def read_xattrs(path: str, ids: IdTranslator) -> dict[str, bytes]:

@@ -3,8 +3,10 @@
 Named user and group entries carry ids, so restoring an ACL into a container with
 another id map must rewrite them, and the kernel wants the entries sorted again
 afterwards. GNU tar ``--acls`` writes the text form (``SCHILY.acl.access``) next
-to the raw xattr; :func:`acl_text_to_xattr` turns that text into the raw form for
-archives that carry only the text.
+to the raw xattr; :func:`acl_to_text` and :func:`acl_text_to_xattr` convert between
+the two. Providers map ids from host to container ids when they back up, the host
+maps them back when it restores: both use this one codec, which is why it lives in
+``api``.
 
 Raw layout (little endian): a u32 version (2), then per entry u16 tag, u16 perm,
 u32 id, where the id is 0xFFFFFFFF for entries that name no user or group.
@@ -19,6 +21,7 @@ __all__ = [
     "ACL_XATTRS",
     "acl_ids",
     "acl_text_to_xattr",
+    "acl_to_text",
     "map_acl_xattr",
 ]
 
@@ -116,3 +119,20 @@ def acl_text_to_xattr(text: str) -> bytes:
     if not entries:
         raise ValueError("empty ACL")
     return _encode(entries)
+
+
+_TAG_NAMES = {tag: kind for (kind, _named), tag in _TEXT_TAGS.items()}
+
+
+def acl_to_text(value: bytes) -> str:
+    """GNU tar's text form: ``user::rw-,user:1000:r--,group::r--,mask::r--,other::---``.
+
+    Named entries carry numeric ids (archives are restored with ``--numeric-owner``;
+    names would mean the host's users, not the container's). Raises ``ValueError``.
+    """
+    parts = []
+    for tag, perm, ident in _parse(value):
+        qualifier = str(ident) if tag in (_USER, _GROUP) else ""
+        bits = "".join(ch if perm & bit else "-" for ch, bit in (("r", 4), ("w", 2), ("x", 1)))
+        parts.append(f"{_TAG_NAMES.get(tag, 'unknown')}:{qualifier}:{bits}")
+    return ",".join(parts)
