@@ -150,7 +150,7 @@ def test_failed_restore_removes_what_it_created(node: Node) -> None:
 
     with pytest.raises(ExternalToolError):
         run_restore(node.root, "rec:qemu-100-000", 301, terminal=None)
-    assert not (node.images / "301").exists() or not any((node.images / "301").iterdir())
+    assert not (node.images / "301").exists()
     assert node.root.guest_type(301) is None
 
 
@@ -167,4 +167,4 @@ def test_qemu_img_failure_still_cleans_up(node: Node, monkeypatch: pytest.Monkey
         run_restore(node.root, "rec:qemu-100-000", 200, terminal=None)
     assert call_names(node.backup_dir)[-1] == "restore_qemu_img_cleanup"
     assert node.root.guest_type(200) is None
-    assert not list((node.images / "200").iterdir())
+    assert not (node.images / "200").exists()  # the directory the restore made too

@@ -140,6 +140,10 @@ def test_alloc_and_free_subvol(plugin: DirPlugin, scfg: dict[str, str]) -> None:
         plugin.alloc_subvol(scfg, "local", 200, name="mp0")
     plugin.free_image(scfg, volname)  # removes the tree
     assert not path.exists()
+    plugin.free_image(scfg, "200/subvol-200-disk-1.subvol")
+    assert path.parent.is_dir()  # 200/mp0 is still there
+    plugin.free_image(scfg, "200/mp0")
+    assert not path.parent.exists()  # the guest's last volume took its directory along
 
 
 def test_free_missing_volume(plugin: DirPlugin, scfg: dict[str, str]) -> None:

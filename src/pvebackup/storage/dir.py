@@ -198,6 +198,9 @@ class DirPlugin(StoragePlugin):
     def free_image(self, scfg: Mapping[str, str], volname: str) -> None:
         """Remove an image file or a subvol directory (with its content).
 
+        The guest's ``images/<vmid>`` directory goes too once it is empty, so that
+        freeing what an allocation made (a failed restore) leaves nothing behind.
+
         :raises VolumeNotFoundError: it does not exist.
         """
         path = self.image_path(scfg, volname)
@@ -208,3 +211,7 @@ class DirPlugin(StoragePlugin):
                 path.unlink()
         except FileNotFoundError as exc:
             raise VolumeNotFoundError(f"volume {volname} not found at {path}") from exc
+        try:
+            path.parent.rmdir()
+        except OSError:
+            pass  # other volumes of the guest are still there (ENOTEMPTY)

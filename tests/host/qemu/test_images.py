@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from pvebackup.api.errors import ExternalToolError
 from pvebackup.host.qemu import images
+from pvebackup.host.qemu.daemon import StorageDaemon
 from pvebackup.host.qemu.images import (
     BitmapInfo,
     bitmap_add,
@@ -61,16 +60,20 @@ def test_failures_carry_stderr(tmp_path: Path) -> None:
 def test_locked_image_needs_force_share(tmp_path: Path) -> None:
     q = tmp_path / "a.qcow2"
     create_image(q, 1 << 20)
-    holder = subprocess.Popen(["qemu-io", "-c", "sleep 60000", str(q)])
-    try:
-        deadline = time.monotonic() + 30  # until qemu-io has the image open
+    # A daemon holding the image open read-write: QMP answers blockdev-add only
+    # once the image is open and locked, so there is no race with qemu-img.
+    with StorageDaemon() as daemon:
+        daemon.execute(
+            "blockdev-add",
+            **{
+                "node-name": "held",
+                "driver": "qcow2",
+                "file": {"driver": "file", "filename": str(q)},
+            },
+        )
         with pytest.raises(ExternalToolError, match="lock"):
-            while time.monotonic() < deadline:
-                image_info(q)
+            image_info(q)
         assert image_info(q, force_share=True).virtual_size == 1 << 20
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_missing_tool_and_bad_output(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

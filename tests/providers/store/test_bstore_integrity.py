@@ -77,8 +77,13 @@ def test_corrupt_chunk_fails_restore_naming_snapshot_and_chunk(
     data[-1] ^= 0x01
     path.write_bytes(bytes(data))
     out = tmp_path / "out.qcow2"
-    with pytest.raises(Exception, match="qemu-img"):
+    # qemu-img sees only EIO; the cleanup names the chunk and exits with code 5
+    with pytest.raises(CorruptChunkError) as failed:
         host.restore(volname, out)
+    assert "qemu-img" in str(failed.value.__context__)
+    message = str(failed.value)
+    assert str(sid) in message and "chunk 5" in message and victim.hex() in message
+    assert failed.value.exit_code == 5
     errors = [m for lv, m in host.log.lines if lv == "err"]
     assert errors, host.log.text()
     assert str(sid) in errors[0] and "chunk 5" in errors[0] and victim.hex() in errors[0]

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import errno
 import os
-import sys
 import threading
 from typing import Any
 
 import nbdkit
+
+from pvebackup.api.errors import IntegrityError
 
 API_VERSION = 2
 
@@ -31,7 +32,8 @@ _lock = threading.Lock()
 
 
 def _error(message: str) -> None:
-    print(f"pvebackup restore: {message}", file=sys.stderr, flush=True)
+    # One write(2) per line: nbdkit's threads report at the same time.
+    os.write(2, f"pvebackup restore: {message}\n".encode(errors="replace"))
 
 
 def thread_model() -> int:
@@ -105,6 +107,10 @@ def extents(h: int, count: int, offset: int, flags: int) -> list[tuple[int, int,
 def pread(h: int, buf: bytearray, offset: int, flags: int) -> None:
     try:
         _image.pread(buf, offset)
+    except IntegrityError as exc:
+        _error(f"integrity: {exc}")  # the provider raises CorruptChunkError from this
+        nbdkit.set_error(errno.EIO)
+        raise
     except Exception as exc:
         _error(str(exc))
         nbdkit.set_error(errno.EIO)

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from pvebackup.api.errors import (
+    CorruptChunkError,
     IntegrityError,
     NotFoundError,
     PveBackupError,
@@ -358,6 +359,12 @@ class BackupStoreProvider(BackupProvider):
         errors = server.stop()
         if errors:
             self.log("err", f"restore of {devicename} from {volname}: {errors}")
+        if server.integrity_failures:
+            # The host's qemu-img only saw EIO; say what really failed (exit code 5).
+            raise CorruptChunkError(
+                f"restore of {devicename} from {volname} stopped: "
+                + "; ".join(server.integrity_failures)
+            )
 
     def read_task_log(self, volname: str) -> str | None:
         """The stored task log of a backup, ``None`` if it has none."""

@@ -30,6 +30,8 @@ _PLUGIN = Path(__file__).with_name("nbdkit_plugin.py")
 _START_TIMEOUT = 30.0
 _STOP_TIMEOUT = 10.0
 ERROR_PREFIX = "pvebackup restore: "
+INTEGRITY_PREFIX = "integrity: "
+"""After ERROR_PREFIX: the read failed verification (a damaged or missing chunk)."""
 
 
 def plugin_pythonpath() -> str:
@@ -61,6 +63,7 @@ class RestoreServer:
         self.pidfile = self.workdir / "nbdkit.pid"
         self.stderr_path = self.workdir / "nbdkit.err"
         self._proc: subprocess.Popen[bytes] | None = None
+        self.integrity_failures: list[str] = []
         try:
             self._start(backend, location, snapshot, device, key_material)
         except BaseException:
@@ -128,8 +131,21 @@ class RestoreServer:
             return "; ".join(dict.fromkeys(ours))
         return " | ".join(text.strip().splitlines()[-5:])
 
+    def integrity_errors(self) -> list[str]:
+        """The plugin's reports of chunks that failed verification."""
+        try:
+            text = self.stderr_path.read_text(errors="replace")
+        except OSError:
+            return []
+        marker = ERROR_PREFIX + INTEGRITY_PREFIX
+        found = [line[len(marker) :] for line in text.splitlines() if line.startswith(marker)]
+        return list(dict.fromkeys(found))
+
     def stop(self) -> str:
-        """Stop the server (by pid) and remove its files. Returns :meth:`errors`."""
+        """Stop the server (by pid) and remove its files. Returns :meth:`errors`.
+
+        Chunks the plugin found damaged stay listed in ``integrity_failures``.
+        """
         errors = ""
         proc, self._proc = self._proc, None
         if proc is not None:
@@ -142,5 +158,6 @@ class RestoreServer:
                     proc.wait()
         if self.workdir.exists():
             errors = self.errors()
+            self.integrity_failures = self.integrity_errors()
             shutil.rmtree(self.workdir, ignore_errors=True)
         return errors
