@@ -15,7 +15,9 @@ test sees the sequence also when the job ran in another process.
 Knobs (storage.cfg properties): ``bitmap-id`` (default ``bm1``; ``none`` for no
 bitmap), ``mechanism-qemu``/``mechanism-lxc`` (what backup_get_mechanism returns),
 ``fail-vmid`` (backup_nbd/backup_directory of that guest raise), ``fail-job-start``,
-``restore-mechanism``, ``fail-restore`` (restore_qemu_img_init / *_init raise).
+``restore-mechanism``, ``fail-restore`` (restore_qemu_img_init / *_init raise),
+``hold-directory`` (backup_directory creates ``DIR/holding-<vmid>`` and waits for
+``DIR/release-<vmid>`` before it reads, so a test can act in the middle).
 """
 
 from __future__ import annotations
@@ -194,6 +196,13 @@ class RecordingProvider(BackupProvider):
             list(sources),
             bandwidth_limit,
         )
+        if self.scfg.get("hold-directory"):
+            (self.base / f"holding-{vmid}").write_text(directory)
+            deadline = time.monotonic() + 60
+            while not (self.base / f"release-{vmid}").exists():
+                if time.monotonic() > deadline:
+                    raise ExternalToolError("hold-directory: never released")
+                time.sleep(0.02)
         tree = self.staging[vmid] / "tree"
         cmd = ["rsync", "-aHAX", "--numeric-ids", "--modify-window=-1"]
         cmd += [f"--exclude={p}" for p in exclude_paths]
@@ -344,6 +353,7 @@ class RecordingPlugin(StoragePlugin):
         "fail-job-start": PropertySpec(),
         "restore-mechanism": PropertySpec(),
         "fail-restore": PropertySpec(),
+        "hold-directory": PropertySpec(flag=True),
     }
 
     def new_backup_provider(
