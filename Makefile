@@ -47,8 +47,10 @@ lint: setup
 test: setup lint
 	$(VENV)/bin/pytest -q
 
+# DEMO_ARGS=--keep keeps the sample node; --dir DIR uses DIR.
+DEMO_ARGS ?=
 demo: setup
-	$(PY) -m pvebackup.demo
+	$(PY) -m pvebackup.demo $(DEMO_ARGS)
 
 bench: setup
 	@missing=""; for p in $(BENCH_PACKAGES); do \

@@ -86,15 +86,16 @@ class Demo:
         cmd = [sys.executable, "-m", "pvebackup", "--root", str(self.root), *args]
         print("$ pvebackup " + " ".join(["--root", str(self.root), *args]), flush=True)
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, text=True, stderr=subprocess.PIPE,
-                                stdout=subprocess.PIPE if capture else None)
-        assert proc.stderr is not None
+        proc = subprocess.Popen(cmd, text=True, stderr=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert proc.stderr is not None and proc.stdout is not None
         log = []
         for line in proc.stderr:
             print(line, end="", file=sys.stderr, flush=True)
             log.append(line)
-        stdout = proc.stdout.read() if proc.stdout is not None else ""
+        stdout = proc.stdout.read()  # the command's report comes after its log
         proc.wait()
+        if not capture:
+            print(stdout, end="", flush=True)
         elapsed = time.perf_counter() - start
         if proc.returncode != 0:
             raise SystemExit(f"demo: `pvebackup {' '.join(args)}` failed (exit {proc.returncode})")
@@ -296,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep and args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
+            print(f"\n(removed {root}; `make demo DEMO_ARGS=--keep` keeps it to look around)")
     print("\nresult: " + ("both guests restored identical to the second backup" if ok
                           else "DIFFERENCES FOUND (see above)"))
     return 0 if ok else 1
