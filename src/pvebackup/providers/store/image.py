@@ -51,8 +51,8 @@ class SnapshotImage:
         name: str,
         *,
         cache_chunks: int = 64,
-        read_ahead: int = 8,
-        workers: int = 2,
+        read_ahead: int = 16,
+        workers: int = 4,
     ) -> None:
         self._read_chunk = read_chunk
         self.index = index
