@@ -59,12 +59,15 @@ def test_errno_mapping(
     b = LocalBackend(tmp_path)
     b.put("k", b"x", overwrite=False)
 
-    def fail(self: Path) -> bytes:
+    def fail(fd: int, n: int) -> bytes:
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(Path, "read_bytes", fail)
-    with pytest.raises(error):
-        b.get("k")
+    monkeypatch.setattr(os, "read", fail)  # what get() calls after opening the object
+    try:
+        with pytest.raises(error):
+            b.get("k")
+    finally:
+        monkeypatch.undo()
 
 
 def test_durable_put_creates_parents(tmp_path: Path) -> None:
