@@ -23,8 +23,13 @@ leaves existing guests untouched.
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -257,13 +262,19 @@ class _Restore:
                 self.volname, self.storeid, disk.devicename
             )
             try:
-                _qemu_img_convert(str(source), path)
+                _qemu_img_convert(str(source), path, self._progress(disk.devicename))
             finally:
                 self.provider.restore_qemu_img_cleanup(
                     self.volname, self.storeid, disk.devicename
                 )
             replace[disk.key] = disk.spec.render(volume=volid, size=format_size(size))
         return replace
+
+    def _progress(self, devicename: str) -> Callable[[float], None]:
+        def report(percent: float) -> None:
+            self.log.info(f"{devicename}: {percent:.0f}% restored")
+
+        return report
 
     def _restore_ct(self, config: CtConfig, mechanism: RestoreMechanism) -> dict[str, str | None]:
         replace: dict[str, str | None] = {}
@@ -365,17 +376,50 @@ def _source_format(source: str) -> str | None:
     return str(fmt) if fmt else None
 
 
-def _qemu_img_convert(source: str, target: Path) -> None:
+_PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
+
+
+def _qemu_img_convert(
+    source: str,
+    target: Path,
+    progress: Callable[[float], None] | None = None,
+    *,
+    interval: float = 5.0,
+) -> None:
+    """``qemu-img convert`` ``source`` into the existing qcow2 ``target``.
+
+    ``progress(percent)`` is called at most every ``interval`` seconds while it
+    runs and once with 100 at the end (qemu-img's ``-p`` output, parsed).
+    """
     fmt = _source_format(source)
-    cmd = ["qemu-img", "convert", "-n", "--target-is-zero"]
+    cmd = ["qemu-img", "convert", "-p", "-n", "--target-is-zero"]
     if fmt is not None:
         cmd += ["-f", fmt]
     cmd += [source, "-O", "qcow2", str(target)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    except OSError as exc:
-        raise ExternalToolError(f"cannot run qemu-img: {exc}") from exc
-    if proc.returncode != 0:
-        raise ExternalToolError(
-            f"qemu-img convert {source} -> {target} failed: {proc.stderr.strip()}"
-        )
+    with tempfile.TemporaryFile() as errors:
+        try:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors)
+        except OSError as exc:
+            raise ExternalToolError(f"cannot run qemu-img: {exc}") from exc
+        stdout = proc.stdout
+        assert stdout is not None
+        try:
+            next_report = time.monotonic() + interval
+            while line := os.read(stdout.fileno(), 4096):  # "\r"-separated, unbuffered
+                found = _PROGRESS.findall(line)
+                if found and progress is not None and time.monotonic() >= next_report:
+                    next_report = time.monotonic() + interval
+                    progress(float(found[-1]))
+            proc.wait()
+        except BaseException:
+            proc.kill()  # SIGTERM or a failed callback: never leave qemu-img behind
+            proc.wait()
+            raise
+        finally:
+            stdout.close()
+        if proc.returncode != 0:
+            errors.seek(0)
+            message = errors.read().decode(errors="replace").strip()
+            raise ExternalToolError(f"qemu-img convert {source} -> {target} failed: {message}")
+    if progress is not None:
+        progress(100.0)
