@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 import nbd
 
 from pvebackup.api import BackupProvider
+from pvebackup.api.discard import discard_range
 from pvebackup.api.errors import (
     ExternalToolError,
     IntegrityError,
@@ -167,7 +168,9 @@ class RecordingProvider(BackupProvider):
                         if any(data):
                             fh.seek(offset)
                             fh.write(data)
-                        h.trim(n, offset)
+                        part = discard_range(offset, n, size)
+                        if part is not None:
+                            h.trim(part[1], part[0])
                         offset += n
                         if bandwidth_limit:
                             wait = n / bandwidth_limit - (time.monotonic() - started)

@@ -25,9 +25,7 @@ def storage_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def make_provider(
-    storage_path: Path, logs: LogRecords
-) -> Callable[..., BackupDirProvider]:
+def make_provider(storage_path: Path, logs: LogRecords) -> Callable[..., BackupDirProvider]:
     """``make_provider(**props)``: a provider on ``storage_path``, logging into ``logs``."""
 
     def make(**props: str) -> BackupDirProvider:

@@ -31,8 +31,14 @@ FILES = {
     "unmapped": (5000, 5000, 0o644),
     "srv/data/db.bin": (100033, 100033, 0o600),
 }
-EXCLUDED = {"var/log/syslog.log", "var/cache", "var/cache/apt", "var/cache/apt/pkg.bin",
-            "tmp/sub", "tmp/sub/junk"}
+EXCLUDED = {
+    "var/log/syslog.log",
+    "var/cache",
+    "var/cache/apt",
+    "var/cache/apt/pkg.bin",
+    "tmp/sub",
+    "tmp/sub/junk",
+}
 
 
 def expected_ct_id(host_id: int) -> int:
@@ -144,8 +150,18 @@ def test_tar_format_restores_with_gnu_tar(
     assert len(names) == len(set(names))  # nothing stored twice
     out = tmp_path / "restored"
     out.mkdir()
-    run("tar", "--zstd", "--xattrs", "--xattrs-include=*", "--acls", "--numeric-owner",
-        "-xpf", archive, "-C", str(out))
+    run(
+        "tar",
+        "--zstd",
+        "--xattrs",
+        "--xattrs-include=*",
+        "--acls",
+        "--numeric-owner",
+        "-xpf",
+        archive,
+        "-C",
+        str(out),
+    )
     check_restored(ct_root, out, exact_ns=False)
     provider.restore_tar_cleanup(volname, STOREID)
     provider.restore_tar_cleanup(volname, STOREID)  # idempotent
@@ -188,9 +204,7 @@ def test_job_abort_removes_unfinished_backups(ct_root: Path, provider: BackupDir
     assert list(provider.layout.backup_dir.iterdir()) == []
 
 
-def test_bandwidth_limit_applies_to_file_data(
-    tmp_path: Path, provider: BackupDirProvider
-) -> None:
+def test_bandwidth_limit_applies_to_file_data(tmp_path: Path, provider: BackupDirProvider) -> None:
     root = tmp_path / "small"
     root.mkdir()
     (root / "blob").write_bytes(os.urandom(1024 * 1024))
@@ -203,5 +217,17 @@ def test_bandwidth_limit_applies_to_file_data(
     elapsed = time.monotonic() - start
     assert 0.45 <= elapsed < 1.5
     provider.backup_end(201)
-    assert subprocess.run(["zstd", "-t", "-q", str(provider.layout.volume_path(
-        provider.backup_get_target(201, GuestType.LXC)) / "root.tar.zst")]).returncode == 0
+    assert (
+        subprocess.run(
+            [
+                "zstd",
+                "-t",
+                "-q",
+                str(
+                    provider.layout.volume_path(provider.backup_get_target(201, GuestType.LXC))
+                    / "root.tar.zst"
+                ),
+            ]
+        ).returncode
+        == 0
+    )

@@ -91,9 +91,7 @@ def full_backup(
 
 
 def image_map(image: Path) -> list[dict[str, Any]]:
-    result: list[dict[str, Any]] = json.loads(
-        run("qemu-img", "map", "--output=json", str(image))
-    )
+    result: list[dict[str, Any]] = json.loads(run("qemu-img", "map", "--output=json", str(image)))
     return result
 
 

@@ -26,8 +26,18 @@ def names(walker: SourceWalker) -> list[str]:
 def test_depth_first_sorted_with_nested_source_in_place(tree: Path) -> None:
     walker = SourceWalker(str(tree), ["./srv/data", "."], [])
     assert names(walker) == [
-        ".", "./a", "./a/x", "./a/y.log", "./cache", "./cache/big", "./cache/big/f",
-        "./srv", "./srv/data", "./srv/data/db", "./srv/other", "./z",
+        ".",
+        "./a",
+        "./a/x",
+        "./a/y.log",
+        "./cache",
+        "./cache/big",
+        "./cache/big/f",
+        "./srv",
+        "./srv/data",
+        "./srv/data/db",
+        "./srv/other",
+        "./z",
     ]
 
 
@@ -44,7 +54,14 @@ def test_excluded_directories_are_not_descended(
     monkeypatch.setattr(os, "scandir", scandir)
     walker = SourceWalker(str(tree), ["."], ["/cache/", "*.log"])
     assert names(walker) == [
-        ".", "./a", "./a/x", "./srv", "./srv/data", "./srv/data/db", "./srv/other", "./z",
+        ".",
+        "./a",
+        "./a/x",
+        "./srv",
+        "./srv/data",
+        "./srv/data/db",
+        "./srv/other",
+        "./z",
     ]
     assert walker.excluded == 2
     assert not any(path.startswith("cache") for path in listed)

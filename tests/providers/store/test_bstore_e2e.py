@@ -70,9 +70,7 @@ def _incremental_setup(host: FakeHost, tmp_path: Path) -> tuple[Path, list[tuple
     return src, writes
 
 
-def test_incremental_reads_only_dirty_extents_and_restores(
-    host: FakeHost, tmp_path: Path
-) -> None:
+def test_incremental_reads_only_dirty_extents_and_restores(host: FakeHost, tmp_path: Path) -> None:
     src, writes = _incremental_setup(host, tmp_path)
     reads: list[tuple[int, int]] = []
     p = host.provider()

@@ -54,3 +54,24 @@ def test_full_incremental_restore_through_the_host(
     restored = [p for p in (tmp_path / "node/var/lib/vz/images/200").iterdir()]
     assert len(restored) == 1, result
     assert compare(disk, restored[0]).returncode == 0
+
+
+def test_raw_disk_with_a_4k_extent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A raw disk's lone 4 KiB data extent: discards stay 64 KiB aligned for QEMU."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    root, disk = _node(tmp_path / "node")
+    raw = disk.parent / "vm-100-disk-1.raw"
+    run("qemu-img", "create", "-q", "-f", "raw", str(raw), str(4 * MiB))
+    with root.config_path(100, GuestType.QEMU).open("a") as f:
+        f.write("tpmstate0: local:100/vm-100-disk-1.raw,size=4M,version=v2.0\n")
+    result = run_backup_job(root, "store1", [100], terminal=None)
+    assert not result.failed, result.guests
+    log = result.guests[0].log_path
+    assert log is not None and "exited unexpectedly" not in log.read_text()
+    target = result.guests[0].target
+    assert target is not None
+    run_restore(root, target, 200, terminal=None)
+    restored = sorted((tmp_path / "node/var/lib/vz/images/200").iterdir())
+    assert len(restored) == 2
+    assert compare(disk, restored[0]).returncode == 0
+    assert compare(raw, restored[1]).returncode == 0

@@ -33,6 +33,7 @@ from typing import Any
 
 import nbd
 
+from pvebackup.api.discard import discard_range
 from pvebackup.api.errors import ExternalToolError, NbdError
 from pvebackup.api.types import LogFunction
 from pvebackup.providers.directory.transfer import MIB, ProgressLog, RateLimiter
@@ -161,6 +162,7 @@ def copy_extents(
     # libnbd 1.14 never frees an nbd.Buffer, nor the memory one wraps: reading into
     # fresh buffers would keep every byte read alive. Reads therefore go into a
     # few reused bytearrays; what leaks is a few bytes of wrapper per read.
+    size = source.get_size()
     free: list[bytearray] = []
     pending: deque[tuple[Extent, bytearray, int]] = deque()
     todo: Iterator[Extent] = iter(reads)
@@ -193,8 +195,10 @@ def copy_extents(
             stats.written += extent.length
         free.append(store)
         if discard:
-            source.trim(extent.length, extent.offset)
-            stats.discarded += extent.length
+            part = discard_range(extent.offset, extent.length, size)
+            if part is not None:
+                source.trim(part[1], part[0])
+                stats.discarded += part[1]
         progress.advance(extent.length)
 
 

@@ -29,6 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
+from pvebackup.api.discard import discard_range
 from pvebackup.providers.store.nbdsource import BlockSource
 from pvebackup.providers.store.plan import ChunkJob, Range
 from pvebackup.providers.store.progress import BackupStats
@@ -113,7 +114,9 @@ class _Trimmer:
 
     def flush(self) -> None:
         if self._end > self._start:
-            self._source.trim(self._start, self._end - self._start)
+            part = discard_range(self._start, self._end - self._start, self._source.size)
+            if part is not None:
+                self._source.trim(*part)
         self._start = self._end = 0
 
 
