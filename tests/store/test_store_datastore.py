@@ -203,6 +203,18 @@ def test_snapshot_write_read_list_remove(store: Datastore) -> None:
         store.open_snapshot(SID)
 
 
+def test_index_of_a_sparse_disk_costs_little(store: Datastore) -> None:
+    """A snapshot's size follows its data, not the disk's size."""
+    digest = store.insert_chunk(_chunk(1)).digest
+    size = 64 * 1024**3  # 64 GiB: a plain index would hold 8 MiB of zero digests
+    with store.new_snapshot(SID) as w, w.index_writer("drive-scsi0", size) as iw:
+        iw.set(12345, digest)
+    stored = store.open_snapshot(SID).manifest.files["drive-scsi0.fidx"].size
+    assert stored < 64 * 1024
+    idx = store.open_snapshot(SID).open_index("drive-scsi0")
+    assert idx.size == size and idx.digest(12345) == digest and idx.is_zero(12346)
+
+
 def test_config_files_are_encrypted_in_encrypted_store(key: EncryptionKey) -> None:
     ds = Datastore.create(MemoryBackend(), key=key, chunk_size=CS)
     with ds.new_snapshot(SID) as w:
