@@ -34,7 +34,9 @@ def plugin() -> DirPlugin:
 def qemu_img_info(path: Path) -> dict[str, object]:
     out = subprocess.run(
         ["qemu-img", "info", "--output", "json", str(path)],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     info: dict[str, object] = json.loads(out)
     return info
@@ -44,10 +46,25 @@ def test_image_path(plugin: DirPlugin, scfg: dict[str, str]) -> None:
     assert plugin.image_path(scfg, "100/vm-100-disk-0.qcow2") == (
         Path(scfg["path"]) / "images" / "100" / "vm-100-disk-0.qcow2"
     )
+    # a linked clone of template 900: its own image, the base is its backing file
+    assert plugin.image_path(scfg, "900/base-900-disk-0.qcow2/100/vm-100-disk-0.qcow2") == (
+        Path(scfg["path"]) / "images" / "100" / "vm-100-disk-0.qcow2"
+    )
 
 
 @pytest.mark.parametrize(
-    "volname", ["vm-100-disk-0.qcow2", "abc/x.raw", "100/../x", "100/a/b", "100/", "/100/x"]
+    "volname",
+    [
+        "vm-100-disk-0.qcow2",
+        "abc/x.raw",
+        "100/../x",
+        "100/a/b",
+        "100/",
+        "/100/x",
+        "900/base/100/../x",
+        "a/b/100/x",
+        "900/base/100/x/y",
+    ],
 )
 def test_image_path_refuses_bad_volnames(
     plugin: DirPlugin, scfg: dict[str, str], volname: str
@@ -72,9 +89,7 @@ def test_path_is_a_required_property(plugin: DirPlugin) -> None:
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("fmt", ["qcow2", "raw"])
-def test_alloc_image_numbers_and_creates(
-    plugin: DirPlugin, scfg: dict[str, str], fmt: str
-) -> None:
+def test_alloc_image_numbers_and_creates(plugin: DirPlugin, scfg: dict[str, str], fmt: str) -> None:
     first = plugin.alloc_image(scfg, "local", 100, fmt, 4 * 1024 * 1024)
     second = plugin.alloc_image(scfg, "local", 100, fmt, 1024 * 1024)
     assert (first, second) == (f"100/vm-100-disk-0.{fmt}", f"100/vm-100-disk-1.{fmt}")

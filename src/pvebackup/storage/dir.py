@@ -35,7 +35,9 @@ IMAGE_FORMATS = ("raw", "qcow2")
 # as in Proxmox VE, so that vm-100-disk-0 and subvol-100-disk-0 never coexist.
 _DISK_NUMBER = re.compile(r"^(?:vm|base|subvol)-(\d+)-disk-(\d+)(?:\.|$)")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-_VOLNAME = re.compile(r"^(\d+)/([^/]+)$")
+# <vmid>/<name>, or a linked clone's <basevmid>/<basename>/<vmid>/<name>, whose
+# image lives at images/<vmid>/<name> like any other (its base is its backing file).
+_VOLNAME = re.compile(r"^(?:\d+/[^/]+/)?(\d+)/([^/]+)$")
 
 _DIR_PROPERTIES: dict[str, PropertySpec] = {
     **COMMON_PROPERTIES,
@@ -69,6 +71,9 @@ class DirPlugin(StoragePlugin):
 
     def image_path(self, scfg: Mapping[str, str], volname: str) -> Path:
         """``<path>/images/<vmid>/<name>`` for volname ``<vmid>/<name>``.
+
+        A linked clone's volname, ``<basevmid>/<basename>/<vmid>/<name>``, names the
+        same path (the base image is the qcow2's backing file).
 
         :raises UsageError: ``volname`` is not ``<vmid>/<name>`` with a plain name.
         """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -75,3 +76,41 @@ def test_raw_disk_with_a_4k_extent(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert len(restored) == 2
     assert compare(disk, restored[0]).returncode == 0
     assert compare(raw, restored[1]).returncode == 0
+
+
+def test_linked_clone_is_backed_up_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A linked clone (``local:900/base-900-disk-0.qcow2/100/vm-100-disk-0.qcow2``):
+    the backup holds its data and its base's, the restore is a standalone disk."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    root, _ = _node(tmp_path / "node")
+    images = tmp_path / "node/var/lib/vz/images"
+    base = images / "900/base-900-disk-0.qcow2"
+    base.parent.mkdir()
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(base), str(4 * MiB))
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x61 0 3M", str(base))
+    clone = images / "100/vm-100-disk-9.qcow2"
+    run(
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "../900/base-900-disk-0.qcow2",
+        "-F",
+        "qcow2",
+        str(clone),
+    )
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x62 1M 64k", str(clone))
+    root.config_path(100, GuestType.QEMU).write_text(
+        "scsi0: local:900/base-900-disk-0.qcow2/100/vm-100-disk-9.qcow2,size=4M\n"
+    )
+    result = run_backup_job(root, "store1", [100], terminal=None)
+    assert not result.failed, result.guests
+    target = result.guests[0].target
+    assert target is not None
+    run_restore(root, target, 200, terminal=None)
+    restored = next((images / "200").iterdir())
+    assert compare(clone, restored).returncode == 0
+    info = subprocess.run(["qemu-img", "info", str(restored)], capture_output=True, text=True)
+    assert "backing file" not in info.stdout
