@@ -15,6 +15,7 @@ from pvebackup.api.errors import (
     PluginError,
     StorageConfigError,
     StorageNotFoundError,
+    UnsupportedError,
 )
 from pvebackup.storage import (
     COMMON_PROPERTIES,
@@ -23,6 +24,7 @@ from pvebackup.storage import (
     parse_storage_config,
     read_storage_config,
     registered,
+    registry,
     storage_config,
     valid_storeid,
     write_storage_config,
@@ -157,17 +159,23 @@ def test_header_without_blank_line_starts_a_new_section() -> None:
 
 BAD_INPUT = [
     # (text, line, words in the message)
-    ("dir: local\n\tpath /a\n\nzfs: tank\n\tpool rpool\n", 4, ["unsupported type 'zfs'"]),
-    ("dir: local\n\tpath /a\n\ndir: local\n\tpath /b\n", 4,
-     ["duplicate storage id 'local'", "first defined on line 1"]),
+    ("dir: local\n\tpath /a\n\nzfz: tank\n\tpool rpool\n", 4, ["unsupported type 'zfz'"]),
+    (
+        "dir: local\n\tpath /a\n\ndir: local\n\tpath /b\n",
+        4,
+        ["duplicate storage id 'local'", "first defined on line 1"],
+    ),
     ("\tpath /a\n", 1, ["outside a section"]),
     ("dir: local\n\tpath /a\n\n\tcontent images\n", 4, ["outside a section"]),
     ("dir: 1local\n\tpath /a\n", 1, ["invalid storage id '1local'"]),
     ("dir: local-\n\tpath /a\n", 1, ["invalid storage id 'local-'"]),
     ("dir: l\n\tpath /a\n", 1, ["invalid storage id 'l'"]),
     ("dir: lo/cal\n\tpath /a\n", 1, ["invalid storage id 'lo/cal'"]),
-    ("dir: local\n\tpath /a\n\tcolour red\n", 3,
-     ["unknown property 'colour'", "type 'dir'", "known:", "path"]),
+    (
+        "dir: local\n\tpath /a\n\tcolour red\n",
+        3,
+        ["unknown property 'colour'", "type 'dir'", "known:", "path"],
+    ),
     ("# c\ndir: local\n\tcontent images\n", 2, ["lacks required property path"]),
     ("dir: local\n\tpath /a\n\tpath /b\n", 3, ["duplicate property 'path'"]),
     ("dir: local\n\tpath\n", 2, ["property 'path' needs a value"]),
@@ -190,9 +198,60 @@ def test_bad_input_names_file_and_line(text: str, line: int, words: list[str]) -
     assert isinstance(err, ConfigError) and err.exit_code == 2
 
 
+PVE_NODE_CFG = """\
+dir: local
+\tpath /var/lib/vz
+\tcontent iso,vztmpl,backup
+
+lvmthin: local-lvm
+\tthinpool data
+\tvgname pve
+\tcontent rootdir,images
+
+nfs: nas
+\texport /volume1/pve
+\tpath /mnt/pve/nas
+\tserver 192.0.2.10
+\tcontent backup,iso
+\toptions vers=4.2
+\tprune-backups keep-daily=7,keep-last=3
+
+pbs: pbs1
+\tdatastore main
+\tserver pbs.example
+\tcontent backup
+\tfingerprint aa:bb:cc
+\tusername backup@pbs
+\tnamespace site1
+
+zfspool: tank
+\tpool rpool/data
+\tsparse
+\tcontent images,rootdir
+"""
+
+
+def test_a_real_nodes_storage_cfg_parses_and_round_trips() -> None:
+    """The installer's lvmthin and the usual NFS/PBS/ZFS sections are recognised."""
+    cfg = parse_storage_config(PVE_NODE_CFG)
+    assert list(cfg) == ["local", "local-lvm", "nas", "pbs1", "tank"]
+    assert storage_config(cfg, "tank")["sparse"] == "1"
+    assert storage_config(cfg, "nas")["prune-backups"] == "keep-daily=7,keep-last=3"
+    assert cfg.to_text() == PVE_NODE_CFG
+    lvm = registry.lookup("lvmthin")
+    assert (
+        lvm.new_backup_provider(
+            storage_config(cfg, "local-lvm"), "local-lvm", lambda level, msg: None
+        )
+        is None
+    )
+    with pytest.raises(UnsupportedError, match="'dir' storages only"):
+        lvm.image_path(storage_config(cfg, "local-lvm"), "vm-100-disk-0")
+
+
 def test_unknown_type_lists_known_types() -> None:
     with pytest.raises(StorageConfigError, match="known types: .*dir"):
-        parse_storage_config("pbs: backup\n\tserver x\n")
+        parse_storage_config("pbss: backup\n\tserver x\n")
 
 
 @pytest.mark.usefixtures("testprov")
@@ -242,8 +301,17 @@ def test_storage_config_unknown_id_names_it_and_the_known_ones() -> None:
 
 @pytest.mark.parametrize(
     ("storeid", "ok"),
-    [("local", True), ("a1", True), ("Local-LVM_2.x", True), ("a", False),
-     ("1a", False), ("a-", False), ("a b", False), ("", False), ("a:b", False)],
+    [
+        ("local", True),
+        ("a1", True),
+        ("Local-LVM_2.x", True),
+        ("a", False),
+        ("1a", False),
+        ("a-", False),
+        ("a b", False),
+        ("", False),
+        ("a:b", False),
+    ],
 )
 def test_valid_storeid(storeid: str, ok: bool) -> None:
     assert valid_storeid(storeid) is ok

@@ -45,7 +45,7 @@ from pvebackup.api.errors import (
     StorageNotFoundError,
 )
 from pvebackup.storage import registry
-from pvebackup.storage.plugin import StoragePlugin
+from pvebackup.storage.plugin import PropertySpec, StoragePlugin
 
 __all__ = [
     "StorageConfig",
@@ -216,6 +216,8 @@ def _check_property(
     path: str, line: int | None,
 ) -> str:
     spec = plugin.properties.get(key)
+    if spec is None and plugin.open_properties:
+        spec = PropertySpec(flag=value is None)
     if spec is None:
         known = ", ".join(sorted(plugin.properties))
         raise StorageConfigError(

@@ -104,11 +104,15 @@ class StoragePlugin:
         registry refuses it unless ``APIVER - APIAGE <= api_version <= APIVER``.
     :cvar properties: every property a section of this type may have (include
         :data:`COMMON_PROPERTIES`); storage.cfg parsing refuses others.
+    :cvar open_properties: accept properties not in ``properties`` as they are
+        (valued, or flags when they have no value). Only for types pvebackup merely
+        has to recognise in a real node's storage.cfg (see ``storage.pve``).
     """
 
     type: ClassVar[str]
     api_version: ClassVar[int] = APIVER
     properties: ClassVar[Mapping[str, PropertySpec]] = COMMON_PROPERTIES
+    open_properties: ClassVar[bool] = False
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} type={getattr(self, 'type', '?')!r}>"

@@ -30,6 +30,7 @@ from importlib.metadata import EntryPoint, entry_points
 from pvebackup.api.errors import PluginError, PluginNotFoundError
 from pvebackup.storage.dir import DirPlugin
 from pvebackup.storage.plugin import StoragePlugin
+from pvebackup.storage.pve import other_pve_plugins
 from pvebackup.storage.version import check_api_version
 
 __all__ = [
@@ -46,7 +47,7 @@ ENTRY_POINT_GROUP = "pvebackup.storage_plugins"
 
 _log = logging.getLogger(__name__)
 
-_BUILTIN: tuple[type[StoragePlugin], ...] = (DirPlugin,)
+_BUILTIN: tuple[type[StoragePlugin], ...] = (DirPlugin, *other_pve_plugins())
 
 
 class _Registry:
