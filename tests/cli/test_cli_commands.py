@@ -64,8 +64,11 @@ def test_backup_list_restore_remove(cli_node: Node, capsys: pytest.CaptureFixtur
     assert run(cli_node, "list", "rec") == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["VOLID", "GUEST", "TYPE", "TIME", "(UTC)", "SIZE"]
-    assert re.match(r"rec:qemu-100-000\s+100\s+qemu\s+\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\s+\S+ "
-                    r"(B|KiB|MiB)$", lines[1])
+    assert re.match(
+        r"rec:qemu-100-000\s+100\s+qemu\s+\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\s+\S+ "
+        r"(B|KiB|MiB)$",
+        lines[1],
+    )
 
     assert run(cli_node, "restore", "rec:qemu-100-000", "100") == 7
     assert "error: guest 100 exists already" in capsys.readouterr().err
@@ -112,3 +115,21 @@ def test_missing_storage_cfg_is_a_config_error(
 ) -> None:
     assert main(["--root", str(tmp_path), "list", "rec"]) == 2
     assert "storage.cfg" in capsys.readouterr().err
+
+
+def test_list_shows_notes_when_a_storage_gives_them(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from pvebackup.api.types import GuestType
+    from pvebackup.cli import cmd_list
+    from pvebackup.storage import VolumeInfo
+
+    volumes = [
+        VolumeInfo("st:backup/a", 100, GuestType.QEMU, 0, 1024, "f", None, "full, stored 1 KiB"),
+        VolumeInfo("st:backup/b", 100, GuestType.QEMU, 60, 1024, "f", None, ""),
+    ]
+    monkeypatch.setattr(cmd_list, "list_volumes", lambda root, storeid: volumes)
+    assert cmd_list.run(cmd_list.ListOptions(tmp_path, "st")) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[-1] == "NOTES"
+    assert lines[1].endswith("full, stored 1 KiB")

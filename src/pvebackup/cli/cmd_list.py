@@ -50,9 +50,14 @@ def run(opts: ListOptions) -> int:
     if opts.output == "json":
         print(json.dumps([v.to_json() for v in volumes], indent=2))
         return 0
+    header = ["VOLID", "GUEST", "TYPE", "TIME (UTC)", "SIZE"]
     rows = [
         [v.volid, str(v.vmid), str(v.vmtype), utc_time(v.ctime), human_size(v.size)]
         for v in volumes
     ]
-    print(table(["VOLID", "GUEST", "TYPE", "TIME (UTC)", "SIZE"], rows))
+    if any(v.notes for v in volumes):
+        header.append("NOTES")
+        for row, v in zip(rows, volumes, strict=True):
+            row.append(v.notes)
+    print(table(header, rows))
     return 0

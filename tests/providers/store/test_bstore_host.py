@@ -13,6 +13,7 @@ from pvebackup.api.types import GuestType
 from pvebackup.host.guests import NodeRoot
 from pvebackup.host.job import run_backup_job
 from pvebackup.host.restore import run_restore
+from pvebackup.storage import lookup, read_storage_config, storage_config
 
 pytestmark = pytest.mark.e2e
 
@@ -51,6 +52,12 @@ def test_full_incremental_restore_through_the_host(
     target = second.guests[0].target
     assert target is not None
     volid = target if target.startswith("store1:") else f"store1:{target}"
+    cfg = read_storage_config(root.storage_cfg)
+    notes = [
+        v.notes
+        for v in lookup("backup-store").list_volumes(storage_config(cfg, "store1"), "store1")
+    ]
+    assert notes[0].startswith("full, stored ") and notes[1].startswith("incremental, stored ")
     result = run_restore(root, volid, 200, terminal=None)
     restored = [p for p in (tmp_path / "node/var/lib/vz/images/200").iterdir()]
     assert len(restored) == 1, result

@@ -25,6 +25,7 @@ from typing import ClassVar
 from pvebackup.api.errors import IntegrityError, VolumeNotFoundError
 from pvebackup.api.provider import BackupProvider
 from pvebackup.api.types import LogFunction
+from pvebackup.providers.store.progress import format_bytes
 from pvebackup.providers.store.provider import BackupStoreProvider
 from pvebackup.providers.store.settings import StoreSettings
 from pvebackup.storage.plugin import COMMON_PROPERTIES, PropertySpec, StoragePlugin, VolumeInfo
@@ -58,7 +59,11 @@ class BackupStorePlugin(StoragePlugin):
         return BackupStoreProvider(self, scfg, storeid, log_function)
 
     def list_volumes(self, scfg: Mapping[str, str], storeid: str) -> list[VolumeInfo]:
-        """Every committed snapshot, oldest first (a damaged one is listed, size 0)."""
+        """Every committed snapshot, oldest first (a damaged one is listed, size 0).
+
+        ``size`` is the disks' logical size (with deduplication, no byte count is
+        one backup's own); ``notes`` say full or incremental and what it stored.
+        """
         store = StoreSettings.from_scfg(scfg, storeid).open()
         volumes: list[VolumeInfo] = []
         for sid in store.list_snapshots():
@@ -67,6 +72,7 @@ class BackupStorePlugin(StoragePlugin):
             try:
                 snap = store.open_snapshot(sid)
                 size = sum(d.size for d in snap.devices.values())
+                notes = _describe(snap.manifest.metadata)
             except IntegrityError as exc:
                 notes = f"damaged: {exc}"
             volumes.append(
@@ -93,3 +99,10 @@ class BackupStorePlugin(StoragePlugin):
         except ValueError as exc:
             raise VolumeNotFoundError(f"{volname!r} is not a backup-store volume name") from exc
         StoreSettings.from_scfg(scfg, storeid).open().remove_snapshot(sid)
+
+
+def _describe(metadata: Mapping[str, str]) -> str:
+    """``"incremental, stored 259.2 KiB"``: how the backup was made, what it added."""
+    kind = "incremental" if "=reuse" in metadata.get("bitmap-modes", "") else "full"
+    stored = metadata.get("stored-bytes")
+    return kind if stored is None else f"{kind}, stored {format_bytes(int(stored))}"
