@@ -1,6 +1,6 @@
 """Imports between the layers of pvebackup point downwards only (docs/design.md).
 
-    cli (and top-level modules)  >  host  >  providers  >  store  >  storage  >  api
+    cli (and top-level modules)  >  host  >  providers  >  store  >  storage  >  kit  >  api
 
 A module may import its own layer and the layers below. Besides the order:
 ``api`` imports nothing of ours but itself; ``host`` never imports ``providers``
@@ -21,7 +21,7 @@ import pvebackup
 
 SRC = Path(pvebackup.__file__).resolve().parent
 
-LAYERS = ["api", "storage", "store", "providers", "host", "cli"]
+LAYERS = ["api", "kit", "storage", "store", "providers", "host", "cli"]
 TOP = len(LAYERS) - 1  # pvebackup/__init__.py, __main__.py, demo.py, ...: cli level
 
 
@@ -171,6 +171,10 @@ def test_checker_reports_file_line_and_import(fake_tree: Path) -> None:
     [
         ("pvebackup.api.provider", "pvebackup.api.errors", True),
         ("pvebackup.storage", "pvebackup.api", True),
+        ("pvebackup.storage.config", "pvebackup.kit.safefs", True),
+        ("pvebackup.kit.safefs", "pvebackup.storage", False),
+        ("pvebackup.kit.safefs", "pvebackup.api.errors", True),
+        ("pvebackup.api.errors", "pvebackup.kit", False),
         ("pvebackup.storage.config", "pvebackup.storage.registry", True),
         ("pvebackup.store.backends.s3", "pvebackup.api.errors", True),
         ("pvebackup.store.backends.s3", "pvebackup.store", False),
