@@ -13,6 +13,11 @@
                restore_directory_cleanup (always)
     write the new config (new vmid, new volume ids), then the firewall config
 
+The backed-up config is hostile input: keys that grant host access (hookscript,
+args, passthrough devices, host paths, raw ``lxc.*`` keys) are dropped with a
+warning unless ``keep_host_access``, and a container's id map always comes from
+the target, never from the backup (see :mod:`pvebackup.host.hostaccess`).
+
 Guarantees: an existing guest with the vmid is refused without ``force``. The
 restore fills *new* volumes; only when everything succeeded is the config written
 (atomically, the commit point) and, with ``force``, the old guest's volumes
@@ -43,7 +48,7 @@ from pvebackup.api.errors import (
     UnsupportedError,
 )
 from pvebackup.api.provider import BackupProvider
-from pvebackup.api.types import GuestType, RestoreMechanism
+from pvebackup.api.types import GuestType, IdMapEntry, RestoreMechanism
 from pvebackup.host.guests import (
     CtConfig,
     GuestConfig,
@@ -53,6 +58,7 @@ from pvebackup.host.guests import (
     parse_guest_config,
     write_config_file,
 )
+from pvebackup.host.hostaccess import restrict_config
 from pvebackup.host.lxc.restore import copy_directory, extract_tar
 from pvebackup.host.signals import abort_on_signals
 from pvebackup.host.tasklog import LogRouter
@@ -94,6 +100,7 @@ def run_restore(
     *,
     target_storage: str | None = None,
     force: bool = False,
+    keep_host_access: bool = False,
     terminal: TextIO | None = sys.stderr,
 ) -> RestoreResult:
     """Restore backup ``volid`` (``STOREID:VOLNAME``) as guest ``vmid``.
@@ -101,6 +108,9 @@ def run_restore(
     :param target_storage: a ``dir`` storage for the new volumes (default: the
         storage each volume had, if it is a ``dir`` storage, else the first one).
     :param force: replace an existing guest ``vmid`` (after the restore succeeded).
+    :param keep_host_access: keep the backed-up config's keys that grant host
+        access (each logged); without it they are dropped with a warning.
+        ``lxc.idmap`` is never restored from a backup.
     :raises GuestExistsError: guest ``vmid`` exists and ``force`` is not set.
     :raises UnsupportedError: the storage has no provider, or the mechanism does
         not fit the guest type.
@@ -124,6 +134,9 @@ def run_restore(
         )
     with abort_on_signals():
         run = _Restore(root, cfg, provider, storeid, volname, vmid, target_storage, log)
+        run.keep_host_access = keep_host_access
+        if isinstance(old_config, CtConfig):
+            run.target_id_map = old_config.explicit_id_map
         result = run.restore()
         if old_config is not None:
             run.remove_old_guest(old_config, result)
@@ -152,6 +165,8 @@ class _Restore:
         self.target_storage = target_storage
         self.log = log
         self.created: list[str] = []
+        self.keep_host_access = False
+        self.target_id_map: tuple[IdMapEntry, ...] = ()
         if target_storage is not None:
             self._dir_storage(target_storage)  # fail early on a bad --storage
 
@@ -201,7 +216,12 @@ class _Restore:
                 )
             text = self.provider.extract_guest_config(self.volname, self.storeid)
             where = f"{self.storeid}:{self.volname} (guest config)"
-            config = parse_guest_config(text, self.vmid, vmtype, where=where)
+            config = restrict_config(
+                parse_guest_config(text, self.vmid, vmtype, where=where),
+                keep_host_access=self.keep_host_access,
+                target_id_map=self.target_id_map,
+                log=self.log,
+            )
             firewall = self.provider.extract_firewall_config(self.volname, self.storeid)
             if isinstance(config, VmConfig):
                 replace = self._restore_vm(config)
