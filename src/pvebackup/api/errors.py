@@ -15,6 +15,7 @@ caller can decide whether retrying can help.
     │   └── GuestConfigError                     qemu-server/<vmid>.conf, lxc/<vmid>.conf
     ├── NotFoundError                   exit 3   something named does not exist
     │   ├── StorageNotFoundError                 no storage with that id
+    │   ├── StorageUnavailableError              storage path missing or not mounted
     │   ├── PluginNotFoundError                  no plugin for that storage type
     │   ├── GuestNotFoundError                   no guest with that vmid
     │   ├── VolumeNotFoundError                  no backup volume with that name
@@ -30,6 +31,7 @@ caller can decide whether retrying can help.
     │   ├── MissingKeyError                      encrypted store opened without a key
     │   ├── WrongKeyError                        key or passphrase does not fit
     │   └── KeyFileError                         unreadable or malformed key file
+    │       └── UnprotectedKeyFileError          key/passphrase file readable by group or others
     ├── StateError                      exit 7   refused because of existing state
     │   ├── GuestExistsError                     restore onto an existing vmid without --force
     │   ├── VolumeInUseError                     remove a volume another one depends on
@@ -81,7 +83,9 @@ __all__ = [
     "StateError",
     "StorageConfigError",
     "StorageNotFoundError",
+    "StorageUnavailableError",
     "TransientBackendError",
+    "UnprotectedKeyFileError",
     "UnsafeArchiveError",
     "UnsupportedError",
     "UsageError",
@@ -134,6 +138,13 @@ class NotFoundError(PveBackupError):
 
 class StorageNotFoundError(NotFoundError):
     """No storage with that id in storage.cfg."""
+
+
+class StorageUnavailableError(NotFoundError):
+    """The storage's path does not exist, or is not mounted although it must be.
+
+    Nothing was created: an unmounted disk must never make a backup fill ``/``.
+    """
 
 
 class PluginNotFoundError(NotFoundError):
@@ -203,6 +214,13 @@ class WrongKeyError(CryptoError):
 
 class KeyFileError(CryptoError):
     """The key file cannot be read or is malformed."""
+
+
+class UnprotectedKeyFileError(KeyFileError):
+    """A key or passphrase file is accessible by group or others (OpenSSH's rule).
+
+    The message names the file and says how to fix it (``chmod 600 FILE``).
+    """
 
 
 class StateError(PveBackupError):

@@ -8,6 +8,9 @@
         encryption-passphrase-file /etc/pvebackup/store1.pass   # only for protected keys
         chunk-size 262144                # for new indexes; default: the store's
 
+The key and passphrase files must be private to their owner (mode 0600 or
+0400): like OpenSSH, we refuse them otherwise (:class:`UnprotectedKeyFileError`).
+
 The backend is chosen in one place (:func:`make_backend`, ``local`` for now), so
 that S3 can join later without touching the provider. The key is loaded and
 checked against the store's config before any data is read or written: an
@@ -21,7 +24,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pvebackup.api.errors import NotFoundError, StorageConfigError
+from pvebackup.api.errors import KeyFileError, NotFoundError, StorageConfigError
+from pvebackup.kit.secretfile import read_secret_file
 from pvebackup.providers.store.restore_source import make_backend
 from pvebackup.store.datastore import Datastore
 from pvebackup.store.index import check_chunk_size
@@ -72,13 +76,12 @@ class StoreSettings:
             return load_key_file(self.key_file)
 
         def passphrase() -> str:
+            raw = read_secret_file(passphrase_file, "passphrase file")
             try:
-                with open(passphrase_file, encoding="utf-8") as f:
-                    return f.readline().rstrip("\n")
-            except OSError as exc:
-                raise StorageConfigError(
-                    f"storage {self.storeid!r}: cannot read encryption-passphrase-file "
-                    f"{passphrase_file}: {exc.strerror}"
+                return raw.decode("utf-8").partition("\n")[0]
+            except UnicodeDecodeError as exc:
+                raise KeyFileError(
+                    f"{passphrase_file}: the passphrase file is not UTF-8 text"
                 ) from exc
 
         return load_key_file(self.key_file, passphrase)
