@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pvebackup.api.errors import (
-    ConfigError,
     IntegrityError,
     StorageConfigError,
     UnsupportedError,
@@ -45,6 +44,7 @@ from pvebackup.providers.directory.volumes import (
     VolumeName,
     allocated_size,
 )
+from pvebackup.storage.basepath import BasePath
 
 __all__ = ["BackupDirProvider", "CT_FORMATS", "parse_flag"]
 
@@ -114,6 +114,7 @@ class BackupDirProvider(BackupProvider):
         if not path:
             raise StorageConfigError(f"storage {storeid!r}: backup-dir needs 'path'")
         self.layout = VolumeLayout(path)
+        self.base = BasePath.from_scfg(scfg, storeid, create_default=False)
         self.use_bitmap = parse_flag(scfg.get("bitmap"), True, "bitmap")
         self.ct_format = scfg.get("ct-format") or "tar"
         if self.ct_format not in CT_FORMATS:
@@ -128,10 +129,13 @@ class BackupDirProvider(BackupProvider):
     # job hooks -------------------------------------------------------------------
 
     def job_start(self, start_time: int) -> None:
-        """Check the storage path and create ``<path>/backup``."""
-        if not self.layout.root.is_dir():
-            raise ConfigError(f"storage {self.storeid!r}: path {self.layout.root} does not exist")
-        self.layout.backup_dir.mkdir(exist_ok=True)
+        """Check the storage path (mounted if ``is_mountpoint``; created only with
+        ``create-base-path``) and create ``<path>/backup`` (unless ``create-subdirs 0``).
+
+        :raises StorageUnavailableError: not mounted, or a path missing that may
+            not be created; nothing was created then.
+        """
+        self.base.subdir("backup", create=True)
         self.log("info", f"backup-dir: job started, writing to {self.layout.backup_dir}")
 
     def job_end(self) -> None:
@@ -154,7 +158,8 @@ class BackupDirProvider(BackupProvider):
     def backup_start(self, vmid: int, vmtype: GuestType) -> None:
         """Pick the volume name and create its temporary directory."""
         vmtype = GuestType(vmtype)
-        self.layout.backup_dir.mkdir(parents=True, exist_ok=True)
+        # checked again per guest: the disk may have been unmounted mid-job
+        self.base.subdir("backup", create=True)
         volname = self.layout.new_volname(vmtype, vmid, time.time())
         workdir = self.layout.temp_path(volname)
         workdir.mkdir()
@@ -376,6 +381,7 @@ class BackupDirProvider(BackupProvider):
         self, volname: str, storeid: str
     ) -> tuple[RestoreMechanism, GuestType]:
         """``qemu-img`` for VMs; ``tar`` or ``directory`` as the container was stored."""
+        self.base.activate()  # an unmounted storage: say so, not "no such backup"
         index = self.layout.read_index(volname)
         if index.vmtype is GuestType.QEMU:
             return RestoreMechanism.QEMU_IMG, GuestType.QEMU

@@ -7,6 +7,8 @@
         encryption-key /etc/pvebackup/store1.key
         encryption-passphrase-file /etc/pvebackup/store1.pass   # only for protected keys
         chunk-size 262144                # for new indexes; default: the store's
+        is_mountpoint yes                # usable only while a file system is mounted there
+        create-base-path 0               # create path when missing (default no: refused)
 
 The key and passphrase files must be private to their owner (mode 0600 or
 0400): like OpenSSH, we refuse them otherwise (:class:`UnprotectedKeyFileError`).
@@ -27,6 +29,7 @@ from pathlib import Path
 from pvebackup.api.errors import KeyFileError, NotFoundError, StorageConfigError
 from pvebackup.kit.secretfile import read_secret_file
 from pvebackup.providers.store.restore_source import make_backend
+from pvebackup.storage.basepath import BasePath
 from pvebackup.store.datastore import Datastore
 from pvebackup.store.index import check_chunk_size
 from pvebackup.store.keys import EncryptionKey, load_key_file
@@ -44,6 +47,7 @@ class StoreSettings:
     passphrase_file: str | None = None
     chunk_size: int | None = None
     backend: str = "local"
+    base: BasePath | None = None
 
     @classmethod
     def from_scfg(cls, scfg: Mapping[str, str], storeid: str) -> StoreSettings:
@@ -61,6 +65,7 @@ class StoreSettings:
         return cls(
             storeid=storeid,
             path=path,
+            base=BasePath.from_scfg(scfg, storeid, create_default=False),
             key_file=scfg.get("encryption-key") or None,
             passphrase_file=scfg.get("encryption-passphrase-file") or None,
             chunk_size=chunk_size,
@@ -89,13 +94,20 @@ class StoreSettings:
     def open(self, *, create: bool = False) -> Datastore:
         """Open the datastore; with ``create``, initialise an empty or new directory.
 
+        The path itself is never created unless ``create`` and the storage's
+        ``create-base-path`` allow it, and nothing at all while ``is_mountpoint``
+        is set and nothing is mounted (see :mod:`pvebackup.storage.basepath`).
+
+        :raises StorageUnavailableError: not mounted, or the path is missing (and
+            may not be created); nothing was created.
         :raises NotFoundError: there is no store at ``path`` (and not ``create``).
         :raises MissingKeyError, WrongKeyError, KeyFileError: key problems, found
             before anything in the store is touched.
         """
         key = self.load_key()
-        root = Path(self.path)
-        empty = not root.exists() or (root.is_dir() and not any(root.iterdir()))
+        base = self.base or BasePath(self.storeid, Path(self.path))
+        root = base.activate(create=create)
+        empty = not any(root.iterdir())
         if empty and not create:
             raise NotFoundError(f"storage {self.storeid!r}: no datastore at {self.path}")
         backend = make_backend(self.backend, self.path)
