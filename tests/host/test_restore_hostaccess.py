@@ -154,6 +154,7 @@ def test_ct_host_access_keys_and_archive_idmap(node: Node, keep: bool) -> None:
     for m in ARCHIVE_IDMAP:
         assert f"lxc.idmap: {m}: dropped" in text
     assert owners(node, 300) == {"etc/hostname": (100000, 100000), "etc/www": (100033, 100033)}
+    assert "privileged container" not in text
 
 
 def test_ct_restore_over_existing_container_uses_its_idmap(node: Node) -> None:
@@ -170,3 +171,12 @@ def test_ct_restore_over_existing_container_uses_its_idmap(node: Node) -> None:
         f"lxc.idmap: {m}" for m in target_map
     ]
     assert owners(node, 300) == {"etc/hostname": (200000, 200000), "etc/www": (200033, 200033)}
+
+
+def test_privileged_restore_is_announced(node: Node) -> None:
+    ct_volume(node, unprivileged=False)
+    log = io.StringIO()
+    run_restore(node.root, "rec:lxc-100-000", 300, terminal=log)
+    assert "restoring a privileged container" in log.getvalue()
+    assert owners(node, 300) == {"etc/hostname": (0, 0), "etc/www": (33, 33)}
+

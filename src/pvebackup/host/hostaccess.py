@@ -206,4 +206,13 @@ def restrict_config(
     if isinstance(config, CtConfig):
         lines.extend(f"lxc.idmap: {' '.join(e.as_list())}" for e in target_id_map)
     text = "\n".join(lines) + "\n"
-    return parse_guest_config(text, config.vmid, config.vmtype, where=config.where)
+    restricted = parse_guest_config(text, config.vmid, config.vmtype, where=config.where)
+    if isinstance(restricted, CtConfig) and not restricted.id_map():
+        # Proxmox VE restores a privileged backup as privileged for root, and so do
+        # we; but say so, as a backup edited on the storage can drop the flag.
+        log(
+            "warn",
+            "the backed-up config has no 'unprivileged: 1': restoring a privileged"
+            " container, whose root is the host's root",
+        )
+    return restricted
