@@ -22,6 +22,7 @@ from pvebackup.api.errors import (
     ConfigError,
     IntegrityError,
     StorageConfigError,
+    UnsafeArchiveError,
     UnsupportedError,
     UsageError,
     VolumeNotFoundError,
@@ -36,7 +37,7 @@ from pvebackup.api.types import (
     LogFunction,
     RestoreMechanism,
 )
-from pvebackup.providers.directory import archive, tree, vm
+from pvebackup.providers.directory import archive, images, tree, vm
 from pvebackup.providers.directory.transfer import MIB
 from pvebackup.providers.directory.volumes import (
     BackupIndex,
@@ -121,6 +122,8 @@ class BackupDirProvider(BackupProvider):
                 f"storage {storeid!r}: ct-format must be tar or directory, not {self.ct_format!r}"
             )
         self._guests: dict[int, _GuestBackup] = {}
+        self._restores: dict[tuple[str, str], images.ImageChain] = {}
+        """Checked image chains, open from ``restore_qemu_img_init`` to its cleanup."""
 
     def provider_name(self) -> str:
         return "backup-dir"
@@ -233,8 +236,17 @@ class BackupDirProvider(BackupProvider):
             return None
         try:
             for devicename in self.layout.read_index(base).devices:
-                self.layout.image_chain(base, devicename)
-        except (VolumeNotFoundError, IntegrityError) as exc:
+                # The full restore-side check: a tampered base means a full backup
+                # now, not an incremental that could never be restored.
+                with images.open_chain(self.layout, base, devicename) as chain:
+                    if len(chain) >= images.MAX_CHAIN_DEPTH:
+                        self.log(
+                            "info",
+                            f"backup-dir: the chain of {base} has {len(chain)} images: "
+                            "starting a new chain",
+                        )
+                        return None
+        except (VolumeNotFoundError, IntegrityError, UnsafeArchiveError) as exc:
             self.log("warn", f"backup-dir: previous backup {base} unusable as a base: {exc}")
             return None
         return base
@@ -401,17 +413,30 @@ class BackupDirProvider(BackupProvider):
         return {name: {"size": dev.size} for name, dev in index.devices.items()}
 
     def restore_qemu_img_init(self, volname: str, storeid: str, devicename: str) -> str:
-        """The top image of the chain; qemu-img follows its backing files."""
-        chain = self.layout.image_chain(volname, devicename)
+        """The disk's checked image chain, pinned in a ``json:`` file name (qcow2).
+
+        Every image is opened and checked first (see :mod:`.images`); the name
+        returned opens exactly those files, backing files included, and only
+        while this provider holds them: until ``restore_qemu_img_cleanup``.
+
+        :raises UnsafeArchiveError: a stored name or image header reaches outside
+            the volume's own chain (:class:`UnsafeImageError` for headers).
+        """
+        self.restore_qemu_img_cleanup(volname, storeid, devicename)
+        chain = images.open_chain(self.layout, volname, devicename)
+        self._restores[(volname, devicename)] = chain
         self.log(
             "info",
-            f"backup-dir: restoring {devicename} from {chain[0].name} "
-            f"(chain of {len(chain)} image(s))",
+            f"backup-dir: restoring {devicename} from {chain.images[0].name} "
+            f"(chain of {len(chain)} checked image(s))",
         )
-        return str(chain[0])
+        return chain.source()
 
     def restore_qemu_img_cleanup(self, volname: str, storeid: str, devicename: str) -> None:
-        """Nothing to clean up: the host reads the stored image directly."""
+        """Close the images ``restore_qemu_img_init`` opened."""
+        chain = self._restores.pop((volname, devicename), None)
+        if chain is not None:
+            chain.close()
 
     def restore_tar_init(self, volname: str, storeid: str) -> str:
         return str(self._stored_ct_data(volname, "tar", TAR_NAME))
