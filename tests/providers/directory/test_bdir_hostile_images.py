@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from pvebackup.api.errors import (
 from pvebackup.api.types import GuestType
 from pvebackup.cli.main import main
 from pvebackup.host import restore
+from pvebackup.host.guests import NodeRoot
 from pvebackup.providers.directory import images
 from pvebackup.providers.directory.provider import BackupDirProvider
 from pvebackup.providers.directory.volumes import BackupIndex, DeviceEntry, VolumeName
@@ -330,14 +330,27 @@ def test_legit_chain_restores_identically_even_when_swapped_after_the_check(
     hostile_top = qcow2(tmp_path / "top.qcow2", "-b", str(secret_file(tmp_path)), "-F", "raw")
     os.replace(hostile_top, paths[-1])
     target = qcow2(tmp_path / "target.qcow2")
-    try:
-        restore._qemu_img_convert(source, target)
-    finally:
-        provider.restore_qemu_img_cleanup(names[-1], STOREID, DEVICE)
+    restore._qemu_img_convert(source, target)
     out = tmp_path / "out.raw"
     run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(target), str(out))
-    assert out.read_bytes() == expected.read_bytes()
+    assert out.read_bytes() == expected.read_bytes()  # the checked inodes were read
     assert b"HOST-SECRET" not in out.read_bytes()
+    # And the swap itself is noticed: the restore as a whole fails.
+    with pytest.raises(UnsafeImageError, match="replaced or removed"):
+        provider.restore_qemu_img_cleanup(names[-1], STOREID, DEVICE)
+
+
+def test_untouched_chain_passes_the_cleanup_check(
+    tmp_path: Path, storage_path: Path, provider: BackupDirProvider
+) -> None:
+    names, paths = build_chain(storage_path, 2)
+    before = open_fds()
+    source = provider.restore_qemu_img_init(names[-1], STOREID, DEVICE)
+    target = qcow2(tmp_path / "target.qcow2")
+    restore._qemu_img_convert(source, target)
+    provider.restore_qemu_img_cleanup(names[-1], STOREID, DEVICE)
+    assert open_fds() <= before
+    run("qemu-img", "compare", "-q", "-f", "qcow2", "-F", "qcow2", str(paths[-1]), str(target))
 
 
 def test_tampered_base_means_a_full_backup(
@@ -351,12 +364,11 @@ def test_tampered_base_means_a_full_backup(
     assert provider._usable_base(100) is None
 
 
-# -- through the command line --------------------------------------------------------
+# -- through the host and the command line -------------------------------------------
 
 
-def test_cli_restore_of_a_hostile_image_exits_8_and_leaves_nothing(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def make_node(tmp_path: Path) -> tuple[Path, Path]:
+    """A node root with a dir storage ``local`` and a backup-dir storage ``plain``."""
     node = tmp_path / "node"
     store = tmp_path / "plain"
     (node / "etc/pve/qemu-server").mkdir(parents=True)
@@ -366,6 +378,21 @@ def test_cli_restore_of_a_hostile_image_exits_8_and_leaves_nothing(
         f"dir: local\n\tpath {node}/vz\n\tcontent images,rootdir\n\n"
         f"backup-dir: plain\n\tpath {store}\n"
     )
+    return node, store
+
+
+def assert_nothing_restored(node: Path) -> None:
+    assert not (node / "etc/pve/qemu-server/200.conf").exists()
+    assert [p for p in (node / "vz").rglob("*") if p.is_file()] == []  # target freed
+    for path in node.rglob("*"):
+        if path.is_file():
+            assert b"HOST-SECRET" not in path.read_bytes()
+
+
+def test_cli_restore_of_a_hostile_image_exits_8_and_leaves_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    node, store = make_node(tmp_path)
     volname = volname_at(T0)
     directory = write_volume(store, volname)
     qcow2(directory / f"{DEVICE}.qcow2", "-b", str(secret_file(tmp_path)), "-F", "raw")
@@ -374,12 +401,50 @@ def test_cli_restore_of_a_hostile_image_exits_8_and_leaves_nothing(
     assert code == UnsafeImageError.exit_code == 8
     err = capsys.readouterr().err
     assert "host-secret" in err and volname in err
-    assert not (node / "etc/pve/qemu-server/200.conf").exists()
-    leftovers = [p for p in (node / "vz").rglob("*") if p.is_file()]
-    assert leftovers == []  # the allocated target was freed
-    for path in node.rglob("*"):
-        if path.is_file():
-            assert b"HOST-SECRET" not in path.read_bytes()
-    # The guest config parsed, the target was allocated: it failed at the image.
-    done = subprocess.run(["pgrep", "-f", f"qemu-img.*{store}"], capture_output=True)
-    assert done.returncode == 1
+    assert_nothing_restored(node)
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_cli_restore_of_a_linked_guest_config_exits_8(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    node, store = make_node(tmp_path)
+    volname = volname_at(T0)
+    directory = write_volume(store, volname)
+    qcow2(directory / f"{DEVICE}.qcow2")
+    (directory / "guest.conf").unlink()
+    if kind == "symlink":
+        os.symlink(secret_file(tmp_path), directory / "guest.conf")
+    else:
+        os.mkfifo(directory / "guest.conf")  # reading it would hang the restore
+    code = main(["--root", str(node), "restore", f"plain:{volname}", "200"])
+    assert code == 8
+    assert "guest configuration guest.conf is a" in capsys.readouterr().err
+    assert_nothing_restored(node)
+
+
+def test_header_rewritten_in_place_during_the_restore_fails_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race the check cannot close: the header is rewritten in place (same
+    inode) after the check, adding a data file that qemu then reads. The inode's
+    ctime gives it away, and the host throws the restored disk away."""
+    node, store = make_node(tmp_path)
+    volname = volname_at(T0)
+    image = qcow2(write_volume(store, volname) / f"{DEVICE}.qcow2")
+    data = tmp_path / "data-file"
+    hostile = qcow2(tmp_path / "hostile.qcow2", "-o", f"data_file={data}")
+    data.write_bytes(secret_file(tmp_path).read_bytes())
+    checked = BackupDirProvider.restore_qemu_img_init
+
+    def init_then_rewrite(self: BackupDirProvider, vol: str, sid: str, dev: str) -> str:
+        source = checked(self, vol, sid, dev)
+        with open(image, "r+b") as stored_image:  # same inode, new bytes
+            stored_image.write(hostile.read_bytes())
+            stored_image.truncate()
+        return source
+
+    monkeypatch.setattr(BackupDirProvider, "restore_qemu_img_init", init_then_rewrite)
+    with pytest.raises(UnsafeImageError, match="while it was being restored"):
+        restore.run_restore(NodeRoot(node), f"plain:{volname}", 200, terminal=None)
+    assert_nothing_restored(node)

@@ -11,7 +11,8 @@ So, before anything of a volume reaches qemu:
 
 1. Names read from storage are single path components (no ``/``, no ``..``, no
    NUL, no leading dot); files are opened relative to the volume's directory fd
-   with ``O_NOFOLLOW`` and must be regular files (no symlink, FIFO or device).
+   with ``O_NOFOLLOW`` and must be regular files (no symlink, FIFO or device):
+   see :mod:`.stored`.
 2. The chain is the provider's own: an image's backing file is the previous
    backup's image of the same device, named in ``index.json`` as a volume of the
    same VM that is strictly older (so the walk ends: no cycle), at most
@@ -29,24 +30,23 @@ So, before anything of a volume reaches qemu:
    inodes and ignores the backing names in the headers, so a file renamed,
    swapped or re-linked after the check cannot redirect the restore.
 
-Left open: a writer who rewrites a header *in place* between the check and
-qemu's open could still add a data file; that takes write access during the
-restore and a won race, not a planted file.
+5. A header rewritten *in place* between the check and qemu's open (which could
+   still add a data file) changes the inode's ctime, which no one can set back:
+   ``restore_qemu_img_cleanup`` compares every image's inode, size, mtime and
+   ctime with what was checked and fails the restore if any changed, so the
+   host throws the restored disk away.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import stat
 import struct
 import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
 from pvebackup.api.errors import (
-    CorruptIndexError,
     ExternalToolError,
     IntegrityError,
     UnsafeArchiveError,
@@ -54,33 +54,17 @@ from pvebackup.api.errors import (
     VolumeNotFoundError,
 )
 from pvebackup.api.types import GuestType
-from pvebackup.providers.directory.volumes import (
-    INDEX_NAME,
-    BackupIndex,
-    VolumeLayout,
-    VolumeName,
-)
+from pvebackup.providers.directory.stored import VolumeDir, check_stored_name
+from pvebackup.providers.directory.volumes import INDEX_NAME, VolumeLayout, VolumeName
 
-__all__ = [
-    "MAX_CHAIN_DEPTH",
-    "CheckedImage",
-    "ImageChain",
-    "check_stored_name",
-    "image_name",
-    "open_chain",
-]
+__all__ = ["MAX_CHAIN_DEPTH", "CheckedImage", "ImageChain", "image_name", "open_chain"]
 
 MAX_CHAIN_DEPTH = 256
 """Most images in one disk's chain. Bounds the walk and what qemu opens at once; a
 backup whose base chain is this long starts a new chain with a full backup."""
-INDEX_LIMIT = 1 << 20
-"""Largest ``index.json`` read (a VM's is a few hundred bytes per disk)."""
 INFO_TIMEOUT = 60.0
 """Seconds ``qemu-img info`` may take on one image."""
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-# O_NONBLOCK: should a FIFO appear between lstat and open, open must not hang.
-_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _QCOW2_MAGIC = b"QFI\xfb"
 _QCOW2_HEADER = struct.Struct(">4sI")  # magic, version
 _INCOMPAT_OFFSET = 72  # u64 incompatible_features, qcow2 version 3 and later
@@ -90,31 +74,6 @@ _INCOMPAT_DATA_FILE = 1 << 2
 def image_name(devicename: str) -> str:
     """The file name the provider stores a disk's image under."""
     return f"{devicename}.qcow2"
-
-
-def check_stored_name(name: object, what: str, volname: str) -> str:
-    """``name`` if it is one harmless path component, else :class:`UnsafeArchiveError`.
-
-    Threat: a name in ``index.json`` such as ``../../etc/passwd`` or ``/dev/sda``
-    that would make the restore read a host file.
-    """
-    if not isinstance(name, str) or not _plain_component(name):
-        raise UnsafeArchiveError(
-            f"backup volume {volname!r}: {what} {name!r} is not a plain file name "
-            "inside the volume"
-        )
-    return name
-
-
-def _plain_component(name: str) -> bool:
-    # A leading dot covers "." and ".." and keeps clear of the provider's own
-    # hidden names (.tmp-*, .last).
-    if "/" in name or "\0" in name or name.startswith("."):
-        return False
-    try:
-        return 0 < len(name.encode("utf-8")) <= 255
-    except UnicodeEncodeError:  # a lone surrogate from JSON
-        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +86,8 @@ class CheckedImage:
     fd: int
     size: int
     """Virtual size (equal to the index's)."""
+    stamp: tuple[int, int, int, int]
+    """Inode, size, mtime and ctime (ns) when it was opened, before the checks."""
     pid: int = field(default_factory=os.getpid)
 
     @property
@@ -160,6 +121,16 @@ class ImageChain:
                 "backing": node,
             }
         return "json:" + json.dumps(node, separators=(",", ":"))
+
+    def check_unchanged(self) -> None:
+        """Raise :class:`UnsafeImageError` if an image was written since it was checked."""
+        for image in self.images:
+            if _stamp(image.fd) != image.stamp:
+                raise UnsafeImageError(
+                    f"backup volume {image.volname!r}: {image.name} was written, replaced "
+                    "or removed while it was being restored; the restored disk cannot "
+                    "be trusted"
+                )
 
     def close(self) -> None:
         """Close every image; idempotent."""
@@ -215,15 +186,8 @@ def _open_level(
     layout: VolumeLayout, volname: str, devicename: str
 ) -> tuple[CheckedImage, str | None]:
     """One image of the chain and the volume name of its base (None at the bottom)."""
-    name = VolumeName.parse(volname)
-    dir_fd = _open_volume_dir(layout, volname)
-    try:
-        index = _read_index(dir_fd, volname)
-        if index.vmtype is not GuestType.QEMU or index.vmid != name.vmid:
-            raise CorruptIndexError(
-                f"backup volume {volname!r}: {INDEX_NAME} describes {index.vmtype.value} "
-                f"{index.vmid}, not this volume"
-            )
+    with VolumeDir(layout, volname) as volume:
+        index = volume.read_index()
         device = index.devices.get(devicename)
         if device is None:
             raise IntegrityError(
@@ -236,12 +200,12 @@ def _open_level(
                 f"backup volume {volname!r}: image {filename!r} of {devicename} is not "
                 f"the provider's name {image_name(devicename)!r}"
             )
-        base = _base_of(volname, name, devicename, device.backing)
-        fd = _open_regular(dir_fd, filename, volname, "image")
-    finally:
-        os.close(dir_fd)
-    image = CheckedImage(volname, filename, fd, device.size)
+        base = _base_of(volname, VolumeName.parse(volname), devicename, device.backing)
+        fd = volume.open_regular(filename, "image")
+    if fd is None:
+        raise IntegrityError(f"backup volume {volname!r} lacks its image {filename}")
     try:
+        image = CheckedImage(volname, filename, fd, device.size, _stamp(fd))
         expected = None
         if base is not None:
             # The relative name vm.create_image writes: the base's image, one level up.
@@ -251,6 +215,11 @@ def _open_level(
         os.close(fd)
         raise
     return image, base
+
+
+def _stamp(fd: int) -> tuple[int, int, int, int]:
+    st = os.fstat(fd)
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _base_of(volname: str, name: VolumeName, devicename: str, backing: object) -> str | None:
@@ -273,94 +242,6 @@ def _base_of(volname: str, name: VolumeName, devicename: str, backing: object) -
             f"which is not an older backup of VM {name.vmid}"
         )
     return str(base)
-
-
-def _open_volume_dir(layout: VolumeLayout, volname: str) -> int:
-    """A directory fd of the volume, every component below the storage path unfollowed."""
-    # The storage path itself comes from the node's storage.cfg: trusted.
-    root = os.open(layout.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        backup = _open_dir_at(root, layout.backup_dir.name, volname)
-        try:
-            return _open_dir_at(backup, VolumeName.parse(volname).dirname, volname)
-        finally:
-            os.close(backup)
-    finally:
-        os.close(root)
-
-
-def _open_dir_at(dir_fd: int, name: str, volname: str) -> int:
-    try:
-        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-    except FileNotFoundError as exc:
-        raise VolumeNotFoundError(f"backup volume {volname!r} does not exist") from exc
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise UnsafeArchiveError(
-                f"backup volume {volname!r}: {name} is a symbolic link or not a directory"
-            ) from exc
-        raise
-
-
-def _open_regular(dir_fd: int, name: str, volname: str, what: str) -> int:
-    """Open ``name`` below ``dir_fd`` read-only if it is a regular file."""
-    try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError as exc:
-        if name == INDEX_NAME:
-            raise VolumeNotFoundError(f"backup volume {volname!r} does not exist") from exc
-        raise IntegrityError(f"backup volume {volname!r} lacks its {what} {name}") from exc
-    # lstat first: a FIFO or device is refused without opening it (opening a
-    # tape or a FIFO has effects of its own).
-    if not stat.S_ISREG(st.st_mode):
-        raise UnsafeArchiveError(
-            f"backup volume {volname!r}: {what} {name} is {_kind(st.st_mode)}, "
-            "not a regular file"
-        )
-    try:
-        fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
-    except OSError as exc:
-        # ELOOP and the like: swapped for a link since the lstat.
-        raise UnsafeArchiveError(
-            f"backup volume {volname!r}: {what} {name} changed while it was opened: {exc}"
-        ) from exc
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise UnsafeArchiveError(
-            f"backup volume {volname!r}: {what} {name} changed while it was opened"
-        )
-    return fd
-
-
-def _kind(mode: int) -> str:
-    kinds = {
-        stat.S_IFLNK: "a symbolic link",
-        stat.S_IFIFO: "a FIFO",
-        stat.S_IFCHR: "a character device",
-        stat.S_IFBLK: "a block device",
-        stat.S_IFDIR: "a directory",
-        stat.S_IFSOCK: "a socket",
-    }
-    return kinds.get(stat.S_IFMT(mode), "not a regular file")
-
-
-def _read_index(dir_fd: int, volname: str) -> BackupIndex:
-    """``index.json`` of the volume the fd holds (not of whatever the name means now)."""
-    fd = _open_regular(dir_fd, INDEX_NAME, volname, "index")
-    try:
-        with os.fdopen(fd, "rb") as stream:
-            data = stream.read(INDEX_LIMIT + 1)
-    except OSError as exc:
-        raise CorruptIndexError(f"backup volume {volname!r}: cannot read {INDEX_NAME}") from exc
-    if len(data) > INDEX_LIMIT:
-        raise CorruptIndexError(
-            f"backup volume {volname!r}: {INDEX_NAME} is larger than {INDEX_LIMIT} bytes"
-        )
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise CorruptIndexError(f"backup volume {volname!r}: {INDEX_NAME} is not UTF-8") from exc
-    return BackupIndex.from_json(text, f"{volname}/{INDEX_NAME}")
 
 
 def _check_header(image: CheckedImage, expected_backing: str | None) -> None:

@@ -37,7 +37,7 @@ from pvebackup.api.types import (
     LogFunction,
     RestoreMechanism,
 )
-from pvebackup.providers.directory import archive, images, tree, vm
+from pvebackup.providers.directory import archive, images, stored, tree, vm
 from pvebackup.providers.directory.transfer import MIB
 from pvebackup.providers.directory.volumes import (
     BackupIndex,
@@ -388,7 +388,7 @@ class BackupDirProvider(BackupProvider):
         self, volname: str, storeid: str
     ) -> tuple[RestoreMechanism, GuestType]:
         """``qemu-img`` for VMs; ``tar`` or ``directory`` as the container was stored."""
-        index = self.layout.read_index(volname)
+        index = stored.read_index(self.layout, volname)
         if index.vmtype is GuestType.QEMU:
             return RestoreMechanism.QEMU_IMG, GuestType.QEMU
         if index.ct_format == "directory":
@@ -396,20 +396,29 @@ class BackupDirProvider(BackupProvider):
         return RestoreMechanism.TAR, GuestType.LXC
 
     def extract_guest_config(self, volname: str, storeid: str) -> str:
-        path = self.layout.volume_path(volname) / GUEST_CONFIG
-        self.layout.read_index(volname)
-        try:
-            return path.read_text(encoding="utf-8")
-        except FileNotFoundError as exc:
-            raise IntegrityError(f"backup volume {volname!r} has no guest configuration") from exc
+        text = self._stored_config(volname, GUEST_CONFIG, "guest configuration")
+        if text is None:
+            raise IntegrityError(f"backup volume {volname!r} has no guest configuration")
+        return text
 
     def extract_firewall_config(self, volname: str, storeid: str) -> str | None:
-        self.layout.read_index(volname)
-        path = self.layout.volume_path(volname) / FIREWALL_CONFIG
-        return path.read_text(encoding="utf-8") if path.is_file() else None
+        return self._stored_config(volname, FIREWALL_CONFIG, "firewall configuration")
+
+    def _stored_config(self, volname: str, name: str, what: str) -> str | None:
+        # Through the volume's directory fd: a config symlinked to a host file
+        # (/etc/shadow) must not end up in the restored guest's config or a log.
+        with stored.VolumeDir(self.layout, volname) as volume:
+            volume.read_index()
+            data = volume.read(name, what, stored.CONFIG_LIMIT)
+        if data is None:
+            return None
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise IntegrityError(f"backup volume {volname!r}: {what} is not UTF-8") from exc
 
     def restore_qemu_get_device_info(self, volname: str, storeid: str) -> DeviceInfo:
-        index = self.layout.read_index(volname)
+        index = stored.read_index(self.layout, volname)
         return {name: {"size": dev.size} for name, dev in index.devices.items()}
 
     def restore_qemu_img_init(self, volname: str, storeid: str, devicename: str) -> str:
@@ -422,7 +431,9 @@ class BackupDirProvider(BackupProvider):
         :raises UnsafeArchiveError: a stored name or image header reaches outside
             the volume's own chain (:class:`UnsafeImageError` for headers).
         """
-        self.restore_qemu_img_cleanup(volname, storeid, devicename)
+        old = self._restores.pop((volname, devicename), None)
+        if old is not None:
+            old.close()
         chain = images.open_chain(self.layout, volname, devicename)
         self._restores[(volname, devicename)] = chain
         self.log(
@@ -433,9 +444,17 @@ class BackupDirProvider(BackupProvider):
         return chain.source()
 
     def restore_qemu_img_cleanup(self, volname: str, storeid: str, devicename: str) -> None:
-        """Close the images ``restore_qemu_img_init`` opened."""
+        """Close the images ``restore_qemu_img_init`` opened.
+
+        :raises UnsafeImageError: an image was written to since it was checked
+            (a header rewritten in place under qemu): the restore must fail.
+        """
         chain = self._restores.pop((volname, devicename), None)
-        if chain is not None:
+        if chain is None:
+            return
+        try:
+            chain.check_unchanged()
+        finally:
             chain.close()
 
     def restore_tar_init(self, volname: str, storeid: str) -> str:
