@@ -169,6 +169,27 @@ def test_symlinked_index_is_refused(
     assert "index.json is a symbolic link" in refused(provider, volname, UnsafeArchiveError)
 
 
+def test_oversized_index_is_refused_without_reading_it_all(
+    storage_path: Path, provider: BackupDirProvider
+) -> None:
+    volname = volname_at(T0)
+    directory = write_volume(storage_path, volname)
+    qcow2(directory / f"{DEVICE}.qcow2")
+    with open(directory / "index.json", "r+b") as index:
+        index.seek(0, os.SEEK_END)
+        index.write(b" " * (1 << 20))  # still valid JSON, but beyond the bound
+    assert "larger than" in refused(provider, volname, CorruptIndexError)
+
+
+def test_guest_config_that_is_not_utf8_is_a_typed_error(
+    storage_path: Path, provider: BackupDirProvider
+) -> None:
+    volname = volname_at(T0)
+    (write_volume(storage_path, volname) / "guest.conf").write_bytes(b"name: \xff\xfe\n")
+    with pytest.raises(IntegrityError, match="not UTF-8"):
+        provider.extract_guest_config(volname, STOREID)
+
+
 # -- qcow2 headers -----------------------------------------------------------------
 
 

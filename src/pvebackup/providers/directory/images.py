@@ -34,7 +34,8 @@ So, before anything of a volume reaches qemu:
    still add a data file) changes the inode's ctime, which no one can set back:
    ``restore_qemu_img_cleanup`` compares every image's inode, size, mtime and
    ctime with what was checked and fails the restore if any changed, so the
-   host throws the restored disk away.
+   host throws the restored disk away. (A hostile NFS *server* can lie about
+   ctime, and attribute caching may hide a change: there only 1-4 hold.)
 """
 
 from __future__ import annotations
