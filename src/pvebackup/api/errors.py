@@ -38,6 +38,7 @@ caller can decide whether retrying can help.
     │   ├── SnapshotExistsError                  a snapshot with that name is already stored
     │   └── LockedError                          someone else holds a lock
     ├── UnsafeArchiveError              exit 8   hostile archive entry (absolute, .., escaping link)
+    │   └── UnsafeImageError                     stored image header reaches outside its chain
     ├── ExternalToolError               exit 9   qemu-img, qemu-storage-daemon, nbdkit, tar failed
     │   ├── QmpError                             QMP command answered with an error
     │   └── NbdError                             libnbd call failed
@@ -87,6 +88,7 @@ __all__ = [
     "TransientBackendError",
     "UnprotectedKeyFileError",
     "UnsafeArchiveError",
+    "UnsafeImageError",
     "UnsupportedError",
     "UsageError",
     "VolumeInUseError",
@@ -249,6 +251,15 @@ class UnsafeArchiveError(PveBackupError):
     """An archive entry would write outside the target (absolute path, '..', link)."""
 
     exit_code = 8
+
+
+class UnsafeImageError(UnsafeArchiveError):
+    """A stored disk image would make qemu read outside the backup storage.
+
+    Its header names a backing file other than the provider's own verified chain,
+    an external data file, a ``json:`` or protocol file name, or the image is not
+    the format it is stored as. Nothing was read through it.
+    """
 
 
 class ExternalToolError(PveBackupError):

@@ -43,6 +43,7 @@ from pvebackup.api.errors import (
     ExternalToolError,
     GuestConfigError,
     GuestExistsError,
+    PluginError,
     PveBackupError,
     StorageNotFoundError,
     UnsupportedError,
@@ -381,19 +382,33 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _source_format(source: str) -> str | None:
-    """``raw`` for NBD URIs, the probed format for files, None to let qemu-img probe."""
-    if source.startswith(("nbd:", "nbd+", "nbds:", "nbds+")):
+_FORMAT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+
+
+def _source_format(source: str) -> str:
+    """The format ``qemu-img convert`` reads ``source`` as: always explicit, never probed.
+
+    What a provider hands over is untrusted raw disk data, as in Proxmox VE: a
+    path or an NBD URI is read as ``raw``. Probing would let the first bytes of a
+    guest's raw disk (a qcow2 header naming ``/etc/shadow`` as its backing file)
+    decide what qemu opens. A provider that stores another format says so in a
+    ``json:`` pseudo-file name whose top-level ``driver`` is the format (and whose
+    options pin every file qemu may open: see backup-dir's images module).
+
+    :raises PluginError: a ``json:`` name without a plain top-level driver.
+    """
+    if not source.startswith("json:"):
         return "raw"
-    if not Path(source).exists():
-        return None
-    proc = subprocess.run(
-        ["qemu-img", "info", "--output=json", source], capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        raise ExternalToolError(f"qemu-img info {source} failed: {proc.stderr.strip()}")
-    fmt = json.loads(proc.stdout).get("format")
-    return str(fmt) if fmt else None
+    try:
+        spec = json.loads(source[len("json:") :])
+    except ValueError as exc:
+        raise PluginError(f"restore source is not a valid json: file name: {exc}") from exc
+    driver = spec.get("driver") if isinstance(spec, dict) else None
+    if not isinstance(driver, str) or not _FORMAT_NAME.match(driver):
+        raise PluginError(
+            f"restore source json: file name names no format driver (got {driver!r})"
+        )
+    return driver
 
 
 _PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
@@ -408,14 +423,16 @@ def _qemu_img_convert(
 ) -> None:
     """``qemu-img convert`` ``source`` into the existing qcow2 ``target``.
 
+    ``source`` is read as raw unless it is a ``json:`` name with a driver
+    (:func:`_source_format`).
+
     ``progress(percent)`` is called at most every ``interval`` seconds while it
     runs and once with 100 at the end (qemu-img's ``-p`` output, parsed).
     """
-    fmt = _source_format(source)
+    # Both formats explicit: the source as the provider declared it (raw unless
+    # it said otherwise), the target as allocated.
     cmd = ["qemu-img", "convert", "-p", "-n", "--target-is-zero"]
-    if fmt is not None:
-        cmd += ["-f", fmt]
-    cmd += [source, "-O", "qcow2", str(target)]
+    cmd += ["-f", _source_format(source), source, "-O", "qcow2", str(target)]
     with tempfile.TemporaryFile() as errors:
         try:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors)
