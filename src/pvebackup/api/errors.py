@@ -36,6 +36,7 @@ caller can decide whether retrying can help.
     │   ├── SnapshotExistsError                  a snapshot with that name is already stored
     │   └── LockedError                          someone else holds a lock
     ├── UnsafeArchiveError              exit 8   hostile archive entry (absolute, .., escaping link)
+    │   └── UnsafeStorageError                   a symlink or unexpected file type inside a storage
     ├── ExternalToolError               exit 9   qemu-img, qemu-storage-daemon, nbdkit, tar failed
     │   ├── QmpError                             QMP command answered with an error
     │   └── NbdError                             libnbd call failed
@@ -83,6 +84,7 @@ __all__ = [
     "StorageNotFoundError",
     "TransientBackendError",
     "UnsafeArchiveError",
+    "UnsafeStorageError",
     "UnsupportedError",
     "UsageError",
     "VolumeInUseError",
@@ -231,6 +233,17 @@ class UnsafeArchiveError(PveBackupError):
     """An archive entry would write outside the target (absolute path, '..', link)."""
 
     exit_code = 8
+
+
+class UnsafeStorageError(UnsafeArchiveError):
+    """Storage content is not what we expect where we expect it; nothing was followed.
+
+    Raised (by :mod:`pvebackup.kit.safefs`) for a symlink, a device, fifo or socket
+    met below a storage's configured path: whoever can write the storage could
+    otherwise make a read, write or delete reach outside it. A subclass of
+    :class:`UnsafeArchiveError` because it is the same refusal (hostile storage
+    content, exit 8); catch this one to tell the two apart.
+    """
 
 
 class ExternalToolError(PveBackupError):
