@@ -395,7 +395,7 @@ class BackupDirProvider(BackupProvider):
         workdir_fd = self._workdir_fd(vmid)
         guest.index.stored_size = allocated_size(workdir_fd)
         self.layout.write_index(workdir_fd, guest.index)
-        guest.final = self.layout.commit(guest.volname)
+        guest.final = self.layout.commit(guest.volname, workdir_fd)
         _close_workdir(guest)
         if guest.index.vmtype is GuestType.QEMU:
             self.layout.set_last_successful(GuestType.QEMU, vmid, guest.volname)

@@ -402,13 +402,25 @@ class VolumeLayout:
         """Write ``index.json`` into a (temporary) volume directory ``dir_fd``, durably."""
         safefs.atomic_write_at(dir_fd, INDEX_NAME, index.to_json().encode())
 
-    def commit(self, volname: str) -> Path:
-        """Rename the temporary directory of ``volname`` into place; return the new path."""
+    def commit(self, volname: str, held_fd: int | None = None) -> Path:
+        """Rename the temporary directory of ``volname`` into place; return the new path.
+
+        :param held_fd: the fd the backup wrote through (:meth:`create_temp`):
+            the directory renamed must be that one, not whatever a storage writer
+            put at the temporary name meanwhile.
+        :raises UnsafeStorageError: the temporary name holds something else.
+        """
         final = VolumeName.parse(volname).dirname
+        temp = _temp_name(volname)
         with owned_fd(self.open_backup_dir()) as backup_fd:
-            # rename(2) moves a symlink at the temp name as itself, and fails on a
-            # symlink at the final name (ENOTDIR): nothing is followed.
-            os.rename(_temp_name(volname), final, src_dir_fd=backup_fd, dst_dir_fd=backup_fd)
+            if held_fd is not None:
+                _check_same(backup_fd, temp, held_fd, volname)
+            # rename(2) moves a symlink at the temp name as itself and fails on a
+            # symlink at the final name (ENOTDIR): nothing is followed. The check
+            # above and the one below close the race around it.
+            os.rename(temp, final, src_dir_fd=backup_fd, dst_dir_fd=backup_fd)
+            if held_fd is not None:
+                _check_same(backup_fd, final, held_fd, volname)
             os.fsync(backup_fd)
         return self.volume_path(volname)
 
@@ -440,3 +452,13 @@ class VolumeLayout:
 def _temp_name(volname: str) -> str:
     """Name of ``volname``'s temporary directory below ``backup/``."""
     return f"{TEMP_PREFIX}{VolumeName.parse(volname).dirname}"
+
+
+def _check_same(dir_fd: int, name: str, held_fd: int, volname: str) -> None:
+    """Raise UnsafeStorageError unless ``name`` in ``dir_fd`` is the directory ``held_fd``."""
+    held = os.fstat(held_fd)
+    found = safefs.stat_at(dir_fd, name)
+    if found is None or (found.st_dev, found.st_ino) != (held.st_dev, held.st_ino):
+        raise UnsafeStorageError(
+            f"refusing to commit {volname}: {name} was replaced while the backup ran"
+        )
