@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -230,6 +232,14 @@ def test_atomic_write_at_keeps_the_old_content_until_the_rename(storage: Path) -
     assert os.listdir(storage) == ["f"]
 
 
+def test_atomic_write_path_for_trusted_paths(tmp_path: Path) -> None:
+    target = tmp_path / "etc" / "state.json"
+    target.parent.mkdir()
+    safefs.atomic_write_path(target, b"{}", mode=0o600)
+    assert target.read_bytes() == b"{}" and target.stat().st_mode & 0o777 == 0o600
+    assert os.listdir(target.parent) == ["state.json"]
+
+
 def test_make_dir_at_never_reuses_a_name(storage: Path, outside: Path) -> None:
     (storage / "taken").symlink_to(outside)
     with owned_fd(safefs.open_root(storage)) as root:
@@ -314,3 +324,37 @@ def test_fd_path_names_the_held_directory(storage: Path, outside: Path) -> None:
         Path(path).write_text("via /proc")
     assert (storage / "d.moved" / "f").read_text() == "via /proc"
     assert_outside_intact(outside)
+
+
+_MOUNT_CHILD = """
+import os, subprocess, sys
+from pvebackup.api.errors import UnsafeStorageError
+from pvebackup.kit import safefs
+storage, mnt = sys.argv[1], sys.argv[2]
+subprocess.run(["mount", "-t", "tmpfs", "none", mnt], check=True)
+open(os.path.join(mnt, "on-other-fs"), "w").close()
+fd = safefs.open_root(storage)
+try:
+    safefs.rmtree_at(fd, "vol")
+    print("removed")
+except UnsafeStorageError as exc:
+    print("refused:", exc)
+print("left:", sorted(os.listdir(mnt)))
+"""
+
+
+@pytest.mark.e2e
+def test_rmtree_at_does_not_cross_a_mount_point(storage: Path) -> None:
+    """A file system mounted inside a tree (a private mount namespace) is not entered."""
+    mnt = storage / "vol" / "sub" / "mnt"
+    mnt.mkdir(parents=True)
+    src = Path(safefs.__file__).resolve().parents[2]
+    result = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", sys.executable, "-c", _MOUNT_CHILD,
+         str(storage), str(mnt)],
+        capture_output=True, text=True, check=False,
+        env={**os.environ, "PYTHONPATH": str(src)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "refused:" in result.stdout and "mount point" in result.stdout
+    assert "left: ['on-other-fs']" in result.stdout

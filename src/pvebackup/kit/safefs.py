@@ -47,6 +47,7 @@ __all__ = [
     "DIR_FLAGS",
     "TMP_PREFIX",
     "atomic_write_at",
+    "atomic_write_path",
     "check_name",
     "exists_at",
     "fd_path",
@@ -369,6 +370,24 @@ def atomic_write_at(
                 os.unlink(tmp, dir_fd=dir_fd)
             except OSError:
                 pass  # never created, or unremovable: a hidden temp name is harmless
+
+
+def atomic_write_path(
+    path: str | os.PathLike[str],
+    data: bytes | bytearray | memoryview,
+    *,
+    mode: int = 0o644,
+    durable: bool = True,
+) -> None:
+    """:func:`atomic_write_at` for a trusted host path (its directory must exist).
+
+    For files outside any storage (node configuration, host state): the directory
+    part is resolved as a whole, symlinks included; only the file name is
+    written without following. Storage content goes through :func:`open_dir`.
+    """
+    directory, name = os.path.split(os.fspath(path))
+    with owned_fd(open_root(directory or ".")) as dir_fd:
+        atomic_write_at(dir_fd, name, data, mode=mode, durable=durable)
 
 
 def rmtree_at(dir_fd: int, name: str, *, missing_ok: bool = False) -> None:

@@ -11,9 +11,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from bdir_helpers import NbdExports, qemu_io, run
 
 from pvebackup.api.errors import UnsafeStorageError
-from pvebackup.api.types import GuestType, IdMapEntry
+from pvebackup.api.types import BitmapMode, GuestType, IdMapEntry
 from pvebackup.kit import safefs
 from pvebackup.kit.safefs import owned_fd
 from pvebackup.providers.directory import tree
@@ -181,3 +182,81 @@ def test_tree_copy_refuses_a_mount_point_below_a_container_symlink(
         before.st_uid, before.st_gid, before.st_mode
     )
     assert os.listdir(outside / "data") == ["new-file"]
+
+
+def _commit_vm_volume(provider: BackupDirProvider, tmp_path: Path) -> str:
+    config = tmp_path / "100.conf"
+    config.write_text("memory: 512\n")
+    provider.job_start(0)
+    provider.backup_start(100, GuestType.QEMU)
+    volname = provider.backup_get_target(100, GuestType.QEMU)
+    provider.backup_guest_config(100, str(config))
+    provider.backup_end(100)
+    provider.job_end()
+    return volname
+
+
+def test_a_stored_config_that_is_a_symlink_is_not_read(
+    provider: BackupDirProvider, tmp_path: Path, outside: Path
+) -> None:
+    volname = _commit_vm_volume(provider, tmp_path)
+    volume = provider.layout.volume_path(volname)
+    (volume / "guest.conf").unlink()
+    (volume / "guest.conf").symlink_to(outside / "precious")
+    (volume / "firewall.fw").symlink_to(outside / "precious")
+    with pytest.raises(UnsafeStorageError):
+        provider.extract_guest_config(volname, "x")
+    with pytest.raises(UnsafeStorageError):
+        provider.extract_firewall_config(volname, "x")
+
+
+def test_container_archive_goes_to_the_held_directory_after_a_swap(
+    provider: BackupDirProvider, tmp_path: Path, outside: Path
+) -> None:
+    ct = tmp_path / "ct"
+    (ct / "etc").mkdir(parents=True)
+    (ct / "etc" / "hostname").write_text("ct200\n")
+    provider.job_start(0)
+    provider.backup_start(200, GuestType.LXC)
+    work = provider.layout.temp_path(provider.backup_get_target(200, GuestType.LXC))
+    moved = tmp_path / "moved-workdir"
+    os.rename(work, moved)
+    work.symlink_to(outside)
+    provider.backup_directory(200, str(ct), ID_MAP, [], ["."], None)
+    assert intact(outside)
+    assert (moved / "root.tar.zst").stat().st_size > 0
+
+
+def test_removing_a_volume_leaves_the_targets_of_its_symlinks(
+    provider: BackupDirProvider, tmp_path: Path, outside: Path
+) -> None:
+    volname = _commit_vm_volume(provider, tmp_path)
+    volume = provider.layout.volume_path(volname)
+    (volume / "sub").mkdir()
+    (volume / "sub" / "to-host").symlink_to(outside)
+    (volume / "to-file").symlink_to(outside / "precious")
+    provider.layout.remove(volname)
+    assert not volume.exists()
+    assert intact(outside)
+
+
+@pytest.mark.e2e
+def test_vm_image_goes_to_the_held_directory_after_a_swap(
+    make_provider: Make, tmp_path: Path, outside: Path, nbd_exports: NbdExports
+) -> None:
+    """qemu-img and qemu-nbd get /proc/<pid>/fd/<held fd>/<image>, not the swapped path."""
+    disk = tmp_path / "disk.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(disk), "4M")
+    qemu_io(disk, "write -P 0x11 0 1M")
+    provider = make_provider(bitmap="no")
+    provider.job_start(0)
+    provider.backup_start(100, GuestType.QEMU)
+    work = provider.layout.temp_path(provider.backup_get_target(100, GuestType.QEMU))
+    moved = tmp_path / "moved-workdir"
+    os.rename(work, moved)
+    work.symlink_to(outside)
+    sock = nbd_exports.start(disk)
+    provider.backup_nbd(100, "drive-scsi0", sock, BitmapMode.NONE, None, None)
+    nbd_exports.stop_all()
+    assert intact(outside)
+    assert "virtual size: 4 MiB" in run("qemu-img", "info", str(moved / "drive-scsi0.qcow2"))

@@ -57,6 +57,8 @@ FIREWALL_CONFIG = "firewall.fw"
 TASK_LOG = "task.log"
 TAR_NAME = "root.tar.zst"
 TREE_NAME = "root"
+_CONFIG_MAX = 1 << 20
+"""Largest stored configuration file read back (guest configs are a few KiB)."""
 _TRUE = {"1", "yes", "on", "true"}
 _FALSE = {"0", "no", "off", "false"}
 
@@ -434,17 +436,31 @@ class BackupDirProvider(BackupProvider):
         return RestoreMechanism.TAR, GuestType.LXC
 
     def extract_guest_config(self, volname: str, storeid: str) -> str:
-        path = self.layout.volume_path(volname) / GUEST_CONFIG
         self.layout.read_index(volname)
-        try:
-            return path.read_text(encoding="utf-8")
-        except FileNotFoundError as exc:
-            raise IntegrityError(f"backup volume {volname!r} has no guest configuration") from exc
+        text = self._read_config(volname, GUEST_CONFIG)
+        if text is None:
+            raise IntegrityError(f"backup volume {volname!r} has no guest configuration")
+        return text
 
     def extract_firewall_config(self, volname: str, storeid: str) -> str | None:
         self.layout.read_index(volname)
-        path = self.layout.volume_path(volname) / FIREWALL_CONFIG
-        return path.read_text(encoding="utf-8") if path.is_file() else None
+        return self._read_config(volname, FIREWALL_CONFIG)
+
+    def _read_config(self, volname: str, name: str) -> str | None:
+        """A stored configuration file, None if absent.
+
+        Threat: a symlink in its place would copy a host file (``/etc/shadow``)
+        into the restored configuration; it is refused (UnsafeStorageError).
+        """
+        with owned_fd(self.layout.open_volume(volname)) as volume_fd:
+            try:
+                data = safefs.read_file_at(volume_fd, name, limit=_CONFIG_MAX)
+            except (FileNotFoundError, IsADirectoryError):
+                return None
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise IntegrityError(f"backup volume {volname!r}: {name} is not UTF-8") from exc
 
     def restore_qemu_get_device_info(self, volname: str, storeid: str) -> DeviceInfo:
         index = self.layout.read_index(volname)
