@@ -177,16 +177,19 @@ def open_dir(
     :raises FileNotFoundError: a component is missing (and not ``create``).
     """
     parts = split_relpath(relpath)
-    fd = open_root(base) if not isinstance(base, int) else os.dup(base)
+    owned = not isinstance(base, int)
+    fd = base if isinstance(base, int) else open_root(base)
     try:
         for name in parts:
             nfd = _step(fd, name, create, mode, durable)
-            os.close(fd)
-            fd = nfd
+            if owned:
+                os.close(fd)
+            fd, owned = nfd, True
     except BaseException:
-        os.close(fd)
+        if owned:
+            os.close(fd)
         raise
-    return fd
+    return fd if owned else os.dup(fd)
 
 
 def _step(dir_fd: int, name: str, create: bool, mode: int, durable: bool) -> int:
