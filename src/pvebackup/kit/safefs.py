@@ -297,8 +297,10 @@ def exists_at(dir_fd: int, name: str) -> bool:
 def listdir_at(dir_fd: int) -> list[os.DirEntry[str]]:
     """The entries of ``dir_fd`` (not ``.`` and ``..``), read at once.
 
-    Ask an entry ``is_dir(follow_symlinks=False)`` / ``is_file(follow_symlinks=False)``;
-    open one through :func:`open_dir` or :func:`open_file_at`, never by ``entry.path``.
+    Ask an entry ``is_dir(follow_symlinks=False)`` / ``is_file(follow_symlinks=False)``
+    while ``dir_fd`` is still open (where the file system gives no type, that is an
+    ``fstatat`` on it); open one through :func:`open_dir` or :func:`open_file_at`,
+    never by ``entry.path``.
     """
     with os.scandir(dir_fd) as it:
         return list(it)

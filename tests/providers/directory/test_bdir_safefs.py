@@ -7,6 +7,7 @@ way whoever can write the storage (a NAS user, a shared disk) could make it.
 from __future__ import annotations
 
 import os
+import resource
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from pvebackup.kit import safefs
 from pvebackup.kit.safefs import owned_fd
 from pvebackup.providers.directory import tree
 from pvebackup.providers.directory.provider import BackupDirProvider
-from pvebackup.providers.directory.volumes import BackupIndex, VolumeLayout
+from pvebackup.providers.directory.volumes import BackupIndex, VolumeLayout, allocated_size
 from pvebackup.providers.directory.walk import Entry, SourceWalker
 
 Make = Callable[..., BackupDirProvider]
@@ -260,3 +261,17 @@ def test_vm_image_goes_to_the_held_directory_after_a_swap(
     nbd_exports.stop_all()
     assert intact(outside)
     assert "virtual size: 4 MiB" in run("qemu-img", "info", str(moved / "drive-scsi0.qcow2"))
+
+
+def test_allocated_size_of_a_wide_tree_holds_few_fds(tmp_path: Path) -> None:
+    for i in range(300):
+        (tmp_path / "vol" / f"d{i}").mkdir(parents=True)
+        (tmp_path / "vol" / f"d{i}" / "f").write_bytes(b"x" * 4096)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with owned_fd(safefs.open_root(tmp_path / "vol")) as fd:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+        try:
+            size = allocated_size(fd)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert size >= 300 * 4096

@@ -7,6 +7,7 @@ a host directory an attacker with write access to the store aims at.
 from __future__ import annotations
 
 import os
+import resource
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,17 @@ def test_a_file_where_a_directory_is_expected_is_just_missing(tmp_path: Path) ->
         b.get("obj/below")
     assert not b.exists("obj/below")
     b.delete("obj/below")
+
+
+def test_list_of_a_wide_store_holds_few_fds(tmp_path: Path) -> None:
+    """Directories to visit are names, not open fds: 600 of them fit under 64 fds."""
+    b = LocalBackend(tmp_path / "store")
+    for i in range(600):
+        b.put(f"chunks/{i:03x}/{i:064x}", b"x", overwrite=False, durable=False)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+    try:
+        keys = list(b.list("chunks/"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(keys) == 600

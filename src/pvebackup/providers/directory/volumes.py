@@ -204,25 +204,40 @@ def allocated_size(dir_fd: int) -> int:
     """
     total = os.fstat(dir_fd).st_blocks * 512
     seen: set[tuple[int, int]] = set()
-    stack = [os.dup(dir_fd)]
+    # One frame per level of the current path (fds: the depth, not the width).
+    top = os.dup(dir_fd)
+    stack: list[tuple[int, list[os.DirEntry[str]]]] = []
+    try:
+        stack.append((top, safefs.listdir_at(top)))
+    except BaseException:
+        os.close(top)
+        raise
     try:
         while stack:
-            with owned_fd(stack.pop()) as fd:
-                for entry in safefs.listdir_at(fd):
-                    st = entry.stat(follow_symlinks=False)
-                    if stat.S_ISDIR(st.st_mode):
-                        try:
-                            stack.append(safefs.open_dir(fd, (entry.name,)))
-                        except (FileNotFoundError, NotADirectoryError, UnsafeStorageError):
-                            continue  # changed under us: it is not ours to count
-                    elif st.st_nlink > 1:
-                        key = (st.st_dev, st.st_ino)
-                        if key in seen:
-                            continue
-                        seen.add(key)
-                    total += st.st_blocks * 512
+            fd, entries = stack[-1]
+            if not entries:
+                os.close(stack.pop()[0])
+                continue
+            entry = entries.pop()
+            st = entry.stat(follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                try:
+                    child = safefs.open_dir(fd, (entry.name,))
+                except (FileNotFoundError, NotADirectoryError, UnsafeStorageError):
+                    continue  # changed under us: it is not ours to count
+                try:
+                    stack.append((child, safefs.listdir_at(child)))
+                except BaseException:
+                    os.close(child)
+                    raise
+            elif st.st_nlink > 1:
+                key = (st.st_dev, st.st_ino)
+                if key in seen:
+                    continue
+                seen.add(key)
+            total += st.st_blocks * 512
     finally:
-        for fd in stack:
+        for fd, _ in stack:
             os.close(fd)
     return total
 

@@ -154,46 +154,33 @@ class LocalBackend:
             _fail("cannot delete", self.root / key, exc)
 
     def list(self, prefix: str = "") -> Iterator[str]:
-        # Start at the deepest directory the prefix names completely.
+        # Start at the deepest directory the prefix names completely. Directories
+        # still to visit are kept as key prefixes, not fds (a wide store would
+        # run out of them), and each is opened from the root again, no symlinks.
         base, _, _ = prefix.rpartition("/")
-        try:
-            start = safefs.open_dir(self._root_fd, base)
-        except (FileNotFoundError, NotADirectoryError):
-            return
-        except OSError as exc:
-            _fail("cannot list", self.root / base, exc)
-        stack: list[tuple[int, str]] = [(start, f"{base}/" if base else "")]
-        try:
-            while stack:
-                dir_fd, key_prefix = stack.pop()
-                with owned_fd(dir_fd):
-                    try:
-                        entries = safefs.listdir_at(dir_fd)
-                    except OSError as exc:
-                        _fail("cannot list", self.root / key_prefix, exc)
-                    for entry in entries:
-                        if entry.name.startswith("."):
-                            continue
-                        key = key_prefix + entry.name
-                        if entry.is_dir(follow_symlinks=False):
-                            if key.startswith(prefix) or prefix.startswith(key + "/"):
-                                sub = self._open_listed(dir_fd, entry.name)
-                                if sub is not None:
-                                    stack.append((sub, key + "/"))
-                        elif entry.is_file(follow_symlinks=False) and key.startswith(prefix):
-                            yield key
-        finally:
-            for dir_fd, _ in stack:
-                os.close(dir_fd)
-
-    def _open_listed(self, dir_fd: int, name: str) -> int | None:
-        """Open a listed subdirectory; None if it is gone meanwhile."""
-        try:
-            return safefs.open_dir(dir_fd, (name,))
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        except OSError as exc:
-            _fail("cannot list", self.root / name, exc)
+        stack = [f"{base}/" if base else ""]
+        while stack:
+            key_prefix = stack.pop()
+            try:
+                dir_fd = safefs.open_dir(self._root_fd, key_prefix.rstrip("/"))
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # removed meanwhile
+            except OSError as exc:
+                _fail("cannot list", self.root / key_prefix, exc)
+            with owned_fd(dir_fd):  # open while entries are asked (DT_UNKNOWN: fstatat)
+                try:
+                    entries = safefs.listdir_at(dir_fd)
+                except OSError as exc:
+                    _fail("cannot list", self.root / key_prefix, exc)
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        continue
+                    key = key_prefix + entry.name
+                    if entry.is_dir(follow_symlinks=False):
+                        if key.startswith(prefix) or prefix.startswith(key + "/"):
+                            stack.append(key + "/")
+                    elif entry.is_file(follow_symlinks=False) and key.startswith(prefix):
+                        yield key
 
     def sync(self) -> None:
         if _syncfs(self._root_fd) != 0:
