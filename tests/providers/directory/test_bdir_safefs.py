@@ -275,3 +275,24 @@ def test_allocated_size_of_a_wide_tree_holds_few_fds(tmp_path: Path) -> None:
         finally:
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert size >= 300 * 4096
+
+
+@pytest.mark.parametrize(("ct_format", "name"), [("tar", "root.tar.zst"), ("directory", "root")])
+def test_restore_refuses_stored_container_data_that_is_a_symlink(
+    make_provider: Make, tmp_path: Path, outside: Path, ct_format: str, name: str
+) -> None:
+    provider = make_provider(**{"ct-format": ct_format})
+    ct = tmp_path / "ct"
+    (ct / "etc").mkdir(parents=True)
+    provider.job_start(0)
+    provider.backup_start(200, GuestType.LXC)
+    volname = provider.backup_get_target(200, GuestType.LXC)
+    provider.backup_directory(200, str(ct), ID_MAP, [], ["."], None)
+    provider.backup_end(200)
+    provider.job_end()
+    stored = provider.layout.volume_path(volname) / name
+    os.rename(stored, stored.parent / "moved-away")
+    stored.symlink_to(outside / "precious" if ct_format == "tar" else outside)
+    init = provider.restore_tar_init if ct_format == "tar" else provider.restore_directory_init
+    with pytest.raises(UnsafeStorageError):
+        init(volname, "x")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -497,10 +498,20 @@ class BackupDirProvider(BackupProvider):
             raise UnsupportedError(
                 f"backup volume {volname!r} is not a container backup stored as {ct_format}"
             )
-        path = self.layout.volume_path(volname) / name
-        if not path.exists():
+        # The host opens the returned path; a symlink planted here would hand it a
+        # host file or directory as the archive: refused (the host's reader still
+        # opens it without following, against a later swap).
+        with owned_fd(self.layout.open_volume(volname)) as volume_fd:
+            st = safefs.stat_at(volume_fd, name)
+        if st is None:
             raise IntegrityError(f"backup volume {volname!r} lacks {name}")
-        return path
+        wanted = stat.S_ISREG if ct_format == "tar" else stat.S_ISDIR
+        if not wanted(st.st_mode):
+            raise UnsafeStorageError(
+                f"backup volume {volname!r}: {name} is not a "
+                f"{'regular file' if ct_format == 'tar' else 'directory'} (a symlink?)"
+            )
+        return self.layout.volume_path(volname) / name
 
 
 def _close_workdir(guest: _GuestBackup) -> None:
