@@ -111,7 +111,10 @@ def split_relpath(relpath: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def _kind(dir_fd: int, name: str) -> str:
-    """What ``name`` is, for a message (never used for a decision)."""
+    """What ``name`` is now: picks the error for a refusal already made, nothing more.
+
+    (A swap between the failed open and this lstat changes only the error type.)
+    """
     try:
         mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
     except OSError:
