@@ -23,7 +23,7 @@ exit status:
   5    stored data failed an integrity check
   6    key problem (missing, wrong, unreadable key)
   7    refused because of existing state (guest exists, volume in use, locked)
-  8    hostile archive entry refused
+  8    hostile archive entry or storage content refused (e.g. a symlink in the storage)
   9    external tool failed (qemu-img, qemu-storage-daemon, tar, ...)
   10   storage backend I/O failed
   11   backup job finished, but one or more guests failed

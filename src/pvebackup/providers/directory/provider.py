@@ -11,8 +11,9 @@ up one guest after the other and names the guest in every call.
 
 from __future__ import annotations
 
+import os
 import secrets
-import shutil
+import stat
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pvebackup.api.errors import (
     IntegrityError,
     StorageConfigError,
     UnsafeArchiveError,
+    UnsafeStorageError,
     UnsupportedError,
     UsageError,
     VolumeNotFoundError,
@@ -36,6 +38,8 @@ from pvebackup.api.types import (
     LogFunction,
     RestoreMechanism,
 )
+from pvebackup.kit import safefs
+from pvebackup.kit.safefs import owned_fd
 from pvebackup.providers.directory import archive, images, stored, tree, vm
 from pvebackup.providers.directory.transfer import MIB
 from pvebackup.providers.directory.volumes import (
@@ -55,6 +59,7 @@ FIREWALL_CONFIG = "firewall.fw"
 TASK_LOG = "task.log"
 TAR_NAME = "root.tar.zst"
 TREE_NAME = "root"
+"""Largest stored configuration file read back (guest configs are a few KiB)."""
 _TRUE = {"1", "yes", "on", "true"}
 _FALSE = {"0", "no", "off", "false"}
 
@@ -85,7 +90,11 @@ class _GuestBackup:
     index: BackupIndex
     volname: str
     workdir: Path
-    """The ``.tmp-`` directory data is written to until ``backup_end``."""
+    """The ``.tmp-`` directory data is written to until ``backup_end`` (for messages)."""
+    workdir_fd: int
+    """An fd of ``workdir``, held until the guest's backup ends: every write goes
+    through it, never through the path (which a storage writer could swap for a
+    symlink out of the storage meanwhile). -1 once closed."""
     base: str | None = None
     """Volume an incremental backup builds on (chosen in ``backup_get_mechanism``)."""
     bitmap_id: str | None = None
@@ -144,17 +153,23 @@ class BackupDirProvider(BackupProvider):
     def job_end(self) -> None:
         """Throw away any guest backup that neither ended nor was aborted."""
         self._discard_unfinished("job ended")
+        self._close_workdirs()
         self.log("info", "backup-dir: job finished")
 
     def job_abort(self, error: str) -> None:
         """Throw away unfinished guest backups; committed volumes stay."""
         self._discard_unfinished(f"job aborted: {error}")
+        self._close_workdirs()
         self.log("info", "backup-dir: job aborted, unfinished backups removed")
 
     def _discard_unfinished(self, why: str) -> None:
         for vmid, guest in self._guests.items():
             if guest.final is None and not guest.aborted:
                 self.backup_abort(vmid, why)
+
+    def _close_workdirs(self) -> None:
+        for guest in self._guests.values():
+            _close_workdir(guest)
 
     # guest hooks -----------------------------------------------------------------
 
@@ -164,10 +179,14 @@ class BackupDirProvider(BackupProvider):
         # checked again per guest: the disk may have been unmounted mid-job
         self.base.subdir("backup", create=True)
         volname = self.layout.new_volname(vmtype, vmid, time.time())
-        workdir = self.layout.temp_path(volname)
-        workdir.mkdir()
+        workdir_fd = self.layout.create_temp(volname)
         index = BackupIndex(vmid=vmid, vmtype=vmtype, ctime=VolumeName.parse(volname).ctime)
-        self._guests[vmid] = _GuestBackup(index=index, volname=volname, workdir=workdir)
+        self._guests[vmid] = _GuestBackup(
+            index=index,
+            volname=volname,
+            workdir=self.layout.temp_path(volname),
+            workdir_fd=workdir_fd,
+        )
         self.log("info", f"backup-dir: starting backup of {vmtype.value} {vmid} to {volname}")
 
     def _guest(self, vmid: int) -> _GuestBackup:
@@ -175,6 +194,12 @@ class BackupDirProvider(BackupProvider):
         if guest is None:
             raise UsageError(f"backup-dir: backup_start was not called for guest {vmid}")
         return guest
+
+    def _workdir_fd(self, vmid: int) -> int:
+        guest = self._guest(vmid)
+        if guest.workdir_fd < 0:
+            raise UsageError(f"backup-dir: the backup of guest {vmid} has ended already")
+        return guest.workdir_fd
 
     def backup_get_mechanism(
         self, vmid: int, vmtype: GuestType
@@ -263,17 +288,21 @@ class BackupDirProvider(BackupProvider):
     def backup_get_task_size(self, vmid: int) -> int:
         """Bytes the volume occupies on disk (allocated blocks of all its files)."""
         guest = self._guest(vmid)
-        path = guest.final or guest.workdir
-        return allocated_size(path) if path.exists() else 0
+        if guest.workdir_fd >= 0:
+            return allocated_size(guest.workdir_fd)
+        if guest.final is None:
+            return 0
+        with owned_fd(self.layout.open_volume(guest.volname)) as volume_fd:
+            return allocated_size(volume_fd)
 
     # configuration and log -------------------------------------------------------
 
     def backup_guest_config(self, vmid: int, filename: str) -> None:
-        shutil.copyfile(filename, self._guest(vmid).workdir / GUEST_CONFIG)
+        _store_host_file(filename, self._workdir_fd(vmid), GUEST_CONFIG)
         self.log("info", f"backup-dir: stored guest configuration {filename}")
 
     def backup_firewall_config(self, vmid: int, filename: str) -> None:
-        shutil.copyfile(filename, self._guest(vmid).workdir / FIREWALL_CONFIG)
+        _store_host_file(filename, self._workdir_fd(vmid), FIREWALL_CONFIG)
         self.log("info", f"backup-dir: stored firewall configuration {filename}")
 
     def backup_handle_log_file(self, vmid: int, filename: str) -> None:
@@ -282,7 +311,8 @@ class BackupDirProvider(BackupProvider):
         if guest.final is None:
             self.log("info", f"backup-dir: backup of {vmid} did not complete, log not kept")
             return
-        shutil.copyfile(filename, guest.final / TASK_LOG)
+        with owned_fd(self.layout.open_volume(guest.volname)) as volume_fd:
+            _store_host_file(filename, volume_fd, TASK_LOG)
 
     # backup mechanisms -----------------------------------------------------------
 
@@ -298,8 +328,12 @@ class BackupDirProvider(BackupProvider):
         """Write the disk as ``<devicename>.qcow2``: full, or on top of the base."""
         guest = self._guest(vmid)
         bitmap_mode = BitmapMode(bitmap_mode)
-        image = guest.workdir / f"{_safe_devicename(devicename)}.qcow2"
+        # qemu-img and qemu-nbd take paths: hand them the directory we hold
+        # (/proc/<pid>/fd/<fd>/<name>), not a path a storage writer could redirect.
+        image_name = f"{_safe_devicename(devicename)}.qcow2"
+        image = Path(safefs.fd_path(self._workdir_fd(vmid), image_name))
         backing: Path | None = None
+        backing_name: str | None = None
         backing_volname: str | None = None
         if bitmap_mode is BitmapMode.REUSE:
             # Only dirty extents can be read: the rest must come from the base.
@@ -310,11 +344,14 @@ class BackupDirProvider(BackupProvider):
                 )
             chain = self.layout.image_chain(guest.base, devicename)
             backing, backing_volname = chain[0], guest.base
+            # Recorded relative to the image's directory, so that the storage can move.
+            backing_name = f"../{VolumeName.parse(guest.base).dirname}/{chain[0].name}"
         stats = vm.backup_disk(
             nbd_path=nbd_path,
             devicename=devicename,
             image=image,
             backing=backing,
+            backing_name=backing_name,
             bitmap_name=bitmap_name,
             bandwidth_limit=bandwidth_limit,
             log_function=self.log_function,
@@ -348,28 +385,38 @@ class BackupDirProvider(BackupProvider):
         """Archive the container as ``root.tar.zst`` or copy it as ``root/``."""
         guest = self._guest(vmid)
         guest.index.ct_format = self.ct_format
+        workdir_fd = self._workdir_fd(vmid)
         if self.ct_format == "tar":
-            target = guest.workdir / TAR_NAME
+            name = TAR_NAME
             stats = archive.write_tar(
-                directory, sources, id_map, exclude_paths, target, bandwidth_limit, self.log
+                directory,
+                sources,
+                id_map,
+                exclude_paths,
+                Path(safefs.fd_path(workdir_fd, name)),
+                bandwidth_limit,
+                self.log,
             )
         else:
-            target = guest.workdir / TREE_NAME
+            name = TREE_NAME
             stats = tree.copy_tree(
-                directory, sources, id_map, exclude_paths, target, bandwidth_limit, self.log
+                directory, sources, id_map, exclude_paths, workdir_fd, name,
+                bandwidth_limit, self.log,
             )
         self.log(
             "info",
             f"backup-dir: {stats.entries} entries, {stats.data / MIB:.1f} MiB of file data, "
-            f"{stats.excluded} excluded, stored as {target.name}",
+            f"{stats.excluded} excluded, stored as {name}",
         )
 
     def backup_end(self, vmid: int) -> None:
         """Write ``index.json``, rename the volume into place, remember it as the base."""
         guest = self._guest(vmid)
-        guest.index.stored_size = allocated_size(guest.workdir)
-        self.layout.write_index(guest.workdir, guest.index)
-        guest.final = self.layout.commit(guest.volname)
+        workdir_fd = self._workdir_fd(vmid)
+        guest.index.stored_size = allocated_size(workdir_fd)
+        self.layout.write_index(workdir_fd, guest.index)
+        guest.final = self.layout.commit(guest.volname, workdir_fd)
+        _close_workdir(guest)
         if guest.index.vmtype is GuestType.QEMU:
             self.layout.set_last_successful(GuestType.QEMU, vmid, guest.volname)
         self.log(
@@ -384,7 +431,13 @@ class BackupDirProvider(BackupProvider):
         if guest is None or guest.aborted:
             return
         guest.aborted = True
-        shutil.rmtree(guest.workdir, ignore_errors=True)
+        _close_workdir(guest)
+        try:
+            with owned_fd(self.layout.open_backup_dir()) as backup_fd:
+                safefs.rmtree_at(backup_fd, guest.workdir.name, missing_ok=True)
+        except (OSError, UnsafeStorageError) as exc:
+            self.log("warn", f"backup-dir: cannot remove {guest.workdir}: {exc}")
+            return
         self.log("info", f"backup-dir: backup of {vmid} aborted, removed {guest.workdir.name}")
 
     # restore ---------------------------------------------------------------------
@@ -481,8 +534,30 @@ class BackupDirProvider(BackupProvider):
             raise UnsupportedError(
                 f"backup volume {volname!r} is not a container backup stored as {ct_format}"
             )
-        path = self.layout.volume_path(volname) / name
-        if not path.exists():
+        # The host opens the returned path; a symlink planted here would hand it a
+        # host file or directory as the archive: refused (the host's reader still
+        # opens it without following, against a later swap).
+        with owned_fd(self.layout.open_volume(volname)) as volume_fd:
+            st = safefs.stat_at(volume_fd, name)
+        if st is None:
             raise IntegrityError(f"backup volume {volname!r} lacks {name}")
-        return path
+        wanted = stat.S_ISREG if ct_format == "tar" else stat.S_ISDIR
+        if not wanted(st.st_mode):
+            raise UnsafeStorageError(
+                f"backup volume {volname!r}: {name} is not a "
+                f"{'regular file' if ct_format == 'tar' else 'directory'} (a symlink?)"
+            )
+        return self.layout.volume_path(volname) / name
 
+
+def _close_workdir(guest: _GuestBackup) -> None:
+    if guest.workdir_fd >= 0:
+        os.close(guest.workdir_fd)
+        guest.workdir_fd = -1
+
+
+def _store_host_file(filename: str, dir_fd: int, name: str) -> None:
+    """Copy the host file ``filename`` (trusted, small) as ``name`` into ``dir_fd``."""
+    with open(filename, "rb") as src:
+        data = src.read()
+    safefs.atomic_write_at(dir_fd, name, data)
