@@ -20,7 +20,14 @@ from pvebackup.storage.config import (
     write_storage_config,
 )
 from pvebackup.storage.dir import DirPlugin
-from pvebackup.storage.plugin import COMMON_PROPERTIES, PropertySpec, StoragePlugin, VolumeInfo
+from pvebackup.storage.plugin import (
+    COMMON_PROPERTIES,
+    DamagedVolume,
+    PropertySpec,
+    StoragePlugin,
+    VolumeInfo,
+    VolumeScan,
+)
 from pvebackup.storage.registry import (
     ENTRY_POINT_GROUP,
     lookup,
@@ -37,12 +44,14 @@ __all__ = [
     "APIVER",
     "COMMON_PROPERTIES",
     "ENTRY_POINT_GROUP",
+    "DamagedVolume",
     "DirPlugin",
     "PropertySpec",
     "StorageConfig",
     "StoragePlugin",
     "StorageSection",
     "VolumeInfo",
+    "VolumeScan",
     "check_api_version",
     "lookup",
     "new_backup_provider",

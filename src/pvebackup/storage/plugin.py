@@ -26,9 +26,11 @@ from pvebackup.storage.version import APIVER
 
 __all__ = [
     "COMMON_PROPERTIES",
+    "DamagedVolume",
     "PropertySpec",
     "StoragePlugin",
     "VolumeInfo",
+    "VolumeScan",
 ]
 
 
@@ -96,6 +98,27 @@ class VolumeInfo:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class DamagedVolume:
+    """A backup volume a listing found but could not read.
+
+    :ivar volid: ``"STOREID:VOLNAME"`` as found on the storage (the name itself
+        may be the damage, e.g. an impossible date).
+    :ivar reason: what is wrong, for people.
+    """
+
+    volid: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeScan:
+    """What :meth:`StoragePlugin.scan_volumes` found: good volumes and damaged ones."""
+
+    volumes: list[VolumeInfo]
+    damaged: list[DamagedVolume]
+
+
 class StoragePlugin:
     """Base class of storage plugins. Subclasses set ``type`` and ``properties``.
 
@@ -148,6 +171,20 @@ class StoragePlugin:
         :raises UnsupportedError: the storage type does not hold backups (base).
         """
         raise UnsupportedError(f"storage type {self.type} does not hold backups")
+
+    def scan_volumes(self, scfg: Mapping[str, str], storeid: str) -> VolumeScan:
+        """:meth:`list_volumes`, plus the volumes that could not be read.
+
+        Storage content is written by others too: one damaged volume (a name with
+        an impossible date, an unreadable index) must not hide the others, so a
+        plugin that can tell lists the good ones and reports each damaged one here
+        instead of raising. The base class has nothing to report and returns
+        ``list_volumes`` with no damaged volumes, so a plugin that implements only
+        ``list_volumes`` keeps working.
+
+        :raises UnsupportedError: the storage type does not hold backups (base).
+        """
+        return VolumeScan(self.list_volumes(scfg, storeid), [])
 
     def free_volume(self, scfg: Mapping[str, str], storeid: str, volname: str) -> None:
         """Remove one backup volume.

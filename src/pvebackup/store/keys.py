@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from pvebackup.api.errors import KeyFileError, MissingKeyError, WrongKeyError
+from pvebackup.kit.bounded import read_bounded
 from pvebackup.store.formats import FORMAT_VERSION, KEY_FILE_FORMAT
 
 __all__ = [
@@ -64,6 +65,7 @@ _WRAP_AAD: Final = b"pvebackup key file v1"
 DEFAULT_SCRYPT_N: Final = 2**15
 _SCRYPT_MAX_N: Final = 2**20
 _SCRYPT_SALT_SIZE: Final = 16
+_MAX_KEY_FILE_SIZE: Final = 64 * 1024  # a real one is ~300 bytes
 
 
 def _derive(material: bytes, label: bytes) -> bytes:
@@ -236,12 +238,13 @@ def load_key_file(
     """
     src = Path(path)
     try:
-        raw = src.read_bytes()
+        # Bounded: a key file named by storage.cfg may be swapped for /dev/zero or a FIFO.
+        raw = read_bounded(src, _MAX_KEY_FILE_SIZE)
     except OSError as exc:
         raise KeyFileError(f"{src}: cannot read: {exc.strerror}") from exc
     try:
         doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
         raise KeyFileError(f"{src}: not a key file (no valid JSON)") from exc
     if not isinstance(doc, dict) or doc.get("format") != KEY_FILE_FORMAT:
         raise KeyFileError(f"{src}: not a pvebackup key file")

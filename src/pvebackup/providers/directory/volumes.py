@@ -43,6 +43,7 @@ from pvebackup.api.errors import (
     VolumeNotFoundError,
 )
 from pvebackup.api.types import GuestType
+from pvebackup.kit.bounded import read_bounded
 
 __all__ = [
     "INDEX_FORMAT",
@@ -94,7 +95,14 @@ class VolumeName:
                 f"{volname!r} is not a backup-dir volume name "
                 "(expected backup/<qemu|lxc>-<vmid>-<YYYY_MM_DD-HH_MM_SS>)"
             )
-        stamp = datetime.strptime(match["time"], _TIME_FORMAT).replace(tzinfo=UTC)
+        try:
+            stamp = datetime.strptime(match["time"], _TIME_FORMAT).replace(tzinfo=UTC)
+        except ValueError as exc:
+            # An impossible date (2026_02_31) in a directory someone else made: a
+            # damaged name, reported per volume, never a traceback for the listing.
+            raise VolumeNotFoundError(
+                f"{volname!r} is not a backup-dir volume name: impossible time {match['time']}"
+            ) from exc
         return cls(GuestType(match["vmtype"]), int(match["vmid"]), int(stamp.timestamp()))
 
 
@@ -152,32 +160,64 @@ class BackupIndex:
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, where: str) -> BackupIndex:
-        """Parse ``index.json``; :class:`CorruptIndexError` naming ``where`` if malformed."""
+    def from_json(cls, text: str | bytes, where: str) -> BackupIndex:
+        """Parse ``index.json``; :class:`CorruptIndexError` naming ``where`` if malformed.
+
+        Field by field, since the storage may be written by others: a list where a
+        dict belongs, a string for a number, ``true`` for 1, negative or huge sizes,
+        NaN, unknown enum values and nesting bombs are all refused, never coerced.
+        """
         try:
-            data = json.loads(text)
+            data = _typed(json.loads(text), dict, "index")
             if data.get("format") != INDEX_FORMAT:
-                raise ValueError(f"unknown format {data.get('format')!r}")
+                raise ValueError(f"unknown format {data.get('format')!r:.40}")
+            devices: dict[str, DeviceEntry] = {}
+            for name, dev in _typed(data.get("devices", {}), dict, "devices").items():
+                _typed(dev, dict, f"device {name!r:.40}")
+                devices[name] = DeviceEntry(
+                    size=_ranged(dev["size"], 0, _MAX_SIZE, "size"),
+                    file=_typed(dev["file"], str, "file"),
+                    backing=_typed(dev.get("backing"), (str, type(None)), "backing"),
+                    bitmap_mode=_choice(dev.get("bitmap-mode", "none"), _BITMAP_MODES, "mode"),
+                )
             return cls(
-                vmid=int(data["vmid"]),
-                vmtype=GuestType(data["vmtype"]),
-                ctime=int(data["ctime"]),
-                devices={
-                    str(name): DeviceEntry(
-                        size=int(dev["size"]),
-                        file=str(dev["file"]),
-                        backing=dev.get("backing"),
-                        bitmap_mode=str(dev.get("bitmap-mode", "none")),
-                    )
-                    for name, dev in data.get("devices", {}).items()
-                },
-                bitmap_id=data.get("bitmap-id"),
-                parent=data.get("parent"),
-                ct_format=data.get("ct-format"),
-                stored_size=int(data.get("stored-size", 0)),
+                vmid=_ranged(data["vmid"], 1, 999_999_999, "vmid"),
+                vmtype=GuestType(_typed(data["vmtype"], str, "vmtype")),
+                ctime=_ranged(data["ctime"], 0, _MAX_TIME, "ctime"),
+                devices=devices,
+                bitmap_id=_typed(data.get("bitmap-id"), (str, type(None)), "bitmap-id"),
+                parent=_typed(data.get("parent"), (str, type(None)), "parent"),
+                ct_format=_choice(data.get("ct-format"), _CT_FORMATS, "ct-format"),
+                stored_size=_ranged(data.get("stored-size", 0), 0, _MAX_SIZE, "stored-size"),
             )
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise CorruptIndexError(f"{where}: malformed {INDEX_NAME}: {exc}") from exc
+
+
+_MAX_SIZE = (1 << 63) - 1  # what a file system (and qemu) can address
+_MAX_TIME = 253402300799  # 9999-12-31T23:59:59Z: the last time a volume name can show
+_BITMAP_MODES = frozenset({"none", "new", "reuse"})
+_CT_FORMATS = frozenset({None, "tar", "directory"})
+MAX_INDEX_SIZE = 1024 * 1024
+"""Largest ``index.json`` read (a real one is well under 4 KiB)."""
+
+
+def _typed(value: Any, t: type | tuple[type, ...], what: str) -> Any:
+    if not isinstance(value, t) or (t is int and isinstance(value, bool)):
+        raise TypeError(f"{what}: {value!r:.80} has the wrong type")
+    return value
+
+
+def _ranged(value: Any, lo: int, hi: int, what: str) -> int:
+    if not lo <= _typed(value, int, what) <= hi:
+        raise ValueError(f"{what}: {value} out of range")
+    return int(value)
+
+
+def _choice(value: Any, allowed: frozenset[str | None], what: str) -> Any:
+    if not isinstance(value, str | None) or value not in allowed:
+        raise ValueError(f"{what}: {value!r:.40} is not one of {sorted(map(str, allowed))}")
+    return value
 
 
 def allocated_size(path: Path) -> int:
@@ -255,24 +295,55 @@ class VolumeLayout:
     # reading -----------------------------------------------------------------------
 
     def read_index(self, volname: str) -> BackupIndex:
-        """The index of a committed volume; :class:`VolumeNotFoundError` if absent."""
+        """The index of a committed volume.
+
+        :raises VolumeNotFoundError: no such volume.
+        :raises CorruptIndexError: ``index.json`` is unreadable, not a regular file,
+            too large, not JSON, of wrong types, or names another guest.
+        """
+        name = VolumeName.parse(volname)
         index_path = self.volume_path(volname) / INDEX_NAME
         try:
-            text = index_path.read_text(encoding="utf-8")
+            raw = read_bounded(index_path, MAX_INDEX_SIZE)
         except FileNotFoundError as exc:
             raise VolumeNotFoundError(f"backup volume {volname!r} does not exist") from exc
-        return BackupIndex.from_json(text, str(index_path))
+        except OSError as exc:
+            raise CorruptIndexError(f"{index_path}: cannot read: {exc.strerror}") from exc
+        index = BackupIndex.from_json(raw, str(index_path))
+        if (index.vmtype, index.vmid) != (name.vmtype, name.vmid):
+            raise CorruptIndexError(
+                f"{index_path}: describes {index.vmtype.value} {index.vmid}, not its volume"
+            )
+        return index
 
     def volnames(self) -> Iterator[str]:
-        """Names of the committed volumes, oldest first (temporary ones are skipped)."""
+        """Names of the committed volumes, oldest first (temporary ones are skipped).
+
+        A directory shaped like a volume whose name is damaged (an impossible
+        date) is left out; :meth:`scan` reports it.
+        """
+        yield from self.scan()[0]
+
+    def scan(self) -> tuple[list[str], list[tuple[str, str]]]:
+        """``(volnames oldest first, [(damaged volname, reason)])``.
+
+        One damaged directory never hides the others: what looks like a volume
+        (``qemu|lxc-<vmid>-<time>`` with an ``index.json``) but has an impossible
+        time in its name is reported instead of listed. Other names are not ours.
+        """
         if not self.backup_dir.is_dir():
-            return
-        names = []
+            return [], []
+        names: list[tuple[int, str]] = []
+        damaged: list[tuple[str, str]] = []
         for entry in self.backup_dir.iterdir():
             volname = f"backup/{entry.name}"
-            if _VOLNAME_RE.match(volname) and (entry / INDEX_NAME).is_file():
+            if not _VOLNAME_RE.match(volname) or not (entry / INDEX_NAME).exists():
+                continue
+            try:
                 names.append((VolumeName.parse(volname).ctime, volname))
-        yield from (volname for _, volname in sorted(names))
+            except VolumeNotFoundError as exc:
+                damaged.append((volname, str(exc)))
+        return [volname for _, volname in sorted(names)], sorted(damaged)
 
     def dependents(self, volname: str) -> list[str]:
         """Volumes whose images use an image of ``volname`` as a backing file."""
