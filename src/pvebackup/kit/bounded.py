@@ -13,7 +13,11 @@ import errno
 import os
 import stat
 
-__all__ = ["read_bounded", "read_text_bounded"]
+__all__ = ["MAX_CONFIG_FILE_SIZE", "read_bounded", "read_text_bounded"]
+
+MAX_CONFIG_FILE_SIZE = 1024 * 1024
+"""Largest guest or firewall config read from a backup (Proxmox VE's cluster file
+system refuses larger files, so no real guest has one)."""
 
 
 def read_bounded(path: str | os.PathLike[str], limit: int) -> bytes:

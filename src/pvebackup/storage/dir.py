@@ -41,7 +41,9 @@ _VOLNAME = re.compile(r"^(?:\d+/[^/]+/)?(\d+)/([^/]+)$")
 
 _DIR_PROPERTIES: dict[str, PropertySpec] = {
     **COMMON_PROPERTIES,
-    "path": PropertySpec(required=True, description="file system path of the storage"),
+    "path": PropertySpec(
+        required=True, path=True, description="file system path of the storage"
+    ),
     "content-dirs": PropertySpec(description="overrides of the default content dirs"),
     "create-base-path": PropertySpec(flag=True, description="create path if missing"),
     "create-subdirs": PropertySpec(flag=True, description="create content subdirs"),

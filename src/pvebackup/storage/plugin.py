@@ -42,11 +42,15 @@ class PropertySpec:
     :ivar flag: a boolean property; may be written without a value (``shared``),
         which means ``"1"``. Values ``0/1/yes/no/on/off/true/false`` are accepted.
     :ivar description: one line for people (``pvebackup`` help, docs).
+    :ivar path: an absolute file system path; storage.cfg parsing refuses one with
+        a NUL byte, a component over ``NAME_MAX`` or a length that leaves less than
+        ``PATH_RESERVE`` bytes below ``PATH_MAX`` for the names created under it.
     """
 
     required: bool = False
     flag: bool = False
     description: str = ""
+    path: bool = False
 
 
 COMMON_PROPERTIES: Mapping[str, PropertySpec] = {

@@ -42,7 +42,9 @@ class BackupDirPlugin(StoragePlugin):
     type: ClassVar[str] = "backup-dir"
     properties: ClassVar[Mapping[str, PropertySpec]] = {
         **COMMON_PROPERTIES,
-        "path": PropertySpec(required=True, description="directory the backups are kept in"),
+        "path": PropertySpec(
+            required=True, path=True, description="directory the backups are kept in"
+        ),
         "bitmap": PropertySpec(
             flag=True, description="incremental VM backups with dirty bitmaps (default yes)"
         ),

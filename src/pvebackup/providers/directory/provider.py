@@ -36,6 +36,7 @@ from pvebackup.api.types import (
     LogFunction,
     RestoreMechanism,
 )
+from pvebackup.kit.bounded import MAX_CONFIG_FILE_SIZE, read_text_bounded
 from pvebackup.providers.directory import archive, tree, vm
 from pvebackup.providers.directory.transfer import MIB
 from pvebackup.providers.directory.volumes import (
@@ -384,17 +385,31 @@ class BackupDirProvider(BackupProvider):
         return RestoreMechanism.TAR, GuestType.LXC
 
     def extract_guest_config(self, volname: str, storeid: str) -> str:
-        path = self.layout.volume_path(volname) / GUEST_CONFIG
         self.layout.read_index(volname)
-        try:
-            return path.read_text(encoding="utf-8")
-        except FileNotFoundError as exc:
-            raise IntegrityError(f"backup volume {volname!r} has no guest configuration") from exc
+        text = self._stored_config(volname, GUEST_CONFIG)
+        if text is None:
+            raise IntegrityError(f"backup volume {volname!r} has no guest configuration")
+        return text
 
     def extract_firewall_config(self, volname: str, storeid: str) -> str | None:
         self.layout.read_index(volname)
-        path = self.layout.volume_path(volname) / FIREWALL_CONFIG
-        return path.read_text(encoding="utf-8") if path.is_file() else None
+        return self._stored_config(volname, FIREWALL_CONFIG)
+
+    def _stored_config(self, volname: str, name: str) -> str | None:
+        """A config file of the volume as text, ``None`` if absent.
+
+        Hostile storage: the file may be a directory, a FIFO, huge or not UTF-8;
+        each is an ``IntegrityError`` naming it (we only ever store UTF-8 text).
+        """
+        path = self.layout.volume_path(volname) / name
+        try:
+            return read_text_bounded(path, MAX_CONFIG_FILE_SIZE)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise IntegrityError(f"backup volume {volname!r}: {name}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise IntegrityError(f"backup volume {volname!r}: {name} is not UTF-8 text") from exc
 
     def restore_qemu_get_device_info(self, volname: str, storeid: str) -> DeviceInfo:
         index = self.layout.read_index(volname)

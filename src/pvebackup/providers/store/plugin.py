@@ -49,9 +49,10 @@ class BackupStorePlugin(StoragePlugin):
     type: ClassVar[str] = "backup-store"
     properties: ClassVar[Mapping[str, PropertySpec]] = {
         **COMMON_PROPERTIES,
-        "path": PropertySpec(required=True, description="datastore directory"),
-        "encryption-key": PropertySpec(description="key file (pvebackup key create)"),
+        "path": PropertySpec(required=True, path=True, description="datastore directory"),
+        "encryption-key": PropertySpec(path=True, description="key file (pvebackup key create)"),
         "encryption-passphrase-file": PropertySpec(
+            path=True,
             description="file holding the passphrase of a protected key file"
         ),
         "chunk-size": PropertySpec(
