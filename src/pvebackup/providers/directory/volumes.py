@@ -337,7 +337,9 @@ class VolumeLayout:
         damaged: list[tuple[str, str]] = []
         for entry in self.backup_dir.iterdir():
             volname = f"backup/{entry.name}"
-            if not _VOLNAME_RE.match(volname) or not (entry / INDEX_NAME).exists():
+            # lexists: an index.json that is a dangling or looping link is damage
+            # to report, not a volume to overlook.
+            if not _VOLNAME_RE.match(volname) or not os.path.lexists(entry / INDEX_NAME):
                 continue
             try:
                 names.append((VolumeName.parse(volname).ctime, volname))
@@ -346,8 +348,19 @@ class VolumeLayout:
         return [volname for _, volname in sorted(names)], sorted(damaged)
 
     def dependents(self, volname: str) -> list[str]:
-        """Volumes whose images use an image of ``volname`` as a backing file."""
-        return [other for other in self.volnames() if self.read_index(other).parent == volname]
+        """Volumes whose images use an image of ``volname`` as a backing file.
+
+        A volume whose index cannot be read is not counted: it cannot be restored
+        anyway, and one damaged volume must not block removing the others.
+        """
+        found = []
+        for other in self.volnames():
+            try:
+                if self.read_index(other).parent == volname:
+                    found.append(other)
+            except (VolumeNotFoundError, IntegrityError):
+                continue
+        return found
 
     def image_chain(self, volname: str, devicename: str) -> list[Path]:
         """The image files of one disk, top first, down to the full image.
