@@ -16,11 +16,13 @@ import tracemalloc
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from pvebackup.api.errors import PveBackupError
 
 __all__ = [
+    "FUZZ",
     "HOSTILE_VALUES",
     "hostile_json_bytes",
     "mutated",
@@ -29,6 +31,14 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+FUZZ = settings(
+    # Twice the profile's examples: 200 in CI (tests/conftest.py), more when exploring.
+    max_examples=2 * settings.default.max_examples,
+    deadline=None,  # file system work: timing varies with the machine's load
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+"""Settings of every fuzz test of a storage-content parser."""
 
 # Values a writer of the storage may put where a reader expects something else.
 HOSTILE_VALUES = st.one_of(

@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 import zstandard
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from fuzzing import hostile_json_bytes, mutated, peak_memory, typed_or_ok
+from fuzzing import FUZZ, hostile_json_bytes, mutated, peak_memory, typed_or_ok
 from pvebackup.api.errors import (
     CorruptChunkError,
     CorruptIndexError,
@@ -49,7 +49,6 @@ MiB = 1024 * 1024
 # would make them allocate (hundreds of MiB to TiB).
 MEMORY_LIMIT = 32 * MiB
 
-FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _store(key: EncryptionKey | None = None) -> tuple[MemoryBackend, Datastore]:

@@ -10,18 +10,13 @@ import threading
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from fuzzing import hostile_json_bytes, peak_memory, typed_or_ok
+from fuzzing import FUZZ, hostile_json_bytes, peak_memory, typed_or_ok
 from pvebackup.api.errors import CryptoError, KeyFileError
 from pvebackup.store.keys import EncryptionKey, load_key_file, write_key_file
 
-FUZZ = settings(
-    max_examples=200,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
 KEY = EncryptionKey(bytes(range(32)))
 
 

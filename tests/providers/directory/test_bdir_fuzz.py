@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 from bdir_helpers import STOREID
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from fuzzing import hostile_json_bytes, peak_memory, typed_or_ok
+from fuzzing import FUZZ, hostile_json_bytes, peak_memory, typed_or_ok
 from pvebackup.api.errors import (
     CorruptIndexError,
     IntegrityError,
@@ -34,11 +34,6 @@ from pvebackup.providers.directory.volumes import (
     VolumeName,
 )
 
-FUZZ = settings(
-    max_examples=200,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
 T0 = 1795685400  # 2026-11-26 09:30:00 UTC
 
 _INDEX = BackupIndex(
@@ -94,9 +89,14 @@ def test_volume_names_parse_or_typed_error(vmtype: str, vmid: str, stamp: str) -
         assert str(result) == volname
 
 
-def test_impossible_date_is_a_typed_error() -> None:
-    with pytest.raises(VolumeNotFoundError, match="impossible time"):
-        VolumeName.parse("backup/qemu-100-2026_02_31-00_00_00")
+@pytest.mark.parametrize(
+    ("stamp", "why"),
+    [("2026_02_31-00_00_00", "impossible time"), ("2026_11_26-24_00_00", "impossible time"),
+     ("0001_01_01-00_00_00", "out of range"), ("1969_12_31-23_59_59", "out of range")],
+)  # fmt: skip
+def test_impossible_or_uncanonical_time_is_a_typed_error(stamp: str, why: str) -> None:
+    with pytest.raises(VolumeNotFoundError, match=why):
+        VolumeName.parse(f"backup/qemu-100-{stamp}")
 
 
 # --- index.json ----------------------------------------------------------------------

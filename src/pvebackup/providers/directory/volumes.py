@@ -103,7 +103,14 @@ class VolumeName:
             raise VolumeNotFoundError(
                 f"{volname!r} is not a backup-dir volume name: impossible time {match['time']}"
             ) from exc
-        return cls(GuestType(match["vmtype"]), int(match["vmid"]), int(stamp.timestamp()))
+        name = cls(GuestType(match["vmtype"]), int(match["vmid"]), int(stamp.timestamp()))
+        if not 0 <= name.ctime <= _MAX_TIME or str(name) != volname:
+            # Year 0001 parses, but prints as "1_01_01" and lies before 1970: two
+            # names for one volume would break every lookup by name.
+            raise VolumeNotFoundError(
+                f"{volname!r} is not a backup-dir volume name: time {match['time']} out of range"
+            )
+        return name
 
 
 @dataclass(slots=True)
