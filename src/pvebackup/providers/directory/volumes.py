@@ -205,6 +205,7 @@ _MAX_SIZE = (1 << 63) - 1  # what a file system (and qemu) can address
 _MAX_TIME = 253402300799  # 9999-12-31T23:59:59Z: the last time a volume name can show
 _BITMAP_MODES = frozenset({"none", "new", "reuse"})
 _CT_FORMATS = frozenset({None, "tar", "directory"})
+_MAX_LAST_RECORD = 4096  # one volume name and a newline
 MAX_INDEX_SIZE = 1024 * 1024
 """Largest ``index.json`` read (a real one is well under 4 KiB)."""
 
@@ -407,10 +408,15 @@ class VolumeLayout:
         return self.backup_dir / ".last" / f"{vmtype.value}-{vmid}"
 
     def last_recorded(self, vmtype: GuestType, vmid: int) -> str | None:
-        """The volume recorded as the guest's last successful backup, existing or not."""
+        """The volume recorded as the guest's last successful backup, existing or not.
+
+        A record that cannot be read as a short UTF-8 line (damaged, huge, a FIFO)
+        counts as no record: the next backup is then a full one, the safe side.
+        """
         try:
-            return self._last_path(vmtype, vmid).read_text(encoding="utf-8").strip() or None
-        except FileNotFoundError:
+            raw = read_bounded(self._last_path(vmtype, vmid), _MAX_LAST_RECORD)
+            return raw.decode("utf-8").strip() or None
+        except (OSError, UnicodeDecodeError):
             return None
 
     def last_successful(self, vmtype: GuestType, vmid: int) -> str | None:

@@ -80,6 +80,11 @@ class StoreSettings:
                     f"storage {self.storeid!r}: cannot read encryption-passphrase-file "
                     f"{passphrase_file}: {exc.strerror}"
                 ) from exc
+            except UnicodeDecodeError as exc:
+                raise StorageConfigError(
+                    f"storage {self.storeid!r}: encryption-passphrase-file "
+                    f"{passphrase_file} is not UTF-8 text"
+                ) from exc
 
         return load_key_file(self.key_file, passphrase)
 
