@@ -8,6 +8,7 @@ reports each damaged one; reading changes nothing on the storage.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -21,6 +22,7 @@ from fuzzing import FUZZ, hostile_json_bytes, peak_memory, typed_or_ok
 from pvebackup.api.errors import (
     CorruptIndexError,
     IntegrityError,
+    PermanentBackendError,
     VolumeNotFoundError,
 )
 from pvebackup.api.types import GuestType
@@ -291,3 +293,16 @@ def test_extract_firewall_config_gives_typed_errors(
     result = typed_or_ok(lambda: provider.extract_firewall_config(volname, STOREID))
     assert isinstance(result, IntegrityError)
 
+
+
+def test_unlistable_backup_directory_is_a_backend_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _commit(tmp_path, GuestType.QEMU, 100, T0)
+
+    def fail(self: Path) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(Path, "iterdir", fail)
+    with pytest.raises(PermanentBackendError, match="cannot list"):
+        BackupDirPlugin().scan_volumes({"type": "backup-dir", "path": str(tmp_path)}, STOREID)

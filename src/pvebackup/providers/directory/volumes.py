@@ -39,6 +39,7 @@ from typing import Any
 from pvebackup.api.errors import (
     CorruptIndexError,
     IntegrityError,
+    PermanentBackendError,
     VolumeInUseError,
     VolumeNotFoundError,
 )
@@ -343,7 +344,11 @@ class VolumeLayout:
             return [], []
         names: list[tuple[int, str]] = []
         damaged: list[tuple[str, str]] = []
-        for entry in self.backup_dir.iterdir():
+        try:
+            entries = list(self.backup_dir.iterdir())
+        except OSError as exc:  # the directory itself: no listing at all
+            raise PermanentBackendError(f"{self.backup_dir}: cannot list: {exc.strerror}") from exc
+        for entry in entries:
             volname = f"backup/{entry.name}"
             # lexists: an index.json that is a dangling or looping link is damage
             # to report, not a volume to overlook.
