@@ -26,6 +26,7 @@ from pvebackup.api.errors import (
     CorruptChunkError,
     CorruptIndexError,
     PveBackupError,
+    UnsupportedError,
 )
 from pvebackup.api.types import GuestType
 from pvebackup.store.backends.memory import MemoryBackend
@@ -43,7 +44,8 @@ from pvebackup.store.snapshot import MANIFEST_NAME, Manifest, SnapshotId
 
 KEY = EncryptionKey(bytes(range(32)))
 CS = 64 * 1024
-SID = SnapshotId(GuestType.QEMU, 100, 1795685400)
+T0 = 1795685400
+SID = SnapshotId(GuestType.QEMU, 100, T0)
 MiB = 1024 * 1024
 # Generous for what the parsers themselves need; far below what a forged size
 # would make them allocate (hundreds of MiB to TiB).
@@ -408,3 +410,10 @@ def test_blob_decoding_is_typed_and_bounded(case: tuple[bool, bytes]) -> None:
     assert isinstance(result, bytes | CorruptChunkError)
     assert peak_memory(lambda: codec.decode(blob, name="fuzz")) < MEMORY_LIMIT
 
+
+
+def test_writing_an_index_a_reader_would_refuse_is_unsupported() -> None:
+    _, store = _store()
+    writer = store.new_snapshot(SnapshotId(GuestType.QEMU, 105, T0))
+    with pytest.raises(UnsupportedError, match="larger chunk-size"):
+        writer.index_writer("drive-scsi0", MAX_INDEX_CHUNKS * CS + 1)

@@ -40,6 +40,7 @@ from pvebackup.api.errors import (
     MissingKeyError,
     ObjectNotFoundError,
     SnapshotExistsError,
+    UnsupportedError,
     WrongKeyError,
 )
 from pvebackup.api.types import GuestType
@@ -404,8 +405,19 @@ class SnapshotWriter:
         self._devices[device] = SnapshotDevice(parsed.size, name)
 
     def index_writer(self, device: str, size: int) -> FixedIndexWriter:
-        """A new all-zero index for ``device``, stored when its ``with`` block ends."""
+        """A new all-zero index for ``device``, stored when its ``with`` block ends.
+
+        :raises UnsupportedError: the disk needs more than ``MAX_INDEX_CHUNKS``
+            chunks of the snapshot's chunk size (a reader would refuse the index).
+        """
         _check_name(device, "device")
+        try:
+            check_image_size(size, self.chunk_size)
+        except ValueError as exc:
+            raise UnsupportedError(
+                f"{device}: a disk of {size} bytes needs more than {MAX_INDEX_CHUNKS} chunks "
+                f"of {self.chunk_size} bytes; set a larger chunk-size for this storage"
+            ) from exc
         return FixedIndexWriter(
             size, self.chunk_size, on_commit=lambda data: self.add_index(device, data)
         )
