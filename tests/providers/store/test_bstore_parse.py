@@ -78,3 +78,19 @@ def test_listing_notes_survive_any_stored_bytes_value(value: str) -> None:
     # metadata values are free strings from the manifest; the note shows a size.
     note = _describe({"stored-bytes": value})
     assert note == "full" or (note.startswith("full, stored ") and value.isdigit())
+
+
+@pytest.mark.parametrize("kind", ["directory", "huge"])
+def test_stored_guest_config_swapped_for_a_directory_or_huge_file_is_typed(
+    tmp_path: Path, kind: str
+) -> None:
+    scfg, path = _store(tmp_path, {100: b"memory: 512\n"})
+    conf = path / "snapshots/vm/100/2026-11-26T09:30:00Z/guest.conf"
+    conf.unlink()
+    if kind == "directory":
+        conf.mkdir()
+    else:
+        with open(conf, "wb") as f:
+            f.truncate(1 << 30)
+    with pytest.raises(CorruptIndexError):
+        _provider(scfg).extract_guest_config("backup/vm-100-2026-11-26T09:30:00Z", "st")
