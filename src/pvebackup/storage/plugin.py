@@ -9,7 +9,9 @@ plugin therefore holds no per-storage state itself.
 A plugin for an external backup system overrides :meth:`new_backup_provider` to
 return its :class:`~pvebackup.api.BackupProvider`, and :meth:`list_volumes` /
 :meth:`free_volume` so that ``pvebackup list``/``remove`` can show and remove its
-backups. A plain storage (``dir``) returns ``None`` and holds guest images instead.
+backups; :meth:`scan_volumes` as well when it can report a damaged volume instead
+of failing the whole listing. A plain storage (``dir``) returns ``None`` and holds
+guest images instead.
 """
 
 from __future__ import annotations
