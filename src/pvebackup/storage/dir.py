@@ -53,7 +53,9 @@ _VOLNAME = re.compile(r"^(?:\d+/[^/]+/)?(\d+)/([^/]+)$")
 
 _DIR_PROPERTIES: dict[str, PropertySpec] = {
     **COMMON_PROPERTIES,
-    "path": PropertySpec(required=True, description="file system path of the storage"),
+    "path": PropertySpec(
+        required=True, path=True, description="file system path of the storage"
+    ),
     "content-dirs": PropertySpec(description="overrides of the default content dirs"),
     **BASE_PATH_PROPERTIES,
     **CREATE_SUBDIRS,

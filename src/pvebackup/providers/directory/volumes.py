@@ -47,6 +47,7 @@ from typing import Any
 from pvebackup.api.errors import (
     CorruptIndexError,
     IntegrityError,
+    PermanentBackendError,
     UnsafeStorageError,
     VolumeInUseError,
     VolumeNotFoundError,
@@ -109,8 +110,22 @@ class VolumeName:
                 f"{volname!r} is not a backup-dir volume name "
                 "(expected backup/<qemu|lxc>-<vmid>-<YYYY_MM_DD-HH_MM_SS>)"
             )
-        stamp = datetime.strptime(match["time"], _TIME_FORMAT).replace(tzinfo=UTC)
-        return cls(GuestType(match["vmtype"]), int(match["vmid"]), int(stamp.timestamp()))
+        try:
+            stamp = datetime.strptime(match["time"], _TIME_FORMAT).replace(tzinfo=UTC)
+        except ValueError as exc:
+            # An impossible date (2026_02_31) in a directory someone else made: a
+            # damaged name, reported per volume, never a traceback for the listing.
+            raise VolumeNotFoundError(
+                f"{volname!r} is not a backup-dir volume name: impossible time {match['time']}"
+            ) from exc
+        name = cls(GuestType(match["vmtype"]), int(match["vmid"]), int(stamp.timestamp()))
+        if not 0 <= name.ctime <= _MAX_TIME or str(name) != volname:
+            # Year 0001 parses, but prints as "1_01_01" and lies before 1970: two
+            # names for one volume would break every lookup by name.
+            raise VolumeNotFoundError(
+                f"{volname!r} is not a backup-dir volume name: time {match['time']} out of range"
+            )
+        return name
 
 
 @dataclass(slots=True)
@@ -167,32 +182,63 @@ class BackupIndex:
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, where: str) -> BackupIndex:
-        """Parse ``index.json``; :class:`CorruptIndexError` naming ``where`` if malformed."""
+    def from_json(cls, text: str | bytes, where: str) -> BackupIndex:
+        """Parse ``index.json``; :class:`CorruptIndexError` naming ``where`` if malformed.
+
+        Field by field, since the storage may be written by others: a list where a
+        dict belongs, a string for a number, ``true`` for 1, negative or huge sizes,
+        NaN, unknown enum values and nesting bombs are all refused, never coerced.
+        """
         try:
-            data = json.loads(text)
+            data = _typed(json.loads(text), dict, "index")
             if data.get("format") != INDEX_FORMAT:
-                raise ValueError(f"unknown format {data.get('format')!r}")
+                raise ValueError(f"unknown format {data.get('format')!r:.40}")
+            devices: dict[str, DeviceEntry] = {}
+            for name, dev in _typed(data.get("devices", {}), dict, "devices").items():
+                _typed(dev, dict, f"device {name!r:.40}")
+                devices[name] = DeviceEntry(
+                    size=_ranged(dev["size"], 0, _MAX_SIZE, "size"),
+                    file=_typed(dev["file"], str, "file"),
+                    backing=_typed(dev.get("backing"), (str, type(None)), "backing"),
+                    bitmap_mode=_choice(dev.get("bitmap-mode", "none"), _BITMAP_MODES, "mode"),
+                )
             return cls(
-                vmid=int(data["vmid"]),
-                vmtype=GuestType(data["vmtype"]),
-                ctime=int(data["ctime"]),
-                devices={
-                    str(name): DeviceEntry(
-                        size=int(dev["size"]),
-                        file=str(dev["file"]),
-                        backing=dev.get("backing"),
-                        bitmap_mode=str(dev.get("bitmap-mode", "none")),
-                    )
-                    for name, dev in data.get("devices", {}).items()
-                },
-                bitmap_id=data.get("bitmap-id"),
-                parent=data.get("parent"),
-                ct_format=data.get("ct-format"),
-                stored_size=int(data.get("stored-size", 0)),
+                vmid=_ranged(data["vmid"], 1, 999_999_999, "vmid"),
+                vmtype=GuestType(_typed(data["vmtype"], str, "vmtype")),
+                ctime=_ranged(data["ctime"], 0, _MAX_TIME, "ctime"),
+                devices=devices,
+                bitmap_id=_typed(data.get("bitmap-id"), (str, type(None)), "bitmap-id"),
+                parent=_typed(data.get("parent"), (str, type(None)), "parent"),
+                ct_format=_choice(data.get("ct-format"), _CT_FORMATS, "ct-format"),
+                stored_size=_ranged(data.get("stored-size", 0), 0, _MAX_SIZE, "stored-size"),
             )
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise CorruptIndexError(f"{where}: malformed {INDEX_NAME}: {exc}") from exc
+
+
+_MAX_SIZE = (1 << 63) - 1  # what a file system (and qemu) can address
+_MAX_TIME = 253402300799  # 9999-12-31T23:59:59Z: the last time a volume name can show
+_BITMAP_MODES = frozenset({"none", "new", "reuse"})
+_CT_FORMATS = frozenset({None, "tar", "directory"})
+_MAX_LAST_RECORD = 4096  # one volume name and a newline
+
+
+def _typed(value: Any, t: type | tuple[type, ...], what: str) -> Any:
+    if not isinstance(value, t) or (t is int and isinstance(value, bool)):
+        raise TypeError(f"{what}: {value!r:.80} has the wrong type")
+    return value
+
+
+def _ranged(value: Any, lo: int, hi: int, what: str) -> int:
+    if not lo <= _typed(value, int, what) <= hi:
+        raise ValueError(f"{what}: {value} out of range")
+    return int(value)
+
+
+def _choice(value: Any, allowed: frozenset[str | None], what: str) -> Any:
+    if not isinstance(value, str | None) or value not in allowed:
+        raise ValueError(f"{what}: {value!r:.40} is not one of {sorted(map(str, allowed))}")
+    return value
 
 
 def allocated_size(dir_fd: int) -> int:
@@ -309,28 +355,61 @@ class VolumeLayout:
     # reading -----------------------------------------------------------------------
 
     def read_index(self, volname: str) -> BackupIndex:
-        """The index of a committed volume; :class:`VolumeNotFoundError` if absent."""
+        """The index of a committed volume.
+
+        :raises VolumeNotFoundError: no such volume.
+        :raises CorruptIndexError: ``index.json`` is unreadable, not a regular file,
+            too large, not JSON, of wrong types, or names another guest.
+        """
+        name = VolumeName.parse(volname)
         index_path = self.volume_path(volname) / INDEX_NAME
         with owned_fd(self.open_volume(volname)) as volume_fd:
             try:
                 data = safefs.read_file_at(volume_fd, INDEX_NAME, limit=INDEX_MAX)
-            except (FileNotFoundError, IsADirectoryError) as exc:
+            except FileNotFoundError as exc:
                 raise VolumeNotFoundError(f"backup volume {volname!r} does not exist") from exc
+            except OSError as exc:  # a directory, ELOOP, EIO...: damaged, never followed
+                raise CorruptIndexError(f"{index_path}: cannot read: {exc.strerror}") from exc
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise CorruptIndexError(f"{index_path}: {INDEX_NAME} is not UTF-8") from exc
-        return BackupIndex.from_json(text, str(index_path))
+        index = BackupIndex.from_json(text, str(index_path))
+        if (index.vmtype, index.vmid) != (name.vmtype, name.vmid):
+            raise CorruptIndexError(
+                f"{index_path}: describes {index.vmtype.value} {index.vmid}, not its volume"
+            )
+        return index
 
     def volnames(self) -> Iterator[str]:
-        """Names of the committed volumes, oldest first (temporary ones are skipped)."""
+        """Names of the committed volumes, oldest first (temporary ones are skipped).
+
+        A directory shaped like a volume whose name is damaged (an impossible
+        date) is left out; :meth:`scan` reports it.
+        """
+        yield from self.scan()[0]
+
+    def scan(self) -> tuple[list[str], list[tuple[str, str]]]:
+        """``(volnames oldest first, [(damaged volname, reason)])``.
+
+        One damaged directory never hides the others: what looks like a volume
+        (``qemu|lxc-<vmid>-<time>`` with an ``index.json``) but has an impossible
+        time in its name is reported instead of listed. Other names are not ours.
+        """
         try:
             backup_fd = self.open_backup_dir()
         except (FileNotFoundError, NotADirectoryError):
-            return
-        names = []
+            return [], []
+        names: list[tuple[int, str]] = []
+        damaged: list[tuple[str, str]] = []
         with owned_fd(backup_fd):
-            for entry in safefs.listdir_at(backup_fd):
+            try:
+                entries = safefs.listdir_at(backup_fd)
+            except OSError as exc:  # the directory itself: no listing at all
+                raise PermanentBackendError(
+                    f"{self.backup_dir}: cannot list: {exc.strerror}"
+                ) from exc
+            for entry in entries:
                 volname = f"backup/{entry.name}"
                 # A symlink is not a volume: never listed, never looked into.
                 if not _VOLNAME_RE.match(volname) or not entry.is_dir(follow_symlinks=False):
@@ -340,13 +419,30 @@ class VolumeLayout:
                         st = safefs.stat_at(volume_fd, INDEX_NAME)
                 except (FileNotFoundError, NotADirectoryError, UnsafeStorageError):
                     continue  # swapped or removed since the listing
-                if st is not None and stat.S_ISREG(st.st_mode):
+                # Any index.json, even a link or a FIFO, makes it a volume: a damaged
+                # one is reported by whoever reads it, never silently overlooked.
+                if st is None:
+                    continue
+                try:
                     names.append((VolumeName.parse(volname).ctime, volname))
-        yield from (volname for _, volname in sorted(names))
+                except VolumeNotFoundError as exc:
+                    damaged.append((volname, str(exc)))
+        return [volname for _, volname in sorted(names)], sorted(damaged)
 
     def dependents(self, volname: str) -> list[str]:
-        """Volumes whose images use an image of ``volname`` as a backing file."""
-        return [other for other in self.volnames() if self.read_index(other).parent == volname]
+        """Volumes whose images use an image of ``volname`` as a backing file.
+
+        A volume whose index cannot be read is not counted: it cannot be restored
+        anyway, and one damaged volume must not block removing the others.
+        """
+        found = []
+        for other in self.volnames():
+            try:
+                if self.read_index(other).parent == volname:
+                    found.append(other)
+            except (VolumeNotFoundError, IntegrityError):
+                continue
+        return found
 
     def image_chain(self, volname: str, devicename: str) -> list[Path]:
         """The image files of one disk, top first, down to the full image.
@@ -390,7 +486,9 @@ class VolumeLayout:
         """
         try:
             with owned_fd(safefs.open_dir(self.root, ("backup", LAST_DIR))) as last_fd:
-                data = safefs.read_file_at(last_fd, f"{vmtype.value}-{vmid}", limit=4096)
+                data = safefs.read_file_at(
+                    last_fd, f"{vmtype.value}-{vmid}", limit=_MAX_LAST_RECORD
+                )
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
         return data.decode("utf-8", "replace").strip() or None

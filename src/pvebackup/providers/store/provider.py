@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from pvebackup.api.errors import (
     CorruptChunkError,
+    CorruptIndexError,
     IntegrityError,
     NotFoundError,
     PveBackupError,
@@ -38,6 +39,7 @@ from pvebackup.api.types import (
     LogFunction,
     RestoreMechanism,
 )
+from pvebackup.kit.bounded import MAX_CONFIG_FILE_SIZE
 from pvebackup.providers.store.bitmap_base import BitmapBase, read_base, write_base
 from pvebackup.providers.store.disk import BaseUnusableError, DiskBackup, SourceFactory
 from pvebackup.providers.store.progress import format_bytes
@@ -326,13 +328,13 @@ class BackupStoreProvider(BackupProvider):
         return RestoreMechanism.QEMU_IMG, GuestType.QEMU
 
     def extract_guest_config(self, volname: str, storeid: str) -> str:
-        return self._snapshot(volname).read_file(CONFIG_FILE).decode("utf-8")
+        return _config_text(self._snapshot(volname), CONFIG_FILE)
 
     def extract_firewall_config(self, volname: str, storeid: str) -> str | None:
         snap = self._snapshot(volname)
         if FIREWALL_FILE not in snap.file_names():
             return None
-        return snap.read_file(FIREWALL_FILE).decode("utf-8")
+        return _config_text(snap, FIREWALL_FILE)
 
     def restore_qemu_get_device_info(self, volname: str, storeid: str) -> DeviceInfo:
         return {name: {"size": dev.size} for name, dev in self._snapshot(volname).devices.items()}
@@ -377,3 +379,14 @@ class BackupStoreProvider(BackupProvider):
         return store.codec.decode(data, name=f"snapshot {snap.id} {TASK_LOG_FILE}").decode(
             "utf-8", errors="replace"
         )
+
+
+def _config_text(snap: Snapshot, name: str) -> str:
+    """A stored config as text; we only store UTF-8, so anything else is damage."""
+    data = snap.read_file(name)
+    if len(data) > MAX_CONFIG_FILE_SIZE:
+        raise CorruptIndexError(f"snapshot {snap.id}: {name} is larger than a config can be")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorruptIndexError(f"snapshot {snap.id}: {name} is not UTF-8 text") from exc
