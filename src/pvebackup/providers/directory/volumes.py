@@ -26,6 +26,7 @@ changes it held, so the next backup must be a full one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -110,6 +111,10 @@ class DeviceEntry:
     """Volume name whose image of the same device is this image's backing file."""
     bitmap_mode: str = "none"
     """The bitmap mode the host reported for this disk: none, new or reuse."""
+    image_size: int | None = None
+    """Bytes of the image file when it was committed (pins it cheaply)."""
+    image_sha256: str | None = None
+    """SHA-256 of the image file when it was committed."""
 
 
 @dataclass(slots=True)
@@ -127,6 +132,9 @@ class BackupIndex:
     """``tar`` or ``directory`` for containers, None for VMs."""
     stored_size: int = 0
     """Bytes the volume occupies on disk (allocated blocks) when it was committed."""
+    parent_index_sha256: str | None = None
+    """SHA-256 of the parent volume's ``index.json``: a hash chain, so that pinning
+    the top index (the host keeps its checksum) pins every index below it."""
 
     def to_json(self) -> str:
         """Serialise to the stable JSON form stored in ``index.json``."""
@@ -141,6 +149,8 @@ class BackupIndex:
                     "file": dev.file,
                     "backing": dev.backing,
                     "bitmap-mode": dev.bitmap_mode,
+                    "image-size": dev.image_size,
+                    "image-sha256": dev.image_sha256,
                 }
                 for name, dev in self.devices.items()
             },
@@ -148,6 +158,7 @@ class BackupIndex:
             "parent": self.parent,
             "ct-format": self.ct_format,
             "stored-size": self.stored_size,
+            "parent-index-sha256": self.parent_index_sha256,
         }
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
@@ -168,6 +179,8 @@ class BackupIndex:
                         file=str(dev["file"]),
                         backing=dev.get("backing"),
                         bitmap_mode=str(dev.get("bitmap-mode", "none")),
+                        image_size=_opt_int(dev.get("image-size")),
+                        image_sha256=_opt_str(dev.get("image-sha256")),
                     )
                     for name, dev in data.get("devices", {}).items()
                 },
@@ -175,9 +188,26 @@ class BackupIndex:
                 parent=data.get("parent"),
                 ct_format=data.get("ct-format"),
                 stored_size=int(data.get("stored-size", 0)),
+                parent_index_sha256=_opt_str(data.get("parent-index-sha256")),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CorruptIndexError(f"{where}: malformed {INDEX_NAME}: {exc}") from exc
+
+
+def _opt_int(value: Any) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{value!r} is not an integer")
+    return value
+
+
+def _opt_str(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{value!r} is not a string")
+    return value
 
 
 def allocated_size(path: Path) -> int:
@@ -256,12 +286,20 @@ class VolumeLayout:
 
     def read_index(self, volname: str) -> BackupIndex:
         """The index of a committed volume; :class:`VolumeNotFoundError` if absent."""
+        return self.read_index_checked(volname)[0]
+
+    def read_index_checked(self, volname: str) -> tuple[BackupIndex, str]:
+        """The index of a committed volume and the SHA-256 of its bytes."""
         index_path = self.volume_path(volname) / INDEX_NAME
         try:
-            text = index_path.read_text(encoding="utf-8")
+            data = index_path.read_bytes()
         except FileNotFoundError as exc:
             raise VolumeNotFoundError(f"backup volume {volname!r} does not exist") from exc
-        return BackupIndex.from_json(text, str(index_path))
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise CorruptIndexError(f"{index_path}: {INDEX_NAME} is not UTF-8") from exc
+        return BackupIndex.from_json(text, str(index_path)), hashlib.sha256(data).hexdigest()
 
     def volnames(self) -> Iterator[str]:
         """Names of the committed volumes, oldest first (temporary ones are skipped)."""
@@ -341,9 +379,13 @@ class VolumeLayout:
 
     # writing -----------------------------------------------------------------------
 
-    def write_index(self, directory: Path, index: BackupIndex) -> None:
-        """Write ``index.json`` into a (temporary) volume directory, durably."""
-        _write_atomic(directory / INDEX_NAME, index.to_json())
+    def write_index(self, directory: Path, index: BackupIndex) -> str:
+        """Write ``index.json`` into a (temporary) volume directory, durably.
+
+        Returns the SHA-256 of the bytes written."""
+        text = index.to_json()
+        _write_atomic(directory / INDEX_NAME, text)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     def commit(self, volname: str) -> Path:
         """Rename the temporary directory of ``volname`` into place; return the new path."""
