@@ -258,8 +258,10 @@ class BackupDirProvider(BackupProvider):
         if volname is None or sha is None:
             # Reset by a failed backup: no volume is a base, a fresh chain is safe.
             fresh = self._fresh_chain(vmid)
-            why = str(doc.get("reason") or "no usable base")
-            self.log("info", f"backup-dir: full backup of {vmid}, starting bitmap {fresh} ({why})")
+            reason = str(doc.get("reason") or "no usable base")
+            self.log(
+                "info", f"backup-dir: full backup of {vmid}, starting bitmap {fresh} ({reason})"
+            )
             return None, None, fresh
         if recorded != volname:
             return full(
