@@ -388,3 +388,30 @@ def test_bandwidth_limit_holds_within_ten_percent(
     assert stats.read == 12 * MIB
     rate = stats.read / elapsed
     assert 0.9 * 4 * MIB <= rate <= 1.1 * 4 * MIB, f"{rate / MIB:.2f} MiB/s"
+
+
+@pytest.mark.e2e
+def test_failed_backup_with_a_new_bitmap_resets_the_base(
+    tmp_path: Path,
+    make_provider: Callable[..., BackupDirProvider],
+    nbd_exports: NbdExports,
+    logs: LogRecords,
+) -> None:
+    """The host answered ``new`` on a proven base (its bitmap was lost) and the
+    backup failed: that base must not be offered with the chain's id again."""
+    disk = make_disk(tmp_path)
+    full_backup(make_provider(), nbd_exports, disk)
+    provider = make_provider()
+    provider.job_start(0)
+    provider.backup_start(100, GuestType.QEMU)
+    _, chain = provider.backup_get_mechanism(100, GuestType.QEMU)
+    assert chain is not None and any("incremental backup of 100" in m for _, m in logs)
+    provider.backup_nbd(100, DEVICE, nbd_exports.start(disk), BitmapMode.NEW, BITMAP, None)
+    provider.backup_abort(100, "the next disk failed")
+    provider.job_end()
+    nbd_exports.stop_all()
+    provider = make_provider()
+    provider.backup_start(100, GuestType.QEMU)
+    _, again = provider.backup_get_mechanism(100, GuestType.QEMU)
+    assert again != chain  # a fresh chain: the host creates it, a full read
+    assert any("created a new bitmap failed" in m for _, m in logs)

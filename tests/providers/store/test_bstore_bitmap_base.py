@@ -12,8 +12,9 @@ import json
 from pathlib import Path
 
 import pytest
+from bstore_support import DEVICE, FakeHost, mixed_image, nbd_export, run
 
-from pvebackup.api.types import GuestType
+from pvebackup.api.types import BitmapMode, GuestType
 from pvebackup.kit.hoststate import HostState
 from pvebackup.providers.store.bitmap_base import (
     BitmapBase,
@@ -174,3 +175,28 @@ def test_other_chunk_size(store: Datastore, state: HostState) -> None:
     _committed(store, state)
     d = decide(store, state, QEMU, 100, 2 * CHUNK)
     assert d.bitmap_id is None and "another chunk size" in d.message
+
+
+@pytest.mark.e2e
+def test_failed_backup_with_a_new_bitmap_resets_the_base(tmp_path: Path) -> None:
+    """Provider level: the host answered ``new`` (its bitmap was lost), the backup
+    then failed. The new bitmap started after every snapshot; if the provider kept
+    its base, a bitmap left behind would be applied to it and miss writes."""
+    host = FakeHost(tmp_path, {"type": "backup-store", "path": str(tmp_path / "store"),
+                               "chunk-size": str(CHUNK)})  # fmt: skip
+    src = mixed_image(tmp_path / "src.qcow2")
+    host.backup(src, BitmapMode.NEW, expect_bitmap=True)
+    chain = host.mechanism()
+    assert chain is not None  # the base is proven: the next backup may be incremental
+    p = host.provider()
+    p.job_start(0)
+    p.backup_start(100, QEMU)
+    assert p.backup_get_mechanism(100, QEMU)[1] == chain
+    export = tmp_path / "export.qcow2"
+    run("cp", "--sparse=always", str(src), str(export))
+    with nbd_export(export) as sock:
+        p.backup_nbd(100, DEVICE, sock, BitmapMode.NEW, "bm", None)
+    p.backup_abort(100, "the next disk failed")
+    p.job_end()
+    assert host.mechanism() is None
+    assert any("created a new dirty bitmap failed" in m for _, m in host.log.lines)
