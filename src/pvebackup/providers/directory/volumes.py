@@ -21,7 +21,10 @@ always complete.
 ``.last/qemu-<vmid>`` names the guest's last successful backup: the host cleared
 the dirty bitmap at that point. Only that volume may be the base of an
 incremental backup: if it was removed, an older volume would be missing the
-changes it held, so the next backup must be a full one.
+changes it held, so the next backup must be a full one. The storage is not
+trusted to say so: the provider's host state file holds the SHA-256 of that
+volume's ``index.json`` (which pins image sizes and checksums, and through
+``parent-index-sha256`` every index below it), and ``.last`` must agree with it.
 """
 
 from __future__ import annotations
