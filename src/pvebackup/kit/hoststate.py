@@ -151,11 +151,16 @@ class HostState:
         _fsync_dir(self.dir)
 
     def remove(self, name: str) -> None:
+        """Delete the state ``name`` (missing is fine); ``StateError`` if that fails."""
         try:
             os.unlink(self.path(name))
+            _fsync_dir(self.dir)
         except FileNotFoundError:
             return
-        _fsync_dir(self.dir)
+        except OSError as exc:
+            raise StateError(
+                f"cannot remove the host state file {self.path(name)}: {exc.strerror or exc}"
+            ) from exc
 
     def _make_dirs(self) -> None:
         os.makedirs(self.dir.parent.parent, mode=0o700, exist_ok=True)
