@@ -371,6 +371,15 @@ class BackupDirProvider(BackupProvider):
                     f"{devicename}: bitmap mode reuse but no base volume was chosen "
                     "(backup_get_mechanism returned no bitmap)"
                 )
+            # Threat: the storage changed since backup_get_mechanism proved the base.
+            if guest.base_index_sha256 is None or (
+                why := self._base_problem(guest.base, guest.base_index_sha256)
+            ):
+                raise IntegrityError(
+                    f"{devicename}: the base {guest.base} changed during the backup"
+                    f"{f' ({why})' if guest.base_index_sha256 else ''}; "
+                    "the next backup will be full"
+                )
             chain = self.layout.image_chain(guest.base, devicename)
             backing, backing_volname = chain[0], guest.base
         stats = vm.backup_disk(
