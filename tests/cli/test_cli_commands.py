@@ -133,3 +133,15 @@ def test_list_shows_notes_when_a_storage_gives_them(
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[-1] == "NOTES"
     assert lines[1].endswith("full, stored 1 KiB")
+
+
+def test_root_sets_the_host_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Providers keep their host-side state below --root; an explicit variable wins."""
+    from pvebackup.kit.hoststate import STATE_DIR_ENV, default_state_dir
+
+    monkeypatch.delenv(STATE_DIR_ENV, raising=False)
+    main(["--root", str(tmp_path), "list", "rec"])
+    assert default_state_dir() == tmp_path / "var/lib/pvebackup"
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "mine"))
+    main(["--root", str(tmp_path), "list", "rec"])
+    assert default_state_dir() == tmp_path / "mine"

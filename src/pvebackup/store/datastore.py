@@ -23,6 +23,7 @@ a key.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -235,6 +236,11 @@ class Datastore:
         return self._key is not None
 
     @property
+    def key(self) -> EncryptionKey | None:
+        """The store's key (``None`` for a plain store), for signing provider records."""
+        return self._key
+
+    @property
     def chunk_size(self) -> int:
         """The store's default chunk size for new indexes."""
         return self.config.chunk_size
@@ -344,7 +350,7 @@ class Datastore:
         manifest = Manifest.from_bytes(raw, self._key, name=f"snapshot {snapshot}")
         if manifest.snapshot != snapshot:
             raise CorruptIndexError(f"snapshot {snapshot}: manifest names {manifest.snapshot}")
-        return Snapshot(self.backend, self.codec, manifest)
+        return Snapshot(self.backend, self.codec, manifest, hashlib.sha256(raw).hexdigest())
 
     def has_snapshot(self, snapshot: SnapshotId) -> bool:
         return self.backend.exists(snapshot.prefix + MANIFEST_NAME)

@@ -382,6 +382,8 @@ class SnapshotWriter:
         self._devices: dict[str, SnapshotDevice] = {}
         self._files: dict[str, FileEntry] = {}
         self.manifest: Manifest | None = None
+        self.manifest_sha256: str | None = None
+        """SHA-256 (hex) of the stored manifest bytes, once committed."""
         if backend.exists(snapshot.prefix + MANIFEST_NAME):
             raise SnapshotExistsError(f"snapshot {snapshot} exists already")
 
@@ -455,6 +457,7 @@ class SnapshotWriter:
             raise SnapshotExistsError(f"snapshot {self.snapshot} was committed by someone else")
         self._backend.sync()
         self.manifest = manifest
+        self.manifest_sha256 = hashlib.sha256(data).hexdigest()
         return manifest
 
     def abort(self) -> None:
@@ -484,11 +487,19 @@ class SnapshotWriter:
 class Snapshot:
     """A committed snapshot: its verified manifest and verified reads of its files."""
 
-    def __init__(self, backend: Backend, codec: ChunkCodec, manifest: Manifest) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        codec: ChunkCodec,
+        manifest: Manifest,
+        manifest_sha256: str | None = None,
+    ) -> None:
         self._backend = backend
         self._codec = codec
         self.manifest = manifest
         self.id = manifest.snapshot
+        self.manifest_sha256 = manifest_sha256
+        """SHA-256 (hex) of the manifest bytes as read from the store."""
 
     def __repr__(self) -> str:
         return f"Snapshot({self.id})"

@@ -30,10 +30,16 @@ through directory fds without following symlinks (:mod:`pvebackup.kit.safefs`):
 ``remove`` refuses a symlinked volume with ``UnsafeStorageError`` and never
 deletes through one; listing skips what is not a real directory; backups write
 only into directories they hold open.
+
+``.last`` alone is not trusted to name the base: the provider's host state file
+holds the SHA-256 of that volume's ``index.json`` (which pins image sizes and
+checksums, and through ``parent-index-sha256`` every index below it), and
+``.last`` must agree with it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -140,6 +146,10 @@ class DeviceEntry:
     """Volume name whose image of the same device is this image's backing file."""
     bitmap_mode: str = "none"
     """The bitmap mode the host reported for this disk: none, new or reuse."""
+    image_size: int | None = None
+    """Bytes of the image file when it was committed (pins it cheaply)."""
+    image_sha256: str | None = None
+    """SHA-256 of the image file when it was committed."""
 
 
 @dataclass(slots=True)
@@ -157,6 +167,9 @@ class BackupIndex:
     """``tar`` or ``directory`` for containers, None for VMs."""
     stored_size: int = 0
     """Bytes the volume occupies on disk (allocated blocks) when it was committed."""
+    parent_index_sha256: str | None = None
+    """SHA-256 of the parent volume's ``index.json``: a hash chain, so that pinning
+    the top index (the host keeps its checksum) pins every index below it."""
 
     def to_json(self) -> str:
         """Serialise to the stable JSON form stored in ``index.json``."""
@@ -171,6 +184,8 @@ class BackupIndex:
                     "file": dev.file,
                     "backing": dev.backing,
                     "bitmap-mode": dev.bitmap_mode,
+                    "image-size": dev.image_size,
+                    "image-sha256": dev.image_sha256,
                 }
                 for name, dev in self.devices.items()
             },
@@ -178,6 +193,7 @@ class BackupIndex:
             "parent": self.parent,
             "ct-format": self.ct_format,
             "stored-size": self.stored_size,
+            "parent-index-sha256": self.parent_index_sha256,
         }
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
@@ -201,6 +217,8 @@ class BackupIndex:
                     file=_typed(dev["file"], str, "file"),
                     backing=_typed(dev.get("backing"), (str, type(None)), "backing"),
                     bitmap_mode=_choice(dev.get("bitmap-mode", "none"), _BITMAP_MODES, "mode"),
+                    image_size=_opt_int(dev.get("image-size")),
+                    image_sha256=_opt_str(dev.get("image-sha256")),
                 )
             return cls(
                 vmid=_ranged(data["vmid"], 1, 999_999_999, "vmid"),
@@ -211,6 +229,7 @@ class BackupIndex:
                 parent=_typed(data.get("parent"), (str, type(None)), "parent"),
                 ct_format=_choice(data.get("ct-format"), _CT_FORMATS, "ct-format"),
                 stored_size=_ranged(data.get("stored-size", 0), 0, _MAX_SIZE, "stored-size"),
+                parent_index_sha256=_opt_str(data.get("parent-index-sha256")),
             )
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise CorruptIndexError(f"{where}: malformed {INDEX_NAME}: {exc}") from exc
@@ -238,6 +257,22 @@ def _ranged(value: Any, lo: int, hi: int, what: str) -> int:
 def _choice(value: Any, allowed: frozenset[str | None], what: str) -> Any:
     if not isinstance(value, str | None) or value not in allowed:
         raise ValueError(f"{what}: {value!r:.40} is not one of {sorted(map(str, allowed))}")
+    return value
+
+
+def _opt_int(value: Any) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{value!r} is not an integer")
+    return value
+
+
+def _opt_str(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{value!r} is not a string")
     return value
 
 
@@ -355,7 +390,11 @@ class VolumeLayout:
     # reading -----------------------------------------------------------------------
 
     def read_index(self, volname: str) -> BackupIndex:
-        """The index of a committed volume.
+        """The index of a committed volume; see :meth:`read_index_checked`."""
+        return self.read_index_checked(volname)[0]
+
+    def read_index_checked(self, volname: str) -> tuple[BackupIndex, str]:
+        """The index of a committed volume and the SHA-256 of its bytes.
 
         :raises VolumeNotFoundError: no such volume.
         :raises CorruptIndexError: ``index.json`` is unreadable, not a regular file,
@@ -379,7 +418,7 @@ class VolumeLayout:
             raise CorruptIndexError(
                 f"{index_path}: describes {index.vmtype.value} {index.vmid}, not its volume"
             )
-        return index
+        return index, hashlib.sha256(data).hexdigest()
 
     def volnames(self) -> Iterator[str]:
         """Names of the committed volumes, oldest first (temporary ones are skipped).
@@ -511,9 +550,13 @@ class VolumeLayout:
 
     # writing -----------------------------------------------------------------------
 
-    def write_index(self, dir_fd: int, index: BackupIndex) -> None:
-        """Write ``index.json`` into a (temporary) volume directory ``dir_fd``, durably."""
-        safefs.atomic_write_at(dir_fd, INDEX_NAME, index.to_json().encode())
+    def write_index(self, dir_fd: int, index: BackupIndex) -> str:
+        """Write ``index.json`` into a (temporary) volume directory ``dir_fd``, durably.
+
+        Returns the SHA-256 of the bytes written."""
+        data = index.to_json().encode("utf-8")
+        safefs.atomic_write_at(dir_fd, INDEX_NAME, data)
+        return hashlib.sha256(data).hexdigest()
 
     def commit(self, volname: str, held_fd: int | None = None) -> Path:
         """Rename the temporary directory of ``volname`` into place; return the new path.

@@ -18,11 +18,11 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pvebackup.api.errors import (
     CorruptChunkError,
     CorruptIndexError,
-    IntegrityError,
     NotFoundError,
     PveBackupError,
     StateError,
@@ -40,7 +40,8 @@ from pvebackup.api.types import (
     RestoreMechanism,
 )
 from pvebackup.kit.bounded import MAX_CONFIG_FILE_SIZE
-from pvebackup.providers.store.bitmap_base import BitmapBase, read_base, write_base
+from pvebackup.kit.hoststate import HostState
+from pvebackup.providers.store.bitmap_base import BitmapBase, commit_base, decide, reset_base
 from pvebackup.providers.store.disk import BaseUnusableError, DiskBackup, SourceFactory
 from pvebackup.providers.store.progress import format_bytes
 from pvebackup.providers.store.restore_server import RestoreServer
@@ -66,6 +67,7 @@ class _Guest:
     writer: SnapshotWriter
     bitmap_id: str | None = None
     base: SnapshotId | None = None
+    base_sha256: str | None = None
     modes: dict[str, str] = field(default_factory=dict)
     new_bytes: int = 0
     stored_bytes: int = 0
@@ -88,9 +90,14 @@ class BackupStoreProvider(BackupProvider):
         scfg: Mapping[str, str],
         storeid: str,
         log_function: LogFunction,
+        *,
+        state_dir: Path | str | None = None,
     ) -> None:
+        """``state_dir``: where the host-side base proof lives (default: see
+        :func:`pvebackup.kit.hoststate.default_state_dir`)."""
         super().__init__(storage_plugin, scfg, storeid, log_function)
         self.settings = StoreSettings.from_scfg(scfg, storeid)
+        self.hoststate = HostState("backup-store", storeid, state_dir)
         self._store: Datastore | None = None
         self._guests: dict[int, _Guest] = {}
         self._restores: dict[tuple[str, str], RestoreServer] = {}
@@ -105,10 +112,6 @@ class BackupStoreProvider(BackupProvider):
         if self._store is None:
             self._store = self.settings.open(create=create)
         return self._store
-
-    def bitmap_id(self) -> str:
-        """The dirty bitmap name of this storage: stable, unique per store."""
-        return "store-" + self.store().config.store_id.split("-")[0]
 
     # job hooks ---------------------------------------------------------------------
 
@@ -160,35 +163,16 @@ class BackupStoreProvider(BackupProvider):
         if GuestType(vmtype) is GuestType.LXC:
             raise UnsupportedError(_NOT_YET)
         guest = self._guests.get(vmid)
-        bitmap = self.bitmap_id()
-        record = read_base(self.store().backend, "vm", vmid)
-        if record is None:
-            # No backup into this store used the bitmap yet: the host creates it.
-            return BackupMechanism.NBD, bitmap
-        if record.snapshot is None:
-            self.log("info", f"full backup: {record.reason or 'no usable base'}")
-            return BackupMechanism.NBD, None
-        why = self._base_problem(record.snapshot)
-        if why is not None:
-            self.log("warn", f"full backup: the previous backup {record.snapshot} {why}")
-            return BackupMechanism.NBD, None
-        if guest is not None:
-            guest.bitmap_id = bitmap
-            guest.base = record.snapshot
-        return BackupMechanism.NBD, bitmap
-
-    def _base_problem(self, sid: SnapshotId) -> str | None:
-        """Why snapshot ``sid`` cannot be an incremental base, or None if it can."""
         store = self.store()
-        try:
-            snap = store.open_snapshot(sid)
-        except VolumeNotFoundError:
-            return "is gone"
-        except IntegrityError as exc:
-            return f"is unreadable ({exc})"
-        if snap.manifest.chunk_size != self.settings.index_chunk_size(store):
-            return "uses another chunk size"
-        return None
+        decision = decide(
+            store, self.hoststate, GuestType.QEMU, vmid, self.settings.index_chunk_size(store)
+        )
+        self.log(decision.level, decision.message)
+        if guest is not None:
+            guest.bitmap_id = decision.bitmap_id
+            guest.base = decision.base
+            guest.base_sha256 = decision.base_sha256
+        return BackupMechanism.NBD, decision.bitmap_id
 
     def backup_get_target(self, vmid: int, vmtype: GuestType) -> str:
         return self._guest(vmid).snapshot.volname
@@ -232,6 +216,9 @@ class BackupStoreProvider(BackupProvider):
                 base = self.store().open_snapshot(guest.base)
             except PveBackupError:
                 base = None
+            # Threat: the store changed since backup_get_mechanism proved the base.
+            if base is not None and base.manifest_sha256 != guest.base_sha256:
+                base = None
         job = DiskBackup(
             store=self.store(),
             writer=guest.writer,
@@ -273,7 +260,15 @@ class BackupStoreProvider(BackupProvider):
         manifest = writer.commit()
         guest.committed = True
         guest.task_size = guest.stored_bytes + sum(f.size for f in manifest.files.values())
-        write_base(self.store().backend, "vm", vmid, BitmapBase(guest.snapshot))
+        # The proof for the next incremental: this snapshot, byte for byte (the host
+        # clears the bitmap only after we return).
+        commit_base(
+            self.store(),
+            self.hoststate,
+            "vm",
+            vmid,
+            BitmapBase(guest.snapshot, writer.manifest_sha256, writer.bitmap_id),
+        )
         self.log(
             "info",
             f"snapshot {guest.snapshot} committed: new {format_bytes(guest.new_bytes)} "
@@ -293,7 +288,7 @@ class BackupStoreProvider(BackupProvider):
         elif BitmapMode.NEW in guest.modes.values():
             reason = "a backup that created a new dirty bitmap failed"
         if reason is not None and not guest.committed:
-            write_base(self.store().backend, "vm", vmid, BitmapBase(None, reason))
+            reset_base(self.store(), self.hoststate, "vm", vmid, reason)
 
     def backup_handle_log_file(self, vmid: int, filename: str) -> None:
         guest = self._guests.get(vmid)
