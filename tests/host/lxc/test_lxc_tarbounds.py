@@ -182,3 +182,14 @@ def test_out_of_range_values_are_typed_errors(tmp_path: Path, log: LogRecorder) 
     )
     with pytest.raises(IntegrityError, match="owner"):
         restore(tmp_path, raw, log)
+
+
+def test_plain_tar_whose_first_name_looks_like_a_magic(tmp_path: Path, log: LogRecorder) -> None:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tf:
+        for name in ("BZh9-notes", "\x1f\x8bx"):
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tf.addfile(info, io.BytesIO(b"ok"))
+    target = restore(tmp_path, raw.getvalue(), log)
+    assert (target / "BZh9-notes").read_bytes() == b"ok"

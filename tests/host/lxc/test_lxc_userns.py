@@ -286,3 +286,16 @@ def _state(pid: int) -> str:
             return f.read().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
         return "gone"
+
+
+def test_hostile_names_cannot_forge_log_lines(tmp_path: Path, log: LogRecorder) -> None:
+    archive = tmp_path / "names.tar"
+    name = "dev/x\nERROR: restore finished fine \udcff"
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT, encoding="utf-8",
+                      errors="surrogateescape") as tf:
+        add(tf, name, tarfile.CHRTYPE, dev=(1, 3))
+    extract_tar(archive, {"/": target_dir(tmp_path)}, DEFAULT_MAP, log=log)
+    (warning,) = log.warnings()
+    assert "\n" not in warning and "\\x0aERROR" in warning
+    warning.encode("utf-8")  # the byte 0xff is shown escaped, the log file stays UTF-8
+    assert "\\udcff" in warning

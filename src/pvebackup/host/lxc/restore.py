@@ -36,6 +36,20 @@ from pvebackup.host.lxc.writer import SafeTreeWriter
 
 __all__ = ["copy_directory", "extract_tar"]
 
+# Control characters of hostile names, shown escaped: a name must not start a
+# log line of its own.
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c != 0x09}
+
+
+def _readable(log: LogFunction) -> LogFunction:
+    """``log`` for messages naming archive entries: non-UTF-8 bytes and controls escaped."""
+
+    def write(level: str, message: str) -> None:
+        text = message.encode("utf-8", "backslashreplace").decode("utf-8")
+        log(level, text.translate(_CONTROL))
+
+    return write
+
 
 def extract_tar(
     archive: Path,
@@ -57,6 +71,7 @@ def extract_tar(
     :class:`IntegrityError` for an unreadable archive, :class:`PveBackupError`
     when writing fails.
     """
+    log = _readable(log)
     try:
         raw = open(archive, "rb")
     except OSError as exc:
@@ -90,6 +105,7 @@ def copy_directory(
     :class:`UnsafeArchiveError` for a symlink leaving the root or a symlinked
     source, :class:`PveBackupError` when reading or writing fails.
     """
+    log = _readable(log)
     if id_map:
 
         def feed(stream: BinaryIO, between: Callable[[], None]) -> None:

@@ -64,8 +64,8 @@ MAX_SPARSE_SEGMENTS = 1 << 18
 """Data segments of one sparse member (a map of this size is ~35 MiB in memory)."""
 
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-_GZIP_MAGIC = b"\x1f\x8b"
-_BZIP2_MAGIC = b"BZh"
+_GZIP_MAGIC = b"\x1f\x8b\x08"  # and deflate
+_BZIP2_BLOCK = b"1AY&SY"  # BCD pi: the magic of a bzip2 block, after "BZh" and a level
 _XZ_MAGIC = b"\xfd7zXZ\x00"
 _XATTR_PREFIX = "SCHILY.xattr."
 _ACL_TEXT = {
@@ -200,14 +200,16 @@ class _CheckedReader:
 def _decompressing(raw: BinaryIO) -> tuple[Any, list[Any]]:
     """The stream with its compression (by magic) undone; objects to close after."""
     buffered: Any = raw if hasattr(raw, "peek") else io.BufferedReader(raw)
-    magic = buffered.peek(8)[:8]
+    # A plain tar starts with its first member's name, which may be "BZh...":
+    # magics are checked as far as they go.
+    magic = buffered.peek(10)[:10]
     reader: Any
     if magic.startswith(_ZSTD_MAGIC):
         # The default window limit (128 MiB) bounds what a frame may make us hold.
         reader = zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True)
     elif magic.startswith(_GZIP_MAGIC):
         reader = gzip.GzipFile(fileobj=buffered, mode="rb")
-    elif magic.startswith(_BZIP2_MAGIC):
+    elif magic[:3] == b"BZh" and magic[3:4] in b"123456789" and magic[4:] == _BZIP2_BLOCK:
         reader = bz2.BZ2File(buffered, mode="rb")
     elif magic.startswith(_XZ_MAGIC):
         reader = lzma.LZMAFile(buffered, mode="rb")
