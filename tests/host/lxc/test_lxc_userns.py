@@ -28,6 +28,7 @@ from pvebackup.api.errors import (
     UnsafeArchiveError,
 )
 from pvebackup.api.idmap import DEFAULT_UNPRIVILEGED_MAP, parse_lxc_idmap
+from pvebackup.host.lxc import userns
 from pvebackup.host.lxc.restore import copy_directory, extract_tar
 from pvebackup.host.lxc.writer import SafeTreeWriter
 
@@ -299,3 +300,14 @@ def test_hostile_names_cannot_forge_log_lines(tmp_path: Path, log: LogRecorder) 
     assert "\n" not in warning and "\\x0aERROR" in warning
     warning.encode("utf-8")  # the byte 0xff is shown escaped, the log file stays UTF-8
     assert "\\udcff" in warning
+
+
+def test_a_helper_that_cannot_start_is_reported(
+    tmp_path: Path, log: LogRecorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(userns, "CHILD_MODULE", "pvebackup.no_such_helper")
+    archive = tmp_path / "a.tar"
+    with tarfile.open(archive, "w") as tf:
+        add(tf, "f", data=b"x")
+    with pytest.raises(PveBackupError, match="did not start.*No module named"):
+        extract_tar(archive, {"/": target_dir(tmp_path)}, DEFAULT_MAP, log=log)

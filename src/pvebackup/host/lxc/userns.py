@@ -243,7 +243,7 @@ def restore_in_userns(
             )
             reader.start()
             go_open = False
-            _handshake(proc, id_map, messages, relay, go_w)
+            _handshake(proc, id_map, messages, relay, go_w, stderr)
             if feed is not None:
                 assert proc.stdin is not None
                 try:
@@ -283,6 +283,7 @@ def _handshake(
     messages: queue.Queue[dict[str, Any] | None],
     relay: _Relay,
     go_w: int,
+    stderr: IO[bytes],
 ) -> None:
     """Wait for the helper's new namespace, give it the map, let it go on."""
     try:
@@ -291,7 +292,13 @@ def _handshake(
         raise PveBackupError("the restore helper did not start in time") from None
     if first is None or first.get("event") != "unshared":
         relay.handle(first)
-        raise relay.error or PveBackupError("the restore helper could not make its namespace")
+        if relay.error is not None:
+            raise relay.error
+        proc.wait()
+        raise PveBackupError(
+            f"the restore helper did not start (exit {proc.returncode}):"
+            f" {_tail(stderr) or 'no message'}"
+        )
     try:
         _write_maps(proc.pid, id_map)
         os.write(go_w, b"g")
