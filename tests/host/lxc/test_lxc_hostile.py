@@ -12,6 +12,7 @@ import pytest
 from lxc_fixtures import LogRecorder
 
 from pvebackup.api.errors import UnsafeArchiveError
+from pvebackup.api.idmap import DEFAULT_UNPRIVILEGED_MAP
 from pvebackup.host.lxc.restore import copy_directory, extract_tar
 
 Member = tuple[str, str, str]  # (type, name, linkname or contents)
@@ -88,15 +89,18 @@ HOSTILE: dict[str, Callable[[Path], list[Member]]] = {
 }
 
 
+@pytest.mark.parametrize("unprivileged", [False, True], ids=["privileged", "userns"])
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_hostile_tar_is_refused(
-    case: str, sandbox: tuple[Path, Path], tmp_path: Path, log: LogRecorder
+    case: str, unprivileged: bool, sandbox: tuple[Path, Path], tmp_path: Path, log: LogRecorder
 ) -> None:
     target, outside = sandbox
     before = everything_under(outside)
     archive = build_tar(tmp_path / "evil.tar", HOSTILE[case](outside))
+    id_map = list(DEFAULT_UNPRIVILEGED_MAP) if unprivileged else []
     with pytest.raises(UnsafeArchiveError):
-        extract_tar(archive, {"/": target}, [], log=log)
+        # Through the helper the error keeps its class (and exit code).
+        extract_tar(archive, {"/": target}, id_map, log=log)
     assert everything_under(outside) == before
     assert not (tmp_path / "sandbox" / "evil").exists()
     assert not (target / "pw").exists()

@@ -21,8 +21,22 @@ safety rules (see ``docs/design.md``, host-lxc):
 - On a refused entry :class:`UnsafeArchiveError` is raised and the whole restore
   fails; what was written so far stays inside the targets, for the host to remove.
 
-Owners are container ids and are mapped with :meth:`IdMapper.ct_to_host_uid`; an id
-the target's map cannot express becomes the container's ``nobody`` (logged once).
+Ids are never mapped here: owners, ACL entries and file capabilities are written
+as the container has them, and the kernel maps them. For an unprivileged
+container the writer runs inside a user namespace with the target's id map (see
+:mod:`pvebackup.host.lxc.userns`), as the container's root: the kernel then
+refuses what that root could not do either (device nodes, ``trusted.*`` xattrs,
+owners outside the map) and turns a ``security.capability`` into the v3 form bound
+to the namespace's root. The writer refuses to run with a non-empty map unless the
+kernel's map of its process is that map. For a privileged container (empty map)
+it runs as host root and writes everything verbatim.
+
+- An owner the map cannot express becomes the container's ``nobody`` (or, when
+  that is unmapped too, the container's root), logged once per id; its
+  setuid/setgid bit is dropped, since nobody asked for a setuid-``nobody`` file.
+- A device node the kernel refuses (``EPERM``) is skipped with a warning naming it,
+  and so are hard links to it; other entries carry on.
+
 Directory mtimes are set last, after everything inside them was written.
 """
 
@@ -35,18 +49,27 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import IO
+from typing import Protocol
 
 from pvebackup.api.acl import ACL_XATTRS, map_acl_xattr
 from pvebackup.api.errors import PveBackupError, UnsafeArchiveError
 from pvebackup.api.idmap import OVERFLOW_ID, IdMapper
 from pvebackup.api.types import IdMapEntry, LogFunction
 
-__all__ = ["Entry", "EntryKind", "SafeTreeWriter", "split_name"]
+__all__ = ["Entry", "EntryKind", "Reader", "SafeTreeWriter", "kernel_id_map", "split_name"]
 
 _CHUNK = 1 << 20
 _ZERO_CHUNK = bytes(_CHUNK)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# Named warnings per kind of skipped entry; the rest are counted (a hostile
+# archive with a million device nodes must not make a million log lines).
+_NAMED_SKIPS = 100
+
+
+class Reader(Protocol):
+    """Where a regular file's contents come from (a file, a tar member)."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
 
 
 class EntryKind(Enum):
@@ -93,6 +116,23 @@ def split_name(name: str) -> tuple[str, ...]:
     return parts
 
 
+def kernel_id_map() -> list[IdMapEntry]:
+    """The id map of this process's user namespace, as the kernel has it."""
+    entries = []
+    for kind, path in (("u", "/proc/self/uid_map"), ("g", "/proc/self/gid_map")):
+        with open(path, encoding="ascii") as f:
+            for line in f:
+                ct, host, count = (int(x) for x in line.split())
+                entries.append(IdMapEntry(kind, ct, host, count))
+    return entries
+
+
+def _same_map(a: Sequence[IdMapEntry], b: Sequence[IdMapEntry]) -> bool:
+    return sorted(a, key=lambda e: (e.kind, e.ct_start)) == sorted(
+        b, key=lambda e: (e.kind, e.ct_start)
+    )
+
+
 def _symlink_stays_inside(location: tuple[str, ...], target: str) -> bool:
     """Whether a relative symlink at ``location`` stays below the container root."""
     if target.startswith("/"):
@@ -115,19 +155,34 @@ class SafeTreeWriter:
 
     Use as a context manager; call :meth:`write` per entry in source order and
     :meth:`finish` at the end (it sets directory mtimes). ``targets`` must contain
-    ``"/"``; the target directories must exist.
+    ``"/"``; the target directories must exist. A target is a path or an open
+    directory descriptor (the writer uses a duplicate; the caller keeps its own).
+
+    ``id_map`` is the target container's map. Non-empty, it must be the kernel's
+    map of this process (the writer runs in the container's user namespace, see
+    the module doc), or :class:`PveBackupError` is raised: writing container ids
+    as host ids would hand the container's files to host users.
     """
 
     def __init__(
-        self, targets: Mapping[str, Path], id_map: Sequence[IdMapEntry], log: LogFunction
+        self,
+        targets: Mapping[str, Path | int],
+        id_map: Sequence[IdMapEntry],
+        log: LogFunction,
     ) -> None:
         self._log = log
         self._mapper = IdMapper(id_map)
-        roots: dict[tuple[str, ...], Path] = {}
+        if id_map and not _same_map(id_map, kernel_id_map()):
+            raise PveBackupError(
+                "refusing to restore an unprivileged container outside its user namespace"
+            )
+        roots: dict[tuple[str, ...], Path | int] = {}
         for ct_path, host_dir in targets.items():
             if not ct_path.startswith("/"):
                 raise ValueError(f"target container path must be absolute: {ct_path!r}")
-            roots[split_name(ct_path.lstrip("/"))] = Path(host_dir)
+            roots[split_name(ct_path.lstrip("/"))] = (
+                host_dir if isinstance(host_dir, int) else Path(host_dir)
+            )
         if () not in roots:
             raise ValueError("targets must include the container root '/'")
         # Longest prefixes first, so that the first match is the best one.
@@ -136,13 +191,19 @@ class SafeTreeWriter:
         self._fds: dict[tuple[str, ...], int] = {}
         self._cache: tuple[tuple[str, ...], tuple[str, ...], int] | None = None
         self._linkable: set[tuple[str, ...]] = set()
+        self._skipped: set[tuple[str, ...]] = set()
+        self._skip_counts: dict[str, int] = {}
         self._dir_times: list[tuple[tuple[str, ...], tuple[str, ...], int, int]] = []
         self._warned: set[str] = set()
 
     def __enter__(self) -> SafeTreeWriter:
         try:
             for prefix in self._prefixes:
-                self._fds[prefix] = os.open(self._paths[prefix], os.O_RDONLY | os.O_DIRECTORY)
+                where = self._paths[prefix]
+                if isinstance(where, int):
+                    self._fds[prefix] = os.dup(where)
+                else:
+                    self._fds[prefix] = os.open(where, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
             self.close()
             raise PveBackupError(f"cannot open restore target: {exc}") from exc
@@ -211,29 +272,72 @@ class SafeTreeWriter:
         self._cache = (prefix, rel, fd)
         return fd
 
-    def _uid(self, ct_uid: int) -> int:
+    def _uid_mapped(self, ct_uid: int) -> bool:
         try:
-            return self._mapper.ct_to_host_uid(ct_uid)
+            self._mapper.ct_to_host_uid(ct_uid)
         except ValueError:
-            self._warn_once(f"u{ct_uid}", f"uid {ct_uid} is not mapped; restored as nobody")
-            try:
-                return self._mapper.ct_to_host_uid(OVERFLOW_ID)
-            except ValueError:
-                return OVERFLOW_ID
+            return False
+        return True
+
+    def _gid_mapped(self, ct_gid: int) -> bool:
+        try:
+            self._mapper.ct_to_host_gid(ct_gid)
+        except ValueError:
+            return False
+        return True
+
+    def _uid(self, ct_uid: int) -> int:
+        """The container uid to write: ``ct_uid``, or a stand-in when it is unmapped."""
+        if self._uid_mapped(ct_uid):
+            return ct_uid
+        stand_in = OVERFLOW_ID if self._uid_mapped(OVERFLOW_ID) else 0
+        self._warn_once(
+            f"u{ct_uid}", f"uid {ct_uid} is not mapped; restored as uid {stand_in}"
+        )
+        return stand_in
 
     def _gid(self, ct_gid: int) -> int:
-        try:
-            return self._mapper.ct_to_host_gid(ct_gid)
-        except ValueError:
-            self._warn_once(f"g{ct_gid}", f"gid {ct_gid} is not mapped; restored as nogroup")
-            try:
-                return self._mapper.ct_to_host_gid(OVERFLOW_ID)
-            except ValueError:
-                return OVERFLOW_ID
+        if self._gid_mapped(ct_gid):
+            return ct_gid
+        stand_in = OVERFLOW_ID if self._gid_mapped(OVERFLOW_ID) else 0
+        self._warn_once(
+            f"g{ct_gid}", f"gid {ct_gid} is not mapped; restored as gid {stand_in}"
+        )
+        return stand_in
+
+    def _mode(self, entry: Entry) -> int:
+        """The entry's mode, without setuid/setgid for an owner the map cannot express."""
+        mode = entry.mode & 0o7777
+        if mode & stat.S_ISUID and not self._uid_mapped(entry.uid):
+            mode &= ~stat.S_ISUID
+            self._warn_once(
+                f"suid:{entry.uid}",
+                f"setuid bit dropped from files of unmapped uid {entry.uid}"
+                f" (first: {entry.name!r})",
+            )
+        # A directory's setgid bit only makes new files inherit its group.
+        if mode & stat.S_ISGID and entry.kind is not EntryKind.DIR and not self._gid_mapped(
+            entry.gid
+        ):
+            mode &= ~stat.S_ISGID
+            self._warn_once(
+                f"sgid:{entry.gid}",
+                f"setgid bit dropped from files of unmapped gid {entry.gid}"
+                f" (first: {entry.name!r})",
+            )
+        return mode
+
+    def _skip(self, kind: str, parts: tuple[str, ...], message: str) -> None:
+        """Skip one entry with a warning naming it (the first few of each kind)."""
+        self._skipped.add(parts)
+        n = self._skip_counts.get(kind, 0) + 1
+        self._skip_counts[kind] = n
+        if n <= _NAMED_SKIPS:
+            self._log("warn", message)
 
     # -- writing ------------------------------------------------------------
 
-    def write(self, entry: Entry, data: IO[bytes] | None = None) -> None:
+    def write(self, entry: Entry, data: Reader | None = None) -> None:
         """Create one entry; ``data`` gives a regular file's contents."""
         parts = split_name(entry.name)
         prefix, rel = self._route(parts)
@@ -249,6 +353,9 @@ class SafeTreeWriter:
             self._create(entry, parts, prefix, rel, parent, data)
         except OSError as exc:
             raise PveBackupError(f"restoring {entry.name!r} failed: {exc}") from exc
+        except (ValueError, OverflowError) as exc:
+            # Values no file system object can have (times, ids, device numbers).
+            raise UnsafeArchiveError(f"{entry.name!r} cannot be restored: {exc}") from exc
 
     def _mount_point_dir(self, entry: Entry, parts: tuple[str, ...]) -> None:
         """Create a mount point's directory in the target that encloses it.
@@ -288,13 +395,15 @@ class SafeTreeWriter:
         prefix: tuple[str, ...],
         rel: tuple[str, ...],
         parent: int,
-        data: IO[bytes] | None,
+        data: Reader | None,
     ) -> None:
         name = rel[-1]
         kind = entry.kind
         if kind is EntryKind.HARDLINK:
             self._link(entry, parts, prefix, parent, name)
             return
+        if kind is EntryKind.SYMLINK and "\0" in entry.linkname:
+            raise UnsafeArchiveError(f"{entry.name!r}: NUL byte in symlink target")
         if kind is EntryKind.SYMLINK and (
             not entry.linkname or not _symlink_stays_inside(parts, entry.linkname)
         ):
@@ -338,7 +447,20 @@ class SafeTreeWriter:
                 EntryKind.BLK: stat.S_IFBLK,
                 EntryKind.FIFO: stat.S_IFIFO,
             }[kind]
-            os.mknod(name, type_bits | 0o600, entry.rdev, dir_fd=parent)
+            try:
+                os.mknod(name, type_bits | 0o600, entry.rdev, dir_fd=parent)
+            except PermissionError:
+                # The kernel's verdict: in the container's user namespace no
+                # device node may be made (a host disk must not appear in the
+                # container, writable by its root or by anyone).
+                self._linkable.discard(parts)
+                self._skip(
+                    "device",
+                    parts,
+                    f"{entry.name}: device node {os.major(entry.rdev)}:{os.minor(entry.rdev)}"
+                    " not restored (not permitted in the container)",
+                )
+                return
             fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
             try:
                 if stat.S_IFMT(os.fstat(fd).st_mode) != type_bits:
@@ -358,6 +480,9 @@ class SafeTreeWriter:
         name: str,
     ) -> None:
         source = split_name(entry.linkname)
+        if source in self._skipped and source not in self._linkable:
+            self._skip("device", parts, f"{entry.name}: hard link to a skipped device node")
+            return
         if source not in self._linkable:
             raise UnsafeArchiveError(
                 f"{entry.name!r}: hard link to {entry.linkname!r}, which was not restored before"
@@ -383,7 +508,7 @@ class SafeTreeWriter:
             os.close(dst_parent)
         self._linkable.add(parts)
 
-    def _fill(self, fd: int, data: IO[bytes] | None) -> None:
+    def _fill(self, fd: int, data: Reader | None) -> None:
         """Copy the contents, leaving holes where whole chunks are zero."""
         written = 0
         if data is not None:
@@ -410,7 +535,7 @@ class SafeTreeWriter:
         self._set_xattrs(entry, xattr_target)
         # After chown (which clears setuid/setgid) and after the ACL xattrs (which
         # set the group bits from the mask).
-        os.chmod(target, entry.mode & 0o7777)
+        os.chmod(target, self._mode(entry))
         if times:
             os.utime(target, ns=(entry.atime_ns or entry.mtime_ns, entry.mtime_ns))
 
@@ -445,6 +570,9 @@ class SafeTreeWriter:
 
     def finish(self) -> None:
         """Set directory times, now that nothing more is written into them."""
+        for kind, n in sorted(self._skip_counts.items()):
+            if n > _NAMED_SKIPS:
+                self._log("warn", f"{n - _NAMED_SKIPS} more {kind} entries not restored")
         self._drop_cache()
         for prefix, rel, atime, mtime in reversed(self._dir_times):
             if not rel:
