@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import ClassVar
@@ -24,6 +23,7 @@ from pvebackup.api.errors import (
     UsageError,
     VolumeNotFoundError,
 )
+from pvebackup.kit import proc
 from pvebackup.storage.plugin import COMMON_PROPERTIES, PropertySpec, StoragePlugin
 
 __all__ = ["DirPlugin", "IMAGE_FORMATS"]
@@ -139,14 +139,26 @@ class DirPlugin(StoragePlugin):
             cmd += ["-o", f"preallocation={scfg['preallocation']}"]
         cmd += [str(path), str(size)]
         try:
-            subprocess.run(cmd, check=True, capture_output=True, text=True)
-        except (OSError, subprocess.CalledProcessError) as exc:
+            res = proc.run(cmd)
+        except BaseException:
             path.unlink(missing_ok=True)
-            detail = getattr(exc, "stderr", None) or str(exc)
-            raise ExternalToolError(
-                f"qemu-img create {path} failed: {detail.strip()}"
-            ) from exc
+            raise
+        if res.returncode != 0:
+            path.unlink(missing_ok=True)
+            raise ExternalToolError(f"qemu-img create {path} failed: {res.err}")
         return f"{vmid}/{path.name}"
+
+    def free_name(self, scfg: Mapping[str, str], vmid: int, fmt: str) -> str:
+        """The name ``alloc_image`` (``fmt`` qcow2/raw) or ``alloc_subvol`` (``fmt``
+        ``subvol``) would pick now, so that a caller can record it before allocating.
+        """
+        vm_dir = self._vm_dir(scfg, vmid)
+        n = self._free_numbers(vm_dir, vmid)[0]
+        if fmt == "subvol":
+            return f"subvol-{vmid}-disk-{n}.subvol"
+        if fmt not in IMAGE_FORMATS:
+            raise UsageError(f"unsupported image format {fmt!r}; use one of {IMAGE_FORMATS}")
+        return f"vm-{vmid}-disk-{n}.{fmt}"
 
     @staticmethod
     def _reserve(

@@ -11,6 +11,8 @@ up one guest after the other and names the guest in every call.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import secrets
 import shutil
 import time
@@ -36,6 +38,8 @@ from pvebackup.api.types import (
     LogFunction,
     RestoreMechanism,
 )
+from pvebackup.kit.crashpoint import crash_point
+from pvebackup.kit.lock import lock_directory, try_lock_directory
 from pvebackup.providers.directory import archive, tree, vm
 from pvebackup.providers.directory.transfer import MIB
 from pvebackup.providers.directory.volumes import (
@@ -92,6 +96,13 @@ class _GuestBackup:
     final: Path | None = None
     """The committed volume directory, set by ``backup_end``."""
     aborted: bool = False
+    lock_fd: int = -1
+    """flock on ``workdir`` while we write it: a live writer's mark (see job_start)."""
+
+    def unlock(self) -> None:
+        fd, self.lock_fd = self.lock_fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 class BackupDirProvider(BackupProvider):
@@ -132,7 +143,28 @@ class BackupDirProvider(BackupProvider):
         if not self.layout.root.is_dir():
             raise ConfigError(f"storage {self.storeid!r}: path {self.layout.root} does not exist")
         self.layout.backup_dir.mkdir(exist_ok=True)
+        self._remove_dead_temps()
         self.log("info", f"backup-dir: job started, writing to {self.layout.backup_dir}")
+
+    def _remove_dead_temps(self) -> None:
+        """Remove ``.tmp-*`` directories whose writer is gone (killed, crashed).
+
+        A writer holds an flock on its temporary directory until it commits or
+        aborts; the kernel drops it when the writer dies. A directory we can lock
+        therefore has no live writer, on this node or, with a storage whose file
+        system passes flock on (NFSv4, CephFS), on another.
+        """
+        for entry in sorted(self.layout.backup_dir.glob(".tmp-*")):
+            fd = try_lock_directory(entry)
+            if fd is None:
+                continue  # a live writer, or no directory (a symlink is never followed)
+            try:
+                shutil.rmtree(entry)
+                self.log("warn", f"backup-dir: removed {entry.name} left by a dead backup")
+            except OSError as exc:
+                self.log("warn", f"backup-dir: cannot remove {entry.name}: {exc.strerror}")
+            finally:
+                os.close(fd)
 
     def job_end(self) -> None:
         """Throw away any guest backup that neither ended nor was aborted."""
@@ -158,8 +190,18 @@ class BackupDirProvider(BackupProvider):
         volname = self.layout.new_volname(vmtype, vmid, time.time())
         workdir = self.layout.temp_path(volname)
         workdir.mkdir()
+        try:
+            # Locked just after mkdir: a job_start of another job that locks it in
+            # between removes it, and we fail here loudly instead of writing.
+            lock_fd = lock_directory(workdir)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                workdir.rmdir()
+            raise
         index = BackupIndex(vmid=vmid, vmtype=vmtype, ctime=VolumeName.parse(volname).ctime)
-        self._guests[vmid] = _GuestBackup(index=index, volname=volname, workdir=workdir)
+        self._guests[vmid] = _GuestBackup(
+            index=index, volname=volname, workdir=workdir, lock_fd=lock_fd
+        )
         self.log("info", f"backup-dir: starting backup of {vmtype.value} {vmid} to {volname}")
 
     def _guest(self, vmid: int) -> _GuestBackup:
@@ -352,7 +394,9 @@ class BackupDirProvider(BackupProvider):
         guest = self._guest(vmid)
         guest.index.stored_size = allocated_size(guest.workdir)
         self.layout.write_index(guest.workdir, guest.index)
+        crash_point("backup-after-index")
         guest.final = self.layout.commit(guest.volname)
+        guest.unlock()
         if guest.index.vmtype is GuestType.QEMU:
             self.layout.set_last_successful(GuestType.QEMU, vmid, guest.volname)
         self.log(
@@ -368,6 +412,7 @@ class BackupDirProvider(BackupProvider):
             return
         guest.aborted = True
         shutil.rmtree(guest.workdir, ignore_errors=True)
+        guest.unlock()
         self.log("info", f"backup-dir: backup of {vmid} aborted, removed {guest.workdir.name}")
 
     # restore ---------------------------------------------------------------------

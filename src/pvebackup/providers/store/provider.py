@@ -38,6 +38,7 @@ from pvebackup.api.types import (
     LogFunction,
     RestoreMechanism,
 )
+from pvebackup.kit.crashpoint import crash_point
 from pvebackup.providers.store.bitmap_base import BitmapBase, read_base, write_base
 from pvebackup.providers.store.disk import BaseUnusableError, DiskBackup, SourceFactory
 from pvebackup.providers.store.progress import format_bytes
@@ -268,7 +269,9 @@ class BackupStoreProvider(BackupProvider):
                 "reused-bytes": str(guest.reused_bytes),
             }
         )
+        crash_point("backup-before-manifest")
         manifest = writer.commit()
+        crash_point("backup-after-manifest")
         guest.committed = True
         guest.task_size = guest.stored_bytes + sum(f.size for f in manifest.files.values())
         write_base(self.store().backend, "vm", vmid, BitmapBase(guest.snapshot))
