@@ -128,7 +128,7 @@ class StorageDaemon:
         qmp_path = self._runtime_dir / "qmp.sock"
         try:
             with open(self._runtime_dir / "daemon.log", "wb") as log:
-                self._proc = spawn(
+                self._proc = self._spawn(
                     [
                         self.binary,
                         "--chardev",
@@ -148,6 +148,12 @@ class StorageDaemon:
             self.stop()
             raise
         return self
+
+    def _spawn(self, argv: list[str], **kwargs: Any) -> Child:
+        try:
+            return spawn(argv, **kwargs)
+        except ExternalToolError as exc:
+            raise ExternalToolError(f"cannot start {self.binary}: {exc}") from exc
 
     def _connect(self, qmp_path: Path) -> QmpClient:
         deadline = time.monotonic() + self.start_timeout
