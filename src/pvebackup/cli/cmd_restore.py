@@ -31,7 +31,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "created on the --storage dir storage (default: where each volume was). "
         "An existing guest VMID is refused (exit 7) unless --force is given; it is "
         "replaced only after the restore succeeded. A failed restore removes what it "
-        "created. Exit status 0 on success, codes as listed in 'pvebackup --help'.",
+        "created; volumes a killed restore of VMID left are freed by the next one. "
+        "A VMID that another backup or restore holds is refused at once (exit 7, "
+        "'locked by PID N'). Exit status 0 on success, codes as listed in "
+        "'pvebackup --help'.",
     )
     p.add_argument("volid", metavar="STOREID:VOLNAME", help="the backup to restore")
     p.add_argument("vmid", metavar="VMID", type=vmid_arg, help="id of the restored guest")
