@@ -28,6 +28,7 @@ import ctypes
 import json
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -118,6 +119,7 @@ class GuestRun:
         self.state_path = root.run_dir / "state" / f"{vmid}.json"
         self._lock = FileLock(self.lock_path, what=f"guest {vmid}")
         self._state: dict[str, Any] = {}
+        self._mutex = threading.Lock()  # observers may be told from any thread
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -161,31 +163,36 @@ class GuestRun:
     # -- recording (ChildObserver) --------------------------------------------------
 
     def child_started(self, info: ChildInfo) -> None:
-        self._state["children"].append(
-            {"pid": info.pid, "start_time": info.start_time, "program": info.program,
-             "run_dir": info.run_dir}
-        )  # fmt: skip
-        self._save()
+        with self._mutex:
+            self._state["children"].append(
+                {"pid": info.pid, "start_time": info.start_time, "program": info.program,
+                 "run_dir": info.run_dir}
+            )  # fmt: skip
+            self._save()
 
     def child_ended(self, info: ChildInfo) -> None:
-        kids = self._state["children"]
-        kids[:] = [c for c in kids if (c["pid"], c["start_time"]) != (info.pid, info.start_time)]
-        if info.run_dir is not None and info.run_dir in self._state["dirs"]:
-            self._state["dirs"].remove(info.run_dir)
-        self._save()
+        with self._mutex:
+            kids = self._state["children"]
+            key = (info.pid, info.start_time)
+            kids[:] = [c for c in kids if (c["pid"], c["start_time"]) != key]
+            if info.run_dir is not None and info.run_dir in self._state["dirs"]:
+                self._state["dirs"].remove(info.run_dir)
+            self._save()
 
     def dir_planned(self, path: str) -> None:
-        self._state["dirs"].append(path)
-        self._save()
+        with self._mutex:
+            self._state["dirs"].append(path)
+            self._save()
 
     def add_volume(self, volid: str) -> None:
         """Record ``volid`` *before* it is allocated: a dead run's orphan is found."""
-        self._state["volumes"].append(volid)
-        self._save()
+        with self._mutex:
+            self._state["volumes"].append(volid)
+            self._save()
 
     def _save(self) -> None:
         self.state_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.state_path.with_name(f".{self.state_path.name}.{os.getpid()}")
+        tmp = self.state_path.with_name(f".{self.state_path.name}.tmp")
         tmp.write_text(json.dumps(self._state), encoding="utf-8")
         os.replace(tmp, self.state_path)
 
