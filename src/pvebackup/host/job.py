@@ -17,11 +17,11 @@
     job_end()                                   after all guests, even if some failed
     job_abort(error)                            instead, on SIGINT/SIGTERM or job failure
 
-Before ``job_start`` every guest's lock is taken (:class:`~pvebackup.host.runstate.GuestRun`:
-a locked guest fails the job at once with ``LockedError``, exit 7) and what a
-killed earlier run of a guest left is removed. Cleanup (export teardown, unmounts,
-temporary copies) lives in context managers
-and ``finally`` blocks, so it runs on every path, including signals: the
+Before ``job_start`` the lock of every guest is taken
+(:class:`~pvebackup.host.runstate.GuestRun`; a locked guest fails the job at once
+with ``LockedError``, exit 7) and what a killed earlier run of a guest left is
+removed. Cleanup (export teardown, unmounts, temporary copies) lives in context
+managers and ``finally`` blocks, so it runs on every path, including signals: the
 handlers of :mod:`pvebackup.host.signals` turn SIGINT/SIGTERM into
 :class:`AbortedError` raised in the main thread.
 """
