@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -140,3 +141,16 @@ def test_a_mount_that_stays_keeps_its_directory(
         assert state_path.exists()  # kept for the next try
     finally:
         subprocess.run(["umount", "-l", str(workdir / "root")], check=False)
+
+
+def test_mounts_are_found_through_a_symlinked_path(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    (real / "work/root").mkdir(parents=True)
+    os.symlink(real, tmp_path / "link")
+    source = tmp_path / "src"
+    source.mkdir()
+    subprocess.run(["mount", "--bind", str(source), str(real / "work/root")], check=True)
+    try:
+        assert mounts_below(tmp_path / "link/work") == [str(real / "work/root")]
+    finally:
+        subprocess.run(["umount", "-l", str(real / "work/root")], check=False)

@@ -65,8 +65,12 @@ def _unescape(field: str) -> str:
 
 
 def mounts_below(path: Path, mountinfo: str = "/proc/self/mountinfo") -> list[str]:
-    """Mount points at or below ``path``, deepest (last mounted) first."""
-    prefix = str(path).rstrip("/")
+    """Mount points at or below ``path``, deepest (last mounted) first.
+
+    ``path`` is resolved first: mountinfo names mount points by their real path,
+    and a symlink on the way (``/tmp`` -> ``/var/tmp``) must not hide a mount.
+    """
+    prefix = os.path.realpath(path).rstrip("/")
     found: list[str] = []
     try:
         with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
