@@ -124,8 +124,10 @@ class Demo:
         for sub in ("qemu-server", "lxc", "firewall"):
             (pve / sub).mkdir(parents=True, exist_ok=True)
         (pve / "storage.cfg").write_text(STORAGE_CFG.format(root=self.root))
-        # backup-dir refuses a missing path (an unmounted disk must not fill up /)
+        # backup-dir and backup-store refuse a missing path (an unmounted disk must
+        # not fill up /)
         (self.root / "backup/plain").mkdir(parents=True, exist_ok=True)
+        (self.root / "backup/store").mkdir(parents=True, exist_ok=True)
         self.build_vm(pve)
         self.build_container(pve)
 

@@ -36,6 +36,7 @@ def test_passphrase_file_protects_the_key(
 ) -> None:
     path, pw = tmp_path / "k.key", tmp_path / "pw"
     pw.write_text("correct horse\n")
+    pw.chmod(0o600)
     assert main(["key", "create", "--passphrase-file", str(pw), str(path)]) == 0
     assert "correct horse" not in capsys.readouterr().out + path.read_text()
     with pytest.raises(MissingKeyError):
@@ -63,3 +64,16 @@ def test_both_passphrase_sources_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["key", "create", "--passphrase-stdin", "--passphrase-file", "x", str(tmp_path / "k")])
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
+def test_unprotected_passphrase_file_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: int
+) -> None:
+    path, pw = tmp_path / "k.key", tmp_path / "pw"
+    pw.write_text("correct horse\n")
+    pw.chmod(mode)
+    assert main(["key", "create", "--passphrase-file", str(pw), str(path)]) == 6
+    err = capsys.readouterr().err
+    assert f"chmod 600 {pw}" in err and "correct horse" not in err
+    assert not path.exists()

@@ -77,6 +77,7 @@ def test_malformed_key_files(tmp_path: Path, mutate: object) -> None:
     doc = json.loads(path.read_text())
     bad = tmp_path / "bad.json"
     bad.write_text(mutate(doc))  # type: ignore[operator]
+    bad.chmod(0o600)  # private: the content, not the mode, is what is wrong here
     with pytest.raises(KeyFileError):
         load_key_file(bad)
 
@@ -88,6 +89,7 @@ def test_hostile_scrypt_parameters_are_refused(tmp_path: Path) -> None:
     doc["kdf"]["n"] = 2**30
     path2 = tmp_path / "k2.json"
     path2.write_text(json.dumps(doc))
+    path2.chmod(0o600)
     with pytest.raises(KeyFileError, match="scrypt"):
         load_key_file(path2, lambda: "pw")
 

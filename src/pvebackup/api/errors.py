@@ -15,6 +15,7 @@ caller can decide whether retrying can help.
     │   └── GuestConfigError                     qemu-server/<vmid>.conf, lxc/<vmid>.conf
     ├── NotFoundError                   exit 3   something named does not exist
     │   ├── StorageNotFoundError                 no storage with that id
+    │   ├── StorageUnavailableError              storage path missing or not mounted
     │   ├── PluginNotFoundError                  no plugin for that storage type
     │   ├── GuestNotFoundError                   no guest with that vmid
     │   ├── VolumeNotFoundError                  no backup volume with that name
@@ -30,12 +31,14 @@ caller can decide whether retrying can help.
     │   ├── MissingKeyError                      encrypted store opened without a key
     │   ├── WrongKeyError                        key or passphrase does not fit
     │   └── KeyFileError                         unreadable or malformed key file
+    │       └── UnprotectedKeyFileError          key/passphrase file readable by group or others
     ├── StateError                      exit 7   refused because of existing state
     │   ├── GuestExistsError                     restore onto an existing vmid without --force
     │   ├── VolumeInUseError                     remove a volume another one depends on
     │   ├── SnapshotExistsError                  a snapshot with that name is already stored
     │   └── LockedError                          someone else holds a lock
     ├── UnsafeArchiveError              exit 8   hostile archive entry (absolute, .., escaping link)
+    │   └── UnsafeImageError                     stored image header reaches outside its chain
     ├── ExternalToolError               exit 9   qemu-img, qemu-storage-daemon, nbdkit, tar failed
     │   ├── QmpError                             QMP command answered with an error
     │   └── NbdError                             libnbd call failed
@@ -81,8 +84,11 @@ __all__ = [
     "StateError",
     "StorageConfigError",
     "StorageNotFoundError",
+    "StorageUnavailableError",
     "TransientBackendError",
+    "UnprotectedKeyFileError",
     "UnsafeArchiveError",
+    "UnsafeImageError",
     "UnsupportedError",
     "UsageError",
     "VolumeInUseError",
@@ -134,6 +140,13 @@ class NotFoundError(PveBackupError):
 
 class StorageNotFoundError(NotFoundError):
     """No storage with that id in storage.cfg."""
+
+
+class StorageUnavailableError(NotFoundError):
+    """The storage's path does not exist, or is not mounted although it must be.
+
+    Nothing was created: an unmounted disk must never make a backup fill ``/``.
+    """
 
 
 class PluginNotFoundError(NotFoundError):
@@ -205,6 +218,13 @@ class KeyFileError(CryptoError):
     """The key file cannot be read or is malformed."""
 
 
+class UnprotectedKeyFileError(KeyFileError):
+    """A key or passphrase file is accessible by group or others (OpenSSH's rule).
+
+    The message names the file and says how to fix it (``chmod 600 FILE``).
+    """
+
+
 class StateError(PveBackupError):
     """Refused because of existing state; nothing was changed."""
 
@@ -231,6 +251,15 @@ class UnsafeArchiveError(PveBackupError):
     """An archive entry would write outside the target (absolute path, '..', link)."""
 
     exit_code = 8
+
+
+class UnsafeImageError(UnsafeArchiveError):
+    """A stored disk image would make qemu read outside the backup storage.
+
+    Its header names a backing file other than the provider's own verified chain,
+    an external data file, a ``json:`` or protocol file name, or the image is not
+    the format it is stored as. Nothing was read through it.
+    """
 
 
 class ExternalToolError(PveBackupError):

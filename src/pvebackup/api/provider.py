@@ -338,7 +338,11 @@ class BackupProvider:
 
         :param devicename: the disk to prepare, as given to ``backup_nbd``.
         :returns: a path or URI that ``qemu-img convert`` can read the whole
-            disk from, e.g. a file or ``nbd+unix:///NAME?socket=PATH``.
+            disk from, e.g. a file or ``nbd+unix:///NAME?socket=PATH``. The host
+            reads it as untrusted raw data (``-f raw``, never probed); a provider
+            that hands over another format returns a ``json:`` pseudo-file name
+            whose top-level ``driver`` names it (and whose options pin every
+            file, backing files included, that qemu may open).
         """
         raise self._not_implemented("restore_qemu_img_init")
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from pvebackup.api.errors import KeyFileError, UsageError
+from pvebackup.api.errors import KeyFileError
+from pvebackup.kit.secretfile import read_secret_file
 from pvebackup.store.keys import create_key_file
 
 __all__ = ["KeyCreateOptions", "add_parser", "read_passphrase", "run"]
@@ -41,9 +42,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "create",
         help="create a new random key file",
         description="Create FILE (mode 0600) holding a new random 256-bit key, optionally "
-        "protected by a passphrase (scrypt). Refuses to overwrite FILE. Exit status 0; "
-        "2 on bad arguments; 6 when the key file cannot be written or the passphrase "
-        "is empty.",
+        "protected by a passphrase (scrypt). Refuses to overwrite FILE. A passphrase "
+        "file must be private to its owner (chmod 600), as OpenSSH requires of keys. "
+        "Exit status 0; 2 on bad arguments; 6 when the key file cannot be written, or "
+        "the passphrase is empty or its file unreadable or readable by others.",
     )
     c.add_argument("path", metavar="FILE", type=Path, help="the key file to create")
     g = c.add_mutually_exclusive_group()
@@ -51,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--passphrase-file",
         metavar="F",
         type=Path,
-        help="protect the key with the passphrase in F (first line)",
+        help="protect the key with the passphrase in F (first line; F must be mode 0600)",
     )
     g.add_argument(
         "--passphrase-stdin",
@@ -68,11 +70,12 @@ def _from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 def read_passphrase(opts: KeyCreateOptions, stdin: TextIO | None = None) -> str | None:
     """The passphrase the options ask for (first line, newline removed), or None."""
     if opts.passphrase_file is not None:
+        raw = read_secret_file(opts.passphrase_file, "passphrase file")
         try:
-            text = opts.passphrase_file.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise UsageError(
-                f"cannot read passphrase file {opts.passphrase_file}: {exc.strerror}"
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise KeyFileError(
+                f"{opts.passphrase_file}: the passphrase file is not UTF-8 text"
             ) from exc
     elif opts.passphrase_stdin:
         text = (stdin or sys.stdin).readline()

@@ -21,6 +21,7 @@ class RestoreOptions:
     vmid: int
     storage: str | None = None
     force: bool = False
+    keep_host_access: bool = False
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -33,18 +34,33 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "replaced only after the restore succeeded. A failed restore removes what it "
         "created; volumes a killed restore of VMID left are freed by the next one. "
         "A VMID that another backup or restore holds is refused at once (exit 7, "
-        "'locked by PID N'). Exit status 0 on success, codes as listed in "
-        "'pvebackup --help'.",
+        "'locked by PID N'). Keys of the backed-up config that give the guest access "
+        "to the host (hookscript, args, host devices and paths as disks, "
+        "PCI/USB/serial/parallel passthrough, bind mount points, container devices, "
+        "raw lxc.* keys, root-only container features) are dropped with a warning each "
+        "unless --keep-host-access is given; lxc.idmap is never taken from a backup "
+        "(the target's map is used). "
+        "Exit status 0 on success, codes as listed in 'pvebackup --help'.",
     )
     p.add_argument("volid", metavar="STOREID:VOLNAME", help="the backup to restore")
     p.add_argument("vmid", metavar="VMID", type=vmid_arg, help="id of the restored guest")
     p.add_argument("--storage", metavar="STOREID", help="dir storage for the new volumes")
     p.add_argument("--force", action="store_true", help="replace an existing guest VMID")
+    p.add_argument(
+        "--keep-host-access",
+        action="store_true",
+        help="keep the backed-up config's keys that grant host access (only for a backup "
+        "you trust as much as root on this host); lxc.idmap is dropped even then",
+    )
     p.set_defaults(command=_from_args)
 
 
 def _from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    return run(RestoreOptions(args.root, args.volid, args.vmid, args.storage, args.force))
+    return run(
+        RestoreOptions(
+            args.root, args.volid, args.vmid, args.storage, args.force, args.keep_host_access
+        )
+    )
 
 
 def run(opts: RestoreOptions) -> int:
@@ -54,6 +70,7 @@ def run(opts: RestoreOptions) -> int:
         opts.vmid,
         target_storage=opts.storage,
         force=opts.force,
+        keep_host_access=opts.keep_host_access,
         terminal=sys.stderr,
     )
     print(f"restored {opts.volid} as {result.vmtype} guest {result.vmid}")

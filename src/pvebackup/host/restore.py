@@ -13,6 +13,11 @@
                restore_directory_cleanup (always)
     write the new config (new vmid, new volume ids), then the firewall config
 
+The backed-up config is hostile input: keys that grant host access (hookscript,
+args, passthrough devices, host paths, raw ``lxc.*`` keys) are dropped with a
+warning unless ``keep_host_access``, and a container's id map always comes from
+the target, never from the backup (see :mod:`pvebackup.host.hostaccess`).
+
 Guarantees: an existing guest with the vmid is refused without ``force``. The
 restore fills *new* volumes; only when everything succeeded is the config written
 (atomically, the commit point) and, with ``force``, the old guest's volumes
@@ -38,12 +43,13 @@ from pvebackup.api.errors import (
     ExternalToolError,
     GuestConfigError,
     GuestExistsError,
+    PluginError,
     PveBackupError,
     StorageNotFoundError,
     UnsupportedError,
 )
 from pvebackup.api.provider import BackupProvider
-from pvebackup.api.types import GuestType, RestoreMechanism
+from pvebackup.api.types import GuestType, IdMapEntry, RestoreMechanism
 from pvebackup.host.guests import (
     CtConfig,
     GuestConfig,
@@ -53,6 +59,7 @@ from pvebackup.host.guests import (
     parse_guest_config,
     write_config_file,
 )
+from pvebackup.host.hostaccess import restrict_config
 from pvebackup.host.lxc.restore import copy_directory, extract_tar
 from pvebackup.host.runstate import GuestRun
 from pvebackup.host.signals import abort_on_signals
@@ -97,6 +104,7 @@ def run_restore(
     *,
     target_storage: str | None = None,
     force: bool = False,
+    keep_host_access: bool = False,
     terminal: TextIO | None = sys.stderr,
 ) -> RestoreResult:
     """Restore backup ``volid`` (``STOREID:VOLNAME``) as guest ``vmid``.
@@ -104,6 +112,9 @@ def run_restore(
     :param target_storage: a ``dir`` storage for the new volumes (default: the
         storage each volume had, if it is a ``dir`` storage, else the first one).
     :param force: replace an existing guest ``vmid`` (after the restore succeeded).
+    :param keep_host_access: keep the backed-up config's keys that grant host
+        access (each logged); without it they are dropped with a warning.
+        ``lxc.idmap`` is never restored from a backup.
     :raises GuestExistsError: guest ``vmid`` exists and ``force`` is not set.
     :raises LockedError: another backup or restore of ``vmid`` runs (exit 7).
     :raises UnsupportedError: the storage has no provider, or the mechanism does
@@ -132,6 +143,9 @@ def run_restore(
             run = _Restore(
                 root, cfg, provider, storeid, volname, vmid, target_storage, log, guest_run
             )
+            run.keep_host_access = keep_host_access
+            if isinstance(old_config, CtConfig):
+                run.target_id_map = old_config.explicit_id_map
             result = run.restore()
             if old_config is not None:
                 run.remove_old_guest(old_config, result)
@@ -162,6 +176,8 @@ class _Restore:
         self.target_storage = target_storage
         self.log = log
         self.created: list[str] = []
+        self.keep_host_access = False
+        self.target_id_map: tuple[IdMapEntry, ...] = ()
         if target_storage is not None:
             self._dir_storage(target_storage)  # fail early on a bad --storage
 
@@ -211,7 +227,12 @@ class _Restore:
                 )
             text = self.provider.extract_guest_config(self.volname, self.storeid)
             where = f"{self.storeid}:{self.volname} (guest config)"
-            config = parse_guest_config(text, self.vmid, vmtype, where=where)
+            config = restrict_config(
+                parse_guest_config(text, self.vmid, vmtype, where=where),
+                keep_host_access=self.keep_host_access,
+                target_id_map=self.target_id_map,
+                log=self.log,
+            )
             firewall = self.provider.extract_firewall_config(self.volname, self.storeid)
             if isinstance(config, VmConfig):
                 replace = self._restore_vm(config)
@@ -378,17 +399,33 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _source_format(source: str) -> str | None:
-    """``raw`` for NBD URIs, the probed format for files, None to let qemu-img probe."""
-    if source.startswith(("nbd:", "nbd+", "nbds:", "nbds+")):
+_FORMAT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+
+
+def _source_format(source: str) -> str:
+    """The format ``qemu-img convert`` reads ``source`` as: always explicit, never probed.
+
+    What a provider hands over is untrusted raw disk data, as in Proxmox VE: a
+    path or an NBD URI is read as ``raw``. Probing would let the first bytes of a
+    guest's raw disk (a qcow2 header naming ``/etc/shadow`` as its backing file)
+    decide what qemu opens. A provider that stores another format says so in a
+    ``json:`` pseudo-file name whose top-level ``driver`` is the format (and whose
+    options pin every file qemu may open: see backup-dir's images module).
+
+    :raises PluginError: a ``json:`` name without a plain top-level driver.
+    """
+    if not source.startswith("json:"):
         return "raw"
-    if not Path(source).exists():
-        return None
-    res = proc.run(["qemu-img", "info", "--output=json", source])
-    if res.returncode != 0:
-        raise ExternalToolError(f"qemu-img info {source} failed: {res.err}")
-    fmt = json.loads(res.out).get("format")
-    return str(fmt) if fmt else None
+    try:
+        spec = json.loads(source[len("json:") :])
+    except ValueError as exc:
+        raise PluginError(f"restore source is not a valid json: file name: {exc}") from exc
+    driver = spec.get("driver") if isinstance(spec, dict) else None
+    if not isinstance(driver, str) or not _FORMAT_NAME.match(driver):
+        raise PluginError(
+            f"restore source json: file name names no format driver (got {driver!r})"
+        )
+    return driver
 
 
 _PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
@@ -403,14 +440,16 @@ def _qemu_img_convert(
 ) -> None:
     """``qemu-img convert`` ``source`` into the existing qcow2 ``target``.
 
+    ``source`` is read as raw unless it is a ``json:`` name with a driver
+    (:func:`_source_format`).
+
     ``progress(percent)`` is called at most every ``interval`` seconds while it
     runs and once with 100 at the end (qemu-img's ``-p`` output, parsed).
     """
-    fmt = _source_format(source)
+    # Both formats explicit: the source as the provider declared it (raw unless
+    # it said otherwise), the target as allocated.
     cmd = ["qemu-img", "convert", "-p", "-n", "--target-is-zero"]
-    if fmt is not None:
-        cmd += ["-f", fmt]
-    cmd += [source, "-O", "qcow2", str(target)]
+    cmd += ["-f", _source_format(source), source, "-O", "qcow2", str(target)]
     with tempfile.TemporaryFile() as errors:
         child = proc.spawn(cmd, stdout=subprocess.PIPE, stderr=errors)
         stdout = child.stdout

@@ -10,6 +10,13 @@ from __future__ import annotations
 from pvebackup.api.provider import BackupProvider
 from pvebackup.api.types import LogFunction
 from pvebackup.storage import registry
+from pvebackup.storage.basepath import (
+    BASE_PATH_PROPERTIES,
+    CREATE_SUBDIRS,
+    BasePath,
+    is_mounted,
+    parse_boolean,
+)
 from pvebackup.storage.config import (
     StorageConfig,
     StorageSection,
@@ -35,8 +42,11 @@ from pvebackup.storage.volume import parse_volume_id, volume_path
 __all__ = [
     "APIAGE",
     "APIVER",
+    "BASE_PATH_PROPERTIES",
     "COMMON_PROPERTIES",
+    "CREATE_SUBDIRS",
     "ENTRY_POINT_GROUP",
+    "BasePath",
     "DirPlugin",
     "PropertySpec",
     "StorageConfig",
@@ -44,8 +54,10 @@ __all__ = [
     "StorageSection",
     "VolumeInfo",
     "check_api_version",
+    "is_mounted",
     "lookup",
     "new_backup_provider",
+    "parse_boolean",
     "parse_storage_config",
     "parse_volume_id",
     "plugin_types",

@@ -24,6 +24,7 @@ from pvebackup.api.errors import (
     VolumeNotFoundError,
 )
 from pvebackup.kit import proc
+from pvebackup.storage.basepath import BASE_PATH_PROPERTIES, CREATE_SUBDIRS, BasePath
 from pvebackup.storage.plugin import COMMON_PROPERTIES, PropertySpec, StoragePlugin
 
 __all__ = ["DirPlugin", "IMAGE_FORMATS"]
@@ -43,10 +44,8 @@ _DIR_PROPERTIES: dict[str, PropertySpec] = {
     **COMMON_PROPERTIES,
     "path": PropertySpec(required=True, description="file system path of the storage"),
     "content-dirs": PropertySpec(description="overrides of the default content dirs"),
-    "create-base-path": PropertySpec(flag=True, description="create path if missing"),
-    "create-subdirs": PropertySpec(flag=True, description="create content subdirs"),
-    "mkdir": PropertySpec(flag=True, description="deprecated: create-base-path"),
-    "is_mountpoint": PropertySpec(description="path must be a mounted file system"),
+    **BASE_PATH_PROPERTIES,
+    **CREATE_SUBDIRS,
     "format": PropertySpec(description="default image format (raw, qcow2)"),
     "preallocation": PropertySpec(description="qcow2/raw preallocation mode"),
     "prune-backups": PropertySpec(description="retention options for backups"),
@@ -93,6 +92,12 @@ class DirPlugin(StoragePlugin):
         return self._base(scfg) / "images" / str(vmid)
 
     @staticmethod
+    def _activate(scfg: Mapping[str, str], storeid: str) -> None:
+        # Before an allocation writes: is_mountpoint and create-base-path as in
+        # PVE's activate_storage (default: create), so an unmounted disk is refused.
+        BasePath.from_scfg(scfg, storeid, create_default=True).activate(create=True)
+
+    @staticmethod
     def _free_numbers(vm_dir: Path, vmid: int) -> list[int]:
         used: set[int] = set()
         if vm_dir.is_dir():
@@ -123,6 +128,8 @@ class DirPlugin(StoragePlugin):
         :returns: ``<vmid>/<name>``.
         :raises UsageError: bad format, size or name.
         :raises StateError: ``name`` exists already.
+        :raises StorageUnavailableError: ``is_mountpoint`` not mounted, or the
+            path missing and ``create-base-path`` off.
         :raises ExternalToolError: qemu-img failed (nothing is left behind).
         """
         if fmt not in IMAGE_FORMATS:
@@ -132,6 +139,7 @@ class DirPlugin(StoragePlugin):
         if name is not None and (not _NAME.match(name) or not name.endswith(f".{fmt}")):
             raise UsageError(f"invalid image name {name!r}: a file name ending in .{fmt}")
         vm_dir = self._vm_dir(scfg, vmid)
+        self._activate(scfg, storeid)
         vm_dir.mkdir(parents=True, exist_ok=True)
         path = self._reserve(vm_dir, vmid, name, lambda n: f"vm-{vmid}-disk-{n}.{fmt}")
         cmd = ["qemu-img", "create", "-q", "-f", fmt]
@@ -195,6 +203,7 @@ class DirPlugin(StoragePlugin):
         if name is not None and not _NAME.match(name):
             raise UsageError(f"invalid subvol name {name!r}")
         vm_dir = self._vm_dir(scfg, vmid)
+        self._activate(scfg, storeid)
         vm_dir.mkdir(parents=True, exist_ok=True)
         while True:
             if name is not None:

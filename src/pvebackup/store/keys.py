@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from pvebackup.api.errors import KeyFileError, MissingKeyError, WrongKeyError
+from pvebackup.kit.secretfile import read_secret_file
 from pvebackup.store.formats import FORMAT_VERSION, KEY_FILE_FORMAT
 
 __all__ = [
@@ -231,14 +232,13 @@ def load_key_file(
 ) -> EncryptionKey:
     """Read a key file. ``passphrase_provider`` is called only if the file needs it.
 
-    Raises ``KeyFileError`` (unreadable or malformed), ``MissingKeyError`` (needs a
-    passphrase, no provider), ``WrongKeyError`` (the passphrase does not fit).
+    Raises ``UnprotectedKeyFileError`` (group or others may access it, as OpenSSH
+    refuses such keys), ``KeyFileError`` (unreadable or malformed),
+    ``MissingKeyError`` (needs a passphrase, no provider), ``WrongKeyError`` (the
+    passphrase does not fit).
     """
     src = Path(path)
-    try:
-        raw = src.read_bytes()
-    except OSError as exc:
-        raise KeyFileError(f"{src}: cannot read: {exc.strerror}") from exc
+    raw = read_secret_file(src, "key file")
     try:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:

@@ -9,8 +9,8 @@ import pytest
 from bdir_helpers import STOREID, LogRecords
 
 from pvebackup.api.errors import (
-    ConfigError,
     StorageConfigError,
+    StorageUnavailableError,
     UnsupportedError,
     UsageError,
     VolumeNotFoundError,
@@ -36,8 +36,9 @@ def test_bad_storage_properties(make_provider: Make, props: dict[str, str], mess
 
 def test_job_start_needs_an_existing_path(make_provider: Make, tmp_path: Path) -> None:
     provider = make_provider(path=str(tmp_path / "nope"))
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(StorageUnavailableError, match="does not exist"):
         provider.job_start(0)
+    assert not (tmp_path / "nope").exists()
 
 
 def test_calls_before_backup_start_are_refused(provider: BackupDirProvider) -> None:

@@ -108,12 +108,13 @@ def test_full_backup_restores_identically_and_keeps_zeroes_unallocated(
         GuestType.QEMU,
     )
     assert provider.restore_qemu_get_device_info(volname, STOREID) == {DEVICE: {"size": 32 * MIB}}
-    path = provider.restore_qemu_img_init(volname, STOREID, DEVICE)
-    run("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(disk), path)
+    source = provider.restore_qemu_img_init(volname, STOREID, DEVICE)
+    run("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(disk), source)
     provider.restore_qemu_img_cleanup(volname, STOREID, DEVICE)
 
     # Only the 4 MiB of data are allocated in the backup image.
-    data = sum(e["length"] for e in image_map(Path(path)) if e["data"])
+    path = provider.layout.volume_path(volname) / f"{DEVICE}.qcow2"
+    data = sum(e["length"] for e in image_map(path) if e["data"])
     assert data == 4 * MIB
     assert Path(path).stat().st_size < 5 * MIB
     assert any("100%" in msg for level, msg in logs if level == "info")
@@ -143,8 +144,10 @@ def test_incremental_backup_writes_only_changes_and_restores_the_chain(
     provider.backup_end(100)
     nbd_exports.stop_all()
 
-    path = Path(provider.restore_qemu_img_init(second, STOREID, DEVICE))
-    run("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(disk), str(path))
+    source = provider.restore_qemu_img_init(second, STOREID, DEVICE)
+    run("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(disk), source)
+    provider.restore_qemu_img_cleanup(second, STOREID, DEVICE)
+    path = provider.layout.volume_path(second) / f"{DEVICE}.qcow2"
     info = json.loads(run("qemu-img", "info", "--output=json", str(path)))
     assert info["backing-filename"] == f"../{first.removeprefix('backup/')}/{DEVICE}.qcow2"
     assert path.stat().st_size < 2 * MIB  # ~832 KiB changed, not 4 MiB

@@ -96,6 +96,7 @@ class FakeHost:
         self.root = root
         self.scfg = scfg
         self.storeid = storeid
+        Path(scfg["path"]).mkdir(parents=True, exist_ok=True)  # the operator made it
         self.plugin = BackupStorePlugin()
         self.log = LogRecorder()
         self.conf = root / "100.conf"

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.e2e
 
 def _node(path: Path) -> tuple[NodeRoot, Path]:
     root = NodeRoot(path)
+    (path / "store").mkdir(parents=True)
     for sub in ("qemu-server", "lxc", "firewall"):
         (root.pve_dir / sub).mkdir(parents=True, exist_ok=True)
     root.storage_cfg.write_text(

@@ -26,6 +26,7 @@ def _encrypted_host(tmp_path: Path, passphrase: str | None = None) -> FakeHost:
     if passphrase is not None:
         pw = tmp_path / "pw"
         pw.write_text(passphrase + "\n")
+        pw.chmod(0o600)
         scfg["encryption-passphrase-file"] = str(pw)
     return FakeHost(tmp_path, scfg)
 

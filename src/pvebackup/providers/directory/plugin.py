@@ -6,6 +6,8 @@
         path /srv/backups
         bitmap yes          # incremental VM backups with a dirty bitmap (default yes)
         ct-format tar       # containers as root.tar.zst (default) or a directory tree
+        is_mountpoint yes   # usable only while a file system is mounted at path
+        create-base-path 0  # create path when missing (default no: refused)
 
 Registered through the entry point group ``pvebackup.storage_plugins`` (see
 ``pyproject.toml``), like any third-party plugin. The plugin itself holds no
@@ -22,6 +24,7 @@ from pvebackup.api.provider import BackupProvider
 from pvebackup.api.types import GuestType, LogFunction
 from pvebackup.providers.directory.provider import BackupDirProvider
 from pvebackup.providers.directory.volumes import VolumeLayout
+from pvebackup.storage.basepath import BASE_PATH_PROPERTIES, CREATE_SUBDIRS, BasePath
 from pvebackup.storage.plugin import COMMON_PROPERTIES, PropertySpec, StoragePlugin, VolumeInfo
 
 __all__ = ["BackupDirPlugin"]
@@ -42,6 +45,8 @@ class BackupDirPlugin(StoragePlugin):
         "ct-format": PropertySpec(
             description="how containers are stored: tar (zstd tar, default) or directory"
         ),
+        **BASE_PATH_PROPERTIES,
+        **CREATE_SUBDIRS,
     }
 
     def new_backup_provider(
@@ -83,4 +88,6 @@ class BackupDirPlugin(StoragePlugin):
         path = scfg.get("path")
         if not path:
             raise StorageConfigError(f"storage {storeid!r}: backup-dir needs 'path'")
+        # listing or removing never creates anything; unmounted is an error, not "empty"
+        BasePath.from_scfg(scfg, storeid, create_default=False).activate()
         return VolumeLayout(path)

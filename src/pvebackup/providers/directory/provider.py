@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pvebackup.api.errors import (
-    ConfigError,
     IntegrityError,
     StorageConfigError,
+    UnsafeArchiveError,
     UnsupportedError,
     UsageError,
     VolumeNotFoundError,
@@ -40,7 +40,7 @@ from pvebackup.api.types import (
 )
 from pvebackup.kit.crashpoint import crash_point
 from pvebackup.kit.lock import lock_directory, try_lock_directory
-from pvebackup.providers.directory import archive, tree, vm
+from pvebackup.providers.directory import archive, images, stored, tree, vm
 from pvebackup.providers.directory.transfer import MIB
 from pvebackup.providers.directory.volumes import (
     BackupIndex,
@@ -49,6 +49,7 @@ from pvebackup.providers.directory.volumes import (
     VolumeName,
     allocated_size,
 )
+from pvebackup.storage.basepath import BasePath
 
 __all__ = ["BackupDirProvider", "CT_FORMATS", "parse_flag"]
 
@@ -125,6 +126,7 @@ class BackupDirProvider(BackupProvider):
         if not path:
             raise StorageConfigError(f"storage {storeid!r}: backup-dir needs 'path'")
         self.layout = VolumeLayout(path)
+        self.base = BasePath.from_scfg(scfg, storeid, create_default=False)
         self.use_bitmap = parse_flag(scfg.get("bitmap"), True, "bitmap")
         self.ct_format = scfg.get("ct-format") or "tar"
         if self.ct_format not in CT_FORMATS:
@@ -132,6 +134,8 @@ class BackupDirProvider(BackupProvider):
                 f"storage {storeid!r}: ct-format must be tar or directory, not {self.ct_format!r}"
             )
         self._guests: dict[int, _GuestBackup] = {}
+        self._restores: dict[tuple[str, str], images.ImageChain] = {}
+        """Checked image chains, open from ``restore_qemu_img_init`` to its cleanup."""
 
     def provider_name(self) -> str:
         return "backup-dir"
@@ -139,10 +143,13 @@ class BackupDirProvider(BackupProvider):
     # job hooks -------------------------------------------------------------------
 
     def job_start(self, start_time: int) -> None:
-        """Check the storage path and create ``<path>/backup``."""
-        if not self.layout.root.is_dir():
-            raise ConfigError(f"storage {self.storeid!r}: path {self.layout.root} does not exist")
-        self.layout.backup_dir.mkdir(exist_ok=True)
+        """Check the storage path (mounted if ``is_mountpoint``; created only with
+        ``create-base-path``) and create ``<path>/backup`` (unless ``create-subdirs 0``).
+
+        :raises StorageUnavailableError: not mounted, or a path missing that may
+            not be created; nothing was created then.
+        """
+        self.base.subdir("backup", create=True)
         self._remove_dead_temps()
         self.log("info", f"backup-dir: job started, writing to {self.layout.backup_dir}")
 
@@ -186,7 +193,8 @@ class BackupDirProvider(BackupProvider):
     def backup_start(self, vmid: int, vmtype: GuestType) -> None:
         """Pick the volume name and create its temporary directory."""
         vmtype = GuestType(vmtype)
-        self.layout.backup_dir.mkdir(parents=True, exist_ok=True)
+        # checked again per guest: the disk may have been unmounted mid-job
+        self.base.subdir("backup", create=True)
         volname = self.layout.new_volname(vmtype, vmid, time.time())
         workdir = self.layout.temp_path(volname)
         workdir.mkdir()
@@ -275,8 +283,17 @@ class BackupDirProvider(BackupProvider):
             return None
         try:
             for devicename in self.layout.read_index(base).devices:
-                self.layout.image_chain(base, devicename)
-        except (VolumeNotFoundError, IntegrityError) as exc:
+                # The full restore-side check: a tampered base means a full backup
+                # now, not an incremental that could never be restored.
+                with images.open_chain(self.layout, base, devicename) as chain:
+                    if len(chain) >= images.MAX_CHAIN_DEPTH:
+                        self.log(
+                            "info",
+                            f"backup-dir: the chain of {base} has {len(chain)} images: "
+                            "starting a new chain",
+                        )
+                        return None
+        except (VolumeNotFoundError, IntegrityError, UnsafeArchiveError) as exc:
             self.log("warn", f"backup-dir: previous backup {base} unusable as a base: {exc}")
             return None
         return base
@@ -421,7 +438,8 @@ class BackupDirProvider(BackupProvider):
         self, volname: str, storeid: str
     ) -> tuple[RestoreMechanism, GuestType]:
         """``qemu-img`` for VMs; ``tar`` or ``directory`` as the container was stored."""
-        index = self.layout.read_index(volname)
+        self.base.activate()  # an unmounted storage: say so, not "no such backup"
+        index = stored.read_index(self.layout, volname)
         if index.vmtype is GuestType.QEMU:
             return RestoreMechanism.QEMU_IMG, GuestType.QEMU
         if index.ct_format == "directory":
@@ -429,34 +447,66 @@ class BackupDirProvider(BackupProvider):
         return RestoreMechanism.TAR, GuestType.LXC
 
     def extract_guest_config(self, volname: str, storeid: str) -> str:
-        path = self.layout.volume_path(volname) / GUEST_CONFIG
-        self.layout.read_index(volname)
-        try:
-            return path.read_text(encoding="utf-8")
-        except FileNotFoundError as exc:
-            raise IntegrityError(f"backup volume {volname!r} has no guest configuration") from exc
+        text = self._stored_config(volname, GUEST_CONFIG, "guest configuration")
+        if text is None:
+            raise IntegrityError(f"backup volume {volname!r} has no guest configuration")
+        return text
 
     def extract_firewall_config(self, volname: str, storeid: str) -> str | None:
-        self.layout.read_index(volname)
-        path = self.layout.volume_path(volname) / FIREWALL_CONFIG
-        return path.read_text(encoding="utf-8") if path.is_file() else None
+        return self._stored_config(volname, FIREWALL_CONFIG, "firewall configuration")
+
+    def _stored_config(self, volname: str, name: str, what: str) -> str | None:
+        # Through the volume's directory fd: a config symlinked to a host file
+        # (/etc/shadow) must not end up in the restored guest's config or a log.
+        with stored.VolumeDir(self.layout, volname) as volume:
+            volume.read_index()
+            data = volume.read(name, what, stored.CONFIG_LIMIT)
+        if data is None:
+            return None
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise IntegrityError(f"backup volume {volname!r}: {what} is not UTF-8") from exc
 
     def restore_qemu_get_device_info(self, volname: str, storeid: str) -> DeviceInfo:
-        index = self.layout.read_index(volname)
+        index = stored.read_index(self.layout, volname)
         return {name: {"size": dev.size} for name, dev in index.devices.items()}
 
     def restore_qemu_img_init(self, volname: str, storeid: str, devicename: str) -> str:
-        """The top image of the chain; qemu-img follows its backing files."""
-        chain = self.layout.image_chain(volname, devicename)
+        """The disk's checked image chain, pinned in a ``json:`` file name (qcow2).
+
+        Every image is opened and checked first (see :mod:`.images`); the name
+        returned opens exactly those files, backing files included, and only
+        while this provider holds them: until ``restore_qemu_img_cleanup``.
+
+        :raises UnsafeArchiveError: a stored name or image header reaches outside
+            the volume's own chain (:class:`UnsafeImageError` for headers).
+        """
+        old = self._restores.pop((volname, devicename), None)
+        if old is not None:
+            old.close()
+        chain = images.open_chain(self.layout, volname, devicename)
+        self._restores[(volname, devicename)] = chain
         self.log(
             "info",
-            f"backup-dir: restoring {devicename} from {chain[0].name} "
-            f"(chain of {len(chain)} image(s))",
+            f"backup-dir: restoring {devicename} from {chain.images[0].name} "
+            f"(chain of {len(chain)} checked image(s))",
         )
-        return str(chain[0])
+        return chain.source()
 
     def restore_qemu_img_cleanup(self, volname: str, storeid: str, devicename: str) -> None:
-        """Nothing to clean up: the host reads the stored image directly."""
+        """Close the images ``restore_qemu_img_init`` opened.
+
+        :raises UnsafeImageError: an image was written to since it was checked
+            (a header rewritten in place under qemu): the restore must fail.
+        """
+        chain = self._restores.pop((volname, devicename), None)
+        if chain is None:
+            return
+        try:
+            chain.check_unchanged()
+        finally:
+            chain.close()
 
     def restore_tar_init(self, volname: str, storeid: str) -> str:
         return str(self._stored_ct_data(volname, "tar", TAR_NAME))

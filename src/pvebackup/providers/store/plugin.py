@@ -7,6 +7,8 @@
         encryption-key /etc/pvebackup/store1.key      # optional
         encryption-passphrase-file /root/store1.pass  # only for a passphrase-protected key
         chunk-size 256K                               # optional; default: the store's
+        is_mountpoint yes                             # optional: path must be mounted
+        create-base-path 1                            # optional: create path (default no)
 
 Registered through the entry point group ``pvebackup.storage_plugins``. Volumes
 are the store's snapshots, named ``backup/vm-<vmid>-<UTC time>``. A listed
@@ -28,6 +30,7 @@ from pvebackup.api.types import LogFunction
 from pvebackup.providers.store.progress import format_bytes
 from pvebackup.providers.store.provider import BackupStoreProvider
 from pvebackup.providers.store.settings import StoreSettings
+from pvebackup.storage.basepath import BASE_PATH_PROPERTIES
 from pvebackup.storage.plugin import COMMON_PROPERTIES, PropertySpec, StoragePlugin, VolumeInfo
 from pvebackup.store.snapshot import SnapshotId
 
@@ -50,6 +53,7 @@ class BackupStorePlugin(StoragePlugin):
         "chunk-size": PropertySpec(
             description="chunk size of new disk indexes (power of two, 64K..16M)"
         ),
+        **BASE_PATH_PROPERTIES,
     }
 
     def new_backup_provider(

@@ -7,6 +7,11 @@
         encryption-key /etc/pvebackup/store1.key
         encryption-passphrase-file /etc/pvebackup/store1.pass   # only for protected keys
         chunk-size 262144                # for new indexes; default: the store's
+        is_mountpoint yes                # usable only while a file system is mounted there
+        create-base-path 0               # create path when missing (default no: refused)
+
+The key and passphrase files must be private to their owner (mode 0600 or
+0400): like OpenSSH, we refuse them otherwise (:class:`UnprotectedKeyFileError`).
 
 The backend is chosen in one place (:func:`make_backend`, ``local`` for now), so
 that S3 can join later without touching the provider. The key is loaded and
@@ -21,8 +26,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pvebackup.api.errors import NotFoundError, StorageConfigError
+from pvebackup.api.errors import KeyFileError, NotFoundError, StorageConfigError
+from pvebackup.kit.secretfile import read_secret_file
 from pvebackup.providers.store.restore_source import make_backend
+from pvebackup.storage.basepath import BasePath
 from pvebackup.store.datastore import Datastore
 from pvebackup.store.index import check_chunk_size
 from pvebackup.store.keys import EncryptionKey, load_key_file
@@ -40,6 +47,7 @@ class StoreSettings:
     passphrase_file: str | None = None
     chunk_size: int | None = None
     backend: str = "local"
+    base: BasePath | None = None
 
     @classmethod
     def from_scfg(cls, scfg: Mapping[str, str], storeid: str) -> StoreSettings:
@@ -57,6 +65,7 @@ class StoreSettings:
         return cls(
             storeid=storeid,
             path=path,
+            base=BasePath.from_scfg(scfg, storeid, create_default=False),
             key_file=scfg.get("encryption-key") or None,
             passphrase_file=scfg.get("encryption-passphrase-file") or None,
             chunk_size=chunk_size,
@@ -72,13 +81,12 @@ class StoreSettings:
             return load_key_file(self.key_file)
 
         def passphrase() -> str:
+            raw = read_secret_file(passphrase_file, "passphrase file")
             try:
-                with open(passphrase_file, encoding="utf-8") as f:
-                    return f.readline().rstrip("\n")
-            except OSError as exc:
-                raise StorageConfigError(
-                    f"storage {self.storeid!r}: cannot read encryption-passphrase-file "
-                    f"{passphrase_file}: {exc.strerror}"
+                return raw.decode("utf-8").partition("\n")[0]
+            except UnicodeDecodeError as exc:
+                raise KeyFileError(
+                    f"{passphrase_file}: the passphrase file is not UTF-8 text"
                 ) from exc
 
         return load_key_file(self.key_file, passphrase)
@@ -86,13 +94,20 @@ class StoreSettings:
     def open(self, *, create: bool = False) -> Datastore:
         """Open the datastore; with ``create``, initialise an empty or new directory.
 
+        The path itself is never created unless ``create`` and the storage's
+        ``create-base-path`` allow it, and nothing at all while ``is_mountpoint``
+        is set and nothing is mounted (see :mod:`pvebackup.storage.basepath`).
+
+        :raises StorageUnavailableError: not mounted, or the path is missing (and
+            may not be created); nothing was created.
         :raises NotFoundError: there is no store at ``path`` (and not ``create``).
         :raises MissingKeyError, WrongKeyError, KeyFileError: key problems, found
             before anything in the store is touched.
         """
         key = self.load_key()
-        root = Path(self.path)
-        empty = not root.exists() or (root.is_dir() and not any(root.iterdir()))
+        base = self.base or BasePath(self.storeid, Path(self.path))
+        root = base.activate(create=create)
+        empty = not any(root.iterdir())
         if empty and not create:
             raise NotFoundError(f"storage {self.storeid!r}: no datastore at {self.path}")
         backend = make_backend(self.backend, self.path)
