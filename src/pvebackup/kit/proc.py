@@ -77,6 +77,7 @@ __all__ = [
 ]
 
 _PR_SET_PDEATHSIG = 1
+_SIGKILL = int(signal.SIGKILL)
 _libc = ctypes.CDLL(None, use_errno=True)
 _prctl = _libc.prctl
 _prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
@@ -93,7 +94,7 @@ def _die_with(parent: int) -> Callable[[], None]:
 
     def preexec() -> None:
         # Runs in the child between fork and exec: system calls only (see module doc).
-        if _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        if _prctl(_PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0) != 0:
             _exit(126)
         if _getppid() != parent:
             _exit(126)  # the parent died before prctl: nobody would stop us
