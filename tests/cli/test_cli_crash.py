@@ -13,6 +13,7 @@ Each run is killed with SIGKILL at one crash point (``PVEBACKUP_TEST_CRASH_AT``,
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -30,6 +31,7 @@ from pvebackup.host.guests import NodeRoot
 from pvebackup.host.lxc.compare import compare_trees
 from pvebackup.host.restore import run_restore
 from pvebackup.kit.crashpoint import ENV
+from pvebackup.kit.proc import process_start_time
 
 pytestmark = pytest.mark.e2e
 
@@ -144,6 +146,13 @@ def crash_then_recover(cn: CrashNode, args: list[str], point: str) -> None:
     assert res.returncode == KILLED, f"{point}: not killed (exit {res.returncode}): {res.stderr}"
     # PDEATHSIG: the children went with the parent, before anybody cleaned up.
     assert cn.no_processes() == [], point
+    for state in (cn.node.root.run_dir / "state").glob("*.json"):
+        for child in json.loads(state.read_text())["children"]:
+            # also those that no longer show a command line while they exit
+            deadline = time.monotonic() + 3
+            while process_start_time(child["pid"]) == child["start_time"]:
+                assert time.monotonic() < deadline, (point, child)
+                time.sleep(0.02)
 
 
 def raw_copy(image: Path, dest: Path) -> Path:

@@ -147,17 +147,26 @@ def kill_verified(pid: int, start_time: int, program: str, *, timeout: float = 5
 
     Returns True if it was found and killed, False if it was already gone (or
     the PID now belongs to another process, which is left alone).
+
+    A process that is exiting (killed with its parent a moment ago) has an empty
+    command line while it still holds its files, an image's write lock among
+    them: with the right start time it is waited for, not taken for another one.
     """
-    if not process_alive(pid, start_time, program):
+    if pid <= 1 or process_start_time(pid) != start_time:
         return False
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return False
+    name = _program(pid)
+    found = name == os.path.basename(program)
+    if found:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+    elif name != "":
+        return False  # the PID was recycled: another process, left alone
     deadline = time.monotonic() + timeout
     while process_start_time(pid) == start_time and time.monotonic() < deadline:
         time.sleep(0.01)
-    return True
+    return found
 
 
 # -- observers ------------------------------------------------------------------------
