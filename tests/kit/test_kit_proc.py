@@ -178,3 +178,16 @@ def test_children_spawned_in_a_thread_live_while_the_thread_lives() -> None:
         t.join()
         for c in result:
             c.stop(0)
+
+
+def test_kill_verified_waits_for_an_exiting_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Killed with its parent a moment ago: no command line any more, but its files
+    # (an image's write lock) are only closed when its start time disappears.
+    seen = iter([100, 100, 100, None])
+    monkeypatch.setattr(proc, "process_start_time", lambda pid: next(seen))
+    monkeypatch.setattr(proc, "_program", lambda pid: "")
+    signals: list[int] = []
+    monkeypatch.setattr(proc.os, "kill", lambda pid, sig: signals.append(sig))
+    assert proc.kill_verified(4242, 100, "qemu-storage-daemon") is False
+    assert signals == []  # nothing to kill: it is on its way out
+    assert next(seen, "waited") == "waited"  # but it was waited for
