@@ -122,14 +122,26 @@ def test_list_shows_notes_when_a_storage_gives_them(
 ) -> None:
     from pvebackup.api.types import GuestType
     from pvebackup.cli import cmd_list
-    from pvebackup.storage import VolumeInfo
+    from pvebackup.storage import VolumeInfo, VolumeScan
 
     volumes = [
         VolumeInfo("st:backup/a", 100, GuestType.QEMU, 0, 1024, "f", None, "full, stored 1 KiB"),
         VolumeInfo("st:backup/b", 100, GuestType.QEMU, 60, 1024, "f", None, ""),
     ]
-    monkeypatch.setattr(cmd_list, "list_volumes", lambda root, storeid: volumes)
+    monkeypatch.setattr(cmd_list, "scan_volumes", lambda root, storeid: VolumeScan(volumes, []))
     assert cmd_list.run(cmd_list.ListOptions(tmp_path, "st")) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[-1] == "NOTES"
     assert lines[1].endswith("full, stored 1 KiB")
+
+
+def test_root_sets_the_host_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Providers keep their host-side state below --root; an explicit variable wins."""
+    from pvebackup.kit.hoststate import STATE_DIR_ENV, default_state_dir
+
+    monkeypatch.delenv(STATE_DIR_ENV, raising=False)
+    main(["--root", str(tmp_path), "list", "rec"])
+    assert default_state_dir() == tmp_path / "var/lib/pvebackup"
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "mine"))
+    main(["--root", str(tmp_path), "list", "rec"])
+    assert default_state_dir() == tmp_path / "mine"

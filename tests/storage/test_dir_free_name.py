@@ -23,3 +23,11 @@ def test_free_name_is_what_alloc_picks(tmp_path: Path) -> None:
     assert plugin.free_name(scfg, 100, "raw") == "vm-100-disk-2.raw"
     with pytest.raises(UsageError):
         plugin.free_name(scfg, 100, "vmdk")
+
+
+def test_free_name_creates_nothing(tmp_path: Path) -> None:
+    plugin = lookup("dir")
+    assert isinstance(plugin, DirPlugin)
+    scfg = {"type": "dir", "path": str(tmp_path / "missing")}
+    assert plugin.free_name(scfg, 7, "subvol") == "subvol-7-disk-0.subvol"
+    assert not (tmp_path / "missing").exists()

@@ -28,12 +28,16 @@ manifests = st.builds(
     encrypted=st.just(False),
     key_fingerprint=st.none(),
     chunk_size=st.sampled_from([65536, 262144, 1 << 20]),
-    devices=st.dictionaries(names, st.builds(SnapshotDevice, st.integers(0, 2**50), names)),
+    # Within what a reader accepts: an index of at most MAX_INDEX_CHUNKS chunks
+    # (the smallest chunk size here), named after its device; blobs of one chunk.
+    devices=st.dictionaries(names, st.integers(0, 2**42)).map(
+        lambda d: {k: SnapshotDevice(size, f"{k}.fidx") for k, size in d.items()}
+    ),
     files=st.dictionaries(
         names,
         st.builds(
             FileEntry,
-            st.integers(0, 2**40),
+            st.integers(0, 2**24),
             st.text("0123456789abcdef", min_size=64, max_size=64),
             st.sampled_from(["index", "blob"]),
         ),

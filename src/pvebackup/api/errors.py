@@ -38,7 +38,8 @@ caller can decide whether retrying can help.
     │   ├── SnapshotExistsError                  a snapshot with that name is already stored
     │   └── LockedError                          someone else holds a lock
     ├── UnsafeArchiveError              exit 8   hostile archive entry (absolute, .., escaping link)
-    │   └── UnsafeImageError                     stored image header reaches outside its chain
+    │   ├── UnsafeImageError                     stored image header reaches outside its chain
+    │   └── UnsafeStorageError                   a symlink or unexpected file type inside a storage
     ├── ExternalToolError               exit 9   qemu-img, qemu-storage-daemon, nbdkit, tar failed
     │   ├── QmpError                             QMP command answered with an error
     │   └── NbdError                             libnbd call failed
@@ -89,6 +90,7 @@ __all__ = [
     "UnprotectedKeyFileError",
     "UnsafeArchiveError",
     "UnsafeImageError",
+    "UnsafeStorageError",
     "UnsupportedError",
     "UsageError",
     "VolumeInUseError",
@@ -259,6 +261,17 @@ class UnsafeImageError(UnsafeArchiveError):
     Its header names a backing file other than the provider's own verified chain,
     an external data file, a ``json:`` or protocol file name, or the image is not
     the format it is stored as. Nothing was read through it.
+    """
+
+
+class UnsafeStorageError(UnsafeArchiveError):
+    """Storage content is not what we expect where we expect it; nothing was followed.
+
+    Raised (by :mod:`pvebackup.kit.safefs`) for a symlink, a device, fifo or socket
+    met below a storage's configured path: whoever can write the storage could
+    otherwise make a read, write or delete reach outside it. A subclass of
+    :class:`UnsafeArchiveError` because it is the same refusal (hostile storage
+    content, exit 8); catch this one to tell the two apart.
     """
 
 

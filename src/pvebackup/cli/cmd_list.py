@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from pvebackup.cli.output import human_size, table, utc_time
 from pvebackup.host.guests import NodeRoot
-from pvebackup.storage import VolumeInfo, lookup, read_storage_config, storage_config
+from pvebackup.storage import (
+    VolumeInfo,
+    VolumeScan,
+    lookup,
+    read_storage_config,
+    storage_config,
+)
 
-__all__ = ["ListOptions", "add_parser", "list_volumes", "run"]
+__all__ = ["ListOptions", "add_parser", "list_volumes", "run", "scan_volumes"]
 
 
 @dataclass
@@ -28,7 +35,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description="List the backup volumes on STOREID, oldest first. "
         "--output json prints a list of records with the keys volid, vmid, vmtype, "
         "ctime (Unix seconds), size (bytes), format, parent and notes. "
-        "Exit status 0, or a code as listed in 'pvebackup --help'.",
+        "A damaged volume (unreadable index or manifest, impossible name) is not "
+        "listed: a warning naming it goes to stderr, and the others are listed. "
+        "Exit status 0 when the storage could be listed (even with damaged volumes), "
+        "or a code as listed in 'pvebackup --help'.",
     )
     p.add_argument("storage", metavar="STOREID", help="the backup storage")
     p.add_argument("--output", choices=("text", "json"), default="text", help="output format")
@@ -39,14 +49,24 @@ def _from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     return run(ListOptions(args.root, args.storage, args.output))
 
 
-def list_volumes(root: NodeRoot, storeid: str) -> list[VolumeInfo]:
+def scan_volumes(root: NodeRoot, storeid: str) -> VolumeScan:
     cfg = read_storage_config(root.storage_cfg)
     scfg = storage_config(cfg, storeid)
-    return lookup(scfg["type"]).list_volumes(scfg, storeid)
+    return lookup(scfg["type"]).scan_volumes(scfg, storeid)
+
+
+def list_volumes(root: NodeRoot, storeid: str) -> list[VolumeInfo]:
+    return scan_volumes(root, storeid).volumes
 
 
 def run(opts: ListOptions) -> int:
-    volumes = list_volumes(NodeRoot(opts.root), opts.storage)
+    # Exit 0 with damaged volumes: the listing itself worked, and a script reading
+    # --output json must still get the good volumes. Each damaged one is named on
+    # stderr so that the operator can look at it (and remove it by hand).
+    scan = scan_volumes(NodeRoot(opts.root), opts.storage)
+    for bad in scan.damaged:
+        print(f"warning: {bad.volid}: damaged, not listed: {bad.reason}", file=sys.stderr)
+    volumes = scan.volumes
     if opts.output == "json":
         print(json.dumps([v.to_json() for v in volumes], indent=2))
         return 0

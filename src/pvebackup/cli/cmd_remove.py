@@ -23,7 +23,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "remove",
         help="remove a backup",
         description="Remove backup STOREID:VOLNAME. Exit status 0; 3 when it does not "
-        "exist; 7 when another backup depends on it; other codes as listed in "
+        "exist; 7 when another backup depends on it; 8 when the storage holds a symlink "
+        "or special file in its place (nothing is removed); other codes as listed in "
         "'pvebackup --help'.",
     )
     p.add_argument("volid", metavar="STOREID:VOLNAME", help="the backup to remove")

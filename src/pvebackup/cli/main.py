@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from pvebackup import __version__
 from pvebackup.api.errors import AbortedError, PveBackupError
 from pvebackup.cli import cmd_backup, cmd_key, cmd_list, cmd_remove, cmd_restore
+from pvebackup.kit.hoststate import STATE_DIR_ENV
 
 __all__ = ["build_parser", "main"]
 
@@ -23,7 +25,7 @@ exit status:
   5    stored data failed an integrity check
   6    key problem (missing, wrong, unreadable key)
   7    refused because of existing state (guest exists, volume in use, locked)
-  8    hostile archive entry refused
+  8    hostile archive entry or storage content refused (e.g. a symlink in the storage)
   9    external tool failed (qemu-img, qemu-storage-daemon, tar, ...)
   10   storage backend I/O failed
   11   backup job finished, but one or more guests failed
@@ -58,6 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pvebackup`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Providers keep their host-side state (the incremental base proof) below the
+    # node root, so that a --root test node never touches the real /var/lib. An
+    # explicit PVEBACKUP_STATE_DIR wins.
+    if not os.environ.get(STATE_DIR_ENV):
+        os.environ[STATE_DIR_ENV] = str(Path(args.root) / "var/lib/pvebackup")
     command: Callable[[argparse.Namespace, argparse.ArgumentParser], int] = args.command
     try:
         return command(args, parser)

@@ -60,6 +60,7 @@ _KEY_RE = re.compile(r"^([A-Za-z][A-Za-z0-9_\-]*|lxc(?:\.[A-Za-z0-9_\-]+)+)\s*:\
 _SECTION_RE = re.compile(r"^\[[^\]]+\]\s*$")
 _VM_DISK_RE = re.compile(r"^(?:(?:ide|sata|scsi|virtio)\d+|efidisk0|tpmstate0)$")
 _CT_MOUNT_RE = re.compile(r"^(?:rootfs|mp\d+)$")
+_MP_DIGITS = 3
 _STOREID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9\-_.]*[A-Za-z0-9]$")
 _TRUE = frozenset({"1", "yes", "on", "true"})
 _FALSE = frozenset({"0", "no", "off", "false"})
@@ -400,6 +401,12 @@ def _mp_index(key: str) -> int:
 
 
 def _mountpoint(entry: ConfigEntry, where: str) -> MountPoint:
+    # Proxmox VE has mp0..mp255; a config from a backup may say mp<5000 digits>,
+    # which int() refuses with a ValueError of its own.
+    if entry.key != "rootfs" and len(entry.key) > 2 + _MP_DIGITS:
+        raise GuestConfigError(
+            f"{entry.key[:12]}...: mount point number out of range", path=where, line=entry.line
+        )
     spec = VolumeSpec.parse(entry.key, entry.value, where=where, line=entry.line)
     if entry.key == "rootfs":
         return MountPoint(spec, "/", True)

@@ -43,6 +43,7 @@ from pvebackup.api.errors import (
     ExternalToolError,
     GuestConfigError,
     GuestExistsError,
+    IntegrityError,
     PluginError,
     PveBackupError,
     StorageNotFoundError,
@@ -293,7 +294,7 @@ class _Restore:
                 )
                 replace[disk.key] = None
                 continue
-            size = int(info[disk.devicename]["size"])
+            size = _device_size(info[disk.devicename], disk.devicename)
             volid, path = self._alloc_image(disk.spec.storeid, size)
             self.log.info(f"{disk.devicename}: restoring {format_size(size)} into {volid}")
             source = self.provider.restore_qemu_img_init(
@@ -426,6 +427,21 @@ def _source_format(source: str) -> str:
             f"restore source json: file name names no format driver (got {driver!r})"
         )
     return driver
+
+
+_MAX_DISK_SIZE = 1 << 63
+
+
+def _device_size(entry: object, devicename: str) -> int:
+    """The disk size a provider reports, checked: it sizes the volume we allocate.
+
+    It comes from the backup (a manifest, an ``index.json``), so a wrong type or a
+    size no disk can have is an ``IntegrityError``, not a traceback or a 1 EiB volume.
+    """
+    size = entry.get("size") if isinstance(entry, dict) else None
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 < size < _MAX_DISK_SIZE:
+        raise IntegrityError(f"{devicename}: the backup gives no valid disk size ({size!r:.40})")
+    return size
 
 
 _PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")

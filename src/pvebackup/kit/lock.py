@@ -27,7 +27,7 @@ from pvebackup.api.errors import LockedError, PveBackupError
 
 from .proc import process_start_time
 
-__all__ = ["FileLock", "lock_directory", "try_lock_directory"]
+__all__ = ["FileLock", "lock_descriptor", "lock_directory", "try_lock_directory"]
 
 _HOLDER_MAX = 4096
 
@@ -116,6 +116,21 @@ class FileLock:
         self.release()
 
 
+def lock_descriptor(fd: int, *, what: str) -> None:
+    """Lock the open file or directory ``fd`` exclusively, at once or not at all.
+
+    The lock lasts until the last descriptor of that open file is closed.
+
+    :raises LockedError: someone else holds it.
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise LockedError(f"{what} is locked by another process") from exc
+        raise
+
+
 def lock_directory(path: Path) -> int:
     """Lock directory ``path`` exclusively; return the descriptor that holds the lock.
 
@@ -126,11 +141,9 @@ def lock_directory(path: Path) -> int:
     """
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
+        lock_descriptor(fd, what=str(path))
+    except BaseException:
         os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise LockedError(f"{path} is locked by another process") from exc
         raise
     return fd
 

@@ -27,7 +27,14 @@ from pvebackup.storage.config import (
     write_storage_config,
 )
 from pvebackup.storage.dir import DirPlugin
-from pvebackup.storage.plugin import COMMON_PROPERTIES, PropertySpec, StoragePlugin, VolumeInfo
+from pvebackup.storage.plugin import (
+    COMMON_PROPERTIES,
+    DamagedVolume,
+    PropertySpec,
+    StoragePlugin,
+    VolumeInfo,
+    VolumeScan,
+)
 from pvebackup.storage.registry import (
     ENTRY_POINT_GROUP,
     lookup,
@@ -47,12 +54,14 @@ __all__ = [
     "CREATE_SUBDIRS",
     "ENTRY_POINT_GROUP",
     "BasePath",
+    "DamagedVolume",
     "DirPlugin",
     "PropertySpec",
     "StorageConfig",
     "StoragePlugin",
     "StorageSection",
     "VolumeInfo",
+    "VolumeScan",
     "check_api_version",
     "is_mounted",
     "lookup",

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pvebackup.api.errors import StorageConfigError, StorageUnavailableError
+from pvebackup.kit import safefs
 from pvebackup.storage.plugin import PropertySpec
 
 __all__ = [
@@ -210,9 +211,23 @@ class BasePath:
 
         :raises StorageUnavailableError: missing and not to be created, or no directory.
         """
-        sub = self.activate(create=create) / name
-        if sub.is_dir():
-            return sub
+        root = self.activate(create=create)
+        sub = root / name
+        hint = "" if self.create_subdirs else " (create-subdirs is off)"
+        # Opened without following links (kit.safefs): a ``backup`` that is a symlink
+        # planted by whoever writes the storage is refused (UnsafeStorageError), so
+        # nothing is ever created or written through it.
+        try:
+            os.close(safefs.open_dir(root, (name,), create=create and self.create_subdirs))
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise StorageUnavailableError(
+                f"storage {self.storeid!r}: {sub} is missing or not a directory{hint}"
+            ) from exc
+        except PermissionError as exc:
+            raise StorageUnavailableError(
+                f"storage {self.storeid!r}: cannot create {sub}: {exc.strerror}"
+            ) from exc
+        return sub
         if sub.exists() or sub.is_symlink() or not (create and self.create_subdirs):
             hint = "" if self.create_subdirs else " (create-subdirs is off)"
             raise StorageUnavailableError(

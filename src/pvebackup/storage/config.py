@@ -51,6 +51,7 @@ __all__ = [
     "StorageConfig",
     "StorageSection",
     "parse_storage_config",
+    "path_problem",
     "read_storage_config",
     "storage_config",
     "valid_storeid",
@@ -234,6 +235,12 @@ def _check_property(
                 line=line,
             )
         return "1"
+    if spec.path:
+        problem = path_problem(value)
+        if problem is not None:
+            raise StorageConfigError(
+                f"storage '{section.storeid}': property '{key}': {problem}", path=path, line=line
+            )
     if spec.flag and value.lower() not in _FLAG_VALUES:
         raise StorageConfigError(
             f"storage '{section.storeid}': flag '{key}' must be 0 or 1, not '{value}'",
@@ -241,6 +248,33 @@ def _check_property(
             line=line,
         )
     return value
+
+
+NAME_MAX = 255
+PATH_MAX = 4096
+PATH_RESERVE = 1024
+"""Bytes below ``PATH_MAX`` kept free for what a provider creates under its path
+(``backup/.tmp-lxc-<vmid>-<time>/...``), so that its own names never hit the limit."""
+
+
+def path_problem(value: str) -> str | None:
+    """Why ``value`` is no usable storage path, or ``None`` when it is one.
+
+    Checked when storage.cfg is read, so that an over-long path is one clear
+    ``StorageConfigError`` naming the line instead of ``ENAMETOOLONG`` deep inside
+    a backup (or a traceback in ``list``).
+    """
+    if not value.startswith("/"):
+        return f"{value[:80]!r} is not an absolute path"
+    if "\0" in value:
+        return "a path cannot contain a NUL byte"
+    raw = value.encode("utf-8", "surrogateescape")
+    if len(raw) > PATH_MAX - 1 - PATH_RESERVE:
+        return f"path of {len(raw)} bytes is too long (at most {PATH_MAX - 1 - PATH_RESERVE})"
+    for part in raw.split(b"/"):
+        if len(part) > NAME_MAX:
+            return f"path component of {len(part)} bytes is longer than NAME_MAX ({NAME_MAX})"
+    return None
 
 
 def _check_section(section: StorageSection, lookup: Lookup, path: str) -> None:

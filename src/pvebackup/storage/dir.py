@@ -5,13 +5,22 @@ Layout, as in Proxmox VE: ``<path>/images/<vmid>/<name>``, where ``<name>`` is
 ``subvol-<vmid>-disk-<n>.subvol`` for a container's root or mount point
 directory. The volume name is ``<vmid>/<name>``. The host side uses it for the
 guests it backs up and restores; it has no backup provider.
+
+Threat: whoever can write the storage can make ``images``, ``images/<vmid>`` or a
+volume a symlink, so that an allocation writes, or ``free_image`` deletes,
+outside it. Below the configured ``path`` (trusted, it may be a symlink)
+everything is reached through directory fds without following symlinks
+(:mod:`pvebackup.kit.safefs`); what is not a real directory or file raises
+``UnsafeStorageError``. ``image_path`` hands out a path (the host's tools take
+paths): it refuses a symlink met on it at the time of the call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-import shutil
+import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import ClassVar
@@ -20,10 +29,12 @@ from pvebackup.api.errors import (
     ExternalToolError,
     StateError,
     StorageConfigError,
+    UnsafeStorageError,
     UsageError,
     VolumeNotFoundError,
 )
-from pvebackup.kit import proc
+from pvebackup.kit import proc, safefs
+from pvebackup.kit.safefs import owned_fd
 from pvebackup.storage.basepath import BASE_PATH_PROPERTIES, CREATE_SUBDIRS, BasePath
 from pvebackup.storage.plugin import COMMON_PROPERTIES, PropertySpec, StoragePlugin
 
@@ -42,7 +53,9 @@ _VOLNAME = re.compile(r"^(?:\d+/[^/]+/)?(\d+)/([^/]+)$")
 
 _DIR_PROPERTIES: dict[str, PropertySpec] = {
     **COMMON_PROPERTIES,
-    "path": PropertySpec(required=True, description="file system path of the storage"),
+    "path": PropertySpec(
+        required=True, path=True, description="file system path of the storage"
+    ),
     "content-dirs": PropertySpec(description="overrides of the default content dirs"),
     **BASE_PATH_PROPERTIES,
     **CREATE_SUBDIRS,
@@ -77,7 +90,17 @@ class DirPlugin(StoragePlugin):
         :raises UsageError: ``volname`` is not ``<vmid>/<name>`` with a plain name.
         """
         vmid, name = self._split_volname(volname)
-        return self._base(scfg) / "images" / str(vmid) / name
+        base = self._base(scfg)
+        # A symlink below the configured path is refused now; what does not exist
+        # yet is fine (the caller may be about to allocate it).
+        try:
+            with owned_fd(safefs.open_dir(base, ("images", str(vmid)))) as vm_fd:
+                st = safefs.stat_at(vm_fd, name)
+        except (FileNotFoundError, NotADirectoryError):
+            st = None
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            raise UnsafeStorageError(f"refusing volume {volname}: it is a symlink")
+        return base / "images" / str(vmid) / name
 
     @staticmethod
     def _split_volname(volname: str) -> tuple[int, str]:
@@ -86,10 +109,12 @@ class DirPlugin(StoragePlugin):
             raise UsageError(f"invalid dir volume name {volname!r}: expected <vmid>/<name>")
         return int(m.group(1)), m.group(2)
 
-    def _vm_dir(self, scfg: Mapping[str, str], vmid: int) -> Path:
+    def _vm_dir(self, scfg: Mapping[str, str], vmid: int) -> int:
+        """An fd of ``<path>/images/<vmid>``, created if missing (the caller closes it)."""
         if vmid <= 0:
             raise UsageError(f"invalid vmid {vmid}")
-        return self._base(scfg) / "images" / str(vmid)
+        base = self._base(scfg)
+        return safefs.open_dir(base, ("images", str(vmid)), create=True)
 
     @staticmethod
     def _activate(scfg: Mapping[str, str], storeid: str) -> None:
@@ -98,13 +123,12 @@ class DirPlugin(StoragePlugin):
         BasePath.from_scfg(scfg, storeid, create_default=True).activate(create=True)
 
     @staticmethod
-    def _free_numbers(vm_dir: Path, vmid: int) -> list[int]:
+    def _free_numbers(vm_fd: int, vmid: int) -> list[int]:
         used: set[int] = set()
-        if vm_dir.is_dir():
-            for entry in vm_dir.iterdir():
-                m = _DISK_NUMBER.match(entry.name)
-                if m and int(m.group(1)) == vmid:
-                    used.add(int(m.group(2)))
+        for entry in safefs.listdir_at(vm_fd):
+            m = _DISK_NUMBER.match(entry.name)
+            if m and int(m.group(1)) == vmid:
+                used.add(int(m.group(2)))
         # every number up to len(used) is a candidate, so one is always free
         return [n for n in range(len(used) + 1) if n not in used]
 
@@ -138,30 +162,40 @@ class DirPlugin(StoragePlugin):
             raise UsageError(f"invalid image size {size}")
         if name is not None and (not _NAME.match(name) or not name.endswith(f".{fmt}")):
             raise UsageError(f"invalid image name {name!r}: a file name ending in .{fmt}")
-        vm_dir = self._vm_dir(scfg, vmid)
         self._activate(scfg, storeid)
-        vm_dir.mkdir(parents=True, exist_ok=True)
-        path = self._reserve(vm_dir, vmid, name, lambda n: f"vm-{vmid}-disk-{n}.{fmt}")
-        cmd = ["qemu-img", "create", "-q", "-f", fmt]
-        if scfg.get("preallocation"):
-            cmd += ["-o", f"preallocation={scfg['preallocation']}"]
-        cmd += [str(path), str(size)]
-        try:
-            res = proc.run(cmd)
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
-        if res.returncode != 0:
-            path.unlink(missing_ok=True)
-            raise ExternalToolError(f"qemu-img create {path} failed: {res.err}")
-        return f"{vmid}/{path.name}"
+        with owned_fd(self._vm_dir(scfg, vmid)) as vm_fd:
+            reserved = self._reserve(vm_fd, vmid, name, lambda n: f"vm-{vmid}-disk-{n}.{fmt}")
+            path = self._base(scfg) / "images" / str(vmid) / reserved
+            cmd = ["qemu-img", "create", "-q", "-f", fmt]
+            if scfg.get("preallocation"):
+                cmd += ["-o", f"preallocation={scfg['preallocation']}"]
+            # The directory we hold, not a path that could be redirected meanwhile.
+            cmd += [safefs.fd_path(vm_fd, reserved), str(size)]
+            try:
+                res = proc.run(cmd)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(reserved, dir_fd=vm_fd)
+                raise
+            if res.returncode != 0:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(reserved, dir_fd=vm_fd)
+                raise ExternalToolError(f"qemu-img create {path} failed: {res.err}")
+        return f"{vmid}/{reserved}"
 
     def free_name(self, scfg: Mapping[str, str], vmid: int, fmt: str) -> str:
         """The name ``alloc_image`` (``fmt`` qcow2/raw) or ``alloc_subvol`` (``fmt``
         ``subvol``) would pick now, so that a caller can record it before allocating.
         """
-        vm_dir = self._vm_dir(scfg, vmid)
-        n = self._free_numbers(vm_dir, vmid)[0]
+        if vmid <= 0:
+            raise UsageError(f"invalid vmid {vmid}")
+        try:  # creates nothing: the allocation does that
+            vm_fd = safefs.open_dir(self._base(scfg), ("images", str(vmid)))
+        except FileNotFoundError:
+            n = 0
+        else:
+            with owned_fd(vm_fd):
+                n = self._free_numbers(vm_fd, vmid)[0]
         if fmt == "subvol":
             return f"subvol-{vmid}-disk-{n}.subvol"
         if fmt not in IMAGE_FORMATS:
@@ -170,24 +204,25 @@ class DirPlugin(StoragePlugin):
 
     @staticmethod
     def _reserve(
-        vm_dir: Path, vmid: int, name: str | None, default: Callable[[int], str]
-    ) -> Path:
+        vm_fd: int, vmid: int, name: str | None, default: Callable[[int], str]
+    ) -> str:
         # O_EXCL makes the name ours even if another allocation races with us;
-        # qemu-img create then overwrites the empty placeholder.
+        # qemu-img create then overwrites the empty placeholder. O_EXCL never
+        # follows a symlink: one planted at the name counts as taken.
         if name is not None:
             candidates = [name]
         else:
-            candidates = [default(n) for n in DirPlugin._free_numbers(vm_dir, vmid)]
+            candidates = [default(n) for n in DirPlugin._free_numbers(vm_fd, vmid)]
+        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
         for candidate in candidates:
-            path = vm_dir / candidate
             try:
-                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+                os.close(os.open(candidate, flags, 0o600, dir_fd=vm_fd))
             except FileExistsError:
                 continue
-            return path
+            return candidate
         if name is not None:
             raise StateError(f"volume {vmid}/{name} exists already")
-        return DirPlugin._reserve(vm_dir, vmid, None, default)  # lost a race: rescan
+        return DirPlugin._reserve(vm_fd, vmid, None, default)  # lost a race: rescan
 
     def alloc_subvol(
         self, scfg: Mapping[str, str], storeid: str, vmid: int, name: str | None = None
@@ -202,24 +237,24 @@ class DirPlugin(StoragePlugin):
         """
         if name is not None and not _NAME.match(name):
             raise UsageError(f"invalid subvol name {name!r}")
-        vm_dir = self._vm_dir(scfg, vmid)
         self._activate(scfg, storeid)
-        vm_dir.mkdir(parents=True, exist_ok=True)
-        while True:
-            if name is not None:
-                candidates = [name]
-            else:
-                candidates = [
-                    f"subvol-{vmid}-disk-{n}.subvol" for n in self._free_numbers(vm_dir, vmid)
-                ]
-            for candidate in candidates:
-                try:
-                    (vm_dir / candidate).mkdir(mode=0o755)
-                except FileExistsError:
-                    continue
-                return f"{vmid}/{candidate}"
-            if name is not None:
-                raise StateError(f"volume {vmid}/{name} exists already")
+        with owned_fd(self._vm_dir(scfg, vmid)) as vm_fd:
+            while True:
+                if name is not None:
+                    candidates = [name]
+                else:
+                    candidates = [
+                        f"subvol-{vmid}-disk-{n}.subvol"
+                        for n in self._free_numbers(vm_fd, vmid)
+                    ]
+                for candidate in candidates:
+                    try:
+                        os.mkdir(candidate, 0o755, dir_fd=vm_fd)
+                    except FileExistsError:
+                        continue
+                    return f"{vmid}/{candidate}"
+                if name is not None:
+                    raise StateError(f"volume {vmid}/{name} exists already")
 
     def free_image(self, scfg: Mapping[str, str], volname: str) -> None:
         """Remove an image file or a subvol directory (with its content).
@@ -229,15 +264,31 @@ class DirPlugin(StoragePlugin):
 
         :raises VolumeNotFoundError: it does not exist.
         """
-        path = self.image_path(scfg, volname)
+        vmid, name = self._split_volname(volname)
+        path = self._base(scfg) / "images" / str(vmid) / name
+        missing = VolumeNotFoundError(f"volume {volname} not found at {path}")
         try:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-        except FileNotFoundError as exc:
-            raise VolumeNotFoundError(f"volume {volname} not found at {path}") from exc
-        try:
-            path.parent.rmdir()
-        except OSError:
-            pass  # other volumes of the guest are still there (ENOTEMPTY)
+            images_fd = safefs.open_dir(self._base(scfg), ("images",))
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise missing from exc
+        with owned_fd(images_fd):
+            try:
+                vm_fd = safefs.open_dir(images_fd, (str(vmid),))
+            except (FileNotFoundError, NotADirectoryError) as exc:
+                raise missing from exc
+            with owned_fd(vm_fd):
+                st = safefs.stat_at(vm_fd, name)
+                if st is None:
+                    raise missing
+                if stat.S_ISDIR(st.st_mode):
+                    safefs.rmtree_at(vm_fd, name)
+                elif stat.S_ISREG(st.st_mode):
+                    os.unlink(name, dir_fd=vm_fd)
+                else:
+                    raise UnsafeStorageError(
+                        f"refusing to free {volname}: not a regular file or directory"
+                    )
+            try:
+                os.rmdir(str(vmid), dir_fd=images_fd)
+            except OSError:
+                pass  # other volumes of the guest are still there (ENOTEMPTY)

@@ -9,7 +9,9 @@ plugin therefore holds no per-storage state itself.
 A plugin for an external backup system overrides :meth:`new_backup_provider` to
 return its :class:`~pvebackup.api.BackupProvider`, and :meth:`list_volumes` /
 :meth:`free_volume` so that ``pvebackup list``/``remove`` can show and remove its
-backups. A plain storage (``dir``) returns ``None`` and holds guest images instead.
+backups; :meth:`scan_volumes` as well when it can report a damaged volume instead
+of failing the whole listing. A plain storage (``dir``) returns ``None`` and holds
+guest images instead.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from pvebackup.storage.version import APIVER
 
 __all__ = [
     "COMMON_PROPERTIES",
+    "DamagedVolume",
     "PropertySpec",
     "StoragePlugin",
     "VolumeInfo",
+    "VolumeScan",
 ]
 
 
@@ -40,11 +44,15 @@ class PropertySpec:
     :ivar flag: a boolean property; may be written without a value (``shared``),
         which means ``"1"``. Values ``0/1/yes/no/on/off/true/false`` are accepted.
     :ivar description: one line for people (``pvebackup`` help, docs).
+    :ivar path: an absolute file system path; storage.cfg parsing refuses one with
+        a NUL byte, a component over ``NAME_MAX`` or a length that leaves less than
+        ``PATH_RESERVE`` bytes below ``PATH_MAX`` for the names created under it.
     """
 
     required: bool = False
     flag: bool = False
     description: str = ""
+    path: bool = False
 
 
 COMMON_PROPERTIES: Mapping[str, PropertySpec] = {
@@ -94,6 +102,27 @@ class VolumeInfo:
             "parent": self.parent,
             "notes": self.notes,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class DamagedVolume:
+    """A backup volume a listing found but could not read.
+
+    :ivar volid: ``"STOREID:VOLNAME"`` as found on the storage (the name itself
+        may be the damage, e.g. an impossible date).
+    :ivar reason: what is wrong, for people.
+    """
+
+    volid: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeScan:
+    """What :meth:`StoragePlugin.scan_volumes` found: good volumes and damaged ones."""
+
+    volumes: list[VolumeInfo]
+    damaged: list[DamagedVolume]
 
 
 class StoragePlugin:
@@ -148,6 +177,20 @@ class StoragePlugin:
         :raises UnsupportedError: the storage type does not hold backups (base).
         """
         raise UnsupportedError(f"storage type {self.type} does not hold backups")
+
+    def scan_volumes(self, scfg: Mapping[str, str], storeid: str) -> VolumeScan:
+        """:meth:`list_volumes`, plus the volumes that could not be read.
+
+        Storage content is written by others too: one damaged volume (a name with
+        an impossible date, an unreadable index) must not hide the others, so a
+        plugin that can tell lists the good ones and reports each damaged one here
+        instead of raising. The base class has nothing to report and returns
+        ``list_volumes`` with no damaged volumes, so a plugin that implements only
+        ``list_volumes`` keeps working.
+
+        :raises UnsupportedError: the storage type does not hold backups (base).
+        """
+        return VolumeScan(self.list_volumes(scfg, storeid), [])
 
     def free_volume(self, scfg: Mapping[str, str], storeid: str, volname: str) -> None:
         """Remove one backup volume.

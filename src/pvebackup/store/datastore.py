@@ -23,10 +23,11 @@ a key.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -53,6 +54,8 @@ from pvebackup.store.formats import (
     CONFIG_FORMAT,
     DIGEST_SIZE,
     FORMAT_VERSION,
+    MAX_CONFIG_SIZE,
+    MAX_MANIFEST_SIZE,
     ZERO_DIGEST,
 )
 from pvebackup.store.index import check_chunk_size
@@ -80,6 +83,8 @@ CHUNKS_PREFIX: Final = "chunks/"
 DEFAULT_CHUNK_SIZE: Final = 256 * 1024
 """See docs/design.md, "Chunk size": scattered small writes must not cost much."""
 _MIN_BLOB: Final = BLOB_HEADER.size
+_MIN_LEVEL: Final = -7  # zstd's fast levels go lower; nobody needs them for backups
+_MAX_LEVEL: Final = 22
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,22 +128,40 @@ class StoreConfig:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> StoreConfig:
+        """Parse ``config.json``; ``CorruptIndexError`` if it is not one, field by field.
+
+        Hostile input: a string for an int, a list for a dict, NaN, a nesting bomb.
+        """
+
+        def typed(value: Any, t: type | tuple[type, ...]) -> Any:
+            if not isinstance(value, t) or (t is int and isinstance(value, bool)):
+                raise TypeError(f"{value!r:.80} is not {t}")
+            return value
+
+        if len(data) > MAX_CONFIG_SIZE:
+            raise CorruptIndexError(f"{CONFIG_KEY}: {len(data)} bytes, too large for a config")
         try:
             doc: Any = json.loads(data)
             if not isinstance(doc, dict) or doc.get("format") != CONFIG_FORMAT:
                 raise ValueError("not a pvebackup store config")
             if doc.get("version") != FORMAT_VERSION:
-                raise ValueError(f"unsupported store version {doc.get('version')!r}")
+                raise ValueError(f"unsupported store version {doc.get('version')!r:.40}")
+            level = typed(doc["compression_level"], int)
+            if not _MIN_LEVEL <= level <= _MAX_LEVEL:
+                raise ValueError(f"compression level {level} out of range")
+            created = typed(doc["created"], int)
+            if not 0 <= created < 1 << 62:
+                raise ValueError(f"created {created} out of range")
             cfg = cls(
-                store_id=str(uuid.UUID(doc["store_id"])),
-                created=int(doc["created"]),
-                chunk_size=check_chunk_size(int(doc["chunk_size"])),
-                compression_level=int(doc["compression_level"]),
-                encrypted=bool(doc["encrypted"]),
-                key_fingerprint=doc["key_fingerprint"],
-                key_check=doc["key_check"],
+                store_id=str(uuid.UUID(typed(doc["store_id"], str))),
+                created=created,
+                chunk_size=check_chunk_size(typed(doc["chunk_size"], int)),
+                compression_level=level,
+                encrypted=typed(doc["encrypted"], bool),
+                key_fingerprint=typed(doc["key_fingerprint"], (str, type(None))),
+                key_check=typed(doc["key_check"], (str, type(None))),
             )
-        except (KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
+        except (KeyError, TypeError, ValueError, RecursionError) as exc:
             raise CorruptIndexError(f"{CONFIG_KEY}: {exc}") from exc
         if cfg.encrypted and not (
             isinstance(cfg.key_check, str) and isinstance(cfg.key_fingerprint, str)
@@ -190,7 +213,7 @@ class Datastore:
     def open(cls, backend: Backend, *, key: EncryptionKey | None = None) -> Datastore:
         """Open the store on ``backend``; checks ``key`` before touching any data."""
         try:
-            raw = backend.get(CONFIG_KEY)
+            raw = _get_bounded(backend, CONFIG_KEY, MAX_CONFIG_SIZE)
         except ObjectNotFoundError as exc:
             raise ObjectNotFoundError(f"no store in {backend!r} ({CONFIG_KEY} missing)") from exc
         config = StoreConfig.from_bytes(raw)
@@ -211,6 +234,11 @@ class Datastore:
     @property
     def encrypted(self) -> bool:
         return self._key is not None
+
+    @property
+    def key(self) -> EncryptionKey | None:
+        """The store's key (``None`` for a plain store), for signing provider records."""
+        return self._key
 
     @property
     def chunk_size(self) -> int:
@@ -316,21 +344,30 @@ class Datastore:
         """The committed snapshot, manifest verified (``VolumeNotFoundError`` if none)."""
         key = snapshot.prefix + MANIFEST_NAME
         try:
-            raw = self.backend.get(key)
+            raw = _get_bounded(self.backend, key, MAX_MANIFEST_SIZE)
         except ObjectNotFoundError as exc:
             raise VolumeNotFoundError(f"no snapshot {snapshot} in the store") from exc
         manifest = Manifest.from_bytes(raw, self._key, name=f"snapshot {snapshot}")
         if manifest.snapshot != snapshot:
             raise CorruptIndexError(f"snapshot {snapshot}: manifest names {manifest.snapshot}")
-        return Snapshot(self.backend, self.codec, manifest)
+        return Snapshot(self.backend, self.codec, manifest, hashlib.sha256(raw).hexdigest())
 
     def has_snapshot(self, snapshot: SnapshotId) -> bool:
         return self.backend.exists(snapshot.prefix + MANIFEST_NAME)
 
     def list_snapshots(
-        self, guest_type: GuestType | None = None, vmid: int | None = None
+        self,
+        guest_type: GuestType | None = None,
+        vmid: int | None = None,
+        *,
+        on_skip: Callable[[str, str], None] | None = None,
     ) -> list[SnapshotId]:
-        """Committed snapshots (those with a manifest), oldest first."""
+        """Committed snapshots (those with a manifest), oldest first.
+
+        A manifest under a prefix that is no snapshot name (``vm/100/2026-02-31T...``:
+        an impossible date, written by someone else) is skipped, never fatal to the
+        listing; ``on_skip(key prefix, reason)`` hears of each.
+        """
         prefix = SNAPSHOTS_PREFIX
         if guest_type is not None:
             prefix += SnapshotId(guest_type, 1, 0).kind + "/"
@@ -343,8 +380,10 @@ class Datastore:
                 continue
             try:
                 sid = SnapshotId.parse(key[len(SNAPSHOTS_PREFIX) : -len(suffix)])
-            except ValueError:
-                continue  # not ours: ignore rather than fail the whole listing
+            except ValueError as exc:
+                if on_skip is not None:
+                    on_skip(key[: -len(suffix)], str(exc))
+                continue  # not ours: skip rather than fail the whole listing
             if vmid is None or sid.vmid == vmid:
                 found.append(sid)
         return sorted(found, key=lambda s: (s.backup_time, s.kind, s.vmid))
@@ -396,3 +435,17 @@ class Datastore:
                 self.backend.delete(k)
             removed.append(prefix)
         return removed
+
+
+def _get_bounded(backend: Backend, key: str, limit: int) -> bytes:
+    """``backend.get(key)``, refused before reading when the object exceeds ``limit``.
+
+    A metadata object replaced by a huge file must not be read into memory whole.
+    """
+    size = backend.stat(key).size
+    if size > limit:
+        raise CorruptIndexError(f"{key}: {size} bytes, more than the {limit} it may have")
+    data = backend.get(key)
+    if len(data) > limit:  # it grew between stat and get
+        raise CorruptIndexError(f"{key}: more than the {limit} bytes it may have")
+    return data

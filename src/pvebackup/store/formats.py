@@ -42,6 +42,9 @@ __all__ = [
     "MAGICS",
     "MANIFEST_FORMAT",
     "MAX_CHUNK_SIZE",
+    "MAX_CONFIG_SIZE",
+    "MAX_INDEX_CHUNKS",
+    "MAX_MANIFEST_SIZE",
     "MIN_CHUNK_SIZE",
     "Field",
     "Layout",
@@ -103,6 +106,20 @@ A real SHA-256/HMAC-SHA256 output of 32 zero bytes has probability 2**-256."""
 MIN_CHUNK_SIZE: Final = 64 * 1024
 MAX_CHUNK_SIZE: Final = 16 * 1024 * 1024
 """Chunk sizes are powers of two in this range; a blob never holds more plaintext."""
+
+MAX_INDEX_CHUNKS: Final = 1 << 26
+"""Most chunks one fixed index may list: 2 GiB of digests, held in memory whole.
+
+That is a 16 TiB disk at the default 256 KiB chunks (1 PiB at 16 MiB). Readers
+refuse a manifest or index header claiming more before allocating anything, so a
+hostile store cannot make a reader inflate a small file into many GiB; writers
+refuse it too, so that nothing is ever written that could not be read back."""
+
+MAX_MANIFEST_SIZE: Final = 16 * 1024 * 1024
+"""Largest ``manifest.json`` a reader loads (a real one is a few KiB)."""
+
+MAX_CONFIG_SIZE: Final = 64 * 1024
+"""Largest store ``config.json`` a reader loads (a real one is ~400 bytes)."""
 
 FORMAT_VERSION: Final = 1
 CONFIG_FORMAT: Final = "pvebackup-store"

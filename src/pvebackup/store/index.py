@@ -27,11 +27,19 @@ from pvebackup.store.formats import (
     FIXED_INDEX_HEADER,
     FIXED_INDEX_MAGIC,
     MAX_CHUNK_SIZE,
+    MAX_INDEX_CHUNKS,
     MIN_CHUNK_SIZE,
     ZERO_DIGEST,
 )
 
-__all__ = ["FixedIndex", "FixedIndexWriter", "chunk_count", "check_chunk_size"]
+__all__ = [
+    "FixedIndex",
+    "FixedIndexWriter",
+    "check_chunk_size",
+    "check_image_size",
+    "chunk_count",
+    "index_size",
+]
 
 _HDR = FIXED_INDEX_HEADER.struct
 _RESERVED = bytes(dict((n, s) for n, _, s in FIXED_INDEX_HEADER.offsets())["reserved"])
@@ -50,6 +58,24 @@ def check_chunk_size(chunk_size: int) -> int:
 def chunk_count(size: int, chunk_size: int) -> int:
     """Number of chunks of an image of ``size`` bytes."""
     return -(-size // chunk_size)
+
+
+def check_image_size(size: int, chunk_size: int) -> int:
+    """Return ``size`` if an index of it fits ``MAX_INDEX_CHUNKS``; else ``ValueError``.
+
+    Every reader calls this on a size read from storage before it allocates
+    anything derived from it: a forged size must cost an error, not memory.
+    """
+    if not 0 <= size or chunk_count(size, chunk_size) > MAX_INDEX_CHUNKS:
+        raise ValueError(
+            f"image size {size} out of range (at most {MAX_INDEX_CHUNKS} chunks of {chunk_size})"
+        )
+    return size
+
+
+def index_size(size: int, chunk_size: int) -> int:
+    """Bytes of the fixed index of an image of ``size`` bytes (header and digests)."""
+    return _HDR.size + chunk_count(size, chunk_size) * DIGEST_SIZE
 
 
 def _checksum(header_without_checksum: bytes, digests: bytes | bytearray | memoryview) -> bytes:
@@ -79,6 +105,7 @@ class FixedIndex:
             raise bad("unknown flags or reserved bytes set")
         try:
             check_chunk_size(chunk_size)
+            check_image_size(size, chunk_size)
         except ValueError as exc:
             raise bad(str(exc)) from exc
         count = chunk_count(size, chunk_size)
@@ -160,10 +187,8 @@ class FixedIndexWriter:
         uuid: uuidlib.UUID | None = None,
         ctime: int | None = None,
     ) -> None:
-        if size < 0:
-            raise ValueError("image size must not be negative")
-        self.size = size
         self.chunk_size = check_chunk_size(chunk_size)
+        self.size = check_image_size(size, chunk_size)
         self.uuid = uuid or uuidlib.uuid4()
         self.ctime = int(time.time()) if ctime is None else ctime
         self._count = chunk_count(size, chunk_size)

@@ -241,7 +241,7 @@ def load_key_file(
     raw = read_secret_file(src, "key file")
     try:
         doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
         raise KeyFileError(f"{src}: not a key file (no valid JSON)") from exc
     if not isinstance(doc, dict) or doc.get("format") != KEY_FILE_FORMAT:
         raise KeyFileError(f"{src}: not a pvebackup key file")

@@ -40,18 +40,28 @@ from pvebackup.api.errors import (
     MissingKeyError,
     ObjectNotFoundError,
     SnapshotExistsError,
+    UnsupportedError,
     WrongKeyError,
 )
 from pvebackup.api.types import GuestType
 from pvebackup.store.backends.base import Backend
 from pvebackup.store.blob import ChunkCodec
 from pvebackup.store.formats import (
-    DIGEST_SIZE,
-    FIXED_INDEX_HEADER,
+    BLOB_HEADER,
+    BLOB_TAG_SIZE,
     FORMAT_VERSION,
     MANIFEST_FORMAT,
+    MAX_CHUNK_SIZE,
+    MAX_INDEX_CHUNKS,
+    MAX_MANIFEST_SIZE,
 )
-from pvebackup.store.index import FixedIndex, FixedIndexWriter, check_chunk_size
+from pvebackup.store.index import (
+    FixedIndex,
+    FixedIndexWriter,
+    check_chunk_size,
+    check_image_size,
+    index_size,
+)
 from pvebackup.store.keys import EncryptionKey
 
 __all__ = [
@@ -68,6 +78,7 @@ __all__ = [
 SNAPSHOTS_PREFIX: Final = "snapshots/"
 MANIFEST_NAME: Final = "manifest.json"
 INDEX_SUFFIX: Final = ".fidx"
+_MAX_INDEXED: Final = (MAX_INDEX_CHUNKS * MAX_CHUNK_SIZE, MAX_CHUNK_SIZE)
 
 _KINDS: Final = {GuestType.QEMU: "vm", GuestType.LXC: "ct"}
 _GUEST_OF_KIND: Final = {v: k for k, v in _KINDS.items()}
@@ -76,6 +87,17 @@ _TIME_RE: Final = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
 _PATH_RE: Final = re.compile(rf"(vm|ct)/([1-9]\d{{0,8}})/({_TIME_RE})")
 _VOLNAME_RE: Final = re.compile(rf"backup/(vm|ct)-([1-9]\d{{0,8}})-({_TIME_RE})")
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
+_SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
+_FINGERPRINT_RE: Final = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){7}")
+_FILE_KINDS: Final = frozenset({"index", "blob"})
+_MAX_TIME: Final = 253402300799  # 9999-12-31T23:59:59Z, the last time a name can show
+MAX_BLOB_FILE_SIZE: Final = BLOB_HEADER.size + MAX_CHUNK_SIZE + BLOB_TAG_SIZE
+"""Largest stored blob file (config, log): one blob holds at most one chunk."""
+
+
+def _zstd_bound(size: int) -> int:
+    """ZSTD_COMPRESSBOUND: the most a zstd frame of ``size`` bytes of input takes."""
+    return size + (size >> 8) + (((128 << 10) - size) >> 11 if size < (128 << 10) else 0) + 64
 
 
 def _format_time(t: int) -> str:
@@ -83,6 +105,8 @@ def _format_time(t: int) -> str:
 
 
 def _parse_time(s: str) -> int:
+    # A stored name may hold an impossible date (2026-02-31): strptime's ValueError
+    # is part of this function's contract; callers map it to their typed error.
     t = int(datetime.strptime(s, _TIME_FORMAT).replace(tzinfo=UTC).timestamp())
     if _format_time(t) != s:
         raise ValueError(f"not a canonical time: {s!r}")
@@ -106,8 +130,8 @@ class SnapshotId:
     def __post_init__(self) -> None:
         if self.guest_type not in _KINDS or not 0 < self.vmid < 10**9:
             raise ValueError(f"invalid snapshot guest {self.guest_type}/{self.vmid}")
-        if self.backup_time < 0:
-            raise ValueError("backup time before the epoch")
+        if not 0 <= self.backup_time <= _MAX_TIME:
+            raise ValueError(f"backup time {self.backup_time} out of range")
 
     @property
     def kind(self) -> str:
@@ -224,9 +248,11 @@ class Manifest:
         def bad(reason: str) -> CorruptIndexError:
             return CorruptIndexError(f"{name}: {reason}")
 
+        if len(data) > MAX_MANIFEST_SIZE:
+            raise bad(f"{len(data)} bytes, more than a manifest may have")
         try:
             doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # nesting bombs are RecursionError
             raise bad("not valid JSON") from exc
         if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
             raise bad("not a manifest")
@@ -257,31 +283,60 @@ class Manifest:
 
     @classmethod
     def _from_doc(cls, doc: dict[str, Any]) -> Manifest:
+        # Field by field: a plain store's checksum is no authentication, so every
+        # type, range and name is checked before anything is sized or opened by it
+        # (a list for a dict, a string for an int, NaN, 10**400, -1, "../x").
         def typed(value: Any, t: type | tuple[type, ...]) -> Any:
             if not isinstance(value, t) or (t is int and isinstance(value, bool)):
-                raise TypeError(f"{value!r} is not {t}")
+                raise TypeError(f"{value!r:.80} is not {t}")
             return value
 
+        def ranged(value: Any, lo: int, hi: int, what: str) -> int:
+            if not lo <= typed(value, int) <= hi:
+                raise ValueError(f"{what} {value} out of range")
+            return int(value)
+
+        def matching(value: Any, pattern: re.Pattern[str], what: str) -> str:
+            if not pattern.fullmatch(typed(value, str)):
+                raise ValueError(f"bad {what} {value!r:.80}")
+            return str(value)
+
+        chunk_size = check_chunk_size(typed(doc["chunk_size"], int))
+        devices: dict[str, SnapshotDevice] = {}
+        for k, v in typed(doc["devices"], dict).items():
+            size = check_image_size(typed(typed(v, dict)["size"], int), chunk_size)
+            index = _check_name(typed(v["index"], str), "index")
+            if index != _check_name(k, "device") + INDEX_SUFFIX:
+                raise ValueError(f"device {k!r} has index {index!r}")
+            devices[k] = SnapshotDevice(size, index)
+        files: dict[str, FileEntry] = {}
+        for k, v in typed(doc["files"], dict).items():
+            kind = typed(typed(v, dict)["kind"], str)
+            if kind not in _FILE_KINDS:
+                raise ValueError(f"file {k!r} of unknown kind {kind!r:.20}")
+            limit = _zstd_bound(index_size(*_MAX_INDEXED)) if kind == "index" else (
+                MAX_BLOB_FILE_SIZE
+            )
+            files[_check_name(k, "file")] = FileEntry(
+                ranged(v["size"], 0, limit, "file size"),
+                matching(v["sha256"], _SHA256_RE, "sha256"),
+                kind,
+            )
+        fingerprint = doc["key_fingerprint"]
         parent = doc["parent"]
         meta = typed(doc["metadata"], dict)
         return cls(
             snapshot=SnapshotId.parse(typed(doc["snapshot"], str)),
-            created=typed(doc["created"], int),
+            created=ranged(doc["created"], 0, 1 << 62, "created"),
             encrypted=typed(doc["encrypted"], bool),
-            key_fingerprint=typed(doc["key_fingerprint"], (str, type(None))),
-            chunk_size=check_chunk_size(typed(doc["chunk_size"], int)),
+            key_fingerprint=None
+            if typed(fingerprint, (str, type(None))) is None
+            else matching(fingerprint, _FINGERPRINT_RE, "key fingerprint"),
+            chunk_size=chunk_size,
             bitmap_id=typed(doc["bitmap_id"], (str, type(None))),
             parent=None if parent is None else SnapshotId.parse(typed(parent, str)),
-            devices={
-                typed(k, str): SnapshotDevice(typed(v["size"], int), typed(v["index"], str))
-                for k, v in typed(doc["devices"], dict).items()
-            },
-            files={
-                typed(k, str): FileEntry(
-                    typed(v["size"], int), typed(v["sha256"], str), typed(v["kind"], str)
-                )
-                for k, v in typed(doc["files"], dict).items()
-            },
+            devices=devices,
+            files=files,
             metadata={typed(k, str): typed(v, str) for k, v in meta.items()},
         )
 
@@ -327,6 +382,8 @@ class SnapshotWriter:
         self._devices: dict[str, SnapshotDevice] = {}
         self._files: dict[str, FileEntry] = {}
         self.manifest: Manifest | None = None
+        self.manifest_sha256: str | None = None
+        """SHA-256 (hex) of the stored manifest bytes, once committed."""
         if backend.exists(snapshot.prefix + MANIFEST_NAME):
             raise SnapshotExistsError(f"snapshot {snapshot} exists already")
 
@@ -350,8 +407,19 @@ class SnapshotWriter:
         self._devices[device] = SnapshotDevice(parsed.size, name)
 
     def index_writer(self, device: str, size: int) -> FixedIndexWriter:
-        """A new all-zero index for ``device``, stored when its ``with`` block ends."""
+        """A new all-zero index for ``device``, stored when its ``with`` block ends.
+
+        :raises UnsupportedError: the disk needs more than ``MAX_INDEX_CHUNKS``
+            chunks of the snapshot's chunk size (a reader would refuse the index).
+        """
         _check_name(device, "device")
+        try:
+            check_image_size(size, self.chunk_size)
+        except ValueError as exc:
+            raise UnsupportedError(
+                f"{device}: a disk of {size} bytes needs more than {MAX_INDEX_CHUNKS} chunks "
+                f"of {self.chunk_size} bytes; set a larger chunk-size for this storage"
+            ) from exc
         return FixedIndexWriter(
             size, self.chunk_size, on_commit=lambda data: self.add_index(device, data)
         )
@@ -389,6 +457,7 @@ class SnapshotWriter:
             raise SnapshotExistsError(f"snapshot {self.snapshot} was committed by someone else")
         self._backend.sync()
         self.manifest = manifest
+        self.manifest_sha256 = hashlib.sha256(data).hexdigest()
         return manifest
 
     def abort(self) -> None:
@@ -418,11 +487,19 @@ class SnapshotWriter:
 class Snapshot:
     """A committed snapshot: its verified manifest and verified reads of its files."""
 
-    def __init__(self, backend: Backend, codec: ChunkCodec, manifest: Manifest) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        codec: ChunkCodec,
+        manifest: Manifest,
+        manifest_sha256: str | None = None,
+    ) -> None:
         self._backend = backend
         self._codec = codec
         self.manifest = manifest
         self.id = manifest.snapshot
+        self.manifest_sha256 = manifest_sha256
+        """SHA-256 (hex) of the manifest bytes as read from the store."""
 
     def __repr__(self) -> str:
         return f"Snapshot({self.id})"
@@ -439,8 +516,13 @@ class Snapshot:
         entry = self.manifest.files.get(name)
         if entry is None or entry.kind != kind:
             raise ObjectNotFoundError(f"snapshot {self.id} has no {kind} {name!r}")
+        key = self.id.prefix + name
         try:
-            data = self._backend.get(self.id.prefix + name)
+            # A stored file swapped for a huge one must not be read whole just to
+            # find out that it does not match: its size is checked first.
+            if self._backend.stat(key).size != entry.size:
+                raise CorruptIndexError(f"snapshot {self.id}: {name} does not match the manifest")
+            data = self._backend.get(key)
         except ObjectNotFoundError as exc:
             raise CorruptIndexError(f"snapshot {self.id}: {name} listed but missing") from exc
         if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
@@ -461,12 +543,22 @@ class Snapshot:
         if dev is None:
             raise ObjectNotFoundError(f"snapshot {self.id} has no device {device!r}")
         name = f"snapshot {self.id} {device}"
-        chunks = -(-dev.size // self.manifest.chunk_size)
-        expected = FIXED_INDEX_HEADER.size + chunks * DIGEST_SIZE
+        # Bounded inflation: the manifest's disk size (itself capped at parse time by
+        # MAX_INDEX_CHUNKS) fixes the index size exactly. zstd allocates what the
+        # frame header declares and ignores max_output_size then, so the declared
+        # size is checked first, and a frame without one is refused.
+        expected = index_size(dev.size, self.manifest.chunk_size)
+        entry = self.manifest.files.get(dev.index)
+        if entry is not None and entry.size > _zstd_bound(expected):
+            raise CorruptIndexError(f"{name}: stored index larger than its content could be")
+        compressed = self._read(dev.index, "index")
         try:
-            data = zstandard.ZstdDecompressor().decompress(
-                self._read(dev.index, "index"), max_output_size=expected
-            )
+            declared = zstandard.frame_content_size(compressed)
+            if declared != expected:
+                raise CorruptIndexError(
+                    f"{name}: index frame declares {declared} bytes, the manifest {expected}"
+                )
+            data = zstandard.ZstdDecompressor().decompress(compressed, max_output_size=expected)
         except zstandard.ZstdError as exc:
             raise CorruptIndexError(f"{name}: index does not decompress: {exc}") from exc
         index = FixedIndex(data, name=name)

@@ -52,6 +52,7 @@ def test_a_running_backup_holds_its_temp_dir(
     assert not temp.exists()
     writer.backup_start(100, GuestType.LXC)
     (temp,) = (storage_path / "backup").glob(".tmp-*")
-    writer._guests[100].unlock()  # what the kernel does when the writer dies
+    os.close(writer._guests[100].workdir_fd)  # what the kernel does when the writer dies
+    writer._guests[100].workdir_fd = -1
     make_provider().job_start(0)
     assert not temp.exists()

@@ -380,9 +380,10 @@ def test_tampered_base_means_a_full_backup(
     names, paths = build_chain(storage_path, 2)
     provider = make_provider()
     provider.layout.set_last_successful(GuestType.QEMU, 100, names[-1])
-    assert provider._usable_base(100) == names[-1]
+    assert provider._chain_problem(names[-1]) is None
     qcow2(paths[0], "-b", str(secret_file(tmp_path)), "-F", "raw")
-    assert provider._usable_base(100) is None
+    problem = provider._chain_problem(names[-1])
+    assert problem is not None and "unusable as a base" in problem
 
 
 # -- through the host and the command line -------------------------------------------

@@ -391,3 +391,56 @@ def test_bandwidth_limit_holds_within_ten_percent(
     assert stats.read == 12 * MIB
     rate = stats.read / elapsed
     assert 0.9 * 4 * MIB <= rate <= 1.1 * 4 * MIB, f"{rate / MIB:.2f} MiB/s"
+
+
+@pytest.mark.e2e
+def test_failed_backup_with_a_new_bitmap_resets_the_base(
+    tmp_path: Path,
+    make_provider: Callable[..., BackupDirProvider],
+    nbd_exports: NbdExports,
+    logs: LogRecords,
+) -> None:
+    """The host answered ``new`` on a proven base (its bitmap was lost) and the
+    backup failed: that base must not be offered with the chain's id again."""
+    disk = make_disk(tmp_path)
+    full_backup(make_provider(), nbd_exports, disk)
+    provider = make_provider()
+    provider.job_start(0)
+    provider.backup_start(100, GuestType.QEMU)
+    _, chain = provider.backup_get_mechanism(100, GuestType.QEMU)
+    assert chain is not None and any("incremental backup of 100" in m for _, m in logs)
+    provider.backup_nbd(100, DEVICE, nbd_exports.start(disk), BitmapMode.NEW, BITMAP, None)
+    provider.backup_abort(100, "the next disk failed")
+    provider.job_end()
+    nbd_exports.stop_all()
+    provider = make_provider()
+    provider.backup_start(100, GuestType.QEMU)
+    _, again = provider.backup_get_mechanism(100, GuestType.QEMU)
+    assert again != chain  # a fresh chain: the host creates it, a full read
+    assert any("created a new bitmap failed" in m for _, m in logs)
+
+
+@pytest.mark.e2e
+def test_base_changed_after_it_was_proven_fails_the_incremental(
+    tmp_path: Path,
+    make_provider: Callable[..., BackupDirProvider],
+    nbd_exports: NbdExports,
+    logs: LogRecords,
+) -> None:
+    disk = make_disk(tmp_path)
+    first = full_backup(make_provider(), nbd_exports, disk)
+    provider = make_provider()
+    provider.job_start(0)
+    provider.backup_start(100, GuestType.QEMU)
+    _, chain = provider.backup_get_mechanism(100, GuestType.QEMU)
+    assert chain is not None
+    index = provider.layout.volume_path(first) / "index.json"
+    index.write_text(index.read_text().replace('"stored-size"', '"stored-size" ', 1))
+    with pytest.raises(IntegrityError, match="changed during the backup"):
+        provider.backup_nbd(100, DEVICE, nbd_exports.start(disk), BitmapMode.REUSE, BITMAP, None)
+    provider.backup_abort(100, "base changed")
+    provider.job_end()
+    provider = make_provider()
+    provider.backup_start(100, GuestType.QEMU)
+    assert provider.backup_get_mechanism(100, GuestType.QEMU)[1] is None
+    assert any(lv == "warn" and "its index changed" in m for lv, m in logs)

@@ -15,6 +15,8 @@ from pvebackup.api.errors import (
     VolumeNotFoundError,
 )
 from pvebackup.api.types import GuestType
+from pvebackup.kit import safefs
+from pvebackup.kit.safefs import owned_fd
 from pvebackup.providers.directory.plugin import BackupDirPlugin
 from pvebackup.providers.directory.volumes import (
     BackupIndex,
@@ -88,7 +90,8 @@ def commit(layout: VolumeLayout, vmid: int, ctime: int, parent: str | None = Non
         parent=parent,
         stored_size=8192,
     )
-    layout.write_index(work, index)
+    with owned_fd(safefs.open_root(work)) as work_fd:
+        layout.write_index(work_fd, index)
     layout.commit(volname)
     return volname
 

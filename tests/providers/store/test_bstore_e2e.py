@@ -105,7 +105,10 @@ def test_incremental_reads_only_dirty_extents_and_restores(host: FakeHost, tmp_p
 def test_missing_base_gives_a_full_backup(host: FakeHost, tmp_path: Path) -> None:
     src = mixed_image(tmp_path / "src.qcow2")
     volname, _ = host.backup(src, BitmapMode.NEW, expect_bitmap=True)
-    assert host.mechanism() == "store-" + host.provider().store().config.store_id[:8]
+    chain = host.mechanism()
+    assert chain is not None
+    assert chain.startswith("store-" + host.provider().store().config.store_id[:8] + "-")
+    assert host.mechanism() == chain  # the same chain until something breaks it
     host.plugin.free_volume(host.scfg, host.storeid, volname)
     assert host.mechanism() is None
     assert any("is gone" in m for lv, m in host.log.lines if lv == "warn")

@@ -19,13 +19,25 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import ClassVar
 
-from pvebackup.api.errors import StorageConfigError
+from pvebackup.api.errors import (
+    IntegrityError,
+    StorageConfigError,
+    UnsafeArchiveError,
+    VolumeNotFoundError,
+)
 from pvebackup.api.provider import BackupProvider
 from pvebackup.api.types import GuestType, LogFunction
 from pvebackup.providers.directory.provider import BackupDirProvider
 from pvebackup.providers.directory.volumes import VolumeLayout
 from pvebackup.storage.basepath import BASE_PATH_PROPERTIES, CREATE_SUBDIRS, BasePath
-from pvebackup.storage.plugin import COMMON_PROPERTIES, PropertySpec, StoragePlugin, VolumeInfo
+from pvebackup.storage.plugin import (
+    COMMON_PROPERTIES,
+    DamagedVolume,
+    PropertySpec,
+    StoragePlugin,
+    VolumeInfo,
+    VolumeScan,
+)
 
 __all__ = ["BackupDirPlugin"]
 
@@ -38,7 +50,9 @@ class BackupDirPlugin(StoragePlugin):
     type: ClassVar[str] = "backup-dir"
     properties: ClassVar[Mapping[str, PropertySpec]] = {
         **COMMON_PROPERTIES,
-        "path": PropertySpec(required=True, description="directory the backups are kept in"),
+        "path": PropertySpec(
+            required=True, path=True, description="directory the backups are kept in"
+        ),
         "bitmap": PropertySpec(
             flag=True, description="incremental VM backups with dirty bitmaps (default yes)"
         ),
@@ -56,11 +70,27 @@ class BackupDirPlugin(StoragePlugin):
         return BackupDirProvider(self, scfg, storeid, log_function)
 
     def list_volumes(self, scfg: Mapping[str, str], storeid: str) -> list[VolumeInfo]:
-        """Every committed backup, oldest first; ``parent`` names an incremental's base."""
+        """Every readable committed backup, oldest first; ``parent`` names an
+        incremental's base. Damaged volumes are left out (see :meth:`scan_volumes`)."""
+        return self.scan_volumes(scfg, storeid).volumes
+
+    def scan_volumes(self, scfg: Mapping[str, str], storeid: str) -> VolumeScan:
+        """The readable volumes, and the damaged ones (impossible name, bad index).
+
+        :raises StorageConfigError: no ``path``.
+        """
         layout = self._layout(scfg, storeid)
         volumes = []
-        for volname in layout.volnames():
-            index = layout.read_index(volname)
+        volnames, bad = layout.scan()
+        damaged = [DamagedVolume(f"{storeid}:{volname}", reason) for volname, reason in bad]
+        for volname in volnames:
+            try:
+                index = layout.read_index(volname)
+            except VolumeNotFoundError:
+                continue  # removed since the scan
+            except (IntegrityError, UnsafeArchiveError) as exc:  # damaged or hostile
+                damaged.append(DamagedVolume(f"{storeid}:{volname}", str(exc)))
+                continue
             fmt = "qcow2" if index.vmtype is GuestType.QEMU else _FORMATS[index.ct_format or "tar"]
             volumes.append(
                 VolumeInfo(
@@ -73,7 +103,7 @@ class BackupDirPlugin(StoragePlugin):
                     parent=index.parent,
                 )
             )
-        return volumes
+        return VolumeScan(volumes, damaged)
 
     def free_volume(self, scfg: Mapping[str, str], storeid: str, volname: str) -> None:
         """Remove one backup, refusing while an incremental backup depends on it.

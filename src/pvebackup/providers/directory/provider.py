@@ -11,19 +11,21 @@ up one guest after the other and names the guest in every call.
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import os
 import secrets
-import shutil
+import stat
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pvebackup.api.errors import (
     IntegrityError,
+    LockedError,
     StorageConfigError,
     UnsafeArchiveError,
+    UnsafeStorageError,
     UnsupportedError,
     UsageError,
     VolumeNotFoundError,
@@ -38,8 +40,11 @@ from pvebackup.api.types import (
     LogFunction,
     RestoreMechanism,
 )
+from pvebackup.kit import safefs
 from pvebackup.kit.crashpoint import crash_point
-from pvebackup.kit.lock import lock_directory, try_lock_directory
+from pvebackup.kit.hoststate import HostState
+from pvebackup.kit.lock import lock_descriptor
+from pvebackup.kit.safefs import owned_fd
 from pvebackup.providers.directory import archive, images, stored, tree, vm
 from pvebackup.providers.directory.transfer import MIB
 from pvebackup.providers.directory.volumes import (
@@ -59,6 +64,7 @@ FIREWALL_CONFIG = "firewall.fw"
 TASK_LOG = "task.log"
 TAR_NAME = "root.tar.zst"
 TREE_NAME = "root"
+"""Largest stored configuration file read back (guest configs are a few KiB)."""
 _TRUE = {"1", "yes", "on", "true"}
 _FALSE = {"0", "no", "off", "false"}
 
@@ -89,21 +95,23 @@ class _GuestBackup:
     index: BackupIndex
     volname: str
     workdir: Path
-    """The ``.tmp-`` directory data is written to until ``backup_end``."""
+    """The ``.tmp-`` directory data is written to until ``backup_end`` (for messages)."""
+    workdir_fd: int
+    """An fd of ``workdir``, held until the guest's backup ends: every write goes
+    through it, never through the path (which a storage writer could swap for a
+    symlink out of the storage meanwhile). It holds an flock, the mark of a live
+    writer (see ``_remove_dead_temps``). -1 once closed."""
     base: str | None = None
     """Volume an incremental backup builds on (chosen in ``backup_get_mechanism``)."""
+    base_index_sha256: str | None = None
+    """SHA-256 of the base's ``index.json``, as this host's state proved it."""
     bitmap_id: str | None = None
     """The bitmap id ``backup_get_mechanism`` returned."""
+    modes: set[BitmapMode] = field(default_factory=set)
+    """Bitmap modes the host reported, including for disks that failed."""
     final: Path | None = None
     """The committed volume directory, set by ``backup_end``."""
     aborted: bool = False
-    lock_fd: int = -1
-    """flock on ``workdir`` while we write it: a live writer's mark (see job_start)."""
-
-    def unlock(self) -> None:
-        fd, self.lock_fd = self.lock_fd, -1
-        if fd >= 0:
-            os.close(fd)
 
 
 class BackupDirProvider(BackupProvider):
@@ -120,8 +128,13 @@ class BackupDirProvider(BackupProvider):
         scfg: Mapping[str, str],
         storeid: str,
         log_function: LogFunction,
+        *,
+        state_dir: Path | str | None = None,
     ) -> None:
+        """``state_dir``: where the host-side base proof lives (default: see
+        :func:`pvebackup.kit.hoststate.default_state_dir`)."""
         super().__init__(storage_plugin, scfg, storeid, log_function)
+        self.hoststate = HostState("backup-dir", storeid, state_dir)
         path = scfg.get("path")
         if not path:
             raise StorageConfigError(f"storage {storeid!r}: backup-dir needs 'path'")
@@ -161,32 +174,51 @@ class BackupDirProvider(BackupProvider):
         therefore has no live writer, on this node or, with a storage whose file
         system passes flock on (NFSv4, CephFS), on another.
         """
-        for entry in sorted(self.layout.backup_dir.glob(".tmp-*")):
-            fd = try_lock_directory(entry)
-            if fd is None:
-                continue  # a live writer, or no directory (a symlink is never followed)
-            try:
-                shutil.rmtree(entry)
+        try:
+            backup_fd = self.layout.open_backup_dir()
+        except FileNotFoundError:
+            return
+        with owned_fd(backup_fd):
+            for entry in sorted(safefs.listdir_at(backup_fd), key=lambda e: e.name):
+                if not entry.name.startswith(".tmp-"):
+                    continue
+                try:
+                    # O_NOFOLLOW: a symlink planted here is neither locked nor followed
+                    fd = safefs.open_dir(backup_fd, (entry.name,))
+                except (OSError, UnsafeStorageError):
+                    continue
+                with owned_fd(fd):
+                    try:
+                        lock_descriptor(fd, what=entry.name)
+                    except LockedError:
+                        continue  # a live writer
+                    try:
+                        safefs.rmtree_at(backup_fd, entry.name, missing_ok=True)
+                    except (OSError, UnsafeStorageError) as exc:
+                        self.log("warn", f"backup-dir: cannot remove {entry.name}: {exc}")
+                        continue
                 self.log("warn", f"backup-dir: removed {entry.name} left by a dead backup")
-            except OSError as exc:
-                self.log("warn", f"backup-dir: cannot remove {entry.name}: {exc.strerror}")
-            finally:
-                os.close(fd)
 
     def job_end(self) -> None:
         """Throw away any guest backup that neither ended nor was aborted."""
         self._discard_unfinished("job ended")
+        self._close_workdirs()
         self.log("info", "backup-dir: job finished")
 
     def job_abort(self, error: str) -> None:
         """Throw away unfinished guest backups; committed volumes stay."""
         self._discard_unfinished(f"job aborted: {error}")
+        self._close_workdirs()
         self.log("info", "backup-dir: job aborted, unfinished backups removed")
 
     def _discard_unfinished(self, why: str) -> None:
         for vmid, guest in self._guests.items():
             if guest.final is None and not guest.aborted:
                 self.backup_abort(vmid, why)
+
+    def _close_workdirs(self) -> None:
+        for guest in self._guests.values():
+            _close_workdir(guest)
 
     # guest hooks -----------------------------------------------------------------
 
@@ -196,19 +228,21 @@ class BackupDirProvider(BackupProvider):
         # checked again per guest: the disk may have been unmounted mid-job
         self.base.subdir("backup", create=True)
         volname = self.layout.new_volname(vmtype, vmid, time.time())
-        workdir = self.layout.temp_path(volname)
-        workdir.mkdir()
+        workdir_fd = self.layout.create_temp(volname)
         try:
-            # Locked just after mkdir: a job_start of another job that locks it in
-            # between removes it, and we fail here loudly instead of writing.
-            lock_fd = lock_directory(workdir)
+            # The mark of a live writer (see _remove_dead_temps), on the fd we write
+            # through, so that closing it ends both. Taken just after the mkdir: had
+            # another job's job_start locked it in between, we fail here loudly.
+            lock_descriptor(workdir_fd, what=self.layout.temp_path(volname).name)
         except BaseException:
-            with contextlib.suppress(OSError):
-                workdir.rmdir()
+            os.close(workdir_fd)
             raise
         index = BackupIndex(vmid=vmid, vmtype=vmtype, ctime=VolumeName.parse(volname).ctime)
         self._guests[vmid] = _GuestBackup(
-            index=index, volname=volname, workdir=workdir, lock_fd=lock_fd
+            index=index,
+            volname=volname,
+            workdir=self.layout.temp_path(volname),
+            workdir_fd=workdir_fd,
         )
         self.log("info", f"backup-dir: starting backup of {vmtype.value} {vmid} to {volname}")
 
@@ -218,85 +252,165 @@ class BackupDirProvider(BackupProvider):
             raise UsageError(f"backup-dir: backup_start was not called for guest {vmid}")
         return guest
 
+    def _workdir_fd(self, vmid: int) -> int:
+        guest = self._guest(vmid)
+        if guest.workdir_fd < 0:
+            raise UsageError(f"backup-dir: the backup of guest {vmid} has ended already")
+        return guest.workdir_fd
+
     def backup_get_mechanism(
         self, vmid: int, vmtype: GuestType
     ) -> tuple[BackupMechanism, str | None]:
         """``directory`` for containers; ``nbd`` for VMs, with a bitmap id chosen so
-        that the host can only ever *reuse* a bitmap we hold the base of.
+        that the host can only ever *reuse* a bitmap whose base we can prove.
 
         An incremental *chain* has one bitmap id, ``backup-dir-<time of its first
-        backup>-<6 random hex digits>``, recorded in every ``index.json`` of the chain:
-
-        - the last successful backup exists with every image of its chain: return
-          its chain's id (the host reuses the bitmap, or creates it anew when
-          it was lost: then this backup is full and the chain goes on);
-        - there was no backup yet, or the last one had no bitmap: a fresh id. The
-          host cannot hold a bitmap of that name, so it creates one: full backup,
-          and the next backup is incremental;
-        - the last successful backup is gone or incomplete: ``None``. Its bitmap
-          holds changes since a point we no longer have, so it must not be used;
-          the host drops our stale bitmaps and makes a full backup, and the
-          backup after it starts a new chain.
+        backup>-<6 random hex digits>``, recorded in every ``index.json`` of the
+        chain and in this host's state file (see :meth:`_choose_bitmap`).
         """
         vmtype = GuestType(vmtype)
         if vmtype is GuestType.LXC:
             return BackupMechanism.DIRECTORY, None
         if vmtype is not GuestType.QEMU:
             raise UnsupportedError(f"backup-dir cannot back up guests of type {vmtype}")
-        base, bitmap_id = self._choose_bitmap(vmid)
+        base, base_sha, bitmap_id = self._choose_bitmap(vmid)
         if vmid in self._guests:
             self._guests[vmid].base = base
+            self._guests[vmid].base_index_sha256 = base_sha
             self._guests[vmid].bitmap_id = bitmap_id
         return BackupMechanism.NBD, bitmap_id
 
-    def _choose_bitmap(self, vmid: int) -> tuple[str | None, str | None]:
-        """``(base volume, bitmap id)`` for a VM backup (see ``backup_get_mechanism``)."""
-        if not self.use_bitmap:
-            return None, None
-        recorded = self.layout.last_recorded(GuestType.QEMU, vmid)
-        base = self._usable_base(vmid) if recorded is not None else None
-        if recorded is not None and base is None:
-            self.log(
-                "info",
-                f"backup-dir: previous backup {recorded} of {vmid} is gone or incomplete: "
-                "full backup without a bitmap",
-            )
-            return None, None
-        chain_id = self.layout.read_index(base).bitmap_id if base is not None else None
-        if base is None or chain_id is None:
-            guest = self._guests.get(vmid)
-            name = VolumeName.parse(guest.volname) if guest else VolumeName(
-                GuestType.QEMU, vmid, int(time.time())
-            )
-            # The random part keeps a new chain's id apart from any earlier one,
-            # even from a removed chain started within the same second.
-            fresh = f"backup-dir-{name.stamp}-{secrets.token_hex(3)}"
-            self.log("info", f"backup-dir: full backup of {vmid}, starting bitmap {fresh}")
-            return None, fresh
-        self.log("info", f"backup-dir: incremental backup of {vmid} on top of {base}")
-        return base, chain_id
+    def _fresh_chain(self, vmid: int) -> str:
+        guest = self._guests.get(vmid)
+        name = VolumeName.parse(guest.volname) if guest else VolumeName(
+            GuestType.QEMU, vmid, int(time.time())
+        )
+        # The random part keeps a new chain's id apart from any earlier one, even
+        # from a removed chain started within the same second, and from a chain
+        # another host started: only the host that holds the state can reuse it.
+        return f"backup-dir-{name.stamp}-{secrets.token_hex(3)}"
 
-    def _usable_base(self, vmid: int) -> str | None:
-        """The last successful backup of VM ``vmid`` if every image of its chain exists."""
-        base = self.layout.last_successful(GuestType.QEMU, vmid)
-        if base is None:
-            return None
+    def _choose_bitmap(self, vmid: int) -> tuple[str | None, str | None, str | None]:
+        """``(base volume, its index checksum, bitmap id)`` for a VM backup.
+
+        The proof that a base is the one the bitmap was cleared at is this host's
+        state file (outside the storage): the volume and the SHA-256 of its
+        ``index.json``, which pins the image sizes and checksums and, through
+        ``parent-index-sha256``, every index below it. ``.last/qemu-<vmid>`` in
+        the storage must agree with it, but is never trusted alone. Anything
+        unproven gives ``None`` (the host drops this storage's bitmaps and reads
+        the whole disk) and a warning; the backup after it starts a new chain.
+        """
+        if not self.use_bitmap:
+            return None, None, None
+        name = f"qemu-{vmid}"
+        loaded = self.hoststate.read(name)
+        recorded = self.layout.last_recorded(GuestType.QEMU, vmid)
+
+        def full(level: str, why: str) -> tuple[None, None, None]:
+            self.log(level, f"backup-dir: full backup of {vmid} without a bitmap: {why}")
+            return None, None, None
+
+        if loaded.missing:
+            if recorded is None and not self._has_volumes(vmid):
+                fresh = self._fresh_chain(vmid)
+                self.log("info", f"backup-dir: first backup of {vmid}, starting bitmap {fresh}")
+                return None, None, fresh
+            return full(
+                "warn",
+                f"this host holds no record of the last backup ({self.hoststate.path(name)} "
+                "is missing), so no base can be proven",
+            )
+        doc = loaded.doc
+        if doc is None:
+            return full("warn", loaded.problem or "the host state file is damaged")
+        volname, sha, chain_id = doc.get("volume"), doc.get("index-sha256"), doc.get("bitmap-id")
+        if not (
+            isinstance(volname, str | None)
+            and isinstance(sha, str | None)
+            and isinstance(chain_id, str | None)
+        ):
+            return full("warn", f"the host state file {self.hoststate.path(name)} is damaged")
+        if doc.get("path") != str(self.layout.root):
+            return full("warn", f"the storage's path is no longer {doc.get('path')!r}")
+        if volname is None or sha is None:
+            # Reset by a failed backup: no volume is a base, a fresh chain is safe.
+            fresh = self._fresh_chain(vmid)
+            reason = str(doc.get("reason") or "no usable base")
+            self.log(
+                "info", f"backup-dir: full backup of {vmid}, starting bitmap {fresh} ({reason})"
+            )
+            return None, None, fresh
+        if recorded != volname:
+            return full(
+                "warn",
+                f"the storage's record .last/{name} names {recorded or 'nothing'}, this host "
+                f"committed {volname} last (record edited, storage rolled back, or written "
+                "by another host)",
+            )
+        why = self._base_problem(volname, sha)
+        if why is not None:
+            return full("warn", f"the previous backup {volname} {why}")
+        if chain_id is None:
+            fresh = self._fresh_chain(vmid)
+            self.log("info", f"backup-dir: full backup of {vmid}, starting bitmap {fresh}")
+            return None, None, fresh
+        self.log("info", f"backup-dir: incremental backup of {vmid} on top of {volname}")
+        return volname, sha, chain_id
+
+    def _has_volumes(self, vmid: int) -> bool:
+        prefix = f"backup/{GuestType.QEMU.value}-{vmid}-"
+        return any(v.startswith(prefix) for v in self.layout.volnames())
+
+    def _base_problem(self, volname: str, sha: str) -> str | None:
+        """Why ``volname`` is not, byte for byte, the volume this host committed."""
+        # Threat: a rolled-back or edited storage. The index chain is checked against
+        # the host's checksum; image files against the sizes the indexes pin.
+        expected: str | None = sha
+        current: str | None = volname
+        while current is not None:
+            try:
+                index, actual = self.layout.read_index_checked(current)
+            except VolumeNotFoundError:
+                return "is gone (removed or storage rolled back)" if current == volname else (
+                    f"depends on {current}, which is gone"
+                )
+            except (IntegrityError, UnsafeArchiveError) as exc:
+                return f"is unreadable ({exc})"
+            if expected is None or actual != expected:
+                what = "its index" if current == volname else f"the index of {current}"
+                return (
+                    f"is not what this host committed: {what} changed "
+                    "(storage rolled back or edited)"
+                )
+            for devicename, dev in index.devices.items():
+                image = self.layout.volume_path(current) / dev.file
+                try:
+                    st = os.lstat(image)
+                except OSError:
+                    return f"lacks the image {current}/{dev.file}"
+                if dev.image_size is None or st.st_size != dev.image_size:
+                    return f"has an image {current}/{dev.file} of another size than committed"
+                if dev.backing is not None and dev.backing != index.parent:
+                    return f"has a disk {devicename} outside its chain"
+            expected, current = index.parent_index_sha256, index.parent
+        return self._chain_problem(volname)
+
+    def _chain_problem(self, volname: str) -> str | None:
+        """Why the image chains of ``volname`` fail the restore-side checks, if they do.
+
+        A tampered base (see :mod:`.images`) means a full backup now, not an
+        incremental that could never be restored; a chain at its depth bound
+        starts anew.
+        """
         try:
-            for devicename in self.layout.read_index(base).devices:
-                # The full restore-side check: a tampered base means a full backup
-                # now, not an incremental that could never be restored.
-                with images.open_chain(self.layout, base, devicename) as chain:
+            for devicename in self.layout.read_index(volname).devices:
+                with images.open_chain(self.layout, volname, devicename) as chain:
                     if len(chain) >= images.MAX_CHAIN_DEPTH:
-                        self.log(
-                            "info",
-                            f"backup-dir: the chain of {base} has {len(chain)} images: "
-                            "starting a new chain",
-                        )
-                        return None
+                        return f"ends a chain of {len(chain)} images, the most we build on"
         except (VolumeNotFoundError, IntegrityError, UnsafeArchiveError) as exc:
-            self.log("warn", f"backup-dir: previous backup {base} unusable as a base: {exc}")
-            return None
-        return base
+            return f"is unusable as a base ({exc})"
+        return None
 
     def backup_get_target(self, vmid: int, vmtype: GuestType) -> str:
         """``backup/<vmtype>-<vmid>-<UTC time>``, chosen in ``backup_start``."""
@@ -305,17 +419,21 @@ class BackupDirProvider(BackupProvider):
     def backup_get_task_size(self, vmid: int) -> int:
         """Bytes the volume occupies on disk (allocated blocks of all its files)."""
         guest = self._guest(vmid)
-        path = guest.final or guest.workdir
-        return allocated_size(path) if path.exists() else 0
+        if guest.workdir_fd >= 0:
+            return allocated_size(guest.workdir_fd)
+        if guest.final is None:
+            return 0
+        with owned_fd(self.layout.open_volume(guest.volname)) as volume_fd:
+            return allocated_size(volume_fd)
 
     # configuration and log -------------------------------------------------------
 
     def backup_guest_config(self, vmid: int, filename: str) -> None:
-        shutil.copyfile(filename, self._guest(vmid).workdir / GUEST_CONFIG)
+        _store_host_file(filename, self._workdir_fd(vmid), GUEST_CONFIG)
         self.log("info", f"backup-dir: stored guest configuration {filename}")
 
     def backup_firewall_config(self, vmid: int, filename: str) -> None:
-        shutil.copyfile(filename, self._guest(vmid).workdir / FIREWALL_CONFIG)
+        _store_host_file(filename, self._workdir_fd(vmid), FIREWALL_CONFIG)
         self.log("info", f"backup-dir: stored firewall configuration {filename}")
 
     def backup_handle_log_file(self, vmid: int, filename: str) -> None:
@@ -324,7 +442,8 @@ class BackupDirProvider(BackupProvider):
         if guest.final is None:
             self.log("info", f"backup-dir: backup of {vmid} did not complete, log not kept")
             return
-        shutil.copyfile(filename, guest.final / TASK_LOG)
+        with owned_fd(self.layout.open_volume(guest.volname)) as volume_fd:
+            _store_host_file(filename, volume_fd, TASK_LOG)
 
     # backup mechanisms -----------------------------------------------------------
 
@@ -340,8 +459,13 @@ class BackupDirProvider(BackupProvider):
         """Write the disk as ``<devicename>.qcow2``: full, or on top of the base."""
         guest = self._guest(vmid)
         bitmap_mode = BitmapMode(bitmap_mode)
-        image = guest.workdir / f"{_safe_devicename(devicename)}.qcow2"
+        # qemu-img and qemu-nbd take paths: hand them the directory we hold
+        # (/proc/<pid>/fd/<fd>/<name>), not a path a storage writer could redirect.
+        image_name = f"{_safe_devicename(devicename)}.qcow2"
+        image = Path(safefs.fd_path(self._workdir_fd(vmid), image_name))
+        guest.modes.add(bitmap_mode)
         backing: Path | None = None
+        backing_name: str | None = None
         backing_volname: str | None = None
         if bitmap_mode is BitmapMode.REUSE:
             # Only dirty extents can be read: the rest must come from the base.
@@ -350,25 +474,41 @@ class BackupDirProvider(BackupProvider):
                     f"{devicename}: bitmap mode reuse but no base volume was chosen "
                     "(backup_get_mechanism returned no bitmap)"
                 )
+            # Threat: the storage changed since backup_get_mechanism proved the base.
+            if guest.base_index_sha256 is None or (
+                why := self._base_problem(guest.base, guest.base_index_sha256)
+            ):
+                raise IntegrityError(
+                    f"{devicename}: the base {guest.base} changed during the backup"
+                    f"{f' ({why})' if guest.base_index_sha256 else ''}; "
+                    "the next backup will be full"
+                )
             chain = self.layout.image_chain(guest.base, devicename)
             backing, backing_volname = chain[0], guest.base
+            # Recorded relative to the image's directory, so that the storage can move.
+            backing_name = f"../{VolumeName.parse(guest.base).dirname}/{chain[0].name}"
         stats = vm.backup_disk(
             nbd_path=nbd_path,
             devicename=devicename,
             image=image,
             backing=backing,
+            backing_name=backing_name,
             bitmap_name=bitmap_name,
             bandwidth_limit=bandwidth_limit,
             log_function=self.log_function,
         )
+        image_size, image_sha256 = _file_digest(image)
         guest.index.devices[devicename] = DeviceEntry(
             size=stats.size,
             file=image.name,
             backing=backing_volname,
             bitmap_mode=bitmap_mode.value,
+            image_size=image_size,
+            image_sha256=image_sha256,
         )
         if backing_volname is not None:
             guest.index.parent = backing_volname
+            guest.index.parent_index_sha256 = guest.base_index_sha256
         if bitmap_mode is not BitmapMode.NONE:
             # The host cleared (or created) the bitmap at this backup: the chain goes on.
             guest.index.bitmap_id = guest.bitmap_id
@@ -390,32 +530,44 @@ class BackupDirProvider(BackupProvider):
         """Archive the container as ``root.tar.zst`` or copy it as ``root/``."""
         guest = self._guest(vmid)
         guest.index.ct_format = self.ct_format
+        workdir_fd = self._workdir_fd(vmid)
         if self.ct_format == "tar":
-            target = guest.workdir / TAR_NAME
+            name = TAR_NAME
             stats = archive.write_tar(
-                directory, sources, id_map, exclude_paths, target, bandwidth_limit, self.log
+                directory,
+                sources,
+                id_map,
+                exclude_paths,
+                Path(safefs.fd_path(workdir_fd, name)),
+                bandwidth_limit,
+                self.log,
             )
         else:
-            target = guest.workdir / TREE_NAME
+            name = TREE_NAME
             stats = tree.copy_tree(
-                directory, sources, id_map, exclude_paths, target, bandwidth_limit, self.log
+                directory, sources, id_map, exclude_paths, workdir_fd, name,
+                bandwidth_limit, self.log,
             )
         self.log(
             "info",
             f"backup-dir: {stats.entries} entries, {stats.data / MIB:.1f} MiB of file data, "
-            f"{stats.excluded} excluded, stored as {target.name}",
+            f"{stats.excluded} excluded, stored as {name}",
         )
 
     def backup_end(self, vmid: int) -> None:
         """Write ``index.json``, rename the volume into place, remember it as the base."""
         guest = self._guest(vmid)
-        guest.index.stored_size = allocated_size(guest.workdir)
-        self.layout.write_index(guest.workdir, guest.index)
+        workdir_fd = self._workdir_fd(vmid)
+        guest.index.stored_size = allocated_size(workdir_fd)
+        index_sha256 = self.layout.write_index(workdir_fd, guest.index)
         crash_point("backup-after-index")
-        guest.final = self.layout.commit(guest.volname)
-        guest.unlock()
+        guest.final = self.layout.commit(guest.volname, workdir_fd)
+        _close_workdir(guest)
         if guest.index.vmtype is GuestType.QEMU:
             self.layout.set_last_successful(GuestType.QEMU, vmid, guest.volname)
+            # The proof for the next incremental, kept outside the storage; the host
+            # clears the bitmap only after we return.
+            self._write_state(vmid, guest.volname, index_sha256, guest.index.bitmap_id)
         self.log(
             "info",
             f"backup-dir: committed {guest.volname} "
@@ -428,9 +580,37 @@ class BackupDirProvider(BackupProvider):
         if guest is None or guest.aborted:
             return
         guest.aborted = True
-        shutil.rmtree(guest.workdir, ignore_errors=True)
-        guest.unlock()
+        _close_workdir(guest)
+        if BitmapMode.NEW in guest.modes and guest.final is None:
+            # The new bitmap started after every committed volume: none of them may
+            # be its base (should the host fail to drop it).
+            self._write_state(vmid, None, None, None, "a backup that created a new bitmap failed")
+        try:
+            with owned_fd(self.layout.open_backup_dir()) as backup_fd:
+                safefs.rmtree_at(backup_fd, guest.workdir.name, missing_ok=True)
+        except (OSError, UnsafeStorageError) as exc:
+            self.log("warn", f"backup-dir: cannot remove {guest.workdir}: {exc}")
+            return
         self.log("info", f"backup-dir: backup of {vmid} aborted, removed {guest.workdir.name}")
+
+    def _write_state(
+        self,
+        vmid: int,
+        volname: str | None,
+        index_sha256: str | None,
+        bitmap_id: str | None,
+        reason: str = "",
+    ) -> None:
+        self.hoststate.write(
+            f"qemu-{vmid}",
+            {
+                "path": str(self.layout.root),
+                "volume": volname,
+                "index-sha256": index_sha256,
+                "bitmap-id": bitmap_id,
+                "reason": reason,
+            },
+        )
 
     # restore ---------------------------------------------------------------------
 
@@ -526,8 +706,41 @@ class BackupDirProvider(BackupProvider):
             raise UnsupportedError(
                 f"backup volume {volname!r} is not a container backup stored as {ct_format}"
             )
-        path = self.layout.volume_path(volname) / name
-        if not path.exists():
+        # The host opens the returned path; a symlink planted here would hand it a
+        # host file or directory as the archive: refused (the host's reader still
+        # opens it without following, against a later swap).
+        with owned_fd(self.layout.open_volume(volname)) as volume_fd:
+            st = safefs.stat_at(volume_fd, name)
+        if st is None:
             raise IntegrityError(f"backup volume {volname!r} lacks {name}")
-        return path
+        wanted = stat.S_ISREG if ct_format == "tar" else stat.S_ISDIR
+        if not wanted(st.st_mode):
+            raise UnsafeStorageError(
+                f"backup volume {volname!r}: {name} is not a "
+                f"{'regular file' if ct_format == 'tar' else 'directory'} (a symlink?)"
+            )
+        return self.layout.volume_path(volname) / name
 
+
+def _close_workdir(guest: _GuestBackup) -> None:
+    if guest.workdir_fd >= 0:
+        os.close(guest.workdir_fd)
+        guest.workdir_fd = -1
+
+
+def _store_host_file(filename: str, dir_fd: int, name: str) -> None:
+    """Copy the host file ``filename`` (trusted, small) as ``name`` into ``dir_fd``."""
+    with open(filename, "rb") as src:
+        data = src.read()
+    safefs.atomic_write_at(dir_fd, name, data)
+
+
+def _file_digest(path: Path) -> tuple[int, str]:
+    """Size and SHA-256 of a file just written (pins the image in ``index.json``)."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()

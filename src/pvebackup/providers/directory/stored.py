@@ -25,6 +25,7 @@ from pvebackup.api.errors import (
     CorruptIndexError,
     IntegrityError,
     UnsafeArchiveError,
+    UnsafeStorageError,
     VolumeNotFoundError,
 )
 from pvebackup.providers.directory.volumes import (
@@ -99,7 +100,7 @@ class VolumeDir:
             raise VolumeNotFoundError(f"backup volume {self.volname!r} does not exist") from exc
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise UnsafeArchiveError(
+                raise UnsafeStorageError(
                     f"backup volume {self.volname!r}: {name} is a symbolic link or not "
                     "a directory"
                 ) from exc
@@ -119,7 +120,7 @@ class VolumeDir:
     def open_regular(self, name: str, what: str) -> int | None:
         """A read-only fd of regular file ``name``, or None if there is none.
 
-        :raises UnsafeArchiveError: ``name`` is a symlink, FIFO, device or
+        :raises UnsafeStorageError: ``name`` is a symlink, FIFO, device or
             directory, or turned into one while it was opened.
         """
         try:
@@ -129,7 +130,7 @@ class VolumeDir:
         # lstat first: a FIFO or device is refused without opening it (opening a
         # tape or a FIFO has effects of its own).
         if not stat.S_ISREG(st.st_mode):
-            raise UnsafeArchiveError(
+            raise UnsafeStorageError(
                 f"backup volume {self.volname!r}: {what} {name} is {_kind(st.st_mode)}, "
                 "not a regular file"
             )
@@ -137,13 +138,13 @@ class VolumeDir:
             fd = os.open(name, _FILE_FLAGS, dir_fd=self.fd)
         except OSError as exc:
             # ELOOP, ENOENT...: swapped or removed since the lstat.
-            raise UnsafeArchiveError(
+            raise UnsafeStorageError(
                 f"backup volume {self.volname!r}: {what} {name} changed while it was "
                 f"opened: {exc.strerror}"
             ) from exc
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
-            raise UnsafeArchiveError(
+            raise UnsafeStorageError(
                 f"backup volume {self.volname!r}: {what} {name} changed while it was opened"
             )
         return fd

@@ -218,12 +218,18 @@ def _zeros(length: int) -> memoryview:
     return memoryview(_ZEROS)[:length] if length <= READ_CHUNK else memoryview(bytes(length))
 
 
-def create_image(image: Path, size: int, backing: Path | None) -> None:
-    """``qemu-img create`` an empty qcow2, with ``backing`` as a relative backing file."""
+def create_image(
+    image: Path, size: int, backing: Path | None, backing_name: str | None = None
+) -> None:
+    """``qemu-img create`` an empty qcow2, with ``backing`` as a relative backing file.
+
+    :param backing_name: the backing file name to record, relative to the image's
+        directory; default: ``backing`` relative to ``image``'s parent.
+    """
     cmd = ["qemu-img", "create", "-q", "-f", "qcow2"]
     if backing is not None:
         # Relative to the image's directory, so that the storage can be moved.
-        relative = os.path.relpath(backing, image.parent)
+        relative = backing_name or os.path.relpath(backing, image.parent)
         cmd += ["-b", relative, "-F", "qcow2"]
     cmd += [str(image), str(size)]
     result = proc.run(cmd)
@@ -300,6 +306,7 @@ def backup_disk(
     bandwidth_limit: int | None,
     log_function: LogFunction,
     connect_source: Callable[[str, str, str], Any] = _connect_source,
+    backing_name: str | None = None,
 ) -> CopyStats:
     """Back up the disk exported as ``devicename`` at ``nbd_path`` into ``image``.
 
@@ -307,6 +314,8 @@ def backup_disk(
         ``bitmap_name`` must be given and only its dirty extents are read), or
         None for a full backup.
     :param connect_source: opens the source handle; tests pass a recording one.
+    :param backing_name: the backing file name recorded in ``image`` (see
+        :func:`create_image`); needed when ``image`` is a ``/proc/<pid>/fd`` path.
     :raises NbdError: an NBD connection or command failed.
     :raises ExternalToolError: qemu-img failed.
     """
@@ -330,7 +339,7 @@ def backup_disk(
             f"{devicename}: {kind}, reading {stats.planned / MIB:.1f} MiB "
             f"of {size / MIB:.1f} MiB into {image.name}",
         )
-        create_image(image, size, backing)
+        create_image(image, size, backing, backing_name)
         target, server = _start_target(image)
         progress = ProgressLog(log_function, devicename, stats.planned)
         copy_extents(

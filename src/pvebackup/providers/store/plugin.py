@@ -24,14 +24,21 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import ClassVar
 
-from pvebackup.api.errors import IntegrityError, VolumeNotFoundError
+from pvebackup.api.errors import CryptoError, IntegrityError, VolumeNotFoundError
 from pvebackup.api.provider import BackupProvider
 from pvebackup.api.types import LogFunction
 from pvebackup.providers.store.progress import format_bytes
 from pvebackup.providers.store.provider import BackupStoreProvider
 from pvebackup.providers.store.settings import StoreSettings
 from pvebackup.storage.basepath import BASE_PATH_PROPERTIES
-from pvebackup.storage.plugin import COMMON_PROPERTIES, PropertySpec, StoragePlugin, VolumeInfo
+from pvebackup.storage.plugin import (
+    COMMON_PROPERTIES,
+    DamagedVolume,
+    PropertySpec,
+    StoragePlugin,
+    VolumeInfo,
+    VolumeScan,
+)
 from pvebackup.store.snapshot import SnapshotId
 
 __all__ = ["FORMAT", "BackupStorePlugin"]
@@ -45,9 +52,10 @@ class BackupStorePlugin(StoragePlugin):
     type: ClassVar[str] = "backup-store"
     properties: ClassVar[Mapping[str, PropertySpec]] = {
         **COMMON_PROPERTIES,
-        "path": PropertySpec(required=True, description="datastore directory"),
-        "encryption-key": PropertySpec(description="key file (pvebackup key create)"),
+        "path": PropertySpec(required=True, path=True, description="datastore directory"),
+        "encryption-key": PropertySpec(path=True, description="key file (pvebackup key create)"),
         "encryption-passphrase-file": PropertySpec(
+            path=True,
             description="file holding the passphrase of a protected key file"
         ),
         "chunk-size": PropertySpec(
@@ -63,22 +71,34 @@ class BackupStorePlugin(StoragePlugin):
         return BackupStoreProvider(self, scfg, storeid, log_function)
 
     def list_volumes(self, scfg: Mapping[str, str], storeid: str) -> list[VolumeInfo]:
-        """Every committed snapshot, oldest first (a damaged one is listed, size 0).
+        """Every readable committed snapshot, oldest first (see :meth:`scan_volumes`)."""
+        return self.scan_volumes(scfg, storeid).volumes
+
+    def scan_volumes(self, scfg: Mapping[str, str], storeid: str) -> VolumeScan:
+        """Every committed snapshot, oldest first, and the damaged ones apart.
 
         ``size`` is the disks' logical size (with deduplication, no byte count is
         one backup's own); ``notes`` say full or incremental and what it stored.
+        A snapshot whose manifest does not verify, or whose name is impossible, is
+        reported in ``damaged`` and not listed: it cannot be restored.
         """
         store = StoreSettings.from_scfg(scfg, storeid).open()
         volumes: list[VolumeInfo] = []
-        for sid in store.list_snapshots():
-            size = 0
-            notes = ""
+        damaged: list[DamagedVolume] = []
+
+        def skipped(prefix: str, reason: str) -> None:
+            damaged.append(DamagedVolume(f"{storeid}:{prefix}", reason))
+
+        for sid in store.list_snapshots(on_skip=skipped):
             try:
                 snap = store.open_snapshot(sid)
-                size = sum(d.size for d in snap.devices.values())
-                notes = _describe(snap.manifest.metadata)
-            except IntegrityError as exc:
-                notes = f"damaged: {exc}"
+            except (IntegrityError, CryptoError) as exc:
+                # CryptoError too: a manifest claiming another key, or encryption in
+                # a plain store, is one damaged snapshot, not a reason to list none.
+                damaged.append(DamagedVolume(f"{storeid}:{sid.volname}", str(exc)))
+                continue
+            size = sum(d.size for d in snap.devices.values())
+            notes = _describe(snap.manifest.metadata)
             volumes.append(
                 VolumeInfo(
                     volid=f"{storeid}:{sid.volname}",
@@ -91,7 +111,7 @@ class BackupStorePlugin(StoragePlugin):
                     notes=notes,
                 )
             )
-        return volumes
+        return VolumeScan(volumes, damaged)
 
     def free_volume(self, scfg: Mapping[str, str], storeid: str, volname: str) -> None:
         """Remove the snapshot; its chunks are reclaimed by a later garbage collection.
@@ -109,4 +129,7 @@ def _describe(metadata: Mapping[str, str]) -> str:
     """``"incremental, stored 259.2 KiB"``: how the backup was made, what it added."""
     kind = "incremental" if "=reuse" in metadata.get("bitmap-modes", "") else "full"
     stored = metadata.get("stored-bytes")
-    return kind if stored is None else f"{kind}, stored {format_bytes(int(stored))}"
+    # Metadata values are free strings: a non-number here is shown, not fatal.
+    if stored is None or not (stored.isascii() and stored.isdigit()) or len(stored) > 20:
+        return kind
+    return f"{kind}, stored {format_bytes(int(stored))}"

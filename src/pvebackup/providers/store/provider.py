@@ -18,10 +18,11 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pvebackup.api.errors import (
     CorruptChunkError,
-    IntegrityError,
+    CorruptIndexError,
     NotFoundError,
     PveBackupError,
     StateError,
@@ -38,8 +39,10 @@ from pvebackup.api.types import (
     LogFunction,
     RestoreMechanism,
 )
+from pvebackup.kit.bounded import MAX_CONFIG_FILE_SIZE
 from pvebackup.kit.crashpoint import crash_point
-from pvebackup.providers.store.bitmap_base import BitmapBase, read_base, write_base
+from pvebackup.kit.hoststate import HostState
+from pvebackup.providers.store.bitmap_base import BitmapBase, commit_base, decide, reset_base
 from pvebackup.providers.store.disk import BaseUnusableError, DiskBackup, SourceFactory
 from pvebackup.providers.store.progress import format_bytes
 from pvebackup.providers.store.restore_server import RestoreServer
@@ -65,6 +68,7 @@ class _Guest:
     writer: SnapshotWriter
     bitmap_id: str | None = None
     base: SnapshotId | None = None
+    base_sha256: str | None = None
     modes: dict[str, str] = field(default_factory=dict)
     new_bytes: int = 0
     stored_bytes: int = 0
@@ -87,9 +91,14 @@ class BackupStoreProvider(BackupProvider):
         scfg: Mapping[str, str],
         storeid: str,
         log_function: LogFunction,
+        *,
+        state_dir: Path | str | None = None,
     ) -> None:
+        """``state_dir``: where the host-side base proof lives (default: see
+        :func:`pvebackup.kit.hoststate.default_state_dir`)."""
         super().__init__(storage_plugin, scfg, storeid, log_function)
         self.settings = StoreSettings.from_scfg(scfg, storeid)
+        self.hoststate = HostState("backup-store", storeid, state_dir)
         self._store: Datastore | None = None
         self._guests: dict[int, _Guest] = {}
         self._restores: dict[tuple[str, str], RestoreServer] = {}
@@ -104,10 +113,6 @@ class BackupStoreProvider(BackupProvider):
         if self._store is None:
             self._store = self.settings.open(create=create)
         return self._store
-
-    def bitmap_id(self) -> str:
-        """The dirty bitmap name of this storage: stable, unique per store."""
-        return "store-" + self.store().config.store_id.split("-")[0]
 
     # job hooks ---------------------------------------------------------------------
 
@@ -159,35 +164,16 @@ class BackupStoreProvider(BackupProvider):
         if GuestType(vmtype) is GuestType.LXC:
             raise UnsupportedError(_NOT_YET)
         guest = self._guests.get(vmid)
-        bitmap = self.bitmap_id()
-        record = read_base(self.store().backend, "vm", vmid)
-        if record is None:
-            # No backup into this store used the bitmap yet: the host creates it.
-            return BackupMechanism.NBD, bitmap
-        if record.snapshot is None:
-            self.log("info", f"full backup: {record.reason or 'no usable base'}")
-            return BackupMechanism.NBD, None
-        why = self._base_problem(record.snapshot)
-        if why is not None:
-            self.log("warn", f"full backup: the previous backup {record.snapshot} {why}")
-            return BackupMechanism.NBD, None
-        if guest is not None:
-            guest.bitmap_id = bitmap
-            guest.base = record.snapshot
-        return BackupMechanism.NBD, bitmap
-
-    def _base_problem(self, sid: SnapshotId) -> str | None:
-        """Why snapshot ``sid`` cannot be an incremental base, or None if it can."""
         store = self.store()
-        try:
-            snap = store.open_snapshot(sid)
-        except VolumeNotFoundError:
-            return "is gone"
-        except IntegrityError as exc:
-            return f"is unreadable ({exc})"
-        if snap.manifest.chunk_size != self.settings.index_chunk_size(store):
-            return "uses another chunk size"
-        return None
+        decision = decide(
+            store, self.hoststate, GuestType.QEMU, vmid, self.settings.index_chunk_size(store)
+        )
+        self.log(decision.level, decision.message)
+        if guest is not None:
+            guest.bitmap_id = decision.bitmap_id
+            guest.base = decision.base
+            guest.base_sha256 = decision.base_sha256
+        return BackupMechanism.NBD, decision.bitmap_id
 
     def backup_get_target(self, vmid: int, vmtype: GuestType) -> str:
         return self._guest(vmid).snapshot.volname
@@ -230,6 +216,9 @@ class BackupStoreProvider(BackupProvider):
             try:
                 base = self.store().open_snapshot(guest.base)
             except PveBackupError:
+                base = None
+            # Threat: the store changed since backup_get_mechanism proved the base.
+            if base is not None and base.manifest_sha256 != guest.base_sha256:
                 base = None
         job = DiskBackup(
             store=self.store(),
@@ -274,7 +263,15 @@ class BackupStoreProvider(BackupProvider):
         crash_point("backup-after-manifest")
         guest.committed = True
         guest.task_size = guest.stored_bytes + sum(f.size for f in manifest.files.values())
-        write_base(self.store().backend, "vm", vmid, BitmapBase(guest.snapshot))
+        # The proof for the next incremental: this snapshot, byte for byte (the host
+        # clears the bitmap only after we return).
+        commit_base(
+            self.store(),
+            self.hoststate,
+            "vm",
+            vmid,
+            BitmapBase(guest.snapshot, writer.manifest_sha256, writer.bitmap_id),
+        )
         self.log(
             "info",
             f"snapshot {guest.snapshot} committed: new {format_bytes(guest.new_bytes)} "
@@ -294,7 +291,7 @@ class BackupStoreProvider(BackupProvider):
         elif BitmapMode.NEW in guest.modes.values():
             reason = "a backup that created a new dirty bitmap failed"
         if reason is not None and not guest.committed:
-            write_base(self.store().backend, "vm", vmid, BitmapBase(None, reason))
+            reset_base(self.store(), self.hoststate, "vm", vmid, reason)
 
     def backup_handle_log_file(self, vmid: int, filename: str) -> None:
         guest = self._guests.get(vmid)
@@ -329,13 +326,13 @@ class BackupStoreProvider(BackupProvider):
         return RestoreMechanism.QEMU_IMG, GuestType.QEMU
 
     def extract_guest_config(self, volname: str, storeid: str) -> str:
-        return self._snapshot(volname).read_file(CONFIG_FILE).decode("utf-8")
+        return _config_text(self._snapshot(volname), CONFIG_FILE)
 
     def extract_firewall_config(self, volname: str, storeid: str) -> str | None:
         snap = self._snapshot(volname)
         if FIREWALL_FILE not in snap.file_names():
             return None
-        return snap.read_file(FIREWALL_FILE).decode("utf-8")
+        return _config_text(snap, FIREWALL_FILE)
 
     def restore_qemu_get_device_info(self, volname: str, storeid: str) -> DeviceInfo:
         return {name: {"size": dev.size} for name, dev in self._snapshot(volname).devices.items()}
@@ -380,3 +377,14 @@ class BackupStoreProvider(BackupProvider):
         return store.codec.decode(data, name=f"snapshot {snap.id} {TASK_LOG_FILE}").decode(
             "utf-8", errors="replace"
         )
+
+
+def _config_text(snap: Snapshot, name: str) -> str:
+    """A stored config as text; we only store UTF-8, so anything else is damage."""
+    data = snap.read_file(name)
+    if len(data) > MAX_CONFIG_FILE_SIZE:
+        raise CorruptIndexError(f"snapshot {snap.id}: {name} is larger than a config can be")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorruptIndexError(f"snapshot {snap.id}: {name} is not UTF-8 text") from exc

@@ -15,7 +15,9 @@ Errors: a missing key on ``get``/``stat`` is ``ObjectNotFoundError``; a failure
 that retrying cannot fix (disk full, permission denied, read-only filesystem, bad
 key) is ``PermanentBackendError``; one that may go away (timeouts, throttling,
 interrupted I/O) is ``TransientBackendError``. Backends raise nothing else on
-purpose (``ValueError`` for a malformed key is mapped to ``PermanentBackendError``).
+purpose (``ValueError`` for a malformed key is mapped to ``PermanentBackendError``),
+except ``UnsafeStorageError`` from a file-system backend that meets a symlink or
+special file in the store (tampering: neither retrying nor "not found" fits).
 
 Concurrency: every method may be called from several threads at once and from
 several processes on the same store at once.

@@ -2,11 +2,22 @@
 
 Every ``put`` writes a temporary file (``.tmp-*``, in the target's directory, so on
 the same filesystem), fsyncs it when durable, and then publishes it:
-``os.link`` for ``overwrite=False`` (fails with EEXIST if the key exists: an atomic
+``link`` for ``overwrite=False`` (fails with EEXIST if the key exists: an atomic
 no-overwrite insert, so two processes inserting the same chunk both succeed) or
-``os.replace`` for ``overwrite=True``; then it fsyncs the directory. The temporary
-file is always removed. ``sync`` calls ``syncfs(2)`` on the store's filesystem, so
-a batch of non-durable puts costs one flush instead of two fsyncs each.
+``rename`` for ``overwrite=True``; then it fsyncs the directory. The temporary
+file is always removed (:func:`pvebackup.kit.safefs.atomic_write_at`). ``sync``
+calls ``syncfs(2)`` on the store's filesystem, so a batch of non-durable puts
+costs one flush instead of two fsyncs each.
+
+Threat: whoever can write the store's directory can plant a symlink at
+``chunks/ab``, ``chunks`` or ``snapshots/...`` (or swap a directory for one while
+we run) to make a backup write, or ``remove``/GC delete, outside the store. So
+the root (the configured path, trusted, may itself be a symlink) is opened once
+and held; every key is reached from it one directory at a time with
+``O_NOFOLLOW`` (:mod:`pvebackup.kit.safefs`). A symlink, device, fifo or socket
+met on the way raises :class:`~pvebackup.api.errors.UnsafeStorageError` (exit 8):
+the store is tampered with, and no retry helps. ``list`` shows regular files only
+and does not enter symlinked directories.
 
 OSError mapping: ENOENT on read is ``ObjectNotFoundError``; EINTR, EAGAIN, EBUSY,
 ETIMEDOUT, ESTALE are ``TransientBackendError``; everything else (ENOSPC, EDQUOT,
@@ -18,8 +29,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import secrets
 import stat
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
@@ -28,184 +39,153 @@ from pvebackup.api.errors import (
     ObjectNotFoundError,
     PermanentBackendError,
     TransientBackendError,
+    UnsafeStorageError,
 )
+from pvebackup.kit import safefs
+from pvebackup.kit.safefs import owned_fd
 from pvebackup.store.backends.base import ObjectInfo, validate_key
 
 __all__ = ["LocalBackend"]
 
 _TRANSIENT = frozenset({errno.EINTR, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE})
-_TMP_PREFIX = ".tmp-"
 
 
-def _fail(what: str, path: Path, exc: OSError) -> NoReturn:
+def _fail(what: str, path: Path | str, exc: OSError) -> NoReturn:
     msg = f"{what} {path}: {exc.strerror or exc}"
     if exc.errno in _TRANSIENT:
         raise TransientBackendError(msg) from exc
     raise PermanentBackendError(msg) from exc
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class LocalBackend:
-    """A backend over the directory ``root`` (created if missing)."""
+    """A backend over the directory ``root`` (created if missing).
+
+    Holds an fd of ``root`` for its lifetime (closed when the backend is
+    collected, or by :meth:`close`).
+    """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
-        self._dirs: set[Path] = set()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
+            self._root_fd = safefs.open_root(self.root)
         except OSError as exc:
-            _fail("cannot create store directory", self.root, exc)
+            _fail("cannot open store directory", self.root, exc)
+        self._closer = weakref.finalize(self, os.close, self._root_fd)
 
     def __repr__(self) -> str:
         return f"LocalBackend({str(self.root)!r})"
 
-    def _path(self, key: str) -> Path:
-        return self.root / validate_key(key)
+    def close(self) -> None:
+        """Close the store directory's fd (the backend cannot be used afterwards)."""
+        self._closer()
+
+    def _parent(self, key: str, *, create: bool = False, durable: bool = False) -> tuple[int, str]:
+        """An fd of the directory holding ``key`` (the caller closes it), and the last name.
+
+        :raises FileNotFoundError, NotADirectoryError: a directory of the key is absent.
+        :raises UnsafeStorageError: one is a symlink or special file.
+        """
+        parent, _, name = validate_key(key).rpartition("/")
+        return safefs.open_dir(self._root_fd, parent, create=create, durable=durable), name
 
     def get(self, key: str) -> bytes:
         # os-level calls: this runs per chunk on restores, and pathlib's open()
         # builds a buffered file object per call (a third of a warm restore here).
-        path = self._path(key)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode):
-                    raise IsADirectoryError(path)
-                parts = [os.read(fd, st.st_size)]
-                while True:  # a short read, or an object longer than it was
-                    more = os.read(fd, 1 << 20)
-                    if not more:
-                        break
-                    parts.append(more)
-            finally:
-                os.close(fd)
+            dir_fd, name = self._parent(key)
+            with owned_fd(dir_fd):
+                return safefs.read_file_at(dir_fd, name)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
             raise ObjectNotFoundError(f"no object {key!r} in {self.root}") from exc
         except OSError as exc:
-            _fail("cannot read", path, exc)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def _make_parents(self, parent: Path, durable: bool) -> None:
-        # Directories are never removed behind our back while a store is open, so
-        # the ones seen once need no more system calls (a stat per chunk adds up).
-        if parent in self._dirs:
-            return
-        missing: list[Path] = []
-        p = parent
-        while not p.is_dir():
-            missing.append(p)
-            p = p.parent
-        if missing:
-            parent.mkdir(parents=True, exist_ok=True)
-            if durable:
-                # A new directory is durable only once its own parent is synced.
-                for d in missing:
-                    _fsync_dir(d.parent)
-        self._dirs.add(parent)
+            _fail("cannot read", self.root / key, exc)
 
     def put(self, key: str, data: bytes, *, overwrite: bool, durable: bool = True) -> bool:
-        path = self._path(key)
-        if not overwrite and path.exists():
-            return False
-        tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{secrets.token_hex(6)}")
         try:
-            self._make_parents(path.parent, durable)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            try:
-                with memoryview(data) as view:
-                    written = 0
-                    while written < len(view):
-                        written += os.write(fd, view[written:])
-                if durable:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            if overwrite:
-                os.replace(tmp, path)
-            else:
-                try:
-                    os.link(tmp, path)
-                except FileExistsError:
-                    return False
-            if durable:
-                _fsync_dir(path.parent)
-            return True
+            dir_fd, name = self._parent(key, create=True, durable=durable)
+            with owned_fd(dir_fd):
+                return safefs.atomic_write_at(
+                    dir_fd, name, data, overwrite=overwrite, durable=durable
+                )
         except OSError as exc:
-            _fail("cannot write", path, exc)
-        finally:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            except OSError:
-                pass  # an unremovable temp file is harmless: list() never shows it
+            _fail("cannot write", self.root / key, exc)
+
+    def _lstat(self, key: str) -> os.stat_result | None:
+        """The object's lstat, None if absent; a symlink or special file is refused."""
+        try:
+            dir_fd, name = self._parent(key)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        with owned_fd(dir_fd):
+            st = safefs.stat_at(dir_fd, name)
+        if st is None or stat.S_ISDIR(st.st_mode):
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeStorageError(
+                f"refusing {key!r} in {self.root}: not a regular file (a symlink?)"
+            )
+        return st
 
     def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+        try:
+            return self._lstat(key) is not None
+        except OSError as exc:
+            _fail("cannot stat", self.root / key, exc)
 
     def stat(self, key: str) -> ObjectInfo:
-        path = self._path(key)
         try:
-            st = os.stat(path)
-        except (FileNotFoundError, NotADirectoryError) as exc:
-            raise ObjectNotFoundError(f"no object {key!r} in {self.root}") from exc
+            st = self._lstat(key)
         except OSError as exc:
-            _fail("cannot stat", path, exc)
-        if not stat.S_ISREG(st.st_mode):
+            _fail("cannot stat", self.root / key, exc)
+        if st is None:
             raise ObjectNotFoundError(f"no object {key!r} in {self.root}")
         return ObjectInfo(st.st_size, st.st_mtime)
 
     def delete(self, key: str) -> None:
-        path = self._path(key)
         try:
-            path.unlink()
+            dir_fd, name = self._parent(key)
+            with owned_fd(dir_fd):
+                # unlink(2) removes a symlink itself, never its target.
+                os.unlink(name, dir_fd=dir_fd)
         except (FileNotFoundError, NotADirectoryError):
             return
         except OSError as exc:
-            _fail("cannot delete", path, exc)
+            _fail("cannot delete", self.root / key, exc)
 
     def list(self, prefix: str = "") -> Iterator[str]:
-        # Start at the deepest directory the prefix names completely.
+        # Start at the deepest directory the prefix names completely. Directories
+        # still to visit are kept as key prefixes, not fds (a wide store would
+        # run out of them), and each is opened from the root again, no symlinks.
         base, _, _ = prefix.rpartition("/")
-        start = self.root / base if base else self.root
-        stack: list[tuple[Path, str]] = [(start, f"{base}/" if base else "")]
+        stack = [f"{base}/" if base else ""]
         while stack:
-            directory, key_prefix = stack.pop()
+            key_prefix = stack.pop()
             try:
-                entries = list(os.scandir(directory))
+                dir_fd = safefs.open_dir(self._root_fd, key_prefix.rstrip("/"))
             except (FileNotFoundError, NotADirectoryError):
-                continue
+                continue  # removed meanwhile
             except OSError as exc:
-                _fail("cannot list", directory, exc)
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                key = key_prefix + entry.name
-                if entry.is_dir(follow_symlinks=False):
-                    if key.startswith(prefix) or prefix.startswith(key + "/"):
-                        stack.append((Path(entry.path), key + "/"))
-                elif key.startswith(prefix):
-                    yield key
+                _fail("cannot list", self.root / key_prefix, exc)
+            with owned_fd(dir_fd):  # open while entries are asked (DT_UNKNOWN: fstatat)
+                try:
+                    entries = safefs.listdir_at(dir_fd)
+                except OSError as exc:
+                    _fail("cannot list", self.root / key_prefix, exc)
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        continue
+                    key = key_prefix + entry.name
+                    if entry.is_dir(follow_symlinks=False):
+                        if key.startswith(prefix) or prefix.startswith(key + "/"):
+                            stack.append(key + "/")
+                    elif entry.is_file(follow_symlinks=False) and key.startswith(prefix):
+                        yield key
 
     def sync(self) -> None:
-        try:
-            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as exc:
-            _fail("cannot open", self.root, exc)
-        try:
-            if _syncfs(fd) != 0:
-                err = ctypes.get_errno()
-                _fail("cannot sync", self.root, OSError(err, os.strerror(err)))
-        finally:
-            os.close(fd)
+        if _syncfs(self._root_fd) != 0:
+            err = ctypes.get_errno()
+            _fail("cannot sync", self.root, OSError(err, os.strerror(err)))
 
 
 def _load_syncfs() -> ctypes._NamedFuncPointer | None:
