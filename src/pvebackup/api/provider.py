@@ -49,7 +49,6 @@ from pvebackup.api.types import (
     BitmapMode,
     DeviceInfo,
     GuestType,
-    IdMapEntry,
     LogFunction,
     LogLevel,
     RestoreMechanism,
@@ -267,7 +266,7 @@ class BackupProvider:
         self,
         vmid: int,
         directory: str,
-        id_map: Sequence[IdMapEntry],
+        id_map: Sequence[Sequence[str]],
         exclude_paths: Sequence[str],
         sources: Sequence[str],
         bandwidth_limit: int | None,
@@ -276,8 +275,13 @@ class BackupProvider:
 
         :param vmid: id of the guest being backed up.
         :param directory: path of the directory to back up.
-        :param id_map: the container's uid/gid mappings, each
-            ``(kind, ct_start, host_start, count)`` (see :class:`IdMapEntry`).
+        :param id_map: the container's uid/gid mappings in the seed's shape: a
+            list of 4-element lists of strings, e.g.
+            ``[["u", "0", "100000", "65536"], ["g", "0", "100000", "65536"]]``
+            (kind ``u``/``g``, first container id, first host id, count); empty
+            for a privileged container. Unpack or index them as in the seed; to
+            compute, wrap them with :class:`~pvebackup.api.idmap.IdMapper`
+            (accepts this list as it is) or :meth:`IdMapEntry.from_seed`.
             Files in ``directory`` are owned by host ids; a provider that stores
             ownership stores container ids by reversing this map.
         :param exclude_paths: glob patterns of files and directories to exclude,

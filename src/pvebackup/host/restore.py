@@ -27,6 +27,7 @@ leaves existing guests untouched.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -34,7 +35,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -219,9 +221,9 @@ class _Restore:
 
     def restore(self) -> RestoreResult:
         try:
-            mechanism, vmtype = self.provider.restore_get_mechanism(self.volname, self.storeid)
-            mechanism = RestoreMechanism(mechanism)
-            vmtype = GuestType(vmtype)
+            mechanism, vmtype = _restore_mechanism(
+                self.provider.restore_get_mechanism(self.volname, self.storeid)
+            )
             if _VMTYPE_OF[mechanism] != vmtype:
                 raise UnsupportedError(
                     f"restore mechanism '{mechanism}' does not fit guest type '{vmtype}'"
@@ -297,15 +299,18 @@ class _Restore:
             size = _device_size(info[disk.devicename], disk.devicename)
             volid, path = self._alloc_image(disk.spec.storeid, size)
             self.log.info(f"{disk.devicename}: restoring {format_size(size)} into {volid}")
-            source = self.provider.restore_qemu_img_init(
-                self.volname, self.storeid, disk.devicename
-            )
-            try:
+            with self._paired(
+                "restore_qemu_img",
+                functools.partial(
+                    self.provider.restore_qemu_img_init, self.volname, self.storeid,
+                    disk.devicename,
+                ),
+                functools.partial(
+                    self.provider.restore_qemu_img_cleanup, self.volname, self.storeid,
+                    disk.devicename,
+                ),
+            ) as source:
                 _qemu_img_convert(str(source), path, self._progress(disk.devicename))
-            finally:
-                self.provider.restore_qemu_img_cleanup(
-                    self.volname, self.storeid, disk.devicename
-                )
             replace[disk.key] = disk.spec.render(volume=volid, size=format_size(size))
         return replace
 
@@ -332,19 +337,51 @@ class _Restore:
             replace[mp.key] = mp.spec.render(volume=volid)
             self.log.info(f"{mp.key} ({mp.ct_path}): restoring into {volid}")
         id_map = config.id_map()
+        vol, sid = self.volname, self.storeid
         if mechanism == RestoreMechanism.TAR:
-            archive = self.provider.restore_tar_init(self.volname, self.storeid)
-            try:
+            with self._paired(
+                "restore_tar",
+                lambda: self.provider.restore_tar_init(vol, sid),
+                lambda: self.provider.restore_tar_cleanup(vol, sid),
+            ) as archive:
                 extract_tar(Path(archive), targets, id_map, log=self.log)
-            finally:
-                self.provider.restore_tar_cleanup(self.volname, self.storeid)
         else:
-            source = self.provider.restore_directory_init(self.volname, self.storeid)
-            try:
+            with self._paired(
+                "restore_directory",
+                lambda: self.provider.restore_directory_init(vol, sid),
+                lambda: self.provider.restore_directory_cleanup(vol, sid),
+            ) as source:
                 copy_directory(Path(source), targets, id_map, log=self.log)
-            finally:
-                self.provider.restore_directory_cleanup(self.volname, self.storeid)
         return replace
+
+    @contextmanager
+    def _paired(
+        self, method: str, init: Callable[[], str], cleanup: Callable[[], None]
+    ) -> Iterator[str]:
+        """``<method>_init``, the body, and ``<method>_cleanup`` always after it.
+
+        The seed calls the cleanup "in both, success and failure scenarios", and a
+        provider may fail half-way through its init (an nbdkit started, a temporary
+        directory made): so the cleanup also runs when the init raised. Its own
+        failure then is logged and the init's error is the one raised (a provider
+        may have nothing to clean). After a successful init a failing cleanup is
+        raised (chained to the body's error, if any): backup-store's cleanup
+        names the corrupt chunk that qemu-img only saw as EIO (exit 5).
+        """
+        try:
+            value = init()
+        except BaseException:
+            try:
+                cleanup()
+            except Exception as exc:
+                self.log.err(f"{method}_cleanup after a failed init: {_describe(exc)}")
+            raise
+        try:
+            if not isinstance(value, str | os.PathLike) or not str(value):
+                raise PluginError(f"{method}_init returned {value!r:.80}, not a path or URI")
+            yield str(value)
+        finally:
+            cleanup()
 
     # -- cleanup and replacement ---------------------------------------------------
 
@@ -398,6 +435,34 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, PveBackupError):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
+
+
+def _restore_mechanism(answer: object) -> tuple[RestoreMechanism, GuestType]:
+    """Check ``restore_get_mechanism``'s answer: a typed error, never a ValueError.
+
+    :raises UnsupportedError: a mechanism or guest type this host does not know.
+    :raises PluginError: not a ``(mechanism, vmtype)`` pair.
+    """
+    if not isinstance(answer, tuple | list) or len(answer) != 2:
+        raise PluginError(
+            f"restore_get_mechanism returned {answer!r:.80}, not (mechanism, vmtype)"
+        )
+    mechanism, vmtype = answer
+    try:
+        mech = RestoreMechanism(mechanism)
+    except ValueError as exc:
+        known = ", ".join(m.value for m in RestoreMechanism)
+        raise UnsupportedError(
+            f"restore_get_mechanism: unknown restore mechanism {mechanism!r:.40} ({known})"
+        ) from exc
+    try:
+        kind = GuestType(vmtype)
+    except ValueError as exc:
+        known = ", ".join(t.value for t in GuestType)
+        raise UnsupportedError(
+            f"restore_get_mechanism: unknown guest type {vmtype!r:.40} ({known})"
+        ) from exc
+    return mech, kind
 
 
 _FORMAT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")

@@ -36,7 +36,6 @@ from pvebackup.api.types import (
     BitmapMode,
     DeviceInfo,
     GuestType,
-    IdMapEntry,
     LogFunction,
     RestoreMechanism,
 )
@@ -522,7 +521,7 @@ class BackupDirProvider(BackupProvider):
         self,
         vmid: int,
         directory: str,
-        id_map: Sequence[IdMapEntry],
+        id_map: Sequence[Sequence[str]],
         exclude_paths: Sequence[str],
         sources: Sequence[str],
         bandwidth_limit: int | None,
