@@ -276,9 +276,19 @@ class UnsafeStorageError(UnsafeArchiveError):
 
 
 class ExternalToolError(PveBackupError):
-    """An external program (qemu-img, qemu-storage-daemon, nbdkit, tar) failed."""
+    """An external program (qemu-img, qemu-storage-daemon, nbdkit, tar) failed.
+
+    ``returncode`` and ``stderr`` are set when the program ran and exited non-zero
+    (``None`` and ``""`` when it could not be started, timed out or is no program),
+    so a caller can tell "the tool refused this input" from "no tool".
+    """
 
     exit_code = 9
+
+    def __init__(self, message: str, *, returncode: int | None = None, stderr: str = ""):
+        super().__init__(message)
+        self.returncode = returncode
+        self.stderr = stderr
 
 
 class QmpError(ExternalToolError):

@@ -31,10 +31,7 @@ import functools
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -67,7 +64,7 @@ from pvebackup.host.lxc.restore import copy_directory, extract_tar
 from pvebackup.host.runstate import GuestRun
 from pvebackup.host.signals import abort_on_signals
 from pvebackup.host.tasklog import LogRouter
-from pvebackup.kit import proc
+from pvebackup.kit import qemuimg
 from pvebackup.kit.crashpoint import crash_point
 from pvebackup.storage import (
     DirPlugin,
@@ -509,9 +506,6 @@ def _device_size(entry: object, devicename: str) -> int:
     return size
 
 
-_PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
-
-
 def _qemu_img_convert(
     source: str,
     target: Path,
@@ -522,35 +516,24 @@ def _qemu_img_convert(
     """``qemu-img convert`` ``source`` into the existing qcow2 ``target``.
 
     ``source`` is read as raw unless it is a ``json:`` name with a driver
-    (:func:`_source_format`).
-
-    ``progress(percent)`` is called at most every ``interval`` seconds while it
-    runs and once with 100 at the end (qemu-img's ``-p`` output, parsed).
+    (:func:`_source_format`). ``progress(percent)`` is called at most every
+    ``interval`` seconds while it runs and once with 100 at the end.
     """
+    report = qemuimg.throttled(progress, interval) if progress is not None else None
+
+    def on_progress(percent: float) -> None:
+        crash_point("restore-mid-convert")
+        if report is not None:
+            report(percent)
+
     # Both formats explicit: the source as the provider declared it (raw unless
     # it said otherwise), the target as allocated.
-    cmd = ["qemu-img", "convert", "-p", "-n", "--target-is-zero"]
-    cmd += ["-f", _source_format(source), source, "-O", "qcow2", str(target)]
-    with tempfile.TemporaryFile() as errors:
-        child = proc.spawn(cmd, stdout=subprocess.PIPE, stderr=errors)
-        stdout = child.stdout
-        assert stdout is not None
-        try:
-            next_report = time.monotonic() + interval
-            while line := os.read(stdout.fileno(), 4096):  # "\r"-separated, unbuffered
-                crash_point("restore-mid-convert")
-                found = _PROGRESS.findall(line)
-                if found and progress is not None and time.monotonic() >= next_report:
-                    next_report = time.monotonic() + interval
-                    progress(float(found[-1]))
-            child.wait()
-        except BaseException:
-            child.stop(0)  # SIGTERM or a failed callback: never leave qemu-img behind
-            raise
-        returncode = child.stop()
-        if returncode != 0:
-            errors.seek(0)
-            message = errors.read().decode(errors="replace").strip()
-            raise ExternalToolError(f"qemu-img convert {source} -> {target} failed: {message}")
-    if progress is not None:
-        progress(100.0)
+    qemuimg.convert(
+        source,
+        target,
+        source_fmt=_source_format(source),
+        target_fmt="qcow2",
+        target_exists=True,
+        target_is_zero=True,
+        progress=on_progress,
+    )

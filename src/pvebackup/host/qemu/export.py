@@ -34,10 +34,10 @@ from typing import Any
 
 from pvebackup.api.errors import NotFoundError, QmpError, UsageError
 from pvebackup.api.types import BitmapMode, LogFunction, LogLevel
+from pvebackup.kit import qemuimg
 
 from .bitmaps import BitmapPlan, plan_bitmap
 from .daemon import StorageDaemon
-from .images import bitmap_remove, create_image, image_info
 from .qmp import QmpConnectionError
 
 __all__ = ["BackupExport", "DiskSpec", "ExportedDisk"]
@@ -221,7 +221,7 @@ class BackupExport:
         for spec in self._specs:
             if not spec.path.is_file():
                 raise NotFoundError(f"{spec.devicename}: disk image {spec.path} does not exist")
-            info = image_info(spec.path, fmt=spec.format)
+            info = qemuimg.info(spec.path, fmt=spec.format)
             plan = plan_bitmap(
                 info,
                 devicename=spec.devicename,
@@ -232,7 +232,7 @@ class BackupExport:
             plans.append((info.virtual_size, plan))
         for spec, (_, plan) in zip(self._specs, plans, strict=True):
             for name in plan.remove:
-                bitmap_remove(spec.path, name)
+                qemuimg.bitmap_remove(spec.path, name)
         return plans
 
     def _add_nodes(self, d: _Disk) -> None:
@@ -244,7 +244,7 @@ class BackupExport:
             file={"driver": "file", "filename": str(d.spec.path)},
         )
         d.nodes.append(d.disk_node)
-        create_image(d.fleece_path, d.size, fmt="qcow2")
+        qemuimg.create(d.fleece_path, d.size, fmt="qcow2")
         self._qmp(
             "blockdev-add",
             driver="qcow2",
