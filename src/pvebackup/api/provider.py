@@ -37,6 +37,29 @@ Call order of a restore (``pvebackup restore``, qmrestore/pct restore's role)::
     directory: restore_directory_init(...) -> dir, copy, restore_directory_cleanup(...) (always)
 
 Units: sizes in bytes, bandwidth limits in bytes per second, times in Unix seconds.
+
+Same situation, same behaviour. Every provider of this project (and the contract
+suite in :mod:`pvebackup.testing` holds third-party ones to it) answers these
+situations alike, with the error class (and so the CLI exit code) given:
+
+====================================================  =================================
+situation                                             behaviour
+====================================================  =================================
+a per-guest method for a vmid without ``backup_start``  ``UsageError`` (exit 2), message
+(``backup_get_target``, ``backup_get_task_size``,        :func:`no_backup_started`
+``backup_nbd``, ``backup_end``, configs, ...)
+``backup_abort`` / ``backup_handle_log_file`` for a    no-op (the host calls them after a
+vmid without (successful) ``backup_start``              failed ``backup_start``, too)
+``backup_guest_config`` etc. with a file that cannot   ``os_error`` mapping of
+be read                                                 :mod:`pvebackup.kit.oserrors`:
+                                                        missing -> ``NotFoundError`` (3)
+``backup_nbd`` in mode ``reuse`` without a usable      ``BaseUnusableError`` (7); nothing
+base (none, gone, changed, other size)                 stored, the next backup is full
+the storage path is missing or not mounted             ``StorageUnavailableError`` (3),
+                                                        nothing created
+listing before the first backup                        empty list, no error
+no space left on the storage                           ``StorageFullError`` (12)
+====================================================  =================================
 """
 
 from __future__ import annotations
@@ -54,7 +77,13 @@ from pvebackup.api.types import (
     RestoreMechanism,
 )
 
-__all__ = ["BackupProvider"]
+__all__ = ["BackupProvider", "no_backup_started"]
+
+
+def no_backup_started(vmid: int) -> str:
+    """The message of the ``UsageError`` for a guest method called before
+    ``backup_start`` of that guest (the same text from every provider)."""
+    return f"no backup of guest {vmid} was started (backup_start was not called)"
 
 
 class BackupProvider:

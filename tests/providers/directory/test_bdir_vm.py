@@ -13,7 +13,7 @@ import nbd
 import pytest
 from bdir_helpers import STOREID, LogRecords, NbdExports, qemu_io, run
 
-from pvebackup.api.errors import IntegrityError, NbdError, VolumeNotFoundError
+from pvebackup.api.errors import BaseUnusableError, IntegrityError, NbdError, VolumeNotFoundError
 from pvebackup.api.types import BackupMechanism, BitmapMode, GuestType, RestoreMechanism
 from pvebackup.providers.directory import vm
 from pvebackup.providers.directory.provider import BackupDirProvider
@@ -262,7 +262,7 @@ def test_missing_base_image_means_full_backup(
     provider.backup_start(100, GuestType.QEMU)
     assert provider.backup_get_mechanism(100, GuestType.QEMU) == (BackupMechanism.NBD, None)
     # A reuse request without a base is refused instead of leaving a gap.
-    with pytest.raises(IntegrityError, match="no base"):
+    with pytest.raises(BaseUnusableError, match="no previous backup .*next backup will be full"):
         provider.backup_nbd(100, DEVICE, "/nonexistent", BitmapMode.REUSE, BITMAP, None)
     with pytest.raises(IntegrityError, match="lacks its image"):
         provider.restore_qemu_img_init(first, STOREID, DEVICE)
@@ -436,7 +436,7 @@ def test_base_changed_after_it_was_proven_fails_the_incremental(
     assert chain is not None
     index = provider.layout.volume_path(first) / "index.json"
     index.write_text(index.read_text().replace('"stored-size"', '"stored-size" ', 1))
-    with pytest.raises(IntegrityError, match="changed during the backup"):
+    with pytest.raises(BaseUnusableError, match="changed during the backup"):
         provider.backup_nbd(100, DEVICE, nbd_exports.start(disk), BitmapMode.REUSE, BITMAP, None)
     provider.backup_abort(100, "base changed")
     provider.job_end()

@@ -122,7 +122,7 @@ def test_reuse_without_usable_base_fails_and_next_is_full(host: FakeHost, tmp_pa
     run("qemu-img", "bitmap", "--add", str(src), BITMAP)
     host.backup(src, BitmapMode.NEW)
     run("qemu-img", "resize", "-q", str(src), str(8 * MiB))
-    from pvebackup.providers.store.disk import BaseUnusableError
+    from pvebackup.api.errors import BaseUnusableError
 
     with pytest.raises(BaseUnusableError, match="next backup will be full"):
         host.backup(src, BitmapMode.REUSE)

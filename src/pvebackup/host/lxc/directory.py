@@ -36,9 +36,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from pvebackup.api.errors import ExternalToolError, PveBackupError, UnsafeArchiveError
+from pvebackup.api.errors import ExternalToolError, UnsafeArchiveError
 from pvebackup.host.lxc.writer import split_name
 from pvebackup.kit import proc
+from pvebackup.kit.oserrors import os_error
 
 __all__ = ["backup_sources", "prepare_backup_directory"]
 
@@ -234,7 +235,7 @@ def prepare_backup_directory(
         cm = view(rootfs, mountpoints, workdir)
         path = cm.__enter__()
     except OSError as exc:
-        raise PveBackupError(f"cannot prepare the container directory: {exc}") from exc
+        raise os_error(exc, "cannot prepare the container directory") from exc
     try:
         yield path
     except BaseException as exc:
@@ -244,4 +245,4 @@ def prepare_backup_directory(
         try:
             cm.__exit__(None, None, None)
         except OSError as exc:
-            raise PveBackupError(f"cannot remove the container directory: {exc}") from exc
+            raise os_error(exc, "cannot remove the container directory") from exc

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pvebackup.api.errors import (
+    BaseUnusableError,
     IntegrityError,
     LockedError,
     StorageConfigError,
@@ -30,7 +31,7 @@ from pvebackup.api.errors import (
     UsageError,
     VolumeNotFoundError,
 )
-from pvebackup.api.provider import BackupProvider
+from pvebackup.api.provider import BackupProvider, no_backup_started
 from pvebackup.api.types import (
     BackupMechanism,
     BitmapMode,
@@ -43,6 +44,7 @@ from pvebackup.kit import safefs
 from pvebackup.kit.crashpoint import crash_point
 from pvebackup.kit.hoststate import HostState
 from pvebackup.kit.lock import lock_descriptor
+from pvebackup.kit.oserrors import os_error
 from pvebackup.kit.safefs import owned_fd
 from pvebackup.providers.directory import archive, images, stored, tree, vm
 from pvebackup.providers.directory.transfer import MIB
@@ -248,7 +250,7 @@ class BackupDirProvider(BackupProvider):
     def _guest(self, vmid: int) -> _GuestBackup:
         guest = self._guests.get(vmid)
         if guest is None:
-            raise UsageError(f"backup-dir: backup_start was not called for guest {vmid}")
+            raise UsageError(no_backup_started(vmid))
         return guest
 
     def _workdir_fd(self, vmid: int) -> int:
@@ -437,7 +439,9 @@ class BackupDirProvider(BackupProvider):
 
     def backup_handle_log_file(self, vmid: int, filename: str) -> None:
         """Store the task log in the committed volume; nothing for aborted ones."""
-        guest = self._guest(vmid)
+        guest = self._guests.get(vmid)
+        if guest is None:
+            return  # backup_start failed: nothing was kept, so neither is its log
         if guest.final is None:
             self.log("info", f"backup-dir: backup of {vmid} did not complete, log not kept")
             return
@@ -469,15 +473,16 @@ class BackupDirProvider(BackupProvider):
         if bitmap_mode is BitmapMode.REUSE:
             # Only dirty extents can be read: the rest must come from the base.
             if guest.base is None or bitmap_name is None:
-                raise IntegrityError(
-                    f"{devicename}: bitmap mode reuse but no base volume was chosen "
-                    "(backup_get_mechanism returned no bitmap)"
+                raise BaseUnusableError(
+                    f"{devicename}: bitmap mode reuse but there is no previous backup to "
+                    "apply it to; the next backup will be full"
                 )
             # Threat: the storage changed since backup_get_mechanism proved the base.
             if guest.base_index_sha256 is None or (
                 why := self._base_problem(guest.base, guest.base_index_sha256)
             ):
-                raise IntegrityError(
+                # The next backup_get_mechanism finds the changed base again: full.
+                raise BaseUnusableError(
                     f"{devicename}: the base {guest.base} changed during the backup"
                     f"{f' ({why})' if guest.base_index_sha256 else ''}; "
                     "the next backup will be full"
@@ -729,9 +734,15 @@ def _close_workdir(guest: _GuestBackup) -> None:
 
 def _store_host_file(filename: str, dir_fd: int, name: str) -> None:
     """Copy the host file ``filename`` (trusted, small) as ``name`` into ``dir_fd``."""
-    with open(filename, "rb") as src:
-        data = src.read()
-    safefs.atomic_write_at(dir_fd, name, data)
+    try:
+        with open(filename, "rb") as src:
+            data = src.read()
+    except OSError as exc:
+        raise os_error(exc, f"cannot read {filename}") from exc
+    try:
+        safefs.atomic_write_at(dir_fd, name, data)
+    except OSError as exc:  # ENOSPC above all: StorageFullError, exit 12
+        raise os_error(exc, f"cannot store {name}") from exc
 
 
 def _file_digest(path: Path) -> tuple[int, str]:

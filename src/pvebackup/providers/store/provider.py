@@ -21,16 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pvebackup.api.errors import (
+    BaseUnusableError,
     CorruptChunkError,
     CorruptIndexError,
     NotFoundError,
     PveBackupError,
-    StateError,
     UnsupportedError,
     UsageError,
     VolumeNotFoundError,
 )
-from pvebackup.api.provider import BackupProvider
+from pvebackup.api.provider import BackupProvider, no_backup_started
 from pvebackup.api.types import (
     BackupMechanism,
     BitmapMode,
@@ -42,8 +42,9 @@ from pvebackup.api.types import (
 from pvebackup.kit.bounded import MAX_CONFIG_FILE_SIZE
 from pvebackup.kit.crashpoint import crash_point
 from pvebackup.kit.hoststate import HostState
+from pvebackup.kit.oserrors import os_error
 from pvebackup.providers.store.bitmap_base import BitmapBase, commit_base, decide, reset_base
-from pvebackup.providers.store.disk import BaseUnusableError, DiskBackup, SourceFactory
+from pvebackup.providers.store.disk import DiskBackup, SourceFactory
 from pvebackup.providers.store.progress import format_bytes
 from pvebackup.providers.store.restore_server import RestoreServer
 from pvebackup.providers.store.settings import StoreSettings
@@ -138,7 +139,7 @@ class BackupStoreProvider(BackupProvider):
     def _guest(self, vmid: int) -> _Guest:
         guest = self._guests.get(vmid)
         if guest is None:
-            raise StateError(f"no backup of guest {vmid} was started")
+            raise UsageError(no_backup_started(vmid))
         return guest
 
     def _new_snapshot_id(self, vmtype: GuestType, vmid: int) -> SnapshotId:
@@ -179,8 +180,7 @@ class BackupStoreProvider(BackupProvider):
         return self._guest(vmid).snapshot.volname
 
     def backup_get_task_size(self, vmid: int) -> int:
-        guest = self._guests.get(vmid)
-        return 0 if guest is None else guest.task_size
+        return self._guest(vmid).task_size
 
     def backup_guest_config(self, vmid: int, filename: str) -> None:
         self._add_file(vmid, CONFIG_FILE, filename)
@@ -189,12 +189,13 @@ class BackupStoreProvider(BackupProvider):
         self._add_file(vmid, FIREWALL_FILE, filename)
 
     def _add_file(self, vmid: int, name: str, filename: str) -> None:
+        writer = self._guest(vmid).writer
         try:
             with open(filename, "rb") as f:
                 data = f.read()
         except OSError as exc:
-            raise NotFoundError(f"cannot read {filename}: {exc.strerror}") from exc
-        self._guest(vmid).writer.add_file(name, data)
+            raise os_error(exc, f"cannot read {filename}") from exc
+        writer.add_file(name, data)
 
     def backup_nbd(
         self,
