@@ -82,7 +82,11 @@ class BackupStorePlugin(StoragePlugin):
         A snapshot whose manifest does not verify, or whose name is impossible, is
         reported in ``damaged`` and not listed: it cannot be restored.
         """
-        store = StoreSettings.from_scfg(scfg, storeid).open()
+        settings = StoreSettings.from_scfg(scfg, storeid)
+        if settings.empty():
+            # Before the first backup: nothing to list, which is no error (as backup-dir).
+            return VolumeScan([], [])
+        store = settings.open()
         volumes: list[VolumeInfo] = []
         damaged: list[DamagedVolume] = []
 

@@ -221,6 +221,14 @@ class BackupStoreProvider(BackupProvider):
             # Threat: the store changed since backup_get_mechanism proved the base.
             if base is not None and base.manifest_sha256 != guest.base_sha256:
                 base = None
+        if reuse and base is None:
+            # Refused before connecting: only dirty extents can be read, and there
+            # is nothing to take the rest from (the same answer as backup-dir's).
+            guest.base_unusable = "mode reuse without a usable base"
+            raise BaseUnusableError(
+                f"{devicename}: bitmap mode reuse but there is no previous backup to "
+                "apply it to; the next backup will be full"
+            )
         job = DiskBackup(
             store=self.store(),
             writer=guest.writer,

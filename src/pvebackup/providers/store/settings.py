@@ -91,6 +91,15 @@ class StoreSettings:
 
         return load_key_file(self.key_file, passphrase)
 
+    def empty(self, *, create: bool = False) -> bool:
+        """True while the storage holds no datastore yet (before the first backup).
+
+        :raises StorageUnavailableError: not mounted, or the path is missing.
+        """
+        base = self.base or BasePath(self.storeid, Path(self.path))
+        root = base.activate(create=create)
+        return not any(root.iterdir())
+
     def open(self, *, create: bool = False) -> Datastore:
         """Open the datastore; with ``create``, initialise an empty or new directory.
 
@@ -105,9 +114,7 @@ class StoreSettings:
             before anything in the store is touched.
         """
         key = self.load_key()
-        base = self.base or BasePath(self.storeid, Path(self.path))
-        root = base.activate(create=create)
-        empty = not any(root.iterdir())
+        empty = self.empty(create=create)
         if empty and not create:
             raise NotFoundError(f"storage {self.storeid!r}: no datastore at {self.path}")
         backend = make_backend(self.backend, self.path)
