@@ -418,14 +418,17 @@ class BackupDirProvider(BackupProvider):
         return self._guest(vmid).volname
 
     def backup_get_task_size(self, vmid: int) -> int:
-        """Bytes the volume occupies on disk (allocated blocks of all its files)."""
+        """Bytes the volume occupies on disk (allocated blocks of all its files).
+
+        After ``backup_end`` this is the ``stored-size`` of its ``index.json``, the
+        ``size`` that ``list`` shows for the volume (the task log is not counted).
+        """
         guest = self._guest(vmid)
         if guest.workdir_fd >= 0:
             return allocated_size(guest.workdir_fd)
         if guest.final is None:
             return 0
-        with owned_fd(self.layout.open_volume(guest.volname)) as volume_fd:
-            return allocated_size(volume_fd)
+        return guest.index.stored_size
 
     # configuration and log -------------------------------------------------------
 
