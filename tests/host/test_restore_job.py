@@ -15,7 +15,7 @@ import pytest
 from recording_provider import RecordingProvider, call_names, read_calls
 from sample_node import MiB, Node, sh
 
-from pvebackup.api.errors import ExternalToolError, GuestExistsError
+from pvebackup.api.errors import ExternalToolError, GuestExistsError, NotFoundError
 from pvebackup.api.types import GuestType
 from pvebackup.host.guests import CtConfig, VmConfig
 from pvebackup.host.job import run_backup_job
@@ -164,7 +164,8 @@ def test_qemu_img_failure_still_cleans_up(node: Node, monkeypatch: pytest.Monkey
         return str(node.path / "missing.raw")
 
     monkeypatch.setattr(RecordingProvider, "restore_qemu_img_init", bad_source)
-    with pytest.raises(ExternalToolError, match="qemu-img convert"):
+    # A missing source is "not found" (exit 3), with qemu-img's own message.
+    with pytest.raises(NotFoundError, match="qemu-img convert"):
         run_restore(node.root, "rec:qemu-100-000", 200, terminal=None)
     assert call_names(node.backup_dir)[-1] == "restore_qemu_img_cleanup"
     assert node.root.guest_type(200) is None

@@ -18,7 +18,7 @@ from pvebackup.api.types import BackupMechanism, BitmapMode, GuestType, RestoreM
 from pvebackup.providers.directory import vm
 from pvebackup.providers.directory.provider import BackupDirProvider
 from pvebackup.providers.directory.transfer import MIB
-from pvebackup.providers.directory.volumes import VolumeLayout
+from pvebackup.providers.directory.volumes import VolumeLayout, VolumeName
 
 DEVICE = "drive-scsi0"
 BITMAP = "bm0"
@@ -81,7 +81,7 @@ def full_backup(
     mode = BitmapMode.NONE
     if provider.use_bitmap:
         assert bitmap_id is not None  # a fresh chain
-        assert bitmap_id.startswith("backup-dir-" + volname.split("-", 2)[2] + "-")
+        assert bitmap_id.startswith("backup-dir-" + VolumeName.parse(volname).stamp + "-")
         mode = BitmapMode.NEW
     sock = nbd_exports.start(disk)
     provider.backup_nbd(vmid, DEVICE, sock, mode, BITMAP if bitmap_id else None, None)
@@ -101,7 +101,7 @@ def test_full_backup_restores_identically_and_keeps_zeroes_unallocated(
 ) -> None:
     disk = make_disk(tmp_path)
     volname = full_backup(provider, nbd_exports, disk)
-    assert volname.startswith("backup/qemu-100-")
+    assert volname.startswith("backup/vm-100-")
 
     assert provider.restore_get_mechanism(volname, STOREID) == (
         RestoreMechanism.QEMU_IMG,
