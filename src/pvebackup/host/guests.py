@@ -28,7 +28,6 @@ Which volumes a backup includes follows Proxmox VE:
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from pathlib import Path
 from pvebackup.api.errors import GuestConfigError, GuestNotFoundError
 from pvebackup.api.idmap import DEFAULT_UNPRIVILEGED_MAP, parse_lxc_idmap
 from pvebackup.api.types import GuestType, IdMapEntry
+from pvebackup.kit import safefs
 
 __all__ = [
     "DEFAULT_UNPRIVILEGED_ID_MAP",
@@ -442,23 +442,9 @@ def format_size(size: int) -> str:
 
 
 def write_config_file(path: Path, text: str) -> None:
-    """Write ``text`` atomically: temporary name, fsync, rename, fsync the directory."""
+    """Write ``text`` atomically (:func:`pvebackup.kit.safefs.atomic_write_path`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    safefs.atomic_write_path(path, text.encode("utf-8"))
 
 
 class NodeRoot:

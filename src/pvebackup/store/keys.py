@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from pvebackup.api.errors import KeyFileError, MissingKeyError, WrongKeyError
+from pvebackup.kit import safefs
 from pvebackup.kit.secretfile import read_secret_file
 from pvebackup.store.formats import FORMAT_VERSION, KEY_FILE_FORMAT
 
@@ -192,19 +193,13 @@ def write_key_file(
         doc["key"] = _b64(nonce + sealed)
     data = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("ascii")
     try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError as exc:
-        raise KeyFileError(f"{target}: exists, refusing to overwrite a key file") from exc
+        # link(2) publishes the complete file or nothing, and never over an
+        # existing name (a symlink counts): a key file is never overwritten.
+        written = safefs.atomic_write_path(target, data, mode=0o600, overwrite=False)
     except OSError as exc:
-        raise KeyFileError(f"{target}: cannot create: {exc.strerror}") from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as exc:
-        target.unlink(missing_ok=True)
-        raise KeyFileError(f"{target}: cannot write: {exc.strerror}") from exc
+        raise KeyFileError(f"{target}: cannot write: {exc.strerror or exc}") from exc
+    if not written:
+        raise KeyFileError(f"{target}: exists, refusing to overwrite a key file")
 
 
 def create_key_file(

@@ -39,8 +39,8 @@ from pvebackup.api.types import (
     LogFunction,
     RestoreMechanism,
 )
-from pvebackup.kit.bounded import MAX_CONFIG_FILE_SIZE
 from pvebackup.kit.hoststate import HostState
+from pvebackup.kit.safefs import MAX_CONFIG_FILE_SIZE
 from pvebackup.providers.store.bitmap_base import BitmapBase, commit_base, decide, reset_base
 from pvebackup.providers.store.disk import BaseUnusableError, DiskBackup, SourceFactory
 from pvebackup.providers.store.progress import format_bytes
