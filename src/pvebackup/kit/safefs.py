@@ -63,6 +63,7 @@ __all__ = [
     "check_name",
     "exists_at",
     "fd_path",
+    "kind_at",
     "listdir_at",
     "make_dir_at",
     "open_dir",
@@ -127,22 +128,29 @@ def split_relpath(relpath: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(parts)
 
 
-def _kind(dir_fd: int, name: str) -> str:
-    """What ``name`` is now: picks the error for a refusal already made, nothing more.
+_KINDS = {
+    stat.S_IFLNK: "a symlink",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFREG: "a regular file",
+    stat.S_IFIFO: "a special file (FIFO)",
+    stat.S_IFCHR: "a special file (character device)",
+    stat.S_IFBLK: "a special file (block device)",
+    stat.S_IFSOCK: "a special file (socket)",
+}
+_HARMLESS = ("a directory", "a regular file", "gone")
 
-    (A swap between the failed open and this lstat changes only the error type.)
+
+def kind_at(dir_fd: int, name: str) -> str:
+    """What ``name`` in ``dir_fd`` is now, for messages (``"a symlink"``, ``"a directory"``...).
+
+    Picks the words for a refusal already made, nothing more (a swap between the
+    failed open and this lstat changes only the message).
     """
     try:
         mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
     except OSError:
         return "gone"
-    if stat.S_ISLNK(mode):
-        return "a symlink"
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISREG(mode):
-        return "a regular file"
-    return "a special file"
+    return _KINDS.get(stat.S_IFMT(mode), "a special file")
 
 
 def _refuse(dir_fd: int, name: str, expected: str, exc: OSError) -> NoReturn:
@@ -152,8 +160,8 @@ def _refuse(dir_fd: int, name: str, expected: str, exc: OSError) -> NoReturn:
     is hostile; a plain file or directory of the wrong kind only means that
     the expected object is absent.
     """
-    kind = _kind(dir_fd, name)
-    if kind in ("a symlink", "a special file"):
+    kind = kind_at(dir_fd, name)
+    if kind not in _HARMLESS:
         raise UnsafeStorageError(
             f"refusing {name!r}: expected {expected}, found {kind} (not followed)"
         ) from exc
@@ -263,12 +271,10 @@ def open_file_at(dir_fd: int, name: str, flags: int = os.O_RDONLY, mode: int = 0
     # Threat: a device or fifo planted in the storage. Refused before it is opened:
     # opening a tape rewinds it, opening a fifo wakes its writer. (Swapped in after
     # this lstat, the fd check below still refuses it.)
-    st = stat_at(dir_fd, name)
-    if st is not None and not (
-        stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode)
-    ):
+    kind = kind_at(dir_fd, name)
+    if kind not in _HARMLESS and kind != "a symlink":  # a symlink: O_NOFOLLOW refuses it
         raise UnsafeStorageError(
-            f"refusing {name!r}: expected a regular file, found a special file (not opened)"
+            f"refusing {name!r}: expected a regular file, found {kind} (not opened)"
         )
     try:
         fd = os.open(name, flags | _FILE_FLAGS, mode, dir_fd=dir_fd)
