@@ -33,7 +33,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pvebackup.api.errors import GuestConfigError, GuestNotFoundError
+from pvebackup.api.errors import GuestConfigError, GuestNotFoundError, UnsafeStorageError
 from pvebackup.api.idmap import DEFAULT_UNPRIVILEGED_MAP, parse_lxc_idmap
 from pvebackup.api.types import GuestType, IdMapEntry
 from pvebackup.kit import safefs
@@ -522,9 +522,9 @@ class NodeRoot:
             raise GuestNotFoundError(f"no guest with vmid {vmid}")
         path = self.config_path(vmid, vmtype)
         try:
-            text = path.read_text(encoding="utf-8")
+            text = safefs.read_file_path(path, limit=safefs.MAX_CONFIG_FILE_SIZE).decode("utf-8")
         except FileNotFoundError as exc:
             raise GuestNotFoundError(f"no guest with vmid {vmid}") from exc
-        except (OSError, UnicodeDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, UnsafeStorageError) as exc:
             raise GuestConfigError(f"cannot read: {exc}", path=str(path)) from exc
         return parse_guest_config(text, vmid, vmtype, where=str(path))

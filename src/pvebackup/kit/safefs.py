@@ -73,6 +73,7 @@ __all__ = [
     "owned_fd",
     "read_fd",
     "read_file_at",
+    "read_file_path",
     "rmtree_at",
     "split_relpath",
     "stat_at",
@@ -353,6 +354,19 @@ def read_fd(fd: int, *, limit: int | None = None, name: str = "the file") -> byt
         parts.append(more)
         total += len(more)
     return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def read_file_path(
+    path: str | os.PathLike[str], *, limit: int | None = None, follow_symlinks: bool = True
+) -> bytes:
+    """The content of the regular file at a trusted host path (see :func:`open_file_path`).
+
+    :raises OSError: as :func:`open_file_path` and :func:`read_fd` (``EFBIG``:
+        larger than ``limit``).
+    :raises UnsafeStorageError: not a regular file (a FIFO, a device...).
+    """
+    with owned_fd(open_file_path(path, follow_symlinks=follow_symlinks)) as fd:
+        return read_fd(fd, limit=limit, name=os.fspath(path))
 
 
 def read_file_at(dir_fd: int, name: str, *, limit: int | None = None) -> bytes:
