@@ -203,9 +203,6 @@ class GuestConfig:
         entry = self._index.get(key)
         return None if entry is None else entry.value
 
-    def get_all(self, key: str) -> list[str]:
-        return [e.value for e in self.entries if e.key == key]
-
     def render(self, replace: Mapping[str, str | None] | None = None) -> str:
         """The config as text: main section only, ``replace`` maps key -> value or None."""
         replace = replace or {}
@@ -230,9 +227,6 @@ class VmConfig(GuestConfig):
 
     disks: tuple[VmDisk, ...] = ()
 
-    def backup_disks(self) -> list[VmDisk]:
-        return [d for d in self.disks if d.included]
-
     def volume_ids(self) -> list[str]:
         """Every storage volume the VM owns (drives and ``unusedN``), for removal."""
         vols = [d.spec.volid for d in self.disks if d.spec.volid and _owned(d.spec, self.vmid)]
@@ -253,9 +247,6 @@ class CtConfig(GuestConfig):
     @property
     def rootfs(self) -> MountPoint:
         return self.mountpoints[0]
-
-    def backup_mountpoints(self) -> list[MountPoint]:
-        return [m for m in self.mountpoints if m.included]
 
     def id_map(self) -> list[IdMapEntry]:
         """``lxc.idmap`` lines; Proxmox VE's default map when unprivileged without them."""

@@ -366,18 +366,6 @@ class BackupStoreProvider(BackupProvider):
                 + "; ".join(server.integrity_failures)
             )
 
-    def read_task_log(self, volname: str) -> str | None:
-        """The stored task log of a backup, ``None`` if it has none."""
-        snap = self._snapshot(volname)
-        store = self.store()
-        try:
-            data = store.backend.get(snap.id.prefix + TASK_LOG_FILE)
-        except NotFoundError:
-            return None
-        return store.codec.decode(data, name=f"snapshot {snap.id} {TASK_LOG_FILE}").decode(
-            "utf-8", errors="replace"
-        )
-
 
 def _config_text(snap: Snapshot, name: str) -> str:
     """A stored config as text; we only store UTF-8, so anything else is damage."""
