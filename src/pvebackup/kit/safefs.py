@@ -50,7 +50,7 @@ import secrets
 import stat
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import NoReturn
+from typing import NoReturn, TypedDict, Unpack
 
 from pvebackup.api.errors import UnsafeStorageError
 
@@ -58,6 +58,7 @@ __all__ = [
     "DIR_FLAGS",
     "MAX_CONFIG_FILE_SIZE",
     "TMP_PREFIX",
+    "WriteOptions",
     "atomic_write_at",
     "atomic_write_path",
     "check_name",
@@ -494,14 +495,19 @@ def atomic_write_at(
                 pass  # never created, or unremovable: a hidden temp name is harmless
 
 
+class WriteOptions(TypedDict, total=False):
+    """The keyword options of :func:`atomic_write_at`, passed on unchanged."""
+
+    mode: int | None
+    keep_mode: bool
+    overwrite: bool
+    durable: bool
+
+
 def atomic_write_path(
     path: str | os.PathLike[str],
     data: bytes | bytearray | memoryview,
-    *,
-    mode: int | None = None,
-    keep_mode: bool = False,
-    overwrite: bool = True,
-    durable: bool = True,
+    **options: Unpack[WriteOptions],
 ) -> bool:
     """:func:`atomic_write_at` for a trusted host path (its directory must exist).
 
@@ -514,10 +520,7 @@ def atomic_write_path(
     """
     directory, name = os.path.split(os.fspath(path))
     with owned_fd(open_root(directory or ".")) as dir_fd:
-        return atomic_write_at(
-            dir_fd, name, data, mode=mode, keep_mode=keep_mode, overwrite=overwrite,
-            durable=durable,
-        )
+        return atomic_write_at(dir_fd, name, data, **options)
 
 
 def rmtree_at(dir_fd: int, name: str, *, missing_ok: bool = False) -> None:
