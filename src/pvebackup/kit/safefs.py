@@ -48,7 +48,7 @@ import errno
 import os
 import secrets
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import NoReturn, TypedDict, Unpack
 
@@ -190,6 +190,7 @@ def open_dir(
     create: bool = False,
     mode: int = 0o755,
     durable: bool = False,
+    on_create: Callable[[int, str], None] | None = None,
 ) -> int:
     """Open directory ``relpath`` below ``base`` one component at a time, no symlinks.
 
@@ -200,6 +201,9 @@ def open_dir(
         so a symlink swapped in between is refused too.
     :param durable: fsync the parent of each created directory, so that it
         survives a crash.
+    :param on_create: called as ``on_create(parent_fd, name)`` after this call
+        created the component ``name`` (to give it an owner: work relative to
+        ``parent_fd``, never following ``name``).
     :returns: a new fd of the directory; the caller owns it.
     :raises UnsafeStorageError: a component is a symlink or special file, or
         ``relpath`` is not a plain relative path.
@@ -211,7 +215,7 @@ def open_dir(
     fd = base if isinstance(base, int) else open_root(base)
     try:
         for name in parts:
-            nfd = _step(fd, name, create, mode, durable)
+            nfd = _step(fd, name, create, mode, durable, on_create)
             if owned:
                 os.close(fd)
             fd, owned = nfd, True
@@ -222,7 +226,14 @@ def open_dir(
     return fd if owned else os.dup(fd)
 
 
-def _step(dir_fd: int, name: str, create: bool, mode: int, durable: bool) -> int:
+def _step(
+    dir_fd: int,
+    name: str,
+    create: bool,
+    mode: int,
+    durable: bool,
+    on_create: Callable[[int, str], None] | None,
+) -> int:
     """Open (or create and open) the subdirectory ``name`` of ``dir_fd``."""
     try:
         return _open_component(name, dir_fd)
@@ -238,6 +249,8 @@ def _step(dir_fd: int, name: str, create: bool, mode: int, durable: bool) -> int
     except FileExistsError:
         pass  # made by someone else meanwhile: open it like any other
     else:
+        if on_create is not None:
+            on_create(dir_fd, name)
         if durable:
             os.fsync(dir_fd)
     try:
