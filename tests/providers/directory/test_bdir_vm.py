@@ -9,15 +9,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import nbd
 import pytest
 from bdir_helpers import STOREID, LogRecords, NbdExports, qemu_io, run
 
 from pvebackup.api.errors import IntegrityError, NbdError, VolumeNotFoundError
 from pvebackup.api.types import BackupMechanism, BitmapMode, GuestType, RestoreMechanism
+from pvebackup.kit.nbdsource import NbdSource, merge_ranges
+from pvebackup.kit.pacing import MIB
 from pvebackup.providers.directory import vm
 from pvebackup.providers.directory.provider import BackupDirProvider
-from pvebackup.providers.directory.transfer import MIB
 from pvebackup.providers.directory.volumes import VolumeLayout
 
 DEVICE = "drive-scsi0"
@@ -27,36 +27,21 @@ BITMAP = "bm0"
 # -- read planning (pure) ------------------------------------------------------------
 
 
-def test_plan_full_skips_zero_extents_and_splits() -> None:
-    extents = [
-        (0, 3 * MIB, 0),  # data
-        (3 * MIB, 1 * MIB, nbd.STATE_HOLE | nbd.STATE_ZERO),  # hole
-        (4 * MIB, 1 * MIB, nbd.STATE_ZERO),  # allocated zeroes
-        (5 * MIB, 1 * MIB, nbd.STATE_HOLE),  # hole that is not known zero: read it
-    ]
-    reads = vm.plan_reads(extents, incremental=False, chunk=2 * MIB)
-    assert reads == [
+def test_plan_splits_long_extents_in_disk_order() -> None:
+    ranges = [(0, 3 * MIB), (5 * MIB, 1 * MIB)]
+    assert vm.plan_reads(ranges, chunk=2 * MIB) == [
         vm.Extent(0, 2 * MIB),
         vm.Extent(2 * MIB, 1 * MIB),
         vm.Extent(5 * MIB, 1 * MIB),
     ]
 
 
-def test_plan_incremental_reads_only_dirty_extents() -> None:
-    extents = [(0, 65536, 0), (65536, 131072, 1), (196608, 65536, 0), (262144, 65536, 1)]
-    reads = vm.plan_reads(extents, incremental=True)
-    assert reads == [vm.Extent(65536, 131072), vm.Extent(262144, 65536)]
+def test_plan_reads_stay_inside_the_extents() -> None:
+    ranges = [(65536, 131072), (262144, 65536)]
+    reads = vm.plan_reads(ranges, chunk=100_000)
+    assert sum(r.length for r in reads) == 131072 + 65536
     for read in reads:
-        assert any(
-            off <= read.offset and read.offset + read.length <= off + length
-            for off, length, flags in extents
-            if flags & 1
-        )
-
-
-def test_plan_merges_adjacent_extents() -> None:
-    extents = [(0, 100, 1), (100, 50, 1), (300, 10, 1)]
-    assert vm.plan_reads(extents, incremental=True) == [vm.Extent(0, 150), vm.Extent(300, 10)]
+        assert any(off <= read.offset and read.offset + read.length <= off + n for off, n in ranges)
 
 
 # -- end to end with qemu-nbd --------------------------------------------------------
@@ -157,24 +142,22 @@ def test_incremental_backup_writes_only_changes_and_restores_the_chain(
     assert provider.backup_get_task_size(100) < 2 * MIB
 
 
-class RecordingSource:
-    """Wraps the libnbd source handle and records reads and trims."""
+class RecordingSource(NbdSource):
+    """The real source, recording reads and trims."""
 
-    def __init__(self, handle: Any) -> None:
-        self._handle = handle
+    def __init__(self, path: str, name: str, bitmap: str | None) -> None:
+        super().__init__(path, name, bitmap)
         self.reads: list[tuple[int, int]] = []
         self.trims: list[tuple[int, int]] = []
 
-    def aio_pread(self, buf: Any, offset: int) -> Any:
+    def submit_read(self, buf: memoryview, offset: int) -> int:
         self.reads.append((offset, len(buf)))
-        return self._handle.aio_pread(buf, offset)
+        return super().submit_read(buf, offset)
 
-    def trim(self, length: int, offset: int) -> Any:
-        self.trims.append((offset, length))
-        return self._handle.trim(length, offset)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._handle, name)
+    def trim(self, offset: int, length: int) -> None:
+        if self.can_trim:
+            self.trims.append((offset, length))
+        super().trim(offset, length)
 
 
 @pytest.mark.e2e
@@ -189,8 +172,8 @@ def test_incremental_never_reads_outside_dirty_extents(
     run("qemu-img", "create", "-q", "-f", "qcow2", str(base), "32M")
     recorded: list[RecordingSource] = []
 
-    def connect(path: str, name: str, context: str) -> Any:
-        recorded.append(RecordingSource(vm._connect_source(path, name, context)))
+    def connect(path: str, name: str, bitmap: str | None) -> RecordingSource:
+        recorded.append(RecordingSource(path, name, bitmap))
         return recorded[-1]
 
     sock = nbd_exports.start(disk, bitmap=BITMAP)
@@ -220,8 +203,8 @@ def test_discards_every_extent_after_writing_it(
     run("cp", "--sparse=always", str(disk), str(fleece_like))
     recorded: list[RecordingSource] = []
 
-    def connect(path: str, name: str, context: str) -> Any:
-        recorded.append(RecordingSource(vm._connect_source(path, name, context)))
+    def connect(path: str, name: str, bitmap: str | None) -> RecordingSource:
+        recorded.append(RecordingSource(path, name, bitmap))
         return recorded[-1]
 
     sock = nbd_exports.start(fleece_like, writable=True)
@@ -238,7 +221,8 @@ def test_discards_every_extent_after_writing_it(
         connect_source=connect,
     )
     nbd_exports.stop_all()
-    assert sorted(recorded[0].trims) == sorted(recorded[0].reads)
+    # joined discards cover exactly what was read (all of it 64 KiB-aligned here)
+    assert merge_ranges(recorded[0].trims) == merge_ranges(recorded[0].reads)
     assert stats.discarded == stats.read == 4 * MIB
     # The discarded export image no longer holds the data; the backup does.
     assert not any(e["data"] for e in image_map(fleece_like))

@@ -41,9 +41,9 @@ from pvebackup.api.types import (
 )
 from pvebackup.kit import safefs
 from pvebackup.kit.hoststate import HostState
+from pvebackup.kit.pacing import MIB
 from pvebackup.kit.safefs import owned_fd
 from pvebackup.providers.directory import archive, images, stored, tree, vm
-from pvebackup.providers.directory.transfer import MIB
 from pvebackup.providers.directory.volumes import (
     BackupIndex,
     DeviceEntry,
