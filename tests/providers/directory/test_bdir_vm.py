@@ -14,6 +14,7 @@ from bdir_helpers import STOREID, LogRecords, NbdExports, qemu_io, run
 
 from pvebackup.api.errors import IntegrityError, NbdError, VolumeNotFoundError
 from pvebackup.api.types import BackupMechanism, BitmapMode, GuestType, RestoreMechanism
+from pvebackup.kit.nbdfake import FakeNbdSource
 from pvebackup.kit.nbdsource import NbdSource, merge_ranges
 from pvebackup.kit.pacing import MIB
 from pvebackup.providers.directory import vm
@@ -428,3 +429,88 @@ def test_base_changed_after_it_was_proven_fails_the_incremental(
     provider.backup_start(100, GuestType.QEMU)
     assert provider.backup_get_mechanism(100, GuestType.QEMU)[1] is None
     assert any(lv == "warn" and "its index changed" in m for lv, m in logs)
+
+
+# -- with the kit's fake source (the export is in memory; the image is real) ---------
+
+
+def raw_bytes(image: Path, tmp_path: Path) -> bytes:
+    raw = tmp_path / "out.raw"
+    run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image), str(raw))
+    return raw.read_bytes()
+
+
+def test_full_backup_from_the_fake_reads_allocated_extents_only(
+    tmp_path: Path, logs: LogRecords
+) -> None:
+    data = bytearray(8 * MIB)
+    data[MIB : 2 * MIB] = b"\x11" * MIB
+    data[5 * MIB : 5 * MIB + 4096] = b"\x22" * 4096
+    data[7 * MIB : 7 * MIB + 4096] = b"\x33" * 4096  # not reported allocated: never read
+    fake = FakeNbdSource(bytes(data), allocated=[(MIB, MIB), (4 * MIB, 2 * MIB)])
+    (tmp_path / "vol").mkdir()
+    out = tmp_path / "vol" / "out.qcow2"
+    stats = vm.backup_disk(
+        nbd_path="unused",
+        devicename=DEVICE,
+        image=out,
+        backing=None,
+        bitmap_name=None,
+        bandwidth_limit=None,
+        log_function=lambda level, msg: logs.append((level, msg)),
+        connect_source=lambda path, name, bitmap: fake,
+    )
+    assert fake.closed
+    assert merge_ranges(fake.reads) == [(MIB, MIB), (4 * MIB, 2 * MIB)]
+    assert merge_ranges(fake.trims) == [(MIB, MIB), (4 * MIB, 2 * MIB)]
+    assert stats.read == stats.written == stats.discarded == 3 * MIB
+    data[7 * MIB : 7 * MIB + 4096] = bytes(4096)
+    assert raw_bytes(out, tmp_path) == bytes(data)
+    assert logs[-1][1].startswith(f"{DEVICE}: 100% (3.0 of 3.0 MiB) in ")
+
+
+def test_incremental_from_the_fake_reads_dirty_extents_only(
+    tmp_path: Path, logs: LogRecords
+) -> None:
+    base = tmp_path / "base.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(base), "4M")
+    qemu_io(base, "write -P 0x11 0 4M")
+    data = bytearray(b"\x11" * 4 * MIB)
+    data[MIB : MIB + 64 * 1024] = b"\x44" * (64 * 1024)
+    data[3 * MIB : 3 * MIB + 64 * 1024] = bytes(64 * 1024)  # dirty and now zero
+    # The fake refuses any read outside these, as qemu does in bitmap mode reuse.
+    fake = FakeNbdSource(bytes(data), dirty=[(MIB, 64 * 1024), (3 * MIB, 64 * 1024)])
+    (tmp_path / "vol").mkdir()
+    out = tmp_path / "vol" / "out.qcow2"
+    stats = vm.backup_disk(
+        nbd_path="unused",
+        devicename=DEVICE,
+        image=out,
+        backing=base,
+        bitmap_name=BITMAP,
+        bandwidth_limit=None,
+        log_function=lambda level, msg: logs.append((level, msg)),
+        connect_source=lambda path, name, bitmap: fake,
+    )
+    assert fake.reads == [(MIB, 64 * 1024), (3 * MIB, 64 * 1024)]
+    assert (stats.written, stats.zeroed) == (64 * 1024, 64 * 1024)
+    assert raw_bytes(out, tmp_path) == bytes(data)
+
+
+def test_failed_read_from_the_fake_is_an_nbd_error_and_disconnects(
+    tmp_path: Path, logs: LogRecords
+) -> None:
+    fake = FakeNbdSource(b"\x01" * 4 * MIB, fail_at=2 * MIB)
+    (tmp_path / "vol").mkdir()
+    with pytest.raises(NbdError, match="injected"):
+        vm.backup_disk(
+            nbd_path="unused",
+            devicename=DEVICE,
+            image=tmp_path / "vol" / "out.qcow2",
+            backing=None,
+            bitmap_name=None,
+            bandwidth_limit=None,
+            log_function=lambda level, msg: logs.append((level, msg)),
+            connect_source=lambda path, name, bitmap: fake,
+        )
+    assert fake.closed
