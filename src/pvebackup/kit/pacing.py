@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 from pvebackup.api.types import LogFunction
+from pvebackup.kit.crashpoint import crash_point
 
 __all__ = ["MIB", "PROGRESS_INTERVAL", "PacedReader", "ProgressLog", "TokenBucket"]
 
@@ -147,4 +148,5 @@ class PacedReader:
             self._limiter.consume(size)
             data = self._source.read(size)
         self._progress.advance(len(data))
+        crash_point("backup-mid-read")
         return data

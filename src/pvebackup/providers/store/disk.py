@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from pvebackup.api.errors import CorruptIndexError, ObjectNotFoundError, PveBackupError
 from pvebackup.api.types import LogFunction
+from pvebackup.kit.crashpoint import crash_point
 from pvebackup.kit.nbdsource import SourceFactory, connect
 from pvebackup.kit.pacing import ProgressLog, TokenBucket
 from pvebackup.providers.store.pipeline import ChunkResult, run_pipeline
@@ -134,6 +135,8 @@ class DiskBackup:
                     tick=lambda: progress.update(stats.done),
                     zero_digest=ZERO_DIGEST,
                 )
+                crash_point("backup-after-chunks")
+            crash_point("backup-after-index")
             progress.update(stats.done)
             progress.finish()
             return stats

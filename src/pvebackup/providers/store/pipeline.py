@@ -26,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
+from pvebackup.kit.crashpoint import crash_point
 from pvebackup.kit.nbdsource import (
     READS_IN_FLIGHT,
     BlockSource,
@@ -113,6 +114,7 @@ def run_pipeline(
         stats.done += job.read_bytes if job.base is not None else job.length
         trimmer.add(job.reads)
         tick()
+        crash_point("backup-mid-read")
 
     def to_read() -> Iterator[ChunkJob]:
         # Zero chunks are recorded as they come by, without a read.
