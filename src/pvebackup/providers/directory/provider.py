@@ -45,9 +45,9 @@ from pvebackup.kit.crashpoint import crash_point
 from pvebackup.kit.hoststate import HostState
 from pvebackup.kit.lock import lock_descriptor
 from pvebackup.kit.oserrors import os_error
+from pvebackup.kit.pacing import MIB
 from pvebackup.kit.safefs import owned_fd
 from pvebackup.providers.directory import archive, images, stored, tree, vm
-from pvebackup.providers.directory.transfer import MIB
 from pvebackup.providers.directory.volumes import (
     BackupIndex,
     DeviceEntry,
@@ -738,8 +738,7 @@ def _close_workdir(guest: _GuestBackup) -> None:
 def _store_host_file(filename: str, dir_fd: int, name: str) -> None:
     """Copy the host file ``filename`` (trusted, small) as ``name`` into ``dir_fd``."""
     try:
-        with open(filename, "rb") as src:
-            data = src.read()
+        data = safefs.read_file_path(filename)
     except OSError as exc:
         raise os_error(exc, f"cannot read {filename}") from exc
     try:

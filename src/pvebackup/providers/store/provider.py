@@ -24,8 +24,8 @@ from pvebackup.api.errors import (
     BaseUnusableError,
     CorruptChunkError,
     CorruptIndexError,
-    NotFoundError,
     PveBackupError,
+    UnsafeStorageError,
     UnsupportedError,
     UsageError,
     VolumeNotFoundError,
@@ -39,12 +39,14 @@ from pvebackup.api.types import (
     LogFunction,
     RestoreMechanism,
 )
-from pvebackup.kit.bounded import MAX_CONFIG_FILE_SIZE
+from pvebackup.kit import safefs
 from pvebackup.kit.crashpoint import crash_point
 from pvebackup.kit.hoststate import HostState
+from pvebackup.kit.nbdsource import SourceFactory
 from pvebackup.kit.oserrors import os_error
+from pvebackup.kit.safefs import MAX_CONFIG_FILE_SIZE
 from pvebackup.providers.store.bitmap_base import BitmapBase, commit_base, decide, reset_base
-from pvebackup.providers.store.disk import DiskBackup, SourceFactory
+from pvebackup.providers.store.disk import DiskBackup
 from pvebackup.providers.store.progress import format_bytes
 from pvebackup.providers.store.restore_server import RestoreServer
 from pvebackup.providers.store.settings import StoreSettings
@@ -191,8 +193,8 @@ class BackupStoreProvider(BackupProvider):
     def _add_file(self, vmid: int, name: str, filename: str) -> None:
         writer = self._guest(vmid).writer
         try:
-            with open(filename, "rb") as f:
-                data = f.read()
+            # The restore refuses a larger config: better to fail the backup now.
+            data = safefs.read_file_path(filename, limit=MAX_CONFIG_FILE_SIZE)
         except OSError as exc:
             raise os_error(exc, f"cannot read {filename}") from exc
         writer.add_file(name, data)
@@ -307,10 +309,10 @@ class BackupStoreProvider(BackupProvider):
         if guest is None or not guest.committed:
             return  # nothing was kept of a failed backup, so neither is its log
         try:
-            with open(filename, "rb") as f:
-                data = f.read()
-        except OSError as exc:
-            self.log("warn", f"cannot read the task log {filename}: {exc.strerror}")
+            data = safefs.read_file_path(filename)
+        except (OSError, UnsafeStorageError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else str(exc)
+            self.log("warn", f"cannot read the task log {filename}: {why}")
             return
         store = self.store()
         store.backend.put(
@@ -374,18 +376,6 @@ class BackupStoreProvider(BackupProvider):
                 f"restore of {devicename} from {volname} stopped: "
                 + "; ".join(server.integrity_failures)
             )
-
-    def read_task_log(self, volname: str) -> str | None:
-        """The stored task log of a backup, ``None`` if it has none."""
-        snap = self._snapshot(volname)
-        store = self.store()
-        try:
-            data = store.backend.get(snap.id.prefix + TASK_LOG_FILE)
-        except NotFoundError:
-            return None
-        return store.codec.decode(data, name=f"snapshot {snap.id} {TASK_LOG_FILE}").decode(
-            "utf-8", errors="replace"
-        )
 
 
 def _config_text(snap: Snapshot, name: str) -> str:
