@@ -155,8 +155,9 @@ def test_backup_guest_config_on_a_full_storage_is_storage_full(
     p = provider(plugin, full_tmpfs)
     p.job_start(int(time.time()))
     p.backup_start(100, GuestType.QEMU)
+    (full_tmpfs / "filler").write_bytes(os.urandom(900 << 10))  # someone else's data
     big = tmp_path / "big.conf"
-    big.write_bytes(os.urandom(2 << 20))  # more than the storage holds, incompressible
+    big.write_bytes(os.urandom(512 << 10))  # more than is left, incompressible
     with pytest.raises(StorageFullError) as caught:
         p.backup_guest_config(100, str(big))
     assert caught.value.exit_code == 12

@@ -46,7 +46,7 @@ from pvebackup.kit.hoststate import HostState
 from pvebackup.kit.lock import lock_descriptor
 from pvebackup.kit.oserrors import os_error
 from pvebackup.kit.pacing import MIB
-from pvebackup.kit.safefs import owned_fd
+from pvebackup.kit.safefs import MAX_CONFIG_FILE_SIZE, owned_fd
 from pvebackup.providers.directory import archive, images, stored, tree, vm
 from pvebackup.providers.directory.volumes import (
     BackupIndex,
@@ -738,7 +738,8 @@ def _close_workdir(guest: _GuestBackup) -> None:
 def _store_host_file(filename: str, dir_fd: int, name: str) -> None:
     """Copy the host file ``filename`` (trusted, small) as ``name`` into ``dir_fd``."""
     try:
-        data = safefs.read_file_path(filename)
+        # The restore refuses a larger config: better to fail the backup now.
+        data = safefs.read_file_path(filename, limit=MAX_CONFIG_FILE_SIZE)
     except OSError as exc:
         raise os_error(exc, f"cannot read {filename}") from exc
     try:
