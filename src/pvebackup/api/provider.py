@@ -176,6 +176,10 @@ class BackupProvider:
 
         A provider commits the backup here (e.g. makes the snapshot visible). If it
         raises, the guest's backup counts as failed and ``backup_abort`` follows.
+        Once it has *returned*, ``backup_abort`` is never called for this guest,
+        also when a signal or a failure of the host's own teardown follows: the
+        backup is committed (the host then only logs it; its dirty bitmap is not
+        advanced, so the next backup reads more, never less).
 
         :param vmid: id of the guest being backed up.
         """
@@ -207,7 +211,11 @@ class BackupProvider:
             incremental backup would need is gone (the host then does a full
             backup).
         :raises UnsupportedError: the provider does not support this guest type
-            (the seed: "die or return undef").
+            (the seed: "die or return undef"). Returning plain ``None`` (the seed's
+            undef) has the same effect: the host fails that guest with "provider
+            does not support backing up <vmtype> guests" and calls
+            ``backup_abort``; the job goes on. Anything but a pair of strings
+            (bitmap id may be ``None``) is a ``PluginError`` for that guest.
         """
         raise self._not_implemented("backup_get_mechanism")
 
@@ -223,7 +231,8 @@ class BackupProvider:
         raise self._not_implemented("backup_get_target")
 
     def backup_get_task_size(self, vmid: int) -> int:
-        """Return the size of the backup after completion, in bytes.
+        """Return the size of the backup after completion, in bytes: what this
+        backup stored (the ``size`` the storage's listing shows for the volume).
 
         :param vmid: id of the guest that was backed up.
         """
@@ -275,9 +284,14 @@ class BackupProvider:
         ``reuse``, the dirty parts since the last successful backup with this
         bitmap. **Reading outside the dirty parts is an error.** Dirty extents are
         found with NBD block status on the meta context
-        ``qemu:dirty-bitmap:<bitmap_name>``. After backing up each part, discard
-        (trim) it on the export: a fleecing image on the host holds copies of
-        blocks the guest overwrote, and discards free that space.
+        ``qemu:dirty-bitmap:<bitmap_name>``, which the export offers whenever
+        ``bitmap_name`` is given: in mode ``reuse`` it holds the changes, in mode
+        ``new`` it reports the *whole disk* dirty (there is no base yet), so one
+        code path may read "the dirty extents" in both modes. In modes ``none``
+        and ``new`` the context ``base:allocation`` tells data from holes. After
+        backing up each part, discard (trim) it on the export: a fleecing image
+        on the host holds copies of blocks the guest overwrote, and discards
+        free that space.
 
         :param vmid: id of the guest being backed up.
         :param devicename: device name of the disk (e.g. ``drive-scsi0``), also
@@ -337,6 +351,10 @@ class BackupProvider:
             ``restore_<mechanism>_init``/``_cleanup`` (and, for ``qemu``,
             ``restore_qemu_get_device_info``).
         :raises VolumeNotFoundError: no such backup.
+
+        A mechanism or type the host does not know (e.g. ``vma``, ``openvz``) is
+        ``UnsupportedError``; anything but a pair is ``PluginError``: the restore
+        fails before anything is allocated.
         """
         raise self._not_implemented("restore_get_mechanism")
 
@@ -380,7 +398,14 @@ class BackupProvider:
         raise self._not_implemented("restore_qemu_img_init")
 
     def restore_qemu_img_cleanup(self, volname: str, storeid: str, devicename: str) -> None:
-        """Clean up after restoring one disk. Called on success and on failure."""
+        """Clean up after restoring one disk. Called on success and on failure.
+
+        Also after ``restore_qemu_img_init`` itself raised (it may have half
+        prepared: a server started, a directory made), so it must cope with an
+        init that never got far. Its failure after a failed init is only logged
+        (the init's error is what the restore reports); after a successful init
+        it fails the restore (e.g. to name the real cause of an I/O error).
+        """
         raise self._not_implemented("restore_qemu_img_cleanup")
 
     def restore_tar_init(self, volname: str, storeid: str) -> str:
@@ -392,7 +417,8 @@ class BackupProvider:
         raise self._not_implemented("restore_tar_init")
 
     def restore_tar_cleanup(self, volname: str, storeid: str) -> None:
-        """Clean up after a ``tar`` restore. Called on success and on failure."""
+        """Clean up after a ``tar`` restore. Called on success and on failure, also
+        after ``restore_tar_init`` raised (see ``restore_qemu_img_cleanup``)."""
         raise self._not_implemented("restore_tar_cleanup")
 
     def restore_directory_init(self, volname: str, storeid: str) -> str:
@@ -404,5 +430,6 @@ class BackupProvider:
         raise self._not_implemented("restore_directory_init")
 
     def restore_directory_cleanup(self, volname: str, storeid: str) -> None:
-        """Clean up after a ``directory`` restore. Called on success and on failure."""
+        """Clean up after a ``directory`` restore. Called on success and on failure,
+        also after ``restore_directory_init`` raised (see ``restore_qemu_img_cleanup``)."""
         raise self._not_implemented("restore_directory_cleanup")
