@@ -153,3 +153,16 @@ def test_check_reports_corruption_and_leaks_as_answers(tmp_path: Path) -> None:
     create(r, MiB, fmt="raw")
     with pytest.raises(ExternalToolError, match="qemu-img check"):
         qemuimg.check(r, fmt="raw")  # raw has no checks (exit 63)
+
+
+def test_compare_tells_same_from_different_and_raises_on_errors(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.qcow2", tmp_path / "b.raw"
+    create(a, MiB)
+    create(b, MiB, fmt="raw")
+    assert qemuimg.compare(a, b, fmt_a="qcow2", fmt_b="raw")
+    qemu_io(b, "raw", "write -P 1 4096 512")
+    assert not qemuimg.compare(a, b, fmt_a="qcow2", fmt_b="raw")
+    with pytest.raises(NotFoundError):
+        qemuimg.compare(a, tmp_path / "gone", fmt_a="qcow2", fmt_b="raw")
+    with pytest.raises(ExternalToolError, match="qemu-img compare"):
+        qemuimg.compare(b, a, fmt_a="qcow2", fmt_b="qcow2")  # b is no qcow2

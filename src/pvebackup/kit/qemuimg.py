@@ -40,6 +40,7 @@ __all__ = [
     "bitmap_add",
     "bitmap_remove",
     "check",
+    "compare",
     "convert",
     "create",
     "info",
@@ -252,6 +253,26 @@ def check(path: str | os.PathLike[str], *, fmt: str) -> CheckResult:
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise ExternalToolError(f"{what}: unexpected output") from exc
+
+
+# -- compare -----------------------------------------------------------------------
+
+
+def compare(a: str | os.PathLike[str], b: str | os.PathLike[str], *, fmt_a: str,
+            fmt_b: str) -> bool:
+    """``qemu-img compare``: True when both images read the same (sizes may differ
+    only by zeroes), False when they differ; an error (exit 2+) raises."""
+    what = f"qemu-img compare {os.fspath(a)} {os.fspath(b)}"
+    try:
+        res = proc.run(
+            [QEMU_IMG, "compare", "-q", "-f", fmt_a, "-F", fmt_b, os.fspath(a), os.fspath(b)]
+        )
+    except ExternalToolError as exc:
+        raise ExternalToolError(f"{what}: {exc}") from exc
+    if res.returncode in (0, 1):
+        return res.returncode == 0
+    _raise(what, res.returncode, res.err)
+    return False  # not reached: _raise raises
 
 
 # -- convert -----------------------------------------------------------------------
