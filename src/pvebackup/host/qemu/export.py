@@ -44,11 +44,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import nbd
-
-from pvebackup.api.errors import NbdError, NotFoundError, QmpError, UsageError
+from pvebackup.api.errors import NotFoundError, QmpError, UsageError
 from pvebackup.api.types import BitmapMode, LogFunction, LogLevel
 from pvebackup.kit import qemuimg
+from pvebackup.kit.nbdsource import write_zeroes
 
 from .bitmaps import BitmapPlan, plan_bitmap
 from .daemon import StorageDaemon
@@ -59,7 +58,6 @@ __all__ = ["BackupExport", "DiskSpec", "ExportedDisk"]
 _FORMATS = ("qcow2", "raw")
 _EXPORT_GONE_TIMEOUT = 10.0
 _ALL_GRANULARITY = 1 << 31  # QEMU's largest: fewest bits to set
-_ZERO_STEP = 1 << 30  # one NBD write-zeroes request (its length field has 32 bits)
 
 
 @dataclass(frozen=True)
@@ -359,21 +357,7 @@ class BackupExport:
             **{"node-name": node},
         )
         try:
-            handle = nbd.NBD()
-            try:
-                handle.set_export_name(export_id)
-                handle.connect_unix(self.socket_path)
-                offset = 0
-                while offset < d.size:
-                    length = min(_ZERO_STEP, d.size - offset)
-                    handle.zero(length, offset)
-                    offset += length
-                handle.shutdown()
-            except nbd.Error as exc:
-                raise NbdError(f"{d.spec.devicename}: cannot mark bitmap {d.plan.name}"
-                               f" dirty: {exc}") from exc
-            finally:
-                del handle  # libnbd 1.14 has no close(): the handle closes when freed
+            write_zeroes(self.socket_path, export_id, d.size)
         finally:
             self._qmp("block-export-del", id=export_id, mode="hard")
             self._wait_exports_gone([export_id])
