@@ -132,8 +132,18 @@ class PropertySpec:
     minimum: int | None = None
     maximum: int | None = None
     parser: Callable[[str], PropertyValue] | None = None
+    flag: bool = False
+    """Whether the kind is ``bool`` (such a property may be written without a
+    value, meaning ``1``). ``flag=True`` is the older spelling of ``kind=bool``
+    and still accepted; set either, the other follows."""
 
     def __post_init__(self) -> None:
+        if self.flag and self.kind is PropertyKind.STRING:
+            object.__setattr__(self, "kind", PropertyKind.BOOL)
+        elif self.flag is not (self.kind is PropertyKind.BOOL):
+            if self.flag:
+                raise ValueError(f"flag=True is a bool property, not {self.kind}")
+            object.__setattr__(self, "flag", True)
         # Declaration mistakes of a plugin author, found when the class is defined.
         if (self.kind is PropertyKind.ENUM) != bool(self.choices):
             raise ValueError("choices are given exactly for an enum property")
@@ -142,11 +152,6 @@ class PropertySpec:
             raise ValueError("minimum and maximum are for int and size properties")
         if self.default is not None and self.required:
             raise ValueError("a required property has no default")
-
-    @property
-    def flag(self) -> bool:
-        """A boolean: may be written without a value, which means ``1``."""
-        return self.kind is PropertyKind.BOOL
 
     def parse(self, value: str) -> PropertyValue:
         """The value of ``value`` (a storage.cfg string) as this property's type.
