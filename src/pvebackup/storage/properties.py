@@ -162,7 +162,7 @@ class PropertySpec:
         if self.parser is not None:
             custom = self.parser(value)
             if isinstance(custom, int) and self.kind in (PropertyKind.INT, PropertyKind.SIZE):
-                return self._in_range(custom, str)
+                return self._in_range(custom)
             return custom
         if self.kind is PropertyKind.BOOL:
             parsed = parse_boolean(value)
@@ -172,9 +172,9 @@ class PropertySpec:
         if self.kind is PropertyKind.INT:
             if _INT.fullmatch(value) is None:
                 raise ValueError(f"must be a whole number, not {value[:40]!r}")
-            return self._in_range(int(value), str)
+            return self._in_range(int(value))
         if self.kind is PropertyKind.SIZE:
-            return self._in_range(parse_size(value), format_bytes)
+            return self._in_range(parse_size(value))
         if self.kind is PropertyKind.ENUM:
             if value not in self.choices:
                 raise ValueError(f"must be one of {', '.join(self.choices)}, not {value[:40]!r}")
@@ -186,7 +186,8 @@ class PropertySpec:
             return Path(value)
         return value
 
-    def _in_range(self, number: int, show: Callable[[int], str]) -> int:
+    def _in_range(self, number: int) -> int:
+        show: Callable[[int], str] = format_bytes if self.kind is PropertyKind.SIZE else str
         if self.minimum is not None and number < self.minimum:
             raise ValueError(f"must be at least {show(self.minimum)}, not {show(number)}")
         if self.maximum is not None and number > self.maximum:

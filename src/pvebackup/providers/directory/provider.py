@@ -44,9 +44,9 @@ from pvebackup.kit.crashpoint import crash_point
 from pvebackup.kit.hoststate import HostState
 from pvebackup.kit.lock import lock_descriptor
 from pvebackup.kit.safefs import owned_fd
+from pvebackup.kit.units import format_bytes
 from pvebackup.providers.directory import archive, images, stored, tree, vm
 from pvebackup.providers.directory.settings import BackupDirSettings
-from pvebackup.providers.directory.transfer import MIB
 from pvebackup.providers.directory.volumes import (
     BackupIndex,
     DeviceEntry,
@@ -493,8 +493,8 @@ class BackupDirProvider(BackupProvider):
             guest.index.bitmap_id = guest.bitmap_id
         self.log(
             "info",
-            f"backup-dir: {devicename}: read {stats.read / MIB:.1f} MiB, wrote "
-            f"{stats.written / MIB:.1f} MiB, {stats.zeroed / MIB:.1f} MiB zero",
+            f"backup-dir: {devicename}: read {format_bytes(stats.read)}, wrote "
+            f"{format_bytes(stats.written)}, {format_bytes(stats.zeroed)} zero",
         )
 
     def backup_directory(
@@ -529,7 +529,7 @@ class BackupDirProvider(BackupProvider):
             )
         self.log(
             "info",
-            f"backup-dir: {stats.entries} entries, {stats.data / MIB:.1f} MiB of file data, "
+            f"backup-dir: {stats.entries} entries, {format_bytes(stats.data)} of file data, "
             f"{stats.excluded} excluded, stored as {name}",
         )
 
@@ -550,7 +550,7 @@ class BackupDirProvider(BackupProvider):
         self.log(
             "info",
             f"backup-dir: committed {guest.volname} "
-            f"({guest.index.stored_size / MIB:.1f} MiB stored)",
+            f"({format_bytes(guest.index.stored_size)} stored)",
         )
 
     def backup_abort(self, vmid: int, error: str) -> None:

@@ -7,17 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pvebackup.api.types import LogFunction
+from pvebackup.kit.units import format_bytes
 
-__all__ = ["BackupStats", "ProgressLog", "format_bytes"]
-
-
-def format_bytes(n: float) -> str:
-    """``1536`` -> ``"1.5 KiB"``: binary units, one decimal."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+__all__ = ["BackupStats", "ProgressLog"]
 
 
 @dataclass(slots=True)

@@ -42,8 +42,10 @@ __all__ = ["PROPERTIES", "StoreSettings"]
 
 
 def _chunk_size(text: str) -> int:
-    # check_chunk_size knows the store's rule (a power of two in its range)
-    return check_chunk_size(parse_size(text))
+    # The store's rule (a power of two) from check_chunk_size; out of range is
+    # left to the spec's minimum/maximum, whose message says it in KiB/MiB.
+    size = parse_size(text)
+    return check_chunk_size(size) if MIN_CHUNK_SIZE <= size <= MAX_CHUNK_SIZE else size
 
 
 PROPERTIES: Mapping[str, PropertySpec] = {
