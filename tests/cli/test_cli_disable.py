@@ -116,3 +116,15 @@ def test_a_disabled_storage_still_parses(cli_node: Node) -> None:
     assert storage_config(cfg, "rec", allow_disabled=True)["disable"] == "1"
     with pytest.raises(StorageUnavailableError, match="'rec' is disabled"):
         storage_config(cfg, "rec")
+
+
+def test_a_guest_with_a_disk_on_a_disabled_storage_fails(
+    cli_node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Its image is not read: vzdump refuses a volume on a disabled storage too.
+    cli_node.add_vm(100, {"scsi0": 1 * MiB})
+    disable(cli_node, "local")
+    assert run(cli_node, "backup", "--storage", "rec", "100") == 11
+    out, err = capsys.readouterr()
+    assert re.search(r"^100\s+qemu\s+FAILED", out, re.M)
+    assert "storage 'local' is disabled" in err
