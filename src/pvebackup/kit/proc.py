@@ -262,6 +262,10 @@ class Child:
         return Path(self.info.run_dir)
 
     @property
+    def stdin(self) -> IO[bytes] | None:
+        return self.popen.stdin
+
+    @property
     def stdout(self) -> IO[bytes] | None:
         return self.popen.stdout
 
@@ -340,6 +344,7 @@ def spawn(
     env: Mapping[str, str] | None = None,
     pass_fds: Sequence[int] = (),
     new_session: bool = False,
+    cwd: str | os.PathLike[str] | None = None,
 ) -> Child:
     """Start ``argv`` as a child that dies with us.
 
@@ -358,6 +363,7 @@ def spawn(
             env=dict(env) if env is not None else None,
             pass_fds=tuple(pass_fds),
             start_new_session=new_session,
+            cwd=cwd,
             preexec_fn=_die_with(os.getpid()),
         )
     except BaseException as exc:
