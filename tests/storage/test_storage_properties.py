@@ -72,6 +72,9 @@ def test_bad_values_say_why(spec: PropertySpec, text: str, needle: str) -> None:
 
 def test_flag_is_the_older_spelling_of_bool() -> None:
     assert PropertySpec(flag=True).kind is K.BOOL
+    assert PropertySpec("size").kind is K.SIZE  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="PropertyKind"):
+        PropertySpec(True)  # type: ignore[arg-type]  # the old positional "required"
     assert PropertySpec(K.BOOL).flag and not PropertySpec(K.SIZE).flag
     assert PropertySpec(flag=True) == PropertySpec(K.BOOL)
 

@@ -138,6 +138,10 @@ class PropertySpec:
     and still accepted; set either, the other follows."""
 
     def __post_init__(self) -> None:
+        # PropertySpec(True) was "required" before kind came first: refuse, not guess
+        if isinstance(self.kind, bool) or not isinstance(self.kind, str):
+            raise TypeError(f"kind must be a PropertyKind, not {self.kind!r}")
+        object.__setattr__(self, "kind", PropertyKind(self.kind))  # "bool" -> BOOL
         if self.flag and self.kind is PropertyKind.STRING:
             object.__setattr__(self, "kind", PropertyKind.BOOL)
         elif self.flag is not (self.kind is PropertyKind.BOOL):
