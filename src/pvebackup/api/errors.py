@@ -357,6 +357,7 @@ class StorageFullError(PermanentBackendError):
     """
 
     exit_code = 12
+    summary = "no space left on the storage (prune or free space, then retry)"
 
 
 class GuestBackupError(PveBackupError):
