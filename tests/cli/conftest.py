@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import pvebackup
+
 HOST_TESTS = Path(__file__).resolve().parents[1] / "host"
 if str(HOST_TESTS) not in sys.path:
     sys.path.insert(0, str(HOST_TESTS))
@@ -48,6 +50,8 @@ def subprocess_env(tmp_path: Path) -> dict[str, str]:
     tmp = tmp_path / "subtmp"
     tmp.mkdir()
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(HOST_TESTS), str(dist)])
+    # The pvebackup under test first (a worktree's src, not another editable install).
+    src = Path(pvebackup.__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(src), str(HOST_TESTS), str(dist)])
     env["TMPDIR"] = str(tmp)
     return env

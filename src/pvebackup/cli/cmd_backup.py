@@ -41,6 +41,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="back up guests to a storage with a backup provider",
         description="Back up guests through the backup provider of STORAGE, "
         "like vzdump. Each guest gets a task log in <root>/var/log/vzdump/. "
+        "Each guest is locked for the job; a guest that another backup or restore "
+        "holds makes the job fail at once with exit status 7 ('locked by PID N'). "
+        "What a killed earlier run of a guest left (processes, mounts, temporary "
+        "files) is removed first, with a warning for each. "
         "Exit status 0 when every guest was backed up, 11 when some failed, "
         "130 when interrupted (SIGINT/SIGTERM), other codes as listed in "
         "'pvebackup --help'.",

@@ -32,11 +32,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "created on the --storage dir storage (default: where each volume was). "
         "An existing guest VMID is refused (exit 7) unless --force is given; it is "
         "replaced only after the restore succeeded. A failed restore removes what it "
-        "created. Keys of the backed-up config that give the guest access to the host "
-        "(hookscript, args, host devices and paths as disks, PCI/USB/serial/parallel "
-        "passthrough, bind mount points, container devices, raw lxc.* keys, root-only "
-        "container features) are dropped with a warning each unless --keep-host-access "
-        "is given; lxc.idmap is never taken from a backup (the target's map is used). "
+        "created; volumes a killed restore of VMID left are freed by the next one. "
+        "A VMID that another backup or restore holds is refused at once (exit 7, "
+        "'locked by PID N'). Keys of the backed-up config that give the guest access "
+        "to the host (hookscript, args, host devices and paths as disks, "
+        "PCI/USB/serial/parallel passthrough, bind mount points, container devices, "
+        "raw lxc.* keys, root-only container features) are dropped with a warning each "
+        "unless --keep-host-access is given; lxc.idmap is never taken from a backup "
+        "(the target's map is used). "
         "Exit status 0 on success, codes as listed in 'pvebackup --help'.",
     )
     p.add_argument("volid", metavar="STOREID:VOLNAME", help="the backup to restore")

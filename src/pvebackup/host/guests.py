@@ -483,6 +483,11 @@ class NodeRoot:
         """Where per-guest task logs go, like vzdump's ``/var/log/vzdump``."""
         return self.root / "var" / "log" / "vzdump"
 
+    @property
+    def run_dir(self) -> Path:
+        """Per-run state: guest locks and what a run has made (a tmpfs on a real node)."""
+        return self.root / "run" / "pvebackup"
+
     def config_path(self, vmid: int, vmtype: GuestType) -> Path:
         sub = "qemu-server" if vmtype == GuestType.QEMU else "lxc"
         return self.pve_dir / sub / f"{vmid}.conf"
@@ -494,7 +499,7 @@ class NodeRoot:
         """A guest is treated as running while this file exists (the host's stand-in
         for a live guest: containers are then copied first, like vzdump's suspend mode).
         """
-        return self.root / "run" / "pvebackup" / "running" / str(vmid)
+        return self.run_dir / "running" / str(vmid)
 
     def is_running(self, vmid: int) -> bool:
         return self.running_marker(vmid).exists()

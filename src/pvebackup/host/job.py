@@ -17,8 +17,11 @@
     job_end()                                   after all guests, even if some failed
     job_abort(error)                            instead, on SIGINT/SIGTERM or job failure
 
-Cleanup (export teardown, unmounts, temporary copies) lives in context managers
-and ``finally`` blocks, so it runs on every path, including signals: the
+Before ``job_start`` the lock of every guest is taken
+(:class:`~pvebackup.host.runstate.GuestRun`; a locked guest fails the job at once
+with ``LockedError``, exit 7) and what a killed earlier run of a guest left is
+removed. Cleanup (export teardown, unmounts, temporary copies) lives in context
+managers and ``finally`` blocks, so it runs on every path, including signals: the
 handlers of :mod:`pvebackup.host.signals` turn SIGINT/SIGTERM into
 :class:`AbortedError` raised in the main thread.
 """
@@ -27,7 +30,6 @@ from __future__ import annotations
 
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -48,8 +50,11 @@ from pvebackup.api.types import BackupMechanism, GuestType
 from pvebackup.host.guests import CtConfig, GuestConfig, NodeRoot, VmConfig
 from pvebackup.host.lxc.directory import backup_sources, prepare_backup_directory
 from pvebackup.host.qemu.export import BackupExport, DiskSpec
+from pvebackup.host.runstate import GuestRun
 from pvebackup.host.signals import abort_on_signals
 from pvebackup.host.tasklog import LogRouter, TaskLog
+from pvebackup.kit.crashpoint import crash_point
+from pvebackup.kit.proc import private_dir
 from pvebackup.storage import (
     StorageConfig,
     new_backup_provider,
@@ -122,6 +127,7 @@ def run_backup_job(
     :returns: the per-guest results; check :attr:`JobResult.failed`.
     :raises StorageConfigError, StorageNotFoundError, PluginError: before the job starts.
     :raises GuestNotFoundError: a requested vmid has no config (before the job starts).
+    :raises LockedError: another backup or restore of a guest runs (before the job starts).
     :raises UnsupportedError: the storage has no backup provider.
     :raises AbortedError: SIGINT/SIGTERM; ``job_abort`` was called, cleanup done.
     :raises PveBackupError: ``job_start`` failed; ``job_abort`` was called.
@@ -142,26 +148,34 @@ def run_backup_job(
     result = JobResult(storeid, name, start_time)
     bwlimit = bwlimit_kib * 1024 if bwlimit_kib is not None else None
     job = _Job(root, cfg, storeid, provider, log, bwlimit, list(exclude_paths))
-    with abort_on_signals():
-        try:
-            log.info(f"starting new backup job: storage {storeid}, provider {name}")
-            provider.job_start(start_time)
-            for vmid, vmtype in guests:
-                result.guests.append(job.backup_guest(vmid, vmtype))
-        except BaseException as exc:
-            error = _describe(exc)
-            log.err(f"backup job failed: {error}")
+    with ExitStack() as locks:
+        # Every guest's lock before the provider hears of a job: a second backup of
+        # a guest fails at once (exit 7), and what a killed run left is cleaned up.
+        runs = {
+            vmid: locks.enter_context(GuestRun(root, vmid, action="backup", log=log, cfg=cfg))
+            for vmid, _ in guests
+        }
+        with abort_on_signals():
             try:
-                provider.job_abort(error)
-            except Exception as abort_exc:
-                log.err(f"job_abort failed: {_describe(abort_exc)}")
-            if isinstance(exc, PveBackupError):
-                raise
-            raise PluginError(f"backup job failed: {error}") from exc
-        try:
-            provider.job_end()
-        except Exception as exc:
-            raise PluginError(f"job_end failed: {_describe(exc)}") from exc
+                log.info(f"starting new backup job: storage {storeid}, provider {name}")
+                provider.job_start(start_time)
+                for vmid, vmtype in guests:
+                    with runs[vmid].recording():
+                        result.guests.append(job.backup_guest(vmid, vmtype))
+            except BaseException as exc:
+                error = _describe(exc)
+                log.err(f"backup job failed: {error}")
+                try:
+                    provider.job_abort(error)
+                except Exception as abort_exc:
+                    log.err(f"job_abort failed: {_describe(abort_exc)}")
+                if isinstance(exc, PveBackupError):
+                    raise
+                raise PluginError(f"backup job failed: {error}") from exc
+            try:
+                provider.job_end()
+            except Exception as exc:
+                raise PluginError(f"job_end failed: {_describe(exc)}") from exc
     failed = len(result.failed)
     if failed:
         log.err(f"backup job finished with errors: {failed} of {len(guests)} guests failed")
@@ -260,7 +274,8 @@ class _Job:
         res.target = f"{self.storeid}:{volname}"
         self.log.info(f"Backup target: {res.target}")
         with ExitStack() as stack:
-            workdir = Path(tempfile.mkdtemp(prefix=f"pvebackup-{vmid}-"))
+            # Observed: a killed run's workdir is in the guest's run state.
+            workdir = private_dir(f"pvebackup-{vmid}-")
             stack.callback(shutil.rmtree, workdir, ignore_errors=True)
             conf_copy = workdir / ("qemu-server.conf" if vmtype == GuestType.QEMU else "pct.conf")
             conf_copy.write_text(config.render(), encoding="utf-8")
@@ -301,6 +316,7 @@ class _Job:
             self.log.warn("VM has no disks to back up; backing up its configuration only")
             self.provider.backup_end(vmid)
             return
+        crash_point("backup-before-export")
         with BackupExport(
             specs,
             storeid=self.storeid,
@@ -308,6 +324,7 @@ class _Job:
             log=self.log,
             workdir=workdir,
         ) as export:
+            crash_point("backup-export-ready")
             for exported in export.disks:
                 self.log.info(
                     f"{exported.devicename}: backup via NBD, bitmap mode {exported.bitmap_mode}"
@@ -320,7 +337,9 @@ class _Job:
                     exported.bitmap_name,
                     self.bwlimit,
                 )
+            crash_point("backup-before-end")
             self.provider.backup_end(vmid)
+            crash_point("backup-after-end")
             export.commit()
 
     def _backup_ct(self, vmid: int, config: CtConfig, workdir: Path) -> None:
@@ -340,7 +359,9 @@ class _Job:
         running = self.root.is_running(vmid)
         view = workdir / "view"  # prepare_backup_directory wants an empty private dir
         view.mkdir(mode=0o700)
+        crash_point("backup-before-view")
         with prepare_backup_directory(rootfs, mounts, running=running, workdir=view) as directory:
+            crash_point("backup-view-ready")
             self.provider.backup_directory(
                 vmid,
                 str(directory),
@@ -349,7 +370,9 @@ class _Job:
                 backup_sources(mounts),
                 self.bwlimit,
             )
+            crash_point("backup-before-end")
             self.provider.backup_end(vmid)
+            crash_point("backup-after-end")
 
 
 def _image_format(volid: str, config: GuestConfig) -> str:

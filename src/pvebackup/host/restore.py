@@ -62,8 +62,11 @@ from pvebackup.host.guests import (
 )
 from pvebackup.host.hostaccess import restrict_config
 from pvebackup.host.lxc.restore import copy_directory, extract_tar
+from pvebackup.host.runstate import GuestRun
 from pvebackup.host.signals import abort_on_signals
 from pvebackup.host.tasklog import LogRouter
+from pvebackup.kit import proc
+from pvebackup.kit.crashpoint import crash_point
 from pvebackup.storage import (
     DirPlugin,
     StorageConfig,
@@ -114,6 +117,7 @@ def run_restore(
         access (each logged); without it they are dropped with a warning.
         ``lxc.idmap`` is never restored from a backup.
     :raises GuestExistsError: guest ``vmid`` exists and ``force`` is not set.
+    :raises LockedError: another backup or restore of ``vmid`` runs (exit 7).
     :raises UnsupportedError: the storage has no provider, or the mechanism does
         not fit the guest type.
     :raises AbortedError: SIGINT/SIGTERM; everything created was removed.
@@ -123,25 +127,29 @@ def run_restore(
     cfg = read_storage_config(root.storage_cfg)
     storeid, volname = parse_volume_id(volid)
     scfg = storage_config(cfg, storeid)
-    old_type = root.guest_type(vmid)
-    if old_type is not None and not force:
-        raise GuestExistsError(
-            f"guest {vmid} exists already ({old_type}); use --force to replace it"
-        )
-    old_config = root.load_guest(vmid, old_type) if old_type is not None else None
-    provider = new_backup_provider(cfg, storeid, log)
-    if provider is None:
-        raise UnsupportedError(
-            f"storage '{storeid}' (type {scfg.get('type')}) has no backup provider"
-        )
-    with abort_on_signals():
-        run = _Restore(root, cfg, provider, storeid, volname, vmid, target_storage, log)
-        run.keep_host_access = keep_host_access
-        if isinstance(old_config, CtConfig):
-            run.target_id_map = old_config.explicit_id_map
-        result = run.restore()
-        if old_config is not None:
-            run.remove_old_guest(old_config, result)
+    # The guest lock first: it also frees what a killed restore of vmid allocated.
+    with GuestRun(root, vmid, action="restore", log=log, cfg=cfg) as guest_run:
+        old_type = root.guest_type(vmid)
+        if old_type is not None and not force:
+            raise GuestExistsError(
+                f"guest {vmid} exists already ({old_type}); use --force to replace it"
+            )
+        old_config = root.load_guest(vmid, old_type) if old_type is not None else None
+        provider = new_backup_provider(cfg, storeid, log)
+        if provider is None:
+            raise UnsupportedError(
+                f"storage '{storeid}' (type {scfg.get('type')}) has no backup provider"
+            )
+        with abort_on_signals(), guest_run.recording():
+            run = _Restore(
+                root, cfg, provider, storeid, volname, vmid, target_storage, log, guest_run
+            )
+            run.keep_host_access = keep_host_access
+            if isinstance(old_config, CtConfig):
+                run.target_id_map = old_config.explicit_id_map
+            result = run.restore()
+            if old_config is not None:
+                run.remove_old_guest(old_config, result)
     log.info(f"restored {volid} as {result.vmtype} guest {vmid}")
     return result
 
@@ -157,7 +165,9 @@ class _Restore:
         vmid: int,
         target_storage: str | None,
         log: LogRouter,
+        guest_run: GuestRun,
     ) -> None:
+        self.guest_run = guest_run
         self.root = root
         self.cfg = cfg
         self.provider = provider
@@ -235,6 +245,7 @@ class _Restore:
                 if entry.key in _DROP_KEYS or entry.key.startswith("unused"):
                     replace[entry.key] = None
             path = self.root.config_path(self.vmid, vmtype)
+            crash_point("restore-before-config")
             write_config_file(path, config.render(replace))
         except BaseException as exc:
             self.log.err(f"restore failed: {_describe(exc)}")
@@ -246,15 +257,21 @@ class _Restore:
     def _alloc_image(self, original: str | None, size: int) -> tuple[str, Path]:
         target = self._target_for(original, "images")
         scfg, plugin = self._dir_storage(target)
-        volname = plugin.alloc_image(scfg, target, self.vmid, "qcow2", size)
+        name = plugin.free_name(scfg, self.vmid, "qcow2")
+        # Recorded before it exists: if we are killed now, the next run frees it.
+        self.guest_run.add_volume(f"{target}:{self.vmid}/{name}")
+        volname = plugin.alloc_image(scfg, target, self.vmid, "qcow2", size, name=name)
         volid = f"{target}:{volname}"
         self.created.append(volid)
+        crash_point("restore-after-alloc")
         return volid, plugin.image_path(scfg, volname)
 
     def _alloc_subvol(self, original: str | None) -> tuple[str, Path]:
         target = self._target_for(original, "rootdir")
         scfg, plugin = self._dir_storage(target)
-        volname = plugin.alloc_subvol(scfg, target, self.vmid)
+        name = plugin.free_name(scfg, self.vmid, "subvol")
+        self.guest_run.add_volume(f"{target}:{self.vmid}/{name}")
+        volname = plugin.alloc_subvol(scfg, target, self.vmid, name=name)
         volid = f"{target}:{volname}"
         self.created.append(volid)
         return volid, plugin.image_path(scfg, volname)
@@ -450,27 +467,23 @@ def _qemu_img_convert(
     cmd = ["qemu-img", "convert", "-p", "-n", "--target-is-zero"]
     cmd += ["-f", _source_format(source), source, "-O", "qcow2", str(target)]
     with tempfile.TemporaryFile() as errors:
-        try:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors)
-        except OSError as exc:
-            raise ExternalToolError(f"cannot run qemu-img: {exc}") from exc
-        stdout = proc.stdout
+        child = proc.spawn(cmd, stdout=subprocess.PIPE, stderr=errors)
+        stdout = child.stdout
         assert stdout is not None
         try:
             next_report = time.monotonic() + interval
             while line := os.read(stdout.fileno(), 4096):  # "\r"-separated, unbuffered
+                crash_point("restore-mid-convert")
                 found = _PROGRESS.findall(line)
                 if found and progress is not None and time.monotonic() >= next_report:
                     next_report = time.monotonic() + interval
                     progress(float(found[-1]))
-            proc.wait()
+            child.wait()
         except BaseException:
-            proc.kill()  # SIGTERM or a failed callback: never leave qemu-img behind
-            proc.wait()
+            child.stop(0)  # SIGTERM or a failed callback: never leave qemu-img behind
             raise
-        finally:
-            stdout.close()
-        if proc.returncode != 0:
+        returncode = child.stop()
+        if returncode != 0:
             errors.seek(0)
             message = errors.read().decode(errors="replace").strip()
             raise ExternalToolError(f"qemu-img convert {source} -> {target} failed: {message}")

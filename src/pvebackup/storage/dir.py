@@ -17,10 +17,10 @@ paths): it refuses a symlink met on it at the time of the call.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
-import subprocess
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import ClassVar
@@ -33,7 +33,7 @@ from pvebackup.api.errors import (
     UsageError,
     VolumeNotFoundError,
 )
-from pvebackup.kit import safefs
+from pvebackup.kit import proc, safefs
 from pvebackup.kit.safefs import owned_fd
 from pvebackup.storage.basepath import BASE_PATH_PROPERTIES, CREATE_SUBDIRS, BasePath
 from pvebackup.storage.plugin import COMMON_PROPERTIES, PropertySpec, StoragePlugin
@@ -172,17 +172,35 @@ class DirPlugin(StoragePlugin):
             # The directory we hold, not a path that could be redirected meanwhile.
             cmd += [safefs.fd_path(vm_fd, reserved), str(size)]
             try:
-                subprocess.run(cmd, check=True, capture_output=True, text=True)
-            except (OSError, subprocess.CalledProcessError) as exc:
-                try:
+                res = proc.run(cmd)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(reserved, dir_fd=vm_fd)
-                except FileNotFoundError:
-                    pass
-                detail = getattr(exc, "stderr", None) or str(exc)
-                raise ExternalToolError(
-                    f"qemu-img create {path} failed: {detail.strip()}"
-                ) from exc
+                raise
+            if res.returncode != 0:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(reserved, dir_fd=vm_fd)
+                raise ExternalToolError(f"qemu-img create {path} failed: {res.err}")
         return f"{vmid}/{reserved}"
+
+    def free_name(self, scfg: Mapping[str, str], vmid: int, fmt: str) -> str:
+        """The name ``alloc_image`` (``fmt`` qcow2/raw) or ``alloc_subvol`` (``fmt``
+        ``subvol``) would pick now, so that a caller can record it before allocating.
+        """
+        if vmid <= 0:
+            raise UsageError(f"invalid vmid {vmid}")
+        try:  # creates nothing: the allocation does that
+            vm_fd = safefs.open_dir(self._base(scfg), ("images", str(vmid)))
+        except FileNotFoundError:
+            n = 0
+        else:
+            with owned_fd(vm_fd):
+                n = self._free_numbers(vm_fd, vmid)[0]
+        if fmt == "subvol":
+            return f"subvol-{vmid}-disk-{n}.subvol"
+        if fmt not in IMAGE_FORMATS:
+            raise UsageError(f"unsupported image format {fmt!r}; use one of {IMAGE_FORMATS}")
+        return f"vm-{vmid}-disk-{n}.{fmt}"
 
     @staticmethod
     def _reserve(

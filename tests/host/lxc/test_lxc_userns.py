@@ -311,3 +311,29 @@ def test_a_helper_that_cannot_start_is_reported(
         add(tf, "f", data=b"x")
     with pytest.raises(PveBackupError, match="did not start.*No module named"):
         extract_tar(archive, {"/": target_dir(tmp_path)}, DEFAULT_MAP, log=log)
+
+
+def test_the_helper_is_a_supervised_child(tmp_path: Path, log: LogRecorder) -> None:
+    """The helper starts through kit.proc, so a guest's run state records it (a run
+    after a crash can then find and kill it) and its end is reported."""
+    from pvebackup.kit.proc import ChildInfo, observe_children
+
+    events: list[tuple[str, int]] = []
+
+    class Recorder:
+        def child_started(self, info: ChildInfo) -> None:
+            events.append(("started", info.pid))
+
+        def child_ended(self, info: ChildInfo) -> None:
+            events.append(("ended", info.pid))
+
+        def dir_planned(self, path: str) -> None:
+            pass
+
+    archive = tmp_path / "small.tar"
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tf:
+        add(tf, "etc/hostname", data=b"ct\n")
+    with observe_children(Recorder()):
+        extract_tar(archive, {"/": target_dir(tmp_path)}, DEFAULT_MAP, log=log)
+    assert [e for e, _ in events] == ["started", "ended"]
+    assert events[0][1] == events[1][1]

@@ -32,13 +32,13 @@ import errno
 import os
 import re
 import shutil
-import subprocess
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from pvebackup.api.errors import ExternalToolError, PveBackupError, UnsafeArchiveError
 from pvebackup.host.lxc.writer import split_name
+from pvebackup.kit import proc
 
 __all__ = ["backup_sources", "prepare_backup_directory"]
 
@@ -180,11 +180,11 @@ def _rsync(source: Path, dest: str, excludes: list[str], pass_fds: tuple[int, ..
     cmd = ["rsync", "-aHAX", "--numeric-ids", "--one-file-system", "--modify-window=-1"]
     cmd += excludes
     cmd += [f"{source}/", f"{dest}/"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, pass_fds=pass_fds, check=False)
+    res = proc.run(cmd, pass_fds=pass_fds)
     # 24: files vanished while copying, expected from a running container.
-    if proc.returncode not in (0, _RSYNC_VANISHED):
+    if res.returncode not in (0, _RSYNC_VANISHED):
         raise ExternalToolError(
-            f"rsync of {source} failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}"
+            f"rsync of {source} failed (exit {res.returncode}): {res.err[-500:]}"
         )
 
 

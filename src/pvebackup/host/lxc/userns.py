@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import tempfile
@@ -46,9 +47,10 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO
 
 from pvebackup.api import errors
-from pvebackup.api.errors import GuestConfigError, PveBackupError
+from pvebackup.api.errors import ExternalToolError, GuestConfigError, PveBackupError
 from pvebackup.api.idmap import IdMapper
 from pvebackup.api.types import IdMapEntry, LogFunction
+from pvebackup.kit.proc import Child, spawn
 
 __all__ = ["CHILD_MODULE", "Feed", "restore_in_userns"]
 
@@ -213,13 +215,15 @@ def restore_in_userns(
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_SRC_DIR), env.get("PYTHONPATH")]))
     messages: queue.Queue[dict[str, Any] | None] = queue.Queue()
     relay = _Relay(log)
-    proc: subprocess.Popen[bytes] | None = None
+    child: Child | None = None
     reader: threading.Thread | None = None
     go_open = True
     with tempfile.TemporaryFile() as stderr, os.fdopen(msg_r, "rb") as msg_stream:
         try:
             try:
-                proc = subprocess.Popen(
+                # Through kit.proc: it dies with us and the guest's run state records
+                # it, so a run after a crash finds it (it also asks for PDEATHSIG itself).
+                child = spawn(
                     [sys.executable, "-m", CHILD_MODULE, json.dumps(config)],
                     stdin=source_fd if source_fd is not None else subprocess.PIPE,
                     stdout=subprocess.DEVNULL,
@@ -228,7 +232,7 @@ def restore_in_userns(
                     cwd="/",
                     env=env,
                 )
-            except OSError as exc:
+            except ExternalToolError as exc:
                 raise PveBackupError(f"cannot start the restore helper: {exc}") from exc
             finally:
                 os.close(msg_w)
@@ -242,6 +246,7 @@ def restore_in_userns(
                 daemon=True,
             )
             reader.start()
+            proc = child.popen
             go_open = False
             _handshake(proc, id_map, messages, relay, go_w, stderr)
             if feed is not None:
@@ -257,15 +262,16 @@ def restore_in_userns(
         finally:
             if go_open:
                 os.close(go_w)
-            if proc is not None:
-                if proc.poll() is None:
-                    proc.kill()
-                proc.wait()
-                if proc.stdin is not None:
+            if child is not None:
+                if child.poll() is None:
+                    child.signal(signal.SIGKILL)
+                child.wait()
+                if child.stdin is not None:
                     try:
-                        proc.stdin.close()
+                        child.stdin.close()
                     except BrokenPipeError:
                         pass
+                child.stop(0)  # reaped already: closes its pipes, tells the run state
             if reader is not None:
                 reader.join()
         if relay.error is not None:

@@ -6,22 +6,24 @@ own session, so a Ctrl-C on the terminal reaches only us: the host must be able
 to finish the bitmaps over QMP before the daemon goes away.
 
 Stopping escalates: ``quit`` over QMP, then SIGTERM, then SIGKILL, each by PID
-and each followed by a bounded wait; the process is always reaped.
+and each followed by a bounded wait; the process is always reaped. It is started
+through :mod:`pvebackup.kit.proc`, so it dies with us even when we are killed
+with SIGKILL (no orphan keeps the image's write lock), and a guest's run state
+records its PID for the next run to check.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from pvebackup.api.errors import ExternalToolError, QmpError
+from pvebackup.kit.proc import Child, private_dir, spawn
 
 from .qmp import QmpClient
 
@@ -58,7 +60,7 @@ class StorageDaemon:
         self.start_timeout = start_timeout
         self.qmp_timeout = qmp_timeout
         self.stop_timeout = stop_timeout
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: Child | None = None
         self._qmp: QmpClient | None = None
         self._runtime_dir: Path | None = None
 
@@ -122,12 +124,11 @@ class StorageDaemon:
         parent = self.runtime_parent
         if parent is not None and len(str(parent.resolve())) > _MAX_PARENT_LEN:
             parent = None  # Unix socket paths are limited to 107 bytes
-        self._runtime_dir = Path(tempfile.mkdtemp(prefix="pvebackup-qsd-", dir=parent))
-        os.chmod(self._runtime_dir, 0o700)
+        self._runtime_dir = private_dir("pvebackup-qsd-", parent)
         qmp_path = self._runtime_dir / "qmp.sock"
         try:
             with open(self._runtime_dir / "daemon.log", "wb") as log:
-                self._proc = subprocess.Popen(
+                self._proc = self._spawn(
                     [
                         self.binary,
                         "--chardev",
@@ -135,10 +136,9 @@ class StorageDaemon:
                         "--monitor",
                         "chardev=qmp0",
                     ],
-                    stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    start_new_session=True,
+                    new_session=True,
                 )
             self._qmp = self._connect(qmp_path)
         except OSError as exc:
@@ -148,6 +148,12 @@ class StorageDaemon:
             self.stop()
             raise
         return self
+
+    def _spawn(self, argv: list[str], **kwargs: Any) -> Child:
+        try:
+            return spawn(argv, **kwargs)
+        except ExternalToolError as exc:
+            raise ExternalToolError(f"cannot start {self.binary}: {exc}") from exc
 
     def _connect(self, qmp_path: Path) -> QmpClient:
         deadline = time.monotonic() + self.start_timeout
@@ -188,24 +194,20 @@ class StorageDaemon:
                 self._qmp.close()
             if proc is not None:
                 self._wait_or_signal(proc, signal.SIGTERM)
-                self._wait_or_signal(proc, signal.SIGKILL)
-                if proc.poll() is None:
-                    proc.wait()  # SIGKILL was sent: this returns
-            return None if proc is None else proc.returncode
+                # SIGKILL, reaped, reported to the run state as ended
+                return proc.stop(self.stop_timeout, remove_run_dir=False)
+            return None
         finally:
             if self._runtime_dir is not None:
                 shutil.rmtree(self._runtime_dir, ignore_errors=True)
 
-    def _wait_or_signal(self, proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    def _wait_or_signal(self, proc: Child, sig: signal.Signals) -> None:
         try:
             proc.wait(timeout=self.stop_timeout)
             return
         except subprocess.TimeoutExpired:
             pass
-        try:
-            os.kill(proc.pid, sig)
-        except ProcessLookupError:
-            pass
+        proc.signal(sig)
 
     def __enter__(self) -> StorageDaemon:
         return self.start()

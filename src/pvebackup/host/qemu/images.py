@@ -8,13 +8,13 @@ whose guest wrote a qcow2 header would otherwise open the wrong thing.
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pvebackup.api.errors import ExternalToolError
+from pvebackup.kit import proc
 
 __all__ = [
     "BitmapInfo",
@@ -76,14 +76,13 @@ def run_qemu_img(args: Sequence[str], *, what: str) -> str:
     :raises ExternalToolError: it cannot be run or exits non-zero; the message
         starts with ``what`` and ends with qemu-img's stderr.
     """
-    cmd = [_QEMU_IMG, *args]
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    except OSError as exc:
-        raise ExternalToolError(f"{what}: cannot run {_QEMU_IMG}: {exc}") from exc
+        res = proc.run([_QEMU_IMG, *args])
+    except ExternalToolError as exc:
+        raise ExternalToolError(f"{what}: {exc}") from exc
     if res.returncode != 0:
-        raise ExternalToolError(f"{what}: {res.stderr.strip() or f'exit {res.returncode}'}")
-    return res.stdout
+        raise ExternalToolError(f"{what}: {res.err or f'exit {res.returncode}'}")
+    return res.out
 
 
 def image_info(path: Path, *, fmt: str | None = None, force_share: bool = False) -> ImageInfo:

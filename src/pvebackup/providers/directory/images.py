@@ -43,7 +43,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +54,7 @@ from pvebackup.api.errors import (
     VolumeNotFoundError,
 )
 from pvebackup.api.types import GuestType
+from pvebackup.kit import proc as kitproc
 from pvebackup.providers.directory.stored import VolumeDir, check_stored_name
 from pvebackup.providers.directory.volumes import INDEX_NAME, VolumeLayout, VolumeName
 
@@ -293,17 +293,15 @@ def _qemu_img_info(path: str, where: str) -> dict[str, Any]:
     """``qemu-img info`` of a qcow2 image, format given, nothing probed."""
     cmd = ["qemu-img", "info", "--output=json", "-f", "qcow2", path]
     try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=INFO_TIMEOUT, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
+        res = kitproc.run(cmd, timeout=INFO_TIMEOUT)
+    except ExternalToolError as exc:
         raise ExternalToolError(f"qemu-img info of {where} failed: {exc}") from exc
-    if proc.returncode != 0:
+    if res.returncode != 0:
         # qemu-img ran; the header it read is what it refused.
-        message = proc.stderr.strip().replace(path, "image")
+        message = res.err.replace(path, "image")
         raise IntegrityError(f"{where} is not a usable qcow2 image: {message}")
     try:
-        data = json.loads(proc.stdout)
+        data = json.loads(res.out)
     except ValueError as exc:
         raise ExternalToolError(f"qemu-img info of {where}: unreadable output") from exc
     if not isinstance(data, dict):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pvebackup.api.errors import (
     IntegrityError,
+    LockedError,
     StorageConfigError,
     UnsafeArchiveError,
     UnsafeStorageError,
@@ -40,7 +41,9 @@ from pvebackup.api.types import (
     RestoreMechanism,
 )
 from pvebackup.kit import safefs
+from pvebackup.kit.crashpoint import crash_point
 from pvebackup.kit.hoststate import HostState
+from pvebackup.kit.lock import lock_descriptor
 from pvebackup.kit.safefs import owned_fd
 from pvebackup.providers.directory import archive, images, stored, tree, vm
 from pvebackup.providers.directory.transfer import MIB
@@ -96,7 +99,8 @@ class _GuestBackup:
     workdir_fd: int
     """An fd of ``workdir``, held until the guest's backup ends: every write goes
     through it, never through the path (which a storage writer could swap for a
-    symlink out of the storage meanwhile). -1 once closed."""
+    symlink out of the storage meanwhile). It holds an flock, the mark of a live
+    writer (see ``_remove_dead_temps``). -1 once closed."""
     base: str | None = None
     """Volume an incremental backup builds on (chosen in ``backup_get_mechanism``)."""
     base_index_sha256: str | None = None
@@ -159,7 +163,41 @@ class BackupDirProvider(BackupProvider):
             not be created; nothing was created then.
         """
         self.base.subdir("backup", create=True)
+        self._remove_dead_temps()
         self.log("info", f"backup-dir: job started, writing to {self.layout.backup_dir}")
+
+    def _remove_dead_temps(self) -> None:
+        """Remove ``.tmp-*`` directories whose writer is gone (killed, crashed).
+
+        A writer holds an flock on its temporary directory until it commits or
+        aborts; the kernel drops it when the writer dies. A directory we can lock
+        therefore has no live writer, on this node or, with a storage whose file
+        system passes flock on (NFSv4, CephFS), on another.
+        """
+        try:
+            backup_fd = self.layout.open_backup_dir()
+        except FileNotFoundError:
+            return
+        with owned_fd(backup_fd):
+            for entry in sorted(safefs.listdir_at(backup_fd), key=lambda e: e.name):
+                if not entry.name.startswith(".tmp-"):
+                    continue
+                try:
+                    # O_NOFOLLOW: a symlink planted here is neither locked nor followed
+                    fd = safefs.open_dir(backup_fd, (entry.name,))
+                except (OSError, UnsafeStorageError):
+                    continue
+                with owned_fd(fd):
+                    try:
+                        lock_descriptor(fd, what=entry.name)
+                    except LockedError:
+                        continue  # a live writer
+                    try:
+                        safefs.rmtree_at(backup_fd, entry.name, missing_ok=True)
+                    except (OSError, UnsafeStorageError) as exc:
+                        self.log("warn", f"backup-dir: cannot remove {entry.name}: {exc}")
+                        continue
+                self.log("warn", f"backup-dir: removed {entry.name} left by a dead backup")
 
     def job_end(self) -> None:
         """Throw away any guest backup that neither ended nor was aborted."""
@@ -191,6 +229,14 @@ class BackupDirProvider(BackupProvider):
         self.base.subdir("backup", create=True)
         volname = self.layout.new_volname(vmtype, vmid, time.time())
         workdir_fd = self.layout.create_temp(volname)
+        try:
+            # The mark of a live writer (see _remove_dead_temps), on the fd we write
+            # through, so that closing it ends both. Taken just after the mkdir: had
+            # another job's job_start locked it in between, we fail here loudly.
+            lock_descriptor(workdir_fd, what=self.layout.temp_path(volname).name)
+        except BaseException:
+            os.close(workdir_fd)
+            raise
         index = BackupIndex(vmid=vmid, vmtype=vmtype, ctime=VolumeName.parse(volname).ctime)
         self._guests[vmid] = _GuestBackup(
             index=index,
@@ -514,6 +560,7 @@ class BackupDirProvider(BackupProvider):
         workdir_fd = self._workdir_fd(vmid)
         guest.index.stored_size = allocated_size(workdir_fd)
         index_sha256 = self.layout.write_index(workdir_fd, guest.index)
+        crash_point("backup-after-index")
         guest.final = self.layout.commit(guest.volname, workdir_fd)
         _close_workdir(guest)
         if guest.index.vmtype is GuestType.QEMU:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 from pvebackup.api.types import LogFunction
+from pvebackup.kit.crashpoint import crash_point
 
 __all__ = ["MIB", "ProgressLog", "LimitedReader", "RateLimiter"]
 
@@ -125,4 +126,5 @@ class LimitedReader:
             self._limiter.acquire(size)
             data = self._source.read(size)
         self._progress.advance(len(data))
+        crash_point("backup-mid-read")
         return data

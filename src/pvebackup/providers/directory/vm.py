@@ -10,8 +10,10 @@ The steps, in the order :func:`backup_disk` runs them:
    extents: the export refuses reads anywhere else.
 3. ``qemu-img create`` the qcow2: empty for a full backup, with the previous
    backup's image of this disk as its backing file for an incremental one.
-4. Write into the image through ``qemu-nbd`` (libnbd starts it with socket
-   activation on a private socket and stops it when we disconnect). Reads run in
+4. Write into the image through ``qemu-nbd`` on a socket in a private 0700
+   directory, started through :mod:`pvebackup.kit.proc` so that it dies with us
+   (libnbd's socket activation forks it where we cannot set that up, and leaves
+   its socket directory in /tmp when we are killed). Reads run in
    order with a few requests in flight; every chunk is written, then discarded
    on the export so that the host can free its fleecing copy.
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -36,6 +39,8 @@ import nbd
 from pvebackup.api.discard import discard_range
 from pvebackup.api.errors import ExternalToolError, NbdError
 from pvebackup.api.types import LogFunction
+from pvebackup.kit import proc
+from pvebackup.kit.crashpoint import crash_point
 from pvebackup.providers.directory.transfer import MIB, ProgressLog, RateLimiter
 
 __all__ = [
@@ -56,6 +61,8 @@ _DIRTY = 1
 """Flag bit of a dirty extent in ``qemu:dirty-bitmap:*`` (libnbd 1.14 has no name)."""
 _BLOCK_STATUS_MAX = 1 << 30
 """Largest block status request: some servers refuse 4 GiB and more."""
+_NBD_START_TIMEOUT = 15.0
+_STOP_TIMEOUT = 10.0
 
 
 def dirty_bitmap_context(bitmap_name: str) -> str:
@@ -200,6 +207,7 @@ def copy_extents(
                 source.trim(part[1], part[0])
                 stats.discarded += part[1]
         progress.advance(extent.length)
+        crash_point("backup-mid-read")
 
 
 _ZEROS = bytes(READ_CHUNK)
@@ -224,9 +232,9 @@ def create_image(
         relative = backing_name or os.path.relpath(backing, image.parent)
         cmd += ["-b", relative, "-F", "qcow2"]
     cmd += [str(image), str(size)]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    result = proc.run(cmd)
     if result.returncode != 0:
-        raise ExternalToolError(f"qemu-img create {image} failed: {result.stderr.strip()}")
+        raise ExternalToolError(f"qemu-img create {image} failed: {result.err}")
 
 
 def _connect_source(nbd_path: str, devicename: str, context: str) -> Any:
@@ -239,13 +247,44 @@ def _connect_source(nbd_path: str, devicename: str, context: str) -> Any:
     return handle
 
 
-def _connect_target(image: Path) -> Any:
-    handle = nbd.NBD()
-    # libnbd runs qemu-nbd on a private socket and reaps it when we disconnect.
-    handle.connect_systemd_socket_activation(
-        ["qemu-nbd", "-f", "qcow2", "--discard=unmap", "--detect-zeroes=unmap", str(image)]
-    )
-    return handle
+def _start_target(image: Path) -> tuple[Any, proc.Child]:
+    """Start qemu-nbd on ``image`` in a private directory and connect to it."""
+    run_dir = proc.private_dir("pvb-nbd-")
+    socket = run_dir / "nbd.sock"
+    with open(run_dir / "qemu-nbd.log", "wb") as log:
+        server = proc.spawn(
+            ["qemu-nbd", "-f", "qcow2", "--discard=unmap", "--detect-zeroes=unmap",
+             "-k", str(socket), str(image)],
+            run_dir=run_dir, stdout=log, stderr=log,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + _NBD_START_TIMEOUT
+        while True:
+            if socket.exists():
+                handle = nbd.NBD()
+                try:
+                    handle.connect_unix(str(socket))
+                    return handle, server
+                except nbd.Error:
+                    if time.monotonic() > deadline:
+                        raise
+            if server.poll() is not None or time.monotonic() > deadline:
+                why = (run_dir / "qemu-nbd.log").read_text(errors="replace").strip()
+                raise ExternalToolError(f"qemu-nbd for {image} did not start: {why[-500:]}")
+            time.sleep(0.01)
+    except BaseException:
+        server.stop(0)
+        raise
+
+
+def _stop_target(server: proc.Child | None) -> None:
+    if server is None:
+        return
+    try:
+        server.wait(_STOP_TIMEOUT)  # it exits by itself once we disconnected
+    except subprocess.TimeoutExpired:
+        pass
+    server.stop()
 
 
 def _disconnect(handle: Any) -> None:
@@ -287,6 +326,7 @@ def backup_disk(
     if incremental and bitmap_name is not None:
         context = dirty_bitmap_context(bitmap_name)
     source = target = None
+    server: proc.Child | None = None
     try:
         source = connect_source(nbd_path, devicename, context)
         size = source.get_size()
@@ -300,7 +340,7 @@ def backup_disk(
             f"of {size / MIB:.1f} MiB into {image.name}",
         )
         create_image(image, size, backing, backing_name)
-        target = _connect_target(image)
+        target, server = _start_target(image)
         progress = ProgressLog(log_function, devicename, stats.planned)
         copy_extents(
             source,
@@ -321,4 +361,5 @@ def backup_disk(
         # and with them the connection to the export and our qemu-nbd.
         for handle in (target, source):
             _disconnect(handle)
+        _stop_target(server)
     return stats

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from pvebackup.api.errors import CorruptIndexError, ObjectNotFoundError, PveBackupError
 from pvebackup.api.types import LogFunction
+from pvebackup.kit.crashpoint import crash_point
 from pvebackup.providers.store.nbdsource import BlockSource, NbdSource
 from pvebackup.providers.store.pipeline import ChunkResult, run_pipeline
 from pvebackup.providers.store.plan import Range, full_jobs, incremental_jobs
@@ -139,6 +140,8 @@ class DiskBackup:
                     tick=progress.tick,
                     zero_digest=ZERO_DIGEST,
                 )
+                crash_point("backup-after-chunks")
+            crash_point("backup-after-index")
             progress.finish()
             return stats
         finally:

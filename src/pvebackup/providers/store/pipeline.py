@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pvebackup.api.discard import discard_range
+from pvebackup.kit.crashpoint import crash_point
 from pvebackup.providers.store.nbdsource import BlockSource
 from pvebackup.providers.store.plan import ChunkJob, Range
 from pvebackup.providers.store.progress import BackupStats
@@ -157,6 +158,7 @@ def run_pipeline(
         stats.done += job.read_bytes if job.base is not None else job.length
         trimmer.add(job.reads)
         tick()
+        crash_point("backup-mid-read")
 
     def submit_oldest_read(pool: ThreadPoolExecutor) -> None:
         job, buf, view, cookies = reads.popleft()

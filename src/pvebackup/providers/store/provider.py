@@ -40,6 +40,7 @@ from pvebackup.api.types import (
     RestoreMechanism,
 )
 from pvebackup.kit.bounded import MAX_CONFIG_FILE_SIZE
+from pvebackup.kit.crashpoint import crash_point
 from pvebackup.kit.hoststate import HostState
 from pvebackup.providers.store.bitmap_base import BitmapBase, commit_base, decide, reset_base
 from pvebackup.providers.store.disk import BaseUnusableError, DiskBackup, SourceFactory
@@ -257,7 +258,9 @@ class BackupStoreProvider(BackupProvider):
                 "reused-bytes": str(guest.reused_bytes),
             }
         )
+        crash_point("backup-before-manifest")
         manifest = writer.commit()
+        crash_point("backup-after-manifest")
         guest.committed = True
         guest.task_size = guest.stored_bytes + sum(f.size for f in manifest.files.values())
         # The proof for the next incremental: this snapshot, byte for byte (the host

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
 import sysconfig
-import tempfile
 import time
 from pathlib import Path
 
 from pvebackup.api.errors import ExternalToolError
+from pvebackup.kit.proc import Child, private_dir, spawn
 
 __all__ = ["RestoreServer", "plugin_pythonpath"]
 
@@ -58,11 +56,11 @@ class RestoreServer:
         *,
         backend: str = "local",
     ) -> None:
-        self.workdir = Path(tempfile.mkdtemp(prefix="pvebackup-restore-"))
+        self.workdir = private_dir("pvebackup-restore-")
         self.socket = self.workdir / "nbd.sock"
         self.pidfile = self.workdir / "nbdkit.pid"
         self.stderr_path = self.workdir / "nbdkit.err"
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: Child | None = None
         self.integrity_failures: list[str] = []
         try:
             self._start(backend, location, snapshot, device, key_material)
@@ -102,10 +100,9 @@ class RestoreServer:
             pass_fds = (read_fd,)
         try:
             with open(self.stderr_path, "wb") as err:
-                self._proc = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                    env=env, pass_fds=pass_fds,
-                )  # fmt: skip
+                # --exit-with-parent and kit.proc's PDEATHSIG both: nbdkit goes when
+                # we go, also on SIGKILL, and never outlives a dead restore.
+                self._proc = spawn(argv, stdout=err, stderr=err, env=env, pass_fds=pass_fds)
         except OSError as exc:
             raise ExternalToolError(f"cannot start nbdkit: {exc.strerror}") from exc
         finally:
@@ -151,13 +148,7 @@ class RestoreServer:
         errors = ""
         proc, self._proc = self._proc, None
         if proc is not None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(_STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            proc.stop(_STOP_TIMEOUT)  # SIGTERM, then SIGKILL; reaped
         if self.workdir.exists():
             errors = self.errors()
             self.integrity_failures = self.integrity_errors()
