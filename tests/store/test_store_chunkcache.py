@@ -61,3 +61,20 @@ def test_lookups_on_a_synthetic_index_are_fast(tmp_path: Path) -> None:
         assert all(cache.lookup(d) is not None for d in sample)
         assert cache.lookup(os.urandom(32)) is None
     assert 5 * len(sample) / (time.perf_counter() - t) > 20_000
+
+
+def test_a_digest_spanning_two_records_is_no_hit(tmp_path: Path) -> None:
+    # The bucket is searched with bytes.find: bytes that straddle a record
+    # boundary (one record's tail, the next one's digest) must not count.
+    prefix = b"\x01\x02"
+    first = prefix + bytes(30)
+    second = prefix + b"\x55" * 30
+    tail = (0x0201).to_bytes(4, "little") + bytes(12)  # pack 0x0201, offset, length, size 0
+    forged = tail + second[:16]
+    (tmp_path / "packs").write_bytes(bytes(32) * 0x0202)
+    write_sorted_index(
+        tmp_path / "chunks.idx", [(first, 0x0201, 0, 0, 0), (second, 0, 16, 100, 100)]
+    )
+    cache = SortedChunkIndex(tmp_path)
+    assert forged[:2] == prefix and cache.lookup(second) is not None
+    assert cache.lookup(forged) is None
