@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pvebackup import __version__
 from pvebackup.api.errors import AbortedError, PveBackupError
-from pvebackup.cli import cmd_backup, cmd_key, cmd_list, cmd_remove, cmd_restore
+from pvebackup.cli import cmd_backup, cmd_gc, cmd_key, cmd_list, cmd_remove, cmd_restore
 from pvebackup.kit.hoststate import STATE_DIR_ENV
 
 __all__ = ["build_parser", "main"]
@@ -32,7 +32,7 @@ exit status:
   130  interrupted (SIGINT/SIGTERM)
 """
 
-_COMMANDS = (cmd_backup, cmd_restore, cmd_list, cmd_remove, cmd_key)
+_COMMANDS = (cmd_backup, cmd_restore, cmd_list, cmd_remove, cmd_gc, cmd_key)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -166,6 +166,16 @@ class SortedChunkIndex:
     def mark_ingested(self, key: str) -> None:
         self._seen.add(key)
 
+    def clear(self) -> None:
+        self._overlay.clear()
+        self._seen.clear()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._fan = (0,) * 65537
+        self._file.unlink(missing_ok=True)
+        self._ingested_file.unlink(missing_ok=True)
+
     def _file_records(self) -> Iterator[tuple[bytes, int, int, int, int]]:
         if self._fd < 0:
             return

@@ -170,6 +170,10 @@ class ChunkIndexCache(Protocol):
 
     def mark_ingested(self, key: str) -> None: ...
 
+    def clear(self) -> None:
+        """Forget everything (index objects were compacted away)."""
+        ...
+
 
 class MemoryChunkIndex:
     """A dict: fine for tests and small stores (about 200 bytes per chunk)."""
@@ -195,3 +199,7 @@ class MemoryChunkIndex:
 
     def mark_ingested(self, key: str) -> None:
         self._seen.add(key)
+
+    def clear(self) -> None:
+        self._map.clear()
+        self._seen.clear()

@@ -79,6 +79,12 @@ from pvebackup.store.formats import (
     STORE_FORMAT_IDS,
     ZERO_DIGEST,
 )
+from pvebackup.store.gcrecord import (
+    SESSION_TTL,
+    encode_session,
+    load_condemned_digests,
+    session_key,
+)
 from pvebackup.store.index import check_chunk_size
 from pvebackup.store.keys import EncryptionKey
 from pvebackup.store.pack import (
@@ -243,6 +249,12 @@ class Datastore:
         self._unindexed: list[tuple[bytes, list[PackEntry]]] = []
         self._unindexed_count = 0
         self._refreshed = False
+        self.session_ttl = SESSION_TTL
+        self._session_started: float | None = None
+        self._last_beat = 0.0
+        self._condemned: frozenset[bytes] = frozenset()
+        self._session_lock = threading.Lock()
+        self._session_ready = False
 
     def __repr__(self) -> str:
         enc = f", key={self._key.fingerprint}" if self._key else ""
@@ -327,16 +339,86 @@ class Datastore:
         """Digest and blob of ``data``: CPU only, no backend; for worker threads."""
         return self.codec.prepare(data)
 
+    # --- writer session (see docs/design.md, "Garbage collection") --------------------
+
+    def _ensure_session(self) -> None:
+        """Register this writer before its first dedup lookup; heartbeat later on.
+
+        Order matters (GC relies on it): the session object (its start time) is
+        visible first, then the condemned records are read, then the index, so
+        a chunk condemned before we started is never deduplicated against, and
+        one condemned later is not deleted while we live.
+        """
+        now = time.time()
+        if self._session_ready:
+            if now - self._last_beat > self.session_ttl / 4:
+                with self._lock:
+                    self._beat(now)
+            return
+        with self._session_lock:  # other threads wait until the session is ready
+            if self._session_ready:
+                return
+            with self._lock:
+                self._session_started = now
+                self._beat(now)
+            condemned = load_condemned_digests(self.backend, self.codec)
+            with self._lock:
+                self._condemned = frozenset(condemned)
+            self.refresh_index(check_vanished=True)
+            self._session_ready = True
+
+    def _beat(self, now: float) -> None:
+        assert self._session_started is not None
+        self.backend.put(
+            session_key(self.session),
+            encode_session(self.session, self._session_started, now, self.session_ttl),
+            overwrite=True,
+            durable=True,
+        )
+        self._last_beat = now
+
+    def _check_session(self) -> None:
+        """Before a manifest: a session silent past its TTL may have been taken for dead."""
+        with self._lock:
+            if self._session_started is None:
+                return
+            now = time.time()
+            if now - self._last_beat > self.session_ttl:
+                raise StateError(
+                    f"writer session {self.session.hex()} was silent for "
+                    f"{now - self._last_beat:.0f} s (more than its {self.session_ttl:.0f} s): "
+                    "garbage collection may have removed chunks it reused; back up again"
+                )
+            self._beat(now)
+
+    def close(self) -> None:
+        """End the writer session: write what is open, drop the session object."""
+        with self._lock:
+            self._write_pack()
+            self._write_index_object()
+            if self._session_started is not None:
+                self.backend.delete(session_key(self.session))
+                self._session_started = None
+                self._session_ready = False
+
     def _known(self, digest: bytes) -> int:
-        """Stored size of the chunk's blob if this store has it, else -1 (lock held)."""
+        """Stored size of the chunk's blob if this store has it, else -1 (lock held).
+
+        A chunk garbage collection condemned counts as absent: it may be deleted
+        once the sessions that could have seen it are gone, so a new copy is
+        written (this resurrects it).
+        """
         if self._pack is not None:
             blob = self._pack.blob(digest)
             if blob is not None:
                 return len(blob)
-        loc = self._written.get(digest) or self._index.lookup(digest)
+        loc = self._written.get(digest)
+        if loc is None and digest not in self._condemned:
+            loc = self._index.lookup(digest)
         return -1 if loc is None else loc.length
 
     def _lookup_size(self, digest: bytes) -> int:
+        self._ensure_session()
         with self._lock:
             size = self._known(digest)
             if size >= 0 or self._refreshed:
@@ -346,6 +428,7 @@ class Datastore:
             return self._known(digest)
 
     def _add(self, digest: bytes, blob: bytes, size: int) -> InsertResult:
+        self._ensure_session()
         with self._lock:
             known = self._known(digest)  # another thread may have added it meanwhile
             if known >= 0:
@@ -390,17 +473,27 @@ class Datastore:
         Both durably, pack first: an index object never names a pack a crash could
         lose. ``SnapshotWriter.commit`` calls this before the manifest.
         """
+        self._check_session()
         with self._lock:
             self._write_pack()
             self._write_index_object()
 
-    def refresh_index(self) -> int:
-        """Ingest index objects other writers stored since; returns how many."""
+    def refresh_index(self, *, check_vanished: bool = False) -> int:
+        """Ingest index objects other writers stored since; returns how many.
+
+        ``check_vanished``: if an index object the cache ingested is gone (garbage
+        collection compacted it), start the cache over: it may list chunks that
+        were deleted since.
+        """
+        keys = sorted(self.backend.list(INDEX_PREFIX))
         with self._lock:
             seen = self._index.ingested()
+            if check_vanished and not seen <= set(keys):
+                self._index.clear()
+                seen = set()
             self._refreshed = True
         new = 0
-        for key in sorted(self.backend.list(INDEX_PREFIX)):
+        for key in keys:
             if key in seen:
                 continue
             name = index_name_from_key(key)
@@ -493,10 +586,16 @@ class Datastore:
                 raise CorruptChunkError(f"chunk {digest.hex()}: missing from the store")
             try:
                 blob = self.backend.get_range(pack_key(loc.pack), loc.offset, loc.length)
-            except ObjectNotFoundError as exc:
-                raise CorruptChunkError(
-                    f"chunk {digest.hex()}: its pack {loc.pack.hex()} is missing"
-                ) from exc
+            except ObjectNotFoundError:
+                # Garbage collection may have repacked it since we cached its place.
+                self.refresh_index(check_vanished=True)
+                loc = self.locate_chunk(digest) or loc
+                try:
+                    blob = self.backend.get_range(pack_key(loc.pack), loc.offset, loc.length)
+                except ObjectNotFoundError as exc:
+                    raise CorruptChunkError(
+                        f"chunk {digest.hex()}: its pack {loc.pack.hex()} is missing"
+                    ) from exc
             if len(blob) != loc.length:
                 raise CorruptChunkError(f"chunk {digest.hex()}: pack {loc.pack.hex()} cut short")
         data = self.codec.decode_chunk(blob, digest)

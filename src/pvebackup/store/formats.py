@@ -37,6 +37,10 @@ __all__ = [
     "FIXED_INDEX_HEADER",
     "FIXED_INDEX_MAGIC",
     "FORMAT_VERSION",
+    "GC_RECORD_ENTRY",
+    "GC_RECORD_HEADER",
+    "GC_RECORD_MAGIC",
+    "MAX_GC_RECORD_ENTRIES",
     "KEY_FILE_FORMAT",
     "LAYOUTS",
     "MAGICS",
@@ -285,6 +289,37 @@ MAX_CHUNK_INDEX_ENTRIES: Final = (
 ) // (CHUNK_INDEX_ENTRY.size + DIGEST_SIZE)
 """Entries one index object may hold (one pack per entry at worst): it is one blob."""
 
+# --- garbage collection record ----------------------------------------------------------
+# ``gc/condemned/<hex>``: one blob whose plaintext is the header, then ``count``
+# entries: a condemned chunk location, or (zero digest, pack) for a pack that no
+# index object named.
+
+# sha256(b"pvebackup gc record v1")[:8]
+GC_RECORD_MAGIC: Final = bytes.fromhex("a6ac9f6e3fe4e3ce")
+assert derive_magic("gc record v1") == GC_RECORD_MAGIC
+
+GC_RECORD_HEADER: Final = Layout(
+    "gc record header",
+    (
+        Field("magic", "8s"),
+        Field("created", "d"),  # seconds since the epoch (float) of the condemnation
+        Field("count", "I"),
+        Field("reserved", "I"),
+    ),
+    24,
+)
+
+GC_RECORD_ENTRY: Final = Layout(
+    "gc record entry",
+    (
+        Field("digest", "32s"),  # zero: the whole pack (named by no index object)
+        Field("pack", "32s"),
+    ),
+    64,
+)
+
+MAX_GC_RECORD_ENTRIES: Final = (MAX_CHUNK_SIZE - GC_RECORD_HEADER.size) // GC_RECORD_ENTRY.size
+
 STORE_FORMAT_IDS: Final[dict[str, str]] = {
     "digest": "sha256",
     "keyed_digest": "hmac-sha256",
@@ -301,6 +336,7 @@ MAGICS: Final[dict[str, bytes]] = {
     "PACK_MAGIC": PACK_MAGIC,
     "PACK_DESCRIPTION_MAGIC": PACK_DESCRIPTION_MAGIC,
     "CHUNK_INDEX_MAGIC": CHUNK_INDEX_MAGIC,
+    "GC_RECORD_MAGIC": GC_RECORD_MAGIC,
 }
 LAYOUTS: Final[dict[str, Layout]] = {
     "BLOB_HEADER": BLOB_HEADER,
@@ -311,4 +347,6 @@ LAYOUTS: Final[dict[str, Layout]] = {
     "PACK_ENTRY": PACK_ENTRY,
     "CHUNK_INDEX_HEADER": CHUNK_INDEX_HEADER,
     "CHUNK_INDEX_ENTRY": CHUNK_INDEX_ENTRY,
+    "GC_RECORD_HEADER": GC_RECORD_HEADER,
+    "GC_RECORD_ENTRY": GC_RECORD_ENTRY,
 }
