@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import struct
 
@@ -20,6 +21,7 @@ from pvebackup.store.chunkindex import (
 )
 from pvebackup.store.datastore import Datastore
 from pvebackup.store.formats import PACK_ENTRY
+from pvebackup.store.gcrecord import encode_record, parse_record, parse_session
 from pvebackup.store.keys import EncryptionKey
 from pvebackup.store.pack import PackBuilder, pack_key, read_pack_entries
 
@@ -150,3 +152,47 @@ def test_fuzzed_pack_is_a_typed_error_or_in_bounds(body: bytes, count: int) -> N
         return
     for e in entries:
         assert 16 <= e.offset and e.offset + e.length <= len(raw) - 16 - len(desc)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=300))
+def test_fuzzed_session_object_is_a_typed_error(data: bytes) -> None:
+    try:
+        info = parse_session(data)
+    except CorruptIndexError:
+        return
+    assert all(map(math.isfinite, (info.started, info.heartbeat, info.ttl)))
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [b"[]", b'{"session": "x"}', b'{"session": "x", "started": true, "heartbeat": 1, "ttl": 1}',
+     b'{"session": "x", "started": NaN, "heartbeat": 1, "ttl": 1}', b"[" * 100000],
+)  # fmt: skip
+def test_hostile_session_objects_are_refused(doc: bytes) -> None:
+    with pytest.raises(CorruptIndexError):
+        parse_session(doc)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=300), st.integers(0, 6))
+def test_fuzzed_gc_record_is_a_typed_error(tail: bytes, count: int) -> None:
+    codec = ChunkCodec(None)
+    header = struct.pack("<8sdII", bytes.fromhex("a6ac9f6e3fe4e3ce"), 1.0, count, 0)
+    try:
+        record = parse_record(codec, "gc/condemned/x", codec.encode(header + tail))
+    except CorruptIndexError:
+        return
+    assert len(record.pairs) <= count
+
+
+def test_gc_record_round_trip_and_forged_count(key: EncryptionKey) -> None:
+    codec = ChunkCodec(key)
+    pairs = {(os.urandom(32), os.urandom(32)) for _ in range(5)}
+    ((name, data),) = encode_record(codec, 123.5, pairs)
+    record = parse_record(codec, name, data)
+    assert (record.created, record.pairs) == (123.5, frozenset(pairs))
+    plain = bytearray(codec.decode(data))
+    plain[16:20] = (6).to_bytes(4, "little")
+    with pytest.raises(CorruptIndexError, match="does not match"):
+        parse_record(codec, name, codec.encode(bytes(plain)))
