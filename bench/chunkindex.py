@@ -39,7 +39,7 @@ def build(root: Path, n: int, seed: int = 1) -> list[bytes]:
 
     root.mkdir(parents=True, exist_ok=True)
     (root / "packs").write_bytes(b"".join(bytes([i]) * 32 for i in range(100)))
-    write_sorted_index(root / "chunks.idx", records())
+    write_sorted_index(root / "chunks.idx", records(), n)
     return sample
 
 

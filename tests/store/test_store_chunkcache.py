@@ -78,3 +78,14 @@ def test_a_digest_spanning_two_records_is_no_hit(tmp_path: Path) -> None:
     cache = SortedChunkIndex(tmp_path)
     assert forged[:2] == prefix and cache.lookup(second) is not None
     assert cache.lookup(forged) is None
+
+
+def test_a_cut_cache_file_is_started_over(tmp_path: Path) -> None:
+    cache = SortedChunkIndex(tmp_path)
+    cache.add([(os.urandom(32), ChunkLocation(b"a" * 32, 16, 100, 200)) for _ in range(50)])
+    cache.mark_ingested("index/x")
+    cache.close()
+    with open(tmp_path / "chunks.idx", "r+b") as f:  # a crash or a full disk cut it
+        f.truncate(os.path.getsize(tmp_path / "chunks.idx") - 10)
+    again = SortedChunkIndex(tmp_path)
+    assert len(again) == 0 and again.ingested() == set()  # everything is read again
