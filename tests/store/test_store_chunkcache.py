@@ -89,3 +89,21 @@ def test_a_cut_cache_file_is_started_over(tmp_path: Path) -> None:
         f.truncate(os.path.getsize(tmp_path / "chunks.idx") - 10)
     again = SortedChunkIndex(tmp_path)
     assert len(again) == 0 and again.ingested() == set()  # everything is read again
+
+
+def test_a_read_missing_from_a_cache_that_claims_the_object_reads_it_again(
+    tmp_path: Path,
+) -> None:
+    backend = MemoryBackend()
+    writer = Datastore.create(backend, chunk_size=CS)
+    digest = writer.insert_chunk(os.urandom(CS)).digest
+    writer.flush()
+    cache = SortedChunkIndex(tmp_path)
+    Datastore.open(backend, index=cache).refresh_index()
+    cache.close()
+    # another process saved its own cache over ours: the entries are gone, the
+    # list of ingested index objects still names the object
+    (tmp_path / "chunks.idx").unlink()
+    stale = SortedChunkIndex(tmp_path)
+    assert stale.ingested() and stale.lookup(digest) is None
+    assert len(Datastore.open(backend, index=stale).read_chunk(digest)) == CS

@@ -567,6 +567,17 @@ class Datastore:
                 loc = self._written.get(digest) or self._index.lookup(digest)
         return loc
 
+    def _locate_for_read(self, digest: bytes) -> ChunkLocation | None:
+        """``locate_chunk``, and once more on a cache started over: a miss on a read
+        is rare (the index said the chunk exists), and a persistent cache another
+        process saved over may lack entries it claims to have ingested."""
+        loc = self.locate_chunk(digest)
+        if loc is None:
+            with self._lock:
+                self._index.clear()
+            loc = self.locate_chunk(digest)
+        return loc
+
     def read_chunk(self, digest: bytes, size: int | None = None) -> bytes:
         """The verified plaintext of chunk ``digest``.
 
@@ -581,7 +592,7 @@ class Datastore:
         with self._lock:
             blob = None if self._pack is None else self._pack.blob(digest)
         if blob is None:
-            loc = self.locate_chunk(digest)
+            loc = self._locate_for_read(digest)
             if loc is None:
                 raise CorruptChunkError(f"chunk {digest.hex()}: missing from the store")
             try:
