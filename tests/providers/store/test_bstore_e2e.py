@@ -74,7 +74,7 @@ def test_incremental_reads_only_dirty_extents_and_restores(host: FakeHost, tmp_p
     src, writes = _incremental_setup(host, tmp_path)
     reads: list[tuple[int, int]] = []
     p = host.provider()
-    from pvebackup.providers.store.nbdsource import NbdSource
+    from pvebackup.kit.nbdsource import NbdSource
 
     class Recording(NbdSource):
         def submit_read(self, buf: memoryview, offset: int) -> int:

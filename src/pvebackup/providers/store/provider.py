@@ -42,8 +42,9 @@ from pvebackup.api.types import (
 from pvebackup.kit.bounded import MAX_CONFIG_FILE_SIZE
 from pvebackup.kit.crashpoint import crash_point
 from pvebackup.kit.hoststate import HostState
+from pvebackup.kit.nbdsource import SourceFactory
 from pvebackup.providers.store.bitmap_base import BitmapBase, commit_base, decide, reset_base
-from pvebackup.providers.store.disk import BaseUnusableError, DiskBackup, SourceFactory
+from pvebackup.providers.store.disk import BaseUnusableError, DiskBackup
 from pvebackup.providers.store.progress import format_bytes
 from pvebackup.providers.store.restore_server import RestoreServer
 from pvebackup.providers.store.settings import StoreSettings
