@@ -15,8 +15,8 @@ from pathlib import Path
 from bstore_support import BITMAP, FakeHost, compare, mixed_image, qemu_write, run
 
 from pvebackup.api.types import BitmapMode, GuestType
+from pvebackup.kit.nbdfake import FakeNbdSource
 from pvebackup.providers.store.disk import DiskBackup
-from pvebackup.providers.store.plan import Range
 from pvebackup.store.backends.memory import MemoryBackend
 from pvebackup.store.datastore import Datastore
 from pvebackup.store.snapshot import SnapshotId
@@ -25,41 +25,7 @@ CS = 64 * 1024
 KiB = 1024
 
 
-class Source:
-    """A disk in memory; the incremental one serves bytes only inside dirty ranges."""
-
-    def __init__(self, data: bytes, dirty: list[Range] | None = None) -> None:
-        self.data = data
-        self.size = len(data)
-        self.dirty = dirty
-        self.reads: list[Range] = []
-        self._pending: dict[int, tuple[memoryview, int]] = {}
-
-    def data_extents(self) -> list[Range]:
-        return [(0, self.size)]
-
-    def dirty_extents(self) -> list[Range]:
-        assert self.dirty is not None
-        return self.dirty
-
-    def submit_read(self, buf: memoryview, offset: int) -> int:
-        self.reads.append((offset, len(buf)))
-        cookie = len(self.reads)
-        self._pending[cookie] = (buf, offset)
-        return cookie
-
-    def wait(self, cookie: int) -> None:
-        buf, offset = self._pending.pop(cookie)
-        buf[:] = self.data[offset : offset + len(buf)]
-
-    def trim(self, offset: int, length: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _run(store: Datastore, source: Source, t: int, base: SnapshotId | None) -> SnapshotId:
+def _run(store: Datastore, source: FakeNbdSource, t: int, base: SnapshotId | None) -> SnapshotId:
     sid = SnapshotId(GuestType.QEMU, 100, t)
     writer = store.new_snapshot(sid, chunk_size=CS)
     job = DiskBackup(
@@ -81,7 +47,7 @@ def test_partly_dirty_chunks_take_clean_bytes_from_the_previous_chunk() -> None:
     old = bytearray(rng.randbytes(8 * CS))
     old[5 * CS : 6 * CS] = bytes(CS)  # a zero chunk, partly dirtied below
     store = Datastore.create(MemoryBackend(), chunk_size=CS)
-    base = _run(store, Source(bytes(old)), 1000, None)
+    base = _run(store, FakeNbdSource(bytes(old)), 1000, None)
     # inside one chunk; across a chunk boundary; inside the zero chunk; the last bytes
     dirty = [(CS + 1000, 3000), (3 * CS - 500, 1000), (5 * CS + 7, 9), (8 * CS - 3, 3)]
     expected = bytearray(old)
@@ -90,7 +56,7 @@ def test_partly_dirty_chunks_take_clean_bytes_from_the_previous_chunk() -> None:
     disk = bytearray(os.urandom(8 * CS))
     for off, n in dirty:
         expected[off : off + n] = disk[off : off + n]
-    source = Source(bytes(disk), dirty)
+    source = FakeNbdSource(bytes(disk), dirty=dirty)  # refuses reads outside them
     sid = _run(store, source, 2000, base)
     assert _image(store, sid) == bytes(expected)
     for off, n in source.reads:
