@@ -730,9 +730,7 @@ def _close_workdir(guest: _GuestBackup) -> None:
 
 def _store_host_file(filename: str, dir_fd: int, name: str) -> None:
     """Copy the host file ``filename`` (trusted, small) as ``name`` into ``dir_fd``."""
-    with open(filename, "rb") as src:
-        data = src.read()
-    safefs.atomic_write_at(dir_fd, name, data)
+    safefs.atomic_write_at(dir_fd, name, safefs.read_file_path(filename))
 
 
 def _file_digest(path: Path) -> tuple[int, str]:
