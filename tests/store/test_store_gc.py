@@ -13,6 +13,7 @@ from pvebackup.store.datastore import Datastore
 from pvebackup.store.formats import ZERO_DIGEST
 from pvebackup.store.gc import collect_garbage
 from pvebackup.store.gcrecord import CONDEMNED_PREFIX, session_key
+from pvebackup.store.keys import EncryptionKey
 from pvebackup.store.snapshot import SnapshotId
 
 CS = 64 * 1024
@@ -217,3 +218,19 @@ def test_random_histories_exercise_deletion_waiting_and_resurrection() -> None:
     for seed in (103, 118, 126):
         _history(seed, steps=60)
     assert _TOTALS["removed"] > 0 and _TOTALS["waiting"] > 0 and _TOTALS["resurrected"] > 0
+
+
+def test_gc_of_an_encrypted_store_hides_names_and_frees(key: EncryptionKey) -> None:
+    backend = MemoryBackend()
+    Datastore.create(backend, key=key, chunk_size=CS, pack_size=1 << 20)
+    a = _backup(Datastore.open(backend, key=key), list(range(6)))
+    b = _backup(Datastore.open(backend, key=key), [4, 5, 6])
+    store = Datastore.open(backend, key=key)
+    store.remove_snapshot(a)
+    collect_garbage(store, margin=0.0)
+    (record,) = backend.list(CONDEMNED_PREFIX)
+    digests = {store.codec.digest(_POOL[i]) for i in range(7)}
+    assert not any(d in backend.get(record) for d in digests)  # the record is encrypted
+    assert collect_garbage(store, margin=0.0).chunks_removed == 4
+    idx = store.open_snapshot(b).open_index("drive-scsi0")
+    assert [store.read_chunk(idx.digest(i)) for i in range(3)] == [_POOL[i] for i in (4, 5, 6)]
