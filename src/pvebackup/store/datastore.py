@@ -254,6 +254,7 @@ class Datastore:
         self._last_beat = 0.0
         self._condemned: frozenset[bytes] = frozenset()
         self._session_lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
         self._session_ready = False
 
     def __repr__(self) -> str:
@@ -485,6 +486,12 @@ class Datastore:
         collection compacted it), start the cache over: it may list chunks that
         were deleted since.
         """
+        # One refresh at a time: the restore's read-ahead threads all miss at
+        # first, and the later ones then find everything ingested already.
+        with self._refresh_lock:
+            return self._refresh_index(check_vanished)
+
+    def _refresh_index(self, check_vanished: bool) -> int:
         keys = sorted(self.backend.list(INDEX_PREFIX))
         with self._lock:
             seen = self._index.ingested()
