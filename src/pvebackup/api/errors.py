@@ -34,6 +34,7 @@ caller can decide whether retrying can help.
     │       └── UnprotectedKeyFileError          key/passphrase file readable by group or others
     ├── StateError                      exit 7   refused because of existing state
     │   ├── GuestExistsError                     restore onto an existing vmid without --force
+    │   ├── GuestRunningError                    restore onto a running VM (qmrestore refuses too)
     │   ├── VolumeInUseError                     remove a volume another one depends on
     │   ├── SnapshotExistsError                  a snapshot with that name is already stored
     │   └── LockedError                          someone else holds a lock
@@ -67,6 +68,7 @@ __all__ = [
     "GuestConfigError",
     "GuestExistsError",
     "GuestNotFoundError",
+    "GuestRunningError",
     "IntegrityError",
     "KeyFileError",
     "LockedError",
@@ -235,6 +237,10 @@ class StateError(PveBackupError):
 
 class GuestExistsError(StateError):
     """A guest with the target vmid exists and --force was not given."""
+
+
+class GuestRunningError(StateError):
+    """The target vmid is a running VM: a restore never replaces a running guest's disks."""
 
 
 class VolumeInUseError(StateError):
