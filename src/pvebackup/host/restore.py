@@ -292,12 +292,14 @@ class _Restore:
             crash_point("restore-before-config")
             if self.live:
                 written = path
+                self.guest_run.add_config(path)
             write_config_file(path, config.render(replace))
             if self.live:
                 self._go_live()
                 # Committed: the VM runs on complete disks; from here on nothing is
                 # taken away from it (a signal now only skips the source clean-up).
                 live_done = True
+                self.guest_run.drop_config(path)
                 self._close_live_sources()
         except BaseException as exc:
             self.log.err(f"restore failed: {_describe(exc)}")
@@ -383,6 +385,7 @@ class _Restore:
             self.start_command,
             speed=self.live_speed,
             log=self.log,
+            observer=self.guest_run,
         )
 
     def _close_live_sources(self) -> None:

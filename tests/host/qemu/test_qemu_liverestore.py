@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from sample_node import MiB, Node, sh
 
+import pvebackup
 from pvebackup.api.errors import (
     ExternalToolError,
     GuestRunningError,
@@ -315,3 +316,35 @@ def test_start_command_comes_from_option_then_environment(
     assert liverestore.start_command("my-start --x") == ["my-start", "--x"]
     with pytest.raises(UnsupportedError):
         liverestore.start_command("   ")
+
+
+@pytest.mark.slow
+def test_a_killed_live_restore_is_undone_by_the_next_run(live_node: LiveNode) -> None:
+    ln = live_node
+    volid, disk = ln.backed_up_vm("bstore")
+    src = str(Path(pvebackup.__file__).resolve().parents[1])
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "pvebackup", "--root", str(ln.path), "restore", "--live",
+         "--start-command", " ".join(start_command(ln.path)), "--bwlimit", "1024",
+         volid, "200"],
+        env={**os.environ, "PYTHONPATH": src},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert copy_running(ln, 200)
+        vm = liverestore.running_vm_pid(ln.root, 200)
+        assert vm is not None
+        cli.kill()  # SIGKILL mid-copy: no finally block runs
+        cli.wait()
+    finally:
+        cli.kill()
+        cli.wait()
+    assert ln.root.guest_type(200) is not None  # the uncommitted config is left...
+    # ...until the next run of guest 200: it kills the VM, removes the config and
+    # frees the half-restored volume, then restores (a plain restore here).
+    result = run_restore(ln.root, volid, 200, terminal=None)
+    assert process_start_time(vm) is None
+    (image,) = ln.restored_images(200)
+    assert result.volumes == [f"local:200/{image.name}"]
+    sh("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(image), str(disk))

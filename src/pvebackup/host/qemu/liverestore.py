@@ -175,6 +175,7 @@ def live_restore(
     speed: int = 0,
     log: Callable[[str, str], None],
     interval: float = 5.0,
+    observer: proc.ChildObserver | None = None,
 ) -> None:
     """Start VM ``vmid`` with ``command`` and stream every disk's backup into its target.
 
@@ -183,11 +184,16 @@ def live_restore(
     the VM is paused and stopped before this raises.
 
     :param speed: bytes/s per disk for the copy (0: unlimited).
-    :raises GuestRunningError: never here; the caller checks before allocating.
+    :param observer: told of the VM as a child while it depends on the backup
+        (:class:`~pvebackup.host.runstate.GuestRun`: if we are killed, the next
+        run kills it), and that it ended when the copy is complete.
     :raises ExternalToolError: the start command failed, or a copy job failed.
     :raises QmpError: QEMU refused a command.
     """
     vm = _start(root, vmid, command)
+    info = proc.ChildInfo(vm.pid, vm.start_time, vm.program, None)
+    if observer is not None:
+        observer.child_started(info)
     try:
         sock = str(qmp_socket(root, vmid))
         with QmpClient(sock) as qmp:
@@ -207,6 +213,9 @@ def live_restore(
         log("err", f"live restore of VM {vmid} failed, stopping the VM: {exc}")
         _stop(root, vmid, vm, log)
         raise
+    finally:
+        if observer is not None:
+            observer.child_ended(info)
 
 
 def _start(root: NodeRoot, vmid: int, command: Sequence[str]) -> _Vm:
