@@ -24,7 +24,7 @@ exit status:
   4    storage plugin or backup provider problem (no provider, unsupported)
   5    stored data failed an integrity check
   6    key problem (missing, wrong, unreadable key)
-  7    refused because of existing state (guest exists, volume in use, locked)
+  7    refused because of existing state (guest exists or runs, volume in use, locked)
   8    hostile archive entry or storage content refused (e.g. a symlink in the storage)
   9    external tool failed (qemu-img, qemu-storage-daemon, tar, ...)
   10   storage backend I/O failed
