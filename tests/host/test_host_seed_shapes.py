@@ -191,3 +191,17 @@ def test_restore_get_mechanism_unknown_answer_is_a_typed_error(
     with pytest.raises(error, match=needle):
         run_restore(node.root, "rec:lxc-101-000", 201, terminal=None)
     assert node.root.guest_type(201) is None
+
+
+def test_restore_qemu_img_cleanup_runs_after_a_failed_init_in_a_live_restore(
+    node: Node,
+) -> None:
+    node.add_vm(100, {"scsi0": 1 * MiB})
+    assert not run_backup_job(node.root, "rec", [100], terminal=None).failed
+    node.set_provider_options(**{"fail-restore": "drive-scsi0"})
+    with pytest.raises(Exception, match="injected restore failure for drive-scsi0"):
+        run_restore(node.root, "rec:qemu-100-000", 200, live=True,
+                    start_command=["/bin/false"], terminal=None)
+    assert call_names(node.backup_dir)[-2:] == ["restore_qemu_img_init",
+                                                 "restore_qemu_img_cleanup"]
+    assert not (node.images / "200").exists()
