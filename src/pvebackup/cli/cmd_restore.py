@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pvebackup.cli.common import vmid_arg
+from pvebackup.cli.output import add_output_option, print_json
 from pvebackup.host.guests import NodeRoot
 from pvebackup.host.restore import run_restore
 
@@ -22,6 +23,7 @@ class RestoreOptions:
     storage: str | None = None
     force: bool = False
     keep_host_access: bool = False
+    output: str = "text"
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -52,13 +54,20 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="keep the backed-up config's keys that grant host access (only for a backup "
         "you trust as much as root on this host); lxc.idmap is dropped even then",
     )
-    p.set_defaults(command=_from_args)
+    add_output_option(p)
+    p.set_defaults(command=_from_args, usage_parser=p)
 
 
 def _from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return run(
         RestoreOptions(
-            args.root, args.volid, args.vmid, args.storage, args.force, args.keep_host_access
+            args.root,
+            args.volid,
+            args.vmid,
+            args.storage,
+            args.force,
+            args.keep_host_access,
+            args.output,
         )
     )
 
@@ -73,6 +82,18 @@ def run(opts: RestoreOptions) -> int:
         keep_host_access=opts.keep_host_access,
         terminal=sys.stderr,
     )
+    if opts.output == "json":
+        print_json(
+            {
+                "volid": opts.volid,
+                "vmid": result.vmid,
+                "vmtype": str(result.vmtype),
+                "volumes": list(result.volumes),
+                "config": str(result.config_path),
+                "removed": list(result.removed),
+            }
+        )
+        return 0
     print(f"restored {opts.volid} as {result.vmtype} guest {result.vmid}")
     for volid in result.volumes:
         print(f"  volume {volid}")
