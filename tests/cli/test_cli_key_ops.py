@@ -31,6 +31,7 @@ class FakeTty(io.StringIO):
 @pytest.fixture(autouse=True)
 def no_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(PASSPHRASE_FILE_ENV, raising=False)
+    monkeypatch.setattr("pvebackup.kit.passphrase._typed", {})
 
 
 class Transcript:

@@ -116,3 +116,15 @@ def test_bad_passphrase_files(tmp_path: Path, content: bytes) -> None:
     path.chmod(0o600)
     with pytest.raises(KeyFileError):
         pp.read_passphrase_file(path)
+
+
+def test_a_typed_passphrase_is_asked_once_per_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(pp.PASSPHRASE_FILE_ENV, raising=False)
+    monkeypatch.setattr(pp, "_typed", {})
+    asked: list[str] = []
+    monkeypatch.setattr(getpass, "getpass", lambda prompt: asked.append(prompt) or "typed")
+    monkeypatch.setattr("sys.stdin", FakeTty())
+    for _ in range(3):  # a job opening its store for each guest
+        assert pp.passphrase_source(None, "key file a")() == "typed"
+    assert pp.passphrase_source(None, "key file b")() == "typed"
+    assert asked == ["Passphrase for key file a: ", "Passphrase for key file b: "]

@@ -7,7 +7,8 @@ One order everywhere a passphrase is needed (the CLI's ``key`` commands, a
    ``encryption-passphrase-file``),
 2. the file named by the environment variable ``PVEBACKUP_PASSPHRASE_FILE``,
 3. an interactive prompt, only when standard input is a terminal (``getpass``:
-   read from the terminal with echo off, never from a pipe),
+   read from the terminal with echo off, never from a pipe); asked once per key
+   and process,
 4. else :class:`MissingKeyError`, saying these three ways.
 
 Passphrase files follow the key files' rule (:mod:`pvebackup.kit.secretfile`:
@@ -37,6 +38,11 @@ __all__ = [
 PASSPHRASE_FILE_ENV = "PVEBACKUP_PASSPHRASE_FILE"
 
 Prompt = Callable[[str], "str | None"]
+
+# What was typed at a prompt, per key, for the rest of this process: a backup job
+# opens its store once per guest and step, and must not ask every time. Only
+# typed answers are kept (files are read again; they may be fixed meanwhile).
+_typed: dict[str, str] = {}
 
 
 def read_passphrase_file(path: str | os.PathLike[str]) -> str:
@@ -99,6 +105,8 @@ def passphrase_source(
         env = os.environ.get(PASSPHRASE_FILE_ENV)
         if env:
             return read_passphrase_file(env)
+        if what in _typed:
+            return _typed[what]
         answer = (prompt or terminal_prompt)(f"Passphrase for {what}: ")
         if answer is None:
             raise MissingKeyError(
@@ -108,6 +116,8 @@ def passphrase_source(
             )
         if not answer:
             raise KeyFileError("the passphrase is empty")
+        if prompt is None:
+            _typed[what] = answer
         return answer
 
     return provide
