@@ -10,6 +10,7 @@ from pathlib import Path
 from pvebackup.cli.common import vmid_arg
 from pvebackup.cli.output import add_output_option, print_json
 from pvebackup.host.guests import NodeRoot
+from pvebackup.host.qemu import liverestore
 from pvebackup.host.restore import run_restore
 
 __all__ = ["RestoreOptions", "add_parser", "run"]
@@ -23,6 +24,9 @@ class RestoreOptions:
     storage: str | None = None
     force: bool = False
     keep_host_access: bool = False
+    live: bool = False
+    start_command: str | None = None
+    bwlimit: int | None = None
     output: str = "text"
 
 
@@ -42,6 +46,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "raw lxc.* keys, root-only container features) are dropped with a warning each "
         "unless --keep-host-access is given; lxc.idmap is never taken from a backup "
         "(the target's map is used). "
+        "A running VM VMID (its var/run/qemu-server/VMID.pid names a live process) is "
+        "always refused (exit 7), also with --force; a restore never starts a VM, "
+        "except with --live: then the new disks read through from the backup's NBD "
+        "export, the VM is started at once with the node's start command "
+        "(--start-command, else $PVEBACKUP_START_COMMAND, else 'qm start'; the VMID is "
+        "appended) and the data is copied into the new disks in the background "
+        "(QEMU block-stream); the restore returns when the VM no longer needs the "
+        "backup. If the export fails during the copy, the VM is paused and stopped, "
+        "and its config and new volumes removed. --live needs a provider whose restore "
+        "source is a NBD URI (backup-store; others are refused, exit 4) and a new VMID. "
         "Exit status 0 on success, codes as listed in 'pvebackup --help'.",
     )
     p.add_argument("volid", metavar="STOREID:VOLNAME", help="the backup to restore")
@@ -53,6 +67,23 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         action="store_true",
         help="keep the backed-up config's keys that grant host access (only for a backup "
         "you trust as much as root on this host); lxc.idmap is dropped even then",
+    )
+    p.add_argument(
+        "--live",
+        action="store_true",
+        help="start the VM at once and copy its disks from the backup while it runs",
+    )
+    p.add_argument(
+        "--start-command",
+        metavar="CMD",
+        help="command that starts a VM, the VMID appended (--live; default: "
+        "$PVEBACKUP_START_COMMAND, else 'qm start')",
+    )
+    p.add_argument(
+        "--bwlimit",
+        metavar="KIB_PER_S",
+        type=int,
+        help="limit the background copy of --live, per disk",
     )
     add_output_option(p)
     p.set_defaults(command=_from_args, usage_parser=p)
@@ -67,6 +98,9 @@ def _from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             args.storage,
             args.force,
             args.keep_host_access,
+            args.live,
+            args.start_command,
+            args.bwlimit,
             args.output,
         )
     )
@@ -80,6 +114,9 @@ def run(opts: RestoreOptions) -> int:
         target_storage=opts.storage,
         force=opts.force,
         keep_host_access=opts.keep_host_access,
+        live=opts.live,
+        start_command=liverestore.start_command(opts.start_command) if opts.live else None,
+        bwlimit_kib=opts.bwlimit,
         terminal=sys.stderr,
     )
     if opts.output == "json":
@@ -91,6 +128,7 @@ def run(opts: RestoreOptions) -> int:
                 "volumes": list(result.volumes),
                 "config": str(result.config_path),
                 "removed": list(result.removed),
+                "live": opts.live,
             }
         )
         return 0
