@@ -212,3 +212,16 @@ def test_suspend_and_stop_modes(node: Node, vm: LiveVm, tmp_path: Path) -> None:
     target = res.guests[0].target
     assert target is not None
     assert restored_bytes(node, target, 203) == bytes([A]) * SIZE
+
+
+def test_unknown_layout_fails_that_guest_and_leaves_the_vm_alone(node: Node, vm: LiveVm) -> None:
+    before = vm.graph()
+    cfg = node.root.config_path(100, GuestType.QEMU)
+    # The config names a second disk the running QEMU does not have.
+    extra = node.image(100, "vm-100-disk-9.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", str(extra), str(MiB))
+    cfg.write_text(cfg.read_text() + "virtio1: local:100/vm-100-disk-9.qcow2,size=1M\n")
+    res = run_backup_job(node.root, "bdir", [100], terminal=None)
+    assert res.failed
+    assert "drive-virtio1: the running VM has no drive of that name" in str(res.guests[0].error)
+    assert vm.graph() == before and vm.status() == "running"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,7 @@ from pvebackup.api.errors import GuestBackupError
 from pvebackup.cli.common import vmid_arg
 from pvebackup.cli.output import human_size, table
 from pvebackup.host.guests import NodeRoot
-from pvebackup.host.job import JobResult, run_backup_job
+from pvebackup.host.job import DEFAULT_START_COMMAND, MODES, JobResult, run_backup_job
 
 __all__ = ["BackupOptions", "add_parser", "run"]
 
@@ -23,6 +24,10 @@ class BackupOptions:
     vmids: list[int] | None  # None: every guest (--all)
     bwlimit_kib: int | None = None
     exclude_paths: list[str] = field(default_factory=list)
+    mode: str = "snapshot"
+    stop_wait: float = 10.0
+    start_command: list[str] = field(default_factory=lambda: list(DEFAULT_START_COMMAND))
+    fleecing_storage: str | None = None
 
 
 def _positive(text: str) -> int:
@@ -63,6 +68,34 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="PATTERN",
         help="exclude files of containers (rsync-style pattern; repeatable)",
     )
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="snapshot",
+        help="for running VMs, as vzdump: snapshot (fleecing in the VM's QEMU while it runs;"
+        " default), suspend (paused during the set-up), stop (shut down, backed up offline,"
+        " started again with --start-command). Stopped VMs are always backed up offline.",
+    )
+    p.add_argument(
+        "--stop-wait",
+        type=_positive,
+        default=10,
+        metavar="MINUTES",
+        help="mode stop: minutes to wait for the guest to shut down (default 10)",
+    )
+    p.add_argument(
+        "--start-command",
+        default=" ".join(DEFAULT_START_COMMAND),
+        metavar="CMD",
+        help="mode stop: command starting the VM again, {vmid} replaced"
+        " (default: %(default)s)",
+    )
+    p.add_argument(
+        "--fleecing",
+        metavar="storage=STOREID",
+        help="put the fleecing images of running VMs on this dir storage"
+        " (default: the run's private directory)",
+    )
     p.set_defaults(command=_from_args)
 
 
@@ -75,7 +108,17 @@ def _from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         vmids=None if args.all else list(args.vmids),
         bwlimit_kib=args.bwlimit,
         exclude_paths=list(args.exclude_paths),
+        mode=args.mode,
+        stop_wait=float(args.stop_wait),
+        start_command=shlex.split(args.start_command),
     )
+    if args.fleecing is not None:
+        key, _, value = args.fleecing.partition("=")
+        if key != "storage" or not value:
+            parser.error("backup: --fleecing wants storage=STOREID")
+        opts.fleecing_storage = value
+    if not opts.start_command:
+        parser.error("backup: --start-command is empty")
     return run(opts)
 
 
@@ -105,6 +148,10 @@ def run(opts: BackupOptions) -> int:
         bwlimit_kib=opts.bwlimit_kib,
         exclude_paths=opts.exclude_paths,
         terminal=sys.stderr,
+        mode=opts.mode,
+        stop_wait=opts.stop_wait,
+        start_command=opts.start_command,
+        fleecing_storage=opts.fleecing_storage,
     )
     print(_report(result), flush=True)
     if result.failed:
