@@ -225,3 +225,11 @@ def test_unknown_layout_fails_that_guest_and_leaves_the_vm_alone(node: Node, vm:
     assert res.failed
     assert "drive-virtio1: the running VM has no drive of that name" in str(res.guests[0].error)
     assert vm.graph() == before and vm.status() == "running"
+
+
+def test_a_vm_paused_by_its_owner_stays_paused(node: Node, vm: LiveVm) -> None:
+    vm.qmp.execute("stop")
+    for mode in ("snapshot", "suspend"):
+        res = run_backup_job(node.root, "bdir", [100], mode=mode, terminal=None)
+        assert not res.failed, res.guests
+        assert vm.status() == "paused", mode

@@ -234,6 +234,8 @@ class LiveBackupExport(BackupExport):
 
     def _pause(self) -> None:
         if not self._paused:
+            if not self._qmp("query-status").get("running", False):
+                return  # paused by someone else: it stays as they left it
             self._qmp("stop")
             self._paused = True
             self._changed()
