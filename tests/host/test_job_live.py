@@ -233,3 +233,28 @@ def test_a_vm_paused_by_its_owner_stays_paused(node: Node, vm: LiveVm) -> None:
         res = run_backup_job(node.root, "bdir", [100], mode=mode, terminal=None)
         assert not res.failed, res.guests
         assert vm.status() == "paused", mode
+
+
+def test_fleecing_on_a_storage_and_its_leftovers_after_sigkill(node: Node, vm: LiveVm) -> None:
+    before = vm.graph()
+    vz = node.path / "var/lib/vz"
+    p = _cli(
+        node, "backup", "100", "--storage", "bdir", "--fleecing", "storage=local",
+        env={ENV: "backup-export-ready"},
+    )  # fmt: skip
+    p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGKILL
+    (fleece,) = vz.glob("pvebackup-fleece-*")  # on the named storage, not in the run dir
+    assert list(fleece.glob("fleece0.qcow2"))
+    assert vm.graph() != before
+    res = run_backup_job(node.root, "bdir", [100], fleecing_storage="local", terminal=None)
+    assert not res.failed, res.guests
+    assert not list(vz.glob("pvebackup-fleece-*"))
+    assert vm.graph() == before and vm.status() == "running"
+
+
+def test_cli_rejects_a_malformed_fleecing_option(node: Node) -> None:
+    _bdir(node)
+    p = _cli(node, "backup", "100", "--storage", "bdir", "--fleecing", "local")
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 2 and b"storage=STOREID" in err
