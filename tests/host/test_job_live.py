@@ -258,3 +258,13 @@ def test_cli_rejects_a_malformed_fleecing_option(node: Node) -> None:
     p = _cli(node, "backup", "100", "--storage", "bdir", "--fleecing", "local")
     _, err = p.communicate(timeout=60)
     assert p.returncode == 2 and b"storage=STOREID" in err
+
+
+def test_mode_from_vzdump_conf_and_the_cli_wins(node: Node, vm: LiveVm) -> None:
+    (node.path / "etc/vzdump.conf").write_text("mode: suspend\n")
+    p = _cli(node, "backup", "100", "--storage", "bdir")
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and b"backup mode suspend" in err, err[-2000:]
+    p = _cli(node, "backup", "100", "--storage", "bdir", "--mode", "snapshot")
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and b"backup mode snapshot" in err, err[-2000:]

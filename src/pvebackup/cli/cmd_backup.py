@@ -11,6 +11,7 @@ from pathlib import Path
 from pvebackup.api.errors import GuestBackupError
 from pvebackup.cli.common import vmid_arg
 from pvebackup.cli.output import human_size, table
+from pvebackup.host.defaults import read_job_defaults
 from pvebackup.host.guests import NodeRoot
 from pvebackup.host.job import DEFAULT_START_COMMAND, MODES, JobResult, run_backup_job
 
@@ -24,8 +25,8 @@ class BackupOptions:
     vmids: list[int] | None  # None: every guest (--all)
     bwlimit_kib: int | None = None
     exclude_paths: list[str] = field(default_factory=list)
-    mode: str = "snapshot"
-    stop_wait: float = 10.0
+    mode: str | None = None  # None: ROOT/etc/vzdump.conf, else snapshot
+    stop_wait: float | None = None  # None: ROOT/etc/vzdump.conf, else 10 minutes
     start_command: list[str] = field(default_factory=lambda: list(DEFAULT_START_COMMAND))
     fleecing_storage: str | None = None
 
@@ -71,17 +72,17 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--mode",
         choices=MODES,
-        default="snapshot",
         help="for running VMs, as vzdump: snapshot (fleecing in the VM's QEMU while it runs;"
-        " default), suspend (paused during the set-up), stop (shut down, backed up offline,"
+        " default; 'mode:' in <root>/etc/vzdump.conf changes it), suspend (paused during"
+        " the set-up), stop (shut down, backed up offline,"
         " started again with --start-command). Stopped VMs are always backed up offline.",
     )
     p.add_argument(
         "--stop-wait",
         type=_positive,
-        default=10,
         metavar="MINUTES",
-        help="mode stop: minutes to wait for the guest to shut down (default 10)",
+        help="mode stop: minutes to wait for the guest to shut down"
+        " (default: 'stopwait:' in vzdump.conf, else 10)",
     )
     p.add_argument(
         "--start-command",
@@ -93,8 +94,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--fleecing",
         metavar="storage=STOREID",
-        help="put the fleecing images of running VMs on this dir storage"
-        " (default: the run's private directory)",
+        help="put the fleecing images of running VMs on this dir storage (default:"
+        " 'fleecing: storage=ID' in vzdump.conf, else the run's private directory)",
     )
     p.set_defaults(command=_from_args)
 
@@ -109,7 +110,7 @@ def _from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         bwlimit_kib=args.bwlimit,
         exclude_paths=list(args.exclude_paths),
         mode=args.mode,
-        stop_wait=float(args.stop_wait),
+        stop_wait=None if args.stop_wait is None else float(args.stop_wait),
         start_command=shlex.split(args.start_command),
     )
     if args.fleecing is not None:
@@ -141,17 +142,19 @@ def _report(result: JobResult) -> str:
 
 def run(opts: BackupOptions) -> int:
     """Run the job; print a report on stdout. Returns the exit status."""
+    root = NodeRoot(opts.root)
+    defaults = read_job_defaults(root)
     result = run_backup_job(
-        NodeRoot(opts.root),
+        root,
         opts.storage,
         opts.vmids,
         bwlimit_kib=opts.bwlimit_kib,
         exclude_paths=opts.exclude_paths,
         terminal=sys.stderr,
-        mode=opts.mode,
-        stop_wait=opts.stop_wait,
+        mode=opts.mode or defaults.mode or "snapshot",
+        stop_wait=opts.stop_wait or defaults.stop_wait or 10.0,
         start_command=opts.start_command,
-        fleecing_storage=opts.fleecing_storage,
+        fleecing_storage=opts.fleecing_storage or defaults.fleecing_storage,
     )
     print(_report(result), flush=True)
     if result.failed:
