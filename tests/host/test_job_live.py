@@ -268,3 +268,23 @@ def test_mode_from_vzdump_conf_and_the_cli_wins(node: Node, vm: LiveVm) -> None:
     p = _cli(node, "backup", "100", "--storage", "bdir", "--mode", "snapshot")
     _, err = p.communicate(timeout=60)
     assert p.returncode == 0 and b"backup mode snapshot" in err, err[-2000:]
+
+
+def test_a_failing_set_up_puts_everything_back_and_leaves_the_vms_own_nbd_server(
+    node: Node, vm: LiveVm, tmp_path: Path
+) -> None:
+    # The VM already serves NBD (as during a migration): our nbd-server-start fails
+    # after the filter is in place.
+    own = tmp_path / "own-nbd.sock"
+    vm.qmp.execute("nbd-server-start", addr={"type": "unix", "data": {"path": str(own)}})
+    before = vm.graph()
+    res = run_backup_job(node.root, "bdir", [100], terminal=None)
+    assert res.failed and "nbd-server-start" in str(res.guests[0].error)
+    assert vm.graph() == before and vm.status() == "running"
+    assert own.exists()  # the VM's own server still runs
+    assert not (node.root.run_dir / "state" / "100.json").exists()
+    vm.qmp.execute("nbd-server-stop")
+    ok = run_backup_job(node.root, "bdir", [100], terminal=None)
+    assert not ok.failed, ok.guests
+    # The failed run's new bitmap was removed: this one is a full backup again.
+    assert "bitmap mode new" in ok.guests[0].log_path.read_text()  # type: ignore[union-attr]
