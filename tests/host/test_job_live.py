@@ -203,7 +203,7 @@ def test_suspend_and_stop_modes(node: Node, vm: LiveVm, tmp_path: Path) -> None:
     killer.start()
     res = run_backup_job(
         node.root, "bdir", [100], mode="stop", stop_wait=0.5, terminal=None,
-        start_command=["sh", "-c", f"echo {{vmid}} > {marker}"],
+        start_command=["sh", "-c", f'echo "$0" > {marker}'],
     )  # fmt: skip
     killer.join()
     assert not res.failed, res.guests

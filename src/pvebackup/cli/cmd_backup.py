@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +12,8 @@ from pvebackup.cli.common import vmid_arg
 from pvebackup.cli.output import human_size, table
 from pvebackup.host.defaults import read_job_defaults
 from pvebackup.host.guests import NodeRoot
-from pvebackup.host.job import DEFAULT_START_COMMAND, MODES, JobResult, run_backup_job
+from pvebackup.host.job import MODES, JobResult, run_backup_job
+from pvebackup.host.qemu.liverestore import start_command as vm_start_command
 
 __all__ = ["BackupOptions", "add_parser", "run"]
 
@@ -27,7 +27,7 @@ class BackupOptions:
     exclude_paths: list[str] = field(default_factory=list)
     mode: str | None = None  # None: ROOT/etc/vzdump.conf, else snapshot
     stop_wait: float | None = None  # None: ROOT/etc/vzdump.conf, else 10 minutes
-    start_command: list[str] = field(default_factory=lambda: list(DEFAULT_START_COMMAND))
+    start_command: str | None = None  # None: $PVEBACKUP_START_COMMAND, else qm start
     fleecing_storage: str | None = None
 
 
@@ -86,10 +86,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument(
         "--start-command",
-        default=" ".join(DEFAULT_START_COMMAND),
         metavar="CMD",
-        help="mode stop: command starting the VM again, {vmid} replaced"
-        " (default: %(default)s)",
+        help="mode stop: the node's command starting a VM, the VMID appended"
+        " (default: $PVEBACKUP_START_COMMAND, else 'qm start'; as restore --live)",
     )
     p.add_argument(
         "--fleecing",
@@ -111,15 +110,13 @@ def _from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         exclude_paths=list(args.exclude_paths),
         mode=args.mode,
         stop_wait=None if args.stop_wait is None else float(args.stop_wait),
-        start_command=shlex.split(args.start_command),
+        start_command=args.start_command,
     )
     if args.fleecing is not None:
         key, _, value = args.fleecing.partition("=")
         if key != "storage" or not value:
             parser.error("backup: --fleecing wants storage=STOREID")
         opts.fleecing_storage = value
-    if not opts.start_command:
-        parser.error("backup: --start-command is empty")
     return run(opts)
 
 
@@ -153,7 +150,7 @@ def run(opts: BackupOptions) -> int:
         terminal=sys.stderr,
         mode=opts.mode or defaults.mode or "snapshot",
         stop_wait=opts.stop_wait or defaults.stop_wait or 10.0,
-        start_command=opts.start_command,
+        start_command=vm_start_command(opts.start_command),
         fleecing_storage=opts.fleecing_storage or defaults.fleecing_storage,
     )
     print(_report(result), flush=True)

@@ -54,6 +54,7 @@ from pvebackup.host.guests import CtConfig, GuestConfig, NodeRoot, VmConfig
 from pvebackup.host.lxc.directory import backup_sources, prepare_backup_directory
 from pvebackup.host.qemu.export import BackupExport, DiskSpec
 from pvebackup.host.qemu.live import LiveBackupExport
+from pvebackup.host.qemu.liverestore import start_command as vm_start_command
 from pvebackup.host.qemu.qmp import QmpClient
 from pvebackup.host.qemu.running import RunningVm, find_running
 from pvebackup.host.runstate import GuestRun
@@ -70,11 +71,9 @@ from pvebackup.storage import (
     volume_path,
 )
 
-__all__ = ["DEFAULT_START_COMMAND", "MODES", "GuestResult", "JobResult", "run_backup_job"]
+__all__ = ["MODES", "GuestResult", "JobResult", "run_backup_job"]
 
 MODES = ("snapshot", "suspend", "stop")
-DEFAULT_START_COMMAND = ("qm", "start", "{vmid}")
-"""How mode ``stop`` starts a VM again: starting a VM is the node's job."""
 
 _EXPECTED = {GuestType.QEMU: BackupMechanism.NBD, GuestType.LXC: BackupMechanism.DIRECTORY}
 
@@ -131,7 +130,7 @@ def run_backup_job(
     clock: Callable[[], float] = time.time,
     mode: str = "snapshot",
     stop_wait: float = 10.0,
-    start_command: Sequence[str] = DEFAULT_START_COMMAND,
+    start_command: Sequence[str] | None = None,
     fleecing_storage: str | None = None,
 ) -> JobResult:
     """Back up guests ``vmids`` (``None``: every guest) to storage ``storeid``.
@@ -144,8 +143,9 @@ def run_backup_job(
         ``stop`` (shut down, backed up offline, started again). Stopped VMs are
         always backed up offline.
     :param stop_wait: minutes mode ``stop`` waits for the guest to shut down.
-    :param start_command: argv starting a VM again after mode ``stop``; ``{vmid}``
-        is replaced (Proxmox VE: ``qm start {vmid}``).
+    :param start_command: argv starting a VM again after mode ``stop`` when the VMID
+        is appended; default :func:`~pvebackup.host.qemu.liverestore.start_command`
+        (``$PVEBACKUP_START_COMMAND``, else ``qm start``), the same as live restore's.
     :param fleecing_storage: a dir storage for the fleecing images of running VMs.
     :returns: the per-guest results; check :attr:`JobResult.failed`.
     :raises StorageConfigError, StorageNotFoundError, PluginError: before the job starts.
@@ -173,7 +173,8 @@ def run_backup_job(
     result = JobResult(storeid, name, start_time)
     bwlimit = bwlimit_kib * 1024 if bwlimit_kib is not None else None
     job = _Job(root, cfg, storeid, provider, log, bwlimit, list(exclude_paths))
-    job.live = _LiveOptions(mode, stop_wait, tuple(start_command), None)
+    argv = tuple(start_command) if start_command is not None else tuple(vm_start_command())
+    job.live = _LiveOptions(mode, stop_wait, argv, None)
     if fleecing_storage is not None:
         fscfg = storage_config(cfg, fleecing_storage)
         if "path" not in fscfg:
@@ -239,7 +240,7 @@ class _LiveOptions:
 class _Job:
     """State shared by the guest backups of one job."""
 
-    live = _LiveOptions("snapshot", 10.0, DEFAULT_START_COMMAND, None)
+    live = _LiveOptions("snapshot", 10.0, ("qm", "start"), None)
     runs: dict[int, GuestRun] = {}  # noqa: RUF012 - replaced per job
 
     def __init__(
@@ -405,7 +406,7 @@ class _Job:
         self.log.info(f"VM {vm.vmid} stopped")
 
     def _start_vm(self, vmid: int) -> None:
-        argv = [a.replace("{vmid}", str(vmid)) for a in self.live.start_command]
+        argv = [*self.live.start_command, str(vmid)]
         self.log.info(f"starting VM {vmid} again: {' '.join(argv)}")
         try:
             res = proc.run(argv)
