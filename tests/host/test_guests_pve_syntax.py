@@ -90,7 +90,8 @@ def test_get_backup_volumes_rules(extra: str, included: bool, reason: str) -> No
 
 def test_empty_volume_values_stay_errors() -> None:
     # a disk silently missing from backups would be worse than a refused config
-    for text in ("scsi0: \n", "rootfs: \n", "mp0:\n", "scsi0: ,,\n"):
+    for text in ("scsi0: \n", "rootfs: \n", "mp0:\n", "scsi0: ,,\n", "scsi0: 0\n",
+                 "scsi0: relative.raw\n", "rootfs: none\n", "mp0: data,mp=/x\n"):
         with pytest.raises(GuestConfigError):
             parse_guest_config(text, 100, GuestType.LXC if text[0] in "rm" else GuestType.QEMU,
                                where="/x/1.conf")

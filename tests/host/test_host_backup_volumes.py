@@ -59,7 +59,7 @@ def test_efidisk_with_ovmf_is_backed_up(node: Node) -> None:
 def test_a_plain_disk_of_unknown_format_fails_that_guest(node: Node, tmp_path: Path) -> None:
     vmdk = tmp_path / "disk.vmdk"
     vmdk.write_bytes(b"\0" * 4096)
-    node.add_vm(100, {"scsi0": MiB}, extra=f"scsi1: {vmdk},format=vmdk\nscsi2: relative.raw\n")
+    node.add_vm(100, {"scsi0": MiB}, extra=f"scsi1: {vmdk},format=vmdk\n")
     result = run_backup_job(node.root, "rec", [100], terminal=None)
     assert result.failed
     log = (node.root.log_dir / "qemu-100.log").read_text()

@@ -148,6 +148,16 @@ class VolumeSpec:
                 raise GuestConfigError(
                     f"{key}: bad volume id {volume!r}", path=where, line=line
                 )
+        elif not volume.startswith("/") and (
+            volume not in ("none", "cdrom") or not _VM_DISK_RE.match(key)
+        ):
+            # PVE's pve-volume-id-or-qm-path / pve-lxc-mp-string formats: PVE drops
+            # such a drive with a warning; refusing it keeps a disk from going missing.
+            raise GuestConfigError(
+                f"{key}: {volume[:80]!r} is neither a volume id nor an absolute path",
+                path=where,
+                line=line,
+            )
         return cls(key, volume, tuple(options))
 
     def option(self, name: str) -> str | None:
