@@ -17,6 +17,7 @@ from bench.scenarios import (
     Results,
     prepare_inputs,
     run_chunk_index,
+    run_codecs,
     run_dense,
     run_gc,
     run_sparse,
@@ -120,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     chunks = 1_000_000 if args.quick else 10_000_000
     _progress(f"chunk index cache, {chunks:,} chunks")
     run_chunk_index(cfg, results, chunks)
+    _progress("digest and compression")
+    run_codecs(cfg, results)
     measurements = list(results)
     goals = evaluate(measurements)
     print(format_report(measurements, goals, info, results.ours_error))

@@ -156,6 +156,8 @@ GC = "gc"
 """Scenario: GC of a store after removing the older half of its snapshots."""
 CHUNK_INDEX = "chunk index"
 """Scenario: dedup lookups in the on-disk chunk index cache at 10 million chunks."""
+CODECS = "codecs"
+"""Scenario: digest and compression speeds on the bench's data (information)."""
 GC_PROCESS = "gc (python)"
 ZSTD = "zstd -1 -T2"
 
@@ -210,6 +212,7 @@ def _scenario_title(scenario: str, info: dict[str, str]) -> tuple[str, str]:
                                "growth"),
         GC: ("GC after removing the older half of the snapshots (condemn + delete run)",
              "freed"),
+        CODECS: ("digest and compression on the image's data (python -m bench.codecs)", ""),
         CHUNK_INDEX: ("chunk index cache, 10 million chunks (400k lookups, half misses)", ""),
     }
     if scenario in titles:
@@ -230,9 +233,8 @@ def _row(m: Measurement, ours: float | None, size_label: str) -> str:
         f"  ({len(m.seconds)} runs)",
     ]
     line = " ".join(cells)
-    if m.values:
-        figures = ", ".join(f"{k} {v:,.1f}" for k, v in m.values.items())
-        line += f"\n  {'':<26} {figures}"
+    for k, v in m.values.items():
+        line += f"\n  {'':<26} {k}: {v:,.1f}"
     if m.note:
         line += f"\n  {'':<26} {m.note}"
     if m.rss:

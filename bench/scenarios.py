@@ -34,7 +34,7 @@ from bench.inputs import (
 from bench.measure import Measurement, Timed, ToolFailed, disk_usage
 from bench.ours import OURS, OurNode, unavailable_reason
 from bench.peers import local_convert, peers
-from bench.report import CHUNK_INDEX, GC, GC_PROCESS
+from bench.report import CHUNK_INDEX, CODECS, GC, GC_PROCESS
 
 __all__ = [
     "Config",
@@ -42,6 +42,7 @@ __all__ = [
     "Results",
     "prepare_inputs",
     "run_chunk_index",
+    "run_codecs",
     "run_dense",
     "run_gc",
     "run_sparse",
@@ -333,6 +334,25 @@ def run_chunk_index(cfg: Config, results: Results, chunks: int) -> None:
     m.add(Timed(r["build_s"], {}))
     m.values.update(r)
     m.note = "time: building the index file; lookups from the page cache"
+
+
+def run_codecs(cfg: Config, results: Results) -> None:
+    """``python -m bench.codecs``: digest and zstd-level speeds on the bench's data."""
+    m = results.get(CODECS, OURS)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.codecs", "--json", "64"],
+            check=True, capture_output=True, text=True,
+        ).stdout
+        r = json.loads(out)
+    except (subprocess.CalledProcessError, OSError, ValueError) as exc:
+        m.error = f"bench.codecs failed: {exc}"
+        return
+    m.values.update({f"{k} MiB/s": v for k, v in r["digests_mib_s"].items()})
+    for name, c in r["compression"].items():
+        m.values[f"{name} MiB/s"] = c["mib_s"]
+        m.values[f"{name} stored %"] = 100 * c["stored"]
+    m.note = "64 MiB of the image's regions, 256 KiB chunks, one thread, in memory"
 
 
 def run_sweep(cfg: Config, inputs: Inputs, results: Results, number: int,

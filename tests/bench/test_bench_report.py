@@ -148,7 +148,7 @@ def test_the_issue_table_lines_gc_objects_and_chunk_index() -> None:
     assert results["chunk index, 10M chunks: peak RSS"].verdict == "PASS"
     text = format_report(ms, evaluate(ms), INFO, ours_error=None)
     assert "GC after removing the older half of the snapshots" in text
-    assert "lookups_per_s 250,000.0" in text
+    assert "lookups_per_s: 250,000.0" in text
     line = next(x for x in text.splitlines() if "lookups/s" in x and "chunk index, 10M" in x)
     assert "250,000/s" in line and ">= 200,000/s" in line and line.endswith("PASS")
     unchanged = next(x for x in text.splitlines() if "nothing changed (ours)" in x)
