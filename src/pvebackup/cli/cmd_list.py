@@ -34,7 +34,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="list the backups on a storage",
         description="List the backup volumes on STOREID, oldest first. "
         "--output json prints a list of records with the keys volid, vmid, vmtype, "
-        "ctime (Unix seconds), size (bytes), format, parent and notes. "
+        "ctime (Unix seconds), size (bytes stored for this backup), virtual-size "
+        "(bytes of the guest's disks, null for containers), format, parent (the base "
+        "of an incremental, else null), notes (the operator's) and comment (the "
+        "provider's description). "
         "A damaged volume (unreadable index or manifest, impossible name) is not "
         "listed: a warning naming it goes to stderr, and the others are listed. "
         "Exit status 0 when the storage could be listed (even with damaged volumes), "
@@ -70,14 +73,26 @@ def run(opts: ListOptions) -> int:
     if opts.output == "json":
         print(json.dumps([v.to_json() for v in volumes], indent=2))
         return 0
-    header = ["VOLID", "GUEST", "TYPE", "TIME (UTC)", "SIZE"]
+    header = ["VOLID", "GUEST", "TYPE", "TIME (UTC)", "SIZE", "VIRTUAL", "PARENT"]
     rows = [
-        [v.volid, str(v.vmid), str(v.vmtype), utc_time(v.ctime), human_size(v.size)]
+        [
+            v.volid,
+            str(v.vmid),
+            str(v.vmtype),
+            utc_time(v.ctime),
+            human_size(v.size),
+            "-" if v.virtual_size is None else human_size(v.virtual_size),
+            v.parent or "-",
+        ]
         for v in volumes
     ]
-    if any(v.notes for v in volumes):
-        header.append("NOTES")
-        for row, v in zip(rows, volumes, strict=True):
-            row.append(v.notes)
+    for title, values in (
+        ("COMMENT", [v.comment for v in volumes]),
+        ("NOTES", [v.notes for v in volumes]),
+    ):
+        if any(values):
+            header.append(title)
+            for row, value in zip(rows, values, strict=True):
+                row.append(value)
     print(table(header, rows))
     return 0

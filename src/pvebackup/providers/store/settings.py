@@ -121,6 +121,15 @@ class StoreSettings:
 
         return load_key_file(self.key_file, passphrase)
 
+    def empty(self, *, create: bool = False) -> bool:
+        """True while the storage holds no datastore yet (before the first backup).
+
+        :raises StorageUnavailableError: not mounted, or the path is missing.
+        """
+        base = self.base or BasePath(self.storeid, Path(self.path))
+        root = base.activate(create=create)
+        return not any(root.iterdir())
+
     def open(self, *, create: bool = False, cache_dir: Path | None = None) -> Datastore:
         """Open the datastore; with ``create``, initialise an empty or new directory.
 
@@ -138,9 +147,7 @@ class StoreSettings:
         (``Datastore``); never inside the storage.
         """
         key = self.load_key()
-        base = self.base or BasePath(self.storeid, Path(self.path))
-        root = base.activate(create=create)
-        empty = not any(root.iterdir())
+        empty = self.empty(create=create)
         if empty and not create:
             raise NotFoundError(f"storage {self.storeid!r}: no datastore at {self.path}")
         backend = make_backend(self.backend, self.path)
