@@ -36,7 +36,7 @@ def chunks(mib: int, seed: int = 5) -> list[bytes]:
     return out
 
 
-def _rate(fn: _Fn, data: list[bytes], rounds: int = 3) -> float:
+def _rate(fn: _Fn, data: list[bytes], rounds: int = 7) -> float:
     best = float("inf")
     for _ in range(rounds):
         t = time.perf_counter()
@@ -98,7 +98,7 @@ def main(argv: list[str]) -> int:
     if as_json:
         print(json.dumps(result))
         return 0
-    print(f"{mib} MiB of the bench's data, {CS >> 10} KiB chunks, one thread, best of 3")
+    print(f"{mib} MiB of the bench's data, {CS >> 10} KiB chunks, one thread, best of 7")
     for name, rate in result["digests_mib_s"].items():  # type: ignore[union-attr]
         print(f"  digest {name:<22} {rate:8.0f} MiB/s")
     for name, r in result["compression"].items():  # type: ignore[union-attr]
