@@ -130,3 +130,17 @@ def test_a_save_cut_short_never_leaves_entries_without_their_key(
     monkeypatch.undo()
     reopened = SortedChunkIndex(tmp_path / "c")
     assert reopened.lookup(digest) is None or "index/" + "11" * 32 in reopened.ingested()
+
+
+def test_a_cache_dropped_unclosed_lets_its_directory_go(tmp_path: Path) -> None:
+    # e.g. a provider used for a restore only, in a long-lived process
+    store = Datastore.create(MemoryBackend(), chunk_size=CS, cache_dir=tmp_path)
+    store.insert_chunk(os.urandom(CS))
+    store.close()  # saved: the index file is open now, and the lock still held
+    cache_dir = tmp_path / store.config.store_id
+    fds = len(os.listdir("/proc/self/fd"))
+    del store
+    assert len(os.listdir("/proc/self/fd")) == fds - 2  # the index file and the lock
+    again = open_chunk_cache(cache_dir)
+    assert isinstance(again, SortedChunkIndex)
+    again.close()

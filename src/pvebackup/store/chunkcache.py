@@ -165,6 +165,19 @@ class SortedChunkIndex:
             if self._lock is not None:
                 self._lock.release()
 
+    def __del__(self) -> None:
+        # A cache dropped unclosed (a provider whose job never ended, a restore)
+        # must not keep its descriptor and the directory's lock for the rest of a
+        # long-lived process. Nothing is saved here: unsaved entries are
+        # rebuilt from the index objects, as after a crash.
+        fd = getattr(self, "_fd", -1)
+        if fd >= 0:
+            self._fd = -1
+            os.close(fd)
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.release()
+
     def __len__(self) -> int:
         return self._fan[-1] + len(self._overlay)
 
