@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pvebackup.cli.output import human_size, table, utc_time
+from pvebackup.cli.output import add_output_option, human_size, print_json, table, utc_time
 from pvebackup.host.guests import NodeRoot
 from pvebackup.storage import (
     VolumeInfo,
@@ -44,8 +43,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "or a code as listed in 'pvebackup --help'.",
     )
     p.add_argument("storage", metavar="STOREID", help="the backup storage")
-    p.add_argument("--output", choices=("text", "json"), default="text", help="output format")
-    p.set_defaults(command=_from_args)
+    add_output_option(p)
+    p.set_defaults(command=_from_args, usage_parser=p)
 
 
 def _from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -71,7 +70,7 @@ def run(opts: ListOptions) -> int:
         print(f"warning: {bad.volid}: damaged, not listed: {bad.reason}", file=sys.stderr)
     volumes = scan.volumes
     if opts.output == "json":
-        print(json.dumps([v.to_json() for v in volumes], indent=2))
+        print_json([v.to_json() for v in volumes])
         return 0
     header = ["VOLID", "GUEST", "TYPE", "TIME (UTC)", "SIZE", "VIRTUAL", "PARENT"]
     rows = [

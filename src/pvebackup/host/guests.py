@@ -37,6 +37,7 @@ from pvebackup.api.errors import GuestConfigError, GuestNotFoundError, UnsafeSto
 from pvebackup.api.idmap import DEFAULT_UNPRIVILEGED_MAP, parse_lxc_idmap
 from pvebackup.api.types import GuestType, IdMapEntry
 from pvebackup.kit import safefs
+from pvebackup.kit.proc import process_start_time
 
 __all__ = [
     "DEFAULT_UNPRIVILEGED_ID_MAP",
@@ -438,6 +439,9 @@ def write_config_file(path: Path, text: str) -> None:
     safefs.atomic_write_path(path, text.encode("utf-8"))
 
 
+_MAX_PIDFILE = 64  # a pid and a newline; anything longer is not a pid file
+
+
 class NodeRoot:
     """A directory playing a Proxmox VE node's ``/`` (``--root``)."""
 
@@ -472,13 +476,58 @@ class NodeRoot:
     def firewall_path(self, vmid: int) -> Path:
         return self.pve_dir / "firewall" / f"{vmid}.fw"
 
+    @property
+    def qemu_run_dir(self) -> Path:
+        """Where Proxmox VE keeps a running VM's pid file and sockets."""
+        return self.root / "var" / "run" / "qemu-server"
+
+    def pidfile_pid(self, vmid: int) -> int | None:
+        """The live process ``ROOT/var/run/qemu-server/VMID.pid`` names, or None.
+
+        Read bounded, and only a plain number counts: a pid file of any other shape
+        names no process (we never guess). The process may be any program; see
+        :meth:`vm_pid` for "is a QEMU".
+        """
+        path = self.qemu_run_dir / f"{vmid}.pid"
+        try:
+            with open(path, "rb") as f:
+                text = f.read(_MAX_PIDFILE + 1)
+        except OSError:
+            return None
+        if len(text) > _MAX_PIDFILE or not re.fullmatch(rb"\s*[0-9]{1,9}\s*", text):
+            return None
+        pid = int(text)
+        # process_start_time is None for a gone process and for a zombie (a VM
+        # killed with its dead parent may linger as one until it is reaped).
+        if pid <= 1 or process_start_time(pid) is None:
+            return None
+        return pid
+
+    def vm_pid(self, vmid: int) -> int | None:
+        """The PID of VM ``vmid``'s running QEMU, or None.
+
+        ``VMID.pid`` must name a live process that is a QEMU: a stale pid file
+        whose number the kernel gave to another program does not make a VM run.
+        """
+        pid = self.pidfile_pid(vmid)
+        if pid is None:
+            return None
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return None
+        return pid if comm.startswith(("qemu", "kvm")) else None
+
     def running_marker(self, vmid: int) -> Path:
-        """A guest is treated as running while this file exists (the host's stand-in
-        for a live guest: containers are then copied first, like vzdump's suspend mode).
+        """A container is treated as running while this file exists (the host's stand-in
+        for a live container: it is then copied first, like vzdump's suspend mode).
         """
         return self.run_dir / "running" / str(vmid)
 
     def is_running(self, vmid: int) -> bool:
+        """A VM runs when its pid file names a live QEMU; a container per its marker."""
+        if self.config_path(vmid, GuestType.QEMU).exists():
+            return self.vm_pid(vmid) is not None
         return self.running_marker(vmid).exists()
 
     def list_guests(self) -> list[tuple[int, GuestType]]:
