@@ -25,6 +25,7 @@ from __future__ import annotations
 import builtins
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -49,6 +50,7 @@ from pvebackup.storage import COMMON_PROPERTIES, PropertySpec, StoragePlugin, Vo
 
 TYPE = "test-recording"
 CHUNK = 1 << 20
+VOLNAME = re.compile(r"(qemu|lxc)-[0-9]{1,9}-[0-9]{3,9}")
 
 
 def read_calls(base: Path) -> list[list[Any]]:
@@ -251,6 +253,9 @@ class RecordingProvider(BackupProvider):
 
     # -- restore -------------------------------------------------------------------
     def _volume(self, volname: str) -> Path:
+        # Threat: a volname naming something outside the storage, or no file at all.
+        if not VOLNAME.fullmatch(volname):
+            raise VolumeNotFoundError(f"no backup {volname!r}")
         path = self.base / volname
         if not (path / "meta.json").exists():
             raise VolumeNotFoundError(f"no backup {volname}")
@@ -379,6 +384,8 @@ class RecordingPlugin(StoragePlugin):
         return out
 
     def free_volume(self, scfg: Mapping[str, str], storeid: str, volname: str) -> None:
+        if not VOLNAME.fullmatch(volname):  # Threat: a name reaching outside the storage
+            raise VolumeNotFoundError(f"no backup {volname!r}")
         path = Path(scfg["path"]) / volname
         if not (path / "meta.json").exists():
             raise VolumeNotFoundError(f"no backup {volname}")
