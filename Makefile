@@ -41,8 +41,8 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 lint: setup
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/mypy src
+	$(VENV)/bin/ruff check src tests bench examples
+	$(VENV)/bin/mypy src examples/plainfiles/src
 
 test: setup lint
 	$(VENV)/bin/pytest -q

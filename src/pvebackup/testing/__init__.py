@@ -11,9 +11,9 @@ import pytest
 # pytest rewrite them too, so a failure shows the values, not a bare AssertionError.
 pytest.register_assert_rewrite("pvebackup.testing.contract")
 
-from pvebackup.testing.contract import VOLNAME_PATTERN, Capability, ProviderContract
-from pvebackup.testing.node import STOREID, ContractNode
-from pvebackup.testing.spy import Call, ProviderSpy
+from pvebackup.testing.contract import VOLNAME_PATTERN, Capability, ProviderContract  # noqa: E402
+from pvebackup.testing.node import STOREID, ContractNode  # noqa: E402
+from pvebackup.testing.spy import Call, ProviderSpy  # noqa: E402
 
 __all__ = [
     "STOREID",

@@ -10,7 +10,6 @@ or a job abort at a realistic point, with the provider's data already written.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -118,7 +117,7 @@ class ProviderSpy:
 
 def _read_text(path: object) -> str | None:
     try:
-        with open(os.fspath(path), encoding="utf-8", errors="replace") as fh:  # type: ignore[arg-type]
+        with open(str(path), encoding="utf-8", errors="replace") as fh:
             return fh.read()
     except OSError:
         return None
