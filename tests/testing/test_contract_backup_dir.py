@@ -15,7 +15,7 @@ pytestmark = pytest.mark.e2e
 
 class TestBackupDirContract(ProviderContract):
     storage_type = "backup-dir"
-    capabilities = frozenset(Capability)
+    capabilities = frozenset(Capability) - {Capability.GARBAGE_COLLECTED}
     ct_restore_properties = {
         RestoreMechanism.TAR: {"ct-format": "tar"},
         RestoreMechanism.DIRECTORY: {"ct-format": "directory"},

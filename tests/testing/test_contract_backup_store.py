@@ -17,9 +17,11 @@ pytestmark = pytest.mark.e2e
 
 class TestBackupStoreContract(ProviderContract):
     storage_type = "backup-store"
+    # A failed backup's chunks stay until garbage collection (deduplication).
     capabilities = frozenset(
-        {Capability.VM, Capability.INCREMENTAL, Capability.LIST, Capability.REMOVE}
-    )
+        {Capability.VM, Capability.INCREMENTAL, Capability.LIST, Capability.REMOVE,
+         Capability.GARBAGE_COLLECTED}
+    )  # fmt: skip
 
     def storage_properties(self, base: Path) -> dict[str, str]:
         return {"path": str(base), "chunk-size": "65536"}

@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -74,6 +75,17 @@ _FIREWALL = "[OPTIONS]\nenable: 1\n\n[RULES]\nIN ACCEPT -p tcp -dport 22\n"
 _VM_DISKS = {"scsi0": 4 * MiB, "virtio1": 1 * MiB}
 _VM_DEVICES = {"drive-scsi0": 4 * MiB, "drive-virtio1": 1 * MiB}
 _VMID, _CTID = 100, 101
+_RANDOM = 1 * MiB  # incompressible data of the failure tests
+
+
+def _bytes_under(path: Path) -> int:
+    """Bytes in the regular files below ``path`` (what a storage holds)."""
+    total = 0
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            total += st.st_blocks * 512 if stat.S_ISREG(st.st_mode) else 0
+    return total
 
 
 class Capability(StrEnum):
@@ -93,6 +105,10 @@ class Capability(StrEnum):
     """An incremental VM backup needs its base volume: ``list_volumes`` names it as
     ``parent`` (providers whose volumes stand alone, e.g. deduplicating ones, and
     restore each on its own, do not claim it)."""
+    GARBAGE_COLLECTED = "garbage-collected"
+    """The data of a failed backup stays until a garbage collection frees it (a
+    deduplicating store); without this claim the suite checks that a failed or
+    aborted backup leaves (almost) no bytes in the storage."""
     LIST = "list"
     """The storage plugin implements ``list_volumes``."""
     REMOVE = "remove"
@@ -210,7 +226,9 @@ class ProviderContract:
         base = path / "storage"
         base.mkdir()
         props = {**self.storage_properties(base), **extra}
-        return ContractNode(path / "node", self.storage_type, props)
+        node = ContractNode(path / "node", self.storage_type, props)
+        node.storage_base = base
+        return node
 
     def _backup(
         self, spy: ProviderSpy, node: ContractNode, vmids: list[int], **kw: object
@@ -587,11 +605,13 @@ class ProviderContract:
     # -- failures ------------------------------------------------------------------
 
     def _one_guest(self, node: ContractNode) -> tuple[int, str]:
-        """A small guest of a kind the provider claims, and its data method."""
+        """A small guest of a kind the provider claims, with 1 MiB of random data."""
         if self.claims(Capability.VM):
-            node.add_vm(_VMID, {"scsi0": 1 * MiB})
+            (disk,) = node.add_vm(_VMID, {"scsi0": 2 * MiB})
+            node.write_random(disk, 0, _RANDOM)
             return _VMID, "backup_nbd"
-        node.add_ct(_CTID)
+        rootfs, _ = node.add_ct(_CTID)
+        (rootfs / "srv/random.bin").write_bytes(os.urandom(_RANDOM))
         return _CTID, "backup_directory"
 
     def test_backup_abort_failed_guest(self, tmp_path: Path, contract_spy: ProviderSpy) -> None:
@@ -611,12 +631,18 @@ class ProviderContract:
         assert names[-1] == "job_end"
         (abort,) = [c for c in calls if c.name == "backup_abort"]
         assert abort.args[0] == vmid and "injected failure" in abort.args[1]
+        self._check_nothing_kept(node, "failed backup")
         if self.claims(Capability.LIST):
             assert self._list(node, vmid) == []
         # the next backup must not build on what the failed one stored
         job, calls = self._backup(contract_spy, node, [vmid])
         assert not job.failed, job.guests[0].error
         assert "reuse" not in [c.args[3] for c in calls if c.name == "backup_nbd"]
+
+    def _check_nothing_kept(self, node: ContractNode, what: str) -> None:
+        if not self.claims(Capability.GARBAGE_COLLECTED):
+            kept = _bytes_under(node.storage_base)
+            assert kept < _RANDOM // 2, f"the {what} left {kept} bytes in the storage"
 
     def test_job_abort(self, tmp_path: Path, contract_spy: ProviderSpy) -> None:
         """SIGTERM in the middle of a guest: ``backup_abort``, ``job_abort``, nothing kept."""
@@ -635,6 +661,7 @@ class ProviderContract:
         assert "backup_end" not in names and "job_end" not in names
         assert names[-1] == "job_abort"
         assert "backup_abort" in names
+        self._check_nothing_kept(node, "aborted job")
         if self.claims(Capability.LIST):
             assert self._list(node, vmid) == []
 

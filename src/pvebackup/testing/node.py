@@ -37,6 +37,7 @@ class ContractNode:
         self.root = NodeRoot(path)
         self.images = path / "var/lib/vz/images"
         self.state_dir = path / "state"  # PVEBACKUP_STATE_DIR while the host runs
+        self.storage_base = path  # the directory given to storage_properties()
         for sub in ("qemu-server", "lxc", "firewall"):
             (self.root.pve_dir / sub).mkdir(parents=True, exist_ok=True)
         self.storage_type = storage_type
@@ -74,6 +75,16 @@ class ContractNode:
             paths.append(path)
         self.root.config_path(vmid, GuestType.QEMU).write_text("\n".join(lines) + "\n")
         return paths
+
+    @staticmethod
+    def write_random(path: Path, offset: int, length: int) -> None:
+        """Write ``length`` random (incompressible) bytes at ``offset`` into a qcow2 image."""
+        data = path.with_name(path.name + ".random")
+        data.write_bytes(os.urandom(length))
+        try:
+            _run("qemu-io", "-f", "qcow2", "-c", f"write -s {data} {offset} {length}", str(path))
+        finally:
+            data.unlink()
 
     @staticmethod
     def write_disk(path: Path, offset: int, length: int, pattern: int) -> None:
