@@ -24,6 +24,7 @@ from pvebackup.testing import Capability, ProviderContract  # noqa: E402
 pytestmark = pytest.mark.e2e
 
 
+# [snippet:contract]
 class TestPlainFilesContract(ProviderContract):
     storage_type = "plain-files"
     plugin = PlainFilesPlugin
@@ -34,6 +35,7 @@ class TestPlainFilesContract(ProviderContract):
 
     def storage_properties(self, base: Path) -> dict[str, str]:
         return {"path": str(base / "backups")}
+    # [end]
 
     @pytest.mark.xfail(
         strict=True,

@@ -7,8 +7,15 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 from pvebackup.api import BackupProvider, LogFunction
-from pvebackup.api.errors import VolumeNotFoundError
-from pvebackup.storage import COMMON_PROPERTIES, PropertySpec, StoragePlugin, VolumeInfo
+from pvebackup.api.errors import PveBackupError
+from pvebackup.storage import (
+    COMMON_PROPERTIES,
+    DamagedVolume,
+    PropertySpec,
+    StoragePlugin,
+    VolumeInfo,
+    VolumeScan,
+)
 from pvebackup_plainfiles.provider import PlainFilesProvider
 from pvebackup_plainfiles.volumes import Store
 
@@ -30,10 +37,18 @@ class PlainFilesPlugin(StoragePlugin):
         return PlainFilesProvider(self, scfg, storeid, log_function)
 
     def list_volumes(self, scfg: Mapping[str, str], storeid: str) -> list[VolumeInfo]:
+        return self.scan_volumes(scfg, storeid).volumes
+
+    def scan_volumes(self, scfg: Mapping[str, str], storeid: str) -> VolumeScan:
+        # One damaged volume (storage content is hostile) must not hide the others.
         store = Store(scfg)
-        volumes = []
+        volumes, damaged = [], []
         for volname in store.volnames():
-            meta = store.read_meta(volname)
+            try:
+                meta = store.read_meta(volname)
+            except PveBackupError as exc:
+                damaged.append(DamagedVolume(f"{storeid}:{volname}", str(exc)))
+                continue
             volumes.append(
                 VolumeInfo(
                     volid=f"{storeid}:{volname}",
@@ -44,7 +59,8 @@ class PlainFilesPlugin(StoragePlugin):
                     format="plain-files",
                 )
             )
-        return sorted(volumes, key=lambda v: (v.ctime, v.volid))
+        volumes.sort(key=lambda v: (v.ctime, v.volid))  # oldest first
+        return VolumeScan(volumes, damaged)
 
     def free_volume(self, scfg: Mapping[str, str], storeid: str, volname: str) -> None:
         path = Store(scfg).volume(volname)  # VolumeNotFoundError for bad or missing names
@@ -52,4 +68,4 @@ class PlainFilesPlugin(StoragePlugin):
 # [end]
 
 
-__all__ = ["PlainFilesPlugin", "VolumeNotFoundError"]
+__all__ = ["PlainFilesPlugin"]
