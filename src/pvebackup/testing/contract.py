@@ -123,8 +123,8 @@ class _VmRun:
     jobs: list[JobResult] = field(default_factory=list)
     job_calls: list[list[Call]] = field(default_factory=list)
     expected: list[Path] = field(default_factory=list)  # copies of the disks per job
-    restores: list[RestoreResult | PveBackupError] = field(default_factory=list)
-    restore_calls: list[list[Call]] = field(default_factory=list)
+    restores: dict[int, RestoreResult | PveBackupError] = field(default_factory=dict)
+    restore_calls: dict[int, list[Call]] = field(default_factory=dict)
 
     def volname(self, job: int) -> str:
         target = self.jobs[job].guests[0].target
@@ -282,6 +282,8 @@ class ProviderContract:
         self = cls()
         tmp = tmp_path_factory.mktemp("vm")
         run = _VmRun(self._node(tmp))
+        if Capability.VM not in cls.capabilities:
+            return run  # the tests that need VMs check the refusal instead
         disks = run.node.add_vm(_VMID, _VM_DISKS)
         run.node.root.firewall_path(_VMID).write_text(_FIREWALL)
         for n in range(2):
@@ -300,8 +302,8 @@ class ProviderContract:
             if job.failed:
                 continue
             result, calls = self._restore(contract_spy, run.node, run.volname(n), 200 + n)
-            run.restores.append(result)
-            run.restore_calls.append(calls)
+            run.restores[n] = result
+            run.restore_calls[n] = calls
         return run
 
     def _ct_run(
@@ -457,7 +459,8 @@ class ProviderContract:
     def test_restore_qemu_get_device_info(self, vm_run: _VmRun) -> None:
         if not self.claims(Capability.VM):
             pytest.skip("covered by test_backup_get_mechanism_refuses_vm")
-        for calls in vm_run.restore_calls:
+        assert sorted(vm_run.restore_calls) == [0, 1], "a backup failed"
+        for calls in vm_run.restore_calls.values():
             (info,) = [c.result for c in calls if c.name == "restore_qemu_get_device_info"]
             assert set(info) == set(_VM_DEVICES)
             for dev, size in _VM_DEVICES.items():
@@ -467,13 +470,33 @@ class ProviderContract:
         """Each ``restore_qemu_img_init`` is followed by its cleanup; the data is equal."""
         if not self.claims(Capability.VM):
             pytest.skip("covered by test_backup_get_mechanism_refuses_vm")
-        for n, calls in enumerate(vm_run.restore_calls):
+        assert sorted(vm_run.restore_calls) == [0, 1], "a backup failed"
+        for n, calls in vm_run.restore_calls.items():
             (mech,) = [c.result for c in calls if c.name == "restore_get_mechanism"]
             assert tuple(mech) == (RestoreMechanism.QEMU_IMG, GuestType.QEMU)
             inits = [c.args[2] for c in calls if c.name == "restore_qemu_img_init"]
             cleanups = [c.args[2] for c in calls if c.name == "restore_qemu_img_cleanup"]
             assert sorted(inits) == sorted(cleanups) == sorted(_VM_DEVICES)
             self._check_vm_restore(vm_run, n)
+
+    def test_restore_qemu_img_cleanup_after_failed_init(
+        self, vm_run: _VmRun, contract_spy: ProviderSpy
+    ) -> None:
+        """A restore failing right after ``restore_qemu_img_init`` still cleans up."""
+        if not self.claims(Capability.VM):
+            pytest.skip("covered by test_backup_get_mechanism_refuses_vm")
+
+        def fail(call: Call) -> None:
+            raise PluginError("injected failure after restore_qemu_img_init")
+
+        contract_spy.after["restore_qemu_img_init"] = fail
+        result, calls = self._restore(contract_spy, vm_run.node, vm_run.volname(0), 299)
+        assert isinstance(result, PveBackupError)
+        inits = [c.args[2] for c in calls if c.name == "restore_qemu_img_init"]
+        cleanups = [c for c in calls if c.name == "restore_qemu_img_cleanup"]
+        assert inits and [c.args[2] for c in cleanups] == inits[:1]
+        assert all(c.error is None for c in cleanups), "a cleanup failed"
+        assert vm_run.node.root.guest_type(299) is None
 
     def test_backup_guest_config_roundtrip(self, vm_run: _VmRun) -> None:
         if not self.claims(Capability.VM):
