@@ -7,6 +7,7 @@ the documented way (the guest fails, the job goes on) instead of skipping.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,3 +34,13 @@ class TestBackupStoreContract(ProviderContract):
     )
     def test_list_volumes_empty_storage(self, tmp_path: Path, contract_spy: ProviderSpy) -> None:
         super().test_list_volumes_empty_storage(tmp_path, contract_spy)
+
+    @pytest.mark.xfail(
+        strict=True,
+        reason="the host skips restore_qemu_img_cleanup when restore_qemu_img_init "
+        "failed (issue 9 'The seed's exact shapes', shapes lane)",
+    )
+    def test_restore_qemu_img_cleanup_after_failed_init(
+        self, vm_run: Any, contract_spy: Any
+    ) -> None:
+        super().test_restore_qemu_img_cleanup_after_failed_init(vm_run, contract_spy)
