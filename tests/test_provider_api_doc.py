@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pvebackup.api as api
 from pvebackup.storage import PropertySpec, VolumeInfo
-from pvebackup.testing import Capability
+from pvebackup.testing import Capability, ProviderContract
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs/provider-api.md"
@@ -97,6 +97,13 @@ def test_volume_info_and_property_spec_fields_are_documented() -> None:
     assert _table_fields("**`PropertySpec`**") == [
         f.name for f in dataclasses.fields(PropertySpec)
     ]
+
+
+def test_every_contract_test_is_in_the_guide() -> None:
+    """A newcomer finds each test (named after its seed method) in the guide's table."""
+    tests = {name for name in dir(ProviderContract) if name.startswith("test_")}
+    documented = set(re.findall(r"`(test_\w+)`", DOC.read_text()))
+    assert tests == documented
 
 
 def test_capabilities_are_documented() -> None:

@@ -456,6 +456,23 @@ class ProviderContract:
             _compare_images(vm_run.expected[n] / f"vm-{_VMID}-disk-{i}.qcow2", restored)
             assert disk  # names the disk in a failure message
 
+    def test_backup_nbd_bandwidth_limit(self, tmp_path: Path, contract_spy: ProviderSpy) -> None:
+        """4 MiB of data at 2 MiB/s take about a second, even after a 2 MiB burst.
+
+        The burst allowance covers a token bucket holding a second's worth and
+        ``qemu-img convert -r``, which sends its first 2 MiB buffer unpaced.
+        """
+        if not self.claims(Capability.VM):
+            pytest.skip("covered by test_backup_get_mechanism_refuses_vm")
+        node = self._node(tmp_path)
+        (disk,) = node.add_vm(_VMID, {"scsi0": 4 * MiB})
+        node.write_disk(disk, 0, 4 * MiB, 0x55)
+        job, calls = self._backup(contract_spy, node, [_VMID], bwlimit_kib=2048)
+        assert not job.failed, job.guests[0].error
+        (call,) = [c for c in calls if c.name == "backup_nbd"]
+        assert call.args[5] == 2 * MiB
+        assert call.seconds >= 0.7, f"4 MiB read in {call.seconds:.2f} s at 2 MiB/s"
+
     def test_restore_qemu_get_device_info(self, vm_run: _VmRun) -> None:
         if not self.claims(Capability.VM):
             pytest.skip("covered by test_backup_get_mechanism_refuses_vm")

@@ -10,6 +10,7 @@ or a job abort at a realistic point, with the provider's data already written.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ class Call:
     result: Any = None
     error: BaseException | None = None
     note: Any = None  # e.g. the log file's text at the time of the call
+    seconds: float = 0.0  # how long the call took
 
 
 After = Callable[["Call"], None]
@@ -100,6 +102,7 @@ class ProviderSpy:
                 call.note = _read_text(args[1])
             self.calls.append(call)
             self._depth += 1
+            start = time.monotonic()
             try:
                 call.result = method(*args)
             except BaseException as exc:
@@ -107,6 +110,7 @@ class ProviderSpy:
                 raise
             finally:
                 self._depth -= 1
+                call.seconds = time.monotonic() - start
             hook = self.after.get(name)
             if hook is not None:
                 hook(call)
