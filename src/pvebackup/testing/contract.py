@@ -34,7 +34,7 @@ import signal
 import stat
 import subprocess
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -156,6 +156,15 @@ def _state_dir(node: ContractNode) -> Iterator[None]:
             os.environ[STATE_DIR_ENV] = old
 
 
+def _installed(plugin: type[StoragePlugin], storage_type: str) -> bool:
+    """Whether ``plugin`` is already found through its entry point (pip installed):
+    then registering it again would be refused as a second plugin of its type."""
+    if storage_type not in registry.plugin_types():
+        return False
+    found = type(registry.lookup(storage_type))
+    return (found.__module__, found.__qualname__) == (plugin.__module__, plugin.__qualname__)
+
+
 def _names(calls: list[Call]) -> list[str]:
     return [c.name for c in calls]
 
@@ -214,12 +223,10 @@ class ProviderContract:
     def contract_spy(cls) -> Iterator[ProviderSpy]:
         """The plugin (registered if the subclass names it) with every provider watched."""
         spy = ProviderSpy()
-        if cls.plugin is not None:
-            with registry.registered(cls.plugin), spy.watching(cls.storage_type):
-                yield spy
-        else:
-            with spy.watching(cls.storage_type):
-                yield spy
+        with ExitStack() as stack:
+            if cls.plugin is not None and not _installed(cls.plugin, cls.storage_type):
+                stack.enter_context(registry.registered(cls.plugin))
+            yield stack.enter_context(spy.watching(cls.storage_type))
 
     def _node(self, path: Path, **extra: str) -> ContractNode:
         path.mkdir(parents=True, exist_ok=True)
