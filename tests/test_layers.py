@@ -181,6 +181,10 @@ def test_checker_reports_file_line_and_import(fake_tree: Path) -> None:
         ("pvebackup.kit.safefs", "pvebackup.storage", False),
         ("pvebackup.kit.safefs", "pvebackup.api.errors", True),
         ("pvebackup.api.errors", "pvebackup.kit", False),
+        ("pvebackup.providers.store.disk", "pvebackup.kit.nbdsource", True),
+        ("pvebackup.kit.nbdfake", "pvebackup.kit.nbdsource", True),
+        ("pvebackup.kit.nbdsource", "pvebackup.providers.store.plan", False),
+        ("pvebackup.kit.pacing", "pvebackup.store", False),
         ("pvebackup.storage.config", "pvebackup.storage.registry", True),
         ("pvebackup.store.backends.s3", "pvebackup.api.errors", True),
         ("pvebackup.store.backends.s3", "pvebackup.store", False),
@@ -200,3 +204,26 @@ def test_checker_reports_file_line_and_import(fake_tree: Path) -> None:
 )
 def test_violation_rule(importer: str, imported: str, ok: bool) -> None:
     assert (violation(importer, imported) is None) is ok
+
+
+# Modules that may talk libnbd directly. Reading an export is kit.nbdsource's job
+# (the one seam tests replace); backup-dir also writes its qcow2 through a private
+# qemu-nbd (a target, not a source). A second NBD source would show up here.
+LIBNBD_USERS = {"pvebackup.kit.nbdsource", "pvebackup.providers.directory.vm"}
+
+
+def test_only_the_kit_reads_nbd_exports() -> None:
+    users = set()
+    for path in SRC.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and not node.level
+                else []
+            )
+            if "nbd" in names:
+                users.add(module_name(SRC, path))
+    assert users == LIBNBD_USERS

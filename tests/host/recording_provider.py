@@ -4,10 +4,11 @@ Storage type ``test-recording`` (storage.cfg: ``test-recording: ID`` with
 ``path DIR``). Every call is appended as a JSON line to ``DIR/calls.jsonl``, so a
 test sees the sequence also when the job ran in another process.
 
-- VM disks: a full read (modes ``none``/``new``) copies every block through libnbd
-  into ``<device>.raw``; ``reuse`` copies the previous backup's image and applies only
-  the extents the dirty bitmap lists. The extents read are kept in the call log.
-  Everything read is discarded (trimmed) on the export, as the seed asks.
+- VM disks: a full read (modes ``none``/``new``) copies every block through the
+  kit's NBD source (:mod:`pvebackup.kit.nbdsource`) into ``<device>.raw``; ``reuse``
+  copies the previous backup's image and applies only the extents the dirty bitmap
+  lists. The extents read are kept in the call log. Everything read is discarded
+  (trimmed) on the export, as the seed asks; ``bandwidth_limit`` paces the reads.
 - Containers: ``rsync -aHAX`` of the directory with the excludes, then every
   owner mapped from host ids to container ids. Restores hand that tree back as a
   directory or a tar archive (``restore-mechanism tar|directory``).
@@ -31,13 +32,11 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import nbd
-
 from pvebackup.api import BackupProvider
-from pvebackup.api.discard import discard_range
 from pvebackup.api.errors import (
     ExternalToolError,
     IntegrityError,
@@ -46,6 +45,8 @@ from pvebackup.api.errors import (
 )
 from pvebackup.api.idmap import IdMapper
 from pvebackup.api.types import DeviceInfo, GuestType, IdMapEntry
+from pvebackup.kit.nbdsource import BufferPool, NbdSource, Trimmer, read_in_order
+from pvebackup.kit.pacing import TokenBucket
 from pvebackup.storage import COMMON_PROPERTIES, PropertySpec, StoragePlugin, VolumeInfo
 
 TYPE = "test-recording"
@@ -82,9 +83,7 @@ class RecordingProvider(BackupProvider):
         return "recording"
 
     def _latest(self, vmid: int) -> Path | None:
-        done = sorted(
-            p for p in self.base.glob(f"*-{vmid}-*") if (p / "meta.json").exists()
-        )
+        done = sorted(p for p in self.base.glob(f"*-{vmid}-*") if (p / "meta.json").exists())
         return done[-1] if done else None
 
     # -- job -----------------------------------------------------------------------
@@ -135,24 +134,17 @@ class RecordingProvider(BackupProvider):
         bitmap_name: str | None,
         bandwidth_limit: int | None,
     ) -> None:
-        self._record(
-            "backup_nbd", vmid, devicename, str(bitmap_mode), bitmap_name, bandwidth_limit
-        )
+        self._record("backup_nbd", vmid, devicename, str(bitmap_mode), bitmap_name, bandwidth_limit)
         target = self.staging[vmid] / f"{devicename}.raw"
-        h = nbd.NBD()
-        ctx = f"qemu:dirty-bitmap:{bitmap_name}"
-        if bitmap_mode == "reuse":
-            h.add_meta_context(ctx)
-        h.set_export_name(devicename)
-        h.connect_unix(nbd_path)
-        try:
-            size = h.get_size()
-            if bitmap_mode == "reuse":
+        reuse = bitmap_mode == "reuse"
+        with NbdSource(nbd_path, devicename, bitmap_name if reuse else None) as source:
+            size = source.size
+            if reuse:
                 prev = self._latest(vmid)
                 if prev is None or not (prev / f"{devicename}.raw").exists():
                     raise IntegrityError(f"{devicename}: no base for an incremental backup")
                 shutil.copyfile(prev / f"{devicename}.raw", target)
-                extents = _dirty_extents(h, size, ctx)
+                extents = source.dirty_extents()
             else:
                 with builtins.open(target, "wb") as fh:
                     fh.truncate(size)
@@ -160,26 +152,22 @@ class RecordingProvider(BackupProvider):
             self._record("read_extents", vmid, devicename, extents)
             self.log("info", f"{devicename}: reading {sum(n for _, n in extents)} bytes")
             step = 64 * 1024 if bandwidth_limit else CHUNK
+            reads = [
+                _Piece(o, min(step, off + n - o))
+                for off, n in extents
+                for o in range(off, off + n, step)
+            ]
+            pool = BufferPool()
+            trimmer = Trimmer(source)
+            limiter = TokenBucket(bandwidth_limit)
             with builtins.open(target, "r+b") as fh:
-                for offset, length in extents:
-                    end = offset + length
-                    while offset < end:
-                        n = min(step, end - offset)
-                        started = time.monotonic()
-                        data = h.pread(n, offset)
-                        if any(data):
-                            fh.seek(offset)
-                            fh.write(data)
-                        part = discard_range(offset, n, size)
-                        if part is not None:
-                            h.trim(part[1], part[0])
-                        offset += n
-                        if bandwidth_limit:
-                            wait = n / bandwidth_limit - (time.monotonic() - started)
-                            if wait > 0:
-                                time.sleep(wait)
-        finally:
-            h.shutdown()
+                for piece, buf, data in read_in_order(source, reads, pool, pace=limiter.consume):
+                    if any(data):
+                        fh.seek(piece.offset)
+                        fh.write(data)
+                    pool.give(buf)
+                    trimmer.add(piece.reads)
+            trimmer.flush()
         if self.scfg.get("fail-vmid") == str(vmid):
             raise ExternalToolError(f"injected failure for {vmid}")
 
@@ -280,8 +268,7 @@ class RecordingProvider(BackupProvider):
     def restore_qemu_get_device_info(self, volname: str, storeid: str) -> DeviceInfo:
         self._record("restore_qemu_get_device_info", volname, storeid)
         return {
-            p.stem: {"size": p.stat().st_size}
-            for p in sorted(self._volume(volname).glob("*.raw"))
+            p.stem: {"size": p.stat().st_size} for p in sorted(self._volume(volname).glob("*.raw"))
         }
 
     def restore_qemu_img_init(self, volname: str, storeid: str, devicename: str) -> str:
@@ -300,8 +287,18 @@ class RecordingProvider(BackupProvider):
         self.restore_tmp = Path(tempfile.mkdtemp(prefix=".restore-", dir=self.base))
         archive = self.restore_tmp / "archive.tar"
         subprocess.run(
-            ["tar", "--format=posix", "--numeric-owner", "--xattrs", "--acls", "-cf", str(archive),
-             "-C", str(self._volume(volname) / "tree"), "."],
+            [
+                "tar",
+                "--format=posix",
+                "--numeric-owner",
+                "--xattrs",
+                "--acls",
+                "-cf",
+                str(archive),
+                "-C",
+                str(self._volume(volname) / "tree"),
+                ".",
+            ],
             check=True,
             capture_output=True,
         )
@@ -320,33 +317,14 @@ class RecordingProvider(BackupProvider):
         self._record("restore_directory_cleanup", volname, storeid)
 
 
-def _dirty_extents(h: Any, size: int, ctx: str) -> list[tuple[int, int]]:
-    extents: list[tuple[int, int]] = []
-    offset = 0
-    seen = [0]
-    while offset < size:
-        seen[0] = offset
+@dataclass(frozen=True)
+class _Piece:
+    offset: int
+    length: int
 
-        def cb(metacontext: str, off: int, entries: list[int], err: Any) -> int:
-            if metacontext != ctx:
-                return 0
-            pos = off
-            for i in range(0, len(entries), 2):
-                length, flags = entries[i], entries[i + 1]
-                if flags & 1:
-                    if extents and extents[-1][0] + extents[-1][1] == pos:
-                        extents[-1] = (extents[-1][0], extents[-1][1] + length)
-                    else:
-                        extents.append((pos, length))
-                pos += length
-            seen[0] = pos
-            return 0
-
-        h.block_status(min(size - offset, 1 << 30), offset, cb)
-        if seen[0] <= offset:
-            raise IntegrityError("block status made no progress")
-        offset = seen[0]
-    return [(o, min(n, size - o)) for o, n in extents]
+    @property
+    def reads(self) -> tuple[tuple[int, int], ...]:
+        return ((self.offset, self.length),)
 
 
 class RecordingPlugin(StoragePlugin):
@@ -378,8 +356,14 @@ class RecordingPlugin(StoragePlugin):
             size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
             vmtype = GuestType((p / "vmtype").read_text())
             out.append(
-                VolumeInfo(f"{storeid}:{p.name}", meta["vmid"], vmtype, meta["ctime"], size,
-                           "test-recording")
+                VolumeInfo(
+                    f"{storeid}:{p.name}",
+                    meta["vmid"],
+                    vmtype,
+                    meta["ctime"],
+                    size,
+                    "test-recording",
+                )
             )
         return out
 

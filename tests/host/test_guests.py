@@ -59,7 +59,7 @@ def test_vm_disks_and_what_is_backed_up() -> None:
     assert set(disks) == {
         "scsi0", "virtio1", "sata0", "ide2", "ide0", "ide1", "efidisk0", "tpmstate0", "scsi3"
     }
-    included = [d.key for d in config.backup_disks()]
+    included = [d.key for d in config.disks if d.included]
     assert included == ["scsi0", "virtio1", "efidisk0", "tpmstate0"]
     assert disks["scsi0"].devicename == "drive-scsi0"
     assert disks["virtio1"].spec.volid == "local:100/vm-100-disk-1.raw"
@@ -133,7 +133,7 @@ def test_container_mountpoints_follow_pve_backup_rules() -> None:
     config = ct(CT_CONF)
     assert [m.key for m in config.mountpoints] == ["rootfs", "mp0", "mp1", "mp2"]
     assert config.rootfs.ct_path == "/"
-    assert [m.key for m in config.backup_mountpoints()] == ["rootfs", "mp0"]
+    assert [m.key for m in config.mountpoints if m.included] == ["rootfs", "mp0"]
     mps = {m.key: m for m in config.mountpoints}
     assert mps["mp0"].ct_path == "/srv/data"
     assert mps["mp1"].reason == "no backup=1"

@@ -96,9 +96,9 @@ def _use(cfg: GuestConfig) -> None:
     cfg.render()
     cfg.volume_ids()
     if isinstance(cfg, VmConfig):
-        cfg.backup_disks()
+        assert all(d.spec.volid is not None for d in cfg.disks if d.included)
     elif isinstance(cfg, CtConfig):
-        cfg.backup_mountpoints()
+        assert all(m.spec.volid is not None for m in cfg.mountpoints if m.included)
         cfg.id_map()
         assert cfg.rootfs.ct_path == "/"
 

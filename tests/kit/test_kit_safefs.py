@@ -358,3 +358,22 @@ def test_rmtree_at_does_not_cross_a_mount_point(storage: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "refused:" in result.stdout and "mount point" in result.stdout
     assert "left: ['on-other-fs']" in result.stdout
+
+
+def test_open_dir_on_create_sees_only_what_it_created(storage: Path, outside: Path) -> None:
+    # The container restore gives new directories an owner through this hook: it
+    # must run for created components only, relative to the parent fd.
+    (storage / "a").mkdir()
+    created: list[tuple[str, str]] = []
+
+    def record(parent_fd: int, name: str) -> None:
+        created.append((os.readlink(f"/proc/self/fd/{parent_fd}"), name))
+
+    with owned_fd(safefs.open_root(storage)) as root:
+        with owned_fd(safefs.open_dir(root, "a/b/c", create=True, on_create=record)):
+            pass
+        (storage / "a" / "link").symlink_to(outside)
+        with pytest.raises(UnsafeStorageError, match="symlink"):
+            safefs.open_dir(root, "a/link/x", create=True, on_create=record)
+    assert created == [(str(storage / "a"), "b"), (str(storage / "a" / "b"), "c")]
+    assert_outside_intact(outside)

@@ -64,3 +64,27 @@ def test_table_parser_finds_every_row() -> None:
     # Guard against a parser that finds nothing and so agrees with anything.
     assert len(_doc_tables()["BLOB_HEADER"]) == len(formats.BLOB_HEADER.fields)
     assert len(_doc_tables()["FIXED_INDEX_HEADER"]) == len(formats.FIXED_INDEX_HEADER.fields)
+
+
+def _doc_key_labels() -> dict[str, str]:
+    found = re.findall(r'^\|\s*`([A-Z_]+)`\s*\|\s*`"([^"`]+)"`\s*\|', DOC.read_text(), re.M)
+    return dict(found)
+
+
+def test_key_labels_match_docs() -> None:
+    # Guard against a parser that finds nothing: every label has a row.
+    assert len(_doc_key_labels()) == len(formats.KEY_LABELS) >= 8
+    assert _doc_key_labels() == {k: v.decode("ascii") for k, v in formats.KEY_LABELS.items()}
+
+
+def test_no_key_label_is_spelled_outside_formats() -> None:
+    # One place for what, if changed, makes stores unreadable (PBS keeps its formats
+    # in one module): no other source file may write a label out again.
+    src = Path(formats.__file__).resolve().parents[1]
+    labels = list(formats.KEY_LABELS.values())
+    for path in src.rglob("*.py"):
+        if path.name == "formats.py" and path.parent.name == "store":
+            continue
+        text = path.read_bytes()
+        for label in labels:
+            assert label not in text, f"{path} spells out {label!r}"

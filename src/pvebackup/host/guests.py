@@ -28,15 +28,15 @@ Which volumes a backup includes follows Proxmox VE:
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pvebackup.api.errors import GuestConfigError, GuestNotFoundError
+from pvebackup.api.errors import GuestConfigError, GuestNotFoundError, UnsafeStorageError
 from pvebackup.api.idmap import DEFAULT_UNPRIVILEGED_MAP, parse_lxc_idmap
 from pvebackup.api.types import GuestType, IdMapEntry
+from pvebackup.kit import safefs
 
 __all__ = [
     "DEFAULT_UNPRIVILEGED_ID_MAP",
@@ -203,9 +203,6 @@ class GuestConfig:
         entry = self._index.get(key)
         return None if entry is None else entry.value
 
-    def get_all(self, key: str) -> list[str]:
-        return [e.value for e in self.entries if e.key == key]
-
     def render(self, replace: Mapping[str, str | None] | None = None) -> str:
         """The config as text: main section only, ``replace`` maps key -> value or None."""
         replace = replace or {}
@@ -230,9 +227,6 @@ class VmConfig(GuestConfig):
 
     disks: tuple[VmDisk, ...] = ()
 
-    def backup_disks(self) -> list[VmDisk]:
-        return [d for d in self.disks if d.included]
-
     def volume_ids(self) -> list[str]:
         """Every storage volume the VM owns (drives and ``unusedN``), for removal."""
         vols = [d.spec.volid for d in self.disks if d.spec.volid and _owned(d.spec, self.vmid)]
@@ -253,9 +247,6 @@ class CtConfig(GuestConfig):
     @property
     def rootfs(self) -> MountPoint:
         return self.mountpoints[0]
-
-    def backup_mountpoints(self) -> list[MountPoint]:
-        return [m for m in self.mountpoints if m.included]
 
     def id_map(self) -> list[IdMapEntry]:
         """``lxc.idmap`` lines; Proxmox VE's default map when unprivileged without them."""
@@ -442,23 +433,9 @@ def format_size(size: int) -> str:
 
 
 def write_config_file(path: Path, text: str) -> None:
-    """Write ``text`` atomically: temporary name, fsync, rename, fsync the directory."""
+    """Write ``text`` atomically (:func:`pvebackup.kit.safefs.atomic_write_path`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    safefs.atomic_write_path(path, text.encode("utf-8"))
 
 
 class NodeRoot:
@@ -541,9 +518,9 @@ class NodeRoot:
             raise GuestNotFoundError(f"no guest with vmid {vmid}")
         path = self.config_path(vmid, vmtype)
         try:
-            text = path.read_text(encoding="utf-8")
+            text = safefs.read_file_path(path, limit=safefs.MAX_CONFIG_FILE_SIZE).decode("utf-8")
         except FileNotFoundError as exc:
             raise GuestNotFoundError(f"no guest with vmid {vmid}") from exc
-        except (OSError, UnicodeDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, UnsafeStorageError) as exc:
             raise GuestConfigError(f"cannot read: {exc}", path=str(path)) from exc
         return parse_guest_config(text, vmid, vmtype, where=str(path))

@@ -35,9 +35,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from pvebackup.api.errors import PveBackupError
+from pvebackup.api.errors import PveBackupError, UnsafeStorageError
 from pvebackup.api.types import LogFunction, LogLevel
 from pvebackup.host.guests import CtConfig, NodeRoot, VmConfig
+from pvebackup.kit import safefs
 from pvebackup.kit.lock import FileLock
 from pvebackup.kit.proc import ChildInfo, kill_verified, observe_children, process_start_time
 from pvebackup.storage import DirPlugin, StorageConfig, lookup, parse_volume_id, storage_config
@@ -46,6 +47,8 @@ __all__ = ["GuestRun", "mounts_below"]
 
 _MNT_DETACH = 0x2
 _UMOUNT_NOFOLLOW = 0x8
+_STATE_MAX = 1 << 20
+# A run records a few children, directories and volumes: a few KiB.
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
@@ -196,22 +199,26 @@ class GuestRun:
 
     def _save(self) -> None:
         self.state_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.state_path.with_name(f".{self.state_path.name}.tmp")
-        tmp.write_text(json.dumps(self._state), encoding="utf-8")
-        os.replace(tmp, self.state_path)
+        # Not durable: the state lives on a tmpfs that a reboot clears together with
+        # the processes and mounts it names; atomic, so recover() never sees half.
+        safefs.atomic_write_path(
+            self.state_path, json.dumps(self._state).encode("utf-8"), mode=0o600, durable=False
+        )
 
     # -- recovery --------------------------------------------------------------------
 
     def recover(self) -> None:
         """Remove what a dead holder of the lock left (we hold the lock)."""
         try:
-            text = self.state_path.read_text(encoding="utf-8")
+            data = safefs.read_file_path(
+                self.state_path, limit=_STATE_MAX, follow_symlinks=False
+            )
         except FileNotFoundError:
             return
-        except OSError as exc:
+        except (OSError, UnsafeStorageError) as exc:
             raise PveBackupError(f"cannot read run state {self.state_path}: {exc}") from exc
         try:
-            old = json.loads(text)
+            old = json.loads(data.decode("utf-8"))
             if not isinstance(old, dict):
                 raise ValueError("not an object")
         except ValueError:

@@ -16,10 +16,10 @@ node keeps its state inside its root. Providers are made through the seed's
 it; an environment variable reaches third-party providers too (they call
 :func:`default_state_dir`). Our providers also take ``state_dir=`` directly.
 
-Files are replaced atomically (temporary file, fsync, rename, fsync of the
-directory). A file that is missing, unreadable, too big or not a JSON object is
-reported as such (:class:`Loaded`), never raised: the caller falls back to the
-safe choice (a full backup) and logs why.
+Files are replaced atomically (:func:`pvebackup.kit.safefs.atomic_write_path`:
+temporary file, fsync, rename, fsync of the directory). A file that is missing,
+unreadable, too big or not a JSON object is reported as such (:class:`Loaded`),
+never raised: the caller falls back to the safe choice (a full backup) and logs why.
 """
 
 from __future__ import annotations
@@ -30,13 +30,13 @@ import json
 import os
 import re
 import stat
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from pvebackup.api.errors import StateError
+from pvebackup.api.errors import StateError, UnsafeStorageError
+from pvebackup.kit import safefs
 
 __all__ = [
     "DEFAULT_STATE_DIR",
@@ -94,22 +94,17 @@ class HostState:
         """The state ``name``; a damaged one is reported, never raised."""
         path = self.path(name)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # A symlink at the file is refused, a fifo cannot hang us (safefs).
+            with safefs.owned_fd(safefs.open_file_path(path, follow_symlinks=False)) as fd:
+                data = safefs.read_fd(fd, limit=_MAX_SIZE, name=str(path))
         except FileNotFoundError:
             return Loaded(None)
+        except (UnsafeStorageError, IsADirectoryError):
+            return Loaded(None, f"state file {path} is not a regular file")
         except OSError as exc:
-            return Loaded(None, f"state file {path} cannot be opened: {exc.strerror}")
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                return Loaded(None, f"state file {path} is not a regular file")
-            data = os.read(fd, _MAX_SIZE + 1)
-        except OSError as exc:
+            if exc.errno == errno.EFBIG:
+                return Loaded(None, f"state file {path} is too big")
             return Loaded(None, f"state file {path} cannot be read: {exc.strerror}")
-        finally:
-            os.close(fd)
-        if len(data) > _MAX_SIZE:
-            return Loaded(None, f"state file {path} is too big")
         try:
             doc = json.loads(data)
         except (ValueError, UnicodeDecodeError):
@@ -125,30 +120,13 @@ class HostState:
             a proof that cannot be kept must not be assumed).
         """
         try:
-            self._write(name, doc)
+            self._make_dirs()
+            data = json.dumps(dict(doc), sort_keys=True).encode() + b"\n"
+            safefs.atomic_write_path(self.path(name), data, mode=0o600)
         except OSError as exc:
             raise StateError(
                 f"cannot write the host state file {self.path(name)}: {exc.strerror or exc}"
             ) from exc
-
-    def _write(self, name: str, doc: Mapping[str, Any]) -> None:
-        self._make_dirs()
-        data = json.dumps(dict(doc), sort_keys=True).encode() + b"\n"
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                os.fchmod(f.fileno(), 0o600)
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path(name))
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        _fsync_dir(self.dir)
 
     def remove(self, name: str) -> None:
         """Delete the state ``name`` (missing is fine); ``StateError`` if that fails."""

@@ -27,6 +27,17 @@ So nothing below a storage's configured path is ever resolved as a whole path:
 Names from storage are single components: :func:`check_name` and
 :func:`split_relpath` refuse empty names, ``.``, ``..``, ``/`` and NUL.
 
+This module is also the one place for two things every layer needs, storage or
+not (so that there is one implementation, with one set of guarantees):
+
+- *bounded reads of small files* (:func:`read_fd`, used by :func:`read_file_at`
+  for storage content and by the readers of trusted host files, which open
+  with :func:`open_file_path`): only regular files, opened non-blocking (a fifo
+  never hangs us, a device is never opened), never more than the limit in memory;
+- *atomic writes* (:func:`atomic_write_at`, :func:`atomic_write_path`):
+  temporary file in the same directory, fsync, rename or link, fsync of the
+  directory, the temporary file removed on every error.
+
 Every function returning an fd hands its ownership to the caller: wrap it in
 :func:`owned_fd`. Imports only the standard library and :mod:`pvebackup.api`.
 """
@@ -37,27 +48,33 @@ import errno
 import os
 import secrets
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import NoReturn
+from typing import NoReturn, TypedDict, Unpack
 
 from pvebackup.api.errors import UnsafeStorageError
 
 __all__ = [
     "DIR_FLAGS",
+    "MAX_CONFIG_FILE_SIZE",
     "TMP_PREFIX",
+    "WriteOptions",
     "atomic_write_at",
     "atomic_write_path",
     "check_name",
     "exists_at",
     "fd_path",
+    "kind_at",
     "listdir_at",
     "make_dir_at",
     "open_dir",
     "open_file_at",
+    "open_file_path",
     "open_root",
     "owned_fd",
+    "read_fd",
     "read_file_at",
+    "read_file_path",
     "rmtree_at",
     "split_relpath",
     "stat_at",
@@ -65,6 +82,9 @@ __all__ = [
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 """Flags every directory below a root is opened with."""
+MAX_CONFIG_FILE_SIZE = 1024 * 1024
+"""Largest guest or firewall config read from a backup (Proxmox VE's cluster file
+system refuses larger files, so no real guest has one)."""
 TMP_PREFIX = ".tmp-"
 """Prefix of :func:`atomic_write_at`'s temporary files (hidden: names start with a dot)."""
 _FILE_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
@@ -110,22 +130,29 @@ def split_relpath(relpath: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(parts)
 
 
-def _kind(dir_fd: int, name: str) -> str:
-    """What ``name`` is now: picks the error for a refusal already made, nothing more.
+_KINDS = {
+    stat.S_IFLNK: "a symlink",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFREG: "a regular file",
+    stat.S_IFIFO: "a special file (FIFO)",
+    stat.S_IFCHR: "a special file (character device)",
+    stat.S_IFBLK: "a special file (block device)",
+    stat.S_IFSOCK: "a special file (socket)",
+}
+_HARMLESS = ("a directory", "a regular file", "gone")
 
-    (A swap between the failed open and this lstat changes only the error type.)
+
+def kind_at(dir_fd: int, name: str) -> str:
+    """What ``name`` in ``dir_fd`` is now, for messages (``"a symlink"``, ``"a directory"``...).
+
+    Picks the words for a refusal already made, nothing more (a swap between the
+    failed open and this lstat changes only the message).
     """
     try:
         mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
     except OSError:
         return "gone"
-    if stat.S_ISLNK(mode):
-        return "a symlink"
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISREG(mode):
-        return "a regular file"
-    return "a special file"
+    return _KINDS.get(stat.S_IFMT(mode), "a special file")
 
 
 def _refuse(dir_fd: int, name: str, expected: str, exc: OSError) -> NoReturn:
@@ -135,8 +162,8 @@ def _refuse(dir_fd: int, name: str, expected: str, exc: OSError) -> NoReturn:
     is hostile; a plain file or directory of the wrong kind only means that
     the expected object is absent.
     """
-    kind = _kind(dir_fd, name)
-    if kind in ("a symlink", "a special file"):
+    kind = kind_at(dir_fd, name)
+    if kind not in _HARMLESS:
         raise UnsafeStorageError(
             f"refusing {name!r}: expected {expected}, found {kind} (not followed)"
         ) from exc
@@ -163,6 +190,7 @@ def open_dir(
     create: bool = False,
     mode: int = 0o755,
     durable: bool = False,
+    on_create: Callable[[int, str], None] | None = None,
 ) -> int:
     """Open directory ``relpath`` below ``base`` one component at a time, no symlinks.
 
@@ -173,6 +201,9 @@ def open_dir(
         so a symlink swapped in between is refused too.
     :param durable: fsync the parent of each created directory, so that it
         survives a crash.
+    :param on_create: called as ``on_create(parent_fd, name)`` after this call
+        created the component ``name`` (to give it an owner: work relative to
+        ``parent_fd``, never following ``name``).
     :returns: a new fd of the directory; the caller owns it.
     :raises UnsafeStorageError: a component is a symlink or special file, or
         ``relpath`` is not a plain relative path.
@@ -184,7 +215,7 @@ def open_dir(
     fd = base if isinstance(base, int) else open_root(base)
     try:
         for name in parts:
-            nfd = _step(fd, name, create, mode, durable)
+            nfd = _step(fd, name, create, mode, durable, on_create)
             if owned:
                 os.close(fd)
             fd, owned = nfd, True
@@ -195,7 +226,14 @@ def open_dir(
     return fd if owned else os.dup(fd)
 
 
-def _step(dir_fd: int, name: str, create: bool, mode: int, durable: bool) -> int:
+def _step(
+    dir_fd: int,
+    name: str,
+    create: bool,
+    mode: int,
+    durable: bool,
+    on_create: Callable[[int, str], None] | None,
+) -> int:
     """Open (or create and open) the subdirectory ``name`` of ``dir_fd``."""
     try:
         return _open_component(name, dir_fd)
@@ -211,6 +249,8 @@ def _step(dir_fd: int, name: str, create: bool, mode: int, durable: bool) -> int
     except FileExistsError:
         pass  # made by someone else meanwhile: open it like any other
     else:
+        if on_create is not None:
+            on_create(dir_fd, name)
         if durable:
             os.fsync(dir_fd)
     try:
@@ -243,12 +283,52 @@ def open_file_at(dir_fd: int, name: str, flags: int = os.O_RDONLY, mode: int = 0
     :raises IsADirectoryError: ``name`` is a directory.
     """
     check_name(name)
+    # Threat: a device or fifo planted in the storage. Refused before it is opened:
+    # opening a tape rewinds it, opening a fifo wakes its writer. (Swapped in after
+    # this lstat, the fd check below still refuses it.)
+    kind = kind_at(dir_fd, name)
+    if kind not in _HARMLESS and kind != "a symlink":  # a symlink: O_NOFOLLOW refuses it
+        raise UnsafeStorageError(
+            f"refusing {name!r}: expected a regular file, found {kind} (not opened)"
+        )
     try:
         fd = os.open(name, flags | _FILE_FLAGS, mode, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             _refuse(dir_fd, name, "a regular file", exc)
         raise
+    return _checked_regular(fd, name)
+
+
+def open_file_path(path: str | os.PathLike[str], *, follow_symlinks: bool = True) -> int:
+    """Open the regular file at a trusted host path read-only (not storage content).
+
+    For node files (key and passphrase files, host state, configs): symlinks are
+    followed unless ``follow_symlinks`` is false, as an operator may link them.
+    What is never done is what hurts whatever the path: a fifo is opened
+    non-blocking (no hang), and anything but a regular file is refused.
+
+    :returns: a new fd; the caller owns it.
+    :raises UnsafeStorageError: a device, fifo or socket (or a symlink, when
+        not ``follow_symlinks``).
+    :raises IsADirectoryError: a directory.
+    :raises OSError: as ``open(2)``.
+    """
+    flags = os.O_RDONLY | _FILE_FLAGS
+    if follow_symlinks:
+        flags &= ~os.O_NOFOLLOW
+    name = os.fspath(path)
+    try:
+        fd = os.open(name, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow_symlinks:
+            raise UnsafeStorageError(f"refusing {name!r}: it is a symlink (not followed)") from exc
+        raise
+    return _checked_regular(fd, name)
+
+
+def _checked_regular(fd: int, name: str) -> int:
+    """``fd`` if it is a regular file (checked on the fd: no race), else closed and refused."""
     try:
         st_mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(st_mode):
@@ -263,25 +343,59 @@ def open_file_at(dir_fd: int, name: str, flags: int = os.O_RDONLY, mode: int = 0
     return fd
 
 
+def read_fd(fd: int, *, limit: int | None = None, name: str = "the file") -> bytes:
+    """The content of the open regular file ``fd`` from its offset, at most ``limit`` bytes.
+
+    The one bounded reader of small files. A file that claims, or grows to, more
+    than ``limit`` bytes is refused before more than ``limit + 1`` bytes are in
+    memory (a hostile or broken file must not make us allocate without bound).
+
+    :raises OSError: ``EFBIG`` larger than ``limit`` (callers map it to their
+        typed error); others as ``read(2)``.
+    """
+    size = os.fstat(fd).st_size
+    if limit is not None and size > limit:
+        raise OSError(errno.EFBIG, f"{size} bytes, more than the {limit} expected", name)
+    parts = [os.read(fd, size)] if size else []
+    total = len(parts[0]) if parts else 0
+    while True:  # the file grew, or a short read
+        want = 1 << 20 if limit is None else min(1 << 20, limit + 1 - total)
+        more = os.read(fd, want) if want > 0 else b""
+        if not more:
+            if limit is not None and want <= 0:
+                raise OSError(errno.EFBIG, f"grew beyond the {limit} bytes expected", name)
+            break
+        parts.append(more)
+        total += len(more)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def read_file_path(
+    path: str | os.PathLike[str], *, limit: int | None = None, follow_symlinks: bool = True
+) -> bytes:
+    """The content of the regular file at a trusted host path (see :func:`open_file_path`).
+
+    :raises OSError: as :func:`open_file_path` and :func:`read_fd` (``EFBIG``:
+        larger than ``limit``).
+    :raises UnsafeStorageError: not a regular file (a FIFO, a device...).
+    """
+    with owned_fd(open_file_path(path, follow_symlinks=follow_symlinks)) as fd:
+        return read_fd(fd, limit=limit, name=os.fspath(path))
+
+
 def read_file_at(dir_fd: int, name: str, *, limit: int | None = None) -> bytes:
     """The content of the regular file ``name`` in ``dir_fd`` (see :func:`open_file_at`).
 
     :param limit: largest size accepted; a larger file raises UnsafeStorageError
-        before it is read (a hostile storage must not make us allocate without bound).
+        (see :func:`read_fd`).
     """
     with owned_fd(open_file_at(dir_fd, name)) as fd:
-        size = os.fstat(fd).st_size
-        if limit is not None and size > limit:
-            raise UnsafeStorageError(f"{name!r} has {size} bytes, more than the {limit} expected")
-        parts = [os.read(fd, size)] if size else []
-        while True:  # the file grew, or a short read
-            more = os.read(fd, 1 << 20)
-            if not more:
-                break
-            parts.append(more)
-            if limit is not None and sum(map(len, parts)) > limit:
-                raise UnsafeStorageError(f"{name!r} grew beyond the {limit} bytes expected")
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+        try:
+            return read_fd(fd, limit=limit, name=name)
+        except OSError as exc:
+            if exc.errno == errno.EFBIG:
+                raise UnsafeStorageError(f"{name!r}: {exc.strerror}") from exc
+            raise
 
 
 def stat_at(dir_fd: int, name: str) -> os.stat_result | None:
@@ -325,34 +439,48 @@ def atomic_write_at(
     name: str,
     data: bytes | bytearray | memoryview,
     *,
-    mode: int = 0o644,
+    mode: int | None = None,
+    keep_mode: bool = False,
     overwrite: bool = True,
     durable: bool = True,
 ) -> bool:
     """Write ``data`` as the file ``name`` in ``dir_fd``, all or nothing.
 
-    Written to a temporary name (``.tmp-<name>.<random>``) in the same directory,
-    fsynced (``durable``), then published: ``rename`` over ``name`` with
-    ``overwrite``, else ``link`` (fails if ``name`` exists: an atomic
-    no-overwrite insert). With ``durable`` the directory is fsynced too. The
-    temporary file is removed whatever happens. A symlink at ``name`` is
-    replaced (``overwrite``) or counts as existing, never followed.
+    The one atomic file writer. Written to a temporary name
+    (``.tmp-<name>.<random>``) in the same directory, fsynced (``durable``), then
+    published: ``rename`` over ``name`` with ``overwrite``, else ``link`` (fails
+    if ``name`` exists: an atomic no-overwrite insert, so a key file is never
+    overwritten). With ``durable`` the directory is fsynced too, so that the new
+    name survives a crash. The temporary file is removed whatever happens. A
+    symlink at ``name`` is replaced (``overwrite``) or counts as existing, never
+    followed.
 
+    :param mode: the file's permission bits, exactly (not filtered by the umask;
+        the temporary file is 0600 until then, so the data is never readable
+        by more than ``mode`` allows). ``None``: 0644 less the umask.
+    :param keep_mode: an existing regular file at ``name`` keeps its permission
+        bits (``mode`` is for a new file).
     :returns: True if written, False if ``name`` existed and not ``overwrite``.
     :raises OSError: writing failed (nothing was published).
     """
     check_name(name)
     if not overwrite and exists_at(dir_fd, name):
         return False
+    if keep_mode:
+        old = stat_at(dir_fd, name)
+        if old is not None and stat.S_ISREG(old.st_mode):
+            mode = stat.S_IMODE(old.st_mode)
     # NAME_MAX is 255 bytes: a long name is cut, the random part keeps it unique.
     tmp = f"{TMP_PREFIX}{name[:200]}.{secrets.token_hex(6)}"
     published = False
     try:
         fd = os.open(
-            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
-            dir_fd=dir_fd,
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o644 if mode is None else 0o600, dir_fd=dir_fd,
         )
         try:
+            if mode is not None:
+                os.fchmod(fd, mode)
             with memoryview(data) as view:
                 written = 0
                 while written < len(view):
@@ -380,22 +508,32 @@ def atomic_write_at(
                 pass  # never created, or unremovable: a hidden temp name is harmless
 
 
+class WriteOptions(TypedDict, total=False):
+    """The keyword options of :func:`atomic_write_at`, passed on unchanged."""
+
+    mode: int | None
+    keep_mode: bool
+    overwrite: bool
+    durable: bool
+
+
 def atomic_write_path(
     path: str | os.PathLike[str],
     data: bytes | bytearray | memoryview,
-    *,
-    mode: int = 0o644,
-    durable: bool = True,
-) -> None:
+    **options: Unpack[WriteOptions],
+) -> bool:
     """:func:`atomic_write_at` for a trusted host path (its directory must exist).
 
-    For files outside any storage (node configuration, host state): the directory
-    part is resolved as a whole, symlinks included; only the file name is
-    written without following. Storage content goes through :func:`open_dir`.
+    For files outside any storage (node configuration, key files, host state):
+    the directory part is resolved as a whole, symlinks included; only the file
+    name is written without following. Storage content goes through
+    :func:`open_dir`.
+
+    :returns: as :func:`atomic_write_at`.
     """
     directory, name = os.path.split(os.fspath(path))
     with owned_fd(open_root(directory or ".")) as dir_fd:
-        atomic_write_at(dir_fd, name, data, mode=mode, durable=durable)
+        return atomic_write_at(dir_fd, name, data, **options)
 
 
 def rmtree_at(dir_fd: int, name: str, *, missing_ok: bool = False) -> None:

@@ -8,17 +8,20 @@ user. :func:`read_secret_file` does the same for our key and passphrase files.
 The mode checked is that of the file actually opened (``fstat`` on the fd), so a
 file swapped between a check and the open cannot slip through. Symlinks are
 followed, as OpenSSH follows them: the target's mode is what protects the secret.
-The open is non-blocking and only regular files are read, so a FIFO or a device
-put in a key file's place cannot hang or feed us; the size is bounded.
+The open and the bounded read are :mod:`pvebackup.kit.safefs`'s (non-blocking, only
+regular files), so a FIFO or a device put in a key file's place cannot hang or feed
+us; the size is bounded.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shlex
 import stat
 
-from pvebackup.api.errors import KeyFileError, UnprotectedKeyFileError
+from pvebackup.api.errors import KeyFileError, UnprotectedKeyFileError, UnsafeStorageError
+from pvebackup.kit import safefs
 
 __all__ = ["MAX_SECRET_FILE_SIZE", "read_secret_file"]
 
@@ -37,33 +40,24 @@ def read_secret_file(path: str | os.PathLike[str], what: str = "key file") -> by
     """
     name = os.fspath(path)
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+        fd = safefs.open_file_path(name)
+    except (UnsafeStorageError, IsADirectoryError) as exc:
+        raise KeyFileError(f"{name}: the {what} is not a regular file") from exc
     except OSError as exc:
         raise KeyFileError(f"{name}: cannot read {what}: {exc.strerror}") from exc
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise KeyFileError(f"{name}: the {what} is not a regular file")
-        mode = stat.S_IMODE(st.st_mode)
+    with safefs.owned_fd(fd):
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
         if mode & 0o077:
             raise UnprotectedKeyFileError(
                 f"{name}: UNPROTECTED {what.upper()}: permissions {mode:04o} let group or"
                 f" others access it, so it is refused; make it private to its owner with"
                 f" 'chmod 600 {shlex.quote(name)}'"
             )
-        if st.st_size > MAX_SECRET_FILE_SIZE:
-            raise KeyFileError(f"{name}: the {what} is larger than {MAX_SECRET_FILE_SIZE} bytes")
-        chunks: list[bytes] = []
-        size = 0
-        while chunk := os.read(fd, MAX_SECRET_FILE_SIZE + 1 - size):
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > MAX_SECRET_FILE_SIZE:  # grew after the fstat
+        try:
+            return safefs.read_fd(fd, limit=MAX_SECRET_FILE_SIZE, name=name)
+        except OSError as exc:
+            if exc.errno == errno.EFBIG:
                 raise KeyFileError(
                     f"{name}: the {what} is larger than {MAX_SECRET_FILE_SIZE} bytes"
-                )
-        return b"".join(chunks)
-    except OSError as exc:
-        raise KeyFileError(f"{name}: cannot read {what}: {exc.strerror}") from exc
-    finally:
-        os.close(fd)
+                ) from exc
+            raise KeyFileError(f"{name}: cannot read {what}: {exc.strerror}") from exc

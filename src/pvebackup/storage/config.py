@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from pvebackup.api.errors import (
     StorageConfigError,
     StorageNotFoundError,
 )
+from pvebackup.kit import safefs
 from pvebackup.storage import registry
 from pvebackup.storage.plugin import PropertySpec, StoragePlugin
 
@@ -386,41 +386,19 @@ def read_storage_config(path: str | os.PathLike[str], *, lookup: Lookup | None =
 
 
 def write_storage_config(cfg: StorageConfig, path: str | os.PathLike[str]) -> None:
-    """Write ``cfg`` atomically: temporary file, fsync, rename, fsync the directory.
+    """Write ``cfg`` atomically (:func:`pvebackup.kit.safefs.atomic_write_path`).
 
     An existing file keeps its permission bits; a new one gets 0640 (storage.cfg
     may name credentials files).
 
     :raises StorageConfigError: the file cannot be written (nothing is changed).
     """
-    target = Path(path)
-    data = cfg.to_text().encode("utf-8")
     try:
-        mode = target.stat().st_mode & 0o7777
-    except FileNotFoundError:
-        mode = 0o640
-    tmp_name: str | None = None
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        os.replace(tmp_name, target)
-        tmp_name = None
-        dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        safefs.atomic_write_path(path, cfg.to_text().encode("utf-8"), mode=0o640, keep_mode=True)
     except OSError as exc:
         raise StorageConfigError(
-            f"cannot write: {exc.strerror or exc}", path=str(target)
+            f"cannot write: {exc.strerror or exc}", path=os.fspath(path)
         ) from exc
-    finally:
-        if tmp_name is not None:
-            Path(tmp_name).unlink(missing_ok=True)
 
 
 def storage_config(cfg: StorageConfig, storeid: str) -> dict[str, str]:

@@ -14,7 +14,8 @@ All integers are little-endian. Reserved fields must be zero: a reader rejects a
 header whose reserved bytes are not, so that a flipped bit anywhere is noticed.
 
 JSON documents (store config, snapshot manifest, key file) are described in
-``docs/file-formats.md`` too; their ``format``/``version`` strings are here.
+``docs/file-formats.md`` too; their ``format``/``version`` strings are here, and so
+are the key-derivation labels (:data:`KEY_LABELS`, a table in that file too).
 """
 
 from __future__ import annotations
@@ -37,7 +38,16 @@ __all__ = [
     "FIXED_INDEX_HEADER",
     "FIXED_INDEX_MAGIC",
     "FORMAT_VERSION",
+    "KDF_SALT",
     "KEY_FILE_FORMAT",
+    "KEY_FILE_WRAP_AAD",
+    "KEY_LABELS",
+    "LABEL_BITMAP_BASE_RECORD",
+    "LABEL_BLOB_CIPHER",
+    "LABEL_CHUNK_ID",
+    "LABEL_KEY_CHECK",
+    "LABEL_KEY_FINGERPRINT",
+    "LABEL_MANIFEST_SIGNATURE",
     "LAYOUTS",
     "MAGICS",
     "MANIFEST_FORMAT",
@@ -184,3 +194,36 @@ LAYOUTS: Final[dict[str, Layout]] = {
     "BLOB_HEADER": BLOB_HEADER,
     "FIXED_INDEX_HEADER": FIXED_INDEX_HEADER,
 }
+
+# --- key derivation --------------------------------------------------------------
+# Changing one of these makes every encrypted store unreadable (other chunk ids,
+# other ciphers, other signatures): like the magics, never change one.
+
+KDF_SALT: Final = b"pvebackup key derivation v1"
+"""HKDF-SHA256 salt of every key derived from a store's master key."""
+LABEL_BLOB_CIPHER: Final = b"pvebackup blob cipher v1"
+"""HKDF info of the AES-256-GCM key of blobs."""
+LABEL_CHUNK_ID: Final = b"pvebackup chunk id v1"
+"""HKDF info of the HMAC-SHA256 key of chunk digests."""
+LABEL_MANIFEST_SIGNATURE: Final = b"pvebackup manifest signature v1"
+"""HKDF info of the HMAC-SHA256 key of manifest signatures."""
+LABEL_KEY_CHECK: Final = b"pvebackup key check v1"
+"""HKDF info of the key check stored in the store's config."""
+LABEL_KEY_FINGERPRINT: Final = b"pvebackup key fingerprint v1"
+"""HKDF info of the fingerprint (first 8 bytes) shown for a key."""
+KEY_FILE_WRAP_AAD: Final = b"pvebackup key file v1"
+"""Associated data of the AES-256-GCM wrap of a passphrase-protected key file."""
+LABEL_BITMAP_BASE_RECORD: Final = b"pvebackup backup-store bitmap-base record v1"
+"""HMAC-SHA256 message, under the signing key, giving the key of bitmap-base records."""
+
+KEY_LABELS: Final[dict[str, bytes]] = {
+    "KDF_SALT": KDF_SALT,
+    "LABEL_BLOB_CIPHER": LABEL_BLOB_CIPHER,
+    "LABEL_CHUNK_ID": LABEL_CHUNK_ID,
+    "LABEL_MANIFEST_SIGNATURE": LABEL_MANIFEST_SIGNATURE,
+    "LABEL_KEY_CHECK": LABEL_KEY_CHECK,
+    "LABEL_KEY_FINGERPRINT": LABEL_KEY_FINGERPRINT,
+    "KEY_FILE_WRAP_AAD": KEY_FILE_WRAP_AAD,
+    "LABEL_BITMAP_BASE_RECORD": LABEL_BITMAP_BASE_RECORD,
+}
+"""Every key-derivation label by name (``docs/file-formats.md`` lists the same)."""

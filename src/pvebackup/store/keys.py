@@ -37,8 +37,19 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from pvebackup.api.errors import KeyFileError, MissingKeyError, WrongKeyError
+from pvebackup.kit import safefs
 from pvebackup.kit.secretfile import read_secret_file
-from pvebackup.store.formats import FORMAT_VERSION, KEY_FILE_FORMAT
+from pvebackup.store.formats import (
+    FORMAT_VERSION,
+    KDF_SALT,
+    KEY_FILE_FORMAT,
+    KEY_FILE_WRAP_AAD,
+    LABEL_BLOB_CIPHER,
+    LABEL_CHUNK_ID,
+    LABEL_KEY_CHECK,
+    LABEL_KEY_FINGERPRINT,
+    LABEL_MANIFEST_SIGNATURE,
+)
 
 __all__ = [
     "KEY_SIZE",
@@ -52,13 +63,6 @@ __all__ = [
 KEY_SIZE: Final = 32
 PassphraseProvider = Callable[[], str]
 
-_HKDF_SALT: Final = b"pvebackup key derivation v1"
-_LABEL_CIPHER: Final = b"pvebackup blob cipher v1"
-_LABEL_ID: Final = b"pvebackup chunk id v1"
-_LABEL_SIGN: Final = b"pvebackup manifest signature v1"
-_LABEL_CHECK: Final = b"pvebackup key check v1"
-_LABEL_FINGERPRINT: Final = b"pvebackup key fingerprint v1"
-_WRAP_AAD: Final = b"pvebackup key file v1"
 
 # scrypt cost: n=2**15, r=8 is ~32 MiB and ~0.1 s here. Limits for reading a file
 # bound what a malformed key file can make us spend.
@@ -68,7 +72,7 @@ _SCRYPT_SALT_SIZE: Final = 16
 
 
 def _derive(material: bytes, label: bytes) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=_HKDF_SALT, info=label).derive(material)
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=KDF_SALT, info=label).derive(material)
 
 
 class EncryptionKey:
@@ -84,11 +88,11 @@ class EncryptionKey:
         if len(material) != KEY_SIZE:
             raise KeyFileError(f"an encryption key has {KEY_SIZE} bytes")
         self._material = bytes(material)
-        self._cipher = _derive(material, _LABEL_CIPHER)
-        self._id = _derive(material, _LABEL_ID)
-        self._sign = _derive(material, _LABEL_SIGN)
-        self._check = _derive(material, _LABEL_CHECK)
-        fp = _derive(material, _LABEL_FINGERPRINT)[:8]
+        self._cipher = _derive(material, LABEL_BLOB_CIPHER)
+        self._id = _derive(material, LABEL_CHUNK_ID)
+        self._sign = _derive(material, LABEL_MANIFEST_SIGNATURE)
+        self._check = _derive(material, LABEL_KEY_CHECK)
+        fp = _derive(material, LABEL_KEY_FINGERPRINT)[:8]
         self._fingerprint = ":".join(f"{b:02x}" for b in fp)
 
     @classmethod
@@ -187,24 +191,18 @@ def write_key_file(
         r, p = 8, 1
         wrap = _scrypt_key(passphrase, salt, scrypt_n, r, p)
         nonce = secrets.token_bytes(12)
-        sealed = AESGCM(wrap).encrypt(nonce, key.material, _WRAP_AAD)
+        sealed = AESGCM(wrap).encrypt(nonce, key.material, KEY_FILE_WRAP_AAD)
         doc["kdf"] = {"name": "scrypt", "n": scrypt_n, "r": r, "p": p, "salt": _b64(salt)}
         doc["key"] = _b64(nonce + sealed)
     data = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("ascii")
     try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError as exc:
-        raise KeyFileError(f"{target}: exists, refusing to overwrite a key file") from exc
+        # link(2) publishes the complete file or nothing, and never over an
+        # existing name (a symlink counts): a key file is never overwritten.
+        written = safefs.atomic_write_path(target, data, mode=0o600, overwrite=False)
     except OSError as exc:
-        raise KeyFileError(f"{target}: cannot create: {exc.strerror}") from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as exc:
-        target.unlink(missing_ok=True)
-        raise KeyFileError(f"{target}: cannot write: {exc.strerror}") from exc
+        raise KeyFileError(f"{target}: cannot write: {exc.strerror or exc}") from exc
+    if not written:
+        raise KeyFileError(f"{target}: exists, refusing to overwrite a key file")
 
 
 def create_key_file(
@@ -267,7 +265,7 @@ def load_key_file(
             raise MissingKeyError(f"{src}: the key is protected by a passphrase; none given")
         wrap = _scrypt_key(passphrase_provider(), salt, n, r, p)
         try:
-            material = AESGCM(wrap).decrypt(blob[:12], blob[12:], _WRAP_AAD)
+            material = AESGCM(wrap).decrypt(blob[:12], blob[12:], KEY_FILE_WRAP_AAD)
         except InvalidTag as exc:
             raise WrongKeyError(f"{src}: wrong passphrase") from exc
     else:

@@ -9,15 +9,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import nbd
 import pytest
 from bdir_helpers import STOREID, LogRecords, NbdExports, qemu_io, run
 
 from pvebackup.api.errors import IntegrityError, NbdError, VolumeNotFoundError
 from pvebackup.api.types import BackupMechanism, BitmapMode, GuestType, RestoreMechanism
+from pvebackup.kit.nbdfake import FakeNbdSource
+from pvebackup.kit.nbdsource import NbdSource, merge_ranges
+from pvebackup.kit.pacing import MIB
 from pvebackup.providers.directory import vm
 from pvebackup.providers.directory.provider import BackupDirProvider
-from pvebackup.providers.directory.transfer import MIB
 from pvebackup.providers.directory.volumes import VolumeLayout
 
 DEVICE = "drive-scsi0"
@@ -27,36 +28,21 @@ BITMAP = "bm0"
 # -- read planning (pure) ------------------------------------------------------------
 
 
-def test_plan_full_skips_zero_extents_and_splits() -> None:
-    extents = [
-        (0, 3 * MIB, 0),  # data
-        (3 * MIB, 1 * MIB, nbd.STATE_HOLE | nbd.STATE_ZERO),  # hole
-        (4 * MIB, 1 * MIB, nbd.STATE_ZERO),  # allocated zeroes
-        (5 * MIB, 1 * MIB, nbd.STATE_HOLE),  # hole that is not known zero: read it
-    ]
-    reads = vm.plan_reads(extents, incremental=False, chunk=2 * MIB)
-    assert reads == [
+def test_plan_splits_long_extents_in_disk_order() -> None:
+    ranges = [(0, 3 * MIB), (5 * MIB, 1 * MIB)]
+    assert vm.plan_reads(ranges, chunk=2 * MIB) == [
         vm.Extent(0, 2 * MIB),
         vm.Extent(2 * MIB, 1 * MIB),
         vm.Extent(5 * MIB, 1 * MIB),
     ]
 
 
-def test_plan_incremental_reads_only_dirty_extents() -> None:
-    extents = [(0, 65536, 0), (65536, 131072, 1), (196608, 65536, 0), (262144, 65536, 1)]
-    reads = vm.plan_reads(extents, incremental=True)
-    assert reads == [vm.Extent(65536, 131072), vm.Extent(262144, 65536)]
+def test_plan_reads_stay_inside_the_extents() -> None:
+    ranges = [(65536, 131072), (262144, 65536)]
+    reads = vm.plan_reads(ranges, chunk=100_000)
+    assert sum(r.length for r in reads) == 131072 + 65536
     for read in reads:
-        assert any(
-            off <= read.offset and read.offset + read.length <= off + length
-            for off, length, flags in extents
-            if flags & 1
-        )
-
-
-def test_plan_merges_adjacent_extents() -> None:
-    extents = [(0, 100, 1), (100, 50, 1), (300, 10, 1)]
-    assert vm.plan_reads(extents, incremental=True) == [vm.Extent(0, 150), vm.Extent(300, 10)]
+        assert any(off <= read.offset and read.offset + read.length <= off + n for off, n in ranges)
 
 
 # -- end to end with qemu-nbd --------------------------------------------------------
@@ -157,24 +143,22 @@ def test_incremental_backup_writes_only_changes_and_restores_the_chain(
     assert provider.backup_get_task_size(100) < 2 * MIB
 
 
-class RecordingSource:
-    """Wraps the libnbd source handle and records reads and trims."""
+class RecordingSource(NbdSource):
+    """The real source, recording reads and trims."""
 
-    def __init__(self, handle: Any) -> None:
-        self._handle = handle
+    def __init__(self, path: str, name: str, bitmap: str | None) -> None:
+        super().__init__(path, name, bitmap)
         self.reads: list[tuple[int, int]] = []
         self.trims: list[tuple[int, int]] = []
 
-    def aio_pread(self, buf: Any, offset: int) -> Any:
+    def submit_read(self, buf: memoryview, offset: int) -> int:
         self.reads.append((offset, len(buf)))
-        return self._handle.aio_pread(buf, offset)
+        return super().submit_read(buf, offset)
 
-    def trim(self, length: int, offset: int) -> Any:
-        self.trims.append((offset, length))
-        return self._handle.trim(length, offset)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._handle, name)
+    def trim(self, offset: int, length: int) -> None:
+        if self.can_trim:
+            self.trims.append((offset, length))
+        super().trim(offset, length)
 
 
 @pytest.mark.e2e
@@ -189,8 +173,8 @@ def test_incremental_never_reads_outside_dirty_extents(
     run("qemu-img", "create", "-q", "-f", "qcow2", str(base), "32M")
     recorded: list[RecordingSource] = []
 
-    def connect(path: str, name: str, context: str) -> Any:
-        recorded.append(RecordingSource(vm._connect_source(path, name, context)))
+    def connect(path: str, name: str, bitmap: str | None) -> RecordingSource:
+        recorded.append(RecordingSource(path, name, bitmap))
         return recorded[-1]
 
     sock = nbd_exports.start(disk, bitmap=BITMAP)
@@ -220,8 +204,8 @@ def test_discards_every_extent_after_writing_it(
     run("cp", "--sparse=always", str(disk), str(fleece_like))
     recorded: list[RecordingSource] = []
 
-    def connect(path: str, name: str, context: str) -> Any:
-        recorded.append(RecordingSource(vm._connect_source(path, name, context)))
+    def connect(path: str, name: str, bitmap: str | None) -> RecordingSource:
+        recorded.append(RecordingSource(path, name, bitmap))
         return recorded[-1]
 
     sock = nbd_exports.start(fleece_like, writable=True)
@@ -238,7 +222,8 @@ def test_discards_every_extent_after_writing_it(
         connect_source=connect,
     )
     nbd_exports.stop_all()
-    assert sorted(recorded[0].trims) == sorted(recorded[0].reads)
+    # joined discards cover exactly what was read (all of it 64 KiB-aligned here)
+    assert merge_ranges(recorded[0].trims) == merge_ranges(recorded[0].reads)
     assert stats.discarded == stats.read == 4 * MIB
     # The discarded export image no longer holds the data; the backup does.
     assert not any(e["data"] for e in image_map(fleece_like))
@@ -444,3 +429,88 @@ def test_base_changed_after_it_was_proven_fails_the_incremental(
     provider.backup_start(100, GuestType.QEMU)
     assert provider.backup_get_mechanism(100, GuestType.QEMU)[1] is None
     assert any(lv == "warn" and "its index changed" in m for lv, m in logs)
+
+
+# -- with the kit's fake source (the export is in memory; the image is real) ---------
+
+
+def raw_bytes(image: Path, tmp_path: Path) -> bytes:
+    raw = tmp_path / "out.raw"
+    run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image), str(raw))
+    return raw.read_bytes()
+
+
+def test_full_backup_from_the_fake_reads_allocated_extents_only(
+    tmp_path: Path, logs: LogRecords
+) -> None:
+    data = bytearray(8 * MIB)
+    data[MIB : 2 * MIB] = b"\x11" * MIB
+    data[5 * MIB : 5 * MIB + 4096] = b"\x22" * 4096
+    data[7 * MIB : 7 * MIB + 4096] = b"\x33" * 4096  # not reported allocated: never read
+    fake = FakeNbdSource(bytes(data), allocated=[(MIB, MIB), (4 * MIB, 2 * MIB)])
+    (tmp_path / "vol").mkdir()
+    out = tmp_path / "vol" / "out.qcow2"
+    stats = vm.backup_disk(
+        nbd_path="unused",
+        devicename=DEVICE,
+        image=out,
+        backing=None,
+        bitmap_name=None,
+        bandwidth_limit=None,
+        log_function=lambda level, msg: logs.append((level, msg)),
+        connect_source=lambda path, name, bitmap: fake,
+    )
+    assert fake.closed
+    assert merge_ranges(fake.reads) == [(MIB, MIB), (4 * MIB, 2 * MIB)]
+    assert merge_ranges(fake.trims) == [(MIB, MIB), (4 * MIB, 2 * MIB)]
+    assert stats.read == stats.written == stats.discarded == 3 * MIB
+    data[7 * MIB : 7 * MIB + 4096] = bytes(4096)
+    assert raw_bytes(out, tmp_path) == bytes(data)
+    assert logs[-1][1].startswith(f"{DEVICE}: 100% (3.0 of 3.0 MiB) in ")
+
+
+def test_incremental_from_the_fake_reads_dirty_extents_only(
+    tmp_path: Path, logs: LogRecords
+) -> None:
+    base = tmp_path / "base.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(base), "4M")
+    qemu_io(base, "write -P 0x11 0 4M")
+    data = bytearray(b"\x11" * 4 * MIB)
+    data[MIB : MIB + 64 * 1024] = b"\x44" * (64 * 1024)
+    data[3 * MIB : 3 * MIB + 64 * 1024] = bytes(64 * 1024)  # dirty and now zero
+    # The fake refuses any read outside these, as qemu does in bitmap mode reuse.
+    fake = FakeNbdSource(bytes(data), dirty=[(MIB, 64 * 1024), (3 * MIB, 64 * 1024)])
+    (tmp_path / "vol").mkdir()
+    out = tmp_path / "vol" / "out.qcow2"
+    stats = vm.backup_disk(
+        nbd_path="unused",
+        devicename=DEVICE,
+        image=out,
+        backing=base,
+        bitmap_name=BITMAP,
+        bandwidth_limit=None,
+        log_function=lambda level, msg: logs.append((level, msg)),
+        connect_source=lambda path, name, bitmap: fake,
+    )
+    assert fake.reads == [(MIB, 64 * 1024), (3 * MIB, 64 * 1024)]
+    assert (stats.written, stats.zeroed) == (64 * 1024, 64 * 1024)
+    assert raw_bytes(out, tmp_path) == bytes(data)
+
+
+def test_failed_read_from_the_fake_is_an_nbd_error_and_disconnects(
+    tmp_path: Path, logs: LogRecords
+) -> None:
+    fake = FakeNbdSource(b"\x01" * 4 * MIB, fail_at=2 * MIB)
+    (tmp_path / "vol").mkdir()
+    with pytest.raises(NbdError, match="injected"):
+        vm.backup_disk(
+            nbd_path="unused",
+            devicename=DEVICE,
+            image=tmp_path / "vol" / "out.qcow2",
+            backing=None,
+            bitmap_name=None,
+            bandwidth_limit=None,
+            log_function=lambda level, msg: logs.append((level, msg)),
+            connect_source=lambda path, name, bitmap: fake,
+        )
+    assert fake.closed

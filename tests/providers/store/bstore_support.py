@@ -15,7 +15,8 @@ from pathlib import Path
 
 from pvebackup.api.types import BitmapMode, GuestType
 from pvebackup.providers.store.plugin import BackupStorePlugin
-from pvebackup.providers.store.provider import BackupStoreProvider
+from pvebackup.providers.store.provider import TASK_LOG_FILE, BackupStoreProvider
+from pvebackup.store.snapshot import SnapshotId
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -170,3 +171,11 @@ class FakeHost:
 
 def store_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in (path / "chunks").rglob("*") if f.is_file())
+
+
+def stored_task_log(provider: BackupStoreProvider, volname: str) -> str:
+    """The task log the provider stored with ``volname`` (what an operator would read)."""
+    store = provider.store()
+    snap = store.open_snapshot(SnapshotId.from_volname(volname))
+    data = store.backend.get(snap.id.prefix + TASK_LOG_FILE)
+    return store.codec.decode(data, name=TASK_LOG_FILE).decode("utf-8")

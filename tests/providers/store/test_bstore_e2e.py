@@ -16,6 +16,7 @@ from bstore_support import (
     qemu_write,
     run,
     store_bytes,
+    stored_task_log,
 )
 
 from pvebackup.api.types import BitmapMode
@@ -37,7 +38,7 @@ def test_full_backup_restores_identically_and_sparse(host: FakeHost, tmp_path: P
     p = host.provider()
     assert p.extract_guest_config(volname, "store1") == host.conf.read_text()
     assert p.extract_firewall_config(volname, "store1") == host.fw.read_text()
-    assert p.read_task_log(volname) == "task log line\n"
+    assert stored_task_log(p, volname) == "task log line\n"
     assert any("100%" in m for _, m in host.log.lines)
 
 
@@ -74,7 +75,7 @@ def test_incremental_reads_only_dirty_extents_and_restores(host: FakeHost, tmp_p
     src, writes = _incremental_setup(host, tmp_path)
     reads: list[tuple[int, int]] = []
     p = host.provider()
-    from pvebackup.providers.store.nbdsource import NbdSource
+    from pvebackup.kit.nbdsource import NbdSource
 
     class Recording(NbdSource):
         def submit_read(self, buf: memoryview, offset: int) -> int:

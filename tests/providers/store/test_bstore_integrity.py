@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from bstore_support import CHUNK, FakeHost, MiB, compare, mixed_image, run
+from bstore_support import CHUNK, FakeHost, MiB, compare, mixed_image, run, stored_task_log
 
 from pvebackup.api.errors import CorruptChunkError, MissingKeyError, WrongKeyError
 from pvebackup.api.types import BitmapMode
@@ -42,7 +42,7 @@ def test_encrypted_round_trip_with_passphrase_key(tmp_path: Path) -> None:
     out = tmp_path / "out.qcow2"
     host.restore(volname, out)
     assert compare(src, out).returncode == 0
-    assert host.provider().read_task_log(volname) == "task log line\n"
+    assert stored_task_log(host.provider(), volname) == "task log line\n"
     assert "pass phrase" not in host.log.text()
 
 

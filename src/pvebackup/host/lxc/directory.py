@@ -36,9 +36,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from pvebackup.api.errors import ExternalToolError, PveBackupError, UnsafeArchiveError
+from pvebackup.api.errors import (
+    ExternalToolError,
+    PveBackupError,
+    UnsafeArchiveError,
+    UnsafeStorageError,
+)
 from pvebackup.host.lxc.writer import split_name
-from pvebackup.kit import proc
+from pvebackup.kit import proc, safefs
 
 __all__ = ["backup_sources", "prepare_backup_directory"]
 
@@ -106,30 +111,20 @@ def backup_sources(mountpoints: Sequence[tuple[str, Path]]) -> list[str]:
 
 def _open_target(root: Path, parts: tuple[str, ...]) -> int:
     """Open (creating if missing) directory ``parts`` below ``root``, no symlinks."""
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(root, flags)
-    try:
-        for comp in parts:
-            try:
-                nfd = os.open(comp, flags, dir_fd=fd)
-            except FileNotFoundError:
-                parent = os.fstat(fd)
-                os.mkdir(comp, 0o755, dir_fd=fd)
-                os.chown(comp, parent.st_uid, parent.st_gid, dir_fd=fd, follow_symlinks=False)
-                nfd = os.open(comp, flags, dir_fd=fd)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise UnsafeArchiveError(
-                        f"mount point /{'/'.join(parts)}: {comp!r} is a symlink or not a "
-                        "directory inside the container"
-                    ) from exc
-                raise
-            os.close(fd)
-            fd = nfd
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+
+    def like_parent(parent_fd: int, name: str) -> None:
+        # Owned like its parent, as Proxmox VE creates it when the container starts.
+        parent = os.fstat(parent_fd)
+        os.chown(name, parent.st_uid, parent.st_gid, dir_fd=parent_fd, follow_symlinks=False)
+
+    with safefs.owned_fd(os.open(root, safefs.DIR_FLAGS)) as root_fd:
+        try:
+            return safefs.open_dir(root_fd, parts, create=True, on_create=like_parent)
+        except (UnsafeStorageError, NotADirectoryError) as exc:
+            raise UnsafeArchiveError(
+                f"mount point /{'/'.join(parts)}: a component is a symlink or not a "
+                f"directory inside the container ({exc})"
+            ) from exc
 
 
 def _ordered(mountpoints: Sequence[tuple[str, Path]]) -> list[tuple[tuple[str, ...], Path]]:

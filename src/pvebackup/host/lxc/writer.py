@@ -52,9 +52,10 @@ from pathlib import Path
 from typing import Protocol
 
 from pvebackup.api.acl import ACL_XATTRS, map_acl_xattr
-from pvebackup.api.errors import PveBackupError, UnsafeArchiveError
+from pvebackup.api.errors import PveBackupError, UnsafeArchiveError, UnsafeStorageError
 from pvebackup.api.idmap import OVERFLOW_ID, IdMapper
 from pvebackup.api.types import IdMapEntry, LogFunction
+from pvebackup.kit import safefs
 
 __all__ = ["Entry", "EntryKind", "Reader", "SafeTreeWriter", "kernel_id_map", "split_name"]
 
@@ -247,28 +248,20 @@ class SafeTreeWriter:
         if self._cache is not None and self._cache[:2] == (prefix, rel):
             return self._cache[2]
         self._drop_cache()
-        fd = os.dup(self._fds[prefix])
+
+        def owned_by_ct_root(parent_fd: int, comp: str) -> None:
+            os.chown(comp, self._uid(0), self._gid(0), dir_fd=parent_fd, follow_symlinks=False)
+
         try:
-            for comp in rel:
-                try:
-                    nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
-                except FileNotFoundError:
-                    if not create:
-                        raise UnsafeArchiveError(f"{name!r}: {comp!r} does not exist") from None
-                    os.mkdir(comp, 0o755, dir_fd=fd)
-                    os.chown(comp, self._uid(0), self._gid(0), dir_fd=fd, follow_symlinks=False)
-                    nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
-                except OSError as exc:
-                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                        raise UnsafeArchiveError(
-                            f"{name!r}: parent {comp!r} is a symlink or not a directory"
-                        ) from exc
-                    raise
-                os.close(fd)
-                fd = nfd
-        except BaseException:
-            os.close(fd)
-            raise
+            fd = safefs.open_dir(
+                self._fds[prefix], rel, create=create, on_create=owned_by_ct_root
+            )
+        except FileNotFoundError:
+            raise UnsafeArchiveError(f"{name!r}: a parent directory does not exist") from None
+        except (UnsafeStorageError, NotADirectoryError) as exc:
+            raise UnsafeArchiveError(
+                f"{name!r}: a parent is a symlink or not a directory ({exc})"
+            ) from exc
         self._cache = (prefix, rel, fd)
         return fd
 

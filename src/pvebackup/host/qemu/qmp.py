@@ -7,7 +7,7 @@ exactly one ``{"return": ...}`` or ``{"error": ...}`` answer carrying the same
 kept (the most recent ones) in :attr:`QmpClient.events` and otherwise skipped.
 
 One client serves one thread. There is no asyncio here on purpose (see
-DESIGN.md, "Concurrency"): the host calls a handful of commands per backup.
+docs/design.md, "Concurrency"): the host calls a handful of commands per backup.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ The example every provider author reads first (see ``docs/provider-api.md``,
 - :mod:`.vm`: one VM disk from an NBD export into a qcow2 (incremental chains);
 - :mod:`.walk`: walking a container's sources with excludes and mount points;
 - :mod:`.archive`: the walk as a zstd-compressed PAX tar;
-- :mod:`.tree`: the walk as a plain directory tree;
-- :mod:`.transfer`: bandwidth limit and progress logging.
+- :mod:`.tree`: the walk as a plain directory tree.
+
+The NBD source, the bandwidth limit and the progress lines are the kit's
+(:mod:`pvebackup.kit.nbdsource`, :mod:`pvebackup.kit.pacing`), shared with every provider.
 """

@@ -28,7 +28,7 @@ from pathlib import Path
 import zstandard
 
 from pvebackup.api.types import IdMapEntry, LogFunction
-from pvebackup.providers.directory.transfer import LimitedReader, ProgressLog, RateLimiter
+from pvebackup.kit.pacing import PacedReader, ProgressLog, TokenBucket
 from pvebackup.providers.directory.walk import Entry, SourceWalker, WalkStats
 from pvebackup.providers.directory.xattrs import (
     ACL_XATTRS,
@@ -119,7 +119,7 @@ def write_tar(
     """
     walker = SourceWalker(directory, sources, exclude_paths)
     ids = ContainerIds(id_map)
-    limiter = RateLimiter(bandwidth_limit)
+    limiter = TokenBucket(bandwidth_limit)
     progress = ProgressLog(log_function, "container archive", None)
     stats = WalkStats()
     inodes: dict[tuple[int, int], str] = {}
@@ -137,7 +137,7 @@ def write_tar(
                 stats.entries += 1
                 if info.type == tarfile.REGTYPE and info.size:
                     with open(entry.path, "rb") as data:
-                        tar.addfile(info, LimitedReader(data, limiter, progress))
+                        tar.addfile(info, PacedReader(data, limiter, progress))
                     stats.data += info.size
                 else:
                     tar.addfile(info)

@@ -44,9 +44,9 @@ from pvebackup.kit import safefs
 from pvebackup.kit.crashpoint import crash_point
 from pvebackup.kit.hoststate import HostState
 from pvebackup.kit.lock import lock_descriptor
+from pvebackup.kit.pacing import MIB
 from pvebackup.kit.safefs import owned_fd
 from pvebackup.providers.directory import archive, images, stored, tree, vm
-from pvebackup.providers.directory.transfer import MIB
 from pvebackup.providers.directory.volumes import (
     BackupIndex,
     DeviceEntry,
@@ -730,9 +730,7 @@ def _close_workdir(guest: _GuestBackup) -> None:
 
 def _store_host_file(filename: str, dir_fd: int, name: str) -> None:
     """Copy the host file ``filename`` (trusted, small) as ``name`` into ``dir_fd``."""
-    with open(filename, "rb") as src:
-        data = src.read()
-    safefs.atomic_write_at(dir_fd, name, data)
+    safefs.atomic_write_at(dir_fd, name, safefs.read_file_path(filename))
 
 
 def _file_digest(path: Path) -> tuple[int, str]:

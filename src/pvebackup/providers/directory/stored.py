@@ -6,11 +6,11 @@ symlink, a FIFO or a device where a file of ours belongs, name a file
 a check and its use. A restore that follows any of them reads a host file into
 a guest's disk or config (or hangs on a FIFO).
 
-So every read of a volume goes through :class:`VolumeDir`: the components below
-the storage path (``backup/``, the volume directory) are opened with
-``O_NOFOLLOW | O_DIRECTORY``, files relative to that directory fd with
-``O_NOFOLLOW`` after an ``lstat`` that refuses anything but a regular file
-(a FIFO or device is never opened), names from storage must be one plain path
+So every read of a volume goes through :class:`VolumeDir`, built on
+:mod:`pvebackup.kit.safefs`: the components below the storage path (``backup/``,
+the volume directory) are opened with ``O_NOFOLLOW | O_DIRECTORY``, files
+relative to that directory fd with ``O_NOFOLLOW`` after an ``lstat`` that refuses
+a FIFO or device without opening it, names from storage must be one plain path
 component, and reads are bounded. What is checked is then the open descriptor,
 never a name looked up again.
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 
 from pvebackup.api.errors import (
     CorruptIndexError,
@@ -28,24 +27,19 @@ from pvebackup.api.errors import (
     UnsafeStorageError,
     VolumeNotFoundError,
 )
+from pvebackup.kit import safefs
 from pvebackup.providers.directory.volumes import (
+    INDEX_MAX,
     INDEX_NAME,
     BackupIndex,
     VolumeLayout,
     VolumeName,
 )
 
-__all__ = ["CONFIG_LIMIT", "INDEX_LIMIT", "VolumeDir", "check_stored_name", "read_index"]
+__all__ = ["CONFIG_LIMIT", "VolumeDir", "check_stored_name", "read_index"]
 
-INDEX_LIMIT = 1 << 20
-"""Largest ``index.json`` read (a VM's is a few hundred bytes per disk)."""
-CONFIG_LIMIT = 1 << 20
+CONFIG_LIMIT = safefs.MAX_CONFIG_FILE_SIZE
 """Largest guest or firewall config read (pmxcfs holds no larger file)."""
-
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-# O_NONBLOCK: should a FIFO appear between lstat and open, open must not hang.
-_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-
 
 def check_stored_name(name: object, what: str, volname: str) -> str:
     """``name`` if it is one plain path component, else :class:`UnsafeArchiveError`.
@@ -82,29 +76,18 @@ class VolumeDir:
     def __init__(self, layout: VolumeLayout, volname: str) -> None:
         self.volname = volname
         dirname = VolumeName.parse(volname).dirname
-        # The storage path itself comes from the node's storage.cfg: trusted.
-        root = os.open(layout.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # The storage path itself comes from the node's storage.cfg: trusted;
+        # below it nothing is followed (safefs).
         try:
-            backup = self._open_dir(root, layout.backup_dir.name)
-            try:
-                self.fd = self._open_dir(backup, dirname)
-            finally:
-                os.close(backup)
-        finally:
-            os.close(root)
-
-    def _open_dir(self, dir_fd: int, name: str) -> int:
-        try:
-            return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+            self.fd = safefs.open_dir(layout.root, (layout.backup_dir.name, dirname))
         except FileNotFoundError as exc:
-            raise VolumeNotFoundError(f"backup volume {self.volname!r} does not exist") from exc
-        except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise UnsafeStorageError(
-                    f"backup volume {self.volname!r}: {name} is a symbolic link or not "
-                    "a directory"
-                ) from exc
-            raise
+            raise VolumeNotFoundError(f"backup volume {volname!r} does not exist") from exc
+        except NotADirectoryError as exc:
+            raise UnsafeStorageError(
+                f"backup volume {volname!r}: {dirname} is not a directory"
+            ) from exc
+        except UnsafeStorageError as exc:
+            raise UnsafeStorageError(f"backup volume {volname!r}: {exc}") from exc
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -124,30 +107,14 @@ class VolumeDir:
             directory, or turned into one while it was opened.
         """
         try:
-            st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+            return safefs.open_file_at(self.fd, name)
         except FileNotFoundError:
             return None
-        # lstat first: a FIFO or device is refused without opening it (opening a
-        # tape or a FIFO has effects of its own).
-        if not stat.S_ISREG(st.st_mode):
+        except (IsADirectoryError, UnsafeStorageError) as exc:
             raise UnsafeStorageError(
-                f"backup volume {self.volname!r}: {what} {name} is {_kind(st.st_mode)}, "
-                "not a regular file"
-            )
-        try:
-            fd = os.open(name, _FILE_FLAGS, dir_fd=self.fd)
-        except OSError as exc:
-            # ELOOP, ENOENT...: swapped or removed since the lstat.
-            raise UnsafeStorageError(
-                f"backup volume {self.volname!r}: {what} {name} changed while it was "
-                f"opened: {exc.strerror}"
+                f"backup volume {self.volname!r}: {what} {name} is "
+                f"{safefs.kind_at(self.fd, name)}, not a regular file"
             ) from exc
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise UnsafeStorageError(
-                f"backup volume {self.volname!r}: {what} {name} changed while it was opened"
-            )
-        return fd
 
     def read(self, name: str, what: str, limit: int) -> bytes | None:
         """The content of regular file ``name`` (None if absent), at most ``limit`` bytes.
@@ -157,13 +124,15 @@ class VolumeDir:
         fd = self.open_regular(name, what)
         if fd is None:
             return None
-        with os.fdopen(fd, "rb") as stream:
-            data = stream.read(limit + 1)
-        if len(data) > limit:
-            raise IntegrityError(
-                f"backup volume {self.volname!r}: {what} {name} is larger than {limit} bytes"
-            )
-        return data
+        with safefs.owned_fd(fd):
+            try:
+                return safefs.read_fd(fd, limit=limit, name=name)
+            except OSError as exc:
+                if exc.errno != errno.EFBIG:
+                    raise
+                raise IntegrityError(
+                    f"backup volume {self.volname!r}: {what} {name} is larger than {limit} bytes"
+                ) from exc
 
     def read_index(self) -> BackupIndex:
         """The volume's ``index.json``, checked to describe this volume.
@@ -172,7 +141,7 @@ class VolumeDir:
         :raises CorruptIndexError: malformed, too large, or about another volume.
         """
         try:
-            data = self.read(INDEX_NAME, "index", INDEX_LIMIT)
+            data = self.read(INDEX_NAME, "index", INDEX_MAX)
         except IntegrityError as exc:
             raise CorruptIndexError(str(exc)) from exc
         if data is None:
@@ -198,15 +167,3 @@ def read_index(layout: VolumeLayout, volname: str) -> BackupIndex:
     """``index.json`` of a committed volume, read symlink-safely (see :class:`VolumeDir`)."""
     with VolumeDir(layout, volname) as volume:
         return volume.read_index()
-
-
-def _kind(mode: int) -> str:
-    kinds = {
-        stat.S_IFLNK: "a symbolic link",
-        stat.S_IFIFO: "a FIFO",
-        stat.S_IFCHR: "a character device",
-        stat.S_IFBLK: "a block device",
-        stat.S_IFDIR: "a directory",
-        stat.S_IFSOCK: "a socket",
-    }
-    return kinds.get(stat.S_IFMT(mode), "not a regular file")

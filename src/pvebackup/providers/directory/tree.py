@@ -29,8 +29,8 @@ from collections.abc import Sequence
 from pvebackup.api.errors import UnsafeStorageError
 from pvebackup.api.types import IdMapEntry, LogFunction
 from pvebackup.kit import safefs
+from pvebackup.kit.pacing import MIB, PacedReader, ProgressLog, TokenBucket
 from pvebackup.kit.safefs import owned_fd
-from pvebackup.providers.directory.transfer import MIB, LimitedReader, ProgressLog, RateLimiter
 from pvebackup.providers.directory.walk import Entry, SourceWalker, WalkStats
 from pvebackup.providers.directory.xattrs import ContainerIds, IdTranslator, read_xattrs
 
@@ -79,13 +79,13 @@ class _DirCache:
 
 
 def _copy_file(
-    entry: Entry, parent_fd: int, name: str, limiter: RateLimiter, progress: ProgressLog
+    entry: Entry, parent_fd: int, name: str, limiter: TokenBucket, progress: ProgressLog
 ) -> int:
     """Create ``name`` in ``parent_fd`` with ``entry``'s content; return its fd."""
     fd = os.open(name, _NEW_FILE, 0o600, dir_fd=parent_fd)
     try:
         with open(entry.path, "rb") as src, open(fd, "wb", closefd=False) as out:
-            shutil.copyfileobj(LimitedReader(src, limiter, progress), out, MIB)
+            shutil.copyfileobj(PacedReader(src, limiter, progress), out, MIB)
     except BaseException:
         os.close(fd)
         raise
@@ -139,7 +139,7 @@ def _copy_entry(
     parent_fd: int,
     name: str,
     ids: IdTranslator,
-    limiter: RateLimiter,
+    limiter: TokenBucket,
     progress: ProgressLog,
 ) -> None:
     """Create ``name`` in ``parent_fd`` as a copy of ``entry`` (a directory's mtime waits)."""
@@ -177,7 +177,7 @@ def copy_tree(
     """
     walker = SourceWalker(directory, sources, exclude_paths)
     ids = ContainerIds(id_map)
-    limiter = RateLimiter(bandwidth_limit)
+    limiter = TokenBucket(bandwidth_limit)
     progress = ProgressLog(log_function, "container copy", None)
     stats = WalkStats()
     links: dict[tuple[int, int], str] = {}

@@ -47,6 +47,7 @@ from pvebackup.api.types import GuestType
 from pvebackup.kit.hoststate import HostState
 from pvebackup.store.backends.base import Backend
 from pvebackup.store.datastore import Datastore
+from pvebackup.store.formats import LABEL_BITMAP_BASE_RECORD
 from pvebackup.store.keys import EncryptionKey
 from pvebackup.store.snapshot import SnapshotId
 
@@ -62,7 +63,6 @@ __all__ = [
 ]
 
 _PREFIX = "provider/backup-store/bitmap-base/"
-_RECORD_LABEL = b"pvebackup backup-store bitmap-base record v1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +108,7 @@ def _mac(body: dict[str, Any], key: EncryptionKey | None) -> str:
         # Integrity against damage only: a plain store cannot authenticate anything,
         # which is why the record is never trusted without the host state.
         return "sha256:" + hashlib.sha256(data).hexdigest()
-    record_key = hmac.digest(key.signing_key, _RECORD_LABEL, "sha256")
+    record_key = hmac.digest(key.signing_key, LABEL_BITMAP_BASE_RECORD, "sha256")
     return "hmac-sha256:" + hmac.digest(record_key, data, "sha256").hex()
 
 

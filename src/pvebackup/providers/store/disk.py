@@ -9,17 +9,16 @@ bytes in the store. The export is never read outside the dirty extents.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from pvebackup.api.errors import CorruptIndexError, ObjectNotFoundError, PveBackupError
 from pvebackup.api.types import LogFunction
 from pvebackup.kit.crashpoint import crash_point
-from pvebackup.providers.store.nbdsource import BlockSource, NbdSource
+from pvebackup.kit.nbdsource import SourceFactory, connect
+from pvebackup.kit.pacing import ProgressLog, TokenBucket
 from pvebackup.providers.store.pipeline import ChunkResult, run_pipeline
 from pvebackup.providers.store.plan import Range, full_jobs, incremental_jobs
-from pvebackup.providers.store.progress import BackupStats, ProgressLog
-from pvebackup.providers.store.ratelimit import TokenBucket
+from pvebackup.providers.store.progress import BackupStats, stats_detail
 from pvebackup.store.blob import BytesLike
 from pvebackup.store.datastore import Datastore
 from pvebackup.store.formats import ZERO_DIGEST
@@ -49,14 +48,6 @@ class StoreSink:
         return self._store.read_chunk(digest, size)
 
 
-SourceFactory = Callable[[str, str, str | None], BlockSource]
-"""``factory(socket_path, export_name, bitmap_or_None)``; tests wrap :class:`NbdSource`."""
-
-
-def _nbd_source(path: str, export: str, bitmap: str | None) -> BlockSource:
-    return NbdSource(path, export, bitmap)
-
-
 @dataclass
 class DiskBackup:
     """Everything one ``backup_nbd`` call needs; :meth:`run` does it."""
@@ -68,7 +59,7 @@ class DiskBackup:
     log: LogFunction
     bandwidth_limit: int | None = None
     progress_interval: float = 5.0
-    source_factory: SourceFactory = _nbd_source
+    source_factory: SourceFactory = connect
 
     def _previous_index(self, base: Snapshot | None, size: int) -> FixedIndex:
         if base is None:
@@ -127,7 +118,11 @@ class DiskBackup:
                 index = self.writer.index_writer(self.devicename, size)
                 jobs = full_jobs(size, self.writer.chunk_size, data)
             progress = ProgressLog(
-                self.log, self.devicename, stats, interval=self.progress_interval
+                self.log,
+                self.devicename,
+                stats.total,
+                interval=self.progress_interval,
+                detail=stats_detail(stats),
             )
             with index:
                 run_pipeline(
@@ -137,11 +132,12 @@ class DiskBackup:
                     index.set,
                     stats,
                     limiter=TokenBucket(self.bandwidth_limit),
-                    tick=progress.tick,
+                    tick=lambda: progress.update(stats.done),
                     zero_digest=ZERO_DIGEST,
                 )
                 crash_point("backup-after-chunks")
             crash_point("backup-after-index")
+            progress.update(stats.done)
             progress.finish()
             return stats
         finally:

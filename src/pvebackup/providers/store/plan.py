@@ -21,10 +21,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-__all__ = ["ChunkJob", "Range", "full_jobs", "incremental_jobs", "merge_ranges", "split_by_chunk"]
+from pvebackup.kit.nbdsource import Range, merge_ranges
 
-Range = tuple[int, int]
-"""``(offset, length)`` in bytes on the disk."""
+__all__ = ["ChunkJob", "Range", "full_jobs", "incremental_jobs", "merge_ranges", "split_by_chunk"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,18 +57,6 @@ class ChunkJob:
     def is_whole(self) -> bool:
         """The reads cover the whole chunk."""
         return self.read_bytes == self.length
-
-
-def merge_ranges(ranges: Iterable[Range]) -> list[Range]:
-    """Sort ``ranges``, drop empty ones and join overlapping or touching ones."""
-    out: list[Range] = []
-    for offset, length in sorted(r for r in ranges if r[1] > 0):
-        if out and offset <= out[-1][0] + out[-1][1]:
-            start, prev_len = out[-1]
-            out[-1] = (start, max(prev_len, offset + length - start))
-        else:
-            out.append((offset, length))
-    return out
 
 
 def split_by_chunk(ranges: Iterable[Range], chunk_size: int) -> Iterator[tuple[int, list[Range]]]:

@@ -1,14 +1,14 @@
-"""Progress lines for the task log: percent, throughput, new and reused bytes."""
+"""What one disk backup did (new, reused, zero bytes), for the progress lines and the log.
+
+The lines themselves are :class:`pvebackup.kit.pacing.ProgressLog`'s.
+"""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pvebackup.api.types import LogFunction
-
-__all__ = ["BackupStats", "ProgressLog", "format_bytes"]
+__all__ = ["BackupStats", "format_bytes", "stats_detail"]
 
 
 def format_bytes(n: float) -> str:
@@ -42,45 +42,14 @@ class BackupStats:
     zero: int = 0
 
 
-class ProgressLog:
-    """Writes a progress line every ``interval`` seconds, and a summary at the end."""
+def stats_detail(stats: BackupStats) -> Callable[[], str]:
+    """The store's counters for :class:`pvebackup.kit.pacing.ProgressLog`'s lines."""
 
-    def __init__(
-        self,
-        log: LogFunction,
-        name: str,
-        stats: BackupStats,
-        *,
-        interval: float = 5.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._log = log
-        self._name = name
-        self._stats = stats
-        self._interval = interval
-        self._clock = clock
-        self._start = clock()
-        self._next = self._start + interval
-
-    def _line(self) -> str:
-        s = self._stats
-        elapsed = max(self._clock() - self._start, 1e-6)
-        percent = 100.0 * s.done / s.total if s.total else 100.0
+    def detail() -> str:
         return (
-            f"{self._name}: {percent:.0f}% ({format_bytes(s.done)} of {format_bytes(s.total)}),"
-            f" read {format_bytes(s.read)} at {format_bytes(s.read / elapsed)}/s,"
-            f" new {format_bytes(s.new)} (stored {format_bytes(s.stored)}),"
-            f" reused {format_bytes(s.reused)}, zero {format_bytes(s.zero)}"
+            f"read {format_bytes(stats.read)}, new {format_bytes(stats.new)}"
+            f" (stored {format_bytes(stats.stored)}), reused {format_bytes(stats.reused)},"
+            f" zero {format_bytes(stats.zero)}"
         )
 
-    def tick(self) -> None:
-        """Log a line if ``interval`` has passed since the last one."""
-        now = self._clock()
-        if now >= self._next:
-            self._next = now + self._interval
-            self._log("info", self._line())
-
-    def finish(self) -> None:
-        """Log the summary line."""
-        elapsed = self._clock() - self._start
-        self._log("info", f"{self._line()}; done in {elapsed:.1f} s")
+    return detail

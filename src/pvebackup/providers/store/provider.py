@@ -26,6 +26,7 @@ from pvebackup.api.errors import (
     NotFoundError,
     PveBackupError,
     StateError,
+    UnsafeStorageError,
     UnsupportedError,
     UsageError,
     VolumeNotFoundError,
@@ -39,11 +40,13 @@ from pvebackup.api.types import (
     LogFunction,
     RestoreMechanism,
 )
-from pvebackup.kit.bounded import MAX_CONFIG_FILE_SIZE
+from pvebackup.kit import safefs
 from pvebackup.kit.crashpoint import crash_point
 from pvebackup.kit.hoststate import HostState
+from pvebackup.kit.nbdsource import SourceFactory
+from pvebackup.kit.safefs import MAX_CONFIG_FILE_SIZE
 from pvebackup.providers.store.bitmap_base import BitmapBase, commit_base, decide, reset_base
-from pvebackup.providers.store.disk import BaseUnusableError, DiskBackup, SourceFactory
+from pvebackup.providers.store.disk import BaseUnusableError, DiskBackup
 from pvebackup.providers.store.progress import format_bytes
 from pvebackup.providers.store.restore_server import RestoreServer
 from pvebackup.providers.store.settings import StoreSettings
@@ -190,10 +193,11 @@ class BackupStoreProvider(BackupProvider):
 
     def _add_file(self, vmid: int, name: str, filename: str) -> None:
         try:
-            with open(filename, "rb") as f:
-                data = f.read()
-        except OSError as exc:
-            raise NotFoundError(f"cannot read {filename}: {exc.strerror}") from exc
+            # The restore refuses a larger config: better to fail the backup now.
+            data = safefs.read_file_path(filename, limit=MAX_CONFIG_FILE_SIZE)
+        except (OSError, UnsafeStorageError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else str(exc)
+            raise NotFoundError(f"cannot read {filename}: {why}") from exc
         self._guest(vmid).writer.add_file(name, data)
 
     def backup_nbd(
@@ -298,10 +302,10 @@ class BackupStoreProvider(BackupProvider):
         if guest is None or not guest.committed:
             return  # nothing was kept of a failed backup, so neither is its log
         try:
-            with open(filename, "rb") as f:
-                data = f.read()
-        except OSError as exc:
-            self.log("warn", f"cannot read the task log {filename}: {exc.strerror}")
+            data = safefs.read_file_path(filename)
+        except (OSError, UnsafeStorageError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else str(exc)
+            self.log("warn", f"cannot read the task log {filename}: {why}")
             return
         store = self.store()
         store.backend.put(
@@ -365,18 +369,6 @@ class BackupStoreProvider(BackupProvider):
                 f"restore of {devicename} from {volname} stopped: "
                 + "; ".join(server.integrity_failures)
             )
-
-    def read_task_log(self, volname: str) -> str | None:
-        """The stored task log of a backup, ``None`` if it has none."""
-        snap = self._snapshot(volname)
-        store = self.store()
-        try:
-            data = store.backend.get(snap.id.prefix + TASK_LOG_FILE)
-        except NotFoundError:
-            return None
-        return store.codec.decode(data, name=f"snapshot {snap.id} {TASK_LOG_FILE}").decode(
-            "utf-8", errors="replace"
-        )
 
 
 def _config_text(snap: Snapshot, name: str) -> str:

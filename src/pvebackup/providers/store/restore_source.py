@@ -1,27 +1,18 @@
 """Open the image a restore serves: the store, the key, the snapshot's index.
 
 Used inside the nbdkit plugin process (:mod:`.nbdkit_plugin`), and by tests
-directly. The backend is chosen by name (only ``local`` so far; S3 comes later).
+directly. The backend is chosen by name (:func:`pvebackup.store.backends.make_backend`).
 """
 
 from __future__ import annotations
 
-from pvebackup.api.errors import UsageError
 from pvebackup.providers.store.image import SnapshotImage
-from pvebackup.store.backends.base import Backend
-from pvebackup.store.backends.local import LocalBackend
+from pvebackup.store.backends import make_backend
 from pvebackup.store.datastore import Datastore
 from pvebackup.store.keys import EncryptionKey
 from pvebackup.store.snapshot import SnapshotId
 
-__all__ = ["make_backend", "open_image"]
-
-
-def make_backend(kind: str, location: str) -> Backend:
-    """The backend ``kind`` (``local``) at ``location`` (a directory)."""
-    if kind == "local":
-        return LocalBackend(location)
-    raise UsageError(f"unknown store backend {kind!r}")
+__all__ = ["open_image"]
 
 
 def open_image(

@@ -13,8 +13,8 @@
 The key and passphrase files must be private to their owner (mode 0600 or
 0400): like OpenSSH, we refuse them otherwise (:class:`UnprotectedKeyFileError`).
 
-The backend is chosen in one place (:func:`make_backend`, ``local`` for now), so
-that S3 can join later without touching the provider. The key is loaded and
+The backend is chosen in one place (:func:`pvebackup.store.backends.make_backend`,
+``local`` for now), so that S3 can join later without touching the provider. The key is loaded and
 checked against the store's config before any data is read or written: an
 encrypted store without a key raises :class:`MissingKeyError`, a wrong key
 :class:`WrongKeyError`.
@@ -28,8 +28,8 @@ from pathlib import Path
 
 from pvebackup.api.errors import KeyFileError, NotFoundError, StorageConfigError
 from pvebackup.kit.secretfile import read_secret_file
-from pvebackup.providers.store.restore_source import make_backend
 from pvebackup.storage.basepath import BasePath
+from pvebackup.store.backends import make_backend
 from pvebackup.store.datastore import Datastore
 from pvebackup.store.index import check_chunk_size
 from pvebackup.store.keys import EncryptionKey, load_key_file
