@@ -17,8 +17,10 @@ pytestmark = pytest.mark.e2e
 class TestRecorderContract(ProviderContract):
     storage_type = "test-recording"
     plugin = RecordingPlugin
-    # Each image stands alone (no parent); failed backups are removed at once.
-    capabilities = frozenset(Capability) - {Capability.CHAINED, Capability.GARBAGE_COLLECTED}
+    # Each image stands alone (no parent); failed backups are removed at once; it
+    # reads exports with its own libnbd handle (no source_factory).
+    capabilities = frozenset(Capability) - {
+        Capability.CHAINED, Capability.GARBAGE_COLLECTED, Capability.FAKE_SOURCE}  # fmt: skip
     ct_restore_properties = {
         RestoreMechanism.TAR: {"restore-mechanism": "tar"},
         RestoreMechanism.DIRECTORY: {"restore-mechanism": "directory"},

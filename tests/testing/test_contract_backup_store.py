@@ -21,7 +21,7 @@ class TestBackupStoreContract(ProviderContract):
     # A failed backup's chunks stay until garbage collection (deduplication).
     capabilities = frozenset(
         {Capability.VM, Capability.INCREMENTAL, Capability.LIST, Capability.REMOVE,
-         Capability.GARBAGE_COLLECTED}
+         Capability.GARBAGE_COLLECTED, Capability.FAKE_SOURCE}
     )  # fmt: skip
 
     def storage_properties(self, base: Path) -> dict[str, str]:

@@ -33,7 +33,8 @@ import shutil
 import signal
 import stat
 import subprocess
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -50,11 +51,12 @@ from pvebackup.api.errors import (
     VolumeNotFoundError,
 )
 from pvebackup.api.provider import BackupProvider
-from pvebackup.api.types import BackupMechanism, GuestType, RestoreMechanism
+from pvebackup.api.types import BackupMechanism, BitmapMode, GuestType, RestoreMechanism
 from pvebackup.host.job import JobResult, run_backup_job
 from pvebackup.host.lxc.compare import compare_trees
 from pvebackup.host.restore import RestoreResult, run_restore
 from pvebackup.kit.hoststate import STATE_DIR_ENV
+from pvebackup.kit.nbdfake import FakeNbdSource
 from pvebackup.storage import (
     StoragePlugin,
     VolumeInfo,
@@ -109,6 +111,11 @@ class Capability(StrEnum):
     """The data of a failed backup stays until a garbage collection frees it (a
     deduplicating store); without this claim the suite checks that a failed or
     aborted backup leaves (almost) no bytes in the storage."""
+    FAKE_SOURCE = "fake-source"
+    """The provider reads VM disks through :mod:`pvebackup.kit.nbdsource` and takes a
+    ``source_factory`` attribute: the suite then also backs up an in-memory export
+    (:class:`~pvebackup.kit.nbdfake.FakeNbdSource`), which records every read and
+    discard, calling the provider directly in the seed's order."""
     LIST = "list"
     """The storage plugin implements ``list_volumes``."""
     REMOVE = "remove"
@@ -479,6 +486,78 @@ class ProviderContract:
         (call,) = [c for c in calls if c.name == "backup_nbd"]
         assert call.args[5] == 2 * MiB
         assert call.seconds >= 0.7, f"4 MiB read in {call.seconds:.2f} s at 2 MiB/s"
+
+    def _direct_backup(
+        self, node: ContractNode, conf: Path, fake_for: Callable[[BitmapMode], FakeNbdSource]
+    ) -> tuple[str, BitmapMode, FakeNbdSource]:
+        """One VM backup in the seed's order, without the host: its disk is a fake."""
+        provider = self._provider(node)
+        provider.job_start(int(time.time()))
+        provider.backup_start(_VMID, GuestType.QEMU)
+        mechanism, bitmap = provider.backup_get_mechanism(_VMID, GuestType.QEMU)
+        assert mechanism == BackupMechanism.NBD
+        volname = provider.backup_get_target(_VMID, GuestType.QEMU)
+        provider.backup_guest_config(_VMID, str(conf))
+        # The host's answer: a bitmap id it has seen before is reused.
+        mode = BitmapMode.NONE if bitmap is None else BitmapMode.NEW
+        if bitmap is not None and bitmap == node.fake_bitmap:
+            mode = BitmapMode.REUSE
+        fake = fake_for(mode)
+        provider.source_factory = lambda path, name, bm: fake  # type: ignore[attr-defined]
+        provider.backup_nbd(_VMID, "drive-scsi0", str(conf.parent / "none.sock"), mode, bitmap,
+                            None)  # fmt: skip
+        provider.backup_end(_VMID)
+        node.fake_bitmap = bitmap
+        provider.backup_handle_log_file(_VMID, str(conf))
+        provider.backup_get_task_size(_VMID)
+        provider.job_end()
+        return volname, mode, fake
+
+    def _restore_bytes(self, node: ContractNode, volname: str, out: Path) -> bytes:
+        provider = self._provider(node)
+        source = provider.restore_qemu_img_init(volname, STOREID, "drive-scsi0")
+        try:
+            fmt = [] if source.startswith("json:") else ["-f", "raw"]
+            subprocess.run(["qemu-img", "convert", *fmt, "-O", "raw", source, str(out)],
+                           check=True, capture_output=True)  # fmt: skip
+        finally:
+            provider.restore_qemu_img_cleanup(volname, STOREID, "drive-scsi0")
+        return out.read_bytes()
+
+    def test_backup_nbd_fake_source(self, tmp_path: Path, contract_spy: ProviderSpy) -> None:
+        """An in-memory export: reads only allocated (then only dirty) extents,
+        discards what was stored, and both backups restore byte for byte."""
+        if not self.claims(Capability.FAKE_SOURCE):
+            pytest.skip("the provider does not claim Capability.FAKE_SOURCE (real exports only)")
+        node = self._node(tmp_path)
+        conf = tmp_path / "guest.conf"
+        conf.write_text("# fake source\n")
+        disk = bytearray(4 * MiB)
+        disk[: 1 * MiB] = os.urandom(1 * MiB)
+        disk[3 * MiB : 3 * MiB + 64 * 1024] = b"\x5a" * (64 * 1024)
+        allocated = [(0, 1 * MiB), (3 * MiB, 64 * 1024)]
+        with _state_dir(node):
+            vol1, mode1, fake1 = self._direct_backup(
+                node, conf, lambda mode: FakeNbdSource(disk, allocated=allocated)
+            )
+            first = bytes(disk)
+            disk[2 * MiB : 2 * MiB + 128 * 1024] = os.urandom(128 * 1024)
+            dirty = [(2 * MiB, 128 * 1024)]
+            vol2, mode2, fake2 = self._direct_backup(
+                node, conf, lambda mode: FakeNbdSource(
+                    disk, dirty=dirty if mode == BitmapMode.REUSE else None)
+            )  # fmt: skip
+            restored = [self._restore_bytes(node, v, tmp_path / f"{v.replace('/', '_')}.raw")
+                        for v in (vol1, vol2)]  # fmt: skip
+        for start, length in fake1.reads:  # nothing read that the export calls a hole
+            assert any(a <= start and start + length <= a + n for a, n in allocated)
+        assert fake1.closed and fake2.closed
+        assert sum(n for _, n in fake1.trims) >= 1 * MiB, "what was stored is discarded"
+        if self.claims(Capability.INCREMENTAL):
+            assert (mode1, mode2) == (BitmapMode.NEW, BitmapMode.REUSE)
+            assert sum(n for _, n in fake2.reads) <= 128 * 1024
+        assert restored[0] == first
+        assert restored[1] == bytes(disk)
 
     def test_restore_qemu_get_device_info(self, vm_run: _VmRun) -> None:
         if not self.claims(Capability.VM):

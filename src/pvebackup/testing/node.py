@@ -38,6 +38,7 @@ class ContractNode:
         self.images = path / "var/lib/vz/images"
         self.state_dir = path / "state"  # PVEBACKUP_STATE_DIR while the host runs
         self.storage_base = path  # the directory given to storage_properties()
+        self.fake_bitmap: str | None = None  # the bitmap the "host" of a fake export has
         for sub in ("qemu-server", "lxc", "firewall"):
             (self.root.pve_dir / sub).mkdir(parents=True, exist_ok=True)
         self.storage_type = storage_type

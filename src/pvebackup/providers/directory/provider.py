@@ -44,6 +44,7 @@ from pvebackup.kit import safefs
 from pvebackup.kit.crashpoint import crash_point
 from pvebackup.kit.hoststate import HostState
 from pvebackup.kit.lock import lock_descriptor
+from pvebackup.kit.nbdsource import SourceFactory, connect
 from pvebackup.kit.pacing import MIB
 from pvebackup.kit.safefs import owned_fd
 from pvebackup.providers.directory import archive, images, stored, tree, vm
@@ -121,6 +122,10 @@ class BackupDirProvider(BackupProvider):
     default yes: incremental VM backups with a dirty bitmap), ``ct-format``
     (``tar``, the default, or ``directory``).
     """
+
+    source_factory: SourceFactory | None = None
+    """Opens a disk's NBD export (default: the real one); tests (the contract suite)
+    set an in-memory one on the instance."""
 
     def __init__(
         self,
@@ -496,6 +501,7 @@ class BackupDirProvider(BackupProvider):
             bitmap_name=bitmap_name,
             bandwidth_limit=bandwidth_limit,
             log_function=self.log_function,
+            connect_source=self.source_factory or connect,
         )
         image_size, image_sha256 = _file_digest(image)
         guest.index.devices[devicename] = DeviceEntry(
