@@ -754,9 +754,18 @@ class ProviderContract:
         def fail(call: Call) -> None:
             raise PluginError("injected failure after the data was written")
 
+        kept_after_abort: list[int] = []
         contract_spy.after[method] = fail
+        contract_spy.after["backup_abort"] = lambda call: kept_after_abort.append(
+            _bytes_under(node.storage_base)
+        )
         job, calls = self._backup(contract_spy, node, [vmid])
         assert [g.vmid for g in job.failed] == [vmid]
+        if not self.claims(Capability.GARBAGE_COLLECTED):
+            # Thrown away by backup_abort itself, not later: the next guest of the
+            # job may need the space.
+            (kept,) = kept_after_abort
+            assert kept < _RANDOM // 2, f"{kept} bytes left when backup_abort returned"
         names = _names(calls)
         assert "backup_end" not in names
         assert names.index("backup_abort") < names.index("backup_handle_log_file")
