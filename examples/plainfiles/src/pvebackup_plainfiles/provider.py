@@ -8,11 +8,11 @@ import stat
 import subprocess
 import tarfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO
+from typing import BinaryIO
 
 from pvebackup.api import (
     BackupMechanism,
@@ -27,6 +27,7 @@ from pvebackup.api import (
     RestoreMechanism,
 )
 from pvebackup.api.errors import ExternalToolError, IntegrityError, UnsupportedError
+from pvebackup.kit.pacing import PacedReader, ProgressLog, TokenBucket
 from pvebackup_plainfiles.volumes import DEVICE, Meta, Store, vmtype_prefix
 
 
@@ -144,7 +145,8 @@ class PlainFilesProvider(BackupProvider):
     ) -> None:
         mapper = IdMapper(id_map)  # files carry host ids; we store container ids
         excludes = ExcludeMatcher(exclude_paths)  # paths relative to the container root
-        throttle = _Throttle(bandwidth_limit)
+        pace = TokenBucket(bandwidth_limit)  # the toolkit's pacing, as our providers use
+        progress = ProgressLog(self.log_function, f"plain-files: CT {vmid}", None)
         seen: set[str] = set()
         archive = self.guests[vmid].tmp / "root.tar"
         with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
@@ -154,7 +156,9 @@ class PlainFilesProvider(BackupProvider):
                     if relpath in seen:  # a mount point met inside the root walk
                         continue
                     seen.add(relpath)
-                    _add(tar, os.path.join(directory, relpath), relpath, mapper, throttle)
+                    path = os.path.join(directory, relpath)
+                    _add(tar, path, relpath, mapper, lambda fh: PacedReader(fh, pace, progress))
+        progress.finish()
         self.log("info", f"plain-files: {len(seen)} entries archived")
     # [end]
 
@@ -252,8 +256,13 @@ def _walk(root: str, directory: str, excludes: ExcludeMatcher) -> list[str]:
     return found
 
 
-def _add(tar: tarfile.TarFile, path: str, relpath: str, mapper: IdMapper, throttle: _Throttle
-         ) -> None:  # fmt: skip
+def _add(
+    tar: tarfile.TarFile,
+    path: str,
+    relpath: str,
+    mapper: IdMapper,
+    paced: Callable[[BinaryIO], PacedReader],
+) -> None:
     info = tar.gettarinfo(path, arcname="./" if relpath == "." else f"./{relpath}")
     if info is None:  # sockets cannot be archived
         return
@@ -266,32 +275,6 @@ def _add(tar: tarfile.TarFile, path: str, relpath: str, mapper: IdMapper, thrott
     info.pax_headers = {**info.pax_headers, "mtime": mtime}
     if info.isreg():
         with open(path, "rb") as fh:
-            tar.addfile(info, _Paced(fh, throttle))
+            tar.addfile(info, paced(fh))
     else:
         tar.addfile(info)
-
-
-class _Throttle:
-    """Sleep so that the bytes read stay at ``limit`` bytes per second."""
-
-    def __init__(self, limit: int | None) -> None:
-        self.limit, self.start, self.total = limit, time.monotonic(), 0
-
-    def pay(self, n: int) -> None:
-        self.total += n
-        if self.limit:
-            ahead = self.total / self.limit - (time.monotonic() - self.start)
-            if ahead > 0:
-                time.sleep(ahead)
-
-
-class _Paced:
-    """A file object whose reads pass through a :class:`_Throttle`."""
-
-    def __init__(self, fh: IO[bytes], throttle: _Throttle) -> None:
-        self.fh, self.throttle = fh, throttle
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.fh.read(n)
-        self.throttle.pay(len(data))
-        return data
