@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bench.measure import Measurement
 from bench.ours import OURS, PYTHON_NAME
+from pvebackup.kit import units
 
 __all__ = [
     "Goal",
@@ -33,14 +34,8 @@ Lookup = Callable[[str, str], Measurement | None]
 
 
 def format_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+    """:func:`pvebackup.kit.units.format_bytes`, ``-`` for an unknown size."""
+    return "-" if n is None else units.format_bytes(n)
 
 
 def _seconds(find: Lookup, scenario: str, tool: str) -> float | None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pvebackup.host.lxc.compare import compare_trees
+from pvebackup.kit.units import format_bytes
 
 MiB = 1024 * 1024
 VM_ID, CT_ID = 100, 101
@@ -59,15 +60,6 @@ class Step:
 
 def say(message: str) -> None:
     print(f"\n==> {message}", flush=True)
-
-
-def human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 class Demo:
@@ -156,7 +148,7 @@ class Demo:
         (pve / f"firewall/{VM_ID}.fw").write_text(
             "[OPTIONS]\nenable: 1\n\n[RULES]\nIN ACCEPT -p tcp -dport 22\n"
         )
-        print(f"VM {VM_ID}: {disk} ({human(DISK_SIZE)} virtual, "
+        print(f"VM {VM_ID}: {disk} ({format_bytes(DISK_SIZE)} virtual, "
               f"{DATA_REGIONS} x 4 MiB of data, half random, half text)")
 
     def build_container(self, pve: Path) -> None:
@@ -208,7 +200,8 @@ class Demo:
             offset = self.rng.randrange(0, DISK_SIZE // (64 * 1024)) * 64 * 1024
             cmds += ["-c", f"write -P {i + 1} {offset} 64k"]
         run(["qemu-io", "-f", "qcow2", *cmds, str(disk)])
-        print(f"VM {VM_ID}: 32 writes of 64 KiB at random offsets (2 MiB of {human(DISK_SIZE)})")
+        print(f"VM {VM_ID}: 32 writes of 64 KiB at random offsets "
+              f"(2 MiB of {format_bytes(DISK_SIZE)})")
         rootfs = self.images / f"{CT_ID}/subvol-{CT_ID}-disk-0.subvol"
         (rootfs / "etc/file-004").write_text("changed after the first backup\n")
         (rootfs / "var/log/file-002").unlink()
@@ -262,7 +255,8 @@ class Demo:
         say("summary")
         header = ("step", "guest", "storage", "kind", "size", "time", "result")
         rows = [header] + [
-            (s.what, s.guest, s.storage, s.kind, human(s.size), f"{s.seconds:.1f} s", s.result)
+            (s.what, s.guest, s.storage, s.kind, format_bytes(s.size), f"{s.seconds:.1f} s",
+             s.result)
             for s in self.steps
         ]
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]

@@ -9,7 +9,8 @@ import pytest
 
 from pvebackup.api.errors import StorageUnavailableError
 from pvebackup.storage import DirPlugin
-from pvebackup.storage.basepath import BasePath, is_mounted, parse_boolean
+from pvebackup.storage.basepath import BasePath, is_mounted
+from pvebackup.storage.properties import parse_boolean
 
 
 @pytest.mark.parametrize(

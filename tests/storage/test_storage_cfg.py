@@ -179,7 +179,7 @@ BAD_INPUT = [
     ("# c\ndir: local\n\tcontent images\n", 2, ["lacks required property path"]),
     ("dir: local\n\tpath /a\n\tpath /b\n", 3, ["duplicate property 'path'"]),
     ("dir: local\n\tpath\n", 2, ["property 'path' needs a value"]),
-    ("dir: local\n\tpath /a\n\tshared maybe\n", 3, ["flag 'shared'", "'maybe'"]),
+    ("dir: local\n\tpath /a\n\tshared maybe\n", 3, ["property 'shared'", "'maybe'", "yes/no"]),
     ("dir local\n\tpath /a\n", 1, ["expected a section header"]),
     ("dir: local extra\n\tpath /a\n", 1, ["expected a section header"]),
     ("dir:\n", 1, ["expected a section header"]),

@@ -15,7 +15,7 @@ caller can decide whether retrying can help.
     │   └── GuestConfigError                     qemu-server/<vmid>.conf, lxc/<vmid>.conf
     ├── NotFoundError                   exit 3   something named does not exist
     │   ├── StorageNotFoundError                 no storage with that id
-    │   ├── StorageUnavailableError              storage path missing or not mounted
+    │   ├── StorageUnavailableError              storage disabled, path missing or not mounted
     │   ├── PluginNotFoundError                  no plugin for that storage type
     │   ├── GuestNotFoundError                   no guest with that vmid
     │   ├── VolumeNotFoundError                  no backup volume with that name
@@ -54,6 +54,8 @@ provider, can use it.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 __all__ = [
     "AbortedError",
@@ -96,25 +98,34 @@ __all__ = [
     "VolumeInUseError",
     "VolumeNotFoundError",
     "WrongKeyError",
+    "exit_codes",
 ]
 
 
 class PveBackupError(Exception):
-    """Base of every error pvebackup raises on purpose."""
+    """Base of every error pvebackup raises on purpose.
+
+    A class that sets its own ``exit_code`` sets ``summary`` too: one line for
+    people saying what the code means; ``pvebackup --help`` lists them
+    (:func:`exit_codes`), so the table there cannot fall behind this tree.
+    """
 
     exit_code: int = 1
+    summary: ClassVar[str] = "other error"
 
 
 class UsageError(PveBackupError):
     """The command line or the arguments of a call are wrong."""
 
     exit_code = 2
+    summary = "bad command line or arguments"
 
 
 class ConfigError(PveBackupError):
     """A configuration file is malformed. The message names the file and the line."""
 
     exit_code = 2
+    summary = "malformed configuration file (storage.cfg, a guest config)"
 
     def __init__(self, message: str, *, path: str | None = None, line: int | None = None):
         where = ""
@@ -138,6 +149,10 @@ class NotFoundError(PveBackupError):
     """Something named by the caller does not exist."""
 
     exit_code = 3
+    summary = (
+        "something named does not exist or cannot be used now (storage missing, disabled "
+        "or not mounted; guest; backup volume)"
+    )
 
 
 class StorageNotFoundError(NotFoundError):
@@ -145,7 +160,8 @@ class StorageNotFoundError(NotFoundError):
 
 
 class StorageUnavailableError(NotFoundError):
-    """The storage's path does not exist, or is not mounted although it must be.
+    """The storage is disabled (``disable``), or its path does not exist, or is not
+    mounted although it must be.
 
     Nothing was created: an unmounted disk must never make a backup fill ``/``.
     """
@@ -171,6 +187,7 @@ class PluginError(PveBackupError):
     """A storage plugin or a backup provider cannot be used as asked."""
 
     exit_code = 4
+    summary = "storage plugin or backup provider problem (no provider, unsupported)"
 
 
 class PluginVersionError(PluginError):
@@ -192,6 +209,7 @@ class IntegrityError(PveBackupError):
     """Stored data does not match what was written (checksum, tag, structure)."""
 
     exit_code = 5
+    summary = "stored data failed an integrity check"
 
 
 class CorruptChunkError(IntegrityError):
@@ -206,6 +224,7 @@ class CryptoError(PveBackupError):
     """Key handling failed. Messages never contain key material."""
 
     exit_code = 6
+    summary = "key problem (missing, wrong, unreadable key)"
 
 
 class MissingKeyError(CryptoError):
@@ -231,6 +250,7 @@ class StateError(PveBackupError):
     """Refused because of existing state; nothing was changed."""
 
     exit_code = 7
+    summary = "refused because of existing state (guest exists, volume in use, locked)"
 
 
 class GuestExistsError(StateError):
@@ -253,6 +273,7 @@ class UnsafeArchiveError(PveBackupError):
     """An archive entry would write outside the target (absolute path, '..', link)."""
 
     exit_code = 8
+    summary = "hostile archive entry or storage content refused (e.g. a symlink in the storage)"
 
 
 class UnsafeImageError(UnsafeArchiveError):
@@ -279,6 +300,7 @@ class ExternalToolError(PveBackupError):
     """An external program (qemu-img, qemu-storage-daemon, nbdkit, tar) failed."""
 
     exit_code = 9
+    summary = "external tool failed (qemu-img, qemu-storage-daemon, tar, ...)"
 
 
 class QmpError(ExternalToolError):
@@ -293,6 +315,7 @@ class BackendError(PveBackupError):
     """A store backend could not read or write."""
 
     exit_code = 10
+    summary = "storage backend I/O failed"
 
 
 class TransientBackendError(BackendError):
@@ -307,9 +330,27 @@ class GuestBackupError(PveBackupError):
     """One or more guests of a backup job failed; the others were backed up."""
 
     exit_code = 11
+    summary = "backup job finished, but one or more guests failed"
 
 
 class AbortedError(PveBackupError):
     """The job was interrupted (SIGINT, SIGTERM)."""
 
     exit_code = 130
+    summary = "interrupted (SIGINT/SIGTERM)"
+
+
+def exit_codes() -> list[tuple[int, str]]:
+    """Every exit code of the tree with what it means, sorted by code.
+
+    Built from the classes of this module that set their own ``exit_code``: their
+    ``summary`` lines, joined with ``"; "`` where several share a code (usage and
+    configuration errors both exit 2).
+    """
+    meanings: dict[int, list[str]] = {}
+    for cls in list(globals().values()):  # in the order of the tree above
+        if isinstance(cls, type) and issubclass(cls, PveBackupError) and (
+            "exit_code" in vars(cls)
+        ):
+            meanings.setdefault(cls.exit_code, []).append(cls.summary)
+    return [(code, "; ".join(meanings[code])) for code in sorted(meanings)]

@@ -5,32 +5,35 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pvebackup import __version__
-from pvebackup.api.errors import AbortedError, PveBackupError
+from pvebackup.api.errors import AbortedError, PveBackupError, exit_codes
 from pvebackup.cli import cmd_backup, cmd_key, cmd_list, cmd_remove, cmd_restore
 from pvebackup.kit.hoststate import STATE_DIR_ENV
 
-__all__ = ["build_parser", "main"]
+__all__ = ["EXIT_CODES", "build_parser", "exit_status_help", "main"]
 
-EXIT_CODES = """\
-exit status:
-  0    success
-  1    other error
-  2    bad command line or malformed configuration file
-  3    something named does not exist (storage, guest, backup volume)
-  4    storage plugin or backup provider problem (no provider, unsupported)
-  5    stored data failed an integrity check
-  6    key problem (missing, wrong, unreadable key)
-  7    refused because of existing state (guest exists, volume in use, locked)
-  8    hostile archive entry or storage content refused (e.g. a symlink in the storage)
-  9    external tool failed (qemu-img, qemu-storage-daemon, tar, ...)
-  10   storage backend I/O failed
-  11   backup job finished, but one or more guests failed
-  130  interrupted (SIGINT/SIGTERM)
-"""
+def exit_status_help() -> str:
+    """The "exit status" table of ``--help``, generated from :mod:`pvebackup.api.errors`.
+
+    Generated, not written out, so that a new error class with its own code shows
+    up here (and in the README, which copies this) without anyone remembering to.
+    """
+    rows = [(0, "success"), *exit_codes()]
+    width = max(len(str(code)) for code, _ in rows) + 2
+    lines = ["exit status:"]
+    for code, meaning in rows:
+        wrapped = textwrap.wrap(meaning, 76 - width) or [""]
+        lines.append(f"  {code:<{width}}{wrapped[0]}")
+        lines.extend(f"  {'':<{width}}{more}" for more in wrapped[1:])
+    return "\n".join(lines) + "\n"
+
+
+EXIT_CODES = exit_status_help()
+
 
 _COMMANDS = (cmd_backup, cmd_restore, cmd_list, cmd_remove, cmd_key)
 

@@ -5,19 +5,14 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+from pvebackup.kit.units import format_bytes
+
 __all__ = ["human_size", "table", "utc_time"]
 
 
 def human_size(size: int | None) -> str:
     """``1536`` -> ``1.5 KiB``; ``None`` -> ``-``."""
-    if size is None:
-        return "-"
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+    return "-" if size is None else format_bytes(size)
 
 
 def utc_time(seconds: int) -> str:

@@ -47,6 +47,7 @@ from pvebackup.api.errors import (
     PluginError,
     PveBackupError,
     StorageNotFoundError,
+    StorageUnavailableError,
     UnsupportedError,
 )
 from pvebackup.api.provider import BackupProvider
@@ -201,12 +202,14 @@ class _Restore:
             try:
                 self._dir_storage(original)
                 return original
-            except (StorageNotFoundError, UnsupportedError):
-                pass
+            except (StorageNotFoundError, StorageUnavailableError, UnsupportedError):
+                pass  # gone or disabled since the backup: another dir storage below
         candidates: list[str] = []
         for sid in self.cfg:
+            if self.cfg.disabled(sid):
+                continue
             scfg = storage_config(self.cfg, sid)
-            if scfg.get("disable") == "1" or not isinstance(lookup(scfg["type"]), DirPlugin):
+            if not isinstance(lookup(scfg["type"]), DirPlugin):
                 continue
             contents = scfg.get("content")
             if contents is None or content in contents.split(","):

@@ -15,7 +15,6 @@ from pvebackup.storage.basepath import (
     CREATE_SUBDIRS,
     BasePath,
     is_mounted,
-    parse_boolean,
 )
 from pvebackup.storage.config import (
     StorageConfig,
@@ -30,10 +29,17 @@ from pvebackup.storage.dir import DirPlugin
 from pvebackup.storage.plugin import (
     COMMON_PROPERTIES,
     DamagedVolume,
-    PropertySpec,
     StoragePlugin,
     VolumeInfo,
     VolumeScan,
+)
+from pvebackup.storage.properties import (
+    PropertyKind,
+    PropertySpec,
+    PropertyValue,
+    StorageProperties,
+    parse_boolean,
+    parse_properties,
 )
 from pvebackup.storage.registry import (
     ENTRY_POINT_GROUP,
@@ -56,9 +62,12 @@ __all__ = [
     "BasePath",
     "DamagedVolume",
     "DirPlugin",
+    "PropertyKind",
     "PropertySpec",
+    "PropertyValue",
     "StorageConfig",
     "StoragePlugin",
+    "StorageProperties",
     "StorageSection",
     "VolumeInfo",
     "VolumeScan",
@@ -67,6 +76,7 @@ __all__ = [
     "lookup",
     "new_backup_provider",
     "parse_boolean",
+    "parse_properties",
     "parse_storage_config",
     "parse_volume_id",
     "plugin_types",
@@ -94,6 +104,7 @@ def new_backup_provider(
     :raises StorageNotFoundError: no storage ``storeid`` in ``cfg``.
     :raises PluginNotFoundError: no plugin for the storage's type.
     :raises PluginError: the plugin was refused (load failure, api version).
+    :raises StorageUnavailableError: the storage is disabled.
     """
     scfg = storage_config(cfg, storeid)
     plugin = lookup(scfg["type"])

@@ -12,8 +12,8 @@ give them the same meanings (``PVE::Storage::DirPlugin::activate_storage``,
 - ``create-subdirs`` (also off when ``mkdir`` is off): create the content
   subdirectories below ``path`` (``backup/`` for ``backup-dir``).
 
-Booleans are read like ``PVE::JSONSchema::parse_boolean``:
-``1/on/yes/true`` and ``0/off/no/false``, any case.
+Values are parsed once, when storage.cfg is read (:mod:`.properties`); this
+module gets them typed (:meth:`BasePath.from_properties`).
 
 The one difference from Proxmox VE is the default of ``create-base-path`` for
 *our* backup types (``backup-dir``, ``backup-store``): off, so a missing path is
@@ -29,57 +29,58 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pvebackup.api.errors import StorageConfigError, StorageUnavailableError
+from pvebackup.api.errors import StorageUnavailableError
 from pvebackup.kit import safefs
-from pvebackup.storage.plugin import PropertySpec
+from pvebackup.storage.properties import (
+    PropertyKind,
+    PropertySpec,
+    StorageProperties,
+    parse_boolean,
+    path_problem,
+)
 
 __all__ = [
     "BASE_PATH_PROPERTIES",
     "CREATE_SUBDIRS",
     "BasePath",
     "is_mounted",
-    "parse_boolean",
 ]
+
+def _mountpoint(value: str) -> bool | Path:
+    as_bool = parse_boolean(value)
+    if as_bool is not None:
+        return as_bool
+    problem = path_problem(value)
+    if problem is not None:
+        raise ValueError(f"must be yes, no or an absolute path: {problem}")
+    return Path(value)
+
 
 BASE_PATH_PROPERTIES: Mapping[str, PropertySpec] = {
     "is_mountpoint": PropertySpec(
+        parser=_mountpoint,
         description="yes, or an absolute path, that must be a mount point for the "
-        "storage to be used (nothing is created while it is not mounted)"
+        "storage to be used (nothing is created while it is not mounted)",
     ),
-    "create-base-path": PropertySpec(flag=True, description="create path when it is missing"),
-    "mkdir": PropertySpec(flag=True, description="deprecated spelling of create-base-path"),
+    "create-base-path": PropertySpec(
+        PropertyKind.BOOL, description="create path when it is missing"
+    ),
+    "mkdir": PropertySpec(PropertyKind.BOOL, description="deprecated spelling of create-base-path"),
 }
 """The properties every storage with a base path understands; add ``create-subdirs``
 (:data:`CREATE_SUBDIRS`) where the storage has content subdirectories."""
 
 CREATE_SUBDIRS: Mapping[str, PropertySpec] = {
     "create-subdirs": PropertySpec(
-        flag=True, description="create the content subdirectories (default yes)"
+        PropertyKind.BOOL, description="create the content subdirectories (default yes)"
     ),
 }
 
-_TRUE = frozenset({"1", "on", "yes", "true"})
-_FALSE = frozenset({"0", "off", "no", "false"})
 
-
-def parse_boolean(value: str) -> bool | None:
-    """``PVE::JSONSchema::parse_boolean``: True, False, or None for anything else."""
-    low = value.strip().lower()
-    if low in _TRUE:
-        return True
-    if low in _FALSE:
-        return False
-    return None
-
-
-def _flag(scfg: Mapping[str, str], storeid: str, key: str) -> bool | None:
-    raw = scfg.get(key)
-    if raw is None:
-        return None
-    value = parse_boolean(raw)
-    if value is None:
-        raise StorageConfigError(f"storage {storeid!r}: {key} must be yes or no, not {raw!r}")
-    return value
+def _flag(props: StorageProperties, name: str) -> bool | None:
+    # None when unset (or not declared by this storage type): the defaults depend
+    # on the other flags
+    return props.flag(name, None) if name in props.specs else None
 
 
 def _unescape_mountinfo(field: str) -> str:
@@ -128,42 +129,28 @@ class BasePath:
     create_subdirs: bool = True
 
     @classmethod
-    def from_scfg(
-        cls, scfg: Mapping[str, str], storeid: str, *, create_default: bool
-    ) -> BasePath:
-        """Parse ``path``, ``is_mountpoint``, ``create-base-path``, ``mkdir``, ``create-subdirs``.
+    def from_properties(cls, props: StorageProperties, *, create_default: bool) -> BasePath:
+        """From the parsed ``path``, ``is_mountpoint``, ``create-base-path``,
+        ``mkdir`` and ``create-subdirs`` (those declared in ``props.specs``).
 
         :param create_default: ``create-base-path`` when neither it nor ``mkdir``
             is set (Proxmox VE: True; our backup types: False).
-        :raises StorageConfigError: no path, a relative path or ``is_mountpoint``
-            path, or a flag that is no boolean.
+        :raises StorageConfigError: no path.
         """
-        raw = scfg.get("path")
-        if not raw:
-            raise StorageConfigError(f"storage {storeid!r}: needs 'path'")
-        path = Path(raw)
-        if not path.is_absolute():
-            raise StorageConfigError(f"storage {storeid!r}: path {raw!r} is not absolute")
+        path = props.path("path")
         mountpoint: Path | None = None
-        is_mp = scfg.get("is_mountpoint")
-        if is_mp is not None:
-            as_bool = parse_boolean(is_mp)
-            if as_bool is None:
-                if not is_mp.startswith("/"):
-                    raise StorageConfigError(
-                        f"storage {storeid!r}: is_mountpoint must be yes, no or an absolute"
-                        f" path, not {is_mp!r}"
-                    )
-                mountpoint = Path(is_mp)
-            elif as_bool:
-                mountpoint = path
-        mkdir = _flag(scfg, storeid, "mkdir")
-        create = _flag(scfg, storeid, "create-base-path")
+        is_mp = props.get("is_mountpoint")
+        if isinstance(is_mp, Path):
+            mountpoint = is_mp
+        elif is_mp is True:
+            mountpoint = path
+        mkdir = _flag(props, "mkdir")
+        create = _flag(props, "create-base-path")
         if create is None:
             create = mkdir if mkdir is not None else create_default
-        subdirs = _flag(scfg, storeid, "create-subdirs")
+        subdirs = _flag(props, "create-subdirs")
         return cls(
-            storeid=storeid,
+            storeid=props.storeid,
             path=path,
             mountpoint=mountpoint,
             create_base_path=create,
@@ -224,18 +211,6 @@ class BasePath:
                 f"storage {self.storeid!r}: {sub} is missing or not a directory{hint}"
             ) from exc
         except PermissionError as exc:
-            raise StorageUnavailableError(
-                f"storage {self.storeid!r}: cannot create {sub}: {exc.strerror}"
-            ) from exc
-        return sub
-        if sub.exists() or sub.is_symlink() or not (create and self.create_subdirs):
-            hint = "" if self.create_subdirs else " (create-subdirs is off)"
-            raise StorageUnavailableError(
-                f"storage {self.storeid!r}: {sub} is missing or not a directory{hint}"
-            )
-        try:
-            sub.mkdir(exist_ok=True)
-        except OSError as exc:
             raise StorageUnavailableError(
                 f"storage {self.storeid!r}: cannot create {sub}: {exc.strerror}"
             ) from exc

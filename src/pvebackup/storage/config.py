@@ -42,12 +42,26 @@ from pvebackup.api.errors import (
     PluginNotFoundError,
     StorageConfigError,
     StorageNotFoundError,
+    StorageUnavailableError,
 )
 from pvebackup.kit import safefs
 from pvebackup.storage import registry
-from pvebackup.storage.plugin import PropertySpec, StoragePlugin
+from pvebackup.storage.plugin import StoragePlugin
+from pvebackup.storage.properties import (
+    NAME_MAX,
+    PATH_MAX,
+    PATH_RESERVE,
+    PropertyKind,
+    PropertySpec,
+    StorageProperties,
+    parse_value,
+    path_problem,
+)
 
 __all__ = [
+    "NAME_MAX",
+    "PATH_MAX",
+    "PATH_RESERVE",
     "StorageConfig",
     "StorageSection",
     "parse_storage_config",
@@ -62,7 +76,6 @@ __all__ = [
 _HEADER = re.compile(r"^(\S+):\s*(\S+)\s*$")
 _PROPERTY = re.compile(r"^\s+(\S+)(?:\s+(.*\S))?\s*$")
 _STOREID = re.compile(r"^[a-z][a-z0-9\-_.]*[a-z0-9]$", re.IGNORECASE)
-_FLAG_VALUES = frozenset({"0", "1", "yes", "no", "on", "off", "true", "false"})
 
 Lookup = Callable[[str], StoragePlugin]
 
@@ -86,13 +99,30 @@ class StorageSection:
     """Line of the header in the file it was read from (None if made in code)."""
     leading: list[str] = field(default_factory=list, repr=False)
     _header_raw: str | None = field(default=None, repr=False)
-    _raw: dict[str, tuple[str, str]] = field(default_factory=dict, repr=False)
+    _raw: dict[str, tuple[str, str, int]] = field(default_factory=dict, repr=False)
+    """key -> (value, line as read, line number), for the round trip and messages."""
     _comments: dict[str, list[str]] = field(default_factory=dict, repr=False)
     _trailing: list[str] = field(default_factory=list, repr=False)
+
+    _typed: tuple[dict[str, str], StorageProperties] | None = field(default=None, repr=False)
+    """The parsed properties, with the strings they were parsed from."""
 
     def scfg(self) -> dict[str, str]:
         """The storage configuration a plugin gets: ``type`` plus the properties."""
         return {"type": self.type, **self.properties}
+
+    def typed(self, plugin: StoragePlugin) -> StorageProperties:
+        """The parsed properties (``plugin``: the plugin of :attr:`type`).
+
+        Parsed when the section was read or added and kept; parsed again only
+        after ``properties`` was edited.
+
+        :raises StorageConfigError: an edited value that does not parse.
+        """
+        if self._typed is None or self._typed[0] != self.properties:
+            self._typed = (dict(self.properties), plugin.parse_properties(
+                self.scfg(), self.storeid))
+        return self._typed[1]
 
     def _lines(self, lookup: Lookup | None) -> list[str]:
         header = self._header_raw
@@ -144,6 +174,25 @@ class StorageConfig(Mapping[str, StorageSection]):
 
     def __len__(self) -> int:
         return len(self._sections)
+
+    def typed(self, storeid: str) -> StorageProperties:
+        """The parsed properties of storage ``storeid`` (see :mod:`.properties`).
+
+        :raises StorageNotFoundError: no such storage.
+        :raises StorageConfigError: an edited value that does not parse.
+        """
+        section = self._sections.get(storeid)
+        if section is None:
+            raise _not_found(self, storeid)
+        return section.typed(self._lookup(section.type))
+
+    def disabled(self, storeid: str) -> bool:
+        """Whether storage ``storeid`` has ``disable`` set (to a true value).
+
+        :raises StorageNotFoundError: no such storage.
+        """
+        props = self.typed(storeid)
+        return "disable" in props and props["disable"] is True
 
     def add(
         self, plugin_type: str, storeid: str, properties: Mapping[str, str] | None = None
@@ -218,7 +267,7 @@ def _check_property(
 ) -> str:
     spec = plugin.properties.get(key)
     if spec is None and plugin.open_properties:
-        spec = PropertySpec(flag=value is None)
+        spec = PropertySpec(PropertyKind.BOOL if value is None else PropertyKind.STRING)
     if spec is None:
         known = ", ".join(sorted(plugin.properties))
         raise StorageConfigError(
@@ -235,52 +284,18 @@ def _check_property(
                 line=line,
             )
         return "1"
-    if spec.path:
-        problem = path_problem(value)
-        if problem is not None:
-            raise StorageConfigError(
-                f"storage '{section.storeid}': property '{key}': {problem}", path=path, line=line
-            )
-    if spec.flag and value.lower() not in _FLAG_VALUES:
-        raise StorageConfigError(
-            f"storage '{section.storeid}': flag '{key}' must be 0 or 1, not '{value}'",
-            path=path,
-            line=line,
-        )
+    # Parsed here, once, so that a bad value is an error naming file:line when the
+    # file is read, never a surprise in the middle of a backup.
+    parse_value(spec, key, value, section.storeid, path=path, line=line)
     return value
-
-
-NAME_MAX = 255
-PATH_MAX = 4096
-PATH_RESERVE = 1024
-"""Bytes below ``PATH_MAX`` kept free for what a provider creates under its path
-(``backup/.tmp-lxc-<vmid>-<time>/...``), so that its own names never hit the limit."""
-
-
-def path_problem(value: str) -> str | None:
-    """Why ``value`` is no usable storage path, or ``None`` when it is one.
-
-    Checked when storage.cfg is read, so that an over-long path is one clear
-    ``StorageConfigError`` naming the line instead of ``ENAMETOOLONG`` deep inside
-    a backup (or a traceback in ``list``).
-    """
-    if not value.startswith("/"):
-        return f"{value[:80]!r} is not an absolute path"
-    if "\0" in value:
-        return "a path cannot contain a NUL byte"
-    raw = value.encode("utf-8", "surrogateescape")
-    if len(raw) > PATH_MAX - 1 - PATH_RESERVE:
-        return f"path of {len(raw)} bytes is too long (at most {PATH_MAX - 1 - PATH_RESERVE})"
-    for part in raw.split(b"/"):
-        if len(part) > NAME_MAX:
-            return f"path component of {len(part)} bytes is longer than NAME_MAX ({NAME_MAX})"
-    return None
 
 
 def _check_section(section: StorageSection, lookup: Lookup, path: str) -> None:
     plugin = lookup(section.type)
     for key, value in section.properties.items():
-        _check_property(plugin, section, key, value, path, section.line)
+        raw = section._raw.get(key)
+        line = raw[2] if raw is not None and raw[0] == value else section.line
+        _check_property(plugin, section, key, value, path, line)
     missing = [k for k, spec in plugin.properties.items()
                if spec.required and k not in section.properties]
     if missing:
@@ -290,6 +305,8 @@ def _check_section(section: StorageSection, lookup: Lookup, path: str) -> None:
             path=path,
             line=section.line,
         )
+    section._typed = (dict(section.properties), plugin.parse_properties(
+        section.scfg(), section.storeid))
 
 
 def parse_storage_config(
@@ -342,7 +359,7 @@ def parse_storage_config(
                 )
             value = _check_property(plugin, section, key, given, path, lineno)
             section.properties[key] = value
-            section._raw[key] = (value, raw)
+            section._raw[key] = (value, raw, lineno)
             if pending:
                 section._comments[key] = pending.copy()
                 pending.clear()
@@ -401,13 +418,27 @@ def write_storage_config(cfg: StorageConfig, path: str | os.PathLike[str]) -> No
         ) from exc
 
 
-def storage_config(cfg: StorageConfig, storeid: str) -> dict[str, str]:
+def storage_config(
+    cfg: StorageConfig, storeid: str, *, allow_disabled: bool = False
+) -> dict[str, str]:
     """The scfg of one storage: ``{"type": ..., **properties}`` (a copy).
 
+    Like Proxmox VE's ``storage_check_enabled``, a disabled storage (``disable``)
+    is refused: every use goes through here (backup job, restore source and
+    target, list, remove, guest volumes), so none of them touches it. Reading and
+    writing storage.cfg is not a use: ``cfg`` holds disabled storages as any other.
+
+    :param allow_disabled: return it even when disabled (for code that only
+        reads the configuration).
     :raises StorageNotFoundError: no such storage id; the message names the id
         and the ids that exist.
+    :raises StorageUnavailableError: the storage is disabled.
     """
     section = cfg.get(storeid)
     if section is None:
         raise _not_found(cfg, storeid)
+    if not allow_disabled and cfg.disabled(storeid):
+        raise StorageUnavailableError(
+            f"storage '{storeid}' is disabled (disable in {cfg.path}); enable it to use it"
+        )
     return section.scfg()

@@ -28,7 +28,6 @@ from typing import ClassVar
 from pvebackup.api.errors import (
     ExternalToolError,
     StateError,
-    StorageConfigError,
     UnsafeStorageError,
     UsageError,
     VolumeNotFoundError,
@@ -36,7 +35,8 @@ from pvebackup.api.errors import (
 from pvebackup.kit import proc, safefs
 from pvebackup.kit.safefs import owned_fd
 from pvebackup.storage.basepath import BASE_PATH_PROPERTIES, CREATE_SUBDIRS, BasePath
-from pvebackup.storage.plugin import COMMON_PROPERTIES, PropertySpec, StoragePlugin
+from pvebackup.storage.plugin import COMMON_PROPERTIES, StoragePlugin
+from pvebackup.storage.properties import PropertyKind, PropertySpec
 
 __all__ = ["DirPlugin", "IMAGE_FORMATS"]
 
@@ -54,15 +54,26 @@ _VOLNAME = re.compile(r"^(?:\d+/[^/]+/)?(\d+)/([^/]+)$")
 _DIR_PROPERTIES: dict[str, PropertySpec] = {
     **COMMON_PROPERTIES,
     "path": PropertySpec(
-        required=True, path=True, description="file system path of the storage"
+        PropertyKind.PATH, required=True, description="file system path of the storage"
     ),
     "content-dirs": PropertySpec(description="overrides of the default content dirs"),
     **BASE_PATH_PROPERTIES,
     **CREATE_SUBDIRS,
-    "format": PropertySpec(description="default image format (raw, qcow2)"),
-    "preallocation": PropertySpec(description="qcow2/raw preallocation mode"),
+    # Proxmox VE's own value sets, so that a real node's storage.cfg parses.
+    "format": PropertySpec(
+        PropertyKind.ENUM,
+        choices=("raw", "qcow2", "vmdk", "subvol"),
+        description="default image format",
+    ),
+    "preallocation": PropertySpec(
+        PropertyKind.ENUM,
+        choices=("off", "metadata", "falloc", "full"),
+        description="qcow2/raw preallocation mode of new images",
+    ),
     "prune-backups": PropertySpec(description="retention options for backups"),
-    "max-protected-backups": PropertySpec(description="limit of protected backups"),
+    "max-protected-backups": PropertySpec(
+        PropertyKind.INT, minimum=-1, description="limit of protected backups (-1: none)"
+    ),
     "bwlimit": PropertySpec(description="bandwidth limits per operation"),
 }
 
@@ -76,10 +87,8 @@ class DirPlugin(StoragePlugin):
     # paths -----------------------------------------------------------------------
 
     def _base(self, scfg: Mapping[str, str]) -> Path:
-        path = scfg.get("path")
-        if not path:
-            raise StorageConfigError("dir storage without 'path'")
-        return Path(path)
+        # image_path & co. get no storeid (Proxmox VE's signatures); messages say "dir"
+        return self.parse_properties(scfg, "dir").path("path")
 
     def image_path(self, scfg: Mapping[str, str], volname: str) -> Path:
         """``<path>/images/<vmid>/<name>`` for volname ``<vmid>/<name>``.
@@ -116,11 +125,11 @@ class DirPlugin(StoragePlugin):
         base = self._base(scfg)
         return safefs.open_dir(base, ("images", str(vmid)), create=True)
 
-    @staticmethod
-    def _activate(scfg: Mapping[str, str], storeid: str) -> None:
+    def _activate(self, scfg: Mapping[str, str], storeid: str) -> None:
         # Before an allocation writes: is_mountpoint and create-base-path as in
         # PVE's activate_storage (default: create), so an unmounted disk is refused.
-        BasePath.from_scfg(scfg, storeid, create_default=True).activate(create=True)
+        props = self.parse_properties(scfg, storeid)
+        BasePath.from_properties(props, create_default=True).activate(create=True)
 
     @staticmethod
     def _free_numbers(vm_fd: int, vmid: int) -> list[int]:
@@ -167,8 +176,9 @@ class DirPlugin(StoragePlugin):
             reserved = self._reserve(vm_fd, vmid, name, lambda n: f"vm-{vmid}-disk-{n}.{fmt}")
             path = self._base(scfg) / "images" / str(vmid) / reserved
             cmd = ["qemu-img", "create", "-q", "-f", fmt]
-            if scfg.get("preallocation"):
-                cmd += ["-o", f"preallocation={scfg['preallocation']}"]
+            preallocation = self.parse_properties(scfg, storeid).text("preallocation")
+            if preallocation is not None:
+                cmd += ["-o", f"preallocation={preallocation}"]
             # The directory we hold, not a path that could be redirected meanwhile.
             cmd += [safefs.fd_path(vm_fd, reserved), str(size)]
             try:

@@ -24,44 +24,37 @@ from typing import Any, ClassVar
 from pvebackup.api.errors import UnsupportedError
 from pvebackup.api.provider import BackupProvider
 from pvebackup.api.types import GuestType, LogFunction
+from pvebackup.storage.properties import (
+    PropertyKind,
+    PropertySpec,
+    StorageProperties,
+    parse_properties,
+)
 from pvebackup.storage.version import APIVER
 
 __all__ = [
     "COMMON_PROPERTIES",
     "DamagedVolume",
+    "PropertyKind",
     "PropertySpec",
+    "StorageProperties",
     "StoragePlugin",
     "VolumeInfo",
     "VolumeScan",
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class PropertySpec:
-    """What a plugin accepts for one storage.cfg property.
-
-    :ivar required: the section is refused without it.
-    :ivar flag: a boolean property; may be written without a value (``shared``),
-        which means ``"1"``. Values ``0/1/yes/no/on/off/true/false`` are accepted.
-    :ivar description: one line for people (``pvebackup`` help, docs).
-    :ivar path: an absolute file system path; storage.cfg parsing refuses one with
-        a NUL byte, a component over ``NAME_MAX`` or a length that leaves less than
-        ``PATH_RESERVE`` bytes below ``PATH_MAX`` for the names created under it.
-    """
-
-    required: bool = False
-    flag: bool = False
-    description: str = ""
-    path: bool = False
-
-
 COMMON_PROPERTIES: Mapping[str, PropertySpec] = {
     "content": PropertySpec(
         description="comma separated content types (images, rootdir, backup, ...)"
     ),
-    "disable": PropertySpec(flag=True, description="the storage is disabled"),
+    "disable": PropertySpec(
+        PropertyKind.BOOL,
+        description="the storage is disabled: no backup to it, no restore from or onto"
+        " it, no list or remove (storage.cfg still parses)",
+    ),
     "nodes": PropertySpec(description="comma separated node names that may use it"),
-    "shared": PropertySpec(flag=True, description="all nodes see the same content"),
+    "shared": PropertySpec(PropertyKind.BOOL, description="all nodes see the same content"),
 }
 """Properties every storage type understands (Proxmox VE's common options)."""
 
@@ -145,6 +138,21 @@ class StoragePlugin:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} type={getattr(self, 'type', '?')!r}>"
+
+    def parse_properties(self, scfg: Mapping[str, str], storeid: str) -> StorageProperties:
+        """The typed properties of ``scfg`` by this plugin's :attr:`properties`.
+
+        The one call a plugin or its provider makes to read its properties: the
+        seed hands ``scfg`` over as strings; this gives ``bool``, ``int``,
+        ``Path``... values (see :mod:`pvebackup.storage.properties`). Never fails
+        for a scfg of a storage.cfg that was read (it was checked then).
+
+        :raises StorageConfigError: a value that does not parse, an unknown or a
+            missing required property (a scfg made in code).
+        """
+        return parse_properties(
+            self.properties, scfg, storeid, open_properties=self.open_properties
+        )
 
     def new_backup_provider(
         self, scfg: Mapping[str, str], storeid: str, log_function: LogFunction

@@ -26,7 +26,7 @@ Make = Callable[..., BackupDirProvider]
     [
         ({"bitmap": "maybe"}, "bitmap"),
         ({"ct-format": "zip"}, "ct-format"),
-        ({"path": ""}, "needs 'path'"),
+        ({"path": ""}, "'path'.*not an absolute path"),
     ],
 )
 def test_bad_storage_properties(make_provider: Make, props: dict[str, str], message: str) -> None:

@@ -9,7 +9,6 @@ from typing import ClassVar
 from pvebackup.api import BackupProvider, LogFunction
 from pvebackup.api.errors import PveBackupError
 from pvebackup.storage import (
-    COMMON_PROPERTIES,
     DamagedVolume,
     PropertySpec,
     StoragePlugin,
@@ -17,6 +16,7 @@ from pvebackup.storage import (
     VolumeScan,
 )
 from pvebackup_plainfiles.provider import PlainFilesProvider
+from pvebackup_plainfiles.settings import PROPERTIES, Settings
 from pvebackup_plainfiles.volumes import Store
 
 
@@ -25,11 +25,7 @@ class PlainFilesPlugin(StoragePlugin):
     """Storage type ``plain-files``: every backup is a directory of plain files."""
 
     type: ClassVar[str] = "plain-files"
-    properties: ClassVar[Mapping[str, PropertySpec]] = {
-        **COMMON_PROPERTIES,
-        "path": PropertySpec(required=True, path=True, description="backup directory"),
-        "store-logs": PropertySpec(flag=True, description="keep task logs (default on)"),
-    }
+    properties: ClassVar[Mapping[str, PropertySpec]] = PROPERTIES  # see settings.py
 
     def new_backup_provider(
         self, scfg: Mapping[str, str], storeid: str, log_function: LogFunction
@@ -41,7 +37,7 @@ class PlainFilesPlugin(StoragePlugin):
 
     def scan_volumes(self, scfg: Mapping[str, str], storeid: str) -> VolumeScan:
         # One damaged volume (storage content is hostile) must not hide the others.
-        store = Store(scfg)
+        store = Store(Settings.of(scfg, storeid).path)
         volumes, damaged = [], []
         for volname in store.volnames():
             try:
@@ -63,8 +59,8 @@ class PlainFilesPlugin(StoragePlugin):
         return VolumeScan(volumes, damaged)
 
     def free_volume(self, scfg: Mapping[str, str], storeid: str, volname: str) -> None:
-        path = Store(scfg).volume(volname)  # VolumeNotFoundError for bad or missing names
-        shutil.rmtree(path)
+        store = Store(Settings.of(scfg, storeid).path)
+        shutil.rmtree(store.volume(volname))  # VolumeNotFoundError: bad or missing name
 # [end]
 
 

@@ -28,6 +28,7 @@ from pvebackup.api import (
 )
 from pvebackup.api.errors import ExternalToolError, IntegrityError, UnsupportedError
 from pvebackup.kit.pacing import PacedReader, ProgressLog, TokenBucket
+from pvebackup_plainfiles.settings import Settings
 from pvebackup_plainfiles.volumes import DEVICE, Meta, Store, vmtype_prefix
 
 
@@ -49,8 +50,9 @@ class PlainFilesProvider(BackupProvider):
         self, plugin: object, scfg: Mapping[str, str], storeid: str, log_function: LogFunction
     ) -> None:
         super().__init__(plugin, scfg, storeid, log_function)
-        self.store = Store(scfg)  # ConfigError without a path
-        self.store_logs = scfg.get("store-logs", "1").lower() not in ("0", "no", "off", "false")
+        settings = Settings.of(scfg, storeid)  # StorageConfigError for a bad scfg
+        self.store = Store(settings.path)
+        self.store_logs = settings.store_logs
         self.guests: dict[int, _Guest] = {}
 
     def provider_name(self) -> str:

@@ -13,12 +13,11 @@ import json
 import os
 import re
 import stat
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from pvebackup.api import GuestType
-from pvebackup.api.errors import ConfigError, IntegrityError, VolumeNotFoundError
+from pvebackup.api.errors import IntegrityError, VolumeNotFoundError
 
 # [snippet:volnames]
 # Volume names: letters, digits and "-", nothing that could leave the directory.
@@ -47,10 +46,8 @@ class Meta:
 class Store:
     """The backup directory of one storage (``path`` in storage.cfg)."""
 
-    def __init__(self, scfg: Mapping[str, str]) -> None:
-        if not scfg.get("path"):
-            raise ConfigError("plain-files: storage has no 'path'")
-        self.path = Path(scfg["path"])
+    def __init__(self, path: Path) -> None:
+        self.path = path
 
     def volnames(self) -> list[str]:
         try:

@@ -21,17 +21,15 @@ from typing import ClassVar
 
 from pvebackup.api.errors import (
     IntegrityError,
-    StorageConfigError,
     UnsafeArchiveError,
     VolumeNotFoundError,
 )
 from pvebackup.api.provider import BackupProvider
 from pvebackup.api.types import GuestType, LogFunction
 from pvebackup.providers.directory.provider import BackupDirProvider
+from pvebackup.providers.directory.settings import PROPERTIES, BackupDirSettings
 from pvebackup.providers.directory.volumes import VolumeLayout
-from pvebackup.storage.basepath import BASE_PATH_PROPERTIES, CREATE_SUBDIRS, BasePath
 from pvebackup.storage.plugin import (
-    COMMON_PROPERTIES,
     DamagedVolume,
     PropertySpec,
     StoragePlugin,
@@ -48,20 +46,7 @@ class BackupDirPlugin(StoragePlugin):
     """Storage plugin of type ``backup-dir``: backups as plain files in a directory."""
 
     type: ClassVar[str] = "backup-dir"
-    properties: ClassVar[Mapping[str, PropertySpec]] = {
-        **COMMON_PROPERTIES,
-        "path": PropertySpec(
-            required=True, path=True, description="directory the backups are kept in"
-        ),
-        "bitmap": PropertySpec(
-            flag=True, description="incremental VM backups with dirty bitmaps (default yes)"
-        ),
-        "ct-format": PropertySpec(
-            description="how containers are stored: tar (zstd tar, default) or directory"
-        ),
-        **BASE_PATH_PROPERTIES,
-        **CREATE_SUBDIRS,
-    }
+    properties: ClassVar[Mapping[str, PropertySpec]] = PROPERTIES
 
     def new_backup_provider(
         self, scfg: Mapping[str, str], storeid: str, log_function: LogFunction
@@ -115,9 +100,7 @@ class BackupDirPlugin(StoragePlugin):
 
     @staticmethod
     def _layout(scfg: Mapping[str, str], storeid: str) -> VolumeLayout:
-        path = scfg.get("path")
-        if not path:
-            raise StorageConfigError(f"storage {storeid!r}: backup-dir needs 'path'")
+        settings = BackupDirSettings.from_scfg(scfg, storeid)
         # listing or removing never creates anything; unmounted is an error, not "empty"
-        BasePath.from_scfg(scfg, storeid, create_default=False).activate()
-        return VolumeLayout(path)
+        settings.base.activate()
+        return VolumeLayout(settings.path)

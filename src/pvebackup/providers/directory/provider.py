@@ -23,7 +23,6 @@ from pathlib import Path
 from pvebackup.api.errors import (
     IntegrityError,
     LockedError,
-    StorageConfigError,
     UnsafeArchiveError,
     UnsafeStorageError,
     UnsupportedError,
@@ -45,9 +44,10 @@ from pvebackup.kit.crashpoint import crash_point
 from pvebackup.kit.hoststate import HostState
 from pvebackup.kit.lock import lock_descriptor
 from pvebackup.kit.nbdsource import SourceFactory, connect
-from pvebackup.kit.pacing import MIB
 from pvebackup.kit.safefs import owned_fd
+from pvebackup.kit.units import format_bytes
 from pvebackup.providers.directory import archive, images, stored, tree, vm
+from pvebackup.providers.directory.settings import BackupDirSettings
 from pvebackup.providers.directory.volumes import (
     BackupIndex,
     DeviceEntry,
@@ -55,30 +55,15 @@ from pvebackup.providers.directory.volumes import (
     VolumeName,
     allocated_size,
 )
-from pvebackup.storage.basepath import BasePath
 
-__all__ = ["BackupDirProvider", "CT_FORMATS", "parse_flag"]
+__all__ = ["BackupDirProvider"]
 
-CT_FORMATS = ("tar", "directory")
 GUEST_CONFIG = "guest.conf"
 FIREWALL_CONFIG = "firewall.fw"
 TASK_LOG = "task.log"
 TAR_NAME = "root.tar.zst"
 TREE_NAME = "root"
 """Largest stored configuration file read back (guest configs are a few KiB)."""
-_TRUE = {"1", "yes", "on", "true"}
-_FALSE = {"0", "no", "off", "false"}
-
-
-def parse_flag(value: str | None, default: bool, name: str) -> bool:
-    """Read a yes/no storage property; :class:`StorageConfigError` if it is neither."""
-    if value is None or value == "":
-        return default
-    if value.lower() in _TRUE:
-        return True
-    if value.lower() in _FALSE:
-        return False
-    raise StorageConfigError(f"property {name!r} must be yes or no, not {value!r}")
 
 
 def _safe_devicename(devicename: str) -> str:
@@ -140,17 +125,11 @@ class BackupDirProvider(BackupProvider):
         :func:`pvebackup.kit.hoststate.default_state_dir`)."""
         super().__init__(storage_plugin, scfg, storeid, log_function)
         self.hoststate = HostState("backup-dir", storeid, state_dir)
-        path = scfg.get("path")
-        if not path:
-            raise StorageConfigError(f"storage {storeid!r}: backup-dir needs 'path'")
-        self.layout = VolumeLayout(path)
-        self.base = BasePath.from_scfg(scfg, storeid, create_default=False)
-        self.use_bitmap = parse_flag(scfg.get("bitmap"), True, "bitmap")
-        self.ct_format = scfg.get("ct-format") or "tar"
-        if self.ct_format not in CT_FORMATS:
-            raise StorageConfigError(
-                f"storage {storeid!r}: ct-format must be tar or directory, not {self.ct_format!r}"
-            )
+        settings = BackupDirSettings.from_scfg(scfg, storeid)
+        self.layout = VolumeLayout(settings.path)
+        self.base = settings.base
+        self.use_bitmap = settings.use_bitmap
+        self.ct_format = settings.ct_format
         self._guests: dict[int, _GuestBackup] = {}
         self._restores: dict[tuple[str, str], images.ImageChain] = {}
         """Checked image chains, open from ``restore_qemu_img_init`` to its cleanup."""
@@ -520,8 +499,8 @@ class BackupDirProvider(BackupProvider):
             guest.index.bitmap_id = guest.bitmap_id
         self.log(
             "info",
-            f"backup-dir: {devicename}: read {stats.read / MIB:.1f} MiB, wrote "
-            f"{stats.written / MIB:.1f} MiB, {stats.zeroed / MIB:.1f} MiB zero",
+            f"backup-dir: {devicename}: read {format_bytes(stats.read)}, wrote "
+            f"{format_bytes(stats.written)}, {format_bytes(stats.zeroed)} zero",
         )
 
     def backup_directory(
@@ -556,7 +535,7 @@ class BackupDirProvider(BackupProvider):
             )
         self.log(
             "info",
-            f"backup-dir: {stats.entries} entries, {stats.data / MIB:.1f} MiB of file data, "
+            f"backup-dir: {stats.entries} entries, {format_bytes(stats.data)} of file data, "
             f"{stats.excluded} excluded, stored as {name}",
         )
 
@@ -577,7 +556,7 @@ class BackupDirProvider(BackupProvider):
         self.log(
             "info",
             f"backup-dir: committed {guest.volname} "
-            f"({guest.index.stored_size / MIB:.1f} MiB stored)",
+            f"({format_bytes(guest.index.stored_size)} stored)",
         )
 
     def backup_abort(self, vmid: int, error: str) -> None:

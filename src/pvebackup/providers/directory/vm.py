@@ -52,6 +52,7 @@ from pvebackup.kit.nbdsource import (
     read_in_order,
 )
 from pvebackup.kit.pacing import MIB, ProgressLog, TokenBucket
+from pvebackup.kit.units import format_bytes
 
 __all__ = ["CopyStats", "Extent", "backup_disk", "copy_extents", "plan_reads"]
 
@@ -259,8 +260,8 @@ def backup_disk(
         kind = "incremental (dirty extents)" if incremental else "full (allocated extents)"
         log_function(
             "info",
-            f"{devicename}: {kind}, reading {stats.planned / MIB:.1f} MiB "
-            f"of {size / MIB:.1f} MiB into {image.name}",
+            f"{devicename}: {kind}, reading {format_bytes(stats.planned)} "
+            f"of {format_bytes(size)} into {image.name}",
         )
         create_image(image, size, backing, backing_name)
         target, server = _start_target(image)

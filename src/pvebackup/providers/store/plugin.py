@@ -27,12 +27,10 @@ from typing import ClassVar
 from pvebackup.api.errors import CryptoError, IntegrityError, VolumeNotFoundError
 from pvebackup.api.provider import BackupProvider
 from pvebackup.api.types import LogFunction
-from pvebackup.providers.store.progress import format_bytes
+from pvebackup.kit.units import format_bytes
 from pvebackup.providers.store.provider import BackupStoreProvider
-from pvebackup.providers.store.settings import StoreSettings
-from pvebackup.storage.basepath import BASE_PATH_PROPERTIES
+from pvebackup.providers.store.settings import PROPERTIES, StoreSettings
 from pvebackup.storage.plugin import (
-    COMMON_PROPERTIES,
     DamagedVolume,
     PropertySpec,
     StoragePlugin,
@@ -50,19 +48,7 @@ class BackupStorePlugin(StoragePlugin):
     """Storage plugin of type ``backup-store``: the deduplicating chunk store."""
 
     type: ClassVar[str] = "backup-store"
-    properties: ClassVar[Mapping[str, PropertySpec]] = {
-        **COMMON_PROPERTIES,
-        "path": PropertySpec(required=True, path=True, description="datastore directory"),
-        "encryption-key": PropertySpec(path=True, description="key file (pvebackup key create)"),
-        "encryption-passphrase-file": PropertySpec(
-            path=True,
-            description="file holding the passphrase of a protected key file"
-        ),
-        "chunk-size": PropertySpec(
-            description="chunk size of new disk indexes (power of two, 64K..16M)"
-        ),
-        **BASE_PATH_PROPERTIES,
-    }
+    properties: ClassVar[Mapping[str, PropertySpec]] = PROPERTIES
 
     def new_backup_provider(
         self, scfg: Mapping[str, str], storeid: str, log_function: LogFunction

@@ -8,16 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["BackupStats", "format_bytes", "stats_detail"]
+from pvebackup.kit.units import format_bytes
 
-
-def format_bytes(n: float) -> str:
-    """``1536`` -> ``"1.5 KiB"``: binary units, one decimal."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+__all__ = ["BackupStats", "stats_detail"]
 
 
 @dataclass(slots=True)

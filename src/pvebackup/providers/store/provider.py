@@ -45,9 +45,9 @@ from pvebackup.kit.crashpoint import crash_point
 from pvebackup.kit.hoststate import HostState
 from pvebackup.kit.nbdsource import SourceFactory
 from pvebackup.kit.safefs import MAX_CONFIG_FILE_SIZE
+from pvebackup.kit.units import format_bytes
 from pvebackup.providers.store.bitmap_base import BitmapBase, commit_base, decide, reset_base
 from pvebackup.providers.store.disk import BaseUnusableError, DiskBackup
-from pvebackup.providers.store.progress import format_bytes
 from pvebackup.providers.store.restore_server import RestoreServer
 from pvebackup.providers.store.settings import StoreSettings
 from pvebackup.store.datastore import Datastore

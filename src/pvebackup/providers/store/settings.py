@@ -6,7 +6,7 @@
         path /srv/pvebackup-store       # the datastore directory (local backend)
         encryption-key /etc/pvebackup/store1.key
         encryption-passphrase-file /etc/pvebackup/store1.pass   # only for protected keys
-        chunk-size 262144                # for new indexes; default: the store's
+        chunk-size 256K                  # for new indexes; default: the store's
         is_mountpoint yes                # usable only while a file system is mounted there
         create-base-path 0               # create path when missing (default no: refused)
 
@@ -26,15 +26,48 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pvebackup.api.errors import KeyFileError, NotFoundError, StorageConfigError
+from pvebackup.api.errors import KeyFileError, NotFoundError
 from pvebackup.kit.secretfile import read_secret_file
-from pvebackup.storage.basepath import BasePath
+from pvebackup.kit.units import parse_size
+from pvebackup.storage.basepath import BASE_PATH_PROPERTIES, BasePath
+from pvebackup.storage.plugin import COMMON_PROPERTIES
+from pvebackup.storage.properties import PropertyKind, PropertySpec, parse_properties
 from pvebackup.store.backends import make_backend
 from pvebackup.store.datastore import Datastore
+from pvebackup.store.formats import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from pvebackup.store.index import check_chunk_size
 from pvebackup.store.keys import EncryptionKey, load_key_file
 
-__all__ = ["StoreSettings"]
+__all__ = ["PROPERTIES", "StoreSettings"]
+
+
+def _chunk_size(text: str) -> int:
+    # The store's rule (a power of two) from check_chunk_size; out of range is
+    # left to the spec's minimum/maximum, whose message says it in KiB/MiB.
+    size = parse_size(text)
+    return check_chunk_size(size) if MIN_CHUNK_SIZE <= size <= MAX_CHUNK_SIZE else size
+
+
+PROPERTIES: Mapping[str, PropertySpec] = {
+    **COMMON_PROPERTIES,
+    "path": PropertySpec(PropertyKind.PATH, required=True, description="datastore directory"),
+    "encryption-key": PropertySpec(
+        PropertyKind.PATH, description="key file (pvebackup key create)"
+    ),
+    "encryption-passphrase-file": PropertySpec(
+        PropertyKind.PATH, description="file holding the passphrase of a protected key file"
+    ),
+    "chunk-size": PropertySpec(
+        PropertyKind.SIZE,
+        minimum=MIN_CHUNK_SIZE,
+        maximum=MAX_CHUNK_SIZE,
+        parser=_chunk_size,
+        description="chunk size of new disk indexes: a power of two, 64K..16M "
+        "(bytes, or with K or M)",
+    ),
+    **BASE_PATH_PROPERTIES,
+}
+"""Every property a ``backup-store`` section may have."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,24 +84,21 @@ class StoreSettings:
 
     @classmethod
     def from_scfg(cls, scfg: Mapping[str, str], storeid: str) -> StoreSettings:
-        """Parse ``scfg``. :raises StorageConfigError: missing path, bad chunk size."""
-        path = scfg.get("path")
-        if not path:
-            raise StorageConfigError(f"storage {storeid!r}: backup-store needs 'path'")
-        chunk_size: int | None = None
-        raw = scfg.get("chunk-size")
-        if raw:
-            try:
-                chunk_size = check_chunk_size(_parse_size(raw))
-            except ValueError as exc:
-                raise StorageConfigError(f"storage {storeid!r}: chunk-size: {exc}") from exc
+        """The typed properties of ``scfg`` (see :data:`PROPERTIES`).
+
+        :raises StorageConfigError: missing path, a value that does not parse
+            (only for a scfg made in code: storage.cfg was checked when read).
+        """
+        props = parse_properties(PROPERTIES, scfg, storeid)
+        key_file = props.optional_path("encryption-key")
+        passphrase_file = props.optional_path("encryption-passphrase-file")
         return cls(
             storeid=storeid,
-            path=path,
-            base=BasePath.from_scfg(scfg, storeid, create_default=False),
-            key_file=scfg.get("encryption-key") or None,
-            passphrase_file=scfg.get("encryption-passphrase-file") or None,
-            chunk_size=chunk_size,
+            path=str(props.path("path")),
+            base=BasePath.from_properties(props, create_default=False),
+            key_file=None if key_file is None else str(key_file),
+            passphrase_file=None if passphrase_file is None else str(passphrase_file),
+            chunk_size=props.number("chunk-size"),
         )
 
     def load_key(self) -> EncryptionKey | None:
@@ -120,10 +150,3 @@ class StoreSettings:
         """Chunk size of new indexes: the property, else the store's default."""
         return self.chunk_size or store.chunk_size
 
-
-def _parse_size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    if t and t[-1] in units:
-        return int(t[:-1]) * units[t[-1]]
-    return int(t)
