@@ -20,6 +20,7 @@ from pvebackup.api.errors import (
     ObjectNotFoundError,
     SnapshotExistsError,
     StateError,
+    UnsupportedError,
     VolumeNotFoundError,
     WrongKeyError,
 )
@@ -27,9 +28,11 @@ from pvebackup.api.types import GuestType
 from pvebackup.store.backends.base import ObjectInfo
 from pvebackup.store.backends.local import LocalBackend
 from pvebackup.store.backends.memory import MemoryBackend
+from pvebackup.store.chunkindex import ChunkLocation
 from pvebackup.store.datastore import CONFIG_KEY, Datastore
 from pvebackup.store.formats import ZERO_DIGEST
 from pvebackup.store.keys import EncryptionKey
+from pvebackup.store.pack import pack_key
 from pvebackup.store.snapshot import MANIFEST_NAME, SnapshotId
 
 CS = 64 * 1024
@@ -96,8 +99,24 @@ def test_key_for_plain_store_is_refused(key: EncryptionKey) -> None:
 
 def test_corrupt_config() -> None:
     backend = MemoryBackend()
-    backend.put(CONFIG_KEY, b'{"format": "pvebackup-store", "version": 1}', overwrite=False)
+    backend.put(CONFIG_KEY, b'{"format": "pvebackup-store", "version": 2}', overwrite=False)
     with pytest.raises(CorruptIndexError, match="config.json"):
+        Datastore.open(backend)
+
+
+def test_format_1_store_is_refused_clearly() -> None:
+    backend = MemoryBackend()
+    backend.put(CONFIG_KEY, b'{"format": "pvebackup-store", "version": 1}', overwrite=False)
+    with pytest.raises(UnsupportedError, match="format 1.*create a new store"):
+        Datastore.open(backend)
+
+
+def test_unknown_algorithm_ids_are_refused() -> None:
+    backend = MemoryBackend()
+    Datastore.create(backend)
+    cfg = backend.get(CONFIG_KEY).replace(b'"zstd"', b'"lz4"')
+    backend.put(CONFIG_KEY, cfg, overwrite=True)
+    with pytest.raises(UnsupportedError, match="lz4"):
         Datastore.open(backend)
 
 
@@ -108,8 +127,14 @@ def test_insert_read_and_idempotence(store: Datastore) -> None:
     assert (r2.digest, r2.stored_size, r2.is_new) == (r1.digest, r1.stored_size, False)
     assert store.has_chunk(r1.digest)
     assert store.read_chunk(r1.digest, CS) == _chunk(1)
-    assert store.backend.exists(Datastore.chunk_key(r1.digest))
-    assert Datastore.chunk_key(r1.digest) == f"chunks/{r1.digest.hex()[:2]}/{r1.digest.hex()}"
+    assert list(store.backend.list("packs/")) == []  # still in the open pack
+    store.flush()
+    (pack,) = store.pack_names()
+    assert store.locate_chunk(r1.digest) == ChunkLocation(pack, 16, r1.stored_size, CS)
+    # another session (process) finds it through the index object
+    other = Datastore.open(store.backend, key=store.key)
+    assert other.read_chunk(r1.digest, CS) == _chunk(1)
+    assert not other.insert_chunk(_chunk(1)).is_new
 
 
 def test_prepare_then_store_separately(store: Datastore) -> None:
@@ -123,7 +148,8 @@ def test_prepare_then_store_separately(store: Datastore) -> None:
 def test_zero_chunks_are_not_stored(store: Datastore) -> None:
     r = store.insert_chunk(bytes(CS))
     assert (r.digest, r.stored_size, r.is_new) == (ZERO_DIGEST, 0, False)
-    assert list(store.backend.list("chunks/")) == []
+    store.flush()
+    assert list(store.backend.list("packs/")) == []
     assert store.has_chunk(ZERO_DIGEST)
     assert store.read_chunk(ZERO_DIGEST, 100) == bytes(100)
     with pytest.raises(ValueError):
@@ -140,27 +166,25 @@ def test_encrypted_chunk_names_reveal_nothing(key: EncryptionKey) -> None:
 
 def test_corrupt_missing_and_short_chunks(store: Datastore) -> None:
     r = store.insert_chunk(_chunk(3))
-    k = Datastore.chunk_key(r.digest)
-    blob = bytearray(store.backend.get(k))
-    blob[-1] ^= 0x40
-    store.backend.put(k, bytes(blob), overwrite=True)
+    store.flush()
+    (name,) = store.pack_names()
+    k = pack_key(name)
+    pack = bytearray(store.backend.get(k))
+    pack[16 + r.stored_size - 1] ^= 0x40  # the chunk's last byte, in place
+    store.backend.put(k, bytes(pack), overwrite=True)
     with pytest.raises(CorruptChunkError, match=r.digest.hex()):
         store.read_chunk(r.digest)
-    store.backend.delete(k)
-    with pytest.raises(CorruptChunkError, match="missing"):
+    store.backend.put(k, bytes(pack[: 16 + r.stored_size - 1]), overwrite=True)
+    with pytest.raises(CorruptChunkError, match="cut short"):
         store.read_chunk(r.digest)
+    store.backend.delete(k)
+    with pytest.raises(CorruptChunkError, match="pack .* is missing"):
+        store.read_chunk(r.digest)
+    with pytest.raises(CorruptChunkError, match="missing"):
+        store.read_chunk(store.prepare_chunk(_chunk(5)).digest)
     with pytest.raises(CorruptChunkError, match="index expects"):
-        store.insert_chunk(_chunk(3))
-        store.read_chunk(r.digest, CS - 1)
-
-
-def test_empty_leftover_chunk_is_replaced(store: Datastore) -> None:
-    # A crash between a non-durable put and sync() can leave an empty file.
-    digest = store.prepare_chunk(_chunk(4)).digest
-    store.backend.put(Datastore.chunk_key(digest), b"", overwrite=False)
-    assert not store.has_chunk(digest)
-    assert store.insert_chunk(_chunk(4)).is_new
-    assert store.read_chunk(digest) == _chunk(4)
+        store.insert_chunk(_chunk(6))
+        store.read_chunk(store.prepare_chunk(_chunk(6)).digest, CS - 1)
 
 
 def test_snapshot_write_read_list_remove(store: Datastore) -> None:
@@ -339,7 +363,9 @@ def test_two_writer_processes_into_one_store(tmp_path: Path) -> None:
     ds = Datastore.open(LocalBackend(root))
     sids = ds.list_snapshots()
     assert [s.vmid for s in sids] == [100, 101]
-    assert len(list(ds.backend.list("chunks/"))) == 32 + 2 * 32
+    # each writer packed its own new chunks; the shared ones at most twice
+    assert 32 + 2 * 32 <= len(ds.rebuild_index_from_packs()) <= 2 * 64
+    assert len(ds.index_entries()) == len(ds.rebuild_index_from_packs())
     for sid in sids:
         idx = ds.open_snapshot(sid).open_index("drive-scsi0")
         for i in range(len(idx)):

@@ -34,6 +34,7 @@ caller can decide whether retrying can help.
     │       └── UnprotectedKeyFileError          key/passphrase file readable by group or others
     ├── StateError                      exit 7   refused because of existing state
     │   ├── GuestExistsError                     restore onto an existing vmid without --force
+    │   ├── GuestRunningError                    restore onto a running VM (qmrestore refuses too)
     │   ├── VolumeInUseError                     remove a volume another one depends on
     │   ├── SnapshotExistsError                  a snapshot with that name is already stored
     │   └── LockedError                          someone else holds a lock
@@ -69,6 +70,7 @@ __all__ = [
     "GuestConfigError",
     "GuestExistsError",
     "GuestNotFoundError",
+    "GuestRunningError",
     "IntegrityError",
     "KeyFileError",
     "LockedError",
@@ -250,11 +252,15 @@ class StateError(PveBackupError):
     """Refused because of existing state; nothing was changed."""
 
     exit_code = 7
-    summary = "refused because of existing state (guest exists, volume in use, locked)"
+    summary = "refused because of existing state (guest exists or runs, volume in use, locked)"
 
 
 class GuestExistsError(StateError):
     """A guest with the target vmid exists and --force was not given."""
+
+
+class GuestRunningError(StateError):
+    """The target vmid is a running VM: a restore never replaces a running guest's disks."""
 
 
 class VolumeInUseError(StateError):

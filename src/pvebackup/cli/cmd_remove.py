@@ -22,7 +22,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser(
         "remove",
         help="remove a backup",
-        description="Remove backup STOREID:VOLNAME. Exit status 0; 3 when it does not "
+        description="Remove backup STOREID:VOLNAME. On a backup-store, the space of "
+        "the data only this backup used is freed by later runs of 'pvebackup gc'. "
+        "Exit status 0; 3 when it does not "
         "exist; 7 when another backup depends on it; 8 when the storage holds a symlink "
         "or special file in its place (nothing is removed); other codes as listed in "
         "'pvebackup --help'.",

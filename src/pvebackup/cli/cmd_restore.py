@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pvebackup.cli.common import vmid_arg
 from pvebackup.host.guests import NodeRoot
+from pvebackup.host.qemu import liverestore
 from pvebackup.host.restore import run_restore
 
 __all__ = ["RestoreOptions", "add_parser", "run"]
@@ -22,6 +23,9 @@ class RestoreOptions:
     storage: str | None = None
     force: bool = False
     keep_host_access: bool = False
+    live: bool = False
+    start_command: str | None = None
+    bwlimit: int | None = None
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -40,6 +44,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "raw lxc.* keys, root-only container features) are dropped with a warning each "
         "unless --keep-host-access is given; lxc.idmap is never taken from a backup "
         "(the target's map is used). "
+        "A running VM VMID (its var/run/qemu-server/VMID.pid names a live process) is "
+        "always refused (exit 7), also with --force; a restore never starts a VM, "
+        "except with --live: then the new disks read through from the backup's NBD "
+        "export, the VM is started at once with the node's start command "
+        "(--start-command, else $PVEBACKUP_START_COMMAND, else 'qm start'; the VMID is "
+        "appended) and the data is copied into the new disks in the background "
+        "(QEMU block-stream); the restore returns when the VM no longer needs the "
+        "backup. If the export fails during the copy, the VM is paused and stopped, "
+        "and its config and new volumes removed. --live needs a provider whose restore "
+        "source is a NBD URI (backup-store; others are refused, exit 4) and a new VMID. "
         "Exit status 0 on success, codes as listed in 'pvebackup --help'.",
     )
     p.add_argument("volid", metavar="STOREID:VOLNAME", help="the backup to restore")
@@ -52,13 +66,38 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="keep the backed-up config's keys that grant host access (only for a backup "
         "you trust as much as root on this host); lxc.idmap is dropped even then",
     )
+    p.add_argument(
+        "--live",
+        action="store_true",
+        help="start the VM at once and copy its disks from the backup while it runs",
+    )
+    p.add_argument(
+        "--start-command",
+        metavar="CMD",
+        help="command that starts a VM, the VMID appended (--live; default: "
+        "$PVEBACKUP_START_COMMAND, else 'qm start')",
+    )
+    p.add_argument(
+        "--bwlimit",
+        metavar="KIB_PER_S",
+        type=int,
+        help="limit the background copy of --live, per disk",
+    )
     p.set_defaults(command=_from_args)
 
 
 def _from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return run(
         RestoreOptions(
-            args.root, args.volid, args.vmid, args.storage, args.force, args.keep_host_access
+            args.root,
+            args.volid,
+            args.vmid,
+            args.storage,
+            args.force,
+            args.keep_host_access,
+            args.live,
+            args.start_command,
+            args.bwlimit,
         )
     )
 
@@ -71,6 +110,9 @@ def run(opts: RestoreOptions) -> int:
         target_storage=opts.storage,
         force=opts.force,
         keep_host_access=opts.keep_host_access,
+        live=opts.live,
+        start_command=liverestore.start_command(opts.start_command) if opts.live else None,
+        bwlimit_kib=opts.bwlimit,
         terminal=sys.stderr,
     )
     print(f"restored {opts.volid} as {result.vmtype} guest {result.vmid}")

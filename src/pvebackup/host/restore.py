@@ -13,16 +13,25 @@
                restore_directory_cleanup (always)
     write the new config (new vmid, new volume ids), then the firewall config
 
+    --live (VMs): per disk the target's backing file is the provider's NBD URI
+               (restore_qemu_img_init); the config is written, the node's start
+               command starts the VM, block-stream copies every disk in the
+               background (:mod:`pvebackup.host.qemu.liverestore`), then
+               restore_qemu_img_cleanup
+
 The backed-up config is hostile input: keys that grant host access (hookscript,
 args, passthrough devices, host paths, raw ``lxc.*`` keys) are dropped with a
 warning unless ``keep_host_access``, and a container's id map always comes from
 the target, never from the backup (see :mod:`pvebackup.host.hostaccess`).
 
-Guarantees: an existing guest with the vmid is refused without ``force``. The
+Guarantees: a running VM with the vmid is always refused (as qmrestore does); a
+restore never starts a VM, except ``live``. An existing guest with the vmid is
+refused without ``force``. The
 restore fills *new* volumes; only when everything succeeded is the config written
 (atomically, the commit point) and, with ``force``, the old guest's volumes
 removed. A failed or interrupted restore frees every volume it allocated and
-leaves existing guests untouched.
+leaves existing guests untouched. A failed live restore stops the VM it started,
+removes the config it wrote and frees its volumes.
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -43,12 +52,14 @@ from pvebackup.api.errors import (
     ExternalToolError,
     GuestConfigError,
     GuestExistsError,
+    GuestRunningError,
     IntegrityError,
     PluginError,
     PveBackupError,
     StorageNotFoundError,
     StorageUnavailableError,
     UnsupportedError,
+    UsageError,
 )
 from pvebackup.api.provider import BackupProvider
 from pvebackup.api.types import GuestType, IdMapEntry, RestoreMechanism
@@ -63,6 +74,7 @@ from pvebackup.host.guests import (
 )
 from pvebackup.host.hostaccess import restrict_config
 from pvebackup.host.lxc.restore import copy_directory, extract_tar
+from pvebackup.host.qemu import liverestore
 from pvebackup.host.runstate import GuestRun
 from pvebackup.host.signals import abort_on_signals
 from pvebackup.host.tasklog import LogRouter
@@ -107,6 +119,9 @@ def run_restore(
     target_storage: str | None = None,
     force: bool = False,
     keep_host_access: bool = False,
+    live: bool = False,
+    start_command: Sequence[str] | None = None,
+    bwlimit_kib: int | None = None,
     terminal: TextIO | None = sys.stderr,
 ) -> RestoreResult:
     """Restore backup ``volid`` (``STOREID:VOLNAME``) as guest ``vmid``.
@@ -114,22 +129,38 @@ def run_restore(
     :param target_storage: a ``dir`` storage for the new volumes (default: the
         storage each volume had, if it is a ``dir`` storage, else the first one).
     :param force: replace an existing guest ``vmid`` (after the restore succeeded).
+    :param live: (VMs) start the VM at once, reading through from the backup while
+        the data is copied in the background; needs a provider whose restore
+        source is a NBD URI, and a new ``vmid`` (not with ``force``).
+    :param start_command: argv that starts a VM when the VMID is appended
+        (default :func:`liverestore.start_command`: ``qm start``).
+    :param bwlimit_kib: KiB/s per disk for a live restore's background copy.
     :param keep_host_access: keep the backed-up config's keys that grant host
         access (each logged); without it they are dropped with a warning.
         ``lxc.idmap`` is never restored from a backup.
     :raises GuestExistsError: guest ``vmid`` exists and ``force`` is not set.
     :raises LockedError: another backup or restore of ``vmid`` runs (exit 7).
+    :raises GuestRunningError: ``vmid`` is a running VM (exit 7), also with ``force``.
     :raises UnsupportedError: the storage has no provider, or the mechanism does
         not fit the guest type.
     :raises AbortedError: SIGINT/SIGTERM; everything created was removed.
     :raises PveBackupError: anything else that failed; everything created was removed.
     """
+    if bwlimit_kib is not None and bwlimit_kib <= 0:
+        raise UsageError(f"bandwidth limit must be positive, not {bwlimit_kib}")
+    if live and force:
+        raise UsageError("a live restore needs a new VMID; it cannot be combined with --force")
     log = LogRouter(terminal)
     cfg = read_storage_config(root.storage_cfg)
     storeid, volname = parse_volume_id(volid)
     scfg = storage_config(cfg, storeid)
     # The guest lock first: it also frees what a killed restore of vmid allocated.
     with GuestRun(root, vmid, action="restore", log=log, cfg=cfg) as guest_run:
+        pid = liverestore.running_vm_pid(root, vmid)
+        if pid is not None:
+            # Its disks are in use by a live QEMU: replacing them under it (or next
+            # to it) would corrupt the guest, as qmrestore knows.
+            raise GuestRunningError(f"VM {vmid} is running (PID {pid}); stop it first")
         old_type = root.guest_type(vmid)
         if old_type is not None and not force:
             raise GuestExistsError(
@@ -146,6 +177,10 @@ def run_restore(
                 root, cfg, provider, storeid, volname, vmid, target_storage, log, guest_run
             )
             run.keep_host_access = keep_host_access
+            if live:
+                run.live = True
+                run.start_command = list(start_command or liverestore.start_command())
+                run.live_speed = (bwlimit_kib or 0) * 1024
             if isinstance(old_config, CtConfig):
                 run.target_id_map = old_config.explicit_id_map
             result = run.restore()
@@ -180,6 +215,11 @@ class _Restore:
         self.created: list[str] = []
         self.keep_host_access = False
         self.target_id_map: tuple[IdMapEntry, ...] = ()
+        self.live = False
+        self.start_command: list[str] = []
+        self.live_speed = 0
+        self.live_disks: list[liverestore.LiveDisk] = []
+        self.live_sources: list[str] = []  # devicenames whose restore source is open
         if target_storage is not None:
             self._dir_storage(target_storage)  # fail early on a bad --storage
 
@@ -221,6 +261,8 @@ class _Restore:
     # -- the restore -----------------------------------------------------------------
 
     def restore(self) -> RestoreResult:
+        written: Path | None = None
+        live_done = False
         try:
             mechanism, vmtype = self.provider.restore_get_mechanism(self.volname, self.storeid)
             mechanism = RestoreMechanism(mechanism)
@@ -229,6 +271,8 @@ class _Restore:
                 raise UnsupportedError(
                     f"restore mechanism '{mechanism}' does not fit guest type '{vmtype}'"
                 )
+            if self.live and vmtype != GuestType.QEMU:
+                raise UnsupportedError("live restore is for VMs; this backup is a container")
             text = self.provider.extract_guest_config(self.volname, self.storeid)
             where = f"{self.storeid}:{self.volname} (guest config)"
             config = restrict_config(
@@ -249,9 +293,25 @@ class _Restore:
                     replace[entry.key] = None
             path = self.root.config_path(self.vmid, vmtype)
             crash_point("restore-before-config")
+            if self.live:
+                written = path
+                self.guest_run.add_config(path)
             write_config_file(path, config.render(replace))
+            if self.live:
+                self._go_live()
+                # Committed: the VM runs on complete disks; from here on nothing is
+                # taken away from it (a signal now only skips the source clean-up).
+                live_done = True
+                self.guest_run.drop_config(path)
+                self._close_live_sources()
         except BaseException as exc:
             self.log.err(f"restore failed: {_describe(exc)}")
+            if live_done:
+                raise
+            if written is not None:
+                # The VM that used it is stopped (liverestore stops it on failure).
+                written.unlink(missing_ok=True)
+            self._close_live_sources()
             self._free_created()
             raise
         self._write_firewall(firewall)
@@ -303,6 +363,12 @@ class _Restore:
             source = self.provider.restore_qemu_img_init(
                 self.volname, self.storeid, disk.devicename
             )
+            if self.live:
+                self.live_sources.append(disk.devicename)
+                liverestore.set_backing(path, str(source))
+                self.live_disks.append(liverestore.LiveDisk(disk.devicename, path))
+                replace[disk.key] = disk.spec.render(volume=volid, size=format_size(size))
+                continue
             try:
                 _qemu_img_convert(str(source), path, self._progress(disk.devicename))
             finally:
@@ -311,6 +377,27 @@ class _Restore:
                 )
             replace[disk.key] = disk.spec.render(volume=volid, size=format_size(size))
         return replace
+
+    def _go_live(self) -> None:
+        """Start the VM on the read-through targets and copy everything (the sources
+        are closed by the caller only then: until the copy ended, the VM reads them)."""
+        liverestore.live_restore(
+            self.root,
+            self.vmid,
+            self.live_disks,
+            self.start_command,
+            speed=self.live_speed,
+            log=self.log,
+            observer=self.guest_run,
+        )
+
+    def _close_live_sources(self) -> None:
+        while self.live_sources:
+            devicename = self.live_sources.pop()
+            try:
+                self.provider.restore_qemu_img_cleanup(self.volname, self.storeid, devicename)
+            except Exception as exc:
+                self.log.err(f"{devicename}: restore cleanup failed: {_describe(exc)}")
 
     def _progress(self, devicename: str) -> Callable[[float], None]:
         def report(percent: float) -> None:

@@ -7,7 +7,8 @@ right, since the processes and mounts it names are gone then too)::
                          holds "PID start-time command" of the holder
     state/<vmid>.json    what the holder has started or made and not yet removed:
                          children (PID, kernel start time, program, run dir),
-                         private directories, volumes it is about to allocate
+                         private directories, volumes it is about to allocate,
+                         a live restore's config written but not yet committed
 
 A second backup or restore of the same guest fails at once with
 :class:`LockedError` (exit 7, "locked by PID N"). The kernel drops the flock when
@@ -17,7 +18,8 @@ next and finds a state file knows its writer is dead, and removes what it names
 is SIGKILLed only if ``/proc/PID`` still shows the same start time and program;
 mounts below a recorded directory are detached (deepest first); the directories
 are removed, but never while a mount remains below one; a recorded volume is
-freed unless the guest's current config uses it. On a normal exit (also after an
+freed unless the guest's current config uses it (an uncommitted live restore
+config is removed first, after its VM was killed). On a normal exit (also after an
 exception or SIGTERM) every resource was removed by its own ``finally`` block,
 and the state file goes.
 """
@@ -36,7 +38,7 @@ from types import TracebackType
 from typing import Any
 
 from pvebackup.api.errors import PveBackupError, UnsafeStorageError
-from pvebackup.api.types import LogFunction, LogLevel
+from pvebackup.api.types import GuestType, LogFunction, LogLevel
 from pvebackup.host.guests import CtConfig, NodeRoot, VmConfig
 from pvebackup.kit import safefs
 from pvebackup.kit.lock import FileLock
@@ -142,6 +144,7 @@ class GuestRun:
                 "children": [],
                 "dirs": [],
                 "volumes": [],
+                "configs": [],
             }
             self._save()
         except BaseException:
@@ -197,6 +200,20 @@ class GuestRun:
             self._state["volumes"].append(volid)
             self._save()
 
+    def add_config(self, path: Path) -> None:
+        """Record a config about to be written that is not the commit point yet (a
+        live restore's: its VM runs before its disks are complete)."""
+        with self._mutex:
+            self._state["configs"].append(str(path))
+            self._save()
+
+    def drop_config(self, path: Path) -> None:
+        """The config recorded by :meth:`add_config` is committed (or gone)."""
+        with self._mutex:
+            if str(path) in self._state["configs"]:
+                self._state["configs"].remove(str(path))
+            self._save()
+
     def _save(self) -> None:
         self.state_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         # Not durable: the state lives on a tmpfs that a reboot clears together with
@@ -242,6 +259,8 @@ class GuestRun:
                 failed |= not self._remove_dir(Path(run_dir))
         for path in _strings(old.get("dirs")):
             failed |= not self._remove_dir(Path(path))
+        for path in _strings(old.get("configs")):
+            failed |= not self._remove_config(Path(path))
         for volid in _strings(old.get("volumes")):
             failed |= not self._free_orphan(volid)
         if failed:
@@ -278,6 +297,22 @@ class GuestRun:
             self._warn(f"cannot remove {path}: {exc.strerror}")
             return False
         self._warn(f"removed {path} left by the earlier run")
+        return True
+
+    def _remove_config(self, path: Path) -> bool:
+        # Only this guest's own config path: whatever else a state file names is
+        # left alone.
+        if path not in {self.root.config_path(self.vmid, t) for t in GuestType}:
+            self._warn(f"not removing {path}: not a config of guest {self.vmid}")
+            return True
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return True
+        except OSError as exc:
+            self._warn(f"cannot remove {path}: {exc.strerror}")
+            return False
+        self._warn(f"removed config {path} of an unfinished live restore")
         return True
 
     def _free_orphan(self, volid: str) -> bool:

@@ -1,10 +1,17 @@
 """The datastore: chunks and snapshots on one backend, with one optional key.
 
-Key layout on the backend::
+Key layout on the backend (store format 2)::
 
     config.json                                   store config (format, chunk size, key check)
-    chunks/<hex[0:2]>/<hex digest>                one blob per chunk
+    packs/<hex[0:2]>/<sha256 hex>                 chunk blobs plus their description
+    index/<sha256 hex>                            chunk index object: digest -> pack, offset
     snapshots/<vm|ct>/<vmid>/<time>/<file>        indexes, blobs, manifest.json (last)
+
+A datastore is one writer session: new chunks go into an open pack (in memory)
+that is put, durably, when it reaches ``pack_size``; ``flush`` (called by
+``SnapshotWriter.commit`` before the manifest) puts the open pack and one index
+object naming this session's packs. Lookups go to a local cache of the index
+objects (``chunkindex``), refreshed from the store on the first miss.
 
 Opening checks the config against the key before anything else is read:
 an encrypted store without a key is ``MissingKeyError``, with another key
@@ -16,15 +23,17 @@ zstd/AES contexts per thread, backends are thread-safe). Split the work as you
 like: ``prepare_chunk`` (CPU only: digest, compress, encrypt) on worker threads,
 ``store_prepared`` wherever; or ``insert_chunk`` (checks existence first, so a
 chunk already stored is neither compressed nor encrypted again). Processes:
-several writers may insert into one store at once; chunk inserts are idempotent
-and atomic (``put(overwrite=False)``), snapshots of different guests never share
-a key.
+several writers may insert into one store at once; each writes its own packs
+(two writers storing the same new chunk store it twice, harmless), snapshots of
+different guests never share a key.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import secrets
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -37,6 +46,7 @@ from pvebackup.api.errors import (
     MissingKeyError,
     ObjectNotFoundError,
     StateError,
+    UnsupportedError,
     VolumeNotFoundError,
     WrongKeyError,
 )
@@ -49,17 +59,45 @@ from pvebackup.store.blob import (
     PreparedChunk,
     is_zero,
 )
+from pvebackup.store.chunkindex import (
+    INDEX_PREFIX,
+    MAX_INDEX_OBJECT_SIZE,
+    ChunkIndexCache,
+    ChunkLocation,
+    MemoryChunkIndex,
+    encode_index_object,
+    index_key,
+    index_name_from_key,
+    parse_index_object,
+)
 from pvebackup.store.formats import (
-    BLOB_HEADER,
     CONFIG_FORMAT,
-    DIGEST_SIZE,
     FORMAT_VERSION,
+    MAX_CHUNK_INDEX_ENTRIES,
     MAX_CONFIG_SIZE,
     MAX_MANIFEST_SIZE,
+    STORE_FORMAT_IDS,
     ZERO_DIGEST,
+)
+from pvebackup.store.gcrecord import (
+    SESSION_TTL,
+    encode_session,
+    load_condemned_digests,
+    session_key,
 )
 from pvebackup.store.index import check_chunk_size
 from pvebackup.store.keys import EncryptionKey
+from pvebackup.store.pack import (
+    DEFAULT_PACK_SIZE,
+    MAX_TARGET_PACK_SIZE,
+    MIN_PACK_SIZE,
+    PACKS_PREFIX,
+    PackBuilder,
+    PackEntry,
+    pack_key,
+    pack_name_from_key,
+    read_pack_entries,
+)
 from pvebackup.store.snapshot import (
     MANIFEST_NAME,
     SNAPSHOTS_PREFIX,
@@ -70,7 +108,6 @@ from pvebackup.store.snapshot import (
 )
 
 __all__ = [
-    "CHUNKS_PREFIX",
     "CONFIG_KEY",
     "DEFAULT_CHUNK_SIZE",
     "Datastore",
@@ -79,10 +116,10 @@ __all__ = [
 ]
 
 CONFIG_KEY: Final = "config.json"
-CHUNKS_PREFIX: Final = "chunks/"
 DEFAULT_CHUNK_SIZE: Final = 256 * 1024
 """See docs/design.md, "Chunk size": scattered small writes must not cost much."""
-_MIN_BLOB: Final = BLOB_HEADER.size
+_PACK_ENTRY_LIMIT: Final = 65536
+"""Most chunks per pack (compressible chunks are tiny): keeps descriptions small."""
 _MIN_LEVEL: Final = -7  # zstd's fast levels go lower; nobody needs them for backups
 _MAX_LEVEL: Final = 22
 
@@ -111,11 +148,14 @@ class StoreConfig:
     encrypted: bool
     key_fingerprint: str | None
     key_check: str | None
+    pack_size: int = DEFAULT_PACK_SIZE
 
     def to_bytes(self) -> bytes:
         doc = {
             "format": CONFIG_FORMAT,
             "version": FORMAT_VERSION,
+            "formats": STORE_FORMAT_IDS,
+            "pack_size": self.pack_size,
             "store_id": self.store_id,
             "created": self.created,
             "chunk_size": self.chunk_size,
@@ -144,8 +184,21 @@ class StoreConfig:
             doc: Any = json.loads(data)
             if not isinstance(doc, dict) or doc.get("format") != CONFIG_FORMAT:
                 raise ValueError("not a pvebackup store config")
+            if doc.get("version") == 1:
+                raise UnsupportedError(
+                    "this store has format 1 (one file per chunk, written by a development "
+                    "version); format 2 (packs) is required: create a new store"
+                )
             if doc.get("version") != FORMAT_VERSION:
                 raise ValueError(f"unsupported store version {doc.get('version')!r:.40}")
+            if typed(doc["formats"], dict) != STORE_FORMAT_IDS:
+                raise UnsupportedError(
+                    f"{CONFIG_KEY}: unknown algorithms or layouts {doc.get('formats')!r:.200}; "
+                    f"this version knows {STORE_FORMAT_IDS}"
+                )
+            pack_size = typed(doc["pack_size"], int)
+            if not MIN_PACK_SIZE <= pack_size <= MAX_TARGET_PACK_SIZE:
+                raise ValueError(f"pack size {pack_size} out of range")
             level = typed(doc["compression_level"], int)
             if not _MIN_LEVEL <= level <= _MAX_LEVEL:
                 raise ValueError(f"compression level {level} out of range")
@@ -160,6 +213,7 @@ class StoreConfig:
                 encrypted=typed(doc["encrypted"], bool),
                 key_fingerprint=typed(doc["key_fingerprint"], (str, type(None))),
                 key_check=typed(doc["key_check"], (str, type(None))),
+                pack_size=pack_size,
             )
         except (KeyError, TypeError, ValueError, RecursionError) as exc:
             raise CorruptIndexError(f"{CONFIG_KEY}: {exc}") from exc
@@ -173,11 +227,35 @@ class StoreConfig:
 class Datastore:
     """A chunk store. Make one with ``create`` or ``open``, not the constructor."""
 
-    def __init__(self, backend: Backend, config: StoreConfig, key: EncryptionKey | None):
+    def __init__(
+        self,
+        backend: Backend,
+        config: StoreConfig,
+        key: EncryptionKey | None,
+        *,
+        index: ChunkIndexCache | None = None,
+    ):
         self.backend = backend
         self.config = config
         self._key = key
         self.codec = ChunkCodec(key, level=config.compression_level)
+        self.pack_size = config.pack_size
+        self.session = secrets.token_bytes(16)
+        """Random id of this writer session, recorded in its index objects."""
+        self._index: ChunkIndexCache = MemoryChunkIndex() if index is None else index
+        self._lock = threading.RLock()
+        self._pack: PackBuilder | None = None
+        self._written: dict[bytes, ChunkLocation] = {}  # in durable packs, not yet indexed
+        self._unindexed: list[tuple[bytes, list[PackEntry]]] = []
+        self._unindexed_count = 0
+        self._refreshed = False
+        self.session_ttl = SESSION_TTL
+        self._session_started: float | None = None
+        self._last_beat = 0.0
+        self._condemned: frozenset[bytes] = frozenset()
+        self._session_lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
+        self._session_ready = False
 
     def __repr__(self) -> str:
         enc = f", key={self._key.fingerprint}" if self._key else ""
@@ -193,8 +271,12 @@ class Datastore:
         key: EncryptionKey | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         compression_level: int = DEFAULT_COMPRESSION_LEVEL,
+        pack_size: int = DEFAULT_PACK_SIZE,
+        index: ChunkIndexCache | None = None,
     ) -> Datastore:
         """Initialise a new store on ``backend`` (``StateError`` if one exists)."""
+        if not MIN_PACK_SIZE <= pack_size <= MAX_TARGET_PACK_SIZE:
+            raise ValueError(f"pack size {pack_size} out of range")
         store_id = str(uuid.uuid4())
         config = StoreConfig(
             store_id=store_id,
@@ -204,13 +286,20 @@ class Datastore:
             encrypted=key is not None,
             key_fingerprint=None if key is None else key.fingerprint,
             key_check=None if key is None else key.check_value(store_id),
+            pack_size=pack_size,
         )
         if not backend.put(CONFIG_KEY, config.to_bytes(), overwrite=False):
             raise StateError(f"{backend!r} holds a store already")
-        return cls(backend, config, key)
+        return cls(backend, config, key, index=index)
 
     @classmethod
-    def open(cls, backend: Backend, *, key: EncryptionKey | None = None) -> Datastore:
+    def open(
+        cls,
+        backend: Backend,
+        *,
+        key: EncryptionKey | None = None,
+        index: ChunkIndexCache | None = None,
+    ) -> Datastore:
         """Open the store on ``backend``; checks ``key`` before touching any data."""
         try:
             raw = _get_bounded(backend, CONFIG_KEY, MAX_CONFIG_SIZE)
@@ -229,7 +318,7 @@ class Datastore:
                 )
         elif key is not None:
             raise WrongKeyError(f"the store is not encrypted, but key {key.fingerprint} was given")
-        return cls(backend, config, key)
+        return cls(backend, config, key, index=index)
 
     @property
     def encrypted(self) -> bool:
@@ -247,55 +336,254 @@ class Datastore:
 
     # --- chunks -------------------------------------------------------------------
 
-    @staticmethod
-    def chunk_key(digest: bytes) -> str:
-        """Backend key of a chunk: ``chunks/<first 2 hex digits>/<64 hex digits>``."""
-        if len(digest) != DIGEST_SIZE:
-            raise ValueError(f"a digest has {DIGEST_SIZE} bytes")
-        h = digest.hex()
-        return f"{CHUNKS_PREFIX}{h[:2]}/{h}"
-
     def prepare_chunk(self, data: BytesLike) -> PreparedChunk:
         """Digest and blob of ``data``: CPU only, no backend; for worker threads."""
         return self.codec.prepare(data)
 
-    def _probe(self, key: str) -> int:
-        """Size of the stored object ``key``, -1 if missing."""
-        try:
-            return self.backend.stat(key).size
-        except ObjectNotFoundError:
-            return -1
+    # --- writer session (see docs/design.md, "Garbage collection") --------------------
 
-    def _write(self, key: str, digest: bytes, blob: bytes, probed: int) -> InsertResult:
-        # An existing object shorter than a header is a leftover of a crash between
-        # a non-durable put and sync(): replace it instead of trusting it.
-        new = self.backend.put(key, blob, overwrite=probed >= 0, durable=False)
-        return InsertResult(digest, len(blob), new)
+    def _ensure_session(self) -> None:
+        """Register this writer before its first dedup lookup; heartbeat later on.
+
+        Order matters (GC relies on it): the session object (its start time) is
+        visible first, then the condemned records are read, then the index, so
+        a chunk condemned before we started is never deduplicated against, and
+        one condemned later is not deleted while we live.
+        """
+        now = time.time()
+        if self._session_ready:
+            if now - self._last_beat > self.session_ttl / 4:
+                with self._lock:
+                    self._beat(now)
+            return
+        with self._session_lock:  # other threads wait until the session is ready
+            if self._session_ready:
+                return
+            with self._lock:
+                self._session_started = now
+                self._beat(now)
+            condemned = load_condemned_digests(self.backend, self.codec)
+            with self._lock:
+                self._condemned = frozenset(condemned)
+            self.refresh_index(check_vanished=True)
+            self._session_ready = True
+
+    def _beat(self, now: float) -> None:
+        assert self._session_started is not None
+        self.backend.put(
+            session_key(self.session),
+            encode_session(self.session, self._session_started, now, self.session_ttl),
+            overwrite=True,
+            durable=True,
+        )
+        self._last_beat = now
+
+    def _check_session(self) -> None:
+        """Before a manifest: a session silent past its TTL may have been taken for dead."""
+        with self._lock:
+            if self._session_started is None:
+                return
+            now = time.time()
+            if now - self._last_beat > self.session_ttl:
+                raise StateError(
+                    f"writer session {self.session.hex()} was silent for "
+                    f"{now - self._last_beat:.0f} s (more than its {self.session_ttl:.0f} s): "
+                    "garbage collection may have removed chunks it reused; back up again"
+                )
+            self._beat(now)
+
+    def close(self) -> None:
+        """End the writer session: write what is open, drop the session object."""
+        with self._lock:
+            self._write_pack()
+            self._write_index_object()
+            if self._session_started is not None:
+                self.backend.delete(session_key(self.session))
+                self._session_started = None
+                self._session_ready = False
+
+    def _known(self, digest: bytes) -> int:
+        """Stored size of the chunk's blob if this store has it, else -1 (lock held).
+
+        A chunk garbage collection condemned counts as absent: it may be deleted
+        once the sessions that could have seen it are gone, so a new copy is
+        written (this resurrects it).
+        """
+        if self._pack is not None:
+            blob = self._pack.blob(digest)
+            if blob is not None:
+                return len(blob)
+        loc = self._written.get(digest)
+        if loc is None and digest not in self._condemned:
+            loc = self._index.lookup(digest)
+        return -1 if loc is None else loc.length
+
+    def _lookup_size(self, digest: bytes) -> int:
+        self._ensure_session()
+        with self._lock:
+            size = self._known(digest)
+            if size >= 0 or self._refreshed:
+                return size
+        self.refresh_index()
+        with self._lock:
+            return self._known(digest)
+
+    def _add(self, digest: bytes, blob: bytes, size: int) -> InsertResult:
+        self._ensure_session()
+        with self._lock:
+            known = self._known(digest)  # another thread may have added it meanwhile
+            if known >= 0:
+                return InsertResult(digest, known, False)
+            if self._pack is None:
+                self._pack = PackBuilder(self.codec)
+            self._pack.add(digest, blob, size)
+            if self._pack.size >= self.pack_size or len(self._pack) >= _PACK_ENTRY_LIMIT:
+                self._write_pack()
+        return InsertResult(digest, len(blob), True)
+
+    def _write_pack(self) -> None:
+        """Put the open pack durably (before any index object names it). Lock held."""
+        pack, self._pack = self._pack, None
+        if pack is None or not len(pack):
+            return
+        name, data = pack.finish()
+        self.backend.put(pack_key(name), data, overwrite=False, durable=True)
+        for e in pack.entries:
+            self._written[e.digest] = ChunkLocation(name, e.offset, e.length, e.size)
+        self._unindexed.append((name, pack.entries))
+        self._unindexed_count += len(pack.entries)
+        if self._unindexed_count > MAX_CHUNK_INDEX_ENTRIES - _PACK_ENTRY_LIMIT:
+            self._write_index_object()
+
+    def _write_index_object(self) -> None:
+        """Put an index object for the packs written since the last one. Lock held."""
+        if not self._unindexed:
+            return
+        name, data = encode_index_object(self.codec, self.session, self._unindexed)
+        key = index_key(name)
+        self.backend.put(key, data, overwrite=False, durable=True)
+        self._index.add(self._written.items())
+        self._index.mark_ingested(key)
+        self._written.clear()
+        self._unindexed.clear()
+        self._unindexed_count = 0
+
+    def flush(self) -> None:
+        """Write the open pack and an index object for this writer's new packs.
+
+        Both durably, pack first: an index object never names a pack a crash could
+        lose. ``SnapshotWriter.commit`` calls this before the manifest.
+        """
+        self._check_session()
+        with self._lock:
+            self._write_pack()
+            self._write_index_object()
+
+    def refresh_index(self, *, check_vanished: bool = False) -> int:
+        """Ingest index objects other writers stored since; returns how many.
+
+        ``check_vanished``: if an index object the cache ingested is gone (garbage
+        collection compacted it), start the cache over: it may list chunks that
+        were deleted since.
+        """
+        # One refresh at a time: the restore's read-ahead threads all miss at
+        # first, and the later ones then find everything ingested already.
+        with self._refresh_lock:
+            return self._refresh_index(check_vanished)
+
+    def _refresh_index(self, check_vanished: bool) -> int:
+        keys = sorted(self.backend.list(INDEX_PREFIX))
+        with self._lock:
+            seen = self._index.ingested()
+            if check_vanished and not seen <= set(keys):
+                self._index.clear()
+                seen = set()
+            self._refreshed = True
+        new = 0
+        for key in keys:
+            if key in seen:
+                continue
+            name = index_name_from_key(key)
+            if name is None:
+                continue  # not ours (an editor's backup file?): never read
+            try:
+                data = _get_bounded(self.backend, key, MAX_INDEX_OBJECT_SIZE)
+            except ObjectNotFoundError:
+                continue  # compacted away meanwhile
+            parsed = parse_index_object(self.codec, data, name)
+            with self._lock:
+                self._index.add(parsed.entries)
+                self._index.mark_ingested(key)
+            new += 1
+        return new
+
+    def index_entries(self) -> dict[bytes, ChunkLocation]:
+        """Every chunk the store's index objects list (read fresh from the store)."""
+        out: dict[bytes, ChunkLocation] = {}
+        for key in sorted(self.backend.list(INDEX_PREFIX)):
+            name = index_name_from_key(key)
+            if name is not None:
+                data = _get_bounded(self.backend, key, MAX_INDEX_OBJECT_SIZE)
+                for digest, loc in parse_index_object(self.codec, data, name).entries:
+                    out.setdefault(digest, loc)
+        return out
+
+    def pack_names(self) -> list[bytes]:
+        """Names of the stored packs."""
+        names = (pack_name_from_key(k) for k in self.backend.list(PACKS_PREFIX))
+        return sorted(n for n in names if n is not None)
+
+    def rebuild_index_from_packs(self) -> dict[bytes, ChunkLocation]:
+        """The chunk index as the packs' own descriptions give it."""
+        out: dict[bytes, ChunkLocation] = {}
+        for name in self.pack_names():
+            for e in read_pack_entries(self.backend, self.codec, name):
+                out.setdefault(e.digest, ChunkLocation(name, e.offset, e.length, e.size))
+        return out
 
     def store_prepared(self, chunk: PreparedChunk) -> InsertResult:
         """Insert a prepared chunk (idempotent; a zero chunk is not stored)."""
         if chunk.blob is None:
             return InsertResult(ZERO_DIGEST, 0, False)
-        key = self.chunk_key(chunk.digest)
-        size = self._probe(key)
-        if size >= _MIN_BLOB:
+        size = self._lookup_size(chunk.digest)
+        if size >= 0:
             return InsertResult(chunk.digest, size, False)
-        return self._write(key, chunk.digest, chunk.blob, size)
+        return self._add(chunk.digest, chunk.blob, chunk.size)
 
     def insert_chunk(self, data: BytesLike) -> InsertResult:
         """Digest ``data`` and store it unless present (then it is not even encoded)."""
         if is_zero(data):
             return InsertResult(ZERO_DIGEST, 0, False)
         digest = self.codec.digest(data)
-        key = self.chunk_key(digest)
-        size = self._probe(key)
-        if size >= _MIN_BLOB:
+        size = self._lookup_size(digest)
+        if size >= 0:
             return InsertResult(digest, size, False)
-        return self._write(key, digest, self.codec.encode(data), size)
+        return self._add(digest, self.codec.encode(data), len(data))
 
     def has_chunk(self, digest: bytes) -> bool:
         """True if the chunk is stored (always for ``ZERO_DIGEST``)."""
-        return digest == ZERO_DIGEST or self._probe(self.chunk_key(digest)) >= _MIN_BLOB
+        return digest == ZERO_DIGEST or self._lookup_size(digest) >= 0
+
+    def locate_chunk(self, digest: bytes) -> ChunkLocation | None:
+        """Where the chunk is stored; None if not (or still in the open pack)."""
+        with self._lock:
+            loc = self._written.get(digest) or self._index.lookup(digest)
+        if loc is None:
+            self.refresh_index()
+            with self._lock:
+                loc = self._written.get(digest) or self._index.lookup(digest)
+        return loc
+
+    def _locate_for_read(self, digest: bytes) -> ChunkLocation | None:
+        """``locate_chunk``, and once more on a cache started over: a miss on a read
+        is rare (the index said the chunk exists), and a persistent cache another
+        process saved over may lack entries it claims to have ingested."""
+        loc = self.locate_chunk(digest)
+        if loc is None:
+            with self._lock:
+                self._index.clear()
+            loc = self.locate_chunk(digest)
+        return loc
 
     def read_chunk(self, digest: bytes, size: int | None = None) -> bytes:
         """The verified plaintext of chunk ``digest``.
@@ -308,10 +596,26 @@ class Datastore:
             if size is None:
                 raise ValueError("the size of a zero chunk must be given")
             return bytes(size)
-        try:
-            blob = self.backend.get(self.chunk_key(digest))
-        except ObjectNotFoundError as exc:
-            raise CorruptChunkError(f"chunk {digest.hex()}: missing from the store") from exc
+        with self._lock:
+            blob = None if self._pack is None else self._pack.blob(digest)
+        if blob is None:
+            loc = self._locate_for_read(digest)
+            if loc is None:
+                raise CorruptChunkError(f"chunk {digest.hex()}: missing from the store")
+            try:
+                blob = self.backend.get_range(pack_key(loc.pack), loc.offset, loc.length)
+            except ObjectNotFoundError:
+                # Garbage collection may have repacked it since we cached its place.
+                self.refresh_index(check_vanished=True)
+                loc = self.locate_chunk(digest) or loc
+                try:
+                    blob = self.backend.get_range(pack_key(loc.pack), loc.offset, loc.length)
+                except ObjectNotFoundError as exc:
+                    raise CorruptChunkError(
+                        f"chunk {digest.hex()}: its pack {loc.pack.hex()} is missing"
+                    ) from exc
+            if len(blob) != loc.length:
+                raise CorruptChunkError(f"chunk {digest.hex()}: pack {loc.pack.hex()} cut short")
         data = self.codec.decode_chunk(blob, digest)
         if size is not None and len(data) != size:
             raise CorruptChunkError(
@@ -338,6 +642,7 @@ class Datastore:
             chunk_size=self.chunk_size if chunk_size is None else chunk_size,
             bitmap_id=bitmap_id,
             parent=parent,
+            flush=self.flush,
         )
 
     def open_snapshot(self, snapshot: SnapshotId) -> Snapshot:

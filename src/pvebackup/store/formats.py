@@ -38,7 +38,11 @@ __all__ = [
     "FIXED_INDEX_HEADER",
     "FIXED_INDEX_MAGIC",
     "FORMAT_VERSION",
+    "GC_RECORD_ENTRY",
+    "GC_RECORD_HEADER",
+    "GC_RECORD_MAGIC",
     "KDF_SALT",
+    "MAX_GC_RECORD_ENTRIES",
     "KEY_FILE_FORMAT",
     "KEY_FILE_WRAP_AAD",
     "KEY_LABELS",
@@ -56,6 +60,19 @@ __all__ = [
     "MAX_INDEX_CHUNKS",
     "MAX_MANIFEST_SIZE",
     "MIN_CHUNK_SIZE",
+    "CHUNK_INDEX_ENTRY",
+    "CHUNK_INDEX_HEADER",
+    "CHUNK_INDEX_MAGIC",
+    "MAX_CHUNK_INDEX_ENTRIES",
+    "MAX_PACK_ENTRIES",
+    "MAX_PACK_SIZE",
+    "PACK_DESCRIPTION_HEADER",
+    "PACK_DESCRIPTION_MAGIC",
+    "PACK_ENTRY",
+    "PACK_HEADER",
+    "PACK_MAGIC",
+    "PACK_TRAILER",
+    "STORE_FORMAT_IDS",
     "Field",
     "Layout",
     "ZERO_DIGEST",
@@ -131,7 +148,8 @@ MAX_MANIFEST_SIZE: Final = 16 * 1024 * 1024
 MAX_CONFIG_SIZE: Final = 64 * 1024
 """Largest store ``config.json`` a reader loads (a real one is ~400 bytes)."""
 
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2
+"""Store format 2: chunks in packs, a chunk index (format 1, chunk files, is refused)."""
 CONFIG_FORMAT: Final = "pvebackup-store"
 MANIFEST_FORMAT: Final = "pvebackup-manifest"
 KEY_FILE_FORMAT: Final = "pvebackup-key"
@@ -186,13 +204,161 @@ FIXED_INDEX_HEADER: Final = Layout(
     512,
 )
 
+# --- pack ------------------------------------------------------------------------
+# PACK_HEADER, the chunk blobs back to back, the description (one blob, encrypted
+# in an encrypted store), PACK_TRAILER. Named by the SHA-256 of all its bytes.
+
+# sha256(b"pvebackup pack v1")[:8] = 01 8c 5a 32 c2 6f 30 43
+PACK_MAGIC: Final = bytes.fromhex("018c5a32c26f3043")
+assert derive_magic("pack v1") == PACK_MAGIC
+
+PACK_HEADER: Final = Layout(
+    "pack header",
+    (
+        Field("magic", "8s"),
+        Field("reserved", "8s"),
+    ),
+    16,
+)
+
+PACK_TRAILER: Final = Layout(
+    "pack trailer",
+    (
+        Field("magic", "8s"),
+        Field("description_size", "I"),  # stored size of the description blob
+        Field("reserved", "I"),
+    ),
+    16,
+)
+
+# sha256(b"pvebackup pack description v1")[:8] = a2 cc 70 46 00 be c6 fb
+PACK_DESCRIPTION_MAGIC: Final = bytes.fromhex("a2cc704600bec6fb")
+assert derive_magic("pack description v1") == PACK_DESCRIPTION_MAGIC
+
+PACK_DESCRIPTION_HEADER: Final = Layout(
+    "pack description header",
+    (
+        Field("magic", "8s"),
+        Field("count", "I"),  # entries that follow
+        Field("reserved", "I"),
+    ),
+    16,
+)
+
+PACK_ENTRY: Final = Layout(
+    "pack entry",
+    (
+        Field("digest", "32s"),
+        Field("offset", "I"),  # of the chunk's blob in the pack
+        Field("length", "I"),  # stored size of the blob
+        Field("size", "I"),  # plaintext size
+        Field("flags", "I"),  # the blob's flags (compression, encryption)
+    ),
+    48,
+)
+
+MAX_PACK_SIZE: Final = 1 << 30
+"""Largest pack a reader accepts (the target is a few MiB; u32 offsets fit)."""
+MAX_PACK_ENTRIES: Final = (MAX_CHUNK_SIZE - PACK_DESCRIPTION_HEADER.size) // PACK_ENTRY.size
+"""A description is one blob (at most MAX_CHUNK_SIZE of plaintext)."""
+
+# --- chunk index object -------------------------------------------------------------
+# ``index/<sha256 of the stored bytes>``: one blob whose plaintext is the header,
+# ``pack_count`` pack names (32 bytes each), then ``entry_count`` entries.
+
+# sha256(b"pvebackup chunk index v1")[:8] = 8e f5 1b ea b6 24 a8 cd
+CHUNK_INDEX_MAGIC: Final = bytes.fromhex("8ef51beab624a8cd")
+assert derive_magic("chunk index v1") == CHUNK_INDEX_MAGIC
+
+CHUNK_INDEX_HEADER: Final = Layout(
+    "chunk index header",
+    (
+        Field("magic", "8s"),
+        Field("session", "16s"),  # random id of the writer session
+        Field("created", "q"),  # seconds since the epoch
+        Field("pack_count", "I"),
+        Field("entry_count", "I"),
+    ),
+    40,
+)
+
+CHUNK_INDEX_ENTRY: Final = Layout(
+    "chunk index entry",
+    (
+        Field("digest", "32s"),
+        Field("pack", "I"),  # number of the pack in this object's pack list
+        Field("offset", "I"),
+        Field("length", "I"),
+        Field("size", "I"),
+    ),
+    48,
+)
+
+MAX_CHUNK_INDEX_ENTRIES: Final = (
+    MAX_CHUNK_SIZE - CHUNK_INDEX_HEADER.size - DIGEST_SIZE
+) // (CHUNK_INDEX_ENTRY.size + DIGEST_SIZE)
+"""Entries one index object may hold (one pack per entry at worst): it is one blob."""
+
+# --- garbage collection record ----------------------------------------------------------
+# ``gc/condemned/<hex>``: one blob whose plaintext is the header, then ``count``
+# entries: a condemned chunk location, or (zero digest, pack) for a pack that no
+# index object named.
+
+# sha256(b"pvebackup gc record v1")[:8]
+GC_RECORD_MAGIC: Final = bytes.fromhex("a6ac9f6e3fe4e3ce")
+assert derive_magic("gc record v1") == GC_RECORD_MAGIC
+
+GC_RECORD_HEADER: Final = Layout(
+    "gc record header",
+    (
+        Field("magic", "8s"),
+        Field("created", "d"),  # seconds since the epoch (float) of the condemnation
+        Field("count", "I"),
+        Field("reserved", "I"),
+    ),
+    24,
+)
+
+GC_RECORD_ENTRY: Final = Layout(
+    "gc record entry",
+    (
+        Field("digest", "32s"),  # zero: the whole pack (named by no index object)
+        Field("pack", "32s"),
+    ),
+    64,
+)
+
+MAX_GC_RECORD_ENTRIES: Final = (MAX_CHUNK_SIZE - GC_RECORD_HEADER.size) // GC_RECORD_ENTRY.size
+
+STORE_FORMAT_IDS: Final[dict[str, str]] = {
+    "digest": "sha256",
+    "keyed_digest": "hmac-sha256",
+    "compression": "zstd",
+    "cipher": "aes-256-gcm",
+    "pack": "pack-v1",
+    "chunk_index": "chunk-index-v1",
+}
+"""Algorithm and layout ids recorded in ``config.json``; a reader refuses others."""
+
 MAGICS: Final[dict[str, bytes]] = {
     "BLOB_MAGIC": BLOB_MAGIC,
     "FIXED_INDEX_MAGIC": FIXED_INDEX_MAGIC,
+    "PACK_MAGIC": PACK_MAGIC,
+    "PACK_DESCRIPTION_MAGIC": PACK_DESCRIPTION_MAGIC,
+    "CHUNK_INDEX_MAGIC": CHUNK_INDEX_MAGIC,
+    "GC_RECORD_MAGIC": GC_RECORD_MAGIC,
 }
 LAYOUTS: Final[dict[str, Layout]] = {
     "BLOB_HEADER": BLOB_HEADER,
     "FIXED_INDEX_HEADER": FIXED_INDEX_HEADER,
+    "PACK_HEADER": PACK_HEADER,
+    "PACK_TRAILER": PACK_TRAILER,
+    "PACK_DESCRIPTION_HEADER": PACK_DESCRIPTION_HEADER,
+    "PACK_ENTRY": PACK_ENTRY,
+    "CHUNK_INDEX_HEADER": CHUNK_INDEX_HEADER,
+    "CHUNK_INDEX_ENTRY": CHUNK_INDEX_ENTRY,
+    "GC_RECORD_HEADER": GC_RECORD_HEADER,
+    "GC_RECORD_ENTRY": GC_RECORD_ENTRY,
 }
 
 # --- key derivation --------------------------------------------------------------

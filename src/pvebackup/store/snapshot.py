@@ -13,10 +13,12 @@ of the canonical JSON without that field, or in an encrypted store
 ``hmac-sha256:<hex>`` under the signing key. A reader insists on the exact
 canonical bytes, so any flipped bit is found.
 
-Write order (``SnapshotWriter``): chunks (by the caller, through the datastore),
-then indexes and files, then ``backend.sync()``, then the manifest (durable,
-no-overwrite), then ``sync()`` again. Without a manifest a snapshot does not exist:
-listing ignores such prefixes and ``Datastore.cleanup_incomplete`` removes them.
+Write order (``SnapshotWriter``): chunks (by the caller, through the datastore,
+into packs), then indexes and files, then the datastore's ``flush`` (the open pack,
+then the index object naming the session's packs, each durable), ``backend.sync()``,
+then the manifest (durable, no-overwrite), then ``sync()`` again. Without a
+manifest a snapshot does not exist: listing ignores such prefixes and
+``Datastore.cleanup_incomplete`` removes them.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import hmac
 import json
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -370,8 +372,10 @@ class SnapshotWriter:
         chunk_size: int,
         bitmap_id: str | None = None,
         parent: SnapshotId | None = None,
+        flush: Callable[[], None] | None = None,
     ) -> None:
         self._backend = backend
+        self._flush = flush
         self._codec = codec
         self._key = key
         self.snapshot = snapshot
@@ -451,7 +455,9 @@ class SnapshotWriter:
             parent=self.parent,
             metadata=dict(self.metadata),
         )
-        self._backend.sync()  # chunks, indexes and files before the manifest
+        if self._flush is not None:
+            self._flush()  # the open pack, then the index object naming the new packs
+        self._backend.sync()  # packs, index objects and files before the manifest
         data = manifest.to_bytes(self._key)
         if not self._backend.put(self.snapshot.prefix + MANIFEST_NAME, data, overwrite=False):
             raise SnapshotExistsError(f"snapshot {self.snapshot} was committed by someone else")

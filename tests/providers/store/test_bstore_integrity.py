@@ -14,6 +14,7 @@ from pvebackup.api.errors import CorruptChunkError, MissingKeyError, WrongKeyErr
 from pvebackup.api.types import BitmapMode
 from pvebackup.store.formats import BLOB_FLAG_ENCRYPTED
 from pvebackup.store.keys import create_key_file
+from pvebackup.store.pack import pack_key
 
 pytestmark = pytest.mark.e2e
 
@@ -35,10 +36,16 @@ def test_encrypted_round_trip_with_passphrase_key(tmp_path: Path) -> None:
     host = _encrypted_host(tmp_path, "pass phrase")
     src = mixed_image(tmp_path / "src.qcow2")
     volname, _ = host.backup(src)
-    chunks = [f for f in (tmp_path / "store" / "chunks").rglob("*") if f.is_file()]
-    assert chunks
-    # Every blob carries the encrypted flag (header byte 8, BLOB_FLAG_ENCRYPTED).
-    assert all(f.read_bytes()[8] & BLOB_FLAG_ENCRYPTED for f in chunks)
+    store = host.provider().store()
+    packs = store.pack_names()
+    assert packs
+    # Every blob carries the encrypted flag (header byte 8, BLOB_FLAG_ENCRYPTED),
+    # and the pack's description is one encrypted blob too.
+    located = store.rebuild_index_from_packs().values()
+    assert located and all(
+        store.backend.get_range(pack_key(loc.pack), loc.offset, 9)[8] & BLOB_FLAG_ENCRYPTED
+        for loc in located
+    )
     out = tmp_path / "out.qcow2"
     host.restore(volname, out)
     assert compare(src, out).returncode == 0
@@ -73,9 +80,11 @@ def test_corrupt_chunk_fails_restore_naming_snapshot_and_chunk(
     sid = store.list_snapshots()[0]
     index = store.open_snapshot(sid).open_index("drive-scsi0")
     victim = index.digest(5)
-    path = tmp_path / "store" / store.chunk_key(victim)
+    loc = store.locate_chunk(victim)
+    assert loc is not None
+    path = tmp_path / "store" / pack_key(loc.pack)
     data = bytearray(path.read_bytes())
-    data[-1] ^= 0x01
+    data[loc.offset + loc.length - 1] ^= 0x01
     path.write_bytes(bytes(data))
     out = tmp_path / "out.qcow2"
     # qemu-img sees only EIO; the cleanup names the chunk and exits with code 5

@@ -174,3 +174,17 @@ def test_concurrent_overwrites_are_atomic(backend: Backend) -> None:
     t.join()
     allowed = {p[:1] + p[-1:] + len(p).to_bytes(4, "little") for p in payloads}
     assert seen and seen <= allowed
+
+
+def test_get_range_reads_a_slice_and_clips_at_the_end(backend: Backend) -> None:
+    backend.put("p/pack", bytes(range(100)), overwrite=False)
+    assert backend.get_range("p/pack", 10, 5) == bytes(range(10, 15))
+    assert backend.get_range("p/pack", 0, 0) == b""
+    assert backend.get_range("p/pack", 95, 10) == bytes(range(95, 100))
+    assert backend.get_range("p/pack", 200, 10) == b""
+    with pytest.raises(ObjectNotFoundError):
+        backend.get_range("p/missing", 0, 1)
+    with pytest.raises(PermanentBackendError):
+        backend.get_range("p/pack", -1, 5)
+    with pytest.raises(PermanentBackendError):
+        backend.get_range("p/pack", 0, -5)

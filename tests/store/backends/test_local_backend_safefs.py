@@ -63,6 +63,8 @@ def test_symlinked_object_is_refused_and_deleted_as_a_link(tmp_path: Path, outsi
         b.get("d/link")
     with pytest.raises(UnsafeStorageError):
         b.stat("d/link")
+    with pytest.raises(UnsafeStorageError):
+        b.get_range("d/link", 0, 4)
     assert sorted(b.list("d/")) == ["d/x"]
     b.put("d/link", b"ours", overwrite=True)  # replaces the link, never writes through it
     assert b.get("d/link") == b"ours"

@@ -135,6 +135,10 @@ class BackupStoreProvider(BackupProvider):
             if not guest.committed:
                 guest.writer.abort()
         self._guests.clear()
+        if self._store is not None:
+            # ends the writer session, so that garbage collection need not wait
+            # for it to expire
+            self._store.close()
 
     # guest hooks -------------------------------------------------------------------
 

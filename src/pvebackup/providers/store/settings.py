@@ -142,8 +142,9 @@ class StoreSettings:
             raise NotFoundError(f"storage {self.storeid!r}: no datastore at {self.path}")
         backend = make_backend(self.backend, self.path)
         if empty:
-            kwargs = {} if self.chunk_size is None else {"chunk_size": self.chunk_size}
-            return Datastore.create(backend, key=key, **kwargs)
+            if self.chunk_size is None:
+                return Datastore.create(backend, key=key)
+            return Datastore.create(backend, key=key, chunk_size=self.chunk_size)
         return Datastore.open(backend, key=key)
 
     def index_chunk_size(self, store: Datastore) -> int:

@@ -32,7 +32,7 @@ from typing import Protocol, runtime_checkable
 
 from pvebackup.api.errors import PermanentBackendError
 
-__all__ = ["Backend", "ObjectInfo", "validate_key"]
+__all__ = ["Backend", "ObjectInfo", "check_range", "validate_key"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +56,12 @@ def validate_key(key: str) -> str:
     return key
 
 
+def check_range(offset: int, length: int) -> None:
+    """``PermanentBackendError`` unless ``offset`` and ``length`` are >= 0."""
+    if offset < 0 or length < 0:
+        raise PermanentBackendError(f"invalid range: offset {offset}, length {length}")
+
+
 @runtime_checkable
 class Backend(Protocol):
     """Opaque keys to bytes. See the module docstring for keys, errors, threads."""
@@ -65,6 +71,15 @@ class Backend(Protocol):
 
         MUST return exactly the bytes of one completed ``put`` (never a mix or a
         prefix). Missing: ``ObjectNotFoundError``.
+        """
+        ...
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """Bytes ``[offset, offset + length)`` of object ``key`` (an S3 ranged GET).
+
+        Shorter when the object ends first (empty past its end): the caller checks
+        the length it needed. Missing: ``ObjectNotFoundError``; a negative offset
+        or length: ``PermanentBackendError``.
         """
         ...
 

@@ -43,7 +43,7 @@ from pvebackup.api.errors import (
 )
 from pvebackup.kit import safefs
 from pvebackup.kit.safefs import owned_fd
-from pvebackup.store.backends.base import ObjectInfo, validate_key
+from pvebackup.store.backends.base import ObjectInfo, check_range, validate_key
 
 __all__ = ["LocalBackend"]
 
@@ -96,6 +96,25 @@ class LocalBackend:
             dir_fd, name = self._parent(key)
             with owned_fd(dir_fd):
                 return safefs.read_file_at(dir_fd, name)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+            raise ObjectNotFoundError(f"no object {key!r} in {self.root}") from exc
+        except OSError as exc:
+            _fail("cannot read", self.root / key, exc)
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        check_range(offset, length)
+        try:
+            dir_fd, name = self._parent(key)
+            with owned_fd(dir_fd), owned_fd(safefs.open_file_at(dir_fd, name)) as fd:
+                parts: list[bytes] = []
+                got = 0
+                while got < length:  # pread may return less than asked
+                    part = os.pread(fd, length - got, offset + got)
+                    if not part:
+                        break
+                    parts.append(part)
+                    got += len(part)
+                return parts[0] if len(parts) == 1 else b"".join(parts)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
             raise ObjectNotFoundError(f"no object {key!r} in {self.root}") from exc
         except OSError as exc:

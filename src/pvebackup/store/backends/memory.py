@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 
 from pvebackup.api.errors import ObjectNotFoundError
-from pvebackup.store.backends.base import ObjectInfo, validate_key
+from pvebackup.store.backends.base import ObjectInfo, check_range, validate_key
 
 __all__ = ["MemoryBackend"]
 
@@ -26,6 +26,10 @@ class MemoryBackend:
         if entry is None:
             raise ObjectNotFoundError(f"no object {key!r}")
         return entry[0]
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        check_range(offset, length)
+        return self.get(key)[offset : offset + length]
 
     def put(self, key: str, data: bytes, *, overwrite: bool, durable: bool = True) -> bool:
         validate_key(key)
