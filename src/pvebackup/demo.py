@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pvebackup.host.lxc.compare import compare_trees
+from pvebackup.kit import qemuimg
 from pvebackup.kit.units import format_bytes
 
 MiB = 1024 * 1024
@@ -137,7 +138,7 @@ class Demo:
                 else:
                     f.write((words * (4 * MiB // len(words) + 1))[: 4 * MiB])
         disk = vmdir / f"vm-{VM_ID}-disk-0.qcow2"
-        run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(disk)])
+        qemuimg.convert(str(raw), disk, source_fmt="raw", target_fmt="qcow2")
         raw.unlink()
         (pve / f"qemu-server/{VM_ID}.conf").write_text(
             "# demo VM: one qcow2 disk with mixed data\n"
@@ -229,8 +230,8 @@ class Demo:
         seconds, _ = self.pvebackup("restore", vm_vol, str(VM_RESTORED), "--storage", "local")
         original = self.images / f"{VM_ID}/vm-{VM_ID}-disk-0.qcow2"
         restored = sorted((self.images / str(VM_RESTORED)).glob("*.qcow2"))
-        same = len(restored) == 1 and subprocess.run(
-            ["qemu-img", "compare", "-q", str(original), str(restored[0])]).returncode == 0
+        same = len(restored) == 1 and qemuimg.compare(
+            original, restored[0], fmt_a="qcow2", fmt_b="qcow2")
         ok &= same
         self.steps.append(Step("restore", f"VM {VM_ID} -> {VM_RESTORED}", "store", "qemu-img",
                                DISK_SIZE, seconds, "identical" if same else "DIFFERENT"))

@@ -63,10 +63,12 @@ def test_backup_list_restore_remove(cli_node: Node, capsys: pytest.CaptureFixtur
 
     assert run(cli_node, "list", "rec") == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["VOLID", "GUEST", "TYPE", "TIME", "(UTC)", "SIZE"]
+    assert lines[0].split() == [
+        "VOLID", "GUEST", "TYPE", "TIME", "(UTC)", "SIZE", "VIRTUAL", "PARENT"
+    ]
     assert re.match(
         r"rec:qemu-100-000\s+100\s+qemu\s+\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\s+\S+ "
-        r"(B|KiB|MiB)$",
+        r"(B|KiB|MiB)\s+-\s+-$",
         lines[1],
     )
 
@@ -117,7 +119,7 @@ def test_missing_storage_cfg_is_a_config_error(
     assert "storage.cfg" in capsys.readouterr().err
 
 
-def test_list_shows_notes_when_a_storage_gives_them(
+def test_list_shows_parent_virtual_size_comment_and_notes_apart(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     from pvebackup.api.types import GuestType
@@ -125,14 +127,23 @@ def test_list_shows_notes_when_a_storage_gives_them(
     from pvebackup.storage import VolumeInfo, VolumeScan
 
     volumes = [
-        VolumeInfo("st:backup/a", 100, GuestType.QEMU, 0, 1024, "f", None, "full, stored 1 KiB"),
-        VolumeInfo("st:backup/b", 100, GuestType.QEMU, 60, 1024, "f", None, ""),
+        VolumeInfo("st:backup/a", 100, GuestType.QEMU, 0, 1024, "f", None, "",
+                   virtual_size=4 << 20, comment="full, stored 1 KiB"),
+        VolumeInfo("st:backup/b", 100, GuestType.QEMU, 60, 512, "f", "backup/a",
+                   "before the upgrade", virtual_size=4 << 20, comment="incremental"),
     ]
     monkeypatch.setattr(cmd_list, "scan_volumes", lambda root, storeid: VolumeScan(volumes, []))
     assert cmd_list.run(cmd_list.ListOptions(tmp_path, "st")) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[-1] == "NOTES"
-    assert lines[1].endswith("full, stored 1 KiB")
+    assert lines[0].split()[-4:] == ["VIRTUAL", "PARENT", "COMMENT", "NOTES"]
+    assert "full, stored 1 KiB" in lines[1] and "before the upgrade" not in lines[1]
+    assert lines[2].split()[-4:] == ["incremental", "before", "the", "upgrade"]
+    assert "backup/a" in lines[2] and "4.0 MiB" in lines[2]
+    assert cmd_list.run(cmd_list.ListOptions(tmp_path, "st", "json")) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert records[1]["parent"] == "backup/a" and records[1]["notes"] == "before the upgrade"
+    assert records[0]["comment"] == "full, stored 1 KiB" and records[0]["notes"] == ""
+    assert records[0]["virtual-size"] == 4 << 20 and records[0]["size"] == 1024
 
 
 def test_root_sets_the_host_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -68,3 +68,17 @@ def test_gc_refuses_a_storage_of_another_type(
     (root / "etc" / "pve" / "storage.cfg").write_text(f"dir: local\n\tpath {tmp_path / 'vz'}\n")
     assert main(["--root", str(root), "gc", "local"]) == 4  # UnsupportedError
     assert "gc is for backup-store" in capsys.readouterr().err
+
+
+def test_gc_json_matches_the_doc(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from test_cli_json_schemas import documented, keys_of, run_json
+
+    path = tmp_path / "st"
+    Datastore.create(LocalBackend(path), chunk_size=CS)
+    _backup(path, T0, [os.urandom(CS) for _ in range(2)])
+    root = tmp_path / "node"
+    (root / "etc" / "pve").mkdir(parents=True)
+    (root / "etc" / "pve" / "storage.cfg").write_text(f"backup-store: st\n\tpath {path}\n")
+    code, report = run_json(None, capsys, "--root", str(root), "gc", "st", "--dry-run")
+    assert code == 0 and keys_of(report) == documented()["gc"]
+    assert report["dry_run"] is True and report["snapshots"] == 1

@@ -48,7 +48,7 @@ def test_backup_dir_list_shows_good_volumes_and_names_damaged_ones(
     root = _node(tmp_path, f"backup-dir: bk\n\tpath {store}\n")
     backup = store / "backup"
     good = [_volume(backup, GuestType.QEMU, 100, T0), _volume(backup, GuestType.LXC, 101, T0)]
-    impossible = backup / "qemu-102-2026_02_31-00_00_00"  # 31 February
+    impossible = backup / "vm-102-2026-02-31T00:00:00Z"  # 31 February
     impossible.mkdir()
     (impossible / INDEX_NAME).write_text("{}")
     not_json = _volume(backup, GuestType.QEMU, 103, T0)
@@ -57,7 +57,7 @@ def test_backup_dir_list_shows_good_volumes_and_names_damaged_ones(
     doc = json.loads((backup / VolumeName.parse(wrong_types).dirname / INDEX_NAME).read_text())
     doc.update(vmid="104", devices=[], ctime=float("nan"))
     (backup / VolumeName.parse(wrong_types).dirname / INDEX_NAME).write_text(json.dumps(doc))
-    damaged = ["backup/qemu-102-2026_02_31-00_00_00", not_json, wrong_types]
+    damaged = ["backup/vm-102-2026-02-31T00:00:00Z", not_json, wrong_types]
 
     assert main(["--root", str(root), "list", "bk"]) == 0
     out, err = capsys.readouterr()

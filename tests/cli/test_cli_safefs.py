@@ -54,7 +54,7 @@ def test_remove_refuses_a_backup_dir_volume_that_is_a_symlink(
     (outside / "index.json").write_text(json.dumps(index))
     (outside / "precious").write_text("host data\n")
     before = snapshot_of(outside)
-    volume = "qemu-100-2026_11_26-09_30_00"
+    volume = "vm-100-2026-11-26T09:30:00Z"
     (node / "bdir" / "backup" / volume).symlink_to(outside)
     assert main(["--root", str(node), "remove", f"bdir:backup/{volume}"]) == 8
     assert "symlink" in capsys.readouterr().err

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -36,21 +35,3 @@ class TestPlainFilesContract(ProviderContract):
     def storage_properties(self, base: Path) -> dict[str, str]:
         return {"path": str(base / "backups")}
     # [end]
-
-    @pytest.mark.xfail(
-        strict=True,
-        reason="the host passes IdMapEntry objects, not the seed's 4-element string "
-        "lists (issue 9 'The seed's exact shapes', shapes lane)",
-    )
-    def test_backup_directory_id_map(self, ct_runs: Any) -> None:
-        super().test_backup_directory_id_map(ct_runs)
-
-    @pytest.mark.xfail(
-        strict=True,
-        reason="the host skips restore_qemu_img_cleanup when restore_qemu_img_init "
-        "failed (issue 9 'The seed's exact shapes', shapes lane)",
-    )
-    def test_restore_qemu_img_cleanup_after_failed_init(
-        self, vm_run: Any, contract_spy: Any
-    ) -> None:
-        super().test_restore_qemu_img_cleanup_after_failed_init(vm_run, contract_spy)

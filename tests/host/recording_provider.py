@@ -44,7 +44,7 @@ from pvebackup.api.errors import (
     VolumeNotFoundError,
 )
 from pvebackup.api.idmap import IdMapper
-from pvebackup.api.types import DeviceInfo, GuestType, IdMapEntry
+from pvebackup.api.types import DeviceInfo, GuestType
 from pvebackup.kit.nbdsource import BufferPool, NbdSource, Trimmer, read_in_order
 from pvebackup.kit.pacing import TokenBucket
 from pvebackup.storage import COMMON_PROPERTIES, PropertySpec, StoragePlugin, VolumeInfo
@@ -175,7 +175,7 @@ class RecordingProvider(BackupProvider):
         self,
         vmid: int,
         directory: str,
-        id_map: Sequence[IdMapEntry],
+        id_map: Sequence[Sequence[str]],
         exclude_paths: Sequence[str],
         sources: Sequence[str],
         bandwidth_limit: int | None,
@@ -184,7 +184,7 @@ class RecordingProvider(BackupProvider):
             "backup_directory",
             vmid,
             directory,
-            [e.as_list() for e in id_map],
+            [list(e) for e in id_map],
             list(exclude_paths),
             list(sources),
             bandwidth_limit,

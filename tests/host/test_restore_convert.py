@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pvebackup.api.errors import ExternalToolError, PluginError
+from pvebackup.api.errors import ExternalToolError, NotFoundError, PluginError
 from pvebackup.host import restore
 
 pytestmark = pytest.mark.e2e
@@ -41,8 +41,12 @@ def test_progress_is_reported_and_ends_at_100(tmp_path: Path) -> None:
 
 def test_failure_carries_qemu_img_message(tmp_path: Path) -> None:
     dst = image(tmp_path / "dst.qcow2", MiB)
-    with pytest.raises(ExternalToolError, match="Could not open"):
+    # A missing source is "not found" (exit 3), still with qemu-img's words.
+    with pytest.raises(NotFoundError, match="Could not open"):
         restore._qemu_img_convert(str(tmp_path / "missing.qcow2"), dst)
+    with pytest.raises(ExternalToolError, match="qemu-img convert .*: qemu-img: .*") as caught:
+        restore._qemu_img_convert(str(dst), tmp_path)  # a directory is no qcow2 target
+    assert not isinstance(caught.value, NotFoundError) and caught.value.stderr
 
 
 def test_interruption_kills_qemu_img(tmp_path: Path) -> None:

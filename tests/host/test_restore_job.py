@@ -15,7 +15,7 @@ import pytest
 from recording_provider import RecordingProvider, call_names, read_calls
 from sample_node import MiB, Node, sh
 
-from pvebackup.api.errors import ExternalToolError, GuestExistsError
+from pvebackup.api.errors import ExternalToolError, GuestExistsError, NotFoundError
 from pvebackup.api.types import GuestType
 from pvebackup.host.guests import CtConfig, VmConfig
 from pvebackup.host.job import run_backup_job
@@ -146,7 +146,8 @@ def test_failed_restore_removes_what_it_created(node: Node) -> None:
     assert sorted(p.name for p in (node.images / "300").iterdir()) == [existing[0].name]
     assert node.root.config_path(300, GuestType.QEMU).read_text() == existing_conf
     calls = call_names(node.backup_dir)
-    assert calls.count("restore_qemu_img_cleanup") == 1  # scsi0 done; scsi1 init failed
+    # scsi0 done; scsi1 init failed and its cleanup ran all the same (the seed: "both")
+    assert calls.count("restore_qemu_img_cleanup") == 2
 
     with pytest.raises(ExternalToolError):
         run_restore(node.root, "rec:qemu-100-000", 301, terminal=None)
@@ -163,7 +164,8 @@ def test_qemu_img_failure_still_cleans_up(node: Node, monkeypatch: pytest.Monkey
         return str(node.path / "missing.raw")
 
     monkeypatch.setattr(RecordingProvider, "restore_qemu_img_init", bad_source)
-    with pytest.raises(ExternalToolError, match="qemu-img convert"):
+    # A missing source is "not found" (exit 3), with qemu-img's own message.
+    with pytest.raises(NotFoundError, match="qemu-img convert"):
         run_restore(node.root, "rec:qemu-100-000", 200, terminal=None)
     assert call_names(node.backup_dir)[-1] == "restore_qemu_img_cleanup"
     assert node.root.guest_type(200) is None

@@ -84,6 +84,8 @@ def test_volume_info_to_json() -> None:
         size=4096,
         format="pvebackup-dir",
         parent="backup/vm/100/1690000000",
+        virtual_size=1 << 30,
+        comment="incremental",
     )
     data = info.to_json()
     assert data == {
@@ -92,9 +94,11 @@ def test_volume_info_to_json() -> None:
         "vmtype": "qemu",
         "ctime": 1700000000,
         "size": 4096,
+        "virtual-size": 1 << 30,
         "format": "pvebackup-dir",
         "parent": "backup/vm/100/1690000000",
         "notes": "",
+        "comment": "incremental",
     }
     assert type(data["vmtype"]) is str
     json.dumps(data)

@@ -17,6 +17,8 @@ from pvebackup.api.types import (
     LogFunction,
     LogLevel,
     RestoreMechanism,
+    SeedIdMap,
+    SeedIdMapEntry,
 )
 
 __all__ = [
@@ -32,5 +34,7 @@ __all__ = [
     "LogFunction",
     "LogLevel",
     "RestoreMechanism",
+    "SeedIdMap",
+    "SeedIdMapEntry",
     "errors",
 ]

@@ -37,7 +37,8 @@ caller can decide whether retrying can help.
     │   ├── GuestRunningError                    restore onto a running VM (qmrestore refuses too)
     │   ├── VolumeInUseError                     remove a volume another one depends on
     │   ├── SnapshotExistsError                  a snapshot with that name is already stored
-    │   └── LockedError                          someone else holds a lock
+    │   ├── LockedError                          someone else holds a lock
+    │   └── BaseUnusableError                    bitmap mode reuse, but no usable base backup
     ├── UnsafeArchiveError              exit 8   hostile archive entry (absolute, .., escaping link)
     │   ├── UnsafeImageError                     stored image header reaches outside its chain
     │   └── UnsafeStorageError                   a symlink or unexpected file type inside a storage
@@ -46,7 +47,8 @@ caller can decide whether retrying can help.
     │   └── NbdError                             libnbd call failed
     ├── BackendError                    exit 10  storage backend I/O
     │   ├── TransientBackendError                may succeed when retried
-    │   └── PermanentBackendError                will not succeed when retried (full disk, denied)
+    │   └── PermanentBackendError                will not succeed when retried (denied, EIO)
+    │       └── StorageFullError        exit 12  no space left (ENOSPC, EDQUOT)
     ├── GuestBackupError                exit 11  one or more guests of a job failed
     └── AbortedError                    exit 130 interrupted by SIGINT/SIGTERM
 
@@ -61,6 +63,7 @@ from typing import ClassVar
 __all__ = [
     "AbortedError",
     "BackendError",
+    "BaseUnusableError",
     "ConfigError",
     "CorruptChunkError",
     "CorruptIndexError",
@@ -88,6 +91,7 @@ __all__ = [
     "SnapshotExistsError",
     "StateError",
     "StorageConfigError",
+    "StorageFullError",
     "StorageNotFoundError",
     "StorageUnavailableError",
     "TransientBackendError",
@@ -275,6 +279,16 @@ class LockedError(StateError):
     """A lock is held by someone else."""
 
 
+class BaseUnusableError(StateError):
+    """The host exported only the dirty parts (bitmap mode ``reuse``), but the
+    provider has no usable base to apply them to (gone, damaged, other disk size).
+
+    Nothing was stored; the provider records that its base is gone, so the next
+    backup of the guest gets no bitmap id and is a full one. Never store a
+    partial image instead: that is the silent gap this error exists to prevent.
+    """
+
+
 class UnsafeArchiveError(PveBackupError):
     """An archive entry would write outside the target (absolute path, '..', link)."""
 
@@ -303,10 +317,20 @@ class UnsafeStorageError(UnsafeArchiveError):
 
 
 class ExternalToolError(PveBackupError):
-    """An external program (qemu-img, qemu-storage-daemon, nbdkit, tar) failed."""
+    """An external program (qemu-img, qemu-storage-daemon, nbdkit, tar) failed.
+
+    ``returncode`` and ``stderr`` are set when the program ran and exited non-zero
+    (``None`` and ``""`` when it could not be started, timed out or is no program),
+    so a caller can tell "the tool refused this input" from "no tool".
+    """
 
     exit_code = 9
     summary = "external tool failed (qemu-img, qemu-storage-daemon, tar, ...)"
+
+    def __init__(self, message: str, *, returncode: int | None = None, stderr: str = ""):
+        super().__init__(message)
+        self.returncode = returncode
+        self.stderr = stderr
 
 
 class QmpError(ExternalToolError):
@@ -329,7 +353,17 @@ class TransientBackendError(BackendError):
 
 
 class PermanentBackendError(BackendError):
-    """A backend failure that retrying will not fix (disk full, permission denied)."""
+    """A backend failure that retrying will not fix (permission denied, I/O error)."""
+
+
+class StorageFullError(PermanentBackendError):
+    """No space left on the storage (ENOSPC, EDQUOT): free space or prune, then retry.
+
+    Its own exit code, so that a script can tell "full" from "broken".
+    """
+
+    exit_code = 12
+    summary = "no space left on the storage (prune or free space, then retry)"
 
 
 class GuestBackupError(PveBackupError):

@@ -101,12 +101,14 @@ class _Ranges:
 class IdMapper:
     """Map uids and gids between a container and the host (see the module doc).
 
-    Raises ``ValueError`` when two ranges of one kind overlap on the container
-    side or on the host side.
+    ``id_map`` may be the seed's lists exactly as ``backup_directory`` receives
+    them (``[["u", "0", "100000", "65536"], ...]``) or :class:`IdMapEntry` values.
+    Raises ``ValueError`` for a malformed entry, or when two ranges of one kind
+    overlap on the container side or on the host side.
     """
 
-    def __init__(self, id_map: Sequence[IdMapEntry]) -> None:
-        self.id_map: tuple[IdMapEntry, ...] = tuple(id_map)
+    def __init__(self, id_map: Sequence[IdMapEntry | Sequence[str]]) -> None:
+        self.id_map: tuple[IdMapEntry, ...] = tuple(IdMapEntry.from_seed(e) for e in id_map)
         self._uids = _Ranges([e for e in self.id_map if e.kind == "u"])
         self._gids = _Ranges([e for e in self.id_map if e.kind == "g"])
 

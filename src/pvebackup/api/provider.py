@@ -37,6 +37,29 @@ Call order of a restore (``pvebackup restore``, qmrestore/pct restore's role)::
     directory: restore_directory_init(...) -> dir, copy, restore_directory_cleanup(...) (always)
 
 Units: sizes in bytes, bandwidth limits in bytes per second, times in Unix seconds.
+
+Same situation, same behaviour. Every provider of this project (and the contract
+suite in :mod:`pvebackup.testing` holds third-party ones to it) answers these
+situations alike, with the error class (and so the CLI exit code) given:
+
+====================================================  =================================
+situation                                             behaviour
+====================================================  =================================
+a per-guest method for a vmid without ``backup_start``  ``UsageError`` (exit 2), message
+(``backup_get_target``, ``backup_get_task_size``,        :func:`no_backup_started`
+``backup_nbd``, ``backup_end``, configs, ...)
+``backup_abort`` / ``backup_handle_log_file`` for a    no-op (the host calls them after a
+vmid without (successful) ``backup_start``              failed ``backup_start``, too)
+``backup_guest_config`` etc. with a file that cannot   ``os_error`` mapping of
+be read                                                 :mod:`pvebackup.kit.oserrors`:
+                                                        missing -> ``NotFoundError`` (3)
+``backup_nbd`` in mode ``reuse`` without a usable      ``BaseUnusableError`` (7); nothing
+base (none, gone, changed, other size)                 stored, the next backup is full
+the storage path is missing or not mounted             ``StorageUnavailableError`` (3),
+                                                        nothing created
+listing before the first backup                        empty list, no error
+no space left on the storage                           ``StorageFullError`` (12)
+====================================================  =================================
 """
 
 from __future__ import annotations
@@ -49,13 +72,18 @@ from pvebackup.api.types import (
     BitmapMode,
     DeviceInfo,
     GuestType,
-    IdMapEntry,
     LogFunction,
     LogLevel,
     RestoreMechanism,
 )
 
-__all__ = ["BackupProvider"]
+__all__ = ["BackupProvider", "no_backup_started"]
+
+
+def no_backup_started(vmid: int) -> str:
+    """The message of the ``UsageError`` for a guest method called before
+    ``backup_start`` of that guest (the same text from every provider)."""
+    return f"no backup of guest {vmid} was started (backup_start was not called)"
 
 
 class BackupProvider:
@@ -148,6 +176,10 @@ class BackupProvider:
 
         A provider commits the backup here (e.g. makes the snapshot visible). If it
         raises, the guest's backup counts as failed and ``backup_abort`` follows.
+        Once it has *returned*, ``backup_abort`` is never called for this guest,
+        also when a signal or a failure of the host's own teardown follows: the
+        backup is committed (the host then only logs it; its dirty bitmap is not
+        advanced, so the next backup reads more, never less).
 
         :param vmid: id of the guest being backed up.
         """
@@ -179,7 +211,11 @@ class BackupProvider:
             incremental backup would need is gone (the host then does a full
             backup).
         :raises UnsupportedError: the provider does not support this guest type
-            (the seed: "die or return undef").
+            (the seed: "die or return undef"). Returning plain ``None`` (the seed's
+            undef) has the same effect: the host fails that guest with "provider
+            does not support backing up <vmtype> guests" and calls
+            ``backup_abort``; the job goes on. Anything but a pair of strings
+            (bitmap id may be ``None``) is a ``PluginError`` for that guest.
         """
         raise self._not_implemented("backup_get_mechanism")
 
@@ -195,7 +231,8 @@ class BackupProvider:
         raise self._not_implemented("backup_get_target")
 
     def backup_get_task_size(self, vmid: int) -> int:
-        """Return the size of the backup after completion, in bytes.
+        """Return the size of the backup after completion, in bytes: what this
+        backup stored (the ``size`` the storage's listing shows for the volume).
 
         :param vmid: id of the guest that was backed up.
         """
@@ -247,9 +284,14 @@ class BackupProvider:
         ``reuse``, the dirty parts since the last successful backup with this
         bitmap. **Reading outside the dirty parts is an error.** Dirty extents are
         found with NBD block status on the meta context
-        ``qemu:dirty-bitmap:<bitmap_name>``. After backing up each part, discard
-        (trim) it on the export: a fleecing image on the host holds copies of
-        blocks the guest overwrote, and discards free that space.
+        ``qemu:dirty-bitmap:<bitmap_name>``, which the export offers whenever
+        ``bitmap_name`` is given: in mode ``reuse`` it holds the changes, in mode
+        ``new`` it reports the *whole disk* dirty (there is no base yet), so one
+        code path may read "the dirty extents" in both modes. In modes ``none``
+        and ``new`` the context ``base:allocation`` tells data from holes. After
+        backing up each part, discard (trim) it on the export: a fleecing image
+        on the host holds copies of blocks the guest overwrote, and discards
+        free that space.
 
         :param vmid: id of the guest being backed up.
         :param devicename: device name of the disk (e.g. ``drive-scsi0``), also
@@ -267,7 +309,7 @@ class BackupProvider:
         self,
         vmid: int,
         directory: str,
-        id_map: Sequence[IdMapEntry],
+        id_map: Sequence[Sequence[str]],
         exclude_paths: Sequence[str],
         sources: Sequence[str],
         bandwidth_limit: int | None,
@@ -276,8 +318,13 @@ class BackupProvider:
 
         :param vmid: id of the guest being backed up.
         :param directory: path of the directory to back up.
-        :param id_map: the container's uid/gid mappings, each
-            ``(kind, ct_start, host_start, count)`` (see :class:`IdMapEntry`).
+        :param id_map: the container's uid/gid mappings in the seed's shape: a
+            list of 4-element lists of strings, e.g.
+            ``[["u", "0", "100000", "65536"], ["g", "0", "100000", "65536"]]``
+            (kind ``u``/``g``, first container id, first host id, count); empty
+            for a privileged container. Unpack or index them as in the seed; to
+            compute, wrap them with :class:`~pvebackup.api.idmap.IdMapper`
+            (accepts this list as it is) or :meth:`IdMapEntry.from_seed`.
             Files in ``directory`` are owned by host ids; a provider that stores
             ownership stores container ids by reversing this map.
         :param exclude_paths: glob patterns of files and directories to exclude,
@@ -304,6 +351,10 @@ class BackupProvider:
             ``restore_<mechanism>_init``/``_cleanup`` (and, for ``qemu``,
             ``restore_qemu_get_device_info``).
         :raises VolumeNotFoundError: no such backup.
+
+        A mechanism or type the host does not know (e.g. ``vma``, ``openvz``) is
+        ``UnsupportedError``; anything but a pair is ``PluginError``: the restore
+        fails before anything is allocated.
         """
         raise self._not_implemented("restore_get_mechanism")
 
@@ -347,7 +398,14 @@ class BackupProvider:
         raise self._not_implemented("restore_qemu_img_init")
 
     def restore_qemu_img_cleanup(self, volname: str, storeid: str, devicename: str) -> None:
-        """Clean up after restoring one disk. Called on success and on failure."""
+        """Clean up after restoring one disk. Called on success and on failure.
+
+        Also after ``restore_qemu_img_init`` itself raised (it may have half
+        prepared: a server started, a directory made), so it must cope with an
+        init that never got far. Its failure after a failed init is only logged
+        (the init's error is what the restore reports); after a successful init
+        it fails the restore (e.g. to name the real cause of an I/O error).
+        """
         raise self._not_implemented("restore_qemu_img_cleanup")
 
     def restore_tar_init(self, volname: str, storeid: str) -> str:
@@ -359,7 +417,8 @@ class BackupProvider:
         raise self._not_implemented("restore_tar_init")
 
     def restore_tar_cleanup(self, volname: str, storeid: str) -> None:
-        """Clean up after a ``tar`` restore. Called on success and on failure."""
+        """Clean up after a ``tar`` restore. Called on success and on failure, also
+        after ``restore_tar_init`` raised (see ``restore_qemu_img_cleanup``)."""
         raise self._not_implemented("restore_tar_cleanup")
 
     def restore_directory_init(self, volname: str, storeid: str) -> str:
@@ -371,5 +430,6 @@ class BackupProvider:
         raise self._not_implemented("restore_directory_init")
 
     def restore_directory_cleanup(self, volname: str, storeid: str) -> None:
-        """Clean up after a ``directory`` restore. Called on success and on failure."""
+        """Clean up after a ``directory`` restore. Called on success and on failure,
+        also after ``restore_directory_init`` raised (see ``restore_qemu_img_cleanup``)."""
         raise self._not_implemented("restore_directory_cleanup")

@@ -7,7 +7,7 @@ so a provider written against the seed's words keeps working.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TypedDict
@@ -22,6 +22,8 @@ __all__ = [
     "LogFunction",
     "LogLevel",
     "RestoreMechanism",
+    "SeedIdMap",
+    "SeedIdMapEntry",
 ]
 
 
@@ -92,9 +94,10 @@ LogFunction = Callable[[str, str], None]
 class IdMapEntry:
     """One uid or gid mapping of a container, as ``lxc.idmap`` states it.
 
-    The seed passes ``["u", "0", "100000", "65536"]``; this has the same four
-    fields in the same order, with numbers as ``int`` (``as_list()`` gives the
-    seed's form back):
+    The typed helper for the seed's ``["u", "0", "100000", "65536"]`` (what a
+    provider receives, :data:`SeedIdMapEntry`): the same four fields in the same
+    order, with numbers as ``int``. ``from_seed()`` parses the seed's form,
+    ``as_list()`` gives it back:
 
     - ``kind``: ``"u"`` for a user mapping, ``"g"`` for a group mapping;
     - ``ct_start``: the first id inside the container's user namespace;
@@ -116,6 +119,39 @@ class IdMapEntry:
     def as_list(self) -> list[str]:
         """The seed's form: ``["u", "0", "100000", "65536"]``."""
         return [self.kind, str(self.ct_start), str(self.host_start), str(self.count)]
+
+    @classmethod
+    def from_seed(cls, entry: IdMapEntry | Sequence[str]) -> IdMapEntry:
+        """Parse one entry of the seed's form, ``["u", "0", "100000", "65536"]``.
+
+        An :class:`IdMapEntry` is returned as it is. Numbers must be decimal
+        strings (or ints); anything else raises ``ValueError`` naming the entry.
+        """
+        if isinstance(entry, IdMapEntry):
+            return entry
+        if isinstance(entry, str | bytes) or len(entry) != 4:
+            raise ValueError(f"id map entry must be 4 fields [kind, ct, host, count]: {entry!r}")
+        kind, *numbers = entry
+        values: list[int] = []
+        for n in numbers:
+            if isinstance(n, bool) or not isinstance(n, str | int):
+                raise ValueError(f"id map entry {entry!r}: {n!r} is not a number")
+            if isinstance(n, str) and not (n.isascii() and n.isdigit()):
+                raise ValueError(f"id map entry {entry!r}: {n!r} is not a decimal number")
+            values.append(int(n))
+        return cls(str(kind), values[0], values[1], values[2])
+
+
+SeedIdMapEntry = list[str]
+"""One id map entry as the seed passes it: ``["u", "0", "100000", "65536"]``.
+
+Four strings: kind (``u``/``g``), first container id, first host id, count. A
+provider can unpack it (``kind, ct, host, count = entry``) or index it; to
+compute with it, wrap it: ``IdMapEntry.from_seed(entry)`` or ``IdMapper(id_map)``.
+"""
+
+SeedIdMap = list[SeedIdMapEntry]
+"""The ``id_map`` argument of ``backup_directory``: a list of :data:`SeedIdMapEntry`."""
 
 
 class DeviceInfoEntry(TypedDict):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pvebackup.api.errors import GuestBackupError
 from pvebackup.cli.common import vmid_arg
-from pvebackup.cli.output import human_size, table
+from pvebackup.cli.output import add_output_option, human_size, print_json, table
 from pvebackup.host.guests import NodeRoot
 from pvebackup.host.job import JobResult, run_backup_job
 
@@ -23,6 +23,7 @@ class BackupOptions:
     vmids: list[int] | None  # None: every guest (--all)
     bwlimit_kib: int | None = None
     exclude_paths: list[str] = field(default_factory=list)
+    output: str = "text"
 
 
 def _positive(text: str) -> int:
@@ -63,18 +64,20 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="PATTERN",
         help="exclude files of containers (rsync-style pattern; repeatable)",
     )
-    p.set_defaults(command=_from_args)
+    add_output_option(p)
+    p.set_defaults(command=_from_args, usage_parser=p)
 
 
 def _from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.all == bool(args.vmids):
-        parser.error("backup: give VMIDs or --all (not both)")
+        parser.error("give VMIDs or --all (not both)")
     opts = BackupOptions(
         root=args.root,
         storage=args.storage,
         vmids=None if args.all else list(args.vmids),
         bwlimit_kib=args.bwlimit,
         exclude_paths=list(args.exclude_paths),
+        output=args.output,
     )
     return run(opts)
 
@@ -96,6 +99,28 @@ def _report(result: JobResult) -> str:
     return table(["VMID", "TYPE", "STATUS", "TIME", "SIZE", "TARGET"], rows)
 
 
+def _json_report(result: JobResult) -> dict[str, object]:
+    # Schema: docs/cli-json.md ("backup"). Sizes in bytes, never human.
+    return {
+        "storage": result.storeid,
+        "start_time": result.start_time,
+        "ok": not result.failed,
+        "guests": [
+            {
+                "vmid": g.vmid,
+                "vmtype": None if g.vmtype is None else str(g.vmtype),
+                "ok": g.ok,
+                "seconds": round(g.seconds, 3),
+                "size": g.size,
+                "target": g.target,
+                "error": None if g.ok else str(g.error),
+                "log": None if g.log_path is None else str(g.log_path),
+            }
+            for g in result.guests
+        ],
+    }
+
+
 def run(opts: BackupOptions) -> int:
     """Run the job; print a report on stdout. Returns the exit status."""
     result = run_backup_job(
@@ -106,7 +131,10 @@ def run(opts: BackupOptions) -> int:
         exclude_paths=opts.exclude_paths,
         terminal=sys.stderr,
     )
-    print(_report(result), flush=True)
+    if opts.output == "json":
+        print_json(_json_report(result))
+    else:
+        print(_report(result), flush=True)
     if result.failed:
         for g in result.failed:
             print(f"error: backup of {g.vmid} failed: {g.error}", file=sys.stderr)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 from pvebackup.api.errors import UnsupportedError
+from pvebackup.cli.output import add_output_option, print_json
 from pvebackup.host.guests import NodeRoot
 from pvebackup.providers.store.settings import StoreSettings
 from pvebackup.storage import read_storage_config, storage_config
@@ -20,6 +22,7 @@ class GcOptions:
     root: Path
     storage: str
     dry_run: bool = False
+    output: str = "text"
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -36,11 +39,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("storage", metavar="STOREID", help="the backup-store storage")
     p.add_argument("--dry-run", action="store_true", help="report only, change nothing")
-    p.set_defaults(command=_from_args)
+    add_output_option(p)
+    p.set_defaults(command=_from_args, usage_parser=p)
 
 
 def _from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    return run(GcOptions(args.root, args.storage, args.dry_run))
+    return run(GcOptions(args.root, args.storage, args.dry_run, args.output))
 
 
 def run(opts: GcOptions) -> int:
@@ -52,6 +56,9 @@ def run(opts: GcOptions) -> int:
         )
     store = StoreSettings.from_scfg(scfg, opts.storage).open()
     report = collect_garbage(store, dry_run=opts.dry_run)
+    if opts.output == "json":
+        print_json(dataclasses.asdict(report))  # schema: docs/cli-json.md ("gc")
+        return 0
     for line in report.lines():
         print(line)
     return 0

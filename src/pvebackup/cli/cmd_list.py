@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pvebackup.cli.output import human_size, table, utc_time
+from pvebackup.cli.output import add_output_option, human_size, print_json, table, utc_time
 from pvebackup.host.guests import NodeRoot
 from pvebackup.storage import (
     VolumeInfo,
@@ -34,15 +33,18 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="list the backups on a storage",
         description="List the backup volumes on STOREID, oldest first. "
         "--output json prints a list of records with the keys volid, vmid, vmtype, "
-        "ctime (Unix seconds), size (bytes), format, parent and notes. "
+        "ctime (Unix seconds), size (bytes stored for this backup), virtual-size "
+        "(bytes of the guest's disks, null for containers), format, parent (the base "
+        "of an incremental, else null), notes (the operator's) and comment (the "
+        "provider's description). "
         "A damaged volume (unreadable index or manifest, impossible name) is not "
         "listed: a warning naming it goes to stderr, and the others are listed. "
         "Exit status 0 when the storage could be listed (even with damaged volumes), "
         "or a code as listed in 'pvebackup --help'.",
     )
     p.add_argument("storage", metavar="STOREID", help="the backup storage")
-    p.add_argument("--output", choices=("text", "json"), default="text", help="output format")
-    p.set_defaults(command=_from_args)
+    add_output_option(p)
+    p.set_defaults(command=_from_args, usage_parser=p)
 
 
 def _from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -68,16 +70,28 @@ def run(opts: ListOptions) -> int:
         print(f"warning: {bad.volid}: damaged, not listed: {bad.reason}", file=sys.stderr)
     volumes = scan.volumes
     if opts.output == "json":
-        print(json.dumps([v.to_json() for v in volumes], indent=2))
+        print_json([v.to_json() for v in volumes])
         return 0
-    header = ["VOLID", "GUEST", "TYPE", "TIME (UTC)", "SIZE"]
+    header = ["VOLID", "GUEST", "TYPE", "TIME (UTC)", "SIZE", "VIRTUAL", "PARENT"]
     rows = [
-        [v.volid, str(v.vmid), str(v.vmtype), utc_time(v.ctime), human_size(v.size)]
+        [
+            v.volid,
+            str(v.vmid),
+            str(v.vmtype),
+            utc_time(v.ctime),
+            human_size(v.size),
+            "-" if v.virtual_size is None else human_size(v.virtual_size),
+            v.parent or "-",
+        ]
         for v in volumes
     ]
-    if any(v.notes for v in volumes):
-        header.append("NOTES")
-        for row, v in zip(rows, volumes, strict=True):
-            row.append(v.notes)
+    for title, values in (
+        ("COMMENT", [v.comment for v in volumes]),
+        ("NOTES", [v.notes for v in volumes]),
+    ):
+        if any(values):
+            header.append(title)
+            for row, value in zip(rows, values, strict=True):
+                row.append(value)
     print(table(header, rows))
     return 0

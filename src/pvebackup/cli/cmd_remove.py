@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from pvebackup.cli.output import add_output_option, print_json
 from pvebackup.host.guests import NodeRoot
 from pvebackup.storage import lookup, parse_volume_id, read_storage_config, storage_config
 
@@ -16,6 +17,7 @@ __all__ = ["RemoveOptions", "add_parser", "run"]
 class RemoveOptions:
     root: Path
     volid: str
+    output: str = "text"
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -30,11 +32,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "'pvebackup --help'.",
     )
     p.add_argument("volid", metavar="STOREID:VOLNAME", help="the backup to remove")
-    p.set_defaults(command=_from_args)
+    add_output_option(p)
+    p.set_defaults(command=_from_args, usage_parser=p)
 
 
 def _from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    return run(RemoveOptions(args.root, args.volid))
+    return run(RemoveOptions(args.root, args.volid, args.output))
 
 
 def run(opts: RemoveOptions) -> int:
@@ -43,5 +46,8 @@ def run(opts: RemoveOptions) -> int:
     cfg = read_storage_config(root.storage_cfg)
     scfg = storage_config(cfg, storeid)
     lookup(scfg["type"]).free_volume(scfg, storeid, volname)
-    print(f"removed {opts.volid}")
+    if opts.output == "json":
+        print_json({"volid": opts.volid, "removed": True})
+    else:
+        print(f"removed {opts.volid}")
     return 0

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pvebackup.cli.common import vmid_arg
+from pvebackup.cli.output import add_output_option, print_json
 from pvebackup.host.guests import NodeRoot
 from pvebackup.host.qemu import liverestore
 from pvebackup.host.restore import run_restore
@@ -26,6 +27,7 @@ class RestoreOptions:
     live: bool = False
     start_command: str | None = None
     bwlimit: int | None = None
+    output: str = "text"
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -83,7 +85,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=int,
         help="limit the background copy of --live, per disk",
     )
-    p.set_defaults(command=_from_args)
+    add_output_option(p)
+    p.set_defaults(command=_from_args, usage_parser=p)
 
 
 def _from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -98,6 +101,7 @@ def _from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             args.live,
             args.start_command,
             args.bwlimit,
+            args.output,
         )
     )
 
@@ -115,6 +119,19 @@ def run(opts: RestoreOptions) -> int:
         bwlimit_kib=opts.bwlimit,
         terminal=sys.stderr,
     )
+    if opts.output == "json":
+        print_json(
+            {
+                "volid": opts.volid,
+                "vmid": result.vmid,
+                "vmtype": str(result.vmtype),
+                "volumes": list(result.volumes),
+                "config": str(result.config_path),
+                "removed": list(result.removed),
+                "live": opts.live,
+            }
+        )
+        return 0
     print(f"restored {opts.volid} as {result.vmtype} guest {result.vmid}")
     for volid in result.volumes:
         print(f"  volume {volid}")

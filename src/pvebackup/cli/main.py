@@ -69,8 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not os.environ.get(STATE_DIR_ENV):
         os.environ[STATE_DIR_ENV] = str(Path(args.root) / "var/lib/pvebackup")
     command: Callable[[argparse.Namespace, argparse.ArgumentParser], int] = args.command
+    # A command's own usage errors print that command's usage, not the top level's.
+    usage_parser: argparse.ArgumentParser = getattr(args, "usage_parser", None) or parser
     try:
-        return command(args, parser)
+        return command(args, usage_parser)
     except PveBackupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

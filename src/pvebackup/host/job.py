@@ -11,7 +11,11 @@
         backup_firewall_config(vmid, copy)      only when <vmid>.fw exists
         backup_nbd per disk | backup_directory
         backup_end(vmid)   (then the dirty bitmaps are committed)
-        or backup_abort(vmid, error) on any failure of the guest; the job goes on
+        or backup_abort(vmid, error) on any failure of the guest before backup_end
+        returned; the job goes on. After backup_end returned the backup is the
+        provider's committed one: a later signal or teardown failure is logged
+        and never calls backup_abort.
+        backup_get_mechanism returning None (the seed's undef) fails the guest.
         backup_handle_log_file(vmid, task log)
         backup_get_task_size(vmid)              successful guests only, for the report
     job_end()                                   after all guests, even if some failed
@@ -216,6 +220,7 @@ class _Job:
         self.log = log
         self.bwlimit = bwlimit
         self.exclude_paths = exclude_paths
+        self.ended = False  # the current guest's backup_end returned
 
     def backup_guest(self, vmid: int, vmtype: GuestType) -> GuestResult:
         """One guest, start to finish. Re-raises only AbortedError (after backup_abort)."""
@@ -225,20 +230,31 @@ class _Job:
         tasklog = TaskLog(res.log_path)
         self.log.current = tasklog
         aborted: AbortedError | None = None
+        self.ended = False
         try:
             self.log.info(f"Starting Backup of VM {vmid} ({vmtype})")
             try:
                 self._backup(vmid, vmtype, res)
                 res.ok = True
             except Exception as exc:
-                res.error = _describe(exc)
                 if isinstance(exc, AbortedError):
                     aborted = exc
-                self.log.err(f"Backup of VM {vmid} failed - {res.error}")
-                try:
-                    self.provider.backup_abort(vmid, res.error)
-                except Exception as abort_exc:
-                    self.log.err(f"backup_abort failed: {_describe(abort_exc)}")
+                if self.ended:
+                    # backup_end returned: the provider committed this backup, so
+                    # backup_abort (throw it away) would be a lie. What failed is
+                    # our own teardown; the bitmaps then fall back safely (reuse
+                    # keeps its changes, new is dropped: the next backup is full).
+                    res.ok = True
+                    self.log.warn(
+                        f"VM {vmid}: backup committed, then interrupted: {_describe(exc)}"
+                    )
+                else:
+                    res.error = _describe(exc)
+                    self.log.err(f"Backup of VM {vmid} failed - {res.error}")
+                    try:
+                        self.provider.backup_abort(vmid, res.error)
+                    except Exception as abort_exc:
+                        self.log.err(f"backup_abort failed: {_describe(abort_exc)}")
             res.seconds = time.monotonic() - started
             if res.ok:
                 self.log.info(f"Finished Backup of VM {vmid} ({_hms(res.seconds)})")
@@ -262,9 +278,7 @@ class _Job:
         provider = self.provider
         provider.backup_start(vmid, vmtype)
         config = self.root.load_guest(vmid, vmtype)
-        mechanism, bitmap_id = provider.backup_get_mechanism(vmid, vmtype)
-        if mechanism is None:
-            raise UnsupportedError(f"provider does not support backing up {vmtype} guests")
+        mechanism, bitmap_id = _mechanism(provider.backup_get_mechanism(vmid, vmtype), vmtype)
         if mechanism != _EXPECTED[vmtype]:
             raise UnsupportedError(
                 f"provider chose mechanism '{mechanism}' for a {vmtype} guest; "
@@ -292,6 +306,12 @@ class _Job:
             else:  # pragma: no cover - parse_guest_config returns one of the two
                 raise GuestConfigError(f"unexpected config {config!r}")
 
+    def _end(self, vmid: int) -> None:
+        self.provider.backup_end(vmid)
+        # From here on the backup is the provider's committed one: a signal or a
+        # teardown failure must not call backup_abort (see backup_guest).
+        self.ended = True
+
     def _volume_path(self, config: GuestConfig, volid: str) -> Path:
         try:
             return volume_path(self.cfg, volid)
@@ -314,7 +334,7 @@ class _Job:
             specs.append(DiskSpec(disk.devicename, path, fmt))
         if not specs:
             self.log.warn("VM has no disks to back up; backing up its configuration only")
-            self.provider.backup_end(vmid)
+            self._end(vmid)
             return
         crash_point("backup-before-export")
         with BackupExport(
@@ -338,7 +358,7 @@ class _Job:
                     self.bwlimit,
                 )
             crash_point("backup-before-end")
-            self.provider.backup_end(vmid)
+            self._end(vmid)
             crash_point("backup-after-end")
             export.commit()
 
@@ -365,14 +385,42 @@ class _Job:
             self.provider.backup_directory(
                 vmid,
                 str(directory),
-                id_map,
+                # The seed's shape: ["u", "0", "100000", "65536"] per entry.
+                [e.as_list() for e in id_map],
                 list(self.exclude_paths),
                 backup_sources(mounts),
                 self.bwlimit,
             )
             crash_point("backup-before-end")
-            self.provider.backup_end(vmid)
+            self._end(vmid)
             crash_point("backup-after-end")
+
+
+def _mechanism(answer: object, vmtype: GuestType) -> tuple[str, str | None]:
+    """Check ``backup_get_mechanism``'s answer before unpacking it.
+
+    The seed lets a provider "die or return undef" for a guest type it does not
+    support; plain ``None`` (or ``(None, ...)``) is that undef. Anything but a
+    2-tuple of strings fails the guest with a message, never a ``TypeError``.
+    """
+    if answer is None:
+        raise UnsupportedError(
+            f"provider does not support backing up {vmtype} guests"
+            " (backup_get_mechanism returned None)"
+        )
+    if not isinstance(answer, tuple | list) or len(answer) != 2:
+        raise PluginError(
+            f"backup_get_mechanism returned {answer!r:.80}, not (mechanism, bitmap_id)"
+        )
+    mechanism, bitmap_id = answer
+    if mechanism is None:
+        raise UnsupportedError(f"provider does not support backing up {vmtype} guests")
+    if not isinstance(mechanism, str) or not (bitmap_id is None or isinstance(bitmap_id, str)):
+        raise PluginError(
+            f"backup_get_mechanism returned {answer!r:.80}: mechanism and bitmap id"
+            " must be strings (bitmap id may be None)"
+        )
+    return mechanism, bitmap_id
 
 
 def _image_format(volid: str, config: GuestConfig) -> str:

@@ -36,14 +36,13 @@ removes the config it wrote and frees its volumes.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -78,7 +77,7 @@ from pvebackup.host.qemu import liverestore
 from pvebackup.host.runstate import GuestRun
 from pvebackup.host.signals import abort_on_signals
 from pvebackup.host.tasklog import LogRouter
-from pvebackup.kit import proc
+from pvebackup.kit import qemuimg
 from pvebackup.kit.crashpoint import crash_point
 from pvebackup.storage import (
     DirPlugin,
@@ -264,9 +263,9 @@ class _Restore:
         written: Path | None = None
         live_done = False
         try:
-            mechanism, vmtype = self.provider.restore_get_mechanism(self.volname, self.storeid)
-            mechanism = RestoreMechanism(mechanism)
-            vmtype = GuestType(vmtype)
+            mechanism, vmtype = _restore_mechanism(
+                self.provider.restore_get_mechanism(self.volname, self.storeid)
+            )
             if _VMTYPE_OF[mechanism] != vmtype:
                 raise UnsupportedError(
                     f"restore mechanism '{mechanism}' does not fit guest type '{vmtype}'"
@@ -360,21 +359,24 @@ class _Restore:
             size = _device_size(info[disk.devicename], disk.devicename)
             volid, path = self._alloc_image(disk.spec.storeid, size)
             self.log.info(f"{disk.devicename}: restoring {format_size(size)} into {volid}")
-            source = self.provider.restore_qemu_img_init(
-                self.volname, self.storeid, disk.devicename
+            init = functools.partial(
+                self.provider.restore_qemu_img_init, self.volname, self.storeid, disk.devicename
+            )
+            cleanup = functools.partial(
+                self.provider.restore_qemu_img_cleanup, self.volname, self.storeid,
+                disk.devicename,
             )
             if self.live:
+                # Listed before the init: _close_live_sources then runs the cleanup
+                # also when the init itself fails (the seed: "in both" scenarios).
                 self.live_sources.append(disk.devicename)
+                source = init()
                 liverestore.set_backing(path, str(source))
                 self.live_disks.append(liverestore.LiveDisk(disk.devicename, path))
                 replace[disk.key] = disk.spec.render(volume=volid, size=format_size(size))
                 continue
-            try:
+            with self._paired("restore_qemu_img", init, cleanup) as source:
                 _qemu_img_convert(str(source), path, self._progress(disk.devicename))
-            finally:
-                self.provider.restore_qemu_img_cleanup(
-                    self.volname, self.storeid, disk.devicename
-                )
             replace[disk.key] = disk.spec.render(volume=volid, size=format_size(size))
         return replace
 
@@ -422,19 +424,51 @@ class _Restore:
             replace[mp.key] = mp.spec.render(volume=volid)
             self.log.info(f"{mp.key} ({mp.ct_path}): restoring into {volid}")
         id_map = config.id_map()
+        vol, sid = self.volname, self.storeid
         if mechanism == RestoreMechanism.TAR:
-            archive = self.provider.restore_tar_init(self.volname, self.storeid)
-            try:
+            with self._paired(
+                "restore_tar",
+                lambda: self.provider.restore_tar_init(vol, sid),
+                lambda: self.provider.restore_tar_cleanup(vol, sid),
+            ) as archive:
                 extract_tar(Path(archive), targets, id_map, log=self.log)
-            finally:
-                self.provider.restore_tar_cleanup(self.volname, self.storeid)
         else:
-            source = self.provider.restore_directory_init(self.volname, self.storeid)
-            try:
+            with self._paired(
+                "restore_directory",
+                lambda: self.provider.restore_directory_init(vol, sid),
+                lambda: self.provider.restore_directory_cleanup(vol, sid),
+            ) as source:
                 copy_directory(Path(source), targets, id_map, log=self.log)
-            finally:
-                self.provider.restore_directory_cleanup(self.volname, self.storeid)
         return replace
+
+    @contextmanager
+    def _paired(
+        self, method: str, init: Callable[[], str], cleanup: Callable[[], None]
+    ) -> Iterator[str]:
+        """``<method>_init``, the body, and ``<method>_cleanup`` always after it.
+
+        The seed calls the cleanup "in both, success and failure scenarios", and a
+        provider may fail half-way through its init (an nbdkit started, a temporary
+        directory made): so the cleanup also runs when the init raised. Its own
+        failure then is logged and the init's error is the one raised (a provider
+        may have nothing to clean). After a successful init a failing cleanup is
+        raised (chained to the body's error, if any): backup-store's cleanup
+        names the corrupt chunk that qemu-img only saw as EIO (exit 5).
+        """
+        try:
+            value = init()
+        except BaseException:
+            try:
+                cleanup()
+            except Exception as exc:
+                self.log.err(f"{method}_cleanup after a failed init: {_describe(exc)}")
+            raise
+        try:
+            if not isinstance(value, str | os.PathLike) or not str(value):
+                raise PluginError(f"{method}_init returned {value!r:.80}, not a path or URI")
+            yield str(value)
+        finally:
+            cleanup()
 
     # -- cleanup and replacement ---------------------------------------------------
 
@@ -490,6 +524,34 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _restore_mechanism(answer: object) -> tuple[RestoreMechanism, GuestType]:
+    """Check ``restore_get_mechanism``'s answer: a typed error, never a ValueError.
+
+    :raises UnsupportedError: a mechanism or guest type this host does not know.
+    :raises PluginError: not a ``(mechanism, vmtype)`` pair.
+    """
+    if not isinstance(answer, tuple | list) or len(answer) != 2:
+        raise PluginError(
+            f"restore_get_mechanism returned {answer!r:.80}, not (mechanism, vmtype)"
+        )
+    mechanism, vmtype = answer
+    try:
+        mech = RestoreMechanism(mechanism)
+    except ValueError as exc:
+        known = ", ".join(m.value for m in RestoreMechanism)
+        raise UnsupportedError(
+            f"restore_get_mechanism: unknown restore mechanism {mechanism!r:.40} ({known})"
+        ) from exc
+    try:
+        kind = GuestType(vmtype)
+    except ValueError as exc:
+        known = ", ".join(t.value for t in GuestType)
+        raise UnsupportedError(
+            f"restore_get_mechanism: unknown guest type {vmtype!r:.40} ({known})"
+        ) from exc
+    return mech, kind
+
+
 _FORMAT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 
 
@@ -534,9 +596,6 @@ def _device_size(entry: object, devicename: str) -> int:
     return size
 
 
-_PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
-
-
 def _qemu_img_convert(
     source: str,
     target: Path,
@@ -547,35 +606,24 @@ def _qemu_img_convert(
     """``qemu-img convert`` ``source`` into the existing qcow2 ``target``.
 
     ``source`` is read as raw unless it is a ``json:`` name with a driver
-    (:func:`_source_format`).
-
-    ``progress(percent)`` is called at most every ``interval`` seconds while it
-    runs and once with 100 at the end (qemu-img's ``-p`` output, parsed).
+    (:func:`_source_format`). ``progress(percent)`` is called at most every
+    ``interval`` seconds while it runs and once with 100 at the end.
     """
+    report = qemuimg.throttled(progress, interval) if progress is not None else None
+
+    def on_progress(percent: float) -> None:
+        crash_point("restore-mid-convert")
+        if report is not None:
+            report(percent)
+
     # Both formats explicit: the source as the provider declared it (raw unless
     # it said otherwise), the target as allocated.
-    cmd = ["qemu-img", "convert", "-p", "-n", "--target-is-zero"]
-    cmd += ["-f", _source_format(source), source, "-O", "qcow2", str(target)]
-    with tempfile.TemporaryFile() as errors:
-        child = proc.spawn(cmd, stdout=subprocess.PIPE, stderr=errors)
-        stdout = child.stdout
-        assert stdout is not None
-        try:
-            next_report = time.monotonic() + interval
-            while line := os.read(stdout.fileno(), 4096):  # "\r"-separated, unbuffered
-                crash_point("restore-mid-convert")
-                found = _PROGRESS.findall(line)
-                if found and progress is not None and time.monotonic() >= next_report:
-                    next_report = time.monotonic() + interval
-                    progress(float(found[-1]))
-            child.wait()
-        except BaseException:
-            child.stop(0)  # SIGTERM or a failed callback: never leave qemu-img behind
-            raise
-        returncode = child.stop()
-        if returncode != 0:
-            errors.seek(0)
-            message = errors.read().decode(errors="replace").strip()
-            raise ExternalToolError(f"qemu-img convert {source} -> {target} failed: {message}")
-    if progress is not None:
-        progress(100.0)
+    qemuimg.convert(
+        source,
+        target,
+        source_fmt=_source_format(source),
+        target_fmt="qcow2",
+        target_exists=True,
+        target_is_zero=True,
+        progress=on_progress,
+    )

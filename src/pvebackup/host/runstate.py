@@ -37,11 +37,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from pvebackup.api.errors import PveBackupError, UnsafeStorageError
+from pvebackup.api.errors import PveBackupError, StateError
 from pvebackup.api.types import GuestType, LogFunction, LogLevel
 from pvebackup.host.guests import CtConfig, NodeRoot, VmConfig
 from pvebackup.kit import safefs
 from pvebackup.kit.lock import FileLock
+from pvebackup.kit.oserrors import os_error
 from pvebackup.kit.proc import ChildInfo, kill_verified, observe_children, process_start_time
 from pvebackup.storage import DirPlugin, StorageConfig, lookup, parse_volume_id, storage_config
 
@@ -232,8 +233,8 @@ class GuestRun:
             )
         except FileNotFoundError:
             return
-        except (OSError, UnsafeStorageError) as exc:
-            raise PveBackupError(f"cannot read run state {self.state_path}: {exc}") from exc
+        except OSError as exc:
+            raise os_error(exc, f"cannot read run state {self.state_path}") from exc
         try:
             old = json.loads(data.decode("utf-8"))
             if not isinstance(old, dict):
@@ -264,7 +265,7 @@ class GuestRun:
         for volid in _strings(old.get("volumes")):
             failed |= not self._free_orphan(volid)
         if failed:
-            raise PveBackupError(
+            raise StateError(
                 f"guest {self.vmid}: could not remove everything an earlier run left"
                 f" (see the warnings; state kept in {self.state_path})"
             )

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from pvebackup.api.errors import LockedError, PveBackupError
+from pvebackup.api.errors import LockedError
+from pvebackup.kit.oserrors import os_error
 
 from .proc import process_start_time
 
@@ -63,14 +64,14 @@ class FileLock:
                 self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
             )
         except OSError as exc:
-            raise PveBackupError(f"cannot open lock file {self.path}: {exc.strerror}") from exc
+            raise os_error(exc, f"cannot open lock file {self.path}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise LockedError(f"{self.what} is {self._holder_text()}") from exc
-            raise PveBackupError(f"cannot lock {self.path}: {exc.strerror}") from exc
+            raise os_error(exc, f"cannot lock {self.path}") from exc
         try:
             start = process_start_time(os.getpid())
             cmd = " ".join(sys.argv)[:200].replace("\n", " ")
@@ -79,7 +80,7 @@ class FileLock:
             os.pwrite(fd, record, 0)
         except OSError as exc:
             os.close(fd)
-            raise PveBackupError(f"cannot write lock file {self.path}: {exc.strerror}") from exc
+            raise os_error(exc, f"cannot write lock file {self.path}") from exc
         self._fd = fd
         return self
 

@@ -50,6 +50,7 @@ __all__ = [
     "is_dirty",
     "merge_ranges",
     "read_in_order",
+    "write_zeroes",
 ]
 
 Range = tuple[int, int]
@@ -277,6 +278,36 @@ class NbdSource:
             self._handle.trim(length, offset)
         except nbd.Error as exc:
             raise NbdError(f"discard of {length} bytes at {offset} failed: {exc}") from exc
+
+
+ZERO_STEP = 1 << 30
+"""One write-zeroes request of :func:`write_zeroes` (the NBD length field has 32 bits)."""
+
+
+def write_zeroes(path: str, export_name: str, length: int) -> None:
+    """Write zeroes over the first ``length`` bytes of a writable export.
+
+    Not for disks: the host uses it on a throw-away ``null-co`` node (which stores
+    nothing) so that an enabled bitmap on that node becomes entirely dirty (see
+    :mod:`pvebackup.host.qemu.export`, mode new). Kept here so that libnbd has one
+    user in the code base.
+
+    :raises NbdError: a libnbd call failed.
+    """
+    handle: Any = nbd.NBD()
+    try:
+        handle.set_export_name(export_name)
+        handle.connect_unix(path)
+        offset = 0
+        while offset < length:
+            step = min(ZERO_STEP, length - offset)
+            handle.zero(step, offset)
+            offset += step
+        handle.shutdown()
+    except nbd.Error as exc:
+        raise NbdError(f"writing zeroes to NBD export {export_name} at {path}: {exc}") from exc
+    finally:
+        del handle  # libnbd 1.14 has no close(): dropping the handle closes it
 
 
 def connect(path: str, export_name: str, bitmap: str | None = None) -> BlockSource:

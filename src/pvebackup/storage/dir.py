@@ -32,7 +32,7 @@ from pvebackup.api.errors import (
     UsageError,
     VolumeNotFoundError,
 )
-from pvebackup.kit import proc, safefs
+from pvebackup.kit import qemuimg, safefs
 from pvebackup.kit.safefs import owned_fd
 from pvebackup.storage.basepath import BASE_PATH_PROPERTIES, CREATE_SUBDIRS, BasePath
 from pvebackup.storage.plugin import COMMON_PROPERTIES, StoragePlugin
@@ -175,22 +175,23 @@ class DirPlugin(StoragePlugin):
         with owned_fd(self._vm_dir(scfg, vmid)) as vm_fd:
             reserved = self._reserve(vm_fd, vmid, name, lambda n: f"vm-{vmid}-disk-{n}.{fmt}")
             path = self._base(scfg) / "images" / str(vmid) / reserved
-            cmd = ["qemu-img", "create", "-q", "-f", fmt]
+            options = []
             preallocation = self.parse_properties(scfg, storeid).text("preallocation")
             if preallocation is not None:
-                cmd += ["-o", f"preallocation={preallocation}"]
-            # The directory we hold, not a path that could be redirected meanwhile.
-            cmd += [safefs.fd_path(vm_fd, reserved), str(size)]
+                options.append(f"preallocation={preallocation}")
             try:
-                res = proc.run(cmd)
-            except BaseException:
+                # The directory we hold, not a path that could be redirected meanwhile.
+                qemuimg.create(safefs.fd_path(vm_fd, reserved), size, fmt=fmt, options=options)
+            except BaseException as exc:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(reserved, dir_fd=vm_fd)
+                if isinstance(exc, ExternalToolError):
+                    raise ExternalToolError(
+                        f"qemu-img create {path} failed: {exc.stderr or exc}",
+                        returncode=exc.returncode,
+                        stderr=exc.stderr,
+                    ) from exc
                 raise
-            if res.returncode != 0:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(reserved, dir_fd=vm_fd)
-                raise ExternalToolError(f"qemu-img create {path} failed: {res.err}")
         return f"{vmid}/{reserved}"
 
     def free_name(self, scfg: Mapping[str, str], vmid: int, fmt: str) -> str:

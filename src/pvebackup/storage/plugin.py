@@ -63,15 +63,26 @@ COMMON_PROPERTIES: Mapping[str, PropertySpec] = {
 class VolumeInfo:
     """One backup volume on a storage, as ``pvebackup list`` shows it.
 
+    Every provider fills the fields with the same meaning:
+
     :ivar volid: ``"STOREID:VOLNAME"``.
     :ivar vmid: the guest the backup belongs to.
     :ivar vmtype: ``qemu`` or ``lxc``.
     :ivar ctime: creation time, Unix seconds.
-    :ivar size: bytes the volume occupies (or the provider's best estimate).
+    :ivar size: bytes stored *for this backup* (what it added to the storage; the
+        same number ``backup_get_task_size`` reported). With deduplication or an
+        incremental chain this is far below the guest's size.
     :ivar format: the provider's format name (e.g. ``pvebackup-dir``).
-    :ivar parent: volname this volume depends on (the base of an incremental
-        chain), ``None`` when it stands alone.
-    :ivar notes: free text attached to the backup.
+    :ivar parent: for an incremental backup, the volname of the backup it was
+        made on top of (its base); ``None`` for a full backup. Whether the parent
+        may then be removed is the provider's business (``backup-dir`` refuses:
+        it is a backing file; ``backup-store`` allows: snapshots stand alone).
+    :ivar notes: the operator's notes on this backup (empty unless someone wrote
+        some); never generated text.
+    :ivar virtual_size: the guest's size as backed up: the sum of the VM's disk
+        sizes; ``None`` where there is no such number (containers).
+    :ivar comment: what the provider says about the backup, for people (e.g.
+        ``"incremental, stored 1.2 MiB"``).
     """
 
     volid: str
@@ -82,6 +93,8 @@ class VolumeInfo:
     format: str
     parent: str | None = None
     notes: str = ""
+    virtual_size: int | None = None
+    comment: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict with stable keys; ``vmtype`` as its plain string."""
@@ -91,9 +104,11 @@ class VolumeInfo:
             "vmtype": str(self.vmtype),
             "ctime": self.ctime,
             "size": self.size,
+            "virtual-size": self.virtual_size,
             "format": self.format,
             "parent": self.parent,
             "notes": self.notes,
+            "comment": self.comment,
         }
 
 

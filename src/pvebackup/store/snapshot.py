@@ -30,7 +30,6 @@ import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Final
 
@@ -46,6 +45,16 @@ from pvebackup.api.errors import (
     WrongKeyError,
 )
 from pvebackup.api.types import GuestType
+from pvebackup.kit.volname import (
+    GUEST_OF,
+    KIND_OF,
+    MAX_TIME,
+    TIME_PATTERN,
+    VMID_PATTERN,
+    BackupVolname,
+    format_time,
+    parse_time,
+)
 from pvebackup.store.backends.base import Backend
 from pvebackup.store.blob import ChunkCodec
 from pvebackup.store.formats import (
@@ -82,17 +91,14 @@ MANIFEST_NAME: Final = "manifest.json"
 INDEX_SUFFIX: Final = ".fidx"
 _MAX_INDEXED: Final = (MAX_INDEX_CHUNKS * MAX_CHUNK_SIZE, MAX_CHUNK_SIZE)
 
-_KINDS: Final = {GuestType.QEMU: "vm", GuestType.LXC: "ct"}
-_GUEST_OF_KIND: Final = {v: k for k, v in _KINDS.items()}
-_TIME_FORMAT: Final = "%Y-%m-%dT%H:%M:%SZ"
-_TIME_RE: Final = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
-_PATH_RE: Final = re.compile(rf"(vm|ct)/([1-9]\d{{0,8}})/({_TIME_RE})")
-_VOLNAME_RE: Final = re.compile(rf"backup/(vm|ct)-([1-9]\d{{0,8}})-({_TIME_RE})")
+_KINDS: Final = KIND_OF
+_GUEST_OF_KIND: Final = GUEST_OF
+_PATH_RE: Final = re.compile(rf"(vm|ct)/({VMID_PATTERN})/({TIME_PATTERN})", re.ASCII)
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
 _SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
 _FINGERPRINT_RE: Final = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){7}")
 _FILE_KINDS: Final = frozenset({"index", "blob"})
-_MAX_TIME: Final = 253402300799  # 9999-12-31T23:59:59Z, the last time a name can show
+_MAX_TIME: Final = MAX_TIME
 MAX_BLOB_FILE_SIZE: Final = BLOB_HEADER.size + MAX_CHUNK_SIZE + BLOB_TAG_SIZE
 """Largest stored blob file (config, log): one blob holds at most one chunk."""
 
@@ -102,17 +108,9 @@ def _zstd_bound(size: int) -> int:
     return size + (size >> 8) + (((128 << 10) - size) >> 11 if size < (128 << 10) else 0) + 64
 
 
-def _format_time(t: int) -> str:
-    return time.strftime(_TIME_FORMAT, time.gmtime(t))
-
-
-def _parse_time(s: str) -> int:
-    # A stored name may hold an impossible date (2026-02-31): strptime's ValueError
-    # is part of this function's contract; callers map it to their typed error.
-    t = int(datetime.strptime(s, _TIME_FORMAT).replace(tzinfo=UTC).timestamp())
-    if _format_time(t) != s:
-        raise ValueError(f"not a canonical time: {s!r}")
-    return t
+# The time format and the volume name scheme are shared with backup-dir.
+_format_time = format_time
+_parse_time = parse_time
 
 
 def _check_name(name: str, what: str) -> str:
@@ -151,8 +149,9 @@ class SnapshotId:
 
     @property
     def volname(self) -> str:
-        """``backup/vm-100-2026-11-26T09:30:00Z``: the volume name PVE sees."""
-        return f"backup/{self.kind}-{self.vmid}-{self.time_str}"
+        """``backup/vm-100-2026-11-26T09:30:00Z``: the volume name PVE sees
+        (:mod:`pvebackup.kit.volname`, the scheme both providers use)."""
+        return str(BackupVolname(self.guest_type, self.vmid, self.backup_time))
 
     @property
     def prefix(self) -> str:
@@ -176,7 +175,8 @@ class SnapshotId:
     @classmethod
     def from_volname(cls, volname: str) -> SnapshotId:
         """Inverse of ``volname``; ``ValueError`` if malformed."""
-        return cls._from_match(_VOLNAME_RE.fullmatch(volname), volname)
+        name = BackupVolname.parse(volname)
+        return cls(name.guest_type, name.vmid, name.backup_time)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from pvebackup.host.qemu.bitmaps import (
     plan_bitmap,
     storage_prefix,
 )
-from pvebackup.host.qemu.images import BitmapInfo, ImageInfo
+from pvebackup.kit.qemuimg import BitmapInfo, ImageInfo
 
 if TYPE_CHECKING:
     from conftest import LogRecorder

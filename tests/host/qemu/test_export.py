@@ -137,6 +137,27 @@ def test_new_then_reuse_reads_only_dirty_extents(
     assert log.at("err") == []
 
 
+def test_new_mode_attaches_the_bitmap_all_dirty(
+    images: Images, log: LogRecorder, tmp_path: Path, nbd_client: Connect
+) -> None:
+    """``qemu:dirty-bitmap:<bitmap_name>`` exists whenever bitmap_name is passed; in
+    mode new it says "read everything" (never "nothing changed": an empty bitmap
+    would make a provider that trusts it store an empty disk)."""
+    size = 8 * MiB + 512  # not a multiple of any bitmap granularity
+    img = images.create("d.qcow2", size)
+    with export(scsi0(img), log, tmp_path) as ex:
+        assert (ex.disks[0].bitmap_mode, ex.disks[0].bitmap_name) == (BitmapMode.NEW, B)
+        c = nbd_client(ex.socket_path, "drive-scsi0", B)
+        assert c.dirty_extents() == [(0, size)]
+        assert c.read(0, size) == images.read(img)  # and it all reads
+        c.close()
+        ex.commit()
+    # Committed: B holds the writes since this backup started, i.e. none.
+    assert images.bitmaps(img) == {B: frozenset({"auto"})}
+    assert dirty_now(img, log, tmp_path, nbd_client) == []
+    assert log.at("err") == []
+
+
 def test_guest_writes_during_backup_are_not_seen_and_land_in_next(
     images: Images, log: LogRecorder, tmp_path: Path, nbd_client: Connect
 ) -> None:

@@ -17,15 +17,15 @@ def test_job_start_removes_only_unlocked_temp_dirs(
     make_provider: Callable[..., BackupDirProvider], storage_path: Path, logs: LogRecords
 ) -> None:
     backup = storage_path / "backup"
-    dead = backup / ".tmp-qemu-100-2026_01_01-00_00_00"
-    live = backup / ".tmp-qemu-101-2026_01_01-00_00_00"
+    dead = backup / ".tmp-vm-100-2026-01-01T00:00:00Z"
+    live = backup / ".tmp-vm-101-2026-01-01T00:00:00Z"
     for d in (dead, live):
         d.mkdir(parents=True)
         (d / "drive-scsi0.qcow2").write_bytes(b"partial")
     outside = storage_path / "outside"
     outside.mkdir()
     (outside / "keep").write_text("x")
-    os.symlink(outside, backup / ".tmp-lxc-102-2026_01_01-00_00_00")
+    os.symlink(outside, backup / ".tmp-ct-102-2026-01-01T00:00:00Z")
     fd = lock_directory(live)  # a writer that is still running
     try:
         make_provider().job_start(0)

@@ -99,12 +99,12 @@ def test_volume_names_parse_or_typed_error(vmtype: str, vmid: str, stamp: str) -
 
 @pytest.mark.parametrize(
     ("stamp", "why"),
-    [("2026_02_31-00_00_00", "impossible time"), ("2026_11_26-24_00_00", "impossible time"),
-     ("0001_01_01-00_00_00", "out of range"), ("1969_12_31-23_59_59", "out of range")],
+    [("2026-02-31T00:00:00Z", "impossible time"), ("2026-11-26T24:00:00Z", "impossible time"),
+     ("0001-01-01T00:00:00Z", "out of range"), ("1969-12-31T23:59:59Z", "out of range")],
 )  # fmt: skip
 def test_impossible_or_uncanonical_time_is_a_typed_error(stamp: str, why: str) -> None:
     with pytest.raises(VolumeNotFoundError, match=why):
-        VolumeName.parse(f"backup/qemu-100-{stamp}")
+        VolumeName.parse(f"backup/vm-100-{stamp}")
 
 
 # --- index.json ----------------------------------------------------------------------
@@ -163,11 +163,11 @@ _ENTRY_KINDS = ["garbage", "non-utf8", "directory", "fifo", "symlink-loop", "hug
 @st.composite
 def _hostile_volume(draw: st.DrawFn) -> tuple[str, str, bytes]:
     vmid = draw(st.integers(200, 299))
-    stamp = draw(st.sampled_from(["2026_02_31-00_00_00", "2026_13_01-00_00_00",
-                                  "2026_11_26-25_00_00", "2026_11_26-10_00_00"]))  # fmt: skip
+    stamp = draw(st.sampled_from(["2026-02-31T00:00:00Z", "2026-13-01T00:00:00Z",
+                                  "2026-11-26T25:00:00Z", "2026-11-26T10:00:00Z"]))  # fmt: skip
     kind = draw(st.sampled_from(_ENTRY_KINDS))
     payload = draw(hostile_json_bytes(_INDEX_DOC)) if kind == "mutated" else b""
-    return f"{draw(st.sampled_from(['qemu', 'lxc']))}-{vmid}-{stamp}", kind, payload
+    return f"{draw(st.sampled_from(['vm', 'ct']))}-{vmid}-{stamp}", kind, payload
 
 
 def _plant(backup_dir: Path, name: str, kind: str, payload: bytes) -> None:
@@ -208,7 +208,7 @@ def test_listing_shows_every_good_volume_and_reports_the_damaged(
         _commit(root, GuestType.LXC, 101, T0 + 60)
     backup_dir = root / "backup"
     for entry in backup_dir.iterdir():  # the previous example's hostile entries
-        if entry.name[:8] not in ("qemu-100", "lxc-101-"):
+        if entry.name[:7] not in ("vm-100-", "ct-101-"):
             _remove(entry)
     for name, kind, payload in hostile:
         _plant(backup_dir, name, kind, payload)
@@ -218,8 +218,8 @@ def test_listing_shows_every_good_volume_and_reports_the_damaged(
     scan = plugin.scan_volumes(scfg, STOREID)
     peak = peak_memory(lambda: plugin.scan_volumes(scfg, STOREID))
     listed = {v.volid for v in scan.volumes}
-    assert {f"{STOREID}:backup/qemu-100-2026_11_26-09_30_00",
-            f"{STOREID}:backup/lxc-101-2026_11_26-09_31_00"} <= listed  # fmt: skip
+    assert {f"{STOREID}:backup/vm-100-2026-11-26T09:30:00Z",
+            f"{STOREID}:backup/ct-101-2026-11-26T09:31:00Z"} <= listed  # fmt: skip
     damaged = {d.volid for d in scan.damaged}
     assert not listed & damaged
     for name, kind, _ in hostile:
@@ -243,7 +243,7 @@ def _remove(path: Path) -> None:
 
 def test_remove_is_not_blocked_by_a_damaged_neighbour(tmp_path: Path) -> None:
     good = _commit(tmp_path, GuestType.QEMU, 100, T0)
-    bad = tmp_path / "backup" / "qemu-101-2026_11_26-09_40_00"
+    bad = tmp_path / "backup" / "vm-101-2026-11-26T09:40:00Z"
     bad.mkdir()
     (bad / INDEX_NAME).write_text("[]")
     BackupDirPlugin().free_volume({"type": "backup-dir", "path": str(tmp_path)}, STOREID, good)

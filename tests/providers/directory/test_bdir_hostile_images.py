@@ -288,7 +288,7 @@ def test_backing_chain_cycle_is_refused(storage_path: Path, provider: BackupDirP
 
 @pytest.mark.parametrize(
     "backing",
-    ["backup/../../etc", "backup/qemu-101-2023_11_14-22_13_20", "/etc/passwd"],
+    ["backup/../../etc", "backup/vm-101-2023-11-14T22:13:20Z", "/etc/passwd"],
 )
 def test_base_that_is_not_an_older_backup_of_the_vm_is_refused(
     storage_path: Path, provider: BackupDirProvider, backing: str

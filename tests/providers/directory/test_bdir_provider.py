@@ -88,7 +88,7 @@ def test_aborted_guest_log_is_not_kept(
 
 def test_restore_of_missing_volume(provider: BackupDirProvider) -> None:
     with pytest.raises(VolumeNotFoundError):
-        provider.restore_get_mechanism("backup/qemu-1-2026_11_26-09_30_00", STOREID)
+        provider.restore_get_mechanism("backup/vm-1-2026-11-26T09:30:00Z", STOREID)
 
 
 def test_unsafe_device_names_are_refused(provider: BackupDirProvider) -> None:

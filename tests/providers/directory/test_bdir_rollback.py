@@ -62,7 +62,7 @@ def test_edited_last_record_gives_a_full_backup(vm: tuple[Node, Path]) -> None:
     sh("qemu-io", "-f", "qcow2", "-c", "write -P 0x61 1M 64k", str(disk))
     backup(node, "plain", 100)
     (node.path / "plain/backup/.last/qemu-100").write_text(first.split(":", 1)[1] + "\n")
-    _third_backup_is_full_and_restores(node, disk, "names backup/qemu-100-")
+    _third_backup_is_full_and_restores(node, disk, "names backup/vm-100-")
 
 
 def test_swapped_index_gives_a_full_backup(vm: tuple[Node, Path]) -> None:

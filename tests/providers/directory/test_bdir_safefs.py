@@ -58,13 +58,13 @@ def test_a_symlinked_last_directory_is_neither_read_nor_written(
 ) -> None:
     layout = VolumeLayout(storage_path)
     (storage_path / "backup").mkdir()
-    (outside / "qemu-100").write_text("backup/qemu-100-2026_11_26-09_30_00\n")
+    (outside / "qemu-100").write_text("backup/vm-100-2026-11-26T09:30:00Z\n")
     (storage_path / "backup" / ".last").symlink_to(outside)
     with pytest.raises(UnsafeStorageError):
         layout.last_recorded(GuestType.QEMU, 100)
     with pytest.raises(UnsafeStorageError):
-        layout.set_last_successful(GuestType.QEMU, 100, "backup/qemu-100-2026_11_27-09_30_00")
-    assert (outside / "qemu-100").read_text() == "backup/qemu-100-2026_11_26-09_30_00\n"
+        layout.set_last_successful(GuestType.QEMU, 100, "backup/vm-100-2026-11-27T09:30:00Z")
+    assert (outside / "qemu-100").read_text() == "backup/vm-100-2026-11-26T09:30:00Z\n"
 
 
 def test_a_symlinked_last_record_is_refused(storage_path: Path, outside: Path) -> None:
@@ -74,8 +74,8 @@ def test_a_symlinked_last_record_is_refused(storage_path: Path, outside: Path) -
     with pytest.raises(UnsafeStorageError):
         layout.last_recorded(GuestType.QEMU, 100)
     # Recording replaces the link itself; the host file is left alone.
-    layout.set_last_successful(GuestType.QEMU, 100, "backup/qemu-100-2026_11_27-09_30_00")
-    assert layout.last_recorded(GuestType.QEMU, 100) == "backup/qemu-100-2026_11_27-09_30_00"
+    layout.set_last_successful(GuestType.QEMU, 100, "backup/vm-100-2026-11-27T09:30:00Z")
+    assert layout.last_recorded(GuestType.QEMU, 100) == "backup/vm-100-2026-11-27T09:30:00Z"
     assert intact(outside)
 
 
@@ -84,10 +84,10 @@ def test_listing_skips_a_symlinked_volume(storage_path: Path, outside: Path) -> 
     (storage_path / "backup").mkdir()
     index = BackupIndex(vmid=100, vmtype=GuestType.QEMU, ctime=0)
     (outside / "index.json").write_text(index.to_json())
-    (storage_path / "backup" / "qemu-100-2026_11_26-09_30_00").symlink_to(outside)
+    (storage_path / "backup" / "vm-100-2026-11-26T09:30:00Z").symlink_to(outside)
     assert list(layout.volnames()) == []
     with pytest.raises(UnsafeStorageError):
-        layout.read_index("backup/qemu-100-2026_11_26-09_30_00")
+        layout.read_index("backup/vm-100-2026-11-26T09:30:00Z")
 
 
 def test_writes_go_to_the_held_directory_after_a_swap(

@@ -12,14 +12,14 @@ from typing import Any
 import pytest
 from bdir_helpers import STOREID, LogRecords, NbdExports, qemu_io, run
 
-from pvebackup.api.errors import IntegrityError, NbdError, VolumeNotFoundError
+from pvebackup.api.errors import BaseUnusableError, IntegrityError, NbdError, VolumeNotFoundError
 from pvebackup.api.types import BackupMechanism, BitmapMode, GuestType, RestoreMechanism
 from pvebackup.kit.nbdfake import FakeNbdSource
 from pvebackup.kit.nbdsource import NbdSource, merge_ranges
 from pvebackup.kit.pacing import MIB
 from pvebackup.providers.directory import vm
 from pvebackup.providers.directory.provider import BackupDirProvider
-from pvebackup.providers.directory.volumes import VolumeLayout
+from pvebackup.providers.directory.volumes import VolumeLayout, VolumeName
 
 DEVICE = "drive-scsi0"
 BITMAP = "bm0"
@@ -67,7 +67,7 @@ def full_backup(
     mode = BitmapMode.NONE
     if provider.use_bitmap:
         assert bitmap_id is not None  # a fresh chain
-        assert bitmap_id.startswith("backup-dir-" + volname.split("-", 2)[2] + "-")
+        assert bitmap_id.startswith("backup-dir-" + VolumeName.parse(volname).stamp + "-")
         mode = BitmapMode.NEW
     sock = nbd_exports.start(disk)
     provider.backup_nbd(vmid, DEVICE, sock, mode, BITMAP if bitmap_id else None, None)
@@ -87,7 +87,7 @@ def test_full_backup_restores_identically_and_keeps_zeroes_unallocated(
 ) -> None:
     disk = make_disk(tmp_path)
     volname = full_backup(provider, nbd_exports, disk)
-    assert volname.startswith("backup/qemu-100-")
+    assert volname.startswith("backup/vm-100-")
 
     assert provider.restore_get_mechanism(volname, STOREID) == (
         RestoreMechanism.QEMU_IMG,
@@ -247,7 +247,7 @@ def test_missing_base_image_means_full_backup(
     provider.backup_start(100, GuestType.QEMU)
     assert provider.backup_get_mechanism(100, GuestType.QEMU) == (BackupMechanism.NBD, None)
     # A reuse request without a base is refused instead of leaving a gap.
-    with pytest.raises(IntegrityError, match="no base"):
+    with pytest.raises(BaseUnusableError, match="no previous backup .*next backup will be full"):
         provider.backup_nbd(100, DEVICE, "/nonexistent", BitmapMode.REUSE, BITMAP, None)
     with pytest.raises(IntegrityError, match="lacks its image"):
         provider.restore_qemu_img_init(first, STOREID, DEVICE)
@@ -421,7 +421,7 @@ def test_base_changed_after_it_was_proven_fails_the_incremental(
     assert chain is not None
     index = provider.layout.volume_path(first) / "index.json"
     index.write_text(index.read_text().replace('"stored-size"', '"stored-size" ', 1))
-    with pytest.raises(IntegrityError, match="changed during the backup"):
+    with pytest.raises(BaseUnusableError, match="changed during the backup"):
         provider.backup_nbd(100, DEVICE, nbd_exports.start(disk), BitmapMode.REUSE, BITMAP, None)
     provider.backup_abort(100, "base changed")
     provider.job_end()

@@ -31,24 +31,27 @@ T0 = 1795685400  # 2026-11-26 09:30:00 UTC
 
 def test_volume_name_round_trip() -> None:
     name = VolumeName(GuestType.QEMU, 100, T0)
-    assert str(name) == "backup/qemu-100-2026_11_26-09_30_00"
-    assert name.dirname == "qemu-100-2026_11_26-09_30_00"
+    assert str(name) == "backup/vm-100-2026-11-26T09:30:00Z"
+    assert name.dirname == "vm-100-2026-11-26T09:30:00Z"
     assert VolumeName.parse(str(name)) == name
 
 
 @pytest.mark.parametrize(
     "bad",
     [
-        "qemu-100-2026_11_26-09_30_00",
+        "vm-100-2026-11-26T09:30:00Z",
+        "backup/qemu-100-2026_11_26-09_30_00",  # the old scheme: never parsed
         "backup/vm-100-2026_11_26-09_30_00",
-        "backup/qemu-0100-2026_11_26-09_30_00",
-        "backup/qemu-100-2026_11_26",
-        "backup/../qemu-100-2026_11_26-09_30_00",
-        "backup/qemu-100-2026_11_26-09_30_00/x",
+        "backup/vm-0100-2026-11-26T09:30:00Z",
+        "backup/vm-100-2026-11-26",
+        "backup/vm-100-2026-11-26T09:30:00",
+        "backup/VM-100-2026-11-26T09:30:00Z",
+        "backup/../vm-100-2026-11-26T09:30:00Z",
+        "backup/vm-100-2026-11-26T09:30:00Z/x",
     ],
 )
 def test_bad_volume_names_are_refused(bad: str) -> None:
-    with pytest.raises(VolumeNotFoundError, match="not a backup-dir volume name"):
+    with pytest.raises(VolumeNotFoundError, match="not a backup-dir volume"):
         VolumeName.parse(bad)
 
 
@@ -57,7 +60,7 @@ def test_new_volname_skips_taken_seconds(tmp_path: Path) -> None:
     first = layout.new_volname(GuestType.LXC, 200, T0)
     layout.temp_path(first).mkdir(parents=True)
     second = layout.new_volname(GuestType.LXC, 200, T0 + 0.5)
-    assert second == "backup/lxc-200-2026_11_26-09_30_01"
+    assert second == "backup/ct-200-2026-11-26T09:30:01Z"
 
 
 def test_index_round_trip_and_corruption(tmp_path: Path) -> None:
@@ -104,7 +107,7 @@ def test_list_and_free_through_the_registered_plugin(tmp_path: Path) -> None:
     full = commit(layout, 100, T0)
     inc = commit(layout, 100, T0 + 60, parent=full)
     other = commit(layout, 101, T0 + 30)
-    (layout.backup_dir / ".tmp-qemu-102-2026_11_26-09_40_00").mkdir()  # in progress
+    (layout.backup_dir / ".tmp-vm-102-2026-11-26T09:40:00Z").mkdir()  # in progress
 
     volumes = plugin.list_volumes(scfg, STOREID)
     assert [v.volid for v in volumes] == [f"{STOREID}:{n}" for n in (full, other, inc)]

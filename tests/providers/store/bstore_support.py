@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -68,16 +70,29 @@ def compare(a: Path, b: Path) -> subprocess.CompletedProcess[str]:
 def nbd_export(image: Path, bitmap: str | None = None) -> Iterator[str]:
     """``qemu-nbd`` serving ``image`` as ``DEVICE`` (writable, discard=unmap)."""
     sock = Path(tempfile.mkdtemp(prefix="nbd-")) / "s"
-    cmd = ["qemu-nbd", "-f", "qcow2", "-k", str(sock), "-x", DEVICE, "-e", "2",
+    # --persistent: the readiness probe below is a client too; without it qemu-nbd
+    # may exit when that probe disconnects. It is stopped by PID at the end anyway.
+    cmd = ["qemu-nbd", "-f", "qcow2", "-k", str(sock), "-x", DEVICE, "-e", "2", "-t",
            "--discard=unmap", str(image)]  # fmt: skip
     if bitmap:
         cmd[1:1] = ["-B", bitmap]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 10
-        while not sock.exists():
+        # Ready means accepting connections: the socket file exists a little before
+        # qemu-nbd listens on it. Generous, as a loaded CI machine is slow to start it.
+        deadline = time.monotonic() + 60
+        while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"qemu-nbd failed: {proc.stderr.read() if proc.stderr else ''}")
+            if sock.exists():
+                probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    probe.connect(str(sock))
+                    break
+                except OSError:
+                    pass
+                finally:
+                    probe.close()
             if time.monotonic() > deadline:
                 raise RuntimeError("qemu-nbd did not start")
             time.sleep(0.01)
@@ -85,9 +100,14 @@ def nbd_export(image: Path, bitmap: str | None = None) -> Iterator[str]:
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)
-            proc.wait(10)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
         if proc.stderr:
             proc.stderr.close()
+        shutil.rmtree(sock.parent, ignore_errors=True)
 
 
 class FakeHost:

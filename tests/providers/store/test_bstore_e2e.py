@@ -123,11 +123,11 @@ def test_reuse_without_usable_base_fails_and_next_is_full(host: FakeHost, tmp_pa
     run("qemu-img", "bitmap", "--add", str(src), BITMAP)
     host.backup(src, BitmapMode.NEW)
     run("qemu-img", "resize", "-q", str(src), str(8 * MiB))
-    from pvebackup.providers.store.disk import BaseUnusableError
+    from pvebackup.api.errors import BaseUnusableError
 
     with pytest.raises(BaseUnusableError, match="next backup will be full"):
         host.backup(src, BitmapMode.REUSE)
-    assert host.plugin.list_volumes(host.scfg, host.storeid)[-1].size == 4 * MiB
+    assert host.plugin.list_volumes(host.scfg, host.storeid)[-1].virtual_size == 4 * MiB
     assert host.mechanism() is None
     volname, _ = host.backup(src, BitmapMode.NONE, expect_bitmap=False)
     out = tmp_path / "out.qcow2"
@@ -141,6 +141,6 @@ def test_list_and_remove(host: FakeHost, tmp_path: Path) -> None:
     v2, _ = host.backup(src, vmid=101)
     vols = host.plugin.list_volumes(host.scfg, host.storeid)
     assert [v.volid for v in vols] == [f"store1:{v1}", f"store1:{v2}"]
-    assert vols[0].size == 4 * MiB and vols[0].parent is None
+    assert vols[0].virtual_size == 4 * MiB and vols[0].parent is None
     host.plugin.free_volume(host.scfg, host.storeid, v1)
     assert [v.vmid for v in host.plugin.list_volumes(host.scfg, host.storeid)] == [101]

@@ -55,7 +55,7 @@ def test_full_incremental_restore_through_the_host(
     volid = target if target.startswith("store1:") else f"store1:{target}"
     cfg = read_storage_config(root.storage_cfg)
     notes = [
-        v.notes
+        v.comment
         for v in lookup("backup-store").list_volumes(storage_config(cfg, "store1"), "store1")
     ]
     assert notes[0].startswith("full, stored ") and notes[1].startswith("incremental, stored ")

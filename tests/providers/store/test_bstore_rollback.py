@@ -37,7 +37,7 @@ def _backup(root: NodeRoot) -> tuple[str, str]:
 def _notes(root: NodeRoot) -> list[str]:
     cfg = read_storage_config(root.storage_cfg)
     plugin = lookup("backup-store")
-    return [v.notes for v in plugin.list_volumes(storage_config(cfg, "store1"), "store1")]
+    return [v.comment for v in plugin.list_volumes(storage_config(cfg, "store1"), "store1")]
 
 
 def _third_backup_is_full_and_restores(root: NodeRoot, disk: Path, reason: str) -> None:

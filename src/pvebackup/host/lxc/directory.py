@@ -38,12 +38,12 @@ from pathlib import Path
 
 from pvebackup.api.errors import (
     ExternalToolError,
-    PveBackupError,
     UnsafeArchiveError,
     UnsafeStorageError,
 )
 from pvebackup.host.lxc.writer import split_name
 from pvebackup.kit import proc, safefs
+from pvebackup.kit.oserrors import os_error
 
 __all__ = ["backup_sources", "prepare_backup_directory"]
 
@@ -229,7 +229,7 @@ def prepare_backup_directory(
         cm = view(rootfs, mountpoints, workdir)
         path = cm.__enter__()
     except OSError as exc:
-        raise PveBackupError(f"cannot prepare the container directory: {exc}") from exc
+        raise os_error(exc, "cannot prepare the container directory") from exc
     try:
         yield path
     except BaseException as exc:
@@ -239,4 +239,4 @@ def prepare_backup_directory(
         try:
             cm.__exit__(None, None, None)
         except OSError as exc:
-            raise PveBackupError(f"cannot remove the container directory: {exc}") from exc
+            raise os_error(exc, "cannot remove the container directory") from exc

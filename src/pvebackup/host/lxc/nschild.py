@@ -20,7 +20,7 @@ import sys
 import traceback
 from typing import Any
 
-from pvebackup.api.errors import IntegrityError, PveBackupError
+from pvebackup.api.errors import ExternalToolError, IntegrityError, PveBackupError
 from pvebackup.api.types import IdMapEntry
 from pvebackup.host.lxc.tarstream import restore_tar_stream
 from pvebackup.host.lxc.writer import SafeTreeWriter
@@ -87,7 +87,7 @@ def main(argv: list[str]) -> int:
     label = str(config["label"])
     if _libc.unshare(_CLONE_NEWUSER) != 0:
         err = ctypes.get_errno()
-        messages.error(PveBackupError(f"cannot make a user namespace: {os.strerror(err)}"))
+        messages.error(ExternalToolError(f"cannot make a user namespace: {os.strerror(err)}"))
         return 1
     messages.send("unshared")
     go_fd = int(config["go_fd"])
@@ -117,7 +117,7 @@ def main(argv: list[str]) -> int:
         return 1
     except Exception as exc:
         traceback.print_exc()
-        messages.error(PveBackupError(f"restore helper failed: {exc!r}"))
+        messages.error(ExternalToolError(f"restore helper failed: {exc!r}"))
         return 1
     messages.send("done", count=count)
     return 0

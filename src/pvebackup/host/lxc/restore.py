@@ -27,12 +27,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from pvebackup.api.errors import PveBackupError
 from pvebackup.api.types import IdMapEntry, LogFunction
 from pvebackup.host.lxc.tarstream import restore_tar_stream, write_pax_stream
 from pvebackup.host.lxc.treesource import walk_source
 from pvebackup.host.lxc.userns import restore_in_userns
 from pvebackup.host.lxc.writer import SafeTreeWriter
+from pvebackup.kit.oserrors import os_error
 
 __all__ = ["copy_directory", "extract_tar"]
 
@@ -75,7 +75,7 @@ def extract_tar(
     try:
         raw = open(archive, "rb")
     except OSError as exc:
-        raise PveBackupError(f"cannot open archive {archive}: {exc}") from exc
+        raise os_error(exc, f"cannot open archive {archive}") from exc
     with raw:
         if id_map:
             count = restore_in_userns(

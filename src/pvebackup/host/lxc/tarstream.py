@@ -44,6 +44,7 @@ from pvebackup.api.acl import acl_text_to_xattr
 from pvebackup.api.errors import IntegrityError, PveBackupError
 from pvebackup.api.types import LogFunction
 from pvebackup.host.lxc.writer import Entry, EntryKind, Reader, SafeTreeWriter
+from pvebackup.kit.oserrors import os_error
 
 __all__ = [
     "MAX_HEADER_BYTES",
@@ -442,7 +443,7 @@ def write_pax_stream(
             except OSError as exc:
                 if isinstance(exc, BrokenPipeError):
                     raise
-                raise PveBackupError(f"{entry.name}: changed while restoring: {exc}") from exc
+                raise os_error(exc, f"{entry.name}: changed while restoring") from exc
             count += 1
             between()
     return count

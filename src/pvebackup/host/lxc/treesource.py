@@ -27,9 +27,10 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from pvebackup.api.errors import PveBackupError, UnsafeArchiveError
+from pvebackup.api.errors import UnsafeArchiveError
 from pvebackup.api.types import LogFunction
 from pvebackup.host.lxc.writer import Entry, EntryKind, Reader
+from pvebackup.kit.oserrors import os_error
 
 __all__ = ["MAX_DEPTH", "walk_source"]
 
@@ -92,7 +93,7 @@ def _open_root(root: Path) -> int:
             raise UnsafeArchiveError(
                 f"restore source {root} is a symlink or not a directory"
             ) from exc
-        raise PveBackupError(f"cannot read restore source {root}: {exc}") from exc
+        raise os_error(exc, f"cannot read restore source {root}") from exc
 
 
 def walk_source(root: Path, log: LogFunction) -> Iterator[tuple[Entry, Reader | None]]:
@@ -131,7 +132,7 @@ def walk_source(root: Path, log: LogFunction) -> Iterator[tuple[Entry, Reader | 
             finally:
                 os.close(path_fd)
     except OSError as exc:
-        raise PveBackupError(f"cannot read restore source {root}: {exc}") from exc
+        raise os_error(exc, f"cannot read restore source {root}") from exc
     finally:
         for fd, _rel, _names in stack:
             os.close(fd)

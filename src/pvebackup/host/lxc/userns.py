@@ -50,6 +50,7 @@ from pvebackup.api import errors
 from pvebackup.api.errors import ExternalToolError, GuestConfigError, PveBackupError
 from pvebackup.api.idmap import IdMapper
 from pvebackup.api.types import IdMapEntry, LogFunction
+from pvebackup.kit.oserrors import os_error
 from pvebackup.kit.proc import Child, spawn
 
 __all__ = ["CHILD_MODULE", "Feed", "restore_in_userns"]
@@ -99,9 +100,9 @@ def _error_class(name: object) -> type[PveBackupError]:
     # Only our own error classes: the helper parsed hostile input, so its
     # messages are read as data, never as code to look up freely.
     cls = getattr(errors, name, None) if isinstance(name, str) else None
-    if isinstance(cls, type) and issubclass(cls, PveBackupError):
+    if isinstance(cls, type) and issubclass(cls, PveBackupError) and cls is not PveBackupError:
         return cls
-    return PveBackupError
+    return ExternalToolError  # the helper failed in a way it could not name
 
 
 def _read_messages(stream: IO[bytes], out: queue.Queue[dict[str, Any] | None]) -> None:
@@ -172,7 +173,7 @@ def _open_targets(targets: Mapping[str, Path], uid: int, gid: int) -> dict[str, 
     except OSError as exc:
         for fd in fds.values():
             os.close(fd)
-        raise PveBackupError(f"cannot open restore target: {exc}") from exc
+        raise os_error(exc, "cannot open restore target") from exc
     return fds
 
 
@@ -193,7 +194,7 @@ def restore_in_userns(
     the container's root as owner first. Returns the number of entries restored.
     Raises what the writer or the tar parser raised in the helper (same class),
     :class:`GuestConfigError` for a map that does not map the container's root,
-    :class:`PveBackupError` when the helper cannot run.
+    :class:`ExternalToolError` when the helper cannot run.
     """
     if (source_fd is None) == (feed is None):
         raise ValueError("give exactly one of source_fd and feed")
@@ -233,7 +234,7 @@ def restore_in_userns(
                     env=env,
                 )
             except ExternalToolError as exc:
-                raise PveBackupError(f"cannot start the restore helper: {exc}") from exc
+                raise ExternalToolError(f"cannot start the restore helper: {exc}") from exc
             finally:
                 os.close(msg_w)
                 os.close(go_r)
@@ -277,7 +278,7 @@ def restore_in_userns(
         if relay.error is not None:
             raise relay.error
         if rc != 0 or relay.count is None:
-            raise PveBackupError(
+            raise ExternalToolError(
                 f"restore helper failed (exit {rc}): {_tail(stderr) or 'no message'}"
             )
     return relay.count
@@ -295,13 +296,13 @@ def _handshake(
     try:
         first = messages.get(timeout=_HANDSHAKE_SECONDS)
     except queue.Empty:
-        raise PveBackupError("the restore helper did not start in time") from None
+        raise ExternalToolError("the restore helper did not start in time") from None
     if first is None or first.get("event") != "unshared":
         relay.handle(first)
         if relay.error is not None:
             raise relay.error
         proc.wait()
-        raise PveBackupError(
+        raise ExternalToolError(
             f"the restore helper did not start (exit {proc.returncode}):"
             f" {_tail(stderr) or 'no message'}"
         )
@@ -309,6 +310,6 @@ def _handshake(
         _write_maps(proc.pid, id_map)
         os.write(go_w, b"g")
     except OSError as exc:
-        raise PveBackupError(f"cannot give the restore helper its id map: {exc}") from exc
+        raise ExternalToolError(f"cannot give the restore helper its id map: {exc}") from exc
     finally:
         os.close(go_w)

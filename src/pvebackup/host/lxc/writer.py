@@ -52,10 +52,11 @@ from pathlib import Path
 from typing import Protocol
 
 from pvebackup.api.acl import ACL_XATTRS, map_acl_xattr
-from pvebackup.api.errors import PveBackupError, UnsafeArchiveError, UnsafeStorageError
+from pvebackup.api.errors import UnsafeArchiveError, UnsafeStorageError, UsageError
 from pvebackup.api.idmap import OVERFLOW_ID, IdMapper
 from pvebackup.api.types import IdMapEntry, LogFunction
 from pvebackup.kit import safefs
+from pvebackup.kit.oserrors import os_error
 
 __all__ = ["Entry", "EntryKind", "Reader", "SafeTreeWriter", "kernel_id_map", "split_name"]
 
@@ -174,7 +175,7 @@ class SafeTreeWriter:
         self._log = log
         self._mapper = IdMapper(id_map)
         if id_map and not _same_map(id_map, kernel_id_map()):
-            raise PveBackupError(
+            raise UsageError(
                 "refusing to restore an unprivileged container outside its user namespace"
             )
         roots: dict[tuple[str, ...], Path | int] = {}
@@ -207,7 +208,7 @@ class SafeTreeWriter:
                     self._fds[prefix] = os.open(where, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
             self.close()
-            raise PveBackupError(f"cannot open restore target: {exc}") from exc
+            raise os_error(exc, "cannot open restore target") from exc
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -345,7 +346,7 @@ class SafeTreeWriter:
             parent = self._open_dir(prefix, rel[:-1], entry.name, create=True)
             self._create(entry, parts, prefix, rel, parent, data)
         except OSError as exc:
-            raise PveBackupError(f"restoring {entry.name!r} failed: {exc}") from exc
+            raise os_error(exc, f"restoring {entry.name!r} failed") from exc
         except (ValueError, OverflowError) as exc:
             # Values no file system object can have (times, ids, device numbers).
             raise UnsafeArchiveError(f"{entry.name!r} cannot be restored: {exc}") from exc

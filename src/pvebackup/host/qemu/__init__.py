@@ -4,7 +4,7 @@
 - :mod:`.bitmaps`: bitmap names and the none/new/reuse decision;
 - :mod:`.daemon`: one ``qemu-storage-daemon`` process, started and stopped by PID;
 - :mod:`.qmp`: a small synchronous QMP client;
-- :mod:`.images`: ``qemu-img`` wrappers (info, create, bitmaps).
+(``qemu-img`` runs through :mod:`pvebackup.kit.qemuimg`).
 """
 
 from .export import BackupExport, DiskSpec, ExportedDisk

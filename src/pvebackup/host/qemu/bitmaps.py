@@ -25,8 +25,7 @@ import re
 from dataclasses import dataclass, field
 
 from pvebackup.api.types import BitmapMode, LogFunction, LogLevel
-
-from .images import ImageInfo
+from pvebackup.kit.qemuimg import ImageInfo
 
 __all__ = [
     "BITMAP_PREFIX",

@@ -2,7 +2,7 @@
 
 Per disk, inside one ``qemu-storage-daemon`` (see docs/design.md, "host-qemu")::
 
-    NBD export <devicename> (writable, bitmap B attached in mode reuse)
+    NBD export <devicename> (writable, bitmap B attached in modes new and reuse)
       -> snapshot-access  pvb-snap<i>
            -> copy-before-write  pvb-cbw<i>   (bitmap: B in mode reuse)
                 file   -> pvb-disk<i>    the image (qcow2 or raw)
@@ -19,6 +19,18 @@ transaction per disk freezes B (``reuse``) or creates it empty and disabled
 At the end, after :meth:`BackupExport.commit`, B becomes ``B+next`` (exactly the
 writes since backup start); without commit, ``B+next`` is merged into B (reuse:
 nothing lost) or B is removed (new: the next backup is again a full one).
+
+``qemu:dirty-bitmap:B`` is available on the export whenever the provider gets a
+``bitmap_name`` (modes new and reuse), so one code path can read "the dirty
+extents" in both. In mode new everything must be read, so B is made *all dirty*
+first (as Proxmox VE's QEMU does with ``bdrv_set_dirty_bitmap`` for a new
+bitmap). QMP has no command for that; we make it from outside: a throw-away
+``null-co`` node of the disk's size with a non-persistent bitmap of the largest
+granularity (2 GiB), an NBD export of it, write-zeroes over its whole length
+(null-co stores nothing; each request only dirties the bitmap), then a merge of
+that bitmap into B (QEMU merges across nodes and granularities when the sizes
+match). It costs about 10 s per TiB of disk and no I/O. B is disabled, so what
+it holds never changes during the backup; at commit it is cleared as always.
 """
 
 from __future__ import annotations
@@ -34,16 +46,18 @@ from typing import Any
 
 from pvebackup.api.errors import NotFoundError, QmpError, UsageError
 from pvebackup.api.types import BitmapMode, LogFunction, LogLevel
+from pvebackup.kit import qemuimg
+from pvebackup.kit.nbdsource import write_zeroes
 
 from .bitmaps import BitmapPlan, plan_bitmap
 from .daemon import StorageDaemon
-from .images import bitmap_remove, create_image, image_info
 from .qmp import QmpConnectionError
 
 __all__ = ["BackupExport", "DiskSpec", "ExportedDisk"]
 
 _FORMATS = ("qcow2", "raw")
 _EXPORT_GONE_TIMEOUT = 10.0
+_ALL_GRANULARITY = 1 << 31  # QEMU's largest: fewest bits to set
 
 
 @dataclass(frozen=True)
@@ -204,6 +218,9 @@ class BackupExport:
         self._nbd_started = True
         self.socket_path = str(sock)
         for d in self._disks:
+            if d.plan.mode is BitmapMode.NEW:
+                self._mark_all_dirty(d)
+        for d in self._disks:
             self._add_exports(d)
         self.disks = [
             ExportedDisk(d.spec.devicename, d.size, d.plan.mode, d.plan.name) for d in self._disks
@@ -221,7 +238,7 @@ class BackupExport:
         for spec in self._specs:
             if not spec.path.is_file():
                 raise NotFoundError(f"{spec.devicename}: disk image {spec.path} does not exist")
-            info = image_info(spec.path, fmt=spec.format)
+            info = qemuimg.info(spec.path, fmt=spec.format)
             plan = plan_bitmap(
                 info,
                 devicename=spec.devicename,
@@ -232,7 +249,7 @@ class BackupExport:
             plans.append((info.virtual_size, plan))
         for spec, (_, plan) in zip(self._specs, plans, strict=True):
             for name in plan.remove:
-                bitmap_remove(spec.path, name)
+                qemuimg.bitmap_remove(spec.path, name)
         return plans
 
     def _add_nodes(self, d: _Disk) -> None:
@@ -244,7 +261,7 @@ class BackupExport:
             file={"driver": "file", "filename": str(d.spec.path)},
         )
         d.nodes.append(d.disk_node)
-        create_image(d.fleece_path, d.size, fmt="qcow2")
+        qemuimg.create(d.fleece_path, d.size, fmt="qcow2")
         self._qmp(
             "blockdev-add",
             driver="qcow2",
@@ -310,7 +327,8 @@ class BackupExport:
             "name": d.spec.devicename,
             "writable": True,
         }
-        if d.plan.mode is BitmapMode.REUSE:
+        if d.plan.mode is not BitmapMode.NONE:
+            # New: B is all dirty (_mark_all_dirty); reuse: B holds the changes.
             args["bitmaps"] = [{"node": d.disk_node, "name": d.plan.name}]
         self._qmp("block-export-add", **args)
         d.exports.append(f"pvb-export{i}")
@@ -324,6 +342,31 @@ class BackupExport:
                 **{"node-name": f"pvb-cbw{i}"},
             )
             d.exports.append(f"pvb-guest{i}")
+
+    def _mark_all_dirty(self, d: _Disk) -> None:
+        """Make the (new, disabled, empty) bitmap B of ``d`` report every byte dirty."""
+        node = export_id = f"pvb-all{d.index}"
+        self._qmp("blockdev-add", driver="null-co", size=d.size, **{"node-name": node})
+        d.nodes.append(node)  # removed by the teardown should anything below fail
+        self._qmp(
+            "block-dirty-bitmap-add", node=node, name="all", granularity=_ALL_GRANULARITY,
+            persistent=False,
+        )
+        self._qmp(
+            "block-export-add", type="nbd", id=export_id, name=export_id, writable=True,
+            **{"node-name": node},
+        )
+        try:
+            write_zeroes(self.socket_path, export_id, d.size)
+        finally:
+            self._qmp("block-export-del", id=export_id, mode="hard")
+            self._wait_exports_gone([export_id])
+        self._qmp(
+            "block-dirty-bitmap-merge", node=d.disk_node, target=d.plan.name,
+            bitmaps=[{"node": node, "name": "all"}],
+        )
+        self._qmp("blockdev-del", **{"node-name": node})
+        d.nodes.remove(node)
 
     def _qmp(self, cmd: str, /, **args: Any) -> Any:
         assert self._daemon is not None

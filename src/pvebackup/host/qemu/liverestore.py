@@ -52,9 +52,8 @@ from pvebackup.api.errors import (
     UnsupportedError,
 )
 from pvebackup.host.guests import NodeRoot
-from pvebackup.host.qemu.images import run_qemu_img
 from pvebackup.host.qemu.qmp import QmpClient
-from pvebackup.kit import proc
+from pvebackup.kit import proc, qemuimg
 
 __all__ = [
     "DEFAULT_START_COMMAND",
@@ -141,7 +140,7 @@ def set_backing(target: Path, source: str) -> None:
             f" {source[:80]!r}; restore without --live"
         )
     # -u: header only (nothing is read); -F raw: the backup is never probed.
-    run_qemu_img(
+    qemuimg.run(
         ["rebase", "-u", "-f", "qcow2", "-b", source, "-F", "raw", str(target)],
         what=f"setting the live restore source of {target}",
     )

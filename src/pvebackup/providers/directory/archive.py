@@ -27,7 +27,7 @@ from pathlib import Path
 
 import zstandard
 
-from pvebackup.api.types import IdMapEntry, LogFunction
+from pvebackup.api.types import LogFunction
 from pvebackup.kit.pacing import PacedReader, ProgressLog, TokenBucket
 from pvebackup.providers.directory.walk import Entry, SourceWalker, WalkStats
 from pvebackup.providers.directory.xattrs import (
@@ -106,7 +106,7 @@ def _first_name(inodes: dict[tuple[int, int], str], entry: Entry) -> str | None:
 def write_tar(
     directory: str,
     sources: Sequence[str],
-    id_map: Sequence[IdMapEntry],
+    id_map: Sequence[Sequence[str]],
     exclude_paths: Sequence[str],
     target: Path,
     bandwidth_limit: int | None,

@@ -54,7 +54,7 @@ from pvebackup.api.errors import (
     VolumeNotFoundError,
 )
 from pvebackup.api.types import GuestType
-from pvebackup.kit import proc as kitproc
+from pvebackup.kit import qemuimg
 from pvebackup.providers.directory.stored import VolumeDir, check_stored_name
 from pvebackup.providers.directory.volumes import INDEX_NAME, VolumeLayout, VolumeName
 
@@ -291,20 +291,12 @@ def _check_header(image: CheckedImage, expected_backing: str | None) -> None:
 
 def _qemu_img_info(path: str, where: str) -> dict[str, Any]:
     """``qemu-img info`` of a qcow2 image, format given, nothing probed."""
-    cmd = ["qemu-img", "info", "--output=json", "-f", "qcow2", path]
     try:
-        res = kitproc.run(cmd, timeout=INFO_TIMEOUT)
+        return qemuimg.info_json(path, fmt="qcow2", timeout=INFO_TIMEOUT)
     except ExternalToolError as exc:
-        raise ExternalToolError(f"qemu-img info of {where} failed: {exc}") from exc
-    if res.returncode != 0:
+        if exc.returncode is None:
+            raise ExternalToolError(f"qemu-img info of {where} failed: {exc}") from exc
         # qemu-img ran; the header it read is what it refused.
-        message = res.err.replace(path, "image")
-        raise IntegrityError(f"{where} is not a usable qcow2 image: {message}")
-    try:
-        data = json.loads(res.out)
-    except ValueError as exc:
-        raise ExternalToolError(f"qemu-img info of {where}: unreadable output") from exc
-    if not isinstance(data, dict):
-        raise ExternalToolError(f"qemu-img info of {where}: unexpected output")
-    return data
+        message = exc.stderr.replace(path, "image")
+        raise IntegrityError(f"{where} is not a usable qcow2 image: {message}") from exc
 

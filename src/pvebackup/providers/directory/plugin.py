@@ -86,6 +86,12 @@ class BackupDirPlugin(StoragePlugin):
                     size=index.stored_size,
                     format=fmt,
                     parent=index.parent,
+                    virtual_size=(
+                        sum(d.size for d in index.devices.values())
+                        if index.vmtype is GuestType.QEMU
+                        else None
+                    ),
+                    comment="incremental" if index.parent else "full",
                 )
             )
         return VolumeScan(volumes, damaged)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pvebackup.api.errors import (
+    BaseUnusableError,
     IntegrityError,
     LockedError,
     UnsafeArchiveError,
@@ -29,13 +30,12 @@ from pvebackup.api.errors import (
     UsageError,
     VolumeNotFoundError,
 )
-from pvebackup.api.provider import BackupProvider
+from pvebackup.api.provider import BackupProvider, no_backup_started
 from pvebackup.api.types import (
     BackupMechanism,
     BitmapMode,
     DeviceInfo,
     GuestType,
-    IdMapEntry,
     LogFunction,
     RestoreMechanism,
 )
@@ -44,7 +44,8 @@ from pvebackup.kit.crashpoint import crash_point
 from pvebackup.kit.hoststate import HostState
 from pvebackup.kit.lock import lock_descriptor
 from pvebackup.kit.nbdsource import SourceFactory, connect
-from pvebackup.kit.safefs import owned_fd
+from pvebackup.kit.oserrors import os_error
+from pvebackup.kit.safefs import MAX_CONFIG_FILE_SIZE, owned_fd
 from pvebackup.kit.units import format_bytes
 from pvebackup.providers.directory import archive, images, stored, tree, vm
 from pvebackup.providers.directory.settings import BackupDirSettings
@@ -233,7 +234,7 @@ class BackupDirProvider(BackupProvider):
     def _guest(self, vmid: int) -> _GuestBackup:
         guest = self._guests.get(vmid)
         if guest is None:
-            raise UsageError(f"backup-dir: backup_start was not called for guest {vmid}")
+            raise UsageError(no_backup_started(vmid))
         return guest
 
     def _workdir_fd(self, vmid: int) -> int:
@@ -401,14 +402,17 @@ class BackupDirProvider(BackupProvider):
         return self._guest(vmid).volname
 
     def backup_get_task_size(self, vmid: int) -> int:
-        """Bytes the volume occupies on disk (allocated blocks of all its files)."""
+        """Bytes the volume occupies on disk (allocated blocks of all its files).
+
+        After ``backup_end`` this is the ``stored-size`` of its ``index.json``, the
+        ``size`` that ``list`` shows for the volume (the task log is not counted).
+        """
         guest = self._guest(vmid)
         if guest.workdir_fd >= 0:
             return allocated_size(guest.workdir_fd)
         if guest.final is None:
             return 0
-        with owned_fd(self.layout.open_volume(guest.volname)) as volume_fd:
-            return allocated_size(volume_fd)
+        return guest.index.stored_size
 
     # configuration and log -------------------------------------------------------
 
@@ -422,7 +426,9 @@ class BackupDirProvider(BackupProvider):
 
     def backup_handle_log_file(self, vmid: int, filename: str) -> None:
         """Store the task log in the committed volume; nothing for aborted ones."""
-        guest = self._guest(vmid)
+        guest = self._guests.get(vmid)
+        if guest is None:
+            return  # backup_start failed: nothing was kept, so neither is its log
         if guest.final is None:
             self.log("info", f"backup-dir: backup of {vmid} did not complete, log not kept")
             return
@@ -454,15 +460,16 @@ class BackupDirProvider(BackupProvider):
         if bitmap_mode is BitmapMode.REUSE:
             # Only dirty extents can be read: the rest must come from the base.
             if guest.base is None or bitmap_name is None:
-                raise IntegrityError(
-                    f"{devicename}: bitmap mode reuse but no base volume was chosen "
-                    "(backup_get_mechanism returned no bitmap)"
+                raise BaseUnusableError(
+                    f"{devicename}: bitmap mode reuse but there is no previous backup to "
+                    "apply it to; the next backup will be full"
                 )
             # Threat: the storage changed since backup_get_mechanism proved the base.
             if guest.base_index_sha256 is None or (
                 why := self._base_problem(guest.base, guest.base_index_sha256)
             ):
-                raise IntegrityError(
+                # The next backup_get_mechanism finds the changed base again: full.
+                raise BaseUnusableError(
                     f"{devicename}: the base {guest.base} changed during the backup"
                     f"{f' ({why})' if guest.base_index_sha256 else ''}; "
                     "the next backup will be full"
@@ -507,7 +514,7 @@ class BackupDirProvider(BackupProvider):
         self,
         vmid: int,
         directory: str,
-        id_map: Sequence[IdMapEntry],
+        id_map: Sequence[Sequence[str]],
         exclude_paths: Sequence[str],
         sources: Sequence[str],
         bandwidth_limit: int | None,
@@ -715,7 +722,15 @@ def _close_workdir(guest: _GuestBackup) -> None:
 
 def _store_host_file(filename: str, dir_fd: int, name: str) -> None:
     """Copy the host file ``filename`` (trusted, small) as ``name`` into ``dir_fd``."""
-    safefs.atomic_write_at(dir_fd, name, safefs.read_file_path(filename))
+    try:
+        # The restore refuses a larger config: better to fail the backup now.
+        data = safefs.read_file_path(filename, limit=MAX_CONFIG_FILE_SIZE)
+    except OSError as exc:
+        raise os_error(exc, f"cannot read {filename}") from exc
+    try:
+        safefs.atomic_write_at(dir_fd, name, data)
+    except OSError as exc:  # ENOSPC above all: StorageFullError, exit 12
+        raise os_error(exc, f"cannot store {name}") from exc
 
 
 def _file_digest(path: Path) -> tuple[int, str]:

@@ -27,7 +27,7 @@ import stat
 from collections.abc import Sequence
 
 from pvebackup.api.errors import UnsafeStorageError
-from pvebackup.api.types import IdMapEntry, LogFunction
+from pvebackup.api.types import LogFunction
 from pvebackup.kit import safefs
 from pvebackup.kit.pacing import MIB, PacedReader, ProgressLog, TokenBucket
 from pvebackup.kit.safefs import owned_fd
@@ -161,7 +161,7 @@ def _copy_entry(
 def copy_tree(
     directory: str,
     sources: Sequence[str],
-    id_map: Sequence[IdMapEntry],
+    id_map: Sequence[Sequence[str]],
     exclude_paths: Sequence[str],
     target_dir_fd: int,
     target_name: str,

@@ -39,7 +39,7 @@ import nbd
 
 from pvebackup.api.errors import ExternalToolError, NbdError
 from pvebackup.api.types import LogFunction
-from pvebackup.kit import proc
+from pvebackup.kit import proc, qemuimg
 from pvebackup.kit.crashpoint import crash_point
 from pvebackup.kit.nbdsource import (
     READS_IN_FLIGHT,
@@ -161,15 +161,11 @@ def create_image(
     :param backing_name: the backing file name to record, relative to the image's
         directory; default: ``backing`` relative to ``image``'s parent.
     """
-    cmd = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    relative = None
     if backing is not None:
         # Relative to the image's directory, so that the storage can be moved.
         relative = backing_name or os.path.relpath(backing, image.parent)
-        cmd += ["-b", relative, "-F", "qcow2"]
-    cmd += [str(image), str(size)]
-    result = proc.run(cmd)
-    if result.returncode != 0:
-        raise ExternalToolError(f"qemu-img create {image} failed: {result.err}")
+    qemuimg.create(image, size, fmt="qcow2", backing=relative, backing_fmt="qcow2")
 
 
 def _start_target(image: Path) -> tuple[Any, proc.Child]:

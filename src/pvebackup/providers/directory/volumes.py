@@ -3,18 +3,20 @@
 One backup of one guest is one *volume*, a directory under ``<path>/backup/``::
 
     <path>/backup/
-        qemu-100-2026_11_26-09_30_00/      volname "backup/qemu-100-2026_11_26-09_30_00"
+        vm-100-2026-11-26T09:30:00Z/       volname "backup/vm-100-2026-11-26T09:30:00Z"
             index.json                     what is in here (see BackupIndex), written last
             guest.conf                     the guest configuration
             firewall.fw                    the firewall configuration (optional)
             task.log                       the task log (added after the rename)
             drive-scsi0.qcow2              one image per disk (VMs)
             root.tar.zst | root/           the filesystem (containers)
-        .tmp-lxc-101-2026_11_26-09_31_12/  a backup in progress (invisible to listings)
+        .tmp-ct-101-2026-11-26T09:31:12Z/  a backup in progress (invisible to listings)
         .last/qemu-100                     volname of the last successful VM backup
 
-The time in the name is the backup's start in UTC, so names sort by time and two
-hosts never disagree about them. A volume is written under a ``.tmp-`` name and
+Volume names follow the one scheme of both our providers
+(:mod:`pvebackup.kit.volname`): ``backup/<vm|ct>-<vmid>-<ISO 8601 UTC time>``.
+The time is the backup's start in UTC, so names sort by time and two hosts never
+disagree about them. A volume is written under a ``.tmp-`` name and
 renamed into place only when the guest's backup succeeded, so a listed volume is
 always complete.
 
@@ -61,6 +63,7 @@ from pvebackup.api.errors import (
 from pvebackup.api.types import GuestType
 from pvebackup.kit import safefs
 from pvebackup.kit.safefs import owned_fd
+from pvebackup.kit.volname import MAX_TIME, TIME_PATTERN, VMID_PATTERN, BackupVolname
 
 __all__ = [
     "INDEX_FORMAT",
@@ -78,16 +81,20 @@ INDEX_MAX = 1 << 20
 """Largest ``index.json`` read: a hostile one must not make us allocate without bound."""
 LAST_DIR = ".last"
 TEMP_PREFIX = ".tmp-"
-_TIME_FORMAT = "%Y_%m_%d-%H_%M_%S"
-_VOLNAME_RE = re.compile(
-    r"^backup/(?P<vmtype>qemu|lxc)-(?P<vmid>[1-9][0-9]{0,8})-"
-    r"(?P<time>[0-9]{4}_[0-9]{2}_[0-9]{2}-[0-9]{2}_[0-9]{2}_[0-9]{2})$"
-)
+_STAMP_FORMAT = "%Y_%m_%d-%H_%M_%S"
+# Candidates only (a well-formed name with an impossible date is reported as a
+# damaged volume by VolumeName.parse, never silently skipped).
+_VOLNAME_RE = re.compile(rf"^backup/(vm|ct)-{VMID_PATTERN}-{TIME_PATTERN}$", re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)
 class VolumeName:
-    """The parts of a volume name ``backup/<vmtype>-<vmid>-<UTC time>``."""
+    """The parts of a volume name ``backup/<vm|ct>-<vmid>-<UTC time>``.
+
+    The scheme is :mod:`pvebackup.kit.volname`, shared with backup-store
+    (``backup/vm-100-2026-12-01T20:52:27Z``); the volume's directory below
+    ``<path>/backup/`` has the same name without ``backup/``.
+    """
 
     vmtype: GuestType
     vmid: int
@@ -96,42 +103,29 @@ class VolumeName:
 
     @property
     def stamp(self) -> str:
-        """The UTC time as the name shows it: ``2026_11_26-09_30_00``."""
-        return datetime.fromtimestamp(self.ctime, UTC).strftime(_TIME_FORMAT)
+        """The UTC time without separators a bitmap id dislikes: ``2026_11_26-09_30_00``."""
+        return datetime.fromtimestamp(self.ctime, UTC).strftime(_STAMP_FORMAT)
 
     def __str__(self) -> str:
-        return f"backup/{self.vmtype.value}-{self.vmid}-{self.stamp}"
+        return str(BackupVolname(self.vmtype, self.vmid, self.ctime))
 
     @property
     def dirname(self) -> str:
         """The volume's directory name below ``<path>/backup/``."""
-        return str(self).removeprefix("backup/")
+        return BackupVolname(self.vmtype, self.vmid, self.ctime).dirname
 
     @classmethod
     def parse(cls, volname: str) -> VolumeName:
-        """Split a volume name; :class:`VolumeNotFoundError` if it is not one of ours."""
-        match = _VOLNAME_RE.match(volname)
-        if match is None:
-            raise VolumeNotFoundError(
-                f"{volname!r} is not a backup-dir volume name "
-                "(expected backup/<qemu|lxc>-<vmid>-<YYYY_MM_DD-HH_MM_SS>)"
-            )
+        """Split a volume name; :class:`VolumeNotFoundError` if it is not one of ours.
+
+        Names come from the storage (hostile): an impossible or non-canonical time
+        is refused here, so one volume never has two names.
+        """
         try:
-            stamp = datetime.strptime(match["time"], _TIME_FORMAT).replace(tzinfo=UTC)
+            name = BackupVolname.parse(volname)
         except ValueError as exc:
-            # An impossible date (2026_02_31) in a directory someone else made: a
-            # damaged name, reported per volume, never a traceback for the listing.
-            raise VolumeNotFoundError(
-                f"{volname!r} is not a backup-dir volume name: impossible time {match['time']}"
-            ) from exc
-        name = cls(GuestType(match["vmtype"]), int(match["vmid"]), int(stamp.timestamp()))
-        if not 0 <= name.ctime <= _MAX_TIME or str(name) != volname:
-            # Year 0001 parses, but prints as "1_01_01" and lies before 1970: two
-            # names for one volume would break every lookup by name.
-            raise VolumeNotFoundError(
-                f"{volname!r} is not a backup-dir volume name: time {match['time']} out of range"
-            )
-        return name
+            raise VolumeNotFoundError(f"not a backup-dir volume: {exc}") from exc
+        return cls(name.guest_type, name.vmid, name.backup_time)
 
 
 @dataclass(slots=True)
@@ -236,7 +230,7 @@ class BackupIndex:
 
 
 _MAX_SIZE = (1 << 63) - 1  # what a file system (and qemu) can address
-_MAX_TIME = 253402300799  # 9999-12-31T23:59:59Z: the last time a volume name can show
+_MAX_TIME = MAX_TIME
 _BITMAP_MODES = frozenset({"none", "new", "reuse"})
 _CT_FORMATS = frozenset({None, "tar", "directory"})
 _MAX_LAST_RECORD = 4096  # one volume name and a newline
@@ -432,7 +426,7 @@ class VolumeLayout:
         """``(volnames oldest first, [(damaged volname, reason)])``.
 
         One damaged directory never hides the others: what looks like a volume
-        (``qemu|lxc-<vmid>-<time>`` with an ``index.json``) but has an impossible
+        (``vm|ct-<vmid>-<time>`` with an ``index.json``) but has an impossible
         time in its name is reported instead of listed. Other names are not ours.
         """
         try:

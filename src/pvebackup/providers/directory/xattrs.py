@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from pvebackup.api.acl import ACL_XATTRS, acl_to_text, map_acl_xattr
+from pvebackup.api.errors import UsageError
 from pvebackup.api.idmap import IdMapper
-from pvebackup.api.types import IdMapEntry
 
 __all__ = [
     "ACL_XATTRS",
@@ -74,8 +74,11 @@ class ContainerIds:
     container's user namespace.
     """
 
-    def __init__(self, id_map: Sequence[IdMapEntry]) -> None:
-        self._mapper = IdMapper(id_map)
+    def __init__(self, id_map: Sequence[Sequence[str]]) -> None:
+        try:
+            self._mapper = IdMapper(id_map)
+        except ValueError as exc:
+            raise UsageError(f"backup_directory: unusable id map: {exc}") from exc
 
     def uid(self, uid: int) -> int:
         return self._mapper.host_to_ct_uid(uid)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pvebackup.api.errors import CorruptIndexError, ObjectNotFoundError, PveBackupError
+from pvebackup.api.errors import BaseUnusableError, CorruptIndexError, ObjectNotFoundError
 from pvebackup.api.types import LogFunction
 from pvebackup.kit.crashpoint import crash_point
 from pvebackup.kit.nbdsource import SourceFactory, connect
@@ -25,11 +25,7 @@ from pvebackup.store.formats import ZERO_DIGEST
 from pvebackup.store.index import FixedIndex, FixedIndexWriter
 from pvebackup.store.snapshot import Snapshot, SnapshotWriter
 
-__all__ = ["BaseUnusableError", "DiskBackup", "StoreSink"]
-
-
-class BaseUnusableError(PveBackupError):
-    """The previous snapshot cannot serve as the base of an incremental backup."""
+__all__ = ["DiskBackup", "StoreSink"]
 
 
 class StoreSink:

@@ -12,11 +12,12 @@
 
 Registered through the entry point group ``pvebackup.storage_plugins``. Volumes
 are the store's snapshots, named ``backup/vm-<vmid>-<UTC time>``. A listed
-volume's ``size`` is the logical size of its disks (what a restore writes); the
-bytes it occupies are shared with other snapshots through deduplication, so there
-is no meaningful per-snapshot figure. Snapshots never depend on each other in a
-chunk store (``parent`` is always ``None``), so any of them can be removed;
-removing one frees chunk space only at the next garbage collection.
+volume's ``size`` is what that backup added to the store (its new chunks and its
+own files: the task size), ``virtual_size`` the logical size of its disks (what a
+restore writes). ``parent`` names the snapshot an incremental was made on; unlike
+backup-dir's, a chunk store snapshot never *depends* on its parent, so any of
+them can be removed; removing one frees chunk space only at the next garbage
+collection.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from pvebackup.storage.plugin import (
     VolumeInfo,
     VolumeScan,
 )
-from pvebackup.store.snapshot import SnapshotId
+from pvebackup.store.snapshot import Snapshot, SnapshotId
 
 __all__ = ["FORMAT", "BackupStorePlugin"]
 
@@ -68,7 +69,11 @@ class BackupStorePlugin(StoragePlugin):
         A snapshot whose manifest does not verify, or whose name is impossible, is
         reported in ``damaged`` and not listed: it cannot be restored.
         """
-        store = StoreSettings.from_scfg(scfg, storeid).open()
+        settings = StoreSettings.from_scfg(scfg, storeid)
+        if settings.empty():
+            # Before the first backup: nothing to list, which is no error (as backup-dir).
+            return VolumeScan([], [])
+        store = settings.open()
         volumes: list[VolumeInfo] = []
         damaged: list[DamagedVolume] = []
 
@@ -83,18 +88,18 @@ class BackupStorePlugin(StoragePlugin):
                 # a plain store, is one damaged snapshot, not a reason to list none.
                 damaged.append(DamagedVolume(f"{storeid}:{sid.volname}", str(exc)))
                 continue
-            size = sum(d.size for d in snap.devices.values())
-            notes = _describe(snap.manifest.metadata)
+            parent = snap.manifest.parent
             volumes.append(
                 VolumeInfo(
                     volid=f"{storeid}:{sid.volname}",
                     vmid=sid.vmid,
                     vmtype=sid.guest_type,
                     ctime=sid.backup_time,
-                    size=size,
+                    size=_stored_size(snap),
                     format=FORMAT,
-                    parent=None,
-                    notes=notes,
+                    parent=None if parent is None else parent.volname,
+                    virtual_size=sum(d.size for d in snap.devices.values()),
+                    comment=_describe(snap.manifest.metadata),
                 )
             )
         return VolumeScan(volumes, damaged)
@@ -109,6 +114,17 @@ class BackupStorePlugin(StoragePlugin):
         except ValueError as exc:
             raise VolumeNotFoundError(f"{volname!r} is not a backup-store volume name") from exc
         StoreSettings.from_scfg(scfg, storeid).open().remove_snapshot(sid)
+
+
+def _stored_size(snap: Snapshot) -> int:
+    """What this snapshot added: its new chunk blobs and its own files (the task size).
+
+    ``stored-bytes`` is metadata (a free string): anything but a plain number
+    counts as 0 rather than failing the listing.
+    """
+    stored = snap.manifest.metadata.get("stored-bytes", "")
+    chunks = int(stored) if stored.isascii() and stored.isdigit() and len(stored) <= 20 else 0
+    return chunks + sum(f.size for f in snap.manifest.files.values())
 
 
 def _describe(metadata: Mapping[str, str]) -> str:

@@ -21,17 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pvebackup.api.errors import (
+    BaseUnusableError,
     CorruptChunkError,
     CorruptIndexError,
-    NotFoundError,
     PveBackupError,
-    StateError,
     UnsafeStorageError,
     UnsupportedError,
     UsageError,
     VolumeNotFoundError,
 )
-from pvebackup.api.provider import BackupProvider
+from pvebackup.api.provider import BackupProvider, no_backup_started
 from pvebackup.api.types import (
     BackupMechanism,
     BitmapMode,
@@ -44,10 +43,11 @@ from pvebackup.kit import safefs
 from pvebackup.kit.crashpoint import crash_point
 from pvebackup.kit.hoststate import HostState
 from pvebackup.kit.nbdsource import SourceFactory
+from pvebackup.kit.oserrors import os_error
 from pvebackup.kit.safefs import MAX_CONFIG_FILE_SIZE
 from pvebackup.kit.units import format_bytes
 from pvebackup.providers.store.bitmap_base import BitmapBase, commit_base, decide, reset_base
-from pvebackup.providers.store.disk import BaseUnusableError, DiskBackup
+from pvebackup.providers.store.disk import DiskBackup
 from pvebackup.providers.store.restore_server import RestoreServer
 from pvebackup.providers.store.settings import StoreSettings
 from pvebackup.store.datastore import Datastore
@@ -145,7 +145,7 @@ class BackupStoreProvider(BackupProvider):
     def _guest(self, vmid: int) -> _Guest:
         guest = self._guests.get(vmid)
         if guest is None:
-            raise StateError(f"no backup of guest {vmid} was started")
+            raise UsageError(no_backup_started(vmid))
         return guest
 
     def _new_snapshot_id(self, vmtype: GuestType, vmid: int) -> SnapshotId:
@@ -186,8 +186,7 @@ class BackupStoreProvider(BackupProvider):
         return self._guest(vmid).snapshot.volname
 
     def backup_get_task_size(self, vmid: int) -> int:
-        guest = self._guests.get(vmid)
-        return 0 if guest is None else guest.task_size
+        return self._guest(vmid).task_size
 
     def backup_guest_config(self, vmid: int, filename: str) -> None:
         self._add_file(vmid, CONFIG_FILE, filename)
@@ -196,13 +195,13 @@ class BackupStoreProvider(BackupProvider):
         self._add_file(vmid, FIREWALL_FILE, filename)
 
     def _add_file(self, vmid: int, name: str, filename: str) -> None:
+        writer = self._guest(vmid).writer
         try:
             # The restore refuses a larger config: better to fail the backup now.
             data = safefs.read_file_path(filename, limit=MAX_CONFIG_FILE_SIZE)
-        except (OSError, UnsafeStorageError) as exc:
-            why = exc.strerror if isinstance(exc, OSError) else str(exc)
-            raise NotFoundError(f"cannot read {filename}: {why}") from exc
-        self._guest(vmid).writer.add_file(name, data)
+        except OSError as exc:
+            raise os_error(exc, f"cannot read {filename}") from exc
+        writer.add_file(name, data)
 
     def backup_nbd(
         self,
@@ -228,6 +227,14 @@ class BackupStoreProvider(BackupProvider):
             # Threat: the store changed since backup_get_mechanism proved the base.
             if base is not None and base.manifest_sha256 != guest.base_sha256:
                 base = None
+        if reuse and base is None:
+            # Refused before connecting: only dirty extents can be read, and there
+            # is nothing to take the rest from (the same answer as backup-dir's).
+            guest.base_unusable = "mode reuse without a usable base"
+            raise BaseUnusableError(
+                f"{devicename}: bitmap mode reuse but there is no previous backup to "
+                "apply it to; the next backup will be full"
+            )
         job = DiskBackup(
             store=self.store(),
             writer=guest.writer,

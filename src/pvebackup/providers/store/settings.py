@@ -10,6 +10,8 @@
         is_mountpoint yes                # usable only while a file system is mounted there
         create-base-path 0               # create path when missing (default no: refused)
 
+Without ``encryption-passphrase-file``, a protected key's passphrase comes from
+the file named by ``PVEBACKUP_PASSPHRASE_FILE``, else a prompt on a terminal.
 The key and passphrase files must be private to their owner (mode 0600 or
 0400): like OpenSSH, we refuse them otherwise (:class:`UnprotectedKeyFileError`).
 
@@ -26,8 +28,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pvebackup.api.errors import KeyFileError, NotFoundError
-from pvebackup.kit.secretfile import read_secret_file
+from pvebackup.api.errors import NotFoundError
+from pvebackup.kit.passphrase import passphrase_source
 from pvebackup.kit.units import parse_size
 from pvebackup.storage.basepath import BASE_PATH_PROPERTIES, BasePath
 from pvebackup.storage.plugin import COMMON_PROPERTIES
@@ -102,24 +104,25 @@ class StoreSettings:
         )
 
     def load_key(self) -> EncryptionKey | None:
-        """The storage's key, unlocked with the passphrase file when protected."""
+        """The storage's key; a protected one is unlocked with its passphrase from
+        ``encryption-passphrase-file``, else ``PVEBACKUP_PASSPHRASE_FILE``, else a
+        prompt on a terminal (:mod:`pvebackup.kit.passphrase`)."""
         if self.key_file is None:
             return None
-        passphrase_file = self.passphrase_file
-        if passphrase_file is None:
-            # A protected key then fails with MissingKeyError, naming the key file.
-            return load_key_file(self.key_file)
+        # Nothing is read or asked for a plain key: the provider is called lazily.
+        return load_key_file(
+            self.key_file,
+            passphrase_source(self.passphrase_file, f"key file {self.key_file}"),
+        )
 
-        def passphrase() -> str:
-            raw = read_secret_file(passphrase_file, "passphrase file")
-            try:
-                return raw.decode("utf-8").partition("\n")[0]
-            except UnicodeDecodeError as exc:
-                raise KeyFileError(
-                    f"{passphrase_file}: the passphrase file is not UTF-8 text"
-                ) from exc
+    def empty(self, *, create: bool = False) -> bool:
+        """True while the storage holds no datastore yet (before the first backup).
 
-        return load_key_file(self.key_file, passphrase)
+        :raises StorageUnavailableError: not mounted, or the path is missing.
+        """
+        base = self.base or BasePath(self.storeid, Path(self.path))
+        root = base.activate(create=create)
+        return not any(root.iterdir())
 
     def open(self, *, create: bool = False) -> Datastore:
         """Open the datastore; with ``create``, initialise an empty or new directory.
@@ -135,9 +138,7 @@ class StoreSettings:
             before anything in the store is touched.
         """
         key = self.load_key()
-        base = self.base or BasePath(self.storeid, Path(self.path))
-        root = base.activate(create=create)
-        empty = not any(root.iterdir())
+        empty = self.empty(create=create)
         if empty and not create:
             raise NotFoundError(f"storage {self.storeid!r}: no datastore at {self.path}")
         backend = make_backend(self.backend, self.path)

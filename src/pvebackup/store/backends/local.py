@@ -20,8 +20,9 @@ the store is tampered with, and no retry helps. ``list`` shows regular files onl
 and does not enter symlinked directories.
 
 OSError mapping: ENOENT on read is ``ObjectNotFoundError``; EINTR, EAGAIN, EBUSY,
-ETIMEDOUT, ESTALE are ``TransientBackendError``; everything else (ENOSPC, EDQUOT,
-EACCES, EPERM, EROFS, EIO, ...) is ``PermanentBackendError``.
+ETIMEDOUT, ESTALE are ``TransientBackendError``; ENOSPC and EDQUOT are
+``StorageFullError`` (a ``PermanentBackendError`` with its own exit code, 12);
+everything else (EACCES, EPERM, EROFS, EIO, ...) is ``PermanentBackendError``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import NoReturn
 from pvebackup.api.errors import (
     ObjectNotFoundError,
     PermanentBackendError,
+    StorageFullError,
     TransientBackendError,
     UnsafeStorageError,
 )
@@ -52,6 +54,8 @@ _TRANSIENT = frozenset({errno.EINTR, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT,
 
 def _fail(what: str, path: Path | str, exc: OSError) -> NoReturn:
     msg = f"{what} {path}: {exc.strerror or exc}"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise StorageFullError(msg) from exc
     if exc.errno in _TRANSIENT:
         raise TransientBackendError(msg) from exc
     raise PermanentBackendError(msg) from exc
