@@ -353,7 +353,7 @@ class RecordingPlugin(StoragePlugin):
             if not (p / "meta.json").exists():
                 continue
             meta = json.loads((p / "meta.json").read_text())
-            size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+            size = sum(f.stat().st_blocks * 512 for f in p.rglob("*") if f.is_file())
             vmtype = GuestType((p / "vmtype").read_text())
             out.append(
                 VolumeInfo(

@@ -17,10 +17,11 @@ pytestmark = pytest.mark.e2e
 
 class TestBackupStoreContract(ProviderContract):
     storage_type = "backup-store"
-    # A failed backup's chunks stay until garbage collection (deduplication).
+    # A failed backup's chunks stay until garbage collection (deduplication); an
+    # incremental names its base as parent although each snapshot restores alone.
     capabilities = frozenset(
         {Capability.VM, Capability.INCREMENTAL, Capability.LIST, Capability.REMOVE,
-         Capability.GARBAGE_COLLECTED, Capability.FAKE_SOURCE}
+         Capability.GARBAGE_COLLECTED, Capability.FAKE_SOURCE, Capability.CHAINED}
     )  # fmt: skip
 
     def storage_properties(self, base: Path) -> dict[str, str]:

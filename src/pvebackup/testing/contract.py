@@ -104,9 +104,8 @@ class Capability(StrEnum):
     RESTORE_DIRECTORY = "restore-directory"
     """Restores containers as a directory."""
     CHAINED = "chained"
-    """An incremental VM backup needs its base volume: ``list_volumes`` names it as
-    ``parent`` (providers whose volumes stand alone, e.g. deduplicating ones, and
-    restore each on its own, do not claim it)."""
+    """``list_volumes`` names an incremental VM backup's base (the backup it was
+    made on top of) as ``parent``; without the claim ``parent`` stays ``None``."""
     GARBAGE_COLLECTED = "garbage-collected"
     """The data of a failed backup stays until a garbage collection frees it (a
     deduplicating store); without this claim the suite checks that a failed or
@@ -827,8 +826,11 @@ class ProviderContract:
             assert isinstance(info, VolumeInfo)
             assert (info.vmid, info.vmtype) == (_VMID, GuestType.QEMU)
             assert isinstance(info.ctime, int) and abs(info.ctime - job.start_time) < 600
-            assert isinstance(info.size, int) and info.size > 0
+            # bytes stored for this backup: what backup_get_task_size reported
+            assert isinstance(info.size, int) and info.size == job.guests[0].size
+            assert info.virtual_size in (None, sum(_VM_DEVICES.values()))
             assert isinstance(info.format, str) and info.format
+            assert isinstance(info.comment, str) and isinstance(info.notes, str)
         assert volumes[0].parent is None
         assert volumes[1].parent == (names[0] if self.claims(Capability.CHAINED) else None)
 

@@ -53,6 +53,7 @@ class PlainFilesPlugin(StoragePlugin):
                     ctime=meta.ctime,
                     size=meta.stored,
                     format="plain-files",
+                    virtual_size=sum(meta.devices.values()) if meta.devices else None,
                 )
             )
         volumes.sort(key=lambda v: (v.ctime, v.volid))  # oldest first

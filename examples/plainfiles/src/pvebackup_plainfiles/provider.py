@@ -40,6 +40,7 @@ class _Guest:
     tmp: Path
     devices: dict[str, int] = field(default_factory=dict)
     done: Path | None = None
+    stored: int = 0  # bytes of the volume's data and configs
 
 
 class PlainFilesProvider(BackupProvider):
@@ -170,7 +171,7 @@ class PlainFilesProvider(BackupProvider):
         (guest.tmp / "meta.json").write_text(meta.to_json())
         done = self.store.path / guest.volname
         guest.tmp.rename(done)  # the volume appears complete, or not at all
-        guest.done = done
+        guest.done, guest.stored = done, stored
 
     def backup_abort(self, vmid: int, error: str) -> None:
         guest = self.guests.get(vmid)
@@ -183,10 +184,7 @@ class PlainFilesProvider(BackupProvider):
             shutil.copyfile(filename, done / "task.log")
 
     def backup_get_task_size(self, vmid: int) -> int:
-        done = self.guests[vmid].done
-        if done is None:
-            return 0
-        return sum(p.stat().st_blocks * 512 for p in done.iterdir())
+        return self.guests[vmid].stored  # what list_volumes reports as the size
 
     # -- restore ---------------------------------------------------------------------
 
