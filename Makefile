@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 
 # Debian packages the project runs on (see docs/design.md, "Real components").
-DEB_PACKAGES := qemu-utils qemu-system-common python3-libnbd libnbd-bin nbdkit \
+DEB_PACKAGES := qemu-utils qemu-system-common qemu-system-x86 python3-libnbd libnbd-bin nbdkit \
 	nbdkit-plugin-python zstd python3-venv rsync acl attr tar
 # Peers measured by `make bench` only.
 BENCH_PACKAGES := borgbackup restic hyperfine

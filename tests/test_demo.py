@@ -23,9 +23,10 @@ def test_demo_restores_both_guests_identical(tmp_path: Path) -> None:
     rows = [
         line.split()
         for line in summary.splitlines()
-        if line.startswith(("first", "second", "restore"))
+        if line.startswith(("first", "second", "restore", "live"))
     ]
-    assert [r[-1] for r in rows if r[0] == "restore"] == ["identical", "identical"]
+    assert [r[-1] for r in rows if r[0] == "restore"] == ["identical"] * 3
     second_vm = next(r for r in rows if r[0] == "second" and r[3] == "100")
     assert "incremental" in second_vm
-    assert "both guests restored identical" in proc.stdout
+    assert "every guest restored identical" in proc.stdout
+    assert any(r[:2] == ["live", "backup"] and "snapshot" in r for r in rows)

@@ -4,8 +4,11 @@ A VM (one qcow2 disk with compressible and incompressible data) and an
 unprivileged container (a rootfs of a few hundred files owned by mapped ids, plus a
 mount point) are backed up, changed, backed up again (incrementally for the VM,
 through its dirty bitmap), restored to new VMIDs and compared with the originals as
-they were at the second backup. Every step runs the real `pvebackup` command line,
-as an operator would. Exit status 0 only when both restores are identical.
+they were at the second backup. Then a *running* VM (``qemu-system-x86_64``, TCG,
+no guest OS, started as Proxmox VE starts one) is backed up live while the demo
+writes to its disk through the device, restored and compared with its state at
+backup start. Every step runs the real `pvebackup` command line, as an operator
+would. Exit status 0 only when every restore is identical.
 
 Run: ``python -m pvebackup.demo [--dir DIR] [--keep]``.
 """
@@ -29,8 +32,9 @@ from pvebackup.kit import qemuimg
 from pvebackup.kit.units import format_bytes
 
 MiB = 1024 * 1024
-VM_ID, CT_ID = 100, 101
-VM_RESTORED, CT_RESTORED = 200, 201
+VM_ID, CT_ID, LIVE_ID = 100, 101, 102
+VM_RESTORED, CT_RESTORED, LIVE_RESTORED = 200, 201, 202
+LIVE_SIZE = 64 * MiB
 DISK_SIZE = 512 * MiB
 DATA_REGIONS = 24  # 4 MiB each: alternating random and text-like data
 HOST_ID_BASE = 100000  # Proxmox VE's default map for unprivileged containers
@@ -252,6 +256,91 @@ class Demo:
                                seconds, "identical" if not diffs else f"{len(diffs)} differences"))
         return ok
 
+    # the running VM -----------------------------------------------------------------
+
+    def live_backup(self) -> bool:
+        """Back up a running VM while writing to it; the restore must show backup start."""
+        say(f"live backup: VM {LIVE_ID} runs (qemu-system-x86_64, TCG, no OS) and is"
+            " written to during its backup")
+        vmdir = self.images / str(LIVE_ID)
+        vmdir.mkdir(parents=True, exist_ok=True)
+        disk = vmdir / f"vm-{LIVE_ID}-disk-0.qcow2"
+        run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), str(LIVE_SIZE)])
+        run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 0 {LIVE_SIZE}", str(disk)])
+        at_start = vmdir / "state-at-backup-start.qcow2"
+        shutil.copyfile(disk, at_start)  # nothing writes before the backup's exports exist
+        (self.root / f"etc/pve/qemu-server/{LIVE_ID}.conf").write_text(
+            "# demo VM that runs during its backup\nname: demo-live\nmemory: 32\n"
+            f"scsi0: local:{LIVE_ID}/{disk.name},size={LIVE_SIZE // MiB}M\n"
+        )
+        run_dir = self.root / "var/run/qemu-server"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        demo_qmp = run_dir / f"{LIVE_ID}.demo.qmp"  # the demo's own monitor: the "guest"
+        qemu = subprocess.Popen([
+            "qemu-system-x86_64", "-machine", "q35,accel=tcg", "-nodefaults", "-display", "none",
+            "-m", "32", "-pidfile", str(run_dir / f"{LIVE_ID}.pid"),
+            "-qmp", f"unix:{run_dir / f'{LIVE_ID}.qmp'},server=on,wait=off",
+            "-qmp", f"unix:{demo_qmp},server=on,wait=off",
+            "-drive", f"file={disk},if=none,id=drive-scsi0,format=qcow2",
+            "-device", "virtio-scsi-pci,id=scsihw0",
+            "-device", "scsi-hd,bus=scsihw0.0,drive=drive-scsi0,id=scsi0",
+        ], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            return self._live_backup_of(qemu, demo_qmp, disk, at_start)
+        finally:
+            qemu.kill()  # stopped by PID; the disk image is closed with it
+            qemu.wait()
+
+    def _live_backup_of(
+        self, qemu: subprocess.Popen[bytes], demo_qmp: Path, disk: Path, at_start: Path
+    ) -> bool:
+        from pvebackup.host.qemu.qmp import QmpClient
+
+        deadline = time.monotonic() + 30
+        while not demo_qmp.exists():
+            if qemu.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("demo: qemu-system-x86_64 did not start")
+            time.sleep(0.05)
+        guest = QmpClient(str(demo_qmp))
+        started = time.perf_counter()
+        backup = subprocess.Popen(
+            [sys.executable, "-m", "pvebackup", "--root", str(self.root), "backup",
+             "--storage", "store", "--bwlimit", "16384", str(LIVE_ID)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        while not guest.execute("query-block-exports"):  # the backup's instant has passed
+            if backup.poll() is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        writes = 0
+        for offset in range(0, LIVE_SIZE, 4 * MiB):
+            guest.execute("human-monitor-command", **{
+                "command-line": f'qemu-io drive-scsi0 "write -P 0xa5 {offset} 1M"'})
+            writes += 1
+        out, _ = backup.communicate()
+        seconds = time.perf_counter() - started
+        print(out, end="", flush=True)
+        status = guest.execute("query-status")["status"]
+        guest.close()
+        if backup.returncode != 0:
+            raise SystemExit(f"demo: live backup failed (exit {backup.returncode})")
+        print(f"VM {LIVE_ID}: {writes} writes of 1 MiB during the backup; VM still {status}")
+        kind = "snapshot mode" if "backup mode snapshot" in out else "?"
+        self.steps.append(Step("live backup", f"VM {LIVE_ID}", "store", kind,
+                               self.added_bytes("store"), seconds,
+                               str(self.newest_volume("store", LIVE_ID)["volid"])))
+        vol = str(self.newest_volume("store", LIVE_ID)["volid"])
+        seconds, _ = self.pvebackup("restore", vol, str(LIVE_RESTORED), "--storage", "local")
+        restored = sorted((self.images / str(LIVE_RESTORED)).glob("*.qcow2"))
+        same = len(restored) == 1 and subprocess.run(
+            ["qemu-img", "compare", "-q", str(at_start), str(restored[0])]).returncode == 0
+        changed = subprocess.run(
+            ["qemu-img", "compare", "-q", "-U", str(at_start), str(disk)]).returncode == 1
+        ok = same and changed and status == "running"
+        self.steps.append(Step("restore", f"VM {LIVE_ID} -> {LIVE_RESTORED}", "store",
+                               "at backup start", LIVE_SIZE, seconds,
+                               "identical" if ok else "DIFFERENT"))
+        return ok
+
     def summary(self) -> None:
         say("summary")
         header = ("step", "guest", "storage", "kind", "size", "time", "result")
@@ -290,12 +379,13 @@ def main(argv: list[str] | None = None) -> int:
         demo.change_guests()
         demo.backup("second backup")
         ok = demo.restore_and_compare()
+        ok &= demo.live_backup()
         demo.summary()
     finally:
         if not args.keep and args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
             print(f"\n(removed {root}; `make demo DEMO_ARGS=--keep` keeps it to look around)")
-    print("\nresult: " + ("both guests restored identical to the second backup" if ok
+    print("\nresult: " + ("every guest restored identical to its backup" if ok
                           else "DIFFERENCES FOUND (see above)"))
     return 0 if ok else 1
 

@@ -10,8 +10,10 @@ from pathlib import Path
 from pvebackup.api.errors import GuestBackupError
 from pvebackup.cli.common import vmid_arg
 from pvebackup.cli.output import add_output_option, human_size, print_json, table
+from pvebackup.host.defaults import read_job_defaults
 from pvebackup.host.guests import NodeRoot
-from pvebackup.host.job import JobResult, run_backup_job
+from pvebackup.host.job import MODES, JobResult, run_backup_job
+from pvebackup.host.qemu.liverestore import start_command as vm_start_command
 
 __all__ = ["BackupOptions", "add_parser", "run"]
 
@@ -24,6 +26,10 @@ class BackupOptions:
     bwlimit_kib: int | None = None
     exclude_paths: list[str] = field(default_factory=list)
     output: str = "text"
+    mode: str | None = None  # None: ROOT/etc/vzdump.conf, else snapshot
+    stop_wait: float | None = None  # None: ROOT/etc/vzdump.conf, else 10 minutes
+    start_command: str | None = None  # None: $PVEBACKUP_START_COMMAND, else qm start
+    fleecing_storage: str | None = None
 
 
 def _positive(text: str) -> int:
@@ -64,6 +70,33 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="PATTERN",
         help="exclude files of containers (rsync-style pattern; repeatable)",
     )
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        help="for running VMs, as vzdump: snapshot (fleecing in the VM's QEMU while it runs;"
+        " default; 'mode:' in <root>/etc/vzdump.conf changes it), suspend (paused during"
+        " the set-up), stop (shut down, backed up offline,"
+        " started again with --start-command). Stopped VMs are always backed up offline.",
+    )
+    p.add_argument(
+        "--stop-wait",
+        type=_positive,
+        metavar="MINUTES",
+        help="mode stop: minutes to wait for the guest to shut down"
+        " (default: 'stopwait:' in vzdump.conf, else 10)",
+    )
+    p.add_argument(
+        "--start-command",
+        metavar="CMD",
+        help="mode stop: the node's command starting a VM, the VMID appended"
+        " (default: $PVEBACKUP_START_COMMAND, else 'qm start'; as restore --live)",
+    )
+    p.add_argument(
+        "--fleecing",
+        metavar="storage=STOREID",
+        help="put the fleecing images of running VMs on this dir storage (default:"
+        " 'fleecing: storage=ID' in vzdump.conf, else the run's private directory)",
+    )
     add_output_option(p)
     p.set_defaults(command=_from_args, usage_parser=p)
 
@@ -78,7 +111,15 @@ def _from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         bwlimit_kib=args.bwlimit,
         exclude_paths=list(args.exclude_paths),
         output=args.output,
+        mode=args.mode,
+        stop_wait=None if args.stop_wait is None else float(args.stop_wait),
+        start_command=args.start_command,
     )
+    if args.fleecing is not None:
+        key, _, value = args.fleecing.partition("=")
+        if key != "storage" or not value:
+            parser.error("backup: --fleecing wants storage=STOREID")
+        opts.fleecing_storage = value
     return run(opts)
 
 
@@ -123,13 +164,19 @@ def _json_report(result: JobResult) -> dict[str, object]:
 
 def run(opts: BackupOptions) -> int:
     """Run the job; print a report on stdout. Returns the exit status."""
+    root = NodeRoot(opts.root)
+    defaults = read_job_defaults(root)
     result = run_backup_job(
-        NodeRoot(opts.root),
+        root,
         opts.storage,
         opts.vmids,
         bwlimit_kib=opts.bwlimit_kib,
         exclude_paths=opts.exclude_paths,
         terminal=sys.stderr,
+        mode=opts.mode or defaults.mode or "snapshot",
+        stop_wait=opts.stop_wait or defaults.stop_wait or 10.0,
+        start_command=vm_start_command(opts.start_command),
+        fleecing_storage=opts.fleecing_storage or defaults.fleecing_storage,
     )
     if opts.output == "json":
         print_json(_json_report(result))

@@ -472,13 +472,37 @@ class NodeRoot:
     def firewall_path(self, vmid: int) -> Path:
         return self.pve_dir / "firewall" / f"{vmid}.fw"
 
+    @property
+    def qemu_run_dir(self) -> Path:
+        """Where Proxmox VE keeps a running VM's pid file and sockets."""
+        return self.root / "var" / "run" / "qemu-server"
+
+    def vm_pid(self, vmid: int) -> int | None:
+        """The PID of VM ``vmid``'s running QEMU, or None.
+
+        ``VMID.pid`` must name a live process that is a QEMU: a stale pid file
+        whose number the kernel gave to another program does not make a VM run.
+        """
+        try:
+            text = (self.qemu_run_dir / f"{vmid}.pid").read_text(encoding="ascii").strip()
+            pid = int(text)
+            comm = Path(f"/proc/{pid}/comm").read_text(encoding="utf-8", errors="replace")
+        except (OSError, ValueError, UnicodeDecodeError):
+            return None
+        if pid <= 0 or not comm.startswith(("qemu", "kvm")):
+            return None
+        return pid
+
     def running_marker(self, vmid: int) -> Path:
-        """A guest is treated as running while this file exists (the host's stand-in
-        for a live guest: containers are then copied first, like vzdump's suspend mode).
+        """A container is treated as running while this file exists (the host's stand-in
+        for a live container: it is then copied first, like vzdump's suspend mode).
         """
         return self.run_dir / "running" / str(vmid)
 
     def is_running(self, vmid: int) -> bool:
+        """A VM runs when its pid file names a live QEMU; a container per its marker."""
+        if self.config_path(vmid, GuestType.QEMU).exists():
+            return self.vm_pid(vmid) is not None
         return self.running_marker(vmid).exists()
 
     def list_guests(self) -> list[tuple[int, GuestType]]:

@@ -43,20 +43,28 @@ from typing import TextIO
 
 from pvebackup.api.errors import (
     AbortedError,
+    ExternalToolError,
     GuestConfigError,
     GuestNotFoundError,
     PluginError,
     PveBackupError,
+    QmpError,
     UnsupportedError,
+    UsageError,
 )
 from pvebackup.api.provider import BackupProvider
 from pvebackup.api.types import BackupMechanism, GuestType
 from pvebackup.host.guests import CtConfig, GuestConfig, NodeRoot, VmConfig
 from pvebackup.host.lxc.directory import backup_sources, prepare_backup_directory
 from pvebackup.host.qemu.export import BackupExport, DiskSpec
+from pvebackup.host.qemu.live import LiveBackupExport
+from pvebackup.host.qemu.liverestore import start_command as vm_start_command
+from pvebackup.host.qemu.qmp import QmpClient
+from pvebackup.host.qemu.running import RunningVm, find_running
 from pvebackup.host.runstate import GuestRun
 from pvebackup.host.signals import abort_on_signals
 from pvebackup.host.tasklog import LogRouter, TaskLog
+from pvebackup.kit import proc
 from pvebackup.kit.crashpoint import crash_point
 from pvebackup.kit.proc import private_dir
 from pvebackup.storage import (
@@ -67,7 +75,9 @@ from pvebackup.storage import (
     volume_path,
 )
 
-__all__ = ["GuestResult", "JobResult", "run_backup_job"]
+__all__ = ["MODES", "GuestResult", "JobResult", "run_backup_job"]
+
+MODES = ("snapshot", "suspend", "stop")
 
 _EXPECTED = {GuestType.QEMU: BackupMechanism.NBD, GuestType.LXC: BackupMechanism.DIRECTORY}
 
@@ -122,12 +132,25 @@ def run_backup_job(
     exclude_paths: Sequence[str] = (),
     terminal: TextIO | None = sys.stderr,
     clock: Callable[[], float] = time.time,
+    mode: str = "snapshot",
+    stop_wait: float = 10.0,
+    start_command: Sequence[str] | None = None,
+    fleecing_storage: str | None = None,
 ) -> JobResult:
     """Back up guests ``vmids`` (``None``: every guest) to storage ``storeid``.
 
     :param bwlimit_kib: KiB/s as vzdump's ``--bwlimit``; the provider gets bytes/s.
     :param exclude_paths: rsync-style patterns handed to ``backup_directory``.
     :param terminal: where log lines go besides the task logs (``None``: nowhere).
+    :param mode: for running VMs, as vzdump's ``--mode``: ``snapshot`` (fleecing in
+        the VM's QEMU while it runs), ``suspend`` (paused during the set-up) or
+        ``stop`` (shut down, backed up offline, started again). Stopped VMs are
+        always backed up offline.
+    :param stop_wait: minutes mode ``stop`` waits for the guest to shut down.
+    :param start_command: argv starting a VM again after mode ``stop`` when the VMID
+        is appended; default :func:`~pvebackup.host.qemu.liverestore.start_command`
+        (``$PVEBACKUP_START_COMMAND``, else ``qm start``), the same as live restore's.
+    :param fleecing_storage: a dir storage for the fleecing images of running VMs.
     :returns: the per-guest results; check :attr:`JobResult.failed`.
     :raises StorageConfigError, StorageNotFoundError, PluginError: before the job starts.
     :raises GuestNotFoundError: a requested vmid has no config (before the job starts).
@@ -136,6 +159,8 @@ def run_backup_job(
     :raises AbortedError: SIGINT/SIGTERM; ``job_abort`` was called, cleanup done.
     :raises PveBackupError: ``job_start`` failed; ``job_abort`` was called.
     """
+    if mode not in MODES:
+        raise UsageError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if bwlimit_kib is not None and bwlimit_kib <= 0:
         raise UnsupportedError(f"bandwidth limit must be positive, not {bwlimit_kib}")
     cfg = read_storage_config(root.storage_cfg)
@@ -152,6 +177,13 @@ def run_backup_job(
     result = JobResult(storeid, name, start_time)
     bwlimit = bwlimit_kib * 1024 if bwlimit_kib is not None else None
     job = _Job(root, cfg, storeid, provider, log, bwlimit, list(exclude_paths))
+    argv = tuple(start_command) if start_command is not None else tuple(vm_start_command())
+    job.live = _LiveOptions(mode, stop_wait, argv, None)
+    if fleecing_storage is not None:
+        fscfg = storage_config(cfg, fleecing_storage)
+        if "path" not in fscfg:
+            raise UsageError(f"fleecing storage {fleecing_storage!r} has no path (dir storage)")
+        job.live.fleecing_dir = Path(str(fscfg["path"]))
     with ExitStack() as locks:
         # Every guest's lock before the provider hears of a job: a second backup of
         # a guest fails at once (exit 7), and what a killed run left is cleaned up.
@@ -159,6 +191,7 @@ def run_backup_job(
             vmid: locks.enter_context(GuestRun(root, vmid, action="backup", log=log, cfg=cfg))
             for vmid, _ in guests
         }
+        job.runs = runs
         with abort_on_signals():
             try:
                 log.info(f"starting new backup job: storage {storeid}, provider {name}")
@@ -200,8 +233,19 @@ def _select_guests(root: NodeRoot, vmids: Sequence[int] | None) -> list[tuple[in
     return selected
 
 
+@dataclass
+class _LiveOptions:
+    mode: str
+    stop_wait: float  # minutes
+    start_command: tuple[str, ...]
+    fleecing_dir: Path | None
+
+
 class _Job:
     """State shared by the guest backups of one job."""
+
+    live = _LiveOptions("snapshot", 10.0, ("qm", "start"), None)
+    runs: dict[int, GuestRun] = {}  # noqa: RUF012 - replaced per job
 
     def __init__(
         self,
@@ -336,14 +380,66 @@ class _Job:
             self.log.warn("VM has no disks to back up; backing up its configuration only")
             self._end(vmid)
             return
+        vm = find_running(self.root, vmid)
+        if vm is None:
+            self.log.info("VM is not running: backing up its disk images offline")
+            self._export_and_send(vmid, BackupExport(
+                specs, storeid=self.storeid, bitmap_id=bitmap_id, log=self.log, workdir=workdir,
+            ))  # fmt: skip
+            return
+        mode = self.live.mode
+        self.log.info(f"VM is running (PID {vm.pid}): backup mode {mode}")
+        if mode == "stop":
+            self._stop_vm(vm)
+            try:
+                self._export_and_send(vmid, BackupExport(
+                    specs, storeid=self.storeid, bitmap_id=bitmap_id, log=self.log,
+                    workdir=workdir,
+                ))  # fmt: skip
+            finally:
+                self._start_vm(vmid)
+            return
+        agent = vm.qga_path if _agent_enabled(config) else None
+        run = self.runs.get(vmid)
+        self._export_and_send(vmid, LiveBackupExport(
+            specs, vm, storeid=self.storeid, bitmap_id=bitmap_id, log=self.log,
+            workdir=workdir, fleecing_dir=self.live.fleecing_dir, mode=mode, agent=agent,
+            record=run.set_live if run is not None else None,
+        ))  # fmt: skip
+
+    def _stop_vm(self, vm: RunningVm) -> None:
+        """Ask the guest to shut down (ACPI), wait ``stop_wait`` minutes for its QEMU."""
+        self.log.info(f"stopping VM {vm.vmid} (system_powerdown)")
+        try:
+            with QmpClient(str(vm.qmp_path), timeout=30.0) as qmp:
+                qmp.execute("system_powerdown")
+        except (OSError, QmpError) as exc:
+            raise ExternalToolError(f"cannot ask VM {vm.vmid} to shut down: {exc}") from exc
+        deadline = time.monotonic() + self.live.stop_wait * 60
+        while self.root.vm_pid(vm.vmid) == vm.pid:
+            if time.monotonic() > deadline:
+                raise ExternalToolError(
+                    f"VM {vm.vmid} did not shut down within {self.live.stop_wait:g} min"
+                    " (--stop-wait); not backed up, left running"
+                )
+            time.sleep(0.1)
+        self.log.info(f"VM {vm.vmid} stopped")
+
+    def _start_vm(self, vmid: int) -> None:
+        argv = [*self.live.start_command, str(vmid)]
+        self.log.info(f"starting VM {vmid} again: {' '.join(argv)}")
+        try:
+            res = proc.run(argv)
+        except ExternalToolError as exc:
+            raise ExternalToolError(f"cannot start VM {vmid} again: {exc}") from exc
+        if res.returncode != 0:
+            raise ExternalToolError(
+                f"cannot start VM {vmid} again: {argv[0]} exited {res.returncode}: {res.err}"
+            )
+
+    def _export_and_send(self, vmid: int, export_cm: BackupExport) -> None:
         crash_point("backup-before-export")
-        with BackupExport(
-            specs,
-            storeid=self.storeid,
-            bitmap_id=bitmap_id,
-            log=self.log,
-            workdir=workdir,
-        ) as export:
+        with export_cm as export:
             crash_point("backup-export-ready")
             for exported in export.disks:
                 self.log.info(
@@ -421,6 +517,13 @@ def _mechanism(answer: object, vmtype: GuestType) -> tuple[str, str | None]:
             " must be strings (bitmap id may be None)"
         )
     return mechanism, bitmap_id
+
+
+def _agent_enabled(config: GuestConfig) -> bool:
+    # "agent: 1" or "agent: enabled=1,fstrim_cloned_disks=1"
+    value = config.get("agent") or "0"
+    first = value.split(",")[0]
+    return first.removeprefix("enabled=") in ("1", "yes", "on", "true")
 
 
 def _image_format(volid: str, config: GuestConfig) -> str:

@@ -40,6 +40,7 @@ from typing import Any
 from pvebackup.api.errors import PveBackupError, StateError
 from pvebackup.api.types import GuestType, LogFunction, LogLevel
 from pvebackup.host.guests import CtConfig, NodeRoot, VmConfig
+from pvebackup.host.qemu.live import remove_leftovers
 from pvebackup.kit import safefs
 from pvebackup.kit.lock import FileLock
 from pvebackup.kit.oserrors import os_error
@@ -201,6 +202,15 @@ class GuestRun:
             self._state["volumes"].append(volid)
             self._save()
 
+    def set_live(self, record: dict[str, Any] | None) -> None:
+        """Record what a live backup put into the running VM (None: nothing now)."""
+        with self._mutex:
+            if record is None:
+                self._state.pop("qemu_live", None)
+            else:
+                self._state["qemu_live"] = record
+            self._save()
+
     def add_config(self, path: Path) -> None:
         """Record a config about to be written that is not the commit point yet (a
         live restore's: its VM runs before its disks are complete)."""
@@ -248,6 +258,10 @@ class GuestRun:
             " ended without cleaning up; removing what it left"
         )
         failed = False
+        live = old.get("qemu_live")
+        if isinstance(live, dict):
+            # First: the VM runs on with our filter above its disk until this is done.
+            failed |= not remove_leftovers(live, vm_pid=self.root.vm_pid(self.vmid), log=self._log)
         for child in _records(old.get("children")):
             try:
                 pid, start, program = int(child["pid"]), int(child["start_time"]), child["program"]

@@ -36,7 +36,6 @@ it holds never changes during the backup; at commit it is cleared as always.
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from pvebackup.api.errors import NotFoundError, QmpError, UsageError
 from pvebackup.api.types import BitmapMode, LogFunction, LogLevel
 from pvebackup.kit import qemuimg
 from pvebackup.kit.nbdsource import write_zeroes
+from pvebackup.kit.proc import private_dir
 
 from .bitmaps import BitmapPlan, plan_bitmap
 from .daemon import StorageDaemon
@@ -86,13 +86,14 @@ class _Disk:
     size: int
     plan: BitmapPlan
     fleece_path: Path
+    disk_node: str = ""  # the image's node: ours (pvb-disk<i>) or the running VM's
     nodes: list[str] = field(default_factory=list)  # added, in order
     exports: list[str] = field(default_factory=list)
     bitmaps_started: bool = False
 
-    @property
-    def disk_node(self) -> str:
-        return f"pvb-disk{self.index}"
+    def __post_init__(self) -> None:
+        if not self.disk_node:
+            self.disk_node = f"pvb-disk{self.index}"
 
 
 class BackupExport:
@@ -108,6 +109,8 @@ class BackupExport:
     :param workdir: where the private directories (fleecing images, and sockets
         when the path is short enough) are made; default: the system temporary
         directory. Fleecing images grow with guest writes.
+    :param fleecing_dir: where the fleecing images go (``--fleecing storage=ID``);
+        default: ``workdir``.
     :param guest_writable: also export each copy-before-write node writable under
         :meth:`guest_export_name`: writes there are what a running guest's writes
         would be (tests use it; a real VM writes through QEMU instead).
@@ -122,6 +125,7 @@ class BackupExport:
         log: LogFunction,
         workdir: Path | None = None,
         guest_writable: bool = False,
+        fleecing_dir: Path | None = None,
     ) -> None:
         if not disks:
             raise UsageError("no disks to export")
@@ -136,6 +140,7 @@ class BackupExport:
         self.bitmap_id = bitmap_id
         self._log = log
         self._workdir = workdir
+        self._fleecing_parent = fleecing_dir if fleecing_dir is not None else workdir
         self._guest_writable = guest_writable
         self._daemon: StorageDaemon | None = None
         self._fleece_dir: Path | None = None
@@ -199,23 +204,22 @@ class BackupExport:
     # -- set-up ------------------------------------------------------------------
 
     def _setup(self) -> None:
+        runtime_dir = self._start_backend()
         plans = self._inspect()
-        self._fleece_dir = Path(tempfile.mkdtemp(prefix="pvebackup-fleece-", dir=self._workdir))
+        # private_dir: recorded in the guest's run state before it exists.
+        self._fleece_dir = private_dir("pvebackup-fleece-", self._fleecing_parent)
         for i, (spec, (size, plan)) in enumerate(zip(self._specs, plans, strict=True)):
             fleece = self._fleece_dir / f"fleece{i}.qcow2"
-            self._disks.append(_Disk(i, spec, size, plan, fleece))
-
-        self._daemon = StorageDaemon(runtime_parent=self._workdir).start()
+            self._disks.append(_Disk(i, spec, size, plan, fleece, self._disk_node_of(i)))
+        self._changed()
         for d in self._disks:
             self._add_nodes(d)
-        for d in self._disks:
-            self._start_bitmaps(d)
-        for d in self._disks:
-            self._add_filters(d)
+        self._switch_views()
 
-        sock = self._daemon.runtime_dir / "nbd.sock"
+        sock = runtime_dir / "nbd.sock"
         self._qmp("nbd-server-start", addr={"type": "unix", "data": {"path": str(sock)}})
         self._nbd_started = True
+        self._changed()
         self.socket_path = str(sock)
         for d in self._disks:
             if d.plan.mode is BitmapMode.NEW:
@@ -231,6 +235,29 @@ class BackupExport:
                 f"{e.devicename}: exported {e.size} bytes, bitmap mode {e.bitmap_mode}"
                 + (f" ({e.bitmap_name})" if e.bitmap_name else ""),
             )
+
+    # Hooks: a qemu-storage-daemon of our own here; a running VM's QEMU in .live.
+
+    def _start_backend(self) -> Path:
+        """Start the daemon; return the private directory for the NBD socket."""
+        self._daemon = StorageDaemon(runtime_parent=self._workdir).start()
+        return self._daemon.runtime_dir
+
+    def _disk_node_of(self, index: int) -> str:
+        return f"pvb-disk{index}"
+
+    def _switch_views(self) -> None:
+        """Freeze the bitmaps and put the filters in place: the backup's instant."""
+        for d in self._disks:
+            self._start_bitmaps(d)
+        for d in self._disks:
+            self._add_filters(d)
+
+    def _changed(self) -> None:
+        """Called after each change of the node graph (the live export records it)."""
+
+    def _before_node_del(self, d: _Disk, node: str) -> None:
+        """Called in teardown before ``node`` of ``d`` is removed."""
 
     def _inspect(self) -> list[tuple[int, BitmapPlan]]:
         """Check every image, decide bitmaps, remove stale ones (no daemon yet)."""
@@ -249,11 +276,10 @@ class BackupExport:
             plans.append((info.virtual_size, plan))
         for spec, (_, plan) in zip(self._specs, plans, strict=True):
             for name in plan.remove:
-                qemuimg.bitmap_remove(spec.path, name)
+                self._remove_bitmap(spec, name)
         return plans
 
     def _add_nodes(self, d: _Disk) -> None:
-        i = d.index
         self._qmp(
             "blockdev-add",
             driver=d.spec.format,
@@ -261,6 +287,10 @@ class BackupExport:
             file={"driver": "file", "filename": str(d.spec.path)},
         )
         d.nodes.append(d.disk_node)
+        self._add_fleece(d)
+
+    def _add_fleece(self, d: _Disk) -> None:
+        i = d.index
         qemuimg.create(d.fleece_path, d.size, fmt="qcow2")
         self._qmp(
             "blockdev-add",
@@ -270,6 +300,7 @@ class BackupExport:
             file={"driver": "file", "filename": str(d.fleece_path), "discard": "unmap"},
         )
         d.nodes.append(f"pvb-fleece{i}")
+        self._changed()
 
     def _start_bitmaps(self, d: _Disk) -> None:
         plan = d.plan
@@ -295,6 +326,7 @@ class BackupExport:
         )
         self._qmp("transaction", actions=actions)
         d.bitmaps_started = True
+        self._changed()
 
     def _add_filters(self, d: _Disk) -> None:
         i = d.index
@@ -308,6 +340,8 @@ class BackupExport:
             cbw["bitmap"] = {"node": d.disk_node, "name": d.plan.name}
         self._qmp("blockdev-add", **cbw)
         d.nodes.append(f"pvb-cbw{i}")
+        self._changed()
+        self._insert_filter(d)
         self._qmp(
             "blockdev-add",
             driver="snapshot-access",
@@ -317,6 +351,10 @@ class BackupExport:
             **{"node-name": f"pvb-snap{i}"},
         )
         d.nodes.append(f"pvb-snap{i}")
+        self._changed()
+
+    def _insert_filter(self, d: _Disk) -> None:
+        """Put the filter above the image's users (nothing to do in our own daemon)."""
 
     def _add_exports(self, d: _Disk) -> None:
         i = d.index
@@ -332,6 +370,7 @@ class BackupExport:
             args["bitmaps"] = [{"node": d.disk_node, "name": d.plan.name}]
         self._qmp("block-export-add", **args)
         d.exports.append(f"pvb-export{i}")
+        self._changed()
         if self._guest_writable:
             self._qmp(
                 "block-export-add",
@@ -371,6 +410,9 @@ class BackupExport:
     def _qmp(self, cmd: str, /, **args: Any) -> Any:
         assert self._daemon is not None
         return self._daemon.execute(cmd, **args)
+
+    def _remove_bitmap(self, spec: DiskSpec, name: str) -> None:
+        qemuimg.bitmap_remove(spec.path, name)
 
     # -- teardown ----------------------------------------------------------------
 
@@ -441,6 +483,7 @@ class BackupExport:
         for d in self._disks:
             for node in reversed(d.nodes):
                 if node != d.disk_node:
+                    self._before_node_del(d, node)
                     self._try(f"remove node {node}", "blockdev-del", **{"node-name": node})
         for d in self._disks:
             if d.bitmaps_started:
