@@ -1,12 +1,14 @@
 # pvebackup: two commands do everything on a fresh Debian 12 machine:
 #   make demo   - sample VM + container: backup, change, incremental backup, restore, compare
 #   make test   - lint and the whole test suite
-# Both install what is missing first (Debian packages via apt, Python packages in .venv/).
+# Both install what is missing first (Debian packages via apt, Python packages in .venv/,
+# at the exact versions of constraints.txt). Prerequisites: apt-get install git make.
 
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
+CONSTRAINTS := constraints.txt
 
 # Debian packages the project runs on (see docs/design.md, "Real components").
 DEB_PACKAGES := qemu-utils qemu-system-common qemu-system-x86 python3-libnbd libnbd-bin nbdkit \
@@ -14,29 +16,42 @@ DEB_PACKAGES := qemu-utils qemu-system-common qemu-system-x86 python3-libnbd lib
 # Peers measured by `make bench` only.
 BENCH_PACKAGES := borgbackup restic hyperfine
 
-.PHONY: setup deps test lint demo bench clean
+.PHONY: setup deps test lint demo bench pins clean
 
 setup: $(STAMP)
 
-# apt-get update runs only when something is missing, so a set-up machine stays offline.
-deps:
-	@missing=""; for p in $(DEB_PACKAGES); do \
+# Installs the Debian packages of $(1) that are missing. apt-get update runs only
+# then, so a set-up machine stays offline; and only then is root needed: anyone
+# else gets the command to run instead of apt's "Permission denied".
+define apt_install
+	@missing=""; for p in $(1); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" != 0 ]; then \
+			echo "make: these Debian packages are missing:$$missing" >&2; \
+			echo "make: installing them needs root; run as root:" >&2; \
+			echo "    apt-get install$$missing" >&2; \
+			echo "make: (or: sudo apt-get install$$missing), then run make again" >&2; \
+			exit 1; \
+		fi; \
 		echo "installing Debian packages:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+endef
+
+deps:
+	$(call apt_install,$(DEB_PACKAGES))
 
 # The venv is made from Debian's Python with --system-site-packages: libnbd's Python
 # bindings (`import nbd`) exist only as the Debian package python3-libnbd, built for
 # Debian's /usr/bin/python3. Pip packages installed into the venv shadow system ones.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@$(MAKE) --no-print-directory deps
 	@if [ ! -x $(PY) ] || ! $(PY) -c 'import nbd' 2>/dev/null; then \
 		rm -rf $(VENV) && /usr/bin/python3 -m venv --system-site-packages $(VENV); fi
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c $(CONSTRAINTS) --upgrade pip
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[dev]'
 	$(PY) -c 'import nbd, pvebackup.api, pvebackup.storage'
 	@touch $(STAMP)
 
@@ -53,11 +68,21 @@ demo: setup
 	$(PY) -m pvebackup.demo $(DEMO_ARGS)
 
 bench: setup
-	@missing=""; for p in $(BENCH_PACKAGES); do \
-		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
+	$(call apt_install,$(BENCH_PACKAGES))
 	$(PY) -m bench
+
+# Moves the pins on purpose: newest releases into .venv/, then constraints.txt
+# rewritten from what is installed there (its comment header kept). Run make test
+# before committing the new pins.
+pins: setup
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
+	@{ sed -n '/^#/p' $(CONSTRAINTS); \
+	  $(PY) -m pip list --format=freeze --path "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" \
+	    | grep -viE '^(pvebackup|setuptools)=='; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+	@touch $(STAMP)
+	@git diff --stat -- $(CONSTRAINTS) 2>/dev/null || true
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -16,7 +16,10 @@ from bench.scenarios import (
     Config,
     Results,
     prepare_inputs,
+    run_chunk_index,
+    run_codecs,
     run_dense,
+    run_gc,
     run_sparse,
     run_sweep,
 )
@@ -113,6 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     for n in range(1, cfg.runs + 1):
         _progress(f"run {n}/{cfg.runs}: {sparse} sparse image, ours")
         run_sparse(cfg, inputs, results, n)
+    _progress("GC after removing half the snapshots")
+    run_gc(cfg, results)
+    chunks = 1_000_000 if args.quick else 10_000_000
+    _progress(f"chunk index cache, {chunks:,} chunks")
+    run_chunk_index(cfg, results, chunks)
+    _progress("digest and compression")
+    run_codecs(cfg, results)
     measurements = list(results)
     goals = evaluate(measurements)
     print(format_report(measurements, goals, info, results.ours_error))

@@ -7,6 +7,7 @@ the process's peak RSS. Goal (issue 10): >= 200k lookups/s, RSS <= 200 MiB.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import resource
@@ -60,6 +61,8 @@ def measure(root: Path, sample: list[bytes], lookups: int = 400_000) -> dict[str
 
 
 def main(argv: list[str]) -> int:
+    as_json = argv[:1] == ["--json"]
+    argv = argv[1:] if as_json else argv
     n = int(argv[0]) if argv else 10_000_000
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         t = time.perf_counter()
@@ -67,6 +70,9 @@ def main(argv: list[str]) -> int:
         built = time.perf_counter() - t
         result = measure(Path(tmp) / "cache", sample)
     result["build_s"] = built
+    if as_json:  # for ``python -m bench``, which runs us as a child (our own RSS)
+        print(json.dumps(result))
+        return 0
     for k, v in result.items():
         print(f"{k:>15}: {v:,.1f}")
     ok = result["lookups_per_s"] >= 200_000 and result["peak_rss_mib"] <= 200

@@ -54,6 +54,8 @@ class Measurement:
     rss: dict[str, int] = field(default_factory=dict)
     error: str | None = None
     note: str = ""
+    values: dict[str, float] = field(default_factory=dict)
+    """Other figures of the measurement by name (e.g. ``lookups_per_s``), last run's."""
 
     @property
     def median_seconds(self) -> float | None:
@@ -81,6 +83,7 @@ class Measurement:
             "peak_rss": self.rss,
             "error": self.error,
             "note": self.note,
+            "values": self.values,
         }
 
 

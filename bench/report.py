@@ -66,7 +66,11 @@ class Goal:
 
     def target_text(self) -> str:
         op = ">=" if self.at_least else "<="
-        return f"{op} {self.target:.3g}{'x' if self.unit == 'x' else ' ' + self.unit}"
+        if self.unit == "x":
+            return f"{op} {self.target:.3g}x"
+        if self.unit in ("/s", "objects"):
+            return f"{op} {self.target:,.0f}{self.unit if self.unit == '/s' else ''}"
+        return f"{op} {self.target:.3g} {self.unit}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +85,13 @@ class GoalResult:
     def value_text(self) -> str:
         if self.value is None:
             return "-"
-        return f"{self.value:.2f}x" if self.unit == "x" else f"{self.value:.1f} {self.unit}"
+        if self.unit == "x":
+            return f"{self.value:.2f}x"
+        if self.unit == "s":
+            return f"{self.value:.2f} s"
+        if self.unit in ("/s", "objects"):
+            return f"{self.value:,.0f}{self.unit if self.unit == '/s' else ''}"
+        return f"{self.value:.1f} {self.unit}"
 
     @property
     def verdict(self) -> str:
@@ -90,6 +100,19 @@ class GoalResult:
 
 def _full_vs_borg(find: Lookup) -> float | None:
     return _div(_seconds(find, "full", "borg lz4"), _seconds(find, "full", OURS))
+
+
+def _full_vs_zstd(find: Lookup) -> float | None:
+    return _div(_seconds(find, "full", OURS), _seconds(find, "full", ZSTD))
+
+
+def _stored_vs_borg_zstd(find: Lookup) -> float | None:
+    ours = _size(find, "full", OURS)
+    return _div(float(ours) if ours is not None else None, _size(find, "full", "borg zstd,3"))
+
+
+def _unchanged(find: Lookup) -> float | None:
+    return _seconds(find, "unchanged", OURS)
 
 
 def _incremental_vs_peers(find: Lookup) -> float | None:
@@ -107,25 +130,55 @@ def _growth_vs_restic(find: Lookup) -> float | None:
                 _size(find, "incremental", "restic"))
 
 
+def _value(scenario: str, name: str) -> Callable[[Lookup], float | None]:
+    def get(find: Lookup) -> float | None:
+        m = find(scenario, OURS)
+        return None if m is None or m.error else m.values.get(name)
+    return get
+
+
 def _restore_vs_local(find: Lookup) -> float | None:
     return _div(_seconds(find, "restore", "local convert"), _seconds(find, "restore", OURS))
 
 
-def _peak_rss(find: Lookup) -> float | None:
-    m = find("sparse-full", OURS)
-    if m is None or m.error or PYTHON_NAME not in m.rss:
-        return None
-    return m.rss[PYTHON_NAME] / MiB
+def _rss(scenario: str, process: str) -> Callable[[Lookup], float | None]:
+    def get(find: Lookup) -> float | None:
+        m = find(scenario, OURS)
+        if m is None or m.error or process not in m.rss:
+            return None
+        return m.rss[process] / MiB
+    return get
 
+
+_peak_rss = _rss("sparse-full", PYTHON_NAME)
+
+GC = "gc"
+"""Scenario: GC of a store after removing the older half of its snapshots."""
+CHUNK_INDEX = "chunk index"
+"""Scenario: dedup lookups in the on-disk chunk index cache at 10 million chunks."""
+CODECS = "codecs"
+"""Scenario: digest and compression speeds on the bench's data (information)."""
+GC_PROCESS = "gc (python)"
+ZSTD = "zstd -1 -T2"
 
 GOALS: tuple[Goal, ...] = (
-    Goal("full backup: borg lz4 time / ours", 3.0, True, "x", _full_vs_borg),
+    Goal("full backup: borg lz4 time / ours", 1.5, True, "x", _full_vs_borg),
+    Goal("full backup: ours time / zstd -1 -T2", 1.2, False, "x", _full_vs_zstd),
+    Goal("full backup: stored ours / borg zstd,3", 1.05, False, "x", _stored_vs_borg_zstd),
+    Goal("backup with nothing changed (ours)", 0.2, False, "s", _unchanged),
     Goal("incremental: fastest borg/restic re-run / ours", 10.0, True, "x",
          _incremental_vs_peers),
     Goal("incremental: sparse image / dense image (ours)", 1.5, False, "x", _sparse_vs_dense),
     Goal("store growth: ours / restic", 1 / 3, False, "x", _growth_vs_restic),
-    Goal("restore: speed of ours / local convert", 0.6, True, "x", _restore_vs_local),
+    Goal("objects written per GiB of new data (ours)", 100.0, False, "objects",
+         _value("full", "objects_per_gib")),
+    Goal("restore: speed of ours / local convert", 0.9, True, "x", _restore_vs_local),
     Goal("peak RSS of pvebackup, sparse full backup", 200.0, False, "MiB", _peak_rss),
+    Goal("peak RSS of GC of the bench store", 200.0, False, "MiB", _rss(GC, GC_PROCESS)),
+    Goal("chunk index, 10M chunks: lookups/s", 200_000.0, True, "/s",
+         _value(CHUNK_INDEX, "lookups_per_s")),
+    Goal("chunk index, 10M chunks: peak RSS", 200.0, False, "MiB",
+         _value(CHUNK_INDEX, "peak_rss_mib")),
 )
 
 
@@ -157,6 +210,10 @@ def _scenario_title(scenario: str, info: dict[str, str]) -> tuple[str, str]:
         "sparse-full": (f"full backup of the {info['sparse']} sparse image", "stored"),
         "sparse-incremental": (f"re-run after the same change, {info['sparse']} image",
                                "growth"),
+        GC: ("GC after removing the older half of the snapshots (condemn + delete run)",
+             "freed"),
+        CODECS: ("digest and compression on the image's data (python -m bench.codecs)", ""),
+        CHUNK_INDEX: ("chunk index cache, 10 million chunks (400k lookups, half misses)", ""),
     }
     if scenario in titles:
         return titles[scenario]
@@ -176,6 +233,10 @@ def _row(m: Measurement, ours: float | None, size_label: str) -> str:
         f"  ({len(m.seconds)} runs)",
     ]
     line = " ".join(cells)
+    for k, v in m.values.items():
+        line += f"\n  {'':<26} {k}: {v:,.1f}"
+    if m.note:
+        line += f"\n  {'':<26} {m.note}"
     if m.rss:
         peaks = ", ".join(f"{name} {format_bytes(v)}" for name, v in sorted(m.rss.items()))
         line += f"\n  {'':<26} peak RSS: {peaks}"

@@ -11,13 +11,17 @@ full+incremental for each chunk size. Work directories are removed after each ru
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench import gc as gc_bench
 from bench.inputs import (
     GiB,
     Layout,
@@ -27,16 +31,20 @@ from bench.inputs import (
     make_image,
     write_raw,
 )
-from bench.measure import Measurement, ToolFailed, disk_usage
+from bench.measure import Measurement, Timed, ToolFailed, disk_usage
 from bench.ours import OURS, OurNode, unavailable_reason
 from bench.peers import local_convert, peers
+from bench.report import CHUNK_INDEX, CODECS, GC, GC_PROCESS
 
 __all__ = [
     "Config",
     "Inputs",
     "Results",
     "prepare_inputs",
+    "run_chunk_index",
+    "run_codecs",
     "run_dense",
+    "run_gc",
     "run_sparse",
     "run_sweep",
 ]
@@ -167,6 +175,10 @@ def scenario_full(run: _Run, scenario: str = "full") -> None:
     if m is not None:
         try:
             m.add(run.node.backup(), run.node.store_usage())
+            # Objects on S3 are requests: count what the full backup wrote per GiB of
+            # image data (packs, index objects, indexes, manifest, sessions, config).
+            objects = sum(1 for f in run.node.store.rglob("*") if f.is_file())
+            m.values["objects_per_gib"] = objects / (run.cfg.data_size / GiB)
         except ToolFailed as exc:
             run.ours_failed(m, exc)
     if not run.cfg.with_peers or scenario != "full":
@@ -287,6 +299,60 @@ def run_sparse(cfg: Config, inputs: Inputs, results: Results, number: int) -> No
         scenario_incremental(run, "sparse-incremental")
     finally:
         shutil.rmtree(run.work, ignore_errors=True)
+
+
+def run_gc(cfg: Config, results: Results) -> None:
+    """GC of a store of 10 snapshots (1% change each) after removing the older half."""
+    m = results.get(GC, OURS)
+    mib = cfg.data_size >> 22  # a quarter of the dense image: 10 snapshots of it
+    try:
+        r = gc_bench.run(mib, 10, str(cfg.out))
+    except (subprocess.CalledProcessError, OSError) as exc:
+        m.error = f"bench.gc failed: {exc}"
+        return
+    m.add(Timed(r["seconds"], {GC_PROCESS: int(r["peak_rss_mib"] * 2**20)}),
+          int(r["freed_bytes"]))
+    m.values.update({k: r[k] for k in ("condemn_s", "delete_s", "chunks_condemned",
+                                       "chunks_removed", "packs_written",
+                                       "store_before_mib", "store_after_mib")})
+    m.note = f"store: 10 snapshots of {mib} MiB, each changing 1% of the chunks of the last"
+
+
+def run_chunk_index(cfg: Config, results: Results, chunks: int) -> None:
+    """``python -m bench.chunkindex`` in a child (its own peak RSS)."""
+    m = results.get(CHUNK_INDEX, OURS)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.chunkindex", "--json", str(chunks)],
+            check=True, capture_output=True, text=True,
+            env={**os.environ, "BENCH_TMP": str(cfg.out)},
+        ).stdout
+        r = json.loads(out)
+    except (subprocess.CalledProcessError, OSError, ValueError) as exc:
+        m.error = f"bench.chunkindex failed: {exc}"
+        return
+    m.add(Timed(r["build_s"], {}))
+    m.values.update(r)
+    m.note = "time: building the index file; lookups from the page cache"
+
+
+def run_codecs(cfg: Config, results: Results) -> None:
+    """``python -m bench.codecs``: digest and zstd-level speeds on the bench's data."""
+    m = results.get(CODECS, OURS)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.codecs", "--json", "64"],
+            check=True, capture_output=True, text=True,
+        ).stdout
+        r = json.loads(out)
+    except (subprocess.CalledProcessError, OSError, ValueError) as exc:
+        m.error = f"bench.codecs failed: {exc}"
+        return
+    m.values.update({f"{k} MiB/s": v for k, v in r["digests_mib_s"].items()})
+    for name, c in r["compression"].items():
+        m.values[f"{name} MiB/s"] = c["mib_s"]
+        m.values[f"{name} stored %"] = 100 * c["stored"]
+    m.note = "64 MiB of the image's regions, 256 KiB chunks, one thread, in memory"
 
 
 def run_sweep(cfg: Config, inputs: Inputs, results: Results, number: int,

@@ -21,6 +21,7 @@ VM_CONF = """\
 # first line of the description
 # second line
 boot: order=scsi0
+bios: ovmf
 scsi0: local:100/vm-100-disk-0.qcow2,size=1G,discard=on
 virtio1: file=local:100/vm-100-disk-1.raw,size=2G
 sata0: local:100/vm-100-disk-2.qcow2,backup=0,size=1G
@@ -60,13 +61,14 @@ def test_vm_disks_and_what_is_backed_up() -> None:
         "scsi0", "virtio1", "sata0", "ide2", "ide0", "ide1", "efidisk0", "tpmstate0", "scsi3"
     }
     included = [d.key for d in config.disks if d.included]
-    assert included == ["scsi0", "virtio1", "efidisk0", "tpmstate0"]
+    # PVE's get_backup_volumes: a passthrough disk (scsi3) is backed up like any other
+    assert included == ["scsi0", "virtio1", "efidisk0", "tpmstate0", "scsi3"]
     assert disks["scsi0"].devicename == "drive-scsi0"
     assert disks["virtio1"].spec.volid == "local:100/vm-100-disk-1.raw"
     assert disks["sata0"].reason == "backup=0"
     assert disks["ide2"].reason == "CD-ROM drive"
     assert disks["ide0"].reason == disks["ide1"].reason == "CD-ROM drive"
-    assert disks["scsi3"].reason == "not a storage volume"
+    assert disks["scsi3"].spec.volid is None
     assert disks["scsi0"].spec.option("discard") == "on"
 
 
@@ -103,11 +105,13 @@ def test_render_replaces_and_drops_keys() -> None:
         ("name: a\nthis is not a key value line\n", 2, "cannot parse"),
         ("name: a\nname: b\n", 2, "duplicate key"),
         ("memory: 1\nscsi0: local:100/x.qcow2,size\n", 2, "unexpected 'size'"),
-        ("scsi0: ,size=1G\n", 1, "empty option"),
+        ("scsi0: ,size=1G\n", 1, "no volume"),
+        ("scsi0: local:100/x.raw,file=local:100/y.raw\n", 1, "given twice"),
+        ("scsi0: local:100/x.raw,volume=local:100/y.raw\n", 1, "given twice"),
         ("scsi0: size=1G\n", 1, "no volume"),
         ("\n\nscsi0: 1bad:100/x.qcow2\n", 3, "bad volume id"),
         ("scsi0: local:100/x.qcow2,backup=maybe\n", 1, "not a boolean"),
-        ("name:\n", 1, "empty value"),
+        ("scsi1:\n", 1, "empty value"),
     ],
 )
 def test_vm_parse_errors_name_file_and_line(text: str, line: int, fragment: str) -> None:

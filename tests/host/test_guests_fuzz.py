@@ -96,7 +96,9 @@ def _use(cfg: GuestConfig) -> None:
     cfg.render()
     cfg.volume_ids()
     if isinstance(cfg, VmConfig):
-        assert all(d.spec.volid is not None for d in cfg.disks if d.included)
+        # PVE backs up passthrough devices and image paths too (get_backup_volumes)
+        assert all(d.spec.volid is not None or d.spec.volume.startswith("/")
+                   for d in cfg.disks if d.included)
     elif isinstance(cfg, CtConfig):
         assert all(m.spec.volid is not None for m in cfg.mountpoints if m.included)
         cfg.id_map()

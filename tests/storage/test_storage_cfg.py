@@ -361,4 +361,9 @@ def test_read_errors(tmp_path: Path) -> None:
         read_storage_config(bad)
     bad.write_text("dir: local\n\tpath /a\n\tbogus 1\n")
     with pytest.raises(StorageConfigError, match=r"bad\.cfg:3: "):
-        read_storage_config(bad)
+        read_storage_config(bad, strict=True)
+    # a node's file is read leniently; using the broken storage gives its error
+    cfg = read_storage_config(bad)
+    assert list(cfg) == [] and list(cfg.broken) == ["local"]
+    with pytest.raises(StorageConfigError, match=r"bad\.cfg:3: .*unknown property 'bogus'"):
+        storage_config(cfg, "local")

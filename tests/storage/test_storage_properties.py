@@ -158,12 +158,16 @@ def test_typed_values_follow_edits() -> None:
         cfg.typed("bk")
 
 
-def test_open_types_keep_their_strings() -> None:
-    # Proxmox VE types we only recognise: undeclared properties stay as written.
-    cfg = parse_storage_config("lvmthin: local-lvm\n\tthinpool data\n\tsparse\n\tdisable yes\n")
-    props = cfg.typed("local-lvm")
-    assert props["thinpool"] == "data" and props["sparse"] == "1"
-    assert props["disable"] is True and cfg.disabled("local-lvm")
+def test_pve_types_know_their_properties() -> None:
+    # Proxmox VE types we only recognise: their declared options, flags parsed.
+    cfg = parse_storage_config("zfspool: local-zfs\n\tpool rpool/data\n\tsparse\n"
+                               "\tdisable yes\n")
+    props = cfg.typed("local-zfs")
+    assert props["pool"] == "rpool/data" and props["sparse"] is True
+    assert props["disable"] is True and cfg.disabled("local-zfs")
+    # sparse is a zfspool option, not an lvmthin one: a typo-class error there
+    with pytest.raises(StorageConfigError, match="unknown property 'sparse'"):
+        parse_storage_config("lvmthin: local-lvm\n\tthinpool data\n\tsparse\n")
 
 
 def test_parse_properties_for_a_scfg_made_in_code() -> None:

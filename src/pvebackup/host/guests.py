@@ -8,19 +8,26 @@ Guest configs use Proxmox VE's syntax::
 
     # description lines (at the top, or anywhere in the main section)
     key: value
+    boot:                               (an empty value: PVE reads it as '')
     scsi0: local:100/vm-100-disk-0.qcow2,size=1G
+    scsi1: file=local:100/vm-100-disk-1.raw,,size=1G   (file=/volume=, empty parts)
     lxc.idmap: u 0 100000 65536         (lxc.* keys may repeat)
+    lxc.apparmor.profile = unconfined   (lxc.* keys also with '=', as pct.adoc says)
     [snapshot-name]                     (snapshot and pending sections follow)
 
 Only the main section is read; parsing stops at the first ``[...]`` line, the way a
 backup copies only the current configuration. A malformed line raises
 :class:`GuestConfigError` naming the file and the line.
 
-Which volumes a backup includes follows Proxmox VE:
+Which volumes a backup includes follows Proxmox VE's ``get_backup_volumes``
+exactly (``PVE::QemuConfig`` and ``PVE::LXC::Config``); ``reason`` says why, for the
+task log:
 
-- VM disks (``scsiN``, ``virtioN``, ``sataN``, ``ideN``, ``efidisk0``,
-  ``tpmstate0``) unless ``backup=0``, ``media=cdrom``, ``cdrom`` or ``none``;
-  a disk that is not a storage volume (``/dev/sdb`` passthrough) is skipped.
+- VM drives (``scsiN``, ``virtioN``, ``sataN``, ``ideN``, ``efidisk0``,
+  ``tpmstate0``): CD-ROMs (``media=cdrom``, ``cdrom``, ``none``) are not volumes;
+  every other drive is included unless ``backup=0``, storage volumes, passthrough
+  devices (``/dev/sdg``) and plain image paths (``/mnt/file.raw``) alike;
+  ``efidisk0`` is skipped unless ``bios: ovmf``.
 - Container ``rootfs`` always; a mount point ``mpN`` only with ``backup=1`` and
   only when it is a storage volume (bind and device mounts never), exactly
   ``PVE::LXC::Config->mountpoint_backup_enabled``.
@@ -37,6 +44,7 @@ from pvebackup.api.errors import GuestConfigError, GuestNotFoundError, UnsafeSto
 from pvebackup.api.idmap import DEFAULT_UNPRIVILEGED_MAP, parse_lxc_idmap
 from pvebackup.api.types import GuestType, IdMapEntry
 from pvebackup.kit import safefs
+from pvebackup.kit.proc import process_start_time
 
 __all__ = [
     "DEFAULT_UNPRIVILEGED_ID_MAP",
@@ -56,7 +64,14 @@ __all__ = [
 DEFAULT_UNPRIVILEGED_ID_MAP = DEFAULT_UNPRIVILEGED_MAP
 """Proxmox VE's map for an unprivileged container without ``lxc.idmap`` lines."""
 
-_KEY_RE = re.compile(r"^([A-Za-z][A-Za-z0-9_\-]*|lxc(?:\.[A-Za-z0-9_\-]+)+)\s*:\s*(.*?)\s*$")
+_KEY_RE = re.compile(r"^([A-Za-z][A-Za-z0-9_\-]*)\s*:\s*(.*?)\s*$")
+# PVE::LXC::Config reads raw lxc.* keys with ':' or '=' (pct.adoc tells users to
+# write ``lxc.apparmor.profile = unconfined``); they are written back with ':'.
+_LXC_KEY_RE = re.compile(r"^(lxc(?:\.[A-Za-z0-9_\-]+)+)\s*(?::|=)\s*(.*?)\s*$")
+# Keys whose value names a volume: an empty one is an error, never a skipped disk.
+_VOLUME_KEY_RE = re.compile(
+    r"^(?:(?:ide|sata|scsi|virtio)\d+|efidisk0|tpmstate0|rootfs|mp\d+|unused\d+)$"
+)
 _SECTION_RE = re.compile(r"^\[[^\]]+\]\s*$")
 _VM_DISK_RE = re.compile(r"^(?:(?:ide|sata|scsi|virtio)\d+|efidisk0|tpmstate0)$")
 _CT_MOUNT_RE = re.compile(r"^(?:rootfs|mp\d+)$")
@@ -103,10 +118,16 @@ class VolumeSpec:
         for part in value.split(","):
             part = part.strip()
             if not part:
-                raise GuestConfigError(f"{key}: empty option in {value!r}", path=where, line=line)
+                continue  # PVE's parse_property_string skips empty parts ("raw,,size=1G")
             if "=" in part:
                 name, _, val = part.partition("=")
-                if name == "file" and volume is None:
+                # the volume's own key, given explicitly: file= (drives) or volume=
+                # (mount points); PVE treats each as the other's alias
+                if name in ("file", "volume"):
+                    if volume is not None:
+                        raise GuestConfigError(
+                            f"{key}: the volume is given twice", path=where, line=line
+                        )
                     volume = val
                     continue
                 if not re.fullmatch(r"[a-z][a-z0-9_\-]*", name):
@@ -128,6 +149,16 @@ class VolumeSpec:
                 raise GuestConfigError(
                     f"{key}: bad volume id {volume!r}", path=where, line=line
                 )
+        elif not volume.startswith("/") and (
+            volume not in ("none", "cdrom") or not _VM_DISK_RE.match(key)
+        ):
+            # PVE's pve-volume-id-or-qm-path / pve-lxc-mp-string formats: PVE drops
+            # such a drive with a warning; refusing it keeps a disk from going missing.
+            raise GuestConfigError(
+                f"{key}: {volume[:80]!r} is neither a volume id nor an absolute path",
+                path=where,
+                line=line,
+            )
         return cls(key, volume, tuple(options))
 
     def option(self, name: str) -> str | None:
@@ -280,7 +311,8 @@ def _iter_main_section(text: str, where: str) -> Iterator[tuple[int, str | Confi
         if line.startswith("#"):
             yield lineno, raw.lstrip()[1:]
             continue
-        m = _KEY_RE.match(line)
+        m = _LXC_KEY_RE.match(line) if line.startswith("lxc.") else None
+        m = m or _KEY_RE.match(line)
         if m is None:
             raise GuestConfigError(f"cannot parse line {line!r}", path=where, line=lineno)
         yield lineno, ConfigEntry(m.group(1), m.group(2), lineno)
@@ -312,7 +344,9 @@ def parse_guest_config(text: str, vmid: int, vmtype: GuestType, *, where: str) -
                 path=where,
                 line=lineno,
             )
-        if not item.value:
+        if not item.value and _VOLUME_KEY_RE.match(item.key):
+            # PVE keeps other empty values ("boot: " is an empty boot order); a
+            # drive without a volume would be a disk silently left out of backups.
             raise GuestConfigError(f"{item.key}: empty value", path=where, line=lineno)
         index.setdefault(item.key, item)
         entries.append(item)
@@ -330,23 +364,27 @@ def parse_guest_config(text: str, vmid: int, vmtype: GuestType, *, where: str) -
 
 
 def _vm_disks(entries: Sequence[ConfigEntry], where: str) -> Iterator[VmDisk]:
+    # PVE::QemuConfig->get_backup_volumes: every drive that is not a CD-ROM is a
+    # backup volume, included by its backup flag, except an EFI disk without OVMF.
+    bios = next((e.value for e in entries if e.key == "bios"), None)
     for entry in entries:
         if not _VM_DISK_RE.match(entry.key):
             continue
         spec = VolumeSpec.parse(entry.key, entry.value, where=where, line=entry.line)
-        backup = _parse_bool(spec.option("backup") or "1")
+        flag = spec.option("backup")
+        backup = _parse_bool(flag if flag is not None else "1")
         if backup is None:
             raise GuestConfigError(
-                f"{entry.key}: backup={spec.option('backup')!r} is not a boolean",
+                f"{entry.key}: backup={flag!r} is not a boolean",
                 path=where,
                 line=entry.line,
             )
         if spec.volume in ("none", "cdrom") or spec.option("media") == "cdrom":
             yield VmDisk(spec, False, "CD-ROM drive")
+        elif entry.key.startswith("efidisk") and bios != "ovmf":
+            yield VmDisk(spec, False, "efidisk but no OVMF BIOS")
         elif not backup:
             yield VmDisk(spec, False, "backup=0")
-        elif spec.volid is None:
-            yield VmDisk(spec, False, "not a storage volume")
         else:
             yield VmDisk(spec, True)
 
@@ -438,6 +476,9 @@ def write_config_file(path: Path, text: str) -> None:
     safefs.atomic_write_path(path, text.encode("utf-8"))
 
 
+_MAX_PIDFILE = 64  # a pid and a newline; anything longer is not a pid file
+
+
 class NodeRoot:
     """A directory playing a Proxmox VE node's ``/`` (``--root``)."""
 
@@ -477,21 +518,42 @@ class NodeRoot:
         """Where Proxmox VE keeps a running VM's pid file and sockets."""
         return self.root / "var" / "run" / "qemu-server"
 
+    def pidfile_pid(self, vmid: int) -> int | None:
+        """The live process ``ROOT/var/run/qemu-server/VMID.pid`` names, or None.
+
+        Read bounded, and only a plain number counts: a pid file of any other shape
+        names no process (we never guess). The process may be any program; see
+        :meth:`vm_pid` for "is a QEMU".
+        """
+        path = self.qemu_run_dir / f"{vmid}.pid"
+        try:
+            with open(path, "rb") as f:
+                text = f.read(_MAX_PIDFILE + 1)
+        except OSError:
+            return None
+        if len(text) > _MAX_PIDFILE or not re.fullmatch(rb"\s*[0-9]{1,9}\s*", text):
+            return None
+        pid = int(text)
+        # process_start_time is None for a gone process and for a zombie (a VM
+        # killed with its dead parent may linger as one until it is reaped).
+        if pid <= 1 or process_start_time(pid) is None:
+            return None
+        return pid
+
     def vm_pid(self, vmid: int) -> int | None:
         """The PID of VM ``vmid``'s running QEMU, or None.
 
         ``VMID.pid`` must name a live process that is a QEMU: a stale pid file
         whose number the kernel gave to another program does not make a VM run.
         """
+        pid = self.pidfile_pid(vmid)
+        if pid is None:
+            return None
         try:
-            text = (self.qemu_run_dir / f"{vmid}.pid").read_text(encoding="ascii").strip()
-            pid = int(text)
             comm = Path(f"/proc/{pid}/comm").read_text(encoding="utf-8", errors="replace")
-        except (OSError, ValueError, UnicodeDecodeError):
+        except OSError:
             return None
-        if pid <= 0 or not comm.startswith(("qemu", "kvm")):
-            return None
-        return pid
+        return pid if comm.startswith(("qemu", "kvm")) else None
 
     def running_marker(self, vmid: int) -> Path:
         """A container is treated as running while this file exists (the host's stand-in

@@ -371,9 +371,13 @@ class _Job:
                 self.log.info(f"exclude disk '{disk.key}' '{disk.spec.volume}' ({disk.reason})")
                 continue
             volid = disk.spec.volid
-            assert volid is not None
-            path = self._volume_path(config, volid)
-            fmt = _image_format(volid, config)
+            if volid is None:
+                # A passthrough device or an image path: PVE backs it up as is.
+                path, fmt = _plain_disk(disk.spec.volume, disk.spec.option("format"), config)
+                volid = disk.spec.volume
+            else:
+                path = self._volume_path(config, volid)
+                fmt = _image_format(volid, config)
             self.log.info(f"include disk '{disk.key}' '{volid}' ({fmt})")
             specs.append(DiskSpec(disk.devicename, path, fmt))
         if not specs:
@@ -524,6 +528,26 @@ def _agent_enabled(config: GuestConfig) -> bool:
     value = config.get("agent") or "0"
     first = value.split(",")[0]
     return first.removeprefix("enabled=") in ("1", "yes", "on", "true")
+
+
+def _plain_disk(volume: str, given: str | None, config: GuestConfig) -> tuple[Path, str]:
+    # The config is the node's own (/etc/pve, root-written), so its paths are
+    # trusted as PVE trusts them; only the format is checked, as QEMU would
+    # (PVE's qemu_img_format: the format= option, else the file's extension, else raw).
+    if not volume.startswith("/"):
+        raise GuestConfigError(
+            f"disk {volume!r} is neither a storage volume nor an absolute path",
+            path=config.where,
+        )
+    fmt = given
+    if fmt is None:
+        suffix = volume.rpartition("/")[2].rpartition(".")[2]
+        fmt = suffix if suffix in ("qcow2", "raw") else "raw"
+    if fmt not in ("qcow2", "raw"):
+        raise GuestConfigError(
+            f"disk {volume}: unsupported image format {fmt!r} (qcow2 or raw)", path=config.where
+        )
+    return Path(volume), fmt
 
 
 def _image_format(volid: str, config: GuestConfig) -> str:

@@ -21,6 +21,14 @@ Decisions (see docs/design.md, "Storage layer"):
 - Strict where Proxmox VE only warns and skips: unknown types, unknown
   properties, a property outside a section or a malformed line are errors naming
   ``file:line``, so a typo never silently drops a storage.
+- Yet one bad section never hides the others: reading a node's file
+  (:func:`read_storage_config`, ``strict=False``) keeps every good storage usable,
+  logs each error, and any use of a broken storage raises its own error (exit 2,
+  ``file:line``) instead of "does not exist". Writing such a file is refused, so
+  that a broken section is never dropped from it.
+- Every property Proxmox VE's plugins declare is known, and so are legacy ones a
+  node may still hold (``maxfiles``): those are accepted with a warning
+  (:attr:`StorageConfig.warnings`, logged by :func:`read_storage_config`).
 - Lenient in one place: a header right after a property (no blank line) starts
   the next section instead of being ignored; writing puts the blank line in.
 - Round trip: every line read is remembered with the part of the model it
@@ -31,6 +39,7 @@ Decisions (see docs/design.md, "Storage layer"):
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -78,6 +87,8 @@ _PROPERTY = re.compile(r"^\s+(\S+)(?:\s+(.*\S))?\s*$")
 _STOREID = re.compile(r"^[a-z][a-z0-9\-_.]*[a-z0-9]$", re.IGNORECASE)
 
 Lookup = Callable[[str], StoragePlugin]
+
+_log = logging.getLogger("pvebackup.storage")
 
 
 def valid_storeid(storeid: str) -> bool:
@@ -165,6 +176,12 @@ class StorageConfig(Mapping[str, StorageSection]):
         self._sections: dict[str, StorageSection] = {}
         self._trailer: list[str] = []
         self._lookup: Lookup = lookup if lookup is not None else registry.lookup
+        self.broken: dict[str, StorageConfigError] = {}
+        """Storages whose section is in error, by id: using one raises its error."""
+        self.errors: list[StorageConfigError] = []
+        """Every error found while reading (``strict=False``), in file order."""
+        self.warnings: list[str] = []
+        """``file:line: ...`` notes on legacy properties and types, in file order."""
 
     def __getitem__(self, storeid: str) -> StorageSection:
         return self._sections[storeid]
@@ -230,7 +247,9 @@ class StorageConfig(Mapping[str, StorageSection]):
         return "".join(line + "\n" for line in out)
 
 
-def _not_found(cfg: StorageConfig, storeid: str) -> StorageNotFoundError:
+def _not_found(cfg: StorageConfig, storeid: str) -> StorageConfigError | StorageNotFoundError:
+    if storeid in cfg.broken:
+        return cfg.broken[storeid]  # it exists, in error: say what, not "no such storage"
     known = ", ".join(cfg) or "none"
     return StorageNotFoundError(
         f"storage '{storeid}' does not exist in {cfg.path}; storages: {known}"
@@ -263,9 +282,11 @@ def _check_header(cfg: StorageConfig, plugin_type: str, storeid: str, line: int 
 
 def _check_property(
     plugin: StoragePlugin, section: StorageSection, key: str, value: str | None,
-    path: str, line: int | None,
+    path: str, line: int | None, warnings: list[str] | None = None,
 ) -> str:
     spec = plugin.properties.get(key)
+    if spec is not None and spec.deprecated and warnings is not None:
+        warnings.append(f"{path}:{line}: storage '{section.storeid}': {spec.deprecated}")
     if spec is None and plugin.open_properties:
         spec = PropertySpec(PropertyKind.BOOL if value is None else PropertyKind.STRING)
     if spec is None:
@@ -310,54 +331,85 @@ def _check_section(section: StorageSection, lookup: Lookup, path: str) -> None:
 
 
 def parse_storage_config(
-    text: str, path: str = "storage.cfg", *, lookup: Lookup | None = None
+    text: str, path: str = "storage.cfg", *, lookup: Lookup | None = None,
+    strict: bool = True,
 ) -> StorageConfig:
     """Parse storage.cfg contents.
 
     :param text: the file contents.
     :param path: the file name used in error messages.
     :param lookup: storage type -> plugin; default the registry's ``lookup``.
-    :raises StorageConfigError: malformed input; the message starts with
-        ``path:line:`` (see the module docstring for what is refused).
+    :param strict: raise the first error. ``False``: a section in error is left
+        out of the mapping and kept in :attr:`StorageConfig.broken` (using it
+        raises its error) and :attr:`StorageConfig.errors`; the others stay usable.
+    :raises StorageConfigError: malformed input (``strict``); the message starts
+        with ``path:line:`` (see the module docstring for what is refused).
     """
     cfg = StorageConfig(path, lookup)
     pending: list[str] = []  # comment/blank lines not yet attached
     section: StorageSection | None = None
     plugin: StoragePlugin | None = None
+    skipping = False  # inside a section in error: its lines up to a blank line go
+
+    def fail(err: StorageConfigError, storeid: str | None) -> None:
+        nonlocal section, plugin, skipping
+        if strict:
+            raise err
+        cfg.errors.append(err)
+        if storeid is not None and storeid not in cfg.broken:
+            cfg.broken[storeid] = err
+        if section is not None and cfg._sections.get(section.storeid) is section:
+            del cfg._sections[section.storeid]
+        section, plugin, skipping = None, None, True
+        pending.clear()
 
     def close() -> None:
         nonlocal section, plugin
         if section is not None:
             section._trailing = pending.copy()
             pending.clear()
-            _check_section(section, cfg._lookup, path)
+            try:
+                _check_section(section, cfg._lookup, path)
+            except StorageConfigError as err:
+                fail(err, section.storeid)
         section, plugin = None, None
 
     for lineno, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
             close()
+            skipping = False
             pending.append(raw)
             continue
         if raw.lstrip().startswith("#"):
-            pending.append(raw)
+            if not skipping:
+                pending.append(raw)
             continue
         if raw[0].isspace():
+            if skipping:
+                continue
             m = _PROPERTY.match(raw)
             if section is None or plugin is None or m is None:
-                raise StorageConfigError(
+                fail(StorageConfigError(
                     f"property line outside a section (a blank line ends a section): "
                     f"{raw.strip()!r}",
                     path=path,
                     line=lineno,
-                )
+                ), section.storeid if section is not None else None)
+                continue
             key, given = m.group(1), m.group(2)
-            if key in section.properties:
-                raise StorageConfigError(
-                    f"storage '{section.storeid}': duplicate property '{key}'",
-                    path=path,
-                    line=lineno,
+            try:
+                if key in section.properties:
+                    raise StorageConfigError(
+                        f"storage '{section.storeid}': duplicate property '{key}'",
+                        path=path,
+                        line=lineno,
+                    )
+                value = _check_property(
+                    plugin, section, key, given, path, lineno, cfg.warnings
                 )
-            value = _check_property(plugin, section, key, given, path, lineno)
+            except StorageConfigError as err:
+                fail(err, section.storeid)
+                continue
             section.properties[key] = value
             section._raw[key] = (value, raw, lineno)
             if pending:
@@ -366,17 +418,30 @@ def parse_storage_config(
             continue
         m = _HEADER.match(raw)
         if m is None:
-            raise StorageConfigError(
+            fail(StorageConfigError(
                 f"expected a section header 'TYPE: ID' or an indented property, "
                 f"got {raw.strip()!r}",
                 path=path,
                 line=lineno,
-            )
+            ), None)
+            continue
         if section is not None:  # header without a blank line: comments go with it
-            _check_section(section, cfg._lookup, path)
+            try:
+                _check_section(section, cfg._lookup, path)
+            except StorageConfigError as err:
+                fail(err, section.storeid)
+        skipping = False
         plugin_type, storeid = m.groups()
-        _check_header(cfg, plugin_type, storeid, lineno)
+        try:
+            _check_header(cfg, plugin_type, storeid, lineno)
+        except StorageConfigError as err:
+            # a duplicate id must not make the first, good one unusable
+            fail(err, storeid if storeid not in cfg._sections else None)
+            continue
         plugin = cfg._lookup(plugin_type)
+        legacy = getattr(plugin, "legacy_type", "")
+        if legacy:
+            cfg.warnings.append(f"{path}:{lineno}: storage '{storeid}': {legacy}")
         section = StorageSection(plugin_type, storeid, line=lineno)
         section.leading, section._header_raw = pending.copy(), raw
         pending.clear()
@@ -386,11 +451,16 @@ def parse_storage_config(
     return cfg
 
 
-def read_storage_config(path: str | os.PathLike[str], *, lookup: Lookup | None = None
-                        ) -> StorageConfig:
-    """Read and parse a storage.cfg file.
+def read_storage_config(path: str | os.PathLike[str], *, lookup: Lookup | None = None,
+                        strict: bool = False) -> StorageConfig:
+    """Read and parse a node's storage.cfg file.
 
-    :raises StorageConfigError: it cannot be read, is not UTF-8 or is malformed.
+    Not strict by default, as Proxmox VE reads it: one bad section never hides
+    the others (see :func:`parse_storage_config`). Its errors and warnings are
+    logged (``pvebackup.storage``, level warning) once, here.
+
+    :raises StorageConfigError: it cannot be read or is not UTF-8; with
+        ``strict``, also when it is malformed.
     """
     name = os.fspath(path)
     try:
@@ -399,7 +469,12 @@ def read_storage_config(path: str | os.PathLike[str], *, lookup: Lookup | None =
         raise StorageConfigError(f"cannot read: {exc.strerror or exc}", path=name) from exc
     except UnicodeDecodeError as exc:
         raise StorageConfigError(f"not UTF-8 text: {exc}", path=name) from exc
-    return parse_storage_config(text, name, lookup=lookup)
+    cfg = parse_storage_config(text, name, lookup=lookup, strict=strict)
+    for note in cfg.warnings:
+        _log.warning("warning: %s", note)
+    for err in cfg.errors:
+        _log.warning("warning: %s (storage left out)", err)
+    return cfg
 
 
 def write_storage_config(cfg: StorageConfig, path: str | os.PathLike[str]) -> None:
@@ -408,8 +483,15 @@ def write_storage_config(cfg: StorageConfig, path: str | os.PathLike[str]) -> No
     An existing file keeps its permission bits; a new one gets 0640 (storage.cfg
     may name credentials files).
 
-    :raises StorageConfigError: the file cannot be written (nothing is changed).
+    :raises StorageConfigError: the file cannot be written (nothing is changed),
+        or ``cfg`` was read with sections in error, which writing would drop.
     """
+    if cfg.errors:
+        raise StorageConfigError(
+            f"not written: {len(cfg.errors)} section(s) in error would be lost; "
+            f"first: {cfg.errors[0]}",
+            path=os.fspath(path),
+        )
     try:
         safefs.atomic_write_path(path, cfg.to_text().encode("utf-8"), mode=0o640, keep_mode=True)
     except OSError as exc:

@@ -37,6 +37,7 @@ from pvebackup.kit.safefs import owned_fd
 from pvebackup.storage.basepath import BASE_PATH_PROPERTIES, CREATE_SUBDIRS, BasePath
 from pvebackup.storage.plugin import COMMON_PROPERTIES, StoragePlugin
 from pvebackup.storage.properties import PropertyKind, PropertySpec
+from pvebackup.storage.pve import LEGACY_PROPERTIES
 
 __all__ = ["DirPlugin", "IMAGE_FORMATS"]
 
@@ -75,6 +76,10 @@ _DIR_PROPERTIES: dict[str, PropertySpec] = {
         PropertyKind.INT, minimum=-1, description="limit of protected backups (-1: none)"
     ),
     "bwlimit": PropertySpec(description="bandwidth limits per operation"),
+    "snapshot-as-volume-chain": PropertySpec(
+        PropertyKind.BOOL, description="snapshots as external qcow2 volume chains (PVE 9)"
+    ),
+    **LEGACY_PROPERTIES["dir"],
 }
 
 

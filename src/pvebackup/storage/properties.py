@@ -117,6 +117,9 @@ class PropertySpec:
     :ivar choices: the allowed values of an ``enum``.
     :ivar minimum: smallest allowed ``int`` or ``size`` (bytes), inclusive.
     :ivar maximum: largest allowed ``int`` or ``size`` (bytes), inclusive.
+    :ivar deprecated: non-empty for a legacy property Proxmox VE once wrote and a
+        real node's storage.cfg may still hold (``maxfiles``): accepted, and
+        reading the file warns with this text (what to use instead).
     :ivar parser: ``str -> value``, raising ``ValueError`` with the reason:
         replaces the kind's parsing, for a rule no kind has (``chunk-size``: a
         size that is a power of two) or a value no kind describes
@@ -136,6 +139,7 @@ class PropertySpec:
     """Whether the kind is ``bool`` (such a property may be written without a
     value, meaning ``1``). ``flag=True`` is the older spelling of ``kind=bool``
     and still accepted; set either, the other follows."""
+    deprecated: str = ""
 
     def __post_init__(self) -> None:
         # PropertySpec(True) was "required" before kind came first: refuse, not guess

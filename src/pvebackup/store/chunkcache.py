@@ -14,9 +14,18 @@ content): ``chunks.idx`` (u32 fan-out bits b, u32 zero, a fan-out table of 2**b 
 u32 counts over the first b bits of the digest, then the records sorted by digest:
 digest, pack number, offset, length, size), ``packs`` (32-byte pack names,
 the records' pack numbers index it) and ``ingested`` (one index object key a
-line). New entries go to an in-memory overlay; ``save`` merges it into a new
-file (atomic replace), streaming, so the merge never holds the whole index.
+line). New entries go to an in-memory overlay; ``save`` (at ``OVERLAY_LIMIT``
+entries, and when the store closes) merges it into a new file (atomic replace),
+streaming, so the merge never holds the whole index.
 Not thread-safe: the datastore locks around it.
+
+One owner per directory: ``save`` replaces whole files, so two processes saving
+into one directory would drop each other's entries (and one could read the other's
+half-replaced pair of files). ``open_chunk_cache`` takes an exclusive ``flock`` on
+``DIR/lock`` (``kit.lock``: dies with its holder, so a killed backup leaves no stale
+lock) for as long as the cache is open; a second process finds it taken and works
+from a ``MemoryChunkIndex`` instead (correct, only neither persistent nor bounded):
+waiting could block a backup behind one that runs for hours.
 """
 
 from __future__ import annotations
@@ -29,9 +38,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Final
 
-from pvebackup.store.chunkindex import ChunkLocation
+from pvebackup.api.errors import LockedError, PveBackupError
+from pvebackup.kit.lock import FileLock
+from pvebackup.store.chunkindex import ChunkIndexCache, ChunkLocation, MemoryChunkIndex
 
-__all__ = ["SortedChunkIndex", "write_sorted_index"]
+__all__ = ["SortedChunkIndex", "open_chunk_cache", "write_sorted_index"]
 
 _REC = struct.Struct("<32sIIII")
 _HEAD = struct.Struct("<II")  # fan-out bits, reserved
@@ -88,9 +99,12 @@ def write_sorted_index(
 class SortedChunkIndex:
     """A ``ChunkIndexCache`` in directory ``root`` (created 0700 if missing)."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, lock: FileLock | None = None) -> None:
+        """``lock``: held (by ``open_chunk_cache``) while the cache is open; released
+        by ``close``."""
         self.root = Path(root)
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._lock = lock
         self._file = self.root / "chunks.idx"
         self._packs_file = self.root / "packs"
         self._ingested_file = self.root / "ingested"
@@ -141,10 +155,28 @@ class SortedChunkIndex:
         self._fd, self._fan, self._shift, self._base = fd, fan, 32 - bits, _fan_size(bits)
 
     def close(self) -> None:
-        self.save()
-        if self._fd >= 0:
-            os.close(self._fd)
+        """Save, close the file and drop the directory's lock."""
+        try:
+            self.save()
+        finally:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            if self._lock is not None:
+                self._lock.release()
+
+    def __del__(self) -> None:
+        # A cache dropped unclosed (a provider whose job never ended, a restore)
+        # must not keep its descriptor and the directory's lock for the rest of a
+        # long-lived process. Nothing is saved here: unsaved entries are
+        # rebuilt from the index objects, as after a crash.
+        fd = getattr(self, "_fd", -1)
+        if fd >= 0:
             self._fd = -1
+            os.close(fd)
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.release()
 
     def __len__(self) -> int:
         return self._fan[-1] + len(self._overlay)
@@ -189,14 +221,16 @@ class SortedChunkIndex:
                 no = self._pack_no[loc.pack] = len(self._packs)
                 self._packs.append(loc.pack)
             self._overlay[digest] = (no, loc.offset, loc.length, loc.size)
-        if len(self._overlay) >= OVERLAY_LIMIT:
-            self.save()
 
     def ingested(self) -> set[str]:
         return set(self._seen)
 
     def mark_ingested(self, key: str) -> None:
+        # Merged only here, after the entries' key is known: every saved entry
+        # then has its index object's key saved too (see ``save``).
         self._seen.add(key)
+        if len(self._overlay) >= OVERLAY_LIMIT:
+            self.save()
 
     def clear(self) -> None:
         self._overlay.clear()
@@ -221,19 +255,42 @@ class SortedChunkIndex:
     def save(self) -> None:
         """Merge the overlay into the file; write the pack list and ingested keys.
 
-        Order: packs, then records, then ingested keys, so that a crash in between
-        only makes the next open ingest some index objects again (``add`` skips
-        what it has).
+        Order: packs, ingested keys, then records. A crash in between leaves keys
+        whose entries are missing (lookups miss: a chunk stored twice, a read
+        that starts the cache over), never entries without their key: those
+        would escape the check for index objects GC compacted away, and a backup
+        could then reuse a chunk GC deleted. Callers save only after marking the
+        key of every entry added (``mark_ingested``), for the same reason.
         """
         tmp = self._packs_file.with_name("packs.tmp")
         tmp.write_bytes(b"".join(self._packs))
         os.replace(tmp, self._packs_file)
+        tmp = self._ingested_file.with_name("ingested.tmp")
+        tmp.write_text("".join(f"{k}\n" for k in sorted(self._seen)))
+        os.replace(tmp, self._ingested_file)
         if self._overlay:
             new = sorted((d, *v) for d, v in self._overlay.items())
             merged = heapq.merge(self._file_records(), new)
             write_sorted_index(self._file, merged, self._fan[-1] + len(new))
             self._overlay.clear()
             self._open()
-        tmp = self._ingested_file.with_name("ingested.tmp")
-        tmp.write_text("".join(f"{k}\n" for k in sorted(self._seen)))
-        os.replace(tmp, self._ingested_file)
+
+
+def open_chunk_cache(root: Path) -> ChunkIndexCache:
+    """The persistent cache in ``root`` if this process can own it, else a memory one.
+
+    ``root`` is a host directory (never in the storage: its content steers which
+    chunks a backup skips, so only we may write it). Unusable (cannot be created,
+    locked by another process): a ``MemoryChunkIndex``, which rebuilds from the
+    store's index objects, as every cache can.
+    """
+    lock = FileLock(root / "lock", what=f"chunk index cache {root}")
+    try:
+        lock.acquire()
+    except (LockedError, PveBackupError):
+        return MemoryChunkIndex()
+    try:
+        return SortedChunkIndex(root, lock=lock)
+    except OSError:
+        lock.release()
+        return MemoryChunkIndex()

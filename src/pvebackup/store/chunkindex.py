@@ -174,6 +174,14 @@ class ChunkIndexCache(Protocol):
         """Forget everything (index objects were compacted away)."""
         ...
 
+    def save(self) -> None:
+        """Make what was added durable (a no-op in memory)."""
+        ...
+
+    def close(self) -> None:
+        """Save and let go of the cache (another process may open it then)."""
+        ...
+
 
 class MemoryChunkIndex:
     """A dict: fine for tests and small stores (about 200 bytes per chunk)."""
@@ -203,3 +211,9 @@ class MemoryChunkIndex:
     def clear(self) -> None:
         self._map.clear()
         self._seen.clear()
+
+    def save(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None

@@ -38,6 +38,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 from pvebackup.api.errors import (
@@ -51,6 +52,7 @@ from pvebackup.api.errors import (
     WrongKeyError,
 )
 from pvebackup.api.types import GuestType
+from pvebackup.store import chunkcache  # module: chunkcache imports store first
 from pvebackup.store.backends.base import Backend
 from pvebackup.store.blob import (
     DEFAULT_COMPRESSION_LEVEL,
@@ -234,7 +236,11 @@ class Datastore:
         key: EncryptionKey | None,
         *,
         index: ChunkIndexCache | None = None,
+        cache_dir: Path | None = None,
     ):
+        """``index``: the lookup cache to use; else, with ``cache_dir``, the persistent
+        one in ``cache_dir/<store id>`` (the store id, so that a store made anew at
+        the same place never meets the old one's entries); else one in memory."""
         self.backend = backend
         self.config = config
         self._key = key
@@ -242,7 +248,10 @@ class Datastore:
         self.pack_size = config.pack_size
         self.session = secrets.token_bytes(16)
         """Random id of this writer session, recorded in its index objects."""
-        self._index: ChunkIndexCache = MemoryChunkIndex() if index is None else index
+        if index is None:
+            index = (MemoryChunkIndex() if cache_dir is None
+                     else chunkcache.open_chunk_cache(cache_dir / config.store_id))
+        self._index: ChunkIndexCache = index
         self._lock = threading.RLock()
         self._pack: PackBuilder | None = None
         self._written: dict[bytes, ChunkLocation] = {}  # in durable packs, not yet indexed
@@ -273,6 +282,7 @@ class Datastore:
         compression_level: int = DEFAULT_COMPRESSION_LEVEL,
         pack_size: int = DEFAULT_PACK_SIZE,
         index: ChunkIndexCache | None = None,
+        cache_dir: Path | None = None,
     ) -> Datastore:
         """Initialise a new store on ``backend`` (``StateError`` if one exists)."""
         if not MIN_PACK_SIZE <= pack_size <= MAX_TARGET_PACK_SIZE:
@@ -290,7 +300,7 @@ class Datastore:
         )
         if not backend.put(CONFIG_KEY, config.to_bytes(), overwrite=False):
             raise StateError(f"{backend!r} holds a store already")
-        return cls(backend, config, key, index=index)
+        return cls(backend, config, key, index=index, cache_dir=cache_dir)
 
     @classmethod
     def open(
@@ -299,6 +309,7 @@ class Datastore:
         *,
         key: EncryptionKey | None = None,
         index: ChunkIndexCache | None = None,
+        cache_dir: Path | None = None,
     ) -> Datastore:
         """Open the store on ``backend``; checks ``key`` before touching any data."""
         try:
@@ -318,7 +329,7 @@ class Datastore:
                 )
         elif key is not None:
             raise WrongKeyError(f"the store is not encrypted, but key {key.fingerprint} was given")
-        return cls(backend, config, key, index=index)
+        return cls(backend, config, key, index=index, cache_dir=cache_dir)
 
     @property
     def encrypted(self) -> bool:
@@ -393,14 +404,25 @@ class Datastore:
             self._beat(now)
 
     def close(self) -> None:
-        """End the writer session: write what is open, drop the session object."""
+        """End the writer session: write what is open, drop the session object.
+
+        The chunk index cache is saved (a persistent one stays open and locked:
+        the store may be used again; ``close_cache`` lets it go)."""
         with self._lock:
             self._write_pack()
             self._write_index_object()
+            self._index.save()
             if self._session_started is not None:
                 self.backend.delete(session_key(self.session))
                 self._session_started = None
                 self._session_ready = False
+
+    def close_cache(self) -> None:
+        """Save the chunk index cache and release it (its lock) for other processes;
+        the store goes on with an empty one in memory."""
+        with self._lock:
+            self._index.close()
+            self._index = MemoryChunkIndex()
 
     def _known(self, digest: bytes) -> int:
         """Stored size of the chunk's blob if this store has it, else -1 (lock held).

@@ -201,6 +201,7 @@ def test_raw_disk_with_a_4k_extent_and_an_efi_disk(node: Node) -> None:
     ):
         sh("qemu-img", "create", "-q", "-f", fmt, str(images / name), str(size))
     node.root.config_path(100, GuestType.QEMU).write_text(
+        "bios: ovmf\n"  # PVE backs up an EFI disk only with OVMF
         "efidisk0: local:100/vm-100-disk-1.qcow2,efitype=4m,size=4M\n"
         "tpmstate0: local:100/vm-100-disk-0.raw,size=4M,version=v2.0\n"
     )

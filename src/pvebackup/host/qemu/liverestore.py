@@ -89,26 +89,13 @@ def qmp_socket(root: NodeRoot, vmid: int) -> Path:
 
 
 def running_vm_pid(root: NodeRoot, vmid: int) -> int | None:
-    """The PID of VM ``vmid``'s QEMU if it runs, else None.
+    """The PID of VM ``vmid`` if its pid file names a live process, else None.
 
-    As on Proxmox VE: ``ROOT/var/run/qemu-server/VMID.pid`` names a live process.
-    (Duplicates what ``NodeRoot.is_running`` is to do for VMs; to be unified.)
+    Deliberately wider than :meth:`NodeRoot.vm_pid` (which also wants a QEMU): a
+    restore refuses to replace the disks of anything the node says runs as that
+    VM, and a live restore waits for the start command's process.
     """
-    path = _run_dir(root) / f"{vmid}.pid"
-    try:
-        with open(path, "rb") as f:
-            text = f.read(_MAX_PIDFILE + 1)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise ExternalToolError(f"cannot read {path}: {exc}") from exc
-    # A pid file of any other shape names no process: we do not guess.
-    if len(text) > _MAX_PIDFILE or not re.fullmatch(rb"\s*[0-9]{1,9}\s*", text):
-        return None
-    pid = int(text)
-    if pid <= 1 or proc.process_start_time(pid) is None:
-        return None
-    return pid
+    return root.pidfile_pid(vmid)
 
 
 def start_command(configured: str | None = None) -> list[str]:

@@ -114,8 +114,16 @@ class BackupStoreProvider(BackupProvider):
     def store(self, *, create: bool = False) -> Datastore:
         """The datastore, opened on first use (created by ``job_start`` if empty)."""
         if self._store is None:
-            self._store = self.settings.open(create=create)
+            # The chunk index cache is host state: the storage may be shared or
+            # hostile, and what the cache says decides which chunks are skipped.
+            self._store = self.settings.open(create=create, cache_dir=self.chunk_cache_dir)
         return self._store
+
+    @property
+    def chunk_cache_dir(self) -> Path:
+        """``<state dir>/backup-store/<storeid>/chunkcache``; one subdirectory per
+        store id, owned (locked) by one process at a time."""
+        return self.hoststate.dir / "chunkcache"
 
     # job hooks ---------------------------------------------------------------------
 
@@ -137,8 +145,9 @@ class BackupStoreProvider(BackupProvider):
         self._guests.clear()
         if self._store is not None:
             # ends the writer session, so that garbage collection need not wait
-            # for it to expire
+            # for it to expire; and lets other processes have the chunk index cache
             self._store.close()
+            self._store.close_cache()
 
     # guest hooks -------------------------------------------------------------------
 

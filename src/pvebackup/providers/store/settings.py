@@ -124,7 +124,7 @@ class StoreSettings:
         root = base.activate(create=create)
         return not any(root.iterdir())
 
-    def open(self, *, create: bool = False) -> Datastore:
+    def open(self, *, create: bool = False, cache_dir: Path | None = None) -> Datastore:
         """Open the datastore; with ``create``, initialise an empty or new directory.
 
         The path itself is never created unless ``create`` and the storage's
@@ -136,6 +136,9 @@ class StoreSettings:
         :raises NotFoundError: there is no store at ``path`` (and not ``create``).
         :raises MissingKeyError, WrongKeyError, KeyFileError: key problems, found
             before anything in the store is touched.
+
+        ``cache_dir``: a host directory for the persistent chunk index cache
+        (``Datastore``); never inside the storage.
         """
         key = self.load_key()
         empty = self.empty(create=create)
@@ -144,9 +147,11 @@ class StoreSettings:
         backend = make_backend(self.backend, self.path)
         if empty:
             if self.chunk_size is None:
-                return Datastore.create(backend, key=key)
-            return Datastore.create(backend, key=key, chunk_size=self.chunk_size)
-        return Datastore.open(backend, key=key)
+                return Datastore.create(backend, key=key, cache_dir=cache_dir)
+            return Datastore.create(
+                backend, key=key, chunk_size=self.chunk_size, cache_dir=cache_dir
+            )
+        return Datastore.open(backend, key=key, cache_dir=cache_dir)
 
     def index_chunk_size(self, store: Datastore) -> int:
         """Chunk size of new indexes: the property, else the store's default."""
