@@ -56,8 +56,8 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@touch $(STAMP)
 
 lint: setup
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/mypy src
+	$(VENV)/bin/ruff check src tests bench examples
+	$(VENV)/bin/mypy src examples/plainfiles/src
 
 test: setup lint
 	$(VENV)/bin/pytest -q

@@ -3,7 +3,9 @@
     cli (and top-level modules)  >  host  >  providers  >  store  >  storage  >  kit  >  api
 
 A module may import its own layer and the layers below. Besides the order:
-``api`` imports nothing of ours but itself; ``host`` never imports ``providers``
+``api`` imports nothing of ours but itself; nothing imports ``testing`` (the
+provider contract suite, at the top) and it never imports ``providers``;
+``host`` never imports ``providers``
 (it talks to them only through ``api``); ``store.backends`` never imports the
 rest of ``store`` (backends know only keys and bytes).
 Checked on the source with ``ast``, so conditional, ``TYPE_CHECKING`` and
@@ -80,6 +82,10 @@ def violation(importer: str, imported: str) -> str | None:
     parts_src, parts_dst = importer.split("."), imported.split(".")
     if LAYERS[src] == "host" and LAYERS[dst] == "providers":
         return "host never imports providers (only pvebackup.api)"
+    if parts_dst[1:2] == ["testing"] and parts_src[1:2] != ["testing"]:
+        return "nothing imports pvebackup.testing (a test kit, never run in production)"
+    if parts_src[1:2] == ["testing"] and parts_dst[1:2] == ["providers"]:
+        return "testing reaches a provider only through the storage registry"
     in_backends = parts_src[1:3] == ["store", "backends"]
     if in_backends and parts_dst[1:2] == ["store"] and parts_dst[1:3] != ["store", "backends"]:
         return "store.backends may not import the rest of store"
@@ -190,6 +196,10 @@ def test_checker_reports_file_line_and_import(fake_tree: Path) -> None:
         ("pvebackup.cli.main", "pvebackup.demo", True),
         ("pvebackup.host.jobs", "pvebackup.demo", False),
         ("pvebackup.api", "pvebackup", False),
+        ("pvebackup.testing.contract", "pvebackup.host.job", True),
+        ("pvebackup.testing.contract", "pvebackup.testing.spy", True),
+        ("pvebackup.cli.main", "pvebackup.testing", False),
+        ("pvebackup.testing.contract", "pvebackup.providers.directory", False),
     ],
 )
 def test_violation_rule(importer: str, imported: str, ok: bool) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import builtins
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -50,6 +51,7 @@ from pvebackup.storage import COMMON_PROPERTIES, PropertySpec, StoragePlugin, Vo
 
 TYPE = "test-recording"
 CHUNK = 1 << 20
+VOLNAME = re.compile(r"(qemu|lxc)-[0-9]{1,9}-[0-9]{3,9}")
 
 
 def read_calls(base: Path) -> list[list[Any]]:
@@ -239,6 +241,9 @@ class RecordingProvider(BackupProvider):
 
     # -- restore -------------------------------------------------------------------
     def _volume(self, volname: str) -> Path:
+        # Threat: a volname naming something outside the storage, or no file at all.
+        if not VOLNAME.fullmatch(volname):
+            raise VolumeNotFoundError(f"no backup {volname!r}")
         path = self.base / volname
         if not (path / "meta.json").exists():
             raise VolumeNotFoundError(f"no backup {volname}")
@@ -348,7 +353,7 @@ class RecordingPlugin(StoragePlugin):
             if not (p / "meta.json").exists():
                 continue
             meta = json.loads((p / "meta.json").read_text())
-            size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+            size = sum(f.stat().st_blocks * 512 for f in p.rglob("*") if f.is_file())
             vmtype = GuestType((p / "vmtype").read_text())
             out.append(
                 VolumeInfo(
@@ -363,6 +368,8 @@ class RecordingPlugin(StoragePlugin):
         return out
 
     def free_volume(self, scfg: Mapping[str, str], storeid: str, volname: str) -> None:
+        if not VOLNAME.fullmatch(volname):  # Threat: a name reaching outside the storage
+            raise VolumeNotFoundError(f"no backup {volname!r}")
         path = Path(scfg["path"]) / volname
         if not (path / "meta.json").exists():
             raise VolumeNotFoundError(f"no backup {volname}")

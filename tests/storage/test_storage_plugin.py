@@ -64,6 +64,17 @@ def test_base_defaults() -> None:
     assert "bare" in repr(plugin)
 
 
+def test_provider_plugin_without_listing_says_so() -> None:
+    """A plugin with a provider holds backups: the error names what it lacks."""
+    plugin = ProviderPlugin()
+    with pytest.raises(UnsupportedError, match="^plugin example does not implement listing$"):
+        plugin.list_volumes({}, "e1")
+    with pytest.raises(UnsupportedError, match="does not implement listing"):
+        plugin.scan_volumes({}, "e1")
+    with pytest.raises(UnsupportedError, match="^plugin example does not implement removal$"):
+        plugin.free_volume({}, "e1", "v")
+
+
 def test_volume_info_to_json() -> None:
     info = VolumeInfo(
         volid="bk:backup/vm/100/1700000000",

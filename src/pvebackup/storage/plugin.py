@@ -197,9 +197,16 @@ class StoragePlugin:
     def list_volumes(self, scfg: Mapping[str, str], storeid: str) -> list[VolumeInfo]:
         """List the backup volumes on this storage, oldest first.
 
-        :raises UnsupportedError: the storage type does not hold backups (base).
+        :raises UnsupportedError: the storage type does not hold backups, or its
+            plugin has a backup provider but does not implement listing (base).
         """
-        raise UnsupportedError(f"storage type {self.type} does not hold backups")
+        raise self._unsupported("listing")
+
+    def _unsupported(self, what: str) -> UnsupportedError:
+        # A plugin with a backup provider does hold backups: say what is missing.
+        if type(self).new_backup_provider is not StoragePlugin.new_backup_provider:
+            return UnsupportedError(f"plugin {self.type} does not implement {what}")
+        return UnsupportedError(f"storage type {self.type} does not hold backups")
 
     def scan_volumes(self, scfg: Mapping[str, str], storeid: str) -> VolumeScan:
         """:meth:`list_volumes`, plus the volumes that could not be read.
@@ -220,9 +227,10 @@ class StoragePlugin:
 
         :raises VolumeNotFoundError: no such volume.
         :raises VolumeInUseError: another volume depends on it (``parent``).
-        :raises UnsupportedError: the storage type does not hold backups (base).
+        :raises UnsupportedError: the storage type does not hold backups, or its
+            plugin has a backup provider but does not implement removal (base).
         """
-        raise UnsupportedError(f"storage type {self.type} does not hold backups")
+        raise self._unsupported("removal")
 
     def image_path(self, scfg: Mapping[str, str], volname: str) -> Path:
         """Path of a guest image or subvol volume (``<vmid>/<name>``) on this storage.

@@ -43,6 +43,7 @@ from pvebackup.kit import safefs
 from pvebackup.kit.crashpoint import crash_point
 from pvebackup.kit.hoststate import HostState
 from pvebackup.kit.lock import lock_descriptor
+from pvebackup.kit.nbdsource import SourceFactory, connect
 from pvebackup.kit.oserrors import os_error
 from pvebackup.kit.safefs import MAX_CONFIG_FILE_SIZE, owned_fd
 from pvebackup.kit.units import format_bytes
@@ -107,6 +108,10 @@ class BackupDirProvider(BackupProvider):
     default yes: incremental VM backups with a dirty bitmap), ``ct-format``
     (``tar``, the default, or ``directory``).
     """
+
+    source_factory: SourceFactory | None = None
+    """Opens a disk's NBD export (default: the real one); tests (the contract suite)
+    set an in-memory one on the instance."""
 
     def __init__(
         self,
@@ -482,6 +487,7 @@ class BackupDirProvider(BackupProvider):
             bitmap_name=bitmap_name,
             bandwidth_limit=bandwidth_limit,
             log_function=self.log_function,
+            connect_source=self.source_factory or connect,
         )
         image_size, image_sha256 = _file_digest(image)
         guest.index.devices[devicename] = DeviceEntry(

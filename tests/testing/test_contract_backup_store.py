@@ -1,0 +1,28 @@
+"""backup-store against the provider contract suite (pvebackup.testing).
+
+backup-store backs up VMs only today: the suite checks that it refuses containers
+the documented way (the guest fails, the job goes on) instead of skipping.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pvebackup.testing import Capability, ProviderContract
+
+pytestmark = pytest.mark.e2e
+
+
+class TestBackupStoreContract(ProviderContract):
+    storage_type = "backup-store"
+    # A failed backup's chunks stay until garbage collection (deduplication); an
+    # incremental names its base as parent although each snapshot restores alone.
+    capabilities = frozenset(
+        {Capability.VM, Capability.INCREMENTAL, Capability.LIST, Capability.REMOVE,
+         Capability.GARBAGE_COLLECTED, Capability.FAKE_SOURCE, Capability.CHAINED}
+    )  # fmt: skip
+
+    def storage_properties(self, base: Path) -> dict[str, str]:
+        return {"path": str(base), "chunk-size": "65536"}
