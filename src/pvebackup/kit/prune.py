@@ -99,7 +99,7 @@ _PERIODS: tuple[tuple[str, str | None], ...] = (
 def mark_prune(
     backups: Iterable[PruneCandidate[Key]],
     options: KeepOptions,
-    tz: tzinfo,
+    tz: tzinfo | None,
     *,
     keep_all_fallback: bool = True,
 ) -> dict[Key, Mark]:
