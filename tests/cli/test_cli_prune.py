@@ -130,3 +130,18 @@ def test_prune_json_matches_the_doc(cli_node: Node, capsys: pytest.CaptureFixtur
     argv = ["--root", str(cli_node.path), "prune", "rec", "--keep-last", "1", "--output", "json"]
     assert main(argv) == 0
     assert keys_of(json.loads(capsys.readouterr().out)) == documented()["prune"]
+
+
+def test_prune_removes_a_parent_where_children_stand_alone() -> None:
+    # backup-store: an incremental snapshot does not need its parent to restore
+    vols = [vol("a0", 0), vol("a1", 1, parent="a0"), vol("a2", 2, parent="a1")]
+    removed: list[str] = []
+    prune_volumes(vols, KeepOptions(last=1), removed.append, children_need_parent=False)
+    assert removed == ["s:a1", "s:a0"]
+
+
+def test_only_backup_dir_declares_children_need_parent() -> None:
+    from pvebackup.providers.directory.plugin import BackupDirPlugin
+    from pvebackup.providers.store.plugin import BackupStorePlugin
+
+    assert BackupDirPlugin.children_need_parent and not BackupStorePlugin.children_need_parent

@@ -113,13 +113,16 @@ def prune_volumes(
     *,
     vmid: int | None = None,
     dry_run: bool = False,
+    children_need_parent: bool = True,
 ) -> list[PruneResult]:
     """Mark each guest's backups and remove those marked (``remove(volid)``), newest first.
 
     Newest first so that, on an incremental chain, the children go before their base.
-    A base whose dependents stay is kept instead of removed: removing it would leave a
-    child without its base (``backup-dir`` refuses anyway; this names the reason up front
-    so that a dry run says the same as the real run).
+    With ``children_need_parent`` (the storage's plugin says so), a base whose
+    dependents stay is kept instead of removed: removing it would leave a child
+    without its base (``backup-dir`` refuses anyway; this names the reason up front
+    so that a dry run says the same as the real run). Elsewhere a refusal of the
+    provider (:class:`VolumeInUseError`) keeps the volume, with its message.
     """
     groups: dict[tuple[str, int], list[VolumeInfo]] = {}
     for v in volumes:
@@ -143,7 +146,7 @@ def prune_volumes(
             # a base is named by volname; only a volume that stays still needs it
             if o.volume.parent == volname and o.volume.volid not in gone
         )
-        if dependents:
+        if dependents and children_need_parent:
             r.reason = "base of " + ", ".join(dependents)
             continue
         if dry_run:
@@ -194,7 +197,14 @@ def run(opts: PruneOptions) -> int:
     def remove(volid: str) -> None:
         plugin.free_volume(scfg, opts.storage, volid.split(":", 1)[1])
 
-    results = prune_volumes(scan.volumes, options, remove, vmid=opts.vmid, dry_run=opts.dry_run)
+    results = prune_volumes(
+        scan.volumes,
+        options,
+        remove,
+        vmid=opts.vmid,
+        dry_run=opts.dry_run,
+        children_need_parent=plugin.children_need_parent,
+    )
     code = next((r.exit_code for r in results if r.exit_code), 0)
     if opts.output == "json":
         print_json(

@@ -144,12 +144,16 @@ class StoragePlugin:
     :cvar open_properties: accept properties not in ``properties`` as they are
         (valued, or flags when they have no value). Only for types pvebackup merely
         has to recognise in a real node's storage.cfg (see ``storage.pve``).
+    :cvar children_need_parent: a volume's ``parent`` is needed to restore it (an
+        image chain), so ``free_volume`` refuses a parent while a child exists.
+        ``prune`` then keeps such a base and says why, in dry runs too.
     """
 
     type: ClassVar[str]
     api_version: ClassVar[int] = APIVER
     properties: ClassVar[Mapping[str, PropertySpec]] = COMMON_PROPERTIES
     open_properties: ClassVar[bool] = False
+    children_need_parent: ClassVar[bool] = False
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} type={getattr(self, 'type', '?')!r}>"
