@@ -145,3 +145,19 @@ def test_only_backup_dir_declares_children_need_parent() -> None:
     from pvebackup.providers.store.plugin import BackupStorePlugin
 
     assert BackupDirPlugin.children_need_parent and not BackupStorePlugin.children_need_parent
+
+
+@pytest.mark.parametrize("plugin_type", ["backup-dir", "backup-store"])
+def test_prune_backups_property_parsed_and_refused_when_wrong(plugin_type: str) -> None:
+    from pvebackup.api.errors import ConfigError
+    from pvebackup.storage import lookup
+
+    plugin = lookup(plugin_type)
+    props = plugin.parse_properties(
+        {"type": plugin_type, "path": "/x", "prune-backups": "keep-daily=7, keep-last=3"}, "s"
+    )
+    assert props["prune-backups"] == "keep-last=3,keep-daily=7"
+    with pytest.raises(ConfigError, match="keep-forever"):
+        plugin.parse_properties(
+            {"type": plugin_type, "path": "/x", "prune-backups": "keep-forever=1"}, "s"
+        )
