@@ -40,7 +40,7 @@ def test_prune_groups_per_guest_and_removes_newest_first() -> None:
 def test_prune_only_the_given_guest() -> None:
     vols = [vol("a0", 0), vol("a1", 1), vol("b0", 0, vmid=101), vol("b1", 1, vmid=101)]
     removed: list[str] = []
-    prune_volumes(vols, KeepOptions(last=1), removed.append, vmid=101)
+    prune_volumes(vols, KeepOptions(last=1), removed.append, vmids=[101])
     assert removed == ["s:b0"]
 
 

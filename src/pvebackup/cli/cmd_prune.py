@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,15 @@ from pvebackup.kit.prune import (
 )
 from pvebackup.storage import VolumeInfo, lookup, read_storage_config, storage_config
 
-__all__ = ["PruneOptions", "PruneResult", "add_parser", "prune_volumes", "run"]
+__all__ = [
+    "PruneOptions",
+    "PruneResult",
+    "add_parser",
+    "keep_options",
+    "prune_storage",
+    "prune_volumes",
+    "run",
+]
 
 _KEEPS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
@@ -111,7 +119,7 @@ def prune_volumes(
     options: KeepOptions,
     remove: Callable[[str], None],
     *,
-    vmid: int | None = None,
+    vmids: Collection[int] | None = None,
     dry_run: bool = False,
     children_need_parent: bool = True,
 ) -> list[PruneResult]:
@@ -126,7 +134,7 @@ def prune_volumes(
     """
     groups: dict[tuple[str, int], list[VolumeInfo]] = {}
     for v in volumes:
-        if vmid is None or v.vmid == vmid:
+        if vmids is None or v.vmid in vmids:
             groups.setdefault((str(v.vmtype), v.vmid), []).append(v)
     results: list[PruneResult] = []
     for _, group in sorted(groups.items()):
@@ -170,40 +178,65 @@ def _protected(v: VolumeInfo) -> bool:
     return bool(getattr(v, "protected", False))
 
 
-def run(opts: PruneOptions) -> int:
-    root = NodeRoot(opts.root)
+def keep_options(keep: dict[str, int]) -> KeepOptions:
+    """``{"last": 3, "daily": 7}`` (the ``--keep-*`` given) as :class:`KeepOptions`."""
+    return KeepOptions(
+        last=keep.get("last", 0),
+        hourly=keep.get("hourly", 0),
+        daily=keep.get("daily", 0),
+        weekly=keep.get("weekly", 0),
+        monthly=keep.get("monthly", 0),
+        yearly=keep.get("yearly", 0),
+    )
+
+
+def prune_storage(
+    root: NodeRoot,
+    storeid: str,
+    options: KeepOptions | None,
+    *,
+    vmids: Collection[int] | None = None,
+    dry_run: bool = False,
+) -> tuple[KeepOptions, list[PruneResult]]:
+    """Prune the guests ``vmids`` (None: all) on ``storeid``.
+
+    ``options`` None: the storage's ``prune-backups`` property (none: keep all).
+    """
     cfg = read_storage_config(root.storage_cfg)
-    scfg = storage_config(cfg, opts.storage)
+    scfg = storage_config(cfg, storeid)
     plugin = lookup(scfg["type"])
-    if opts.keep:
-        k = opts.keep
-        options = KeepOptions(
-            last=k.get("last", 0),
-            hourly=k.get("hourly", 0),
-            daily=k.get("daily", 0),
-            weekly=k.get("weekly", 0),
-            monthly=k.get("monthly", 0),
-            yearly=k.get("yearly", 0),
-        )
-    else:
+    if options is None:
         try:
             options = parse_keep_options(scfg.get("prune-backups", ""))
         except ValueError as exc:
-            raise UsageError(f"storage {opts.storage}: prune-backups: {exc}") from exc
-    scan = plugin.scan_volumes(scfg, opts.storage)
+            raise UsageError(f"storage {storeid}: prune-backups: {exc}") from exc
+    if not options.keeps_something() or options.keep_all:
+        # nothing to remove: do not even read the storage
+        return options, []
+    scan = plugin.scan_volumes(scfg, storeid)
     for bad in scan.damaged:
         print(f"warning: {bad.volid}: damaged, left alone: {bad.reason}", file=sys.stderr)
 
     def remove(volid: str) -> None:
-        plugin.free_volume(scfg, opts.storage, volid.split(":", 1)[1])
+        plugin.free_volume(scfg, storeid, volid.split(":", 1)[1])
 
-    results = prune_volumes(
+    return options, prune_volumes(
         scan.volumes,
         options,
         remove,
-        vmid=opts.vmid,
-        dry_run=opts.dry_run,
+        vmids=vmids,
+        dry_run=dry_run,
         children_need_parent=plugin.children_need_parent,
+    )
+
+
+def run(opts: PruneOptions) -> int:
+    options, results = prune_storage(
+        NodeRoot(opts.root),
+        opts.storage,
+        keep_options(opts.keep) if opts.keep else None,
+        vmids=None if opts.vmid is None else [opts.vmid],
+        dry_run=opts.dry_run,
     )
     code = next((r.exit_code for r in results if r.exit_code), 0)
     if opts.output == "json":
