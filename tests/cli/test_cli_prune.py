@@ -161,3 +161,32 @@ def test_prune_backups_property_parsed_and_refused_when_wrong(plugin_type: str) 
         plugin.parse_properties(
             {"type": plugin_type, "path": "/x", "prune-backups": "keep-forever=1"}, "s"
         )
+
+
+def test_backup_prune_backups_prunes_the_backed_up_guest_only(
+    cli_node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cli_node.add_vm(100, {"scsi0": 1 * MiB})
+    cli_node.add_vm(101, {"scsi0": 1 * MiB})
+    base = ["--root", str(cli_node.path), "backup", "--storage", "rec"]
+    for _ in range(2):
+        assert main([*base, "101"]) == 0
+    capsys.readouterr()
+    err = ""
+    for _ in range(3):
+        assert main([*base, "100", "--prune-backups", "keep-last=2", "--output", "json"]) == 0
+        out = capsys.readouterr()
+        json.loads(out.out)  # the job's report only, still JSON
+        err += out.err
+    assert err.count("INFO: prune: removed ") == 1
+    assert main(["--root", str(cli_node.path), "list", "rec", "--output", "json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert sorted(v["vmid"] for v in listing) == [100, 100, 101, 101]
+
+
+def test_backup_prune_backups_malformed_is_a_usage_error(cli_node: Node) -> None:
+    cli_node.add_vm(100, {"scsi0": 1 * MiB})
+    argv = ["--root", str(cli_node.path), "backup", "--storage", "rec", "100"]
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--prune-backups", "keep-last=two"])
+    assert info.value.code == 2
