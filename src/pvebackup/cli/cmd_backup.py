@@ -7,13 +7,15 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pvebackup.api.errors import GuestBackupError
+from pvebackup.api.errors import GuestBackupError, PveBackupError
+from pvebackup.cli.cmd_prune import prune_storage
 from pvebackup.cli.common import vmid_arg
 from pvebackup.cli.output import add_output_option, human_size, print_json, table
 from pvebackup.host.defaults import read_job_defaults
 from pvebackup.host.guests import NodeRoot
 from pvebackup.host.job import MODES, JobResult, run_backup_job
 from pvebackup.host.qemu.liverestore import start_command as vm_start_command
+from pvebackup.kit.prune import parse_keep_options
 
 __all__ = ["BackupOptions", "add_parser", "run"]
 
@@ -30,6 +32,7 @@ class BackupOptions:
     stop_wait: float | None = None  # None: ROOT/etc/vzdump.conf, else 10 minutes
     start_command: str | None = None  # None: $PVEBACKUP_START_COMMAND, else qm start
     fleecing_storage: str | None = None
+    prune_backups: str | None = None  # None: the storage's prune-backups property
 
 
 def _positive(text: str) -> int:
@@ -97,6 +100,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="put the fleecing images of running VMs on this dir storage (default:"
         " 'fleecing: storage=ID' in vzdump.conf, else the run's private directory)",
     )
+    p.add_argument(
+        "--prune-backups",
+        metavar="keep-last=N,...",
+        help="after the job, prune the backed-up guests' backups on STORAGE with this"
+        " retention (Proxmox VE syntax, as 'pvebackup prune'; default: the storage's"
+        " prune-backups property, else keep all)",
+    )
     add_output_option(p)
     p.set_defaults(command=_from_args, usage_parser=p)
 
@@ -114,7 +124,13 @@ def _from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         mode=args.mode,
         stop_wait=None if args.stop_wait is None else float(args.stop_wait),
         start_command=args.start_command,
+        prune_backups=args.prune_backups,
     )
+    if args.prune_backups is not None:
+        try:
+            parse_keep_options(args.prune_backups)
+        except ValueError as exc:
+            parser.error(f"backup: --prune-backups: {exc}")
     if args.fleecing is not None:
         key, _, value = args.fleecing.partition("=")
         if key != "storage" or not value:
@@ -182,8 +198,33 @@ def run(opts: BackupOptions) -> int:
         print_json(_json_report(result))
     else:
         print(_report(result), flush=True)
+    code = _prune_after(root, opts, result)
     if result.failed:
         for g in result.failed:
             print(f"error: backup of {g.vmid} failed: {g.error}", file=sys.stderr)
         return GuestBackupError.exit_code
-    return 0
+    return code
+
+
+def _prune_after(root: NodeRoot, opts: BackupOptions, result: JobResult) -> int:
+    """Prune the guests backed up successfully, as vzdump does (a failed guest's old
+    backups are all it has). On stderr, so that --output json stays the job's report.
+    """
+    done = [g.vmid for g in result.guests if g.ok]
+    if not done:
+        return 0
+    given = None if opts.prune_backups is None else parse_keep_options(opts.prune_backups)
+    try:
+        _, pruned = prune_storage(root, opts.storage, given, vmids=done)
+    except PveBackupError as exc:
+        print(f"error: prune after backup failed: {exc}", file=sys.stderr)
+        return exc.exit_code
+    code = 0
+    for r in pruned:
+        if r.removed:
+            print(f"INFO: prune: removed {r.volume.volid}", file=sys.stderr)
+        elif r.reason:
+            level = "error" if r.exit_code else "INFO"
+            print(f"{level}: prune: kept {r.volume.volid}: {r.reason}", file=sys.stderr)
+            code = code or r.exit_code
+    return code

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 from pvebackup.api.errors import UnsupportedError
 from pvebackup.api.provider import BackupProvider
 from pvebackup.api.types import GuestType, LogFunction
+from pvebackup.kit.prune import format_keep_options, parse_keep_options
 from pvebackup.storage.properties import (
     PropertyKind,
     PropertySpec,
@@ -41,6 +42,7 @@ __all__ = [
     "StoragePlugin",
     "VolumeInfo",
     "VolumeScan",
+    "PRUNE_PROPERTIES",
 ]
 
 
@@ -57,6 +59,20 @@ COMMON_PROPERTIES: Mapping[str, PropertySpec] = {
     "shared": PropertySpec(PropertyKind.BOOL, description="all nodes see the same content"),
 }
 """Properties every storage type understands (Proxmox VE's common options)."""
+
+
+def _prune_backups(text: str) -> str:
+    return format_keep_options(parse_keep_options(text)) or "keep-all=1"
+
+
+PRUNE_PROPERTIES: Mapping[str, PropertySpec] = {
+    "prune-backups": PropertySpec(
+        description="retention applied by 'pvebackup prune' and after each backup, in "
+        "Proxmox VE's syntax: keep-last=N,keep-hourly=N,...,keep-yearly=N or keep-all=1",
+        parser=_prune_backups,
+    ),
+}
+"""The retention property of storages that hold backups (see :mod:`pvebackup.kit.prune`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,12 +160,16 @@ class StoragePlugin:
     :cvar open_properties: accept properties not in ``properties`` as they are
         (valued, or flags when they have no value). Only for types pvebackup merely
         has to recognise in a real node's storage.cfg (see ``storage.pve``).
+    :cvar children_need_parent: a volume's ``parent`` is needed to restore it (an
+        image chain), so ``free_volume`` refuses a parent while a child exists.
+        ``prune`` then keeps such a base and says why, in dry runs too.
     """
 
     type: ClassVar[str]
     api_version: ClassVar[int] = APIVER
     properties: ClassVar[Mapping[str, PropertySpec]] = COMMON_PROPERTIES
     open_properties: ClassVar[bool] = False
+    children_need_parent: ClassVar[bool] = False
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} type={getattr(self, 'type', '?')!r}>"

@@ -47,6 +47,7 @@ class BackupDirPlugin(StoragePlugin):
 
     type: ClassVar[str] = "backup-dir"
     properties: ClassVar[Mapping[str, PropertySpec]] = PROPERTIES
+    children_need_parent: ClassVar[bool] = True  # incrementals are qcow2 overlays
 
     def new_backup_provider(
         self, scfg: Mapping[str, str], storeid: str, log_function: LogFunction

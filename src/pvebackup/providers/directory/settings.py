@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pvebackup.storage.basepath import BASE_PATH_PROPERTIES, CREATE_SUBDIRS, BasePath
-from pvebackup.storage.plugin import COMMON_PROPERTIES
+from pvebackup.storage.plugin import COMMON_PROPERTIES, PRUNE_PROPERTIES
 from pvebackup.storage.properties import PropertyKind, PropertySpec, parse_properties
 
 __all__ = ["CT_FORMATS", "PROPERTIES", "BackupDirSettings"]
@@ -23,6 +23,7 @@ CT_FORMATS = ("tar", "directory")
 
 PROPERTIES: Mapping[str, PropertySpec] = {
     **COMMON_PROPERTIES,
+    **PRUNE_PROPERTIES,
     "path": PropertySpec(
         PropertyKind.PATH, required=True, description="directory the backups are kept in"
     ),

@@ -32,7 +32,7 @@ from pvebackup.api.errors import NotFoundError
 from pvebackup.kit.passphrase import passphrase_source
 from pvebackup.kit.units import parse_size
 from pvebackup.storage.basepath import BASE_PATH_PROPERTIES, BasePath
-from pvebackup.storage.plugin import COMMON_PROPERTIES
+from pvebackup.storage.plugin import COMMON_PROPERTIES, PRUNE_PROPERTIES
 from pvebackup.storage.properties import PropertyKind, PropertySpec, parse_properties
 from pvebackup.store.backends import make_backend
 from pvebackup.store.datastore import Datastore
@@ -52,6 +52,7 @@ def _chunk_size(text: str) -> int:
 
 PROPERTIES: Mapping[str, PropertySpec] = {
     **COMMON_PROPERTIES,
+    **PRUNE_PROPERTIES,
     "path": PropertySpec(PropertyKind.PATH, required=True, description="datastore directory"),
     "encryption-key": PropertySpec(
         PropertyKind.PATH, description="key file (pvebackup key create)"
