@@ -11,10 +11,19 @@ from pathlib import Path
 
 from pvebackup import __version__
 from pvebackup.api.errors import AbortedError, PveBackupError, exit_codes
-from pvebackup.cli import cmd_backup, cmd_gc, cmd_key, cmd_list, cmd_remove, cmd_restore
+from pvebackup.cli import (
+    cmd_backup,
+    cmd_gc,
+    cmd_key,
+    cmd_list,
+    cmd_remove,
+    cmd_restore,
+    cmd_verify,
+)
 from pvebackup.kit.hoststate import STATE_DIR_ENV
 
 __all__ = ["EXIT_CODES", "build_parser", "exit_status_help", "main"]
+
 
 def exit_status_help() -> str:
     """The "exit status" table of ``--help``, generated from :mod:`pvebackup.api.errors`.
@@ -35,7 +44,7 @@ def exit_status_help() -> str:
 EXIT_CODES = exit_status_help()
 
 
-_COMMANDS = (cmd_backup, cmd_restore, cmd_list, cmd_remove, cmd_gc, cmd_key)
+_COMMANDS = (cmd_backup, cmd_restore, cmd_list, cmd_remove, cmd_gc, cmd_verify, cmd_key)
 
 
 def build_parser() -> argparse.ArgumentParser:
