@@ -95,7 +95,6 @@ def test_verify_dir_missing_image_and_symlink_fail(
     image2.symlink_to(secret)  # hostile: a symlink where the image belongs
     code = main(["--root", str(root), "verify", "bd", "--output", "json"])
     assert code == 5
-
     doc = json.loads(capsys.readouterr().out)
     states = {s["volid"]: s for s in doc["snapshots"]}
     assert doc["ok"] is False and doc["chunks"] is None
