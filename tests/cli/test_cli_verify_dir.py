@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,24 @@ DEVICE = "drive-scsi0"
 T0 = 1_700_000_000
 
 
-def _volume(store: Path, ctime: int, *, vmtype: GuestType = GuestType.QEMU) -> tuple[str, Path]:
+def _cross_link(image: Path) -> None:
+    """Hostile input: guest cluster 1 mapped onto cluster 0's host cluster (refcount 1,
+    referenced twice): the image still opens, ``qemu-img check`` counts a corruption."""
+    raw = bytearray(image.read_bytes())
+    (l1,) = struct.unpack(">Q", raw[40:48])
+    (l2,) = struct.unpack(">Q", raw[l1 : l1 + 8])
+    l2 &= 0x00FF_FFFF_FFFF_FE00
+    raw[l2 + 8 : l2 + 16] = raw[l2 : l2 + 8]
+    image.write_bytes(bytes(raw))
+
+
+def _volume(
+    store: Path,
+    ctime: int,
+    *,
+    vmtype: GuestType = GuestType.QEMU,
+    damage: Callable[[Path], None] | None = None,
+) -> tuple[str, Path]:
     """A committed volume as the provider writes it: image, and index.json pinning it."""
     name = VolumeName(vmtype, 100, ctime)
     directory = store / "backup" / name.dirname
@@ -36,6 +55,8 @@ def _volume(store: Path, ctime: int, *, vmtype: GuestType = GuestType.QEMU) -> t
             check=True,
             capture_output=True,
         )
+        if damage is not None:
+            damage(image)  # damaged before its checksum is recorded
         data = image.read_bytes()
         devices[DEVICE] = DeviceEntry(
             size=MIB,
@@ -108,3 +129,14 @@ def test_verify_dir_unknown_volume_exits_3(tmp_path: Path) -> None:
     _volume(tmp_path / "bd", T0)
     assert main(["--root", str(root), "verify", "bd:backup/vm-100-2020-01-01T00:00:00Z"]) == 3
     assert main(["--root", str(root), "verify", "bd:../x"]) == 3
+
+
+def test_verify_dir_names_an_image_qemu_img_check_finds_corrupt(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _node(tmp_path)
+    bad, _ = _volume(tmp_path / "bd", T0, damage=_cross_link)
+    assert main(["--root", str(root), "verify", f"bd:{bad}"]) == 5
+    out = capsys.readouterr().out
+    assert f"failed  {bad}" in out and "qemu-img check found 1 corruptions" in out
+    assert "differs from the checksum" not in out  # the checksum matched: qemu-img found it
