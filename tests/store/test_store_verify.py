@@ -8,6 +8,7 @@ from pathlib import Path
 from pvebackup.api.types import GuestType
 from pvebackup.store.backends.local import LocalBackend
 from pvebackup.store.datastore import Datastore
+from pvebackup.store.keys import EncryptionKey
 from pvebackup.store.snapshot import MANIFEST_NAME, SnapshotId
 from pvebackup.store.verify import verify_store
 
@@ -105,3 +106,38 @@ def test_verify_reports_a_damaged_manifest(tmp_path: Path) -> None:
     report = verify_store(Datastore.open(LocalBackend(path)))
     assert not report.ok
     assert [s.state for s in report.snapshots] == ["failed", "ok"]
+
+
+def test_verify_names_the_chunks_cut_off_a_truncated_pack(tmp_path: Path) -> None:
+    path, first, second = _store(tmp_path)
+    store = Datastore.open(LocalBackend(path))
+    loc = store.locate_chunk(second[-1])
+    assert loc is not None
+    pack = next(p for p in _packs(path) if p.name == loc.pack.hex())
+    # Hostile input: the pack cut inside the chunk's blob (a short write, a bad copy).
+    pack.write_bytes(pack.read_bytes()[: loc.offset + loc.length // 2])
+    report = verify_store(Datastore.open(LocalBackend(path)))
+    assert not report.ok and second[-1].hex() in report.bad_chunks
+    assert "cut short" in report.bad_chunks[second[-1].hex()]
+    assert report.snapshots[1].state == "failed"
+
+
+def test_verify_an_encrypted_store_names_a_flipped_byte(tmp_path: Path, key: EncryptionKey) -> None:
+    path = tmp_path / "st"
+    Datastore.create(LocalBackend(path), chunk_size=CS, key=key)
+    store = Datastore.open(LocalBackend(path), key=key)
+    with store.new_snapshot(SnapshotId(GuestType.QEMU, 100, T0), chunk_size=CS) as w:
+        with w.index_writer("drive-scsi0", 2 * CS) as iw:
+            digests = [store.insert_chunk(os.urandom(CS)).digest for _ in range(2)]
+            for i, d in enumerate(digests):
+                iw.set(i, d)
+    store.close()
+    assert verify_store(Datastore.open(LocalBackend(path), key=key)).ok
+    loc = Datastore.open(LocalBackend(path), key=key).locate_chunk(digests[1])
+    assert loc is not None
+    pack = next(p for p in _packs(path) if p.name == loc.pack.hex())
+    raw = bytearray(pack.read_bytes())
+    raw[loc.offset + loc.length // 2] ^= 0x01  # the ciphertext: its tag fails
+    pack.write_bytes(bytes(raw))
+    report = verify_store(Datastore.open(LocalBackend(path), key=key))
+    assert list(report.bad_chunks) == [digests[1].hex()]
