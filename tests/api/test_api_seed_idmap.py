@@ -8,7 +8,7 @@ import pytest
 
 from pvebackup.api import IdMapEntry, IdMapper
 from pvebackup.api.errors import UsageError
-from pvebackup.providers.directory.xattrs import ContainerIds
+from pvebackup.kit.fsxattrs import ContainerIds
 
 SEED = [["u", "0", "100000", "65536"], ["g", "0", "100000", "65536"]]
 

@@ -1,7 +1,6 @@
 """backup-store against the provider contract suite (pvebackup.testing).
 
-backup-store backs up VMs only today: the suite checks that it refuses containers
-the documented way (the guest fails, the job goes on) instead of skipping.
+backup-store backs up VMs and containers (restored through the ``tar`` mechanism).
 """
 
 from __future__ import annotations
@@ -21,7 +20,8 @@ class TestBackupStoreContract(ProviderContract):
     # incremental names its base as parent although each snapshot restores alone.
     capabilities = frozenset(
         {Capability.VM, Capability.INCREMENTAL, Capability.LIST, Capability.REMOVE,
-         Capability.GARBAGE_COLLECTED, Capability.FAKE_SOURCE, Capability.CHAINED}
+         Capability.GARBAGE_COLLECTED, Capability.FAKE_SOURCE, Capability.CHAINED,
+         Capability.CT, Capability.RESTORE_TAR}
     )  # fmt: skip
 
     def storage_properties(self, base: Path) -> dict[str, str]:

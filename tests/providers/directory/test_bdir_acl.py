@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from pvebackup.providers.directory.xattrs import acl_to_text, map_acl_ids
+from pvebackup.kit.fsxattrs import acl_to_text, map_acl_ids
 
 
 class Shift:

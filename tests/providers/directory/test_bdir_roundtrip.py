@@ -8,7 +8,7 @@ from pathlib import Path
 from pvebackup.api.types import IdMapEntry
 from pvebackup.host.lxc.compare import compare_trees
 from pvebackup.host.lxc.restore import extract_tar
-from pvebackup.providers.directory.archive import write_tar
+from pvebackup.kit.paxtar import write_tar
 
 ID_MAP = [IdMapEntry("u", 0, 100000, 65536), IdMapEntry("g", 0, 100000, 65536)]
 

@@ -17,11 +17,11 @@ from bdir_helpers import NbdExports, qemu_io, run
 from pvebackup.api.errors import UnsafeStorageError
 from pvebackup.api.types import BitmapMode, GuestType, IdMapEntry
 from pvebackup.kit import safefs
+from pvebackup.kit.fswalk import Entry, SourceWalker
 from pvebackup.kit.safefs import owned_fd
 from pvebackup.providers.directory import tree
 from pvebackup.providers.directory.provider import BackupDirProvider
 from pvebackup.providers.directory.volumes import BackupIndex, VolumeLayout, allocated_size
-from pvebackup.providers.directory.walk import Entry, SourceWalker
 
 Make = Callable[..., BackupDirProvider]
 ID_MAP = [IdMapEntry("u", 0, 100000, 65536), IdMapEntry("g", 0, 100000, 65536)]

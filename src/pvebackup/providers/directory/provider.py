@@ -39,7 +39,7 @@ from pvebackup.api.types import (
     LogFunction,
     RestoreMechanism,
 )
-from pvebackup.kit import safefs
+from pvebackup.kit import paxtar, safefs
 from pvebackup.kit.crashpoint import crash_point
 from pvebackup.kit.hoststate import HostState
 from pvebackup.kit.lock import lock_descriptor
@@ -47,7 +47,7 @@ from pvebackup.kit.nbdsource import SourceFactory, connect
 from pvebackup.kit.oserrors import os_error
 from pvebackup.kit.safefs import MAX_CONFIG_FILE_SIZE, owned_fd
 from pvebackup.kit.units import format_bytes
-from pvebackup.providers.directory import archive, images, stored, tree, vm
+from pvebackup.providers.directory import images, stored, tree, vm
 from pvebackup.providers.directory.settings import BackupDirSettings
 from pvebackup.providers.directory.volumes import (
     BackupIndex,
@@ -525,7 +525,7 @@ class BackupDirProvider(BackupProvider):
         workdir_fd = self._workdir_fd(vmid)
         if self.ct_format == "tar":
             name = TAR_NAME
-            stats = archive.write_tar(
+            stats = paxtar.write_tar(
                 directory,
                 sources,
                 id_map,

@@ -29,10 +29,10 @@ from collections.abc import Sequence
 from pvebackup.api.errors import UnsafeStorageError
 from pvebackup.api.types import LogFunction
 from pvebackup.kit import safefs
+from pvebackup.kit.fswalk import Entry, SourceWalker, WalkStats
+from pvebackup.kit.fsxattrs import ContainerIds, IdTranslator, read_xattrs
 from pvebackup.kit.pacing import MIB, PacedReader, ProgressLog, TokenBucket
 from pvebackup.kit.safefs import owned_fd
-from pvebackup.providers.directory.walk import Entry, SourceWalker, WalkStats
-from pvebackup.providers.directory.xattrs import ContainerIds, IdTranslator, read_xattrs
 
 __all__ = ["copy_tree"]
 

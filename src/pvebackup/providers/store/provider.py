@@ -9,14 +9,15 @@ committed manifest never has to be rewritten. It goes away with the snapshot.
 
 Incremental backups use one dirty bitmap per storage (``store-<store id>``); which
 snapshot the bitmap may be applied to is kept by :mod:`.bitmap_base`. Containers
-are not supported yet (part 2). Restores serve each disk through nbdkit
-(:mod:`.restore_server`).
+are stored as one tar stream in fixed-size chunks (:mod:`.ctarchive`) and restored
+with the ``tar`` mechanism through a FIFO. VM restores serve each disk through
+nbdkit (:mod:`.restore_server`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,7 @@ from pvebackup.kit.oserrors import os_error
 from pvebackup.kit.safefs import MAX_CONFIG_FILE_SIZE
 from pvebackup.kit.units import format_bytes
 from pvebackup.providers.store.bitmap_base import BitmapBase, commit_base, decide, reset_base
+from pvebackup.providers.store.ctarchive import TarFeeder, backup_archive
 from pvebackup.providers.store.disk import DiskBackup
 from pvebackup.providers.store.restore_server import RestoreServer
 from pvebackup.providers.store.settings import StoreSettings
@@ -58,7 +60,6 @@ __all__ = ["CONFIG_FILE", "FIREWALL_FILE", "TASK_LOG_FILE", "BackupStoreProvider
 CONFIG_FILE = "guest.conf"
 FIREWALL_FILE = "firewall.fw"
 TASK_LOG_FILE = "task.log"
-_NOT_YET = "containers are not supported by this storage yet"
 
 
 @dataclass
@@ -105,6 +106,7 @@ class BackupStoreProvider(BackupProvider):
         self._store: Datastore | None = None
         self._guests: dict[int, _Guest] = {}
         self._restores: dict[tuple[str, str], RestoreServer] = {}
+        self._tar_feeders: dict[str, TarFeeder] = {}
 
     def provider_name(self) -> str:
         return "backup-store"
@@ -167,8 +169,6 @@ class BackupStoreProvider(BackupProvider):
 
     def backup_start(self, vmid: int, vmtype: GuestType) -> None:
         vmtype = GuestType(vmtype)
-        if vmtype is GuestType.LXC:
-            raise UnsupportedError(_NOT_YET)
         store = self.store()
         sid = self._new_snapshot_id(vmtype, vmid)
         writer = store.new_snapshot(sid, chunk_size=self.settings.index_chunk_size(store))
@@ -178,7 +178,7 @@ class BackupStoreProvider(BackupProvider):
         self, vmid: int, vmtype: GuestType
     ) -> tuple[BackupMechanism, str | None]:
         if GuestType(vmtype) is GuestType.LXC:
-            raise UnsupportedError(_NOT_YET)
+            return BackupMechanism.DIRECTORY, None
         guest = self._guests.get(vmid)
         store = self.store()
         decision = decide(
@@ -266,6 +266,34 @@ class BackupStoreProvider(BackupProvider):
         guest.stored_bytes += stats.stored
         guest.reused_bytes += stats.reused
 
+    def backup_directory(
+        self,
+        vmid: int,
+        directory: str,
+        id_map: Sequence[Sequence[str]],
+        exclude_paths: Sequence[str],
+        sources: Sequence[str],
+        bandwidth_limit: int | None,
+    ) -> None:
+        guest = self._guest(vmid)
+        try:
+            stats = backup_archive(
+                self.store(), guest.writer, directory, sources, id_map, exclude_paths,
+                bandwidth_limit, self.log_function,
+            )  # fmt: skip
+        except OSError as exc:
+            raise os_error(exc, f"cannot archive {directory}") from exc
+        guest.new_bytes += stats.new
+        guest.stored_bytes += stats.stored
+        guest.reused_bytes += stats.reused
+        walk = stats.walk
+        self.log(
+            "info",
+            f"backup-store: {walk.entries} entries, {format_bytes(walk.data)} of file data, "
+            f"{walk.excluded} excluded, {walk.skipped} skipped, "
+            f"archive {format_bytes(stats.size)}",
+        )
+
     def backup_end(self, vmid: int) -> None:
         guest = self._guest(vmid)
         writer = guest.writer
@@ -287,15 +315,16 @@ class BackupStoreProvider(BackupProvider):
         crash_point("backup-after-manifest")
         guest.committed = True
         guest.task_size = guest.stored_bytes + sum(f.size for f in manifest.files.values())
-        # The proof for the next incremental: this snapshot, byte for byte (the host
-        # clears the bitmap only after we return).
-        commit_base(
-            self.store(),
-            self.hoststate,
-            "vm",
-            vmid,
-            BitmapBase(guest.snapshot, writer.manifest_sha256, writer.bitmap_id),
-        )
+        if guest.vmtype is GuestType.QEMU:
+            # The proof for the next incremental: this snapshot, byte for byte (the
+            # host clears the bitmap only after we return).
+            commit_base(
+                self.store(),
+                self.hoststate,
+                "vm",
+                vmid,
+                BitmapBase(guest.snapshot, writer.manifest_sha256, writer.bitmap_id),
+            )
         self.log(
             "info",
             f"snapshot {guest.snapshot} committed: new {format_bytes(guest.new_bytes)} "
@@ -345,8 +374,8 @@ class BackupStoreProvider(BackupProvider):
         self, volname: str, storeid: str
     ) -> tuple[RestoreMechanism, GuestType]:
         snap = self._snapshot(volname)
-        if snap.id.guest_type is not GuestType.QEMU:
-            raise UnsupportedError(_NOT_YET)
+        if snap.id.guest_type is GuestType.LXC:
+            return RestoreMechanism.TAR, GuestType.LXC
         return RestoreMechanism.QEMU_IMG, GuestType.QEMU
 
     def extract_guest_config(self, volname: str, storeid: str) -> str:
@@ -357,6 +386,20 @@ class BackupStoreProvider(BackupProvider):
         if FIREWALL_FILE not in snap.file_names():
             return None
         return _config_text(snap, FIREWALL_FILE)
+
+    def restore_tar_init(self, volname: str, storeid: str) -> str:
+        snap = self._snapshot(volname)
+        if snap.id.guest_type is not GuestType.LXC:
+            raise UnsupportedError(f"{volname} is not a container backup")
+        self.restore_tar_cleanup(volname, storeid)
+        feeder = TarFeeder(self.store(), snap)
+        self._tar_feeders[volname] = feeder
+        return str(feeder.path)
+
+    def restore_tar_cleanup(self, volname: str, storeid: str) -> None:
+        feeder = self._tar_feeders.pop(volname, None)
+        if feeder is not None:
+            feeder.close()
 
     def restore_qemu_get_device_info(self, volname: str, storeid: str) -> DeviceInfo:
         return {name: {"size": dev.size} for name, dev in self._snapshot(volname).devices.items()}

@@ -1,4 +1,7 @@
-"""A container's file system as a zstd-compressed PAX tar (``ct-format tar``).
+"""A container's file system as a PAX tar stream; shared by both providers.
+
+``backup-dir`` writes it zstd-compressed (``ct-format tar``, :func:`write_tar`);
+``backup-store`` cuts the plain stream into chunks (:func:`write_pax_stream`).
 
 What goes into each member, so that ``tar --xattrs --acls --numeric-owner -xpf``
 restores the container exactly:
@@ -13,8 +16,8 @@ restores the container exactly:
   are not UTF-8 make tarfile add ``hdrcharset=BINARY``), POSIX ACLs in addition
   as ``SCHILY.acl.access``/``SCHILY.acl.default`` text, both with container ids.
 
-The tar stream goes through zstandard (level 3, on all cores) straight into the
-file; nothing is buffered beyond one read.
+:func:`write_tar` sends the stream through zstandard (level 3, on all cores)
+straight into the file; nothing is buffered beyond one read.
 """
 
 from __future__ import annotations
@@ -24,21 +27,22 @@ import stat
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO, cast
 
 import zstandard
 
 from pvebackup.api.types import LogFunction
-from pvebackup.kit.pacing import PacedReader, ProgressLog, TokenBucket
-from pvebackup.providers.directory.walk import Entry, SourceWalker, WalkStats
-from pvebackup.providers.directory.xattrs import (
+from pvebackup.kit.fswalk import Entry, SourceWalker, WalkStats
+from pvebackup.kit.fsxattrs import (
     ACL_XATTRS,
     ContainerIds,
     IdTranslator,
     acl_to_text,
     read_xattrs,
 )
+from pvebackup.kit.pacing import PacedReader, ProgressLog, TokenBucket
 
-__all__ = ["ZSTD_LEVEL", "tar_info", "write_tar"]
+__all__ = ["ZSTD_LEVEL", "tar_info", "write_pax_stream", "write_tar"]
 
 ZSTD_LEVEL = 3
 _TYPES = {
@@ -103,6 +107,44 @@ def _first_name(inodes: dict[tuple[int, int], str], entry: Entry) -> str | None:
     return None if first == entry.archive_name else first
 
 
+def write_pax_stream(
+    out: BinaryIO,
+    directory: str,
+    sources: Sequence[str],
+    id_map: Sequence[Sequence[str]],
+    exclude_paths: Sequence[str],
+    bandwidth_limit: int | None,
+    log_function: LogFunction,
+) -> WalkStats:
+    """Write ``sources`` below ``directory`` to ``out`` as one plain PAX tar stream.
+
+    :returns: what was stored: entries, bytes of file data, excluded entries.
+    :raises OSError: reading the source or writing to ``out`` failed.
+    """
+    walker = SourceWalker(directory, sources, exclude_paths)
+    ids = ContainerIds(id_map)
+    limiter = TokenBucket(bandwidth_limit)
+    progress = ProgressLog(log_function, "container archive", None)
+    stats = WalkStats()
+    inodes: dict[tuple[int, int], str] = {}
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for entry in walker:
+            info = tar_info(entry, ids, _first_name(inodes, entry))
+            if info is None:
+                stats.skipped += 1
+                continue
+            stats.entries += 1
+            if info.type == tarfile.REGTYPE and info.size:
+                with open(entry.path, "rb") as data:
+                    tar.addfile(info, PacedReader(data, limiter, progress))
+                stats.data += info.size
+            else:
+                tar.addfile(info)
+    stats.excluded = walker.excluded
+    progress.finish()
+    return stats
+
+
 def write_tar(
     directory: str,
     sources: Sequence[str],
@@ -117,32 +159,13 @@ def write_tar(
     :returns: what was stored: entries, bytes of file data, excluded entries.
     :raises OSError: reading the source or writing the archive failed.
     """
-    walker = SourceWalker(directory, sources, exclude_paths)
-    ids = ContainerIds(id_map)
-    limiter = TokenBucket(bandwidth_limit)
-    progress = ProgressLog(log_function, "container archive", None)
-    stats = WalkStats()
-    inodes: dict[tuple[int, int], str] = {}
     compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=-1)
     with open(target, "xb") as raw:
-        with (
-            compressor.stream_writer(raw, closefd=False) as compressed,
-            tarfile.open(fileobj=compressed, mode="w|", format=tarfile.PAX_FORMAT) as tar,
-        ):
-            for entry in walker:
-                info = tar_info(entry, ids, _first_name(inodes, entry))
-                if info is None:
-                    stats.skipped += 1
-                    continue
-                stats.entries += 1
-                if info.type == tarfile.REGTYPE and info.size:
-                    with open(entry.path, "rb") as data:
-                        tar.addfile(info, PacedReader(data, limiter, progress))
-                    stats.data += info.size
-                else:
-                    tar.addfile(info)
+        with compressor.stream_writer(raw, closefd=False) as compressed:
+            stats = write_pax_stream(
+                cast(BinaryIO, compressed), directory, sources, id_map, exclude_paths,
+                bandwidth_limit, log_function,
+            )  # fmt: skip
         raw.flush()
         os.fsync(raw.fileno())
-    stats.excluded = walker.excluded
-    progress.finish()
     return stats

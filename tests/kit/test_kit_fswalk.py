@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pvebackup.api.errors import UsageError
-from pvebackup.providers.directory.walk import SourceWalker, normalize_source
+from pvebackup.kit.fswalk import SourceWalker, normalize_source
 
 
 @pytest.fixture
