@@ -19,6 +19,7 @@ from pvebackup.cli import (
     cmd_prune,
     cmd_remove,
     cmd_restore,
+    cmd_verify,
 )
 from pvebackup.kit.hoststate import STATE_DIR_ENV
 
@@ -44,7 +45,9 @@ def exit_status_help() -> str:
 EXIT_CODES = exit_status_help()
 
 
-_COMMANDS = (cmd_backup, cmd_restore, cmd_list, cmd_remove, cmd_prune, cmd_gc, cmd_key)
+_COMMANDS = (
+    cmd_backup, cmd_restore, cmd_list, cmd_remove, cmd_prune, cmd_gc, cmd_verify, cmd_key
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
