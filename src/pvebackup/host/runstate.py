@@ -301,6 +301,19 @@ class GuestRun:
             # Never remove files through a mount: they would be the guest's own.
             self._warn(f"not removing {path}: something is still mounted below it")
             return False
+        return self._remove(path, f"{path} left by the earlier run")
+
+    def _remove_config(self, path: Path) -> bool:
+        # Only this guest's own config path: whatever else a state file names is
+        # left alone.
+        if path not in {self.root.config_path(self.vmid, t) for t in GuestType}:
+            self._warn(f"not removing {path}: not a config of guest {self.vmid}")
+            return True
+        return self._remove(path, f"config {path} of an unfinished live restore")
+
+    def _remove(self, path: Path, what: str) -> bool:
+        """Remove ``path`` (a real directory with its content, else the entry itself;
+        a symlink is never followed) and warn ``removed <what>``. False if it stays."""
         try:
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
@@ -311,23 +324,7 @@ class GuestRun:
         except OSError as exc:
             self._warn(f"cannot remove {path}: {exc.strerror}")
             return False
-        self._warn(f"removed {path} left by the earlier run")
-        return True
-
-    def _remove_config(self, path: Path) -> bool:
-        # Only this guest's own config path: whatever else a state file names is
-        # left alone.
-        if path not in {self.root.config_path(self.vmid, t) for t in GuestType}:
-            self._warn(f"not removing {path}: not a config of guest {self.vmid}")
-            return True
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            return True
-        except OSError as exc:
-            self._warn(f"cannot remove {path}: {exc.strerror}")
-            return False
-        self._warn(f"removed config {path} of an unfinished live restore")
+        self._warn(f"removed {what}")
         return True
 
     def _free_orphan(self, volid: str) -> bool:
