@@ -41,7 +41,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +73,12 @@ from pvebackup.host.guests import (
 )
 from pvebackup.host.hostaccess import restrict_config
 from pvebackup.host.lxc.restore import copy_directory, extract_tar
+from pvebackup.host.netident import (
+    identity_replacements,
+    mac_addresses,
+    mac_prefix,
+    shared_macs,
+)
 from pvebackup.host.qemu import liverestore
 from pvebackup.host.runstate import GuestRun
 from pvebackup.host.signals import abort_on_signals
@@ -122,6 +128,8 @@ def run_restore(
     start_command: Sequence[str] | None = None,
     bwlimit_kib: int | None = None,
     terminal: TextIO | None = sys.stderr,
+    unique: bool = False,
+    storage_map: Mapping[str, str] | None = None,
 ) -> RestoreResult:
     """Restore backup ``volid`` (``STOREID:VOLNAME``) as guest ``vmid``.
 
@@ -133,11 +141,18 @@ def run_restore(
         source is a NBD URI, and a new ``vmid`` (not with ``force``).
     :param start_command: argv that starts a VM when the VMID is appended
         (default :func:`liverestore.start_command`: ``qm start``).
-    :param bwlimit_kib: KiB/s per disk for a live restore's background copy.
+    :param bwlimit_kib: KiB/s per disk: ``qemu-img convert -r`` (VMs), the
+        background copy of a live restore; not applied to containers (logged).
+    :param unique: new MAC addresses (and a new SMBIOS uuid for VMs), as
+        ``qmrestore --unique``; without it a warning names other guests of the node
+        that use the restored MACs. ``vmgenid`` is always new (qmrestore's rule).
+    :param storage_map: disk or mount point key -> dir storage for its new volume
+        (``--map scsi0=STORE``); others go to ``target_storage`` or their own.
     :param keep_host_access: keep the backed-up config's keys that grant host
         access (each logged); without it they are dropped with a warning.
         ``lxc.idmap`` is never restored from a backup.
-    :raises GuestExistsError: guest ``vmid`` exists and ``force`` is not set.
+    :raises GuestExistsError: guest ``vmid`` exists and ``force`` is not set, or
+        it is a guest of the other type (never replaced, also with ``force``).
     :raises LockedError: another backup or restore of ``vmid`` runs (exit 7).
     :raises GuestRunningError: ``vmid`` is a running VM (exit 7), also with ``force``.
     :raises UnsupportedError: the storage has no provider, or the mechanism does
@@ -176,6 +191,10 @@ def run_restore(
                 root, cfg, provider, storeid, volname, vmid, target_storage, log, guest_run
             )
             run.keep_host_access = keep_host_access
+            run.unique = unique
+            run.existing_type = old_type
+            run.storage_map = dict(storage_map or {})
+            run.rate = (bwlimit_kib or 0) * 1024
             if live:
                 run.live = True
                 run.start_command = list(start_command or liverestore.start_command())
@@ -185,7 +204,6 @@ def run_restore(
             result = run.restore()
             if old_config is not None:
                 run.remove_old_guest(old_config, result)
-    log.info(f"restored {volid} as {result.vmtype} guest {vmid}")
     return result
 
 
@@ -219,6 +237,10 @@ class _Restore:
         self.live_speed = 0
         self.live_disks: list[liverestore.LiveDisk] = []
         self.live_sources: list[str] = []  # devicenames whose restore source is open
+        self.unique = False
+        self.existing_type: GuestType | None = None
+        self.storage_map: dict[str, str] = {}
+        self.rate = 0  # bytes/s per disk, 0: unlimited
         if target_storage is not None:
             self._dir_storage(target_storage)  # fail early on a bad --storage
 
@@ -234,7 +256,9 @@ class _Restore:
             )
         return scfg, plugin
 
-    def _target_for(self, original: str | None, content: str) -> str:
+    def _target_for(self, original: str | None, content: str, key: str | None = None) -> str:
+        if key is not None and key in self.storage_map:
+            return self.storage_map[key]
         if self.target_storage is not None:
             return self.target_storage
         if original is not None:
@@ -270,8 +294,19 @@ class _Restore:
                 raise UnsupportedError(
                     f"restore mechanism '{mechanism}' does not fit guest type '{vmtype}'"
                 )
+            if self.existing_type is not None and self.existing_type != vmtype:
+                # As Proxmox VE: --force replaces a guest, never turns a VM into a
+                # container (its disks, HA and firewall settings mean another thing).
+                kinds = {GuestType.QEMU: "VM", GuestType.LXC: "CT"}
+                raise GuestExistsError(
+                    f"unable to restore {kinds[vmtype]} {self.vmid} -"
+                    f" {kinds[self.existing_type]} {self.vmid} already exists"
+                    " (--force does not replace a guest of the other type)"
+                )
             if self.live and vmtype != GuestType.QEMU:
                 raise UnsupportedError("live restore is for VMs; this backup is a container")
+            for name in self.storage_map:
+                self._dir_storage(self.storage_map[name])  # fail before any data moves
             text = self.provider.extract_guest_config(self.volname, self.storeid)
             where = f"{self.storeid}:{self.volname} (guest config)"
             config = restrict_config(
@@ -280,7 +315,15 @@ class _Restore:
                 target_id_map=self.target_id_map,
                 log=self.log,
             )
+            self._check_map(config)
             firewall = self.provider.extract_firewall_config(self.volname, self.storeid)
+            identity = identity_replacements(
+                config,
+                unique=self.unique,
+                prefix=mac_prefix(self.root, self.log.warn) if self.unique else "",
+            )
+            if not self.unique:
+                self._warn_shared_macs(config)
             if isinstance(config, VmConfig):
                 replace = self._restore_vm(config)
             elif isinstance(config, CtConfig):
@@ -290,6 +333,7 @@ class _Restore:
             for entry in config.entries:
                 if entry.key in _DROP_KEYS or entry.key.startswith("unused"):
                     replace[entry.key] = None
+            replace.update(identity)
             path = self.root.config_path(self.vmid, vmtype)
             crash_point("restore-before-config")
             if self.live:
@@ -316,8 +360,30 @@ class _Restore:
         self._write_firewall(firewall)
         return RestoreResult(self.vmid, vmtype, path, list(self.created))
 
-    def _alloc_image(self, original: str | None, size: int) -> tuple[str, Path]:
-        target = self._target_for(original, "images")
+    def _check_map(self, config: GuestConfig) -> None:
+        keys = (
+            [d.key for d in config.disks] if isinstance(config, VmConfig)
+            else [m.key for m in config.mountpoints] if isinstance(config, CtConfig) else []
+        )
+        unknown = sorted(set(self.storage_map) - set(keys))
+        if unknown:
+            raise UsageError(
+                f"--map {', '.join(unknown)}: not a disk of this backup"
+                f" (it has {', '.join(keys) or 'none'})"
+            )
+
+    def _warn_shared_macs(self, config: GuestConfig) -> None:
+        for other, macs in sorted(shared_macs(self.root, self.vmid, mac_addresses(config)).items()):
+            self.log.warn(
+                f"guest {other} uses the same MAC address{'es' if len(macs) > 1 else ''}"
+                f" ({', '.join(sorted(macs))}): running both on one network breaks it;"
+                " restore with --unique for new ones"
+            )
+
+    def _alloc_image(
+        self, original: str | None, size: int, key: str | None = None
+    ) -> tuple[str, Path]:
+        target = self._target_for(original, "images", key)
         scfg, plugin = self._dir_storage(target)
         name = plugin.free_name(scfg, self.vmid, "qcow2")
         # Recorded before it exists: if we are killed now, the next run frees it.
@@ -328,8 +394,8 @@ class _Restore:
         crash_point("restore-after-alloc")
         return volid, plugin.image_path(scfg, volname)
 
-    def _alloc_subvol(self, original: str | None) -> tuple[str, Path]:
-        target = self._target_for(original, "rootdir")
+    def _alloc_subvol(self, original: str | None, key: str | None = None) -> tuple[str, Path]:
+        target = self._target_for(original, "rootdir", key)
         scfg, plugin = self._dir_storage(target)
         name = plugin.free_name(scfg, self.vmid, "subvol")
         self.guest_run.add_volume(f"{target}:{self.vmid}/{name}")
@@ -357,7 +423,7 @@ class _Restore:
                 replace[disk.key] = None
                 continue
             size = _device_size(info[disk.devicename], disk.devicename)
-            volid, path = self._alloc_image(disk.spec.storeid, size)
+            volid, path = self._alloc_image(disk.spec.storeid, size, disk.key)
             self.log.info(f"{disk.devicename}: restoring {format_size(size)} into {volid}")
             init = functools.partial(
                 self.provider.restore_qemu_img_init, self.volname, self.storeid, disk.devicename
@@ -376,7 +442,9 @@ class _Restore:
                 replace[disk.key] = disk.spec.render(volume=volid, size=format_size(size))
                 continue
             with self._paired("restore_qemu_img", init, cleanup) as source:
-                _qemu_img_convert(str(source), path, self._progress(disk.devicename))
+                _qemu_img_convert(
+                    str(source), path, self._progress(disk.devicename), rate=self.rate
+                )
             replace[disk.key] = disk.spec.render(volume=volid, size=format_size(size))
         return replace
 
@@ -419,12 +487,16 @@ class _Restore:
                     )
                     replace[mp.key] = None
                 continue
-            volid, path = self._alloc_subvol(mp.spec.storeid)
+            volid, path = self._alloc_subvol(mp.spec.storeid, mp.key)
             targets[mp.ct_path] = path
             replace[mp.key] = mp.spec.render(volume=volid)
             self.log.info(f"{mp.key} ({mp.ct_path}): restoring into {volid}")
         id_map = config.id_map()
         vol, sid = self.volname, self.storeid
+        if self.rate:
+            self.log.warn(
+                "the bandwidth limit applies to VM disks; a container restore is not paced"
+            )
         if mechanism == RestoreMechanism.TAR:
             with self._paired(
                 "restore_tar",
@@ -602,6 +674,7 @@ def _qemu_img_convert(
     progress: Callable[[float], None] | None = None,
     *,
     interval: float = 5.0,
+    rate: int = 0,
 ) -> None:
     """``qemu-img convert`` ``source`` into the existing qcow2 ``target``.
 
@@ -626,4 +699,5 @@ def _qemu_img_convert(
         target_exists=True,
         target_is_zero=True,
         progress=on_progress,
+        rate_limit=rate or None,
     )
