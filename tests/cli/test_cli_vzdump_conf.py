@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from sample_node import MiB, Node
 
 from pvebackup.cli.main import main
 from pvebackup.host import mail
+from pvebackup.kit.units import format_bytes
 
 pytestmark = pytest.mark.e2e
 
@@ -165,3 +167,20 @@ def test_failing_sendmail_never_fails_the_job(
     cli_node.add_vm(100, {"scsi0": MiB})
     assert run(cli_node, "backup", "--all", "--storage", "rec", "--mailto", "root") == 0
     assert "sendmail exited 75" in capsys.readouterr().err
+
+
+def test_job_summary_line_agrees_with_the_table(
+    cli_node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cli_node.add_vm(100, {"scsi0": MiB})
+    cli_node.add_ct(101)
+    assert run(cli_node, "backup", "--all", "--storage", "rec") == 0
+    out, err = capsys.readouterr()
+    sizes = [line.split()[4:6] for line in out.splitlines()[1:]]
+    assert run(cli_node, "backup", "--all", "--storage", "rec", "--output", "json") == 0
+    out, err = capsys.readouterr()
+    total = sum(g["size"] for g in json.loads(out)["guests"])
+    m = re.search(r"backup job finished successfully \(2 guests, ([^,]+), \d\d:\d\d:\d\d\)", err)
+    assert m and m.group(1) == format_bytes(total)
+    assert len(sizes) == 2 and all(len(s) == 2 for s in sizes)
+    assert "\x1b[" not in err  # not a terminal: no bar, plain lines
