@@ -337,13 +337,17 @@ def throttled(
     report: Callable[[float], None], interval: float, clock: Callable[[], float] = time.monotonic
 ) -> Callable[[float], None]:
     """A ``progress`` callback passing on at most one value per ``interval`` seconds
-    (and always 100)."""
+    (and 100 once: qemu-img prints it more than once, then the caller's end)."""
     next_at = clock() + interval
+    finished = False
 
     def call(percent: float) -> None:
-        nonlocal next_at
+        nonlocal next_at, finished
+        if finished:
+            return
         if percent >= 100.0 or clock() >= next_at:
             next_at = clock() + interval
+            finished = percent >= 100.0
             report(percent)
 
     return call
