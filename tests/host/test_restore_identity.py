@@ -173,3 +173,13 @@ def test_restore_bwlimit_paces_qemu_img(node: Node) -> None:
     slow = time.monotonic() - started
     # 4 MiB of data at 1 MiB/s (qemu-img's first slice is free): about 2 s
     assert slow > 1.2 and slow > fast + 0.8, (fast, slow)
+
+
+def test_restore_progress_uses_the_backup_formula_and_ends_once(node: Node) -> None:
+    node.add_vm(100, {"scsi0": 4 * MiB})
+    assert not run_backup_job(node.root, "rec", [100], terminal=None).failed
+    log = _Log()
+    run_restore(node.root, "rec:qemu-100-000", 200, terminal=log)  # type: ignore[arg-type]
+    finals = re.findall(r"INFO: drive-scsi0: 100% \(4\.0 of 4\.0 MiB\) in [\d.]+ s, ", log.text)
+    assert len(finals) == 1, log.text
+    assert log.text.count("restored rec:qemu-100-000") == 0  # the CLI's report says it

@@ -41,6 +41,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -79,12 +80,14 @@ from pvebackup.host.netident import (
     mac_prefix,
     shared_macs,
 )
+from pvebackup.host.progress import ProgressDisplay, wants_bar
 from pvebackup.host.qemu import liverestore
 from pvebackup.host.runstate import GuestRun
 from pvebackup.host.signals import abort_on_signals
 from pvebackup.host.tasklog import LogRouter
 from pvebackup.kit import qemuimg
 from pvebackup.kit.crashpoint import crash_point
+from pvebackup.kit.pacing import PROGRESS_INTERVAL, progress_text
 from pvebackup.storage import (
     DirPlugin,
     StorageConfig,
@@ -165,6 +168,39 @@ def run_restore(
     if live and force:
         raise UsageError("a live restore needs a new VMID; it cannot be combined with --force")
     log = LogRouter(terminal)
+    if wants_bar(terminal):
+        assert terminal is not None
+        log.display = ProgressDisplay(terminal)
+    try:
+        if log.display is not None:
+            log.display.start()
+        return _run_restore(
+            root, volid, vmid, log,
+            target_storage=target_storage, force=force, keep_host_access=keep_host_access,
+            live=live, start_command=start_command, bwlimit_kib=bwlimit_kib,
+            unique=unique, storage_map=storage_map,
+        )
+    finally:
+        display, log.display = log.display, None
+        if display is not None:
+            display.stop()
+
+
+def _run_restore(
+    root: NodeRoot,
+    volid: str,
+    vmid: int,
+    log: LogRouter,
+    *,
+    target_storage: str | None,
+    force: bool,
+    keep_host_access: bool,
+    live: bool,
+    start_command: Sequence[str] | None,
+    bwlimit_kib: int | None,
+    unique: bool,
+    storage_map: Mapping[str, str] | None,
+) -> RestoreResult:
     cfg = read_storage_config(root.storage_cfg)
     storeid, volname = parse_volume_id(volid)
     scfg = storage_config(cfg, storeid)
@@ -443,7 +479,8 @@ class _Restore:
                 continue
             with self._paired("restore_qemu_img", init, cleanup) as source:
                 _qemu_img_convert(
-                    str(source), path, self._progress(disk.devicename), rate=self.rate
+                    str(source), path, self._progress(disk.devicename, size), rate=self.rate,
+                    interval=0.0,
                 )
             replace[disk.key] = disk.spec.render(volume=volid, size=format_size(size))
         return replace
@@ -469,9 +506,25 @@ class _Restore:
             except Exception as exc:
                 self.log.err(f"{devicename}: restore cleanup failed: {_describe(exc)}")
 
-    def _progress(self, devicename: str) -> Callable[[float], None]:
+    def _progress(self, devicename: str, size: int) -> Callable[[float], None]:
+        """qemu-img's percentages as the backup's progress: a bar on a terminal, a
+        line every few seconds and one at the end, both from one formula."""
+        start = time.monotonic()
+        next_line = start + PROGRESS_INTERVAL
+        finished = False
+
         def report(percent: float) -> None:
-            self.log.info(f"{devicename}: {percent:.0f}% restored")
+            nonlocal next_line, finished
+            if finished:
+                return
+            now = time.monotonic()
+            done, final = int(size * min(percent, 100.0) / 100), percent >= 100.0
+            line = None
+            if final or now >= next_line:
+                next_line = now + PROGRESS_INTERVAL
+                line = progress_text(devicename, done, size, now - start, final=final)
+            finished = final
+            self.log.progress(devicename, done, size, now - start, line, final)
 
         return report
 
