@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import pytest
 from recording_provider import read_calls
 from sample_node import MiB, Node
 
+from pvebackup.cli import cmd_backup
 from pvebackup.cli.main import main
 from pvebackup.host import mail
 from pvebackup.kit.units import format_bytes
@@ -184,3 +186,29 @@ def test_job_summary_line_agrees_with_the_table(
     assert m and m.group(1) == format_bytes(total)
     assert len(sizes) == 2 and all(len(s) == 2 for s in sizes)
     assert "\x1b[" not in err  # not a terminal: no bar, plain lines
+
+
+def test_a_job_that_fails_as_a_whole_is_mailed_too(
+    cli_node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record = _fake_sendmail(tmp_path, monkeypatch)
+    cli_node.add_vm(100, {"scsi0": MiB})
+    cli_node.set_provider_options(**{"fail-job-start": "1"})
+    _vzdump_conf(cli_node, "storage: rec\nmailto: root\nmailnotification: failure\n")
+    assert run(cli_node, "backup", "--all") != 0
+    msg = (record / "0.msg").read_text()
+    assert "): backup failed: " in msg
+
+
+def test_notes_template_is_never_dropped_silently(
+    cli_node: Node, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cli_node.add_vm(100, {"scsi0": MiB})
+    _vzdump_conf(cli_node, "storage: rec\nnotes-template: {{guestname}}\n")
+    assert run(cli_node, "backup", "--all") == 0
+    err = capsys.readouterr().err
+    fields = {f.name for f in dataclasses.fields(cmd_backup.BackupOptions)}
+    if "notes_template" in fields:
+        assert "notes-template is not applied" not in err
+    else:
+        assert "WARN: vzdump.conf: notes-template is not applied" in err
