@@ -81,7 +81,8 @@ def test_every_vzdump_key_as_proxmox_writes_it(tmp_path: Path) -> None:
     assert d.mail_policy == "failure" and d.notification_mode == "legacy-sendmail"
     assert (d.max_workers, d.pbs_entries_max) == (8, 2_000_000)
     assert d.fleecing_storage == "local"  # "1" is the default key: enabled
-    assert [w for w in d.warnings if "performance" not in w] == []  # PVE keys: no noise
+    assert d.warnings == ()  # valid PVE settings: no warnings
+    assert len(d.notes) == 1 and "performance (max-workers=8" in d.notes[0]
 
 
 def test_fleecing_storage_without_enabled_stays_off_as_in_pve(tmp_path: Path) -> None:

@@ -276,6 +276,8 @@ def run(opts: BackupOptions) -> int:
     defaults = read_job_defaults(root)
     for warning in defaults.warnings:
         print(f"WARN: {warning}", file=sys.stderr)
+    for note in defaults.notes:
+        print(f"INFO: {note}", file=sys.stderr)
     opts = apply_defaults(opts, defaults)
     _notes_template_hook(opts, defaults)
     assert opts.storage is not None

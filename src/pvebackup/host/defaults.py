@@ -78,6 +78,7 @@ class JobDefaults:
     max_workers: int | None = None
     pbs_entries_max: int | None = None
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    notes: tuple[str, ...] = field(default=(), compare=False)  # info, not warnings
 
 
 def defaults_path(root: NodeRoot) -> Path:
@@ -87,7 +88,8 @@ def defaults_path(root: NodeRoot) -> Path:
 def read_job_defaults(root: NodeRoot) -> JobDefaults:
     """The defaults in ``ROOT/etc/vzdump.conf`` (all unset when there is none).
 
-    :attr:`JobDefaults.warnings` lists unknown keys and keys without effect; the
+    :attr:`JobDefaults.warnings` lists unknown keys and ignored keys that change
+    what a job does, :attr:`JobDefaults.notes` valid settings without effect; the
     caller logs them.
 
     :raises ConfigError: a malformed line or value, naming the file and line.
@@ -109,6 +111,7 @@ class _Parser:
         self.values: dict[str, object] = {}
         self.excludes: list[str] = []
         self.warnings: list[str] = []
+        self.notes: list[str] = []
         self.line = 0
 
     def error(self, message: str) -> ConfigError:
@@ -144,6 +147,7 @@ class _Parser:
             max_workers=_opt_int(v.get("max-workers")),
             pbs_entries_max=_opt_int(v.get("pbs-entries-max")),
             warnings=tuple(self.warnings),
+            notes=tuple(self.notes),
         )
 
     def key(self, key: str, value: str) -> None:
@@ -264,7 +268,7 @@ class _Parser:
             self.values[name] = self.integer(f"performance: {name}", val, *limits[name])
         # Neither maps: the provider reads its NBD export at its own pace, and
         # pbs-entries-max is for containers sent to a Proxmox Backup Server.
-        self.warnings.append(
+        self.notes.append(
             f"{self.path}:{self.line}: performance ({value[:60]}) accepted; it has no"
             " effect on backup provider jobs"
         )
