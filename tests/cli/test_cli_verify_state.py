@@ -99,3 +99,22 @@ def test_outdated_after_is_validated(tmp_path: Path) -> None:
         with pytest.raises(SystemExit) as info:
             main(["--root", str(root), "verify", "st", "--outdated-after", bad])
         assert info.value.code == 2
+
+
+def test_outdated_after_survives_a_snapshot_removed_meanwhile(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pvebackup.cli import cmd_verify
+
+    root, path, _d = _store_node(tmp_path)
+    read = cmd_verify.store_annotations.read_verify_state
+
+    def pruned_meanwhile(store: Datastore, sid: SnapshotId) -> VerifyState | None:
+        if sid.volname == VOL0:  # a prune beside us removes VOL0 after the listing
+            Datastore.open(LocalBackend(path)).remove_snapshot(sid)
+        return read(store, sid)
+
+    monkeypatch.setattr(cmd_verify.store_annotations, "read_verify_state", pruned_meanwhile)
+    assert main(["--root", str(root), "verify", "st", "--outdated-after", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"ok     {VOL1}" in out and VOL0 not in out

@@ -14,6 +14,7 @@ from pvebackup.api.errors import (
     PveBackupError,
     UnsupportedError,
     UsageError,
+    VolumeNotFoundError,
 )
 from pvebackup.cli.output import add_output_option, print_json, utc_time
 from pvebackup.host.guests import NodeRoot
@@ -187,7 +188,15 @@ def _verify_store(
     todo, skipped = _split_recent(
         opts, sids, lambda name: store_annotations.read_verify_state(store, sids[name])
     )
-    return verify_store(store, [sids[name] for name in todo]), skipped
+    todo_sids = [sids[name] for name in todo]
+    try:
+        return verify_store(store, todo_sids), skipped
+    except VolumeNotFoundError:
+        if chosen is not None:
+            raise  # the one asked for does not exist
+        # Removed since the listing (a prune beside us): verify the others. It fails
+        # while opening manifests, before any chunk is read, so little is redone.
+        return verify_store(store, [s for s in todo_sids if store.has_snapshot(s)]), skipped
 
 
 def _run_dir(opts: VerifyOptions, settings: BackupDirSettings, storeid: str, volname: str) -> int:
@@ -203,7 +212,13 @@ def _run_dir(opts: VerifyOptions, settings: BackupDirSettings, storeid: str, vol
             layout.volnames() if chosen is None else chosen,
             lambda name: dir_annotations.read_verify_state(layout, name),
         )
-    results, started, finished = verify_volumes(layout, chosen)
+    try:
+        results, started, finished = verify_volumes(layout, chosen)
+    except VolumeNotFoundError:
+        if volname or chosen is None:
+            raise  # the one asked for does not exist
+        existing = set(layout.volnames())  # one removed since the listing: not an error
+        results, started, finished = verify_volumes(layout, [n for n in chosen if n in existing])
     _record(
         storeid,
         ((r.volname, r.state) for r in results),
