@@ -64,7 +64,11 @@ def test_list_without_the_key(
         line = f"\tencryption-key {keyfile}\n\tencryption-passphrase-file {tmp_path / 'pass'}"
         node.root.storage_cfg.write_text(CFG.format(root=node.path, keyline=line))
     assert run(node, "backup", "--storage", "bs", "100") == 0
+    capsys.readouterr()
     assert run(node, "list", "bs", "--output", "json") == 0
+    (made,) = json.loads(capsys.readouterr().out)
+    assert run(node, "notes", made["volid"], "--set", "before the upgrade") == 0
+    assert run(node, "protect", made["volid"]) == 0
     capsys.readouterr()
     if how == "key-file-gone":
         shutil.move(keyfile, tmp_path / "elsewhere.key")
@@ -79,6 +83,8 @@ def test_list_without_the_key(
     assert record["volid"].startswith("bs:backup/vm-100-")
     assert record["vmid"] == 100 and record["ctime"] > 0 and record["size"] > 0
     assert "listed without the key" in record["comment"]
+    # notes and protection, as PBS shows them without the key (unencrypted sidecars)
+    assert record["notes"] == "before the upgrade" and record["protected"] is True
     assert fingerprint not in json.dumps(record)  # nothing key-derived beyond need
 
     # the contents stay unreadable: a restore fails with the key's exit code

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
 from pathlib import Path
 
 import pytest
-from recording_provider import read_calls
+from recording_provider import RecordingPlugin, read_calls
 from sample_node import MiB, Node
 
-from pvebackup.cli import cmd_backup
 from pvebackup.cli.main import main
 from pvebackup.host import mail
 from pvebackup.kit.units import format_bytes
@@ -200,15 +198,27 @@ def test_a_job_that_fails_as_a_whole_is_mailed_too(
     assert "): backup failed: " in msg
 
 
-def test_notes_template_is_never_dropped_silently(
-    cli_node: Node, capsys: pytest.CaptureFixture[str]
+def test_notes_template_of_vzdump_conf_is_applied_and_checked(
+    cli_node: Node, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    notes: dict[str, object] = {}
+
+    def update(
+        self: RecordingPlugin, scfg: object, storeid: str, volname: str, attribute: str,
+        value: object,
+    ) -> None:
+        notes[volname] = value
+
+    monkeypatch.setattr(RecordingPlugin, "update_volume_attribute", update, raising=False)
     cli_node.add_vm(100, {"scsi0": MiB})
-    _vzdump_conf(cli_node, "storage: rec\nnotes-template: {{guestname}}\n")
+    _vzdump_conf(cli_node, "storage: rec\nnotes-template: {{vmid}} nightly\n")
     assert run(cli_node, "backup", "--all") == 0
-    err = capsys.readouterr().err
-    fields = {f.name for f in dataclasses.fields(cmd_backup.BackupOptions)}
-    if "notes_template" in fields:
-        assert "notes-template is not applied" not in err
-    else:
-        assert "WARN: vzdump.conf: notes-template is not applied" in err
+    assert notes == {"qemu-100-000": "100 nightly"}
+    # the command line wins
+    assert run(cli_node, "backup", "--all", "--notes-template", "manual") == 0
+    assert notes["qemu-100-001"] == "manual"
+    # a template Proxmox VE refuses fails the job before it starts, naming the line
+    _vzdump_conf(cli_node, "storage: rec\n\nnotes-template: {{secret}}\n")
+    capsys.readouterr()
+    assert run(cli_node, "backup", "--all") == 2
+    assert "vzdump.conf:3: notes-template:" in capsys.readouterr().err

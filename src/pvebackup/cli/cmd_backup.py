@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pvebackup.api.errors import GuestBackupError, PveBackupError, UsageError
+from pvebackup.api.types import GuestType
 from pvebackup.cli.cmd_prune import prune_storage
 from pvebackup.cli.common import vmid_arg
 from pvebackup.cli.output import add_output_option, human_size, print_json, table
@@ -18,7 +21,9 @@ from pvebackup.host.guests import NodeRoot
 from pvebackup.host.job import MODES, JobResult, run_backup_job
 from pvebackup.host.mail import MailSettings, send_job_mail
 from pvebackup.host.qemu.liverestore import start_command as vm_start_command
+from pvebackup.kit.notestemplate import check_template, render_template
 from pvebackup.kit.prune import parse_keep_options
+from pvebackup.storage import lookup, parse_volume_id, read_storage_config, storage_config
 
 __all__ = ["BackupOptions", "add_parser", "run"]
 
@@ -38,6 +43,8 @@ class BackupOptions:
     prune_backups: str | None = None  # None: the storage's prune-backups, else vzdump.conf's
     mailto: list[str] | None = None  # None: vzdump.conf
     mail_policy: str | None = None  # None: vzdump.conf, else always
+    notes_template: str | None = None  # None: vzdump.conf's notes-template
+    protected: bool = False
 
 
 def _positive(text: str) -> int:
@@ -147,6 +154,19 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         " retention (Proxmox VE syntax, as 'pvebackup prune'; default: the storage's"
         " prune-backups property, else vzdump.conf's, else keep all)",
     )
+    p.add_argument(
+        "--notes-template",
+        metavar="TEMPLATE",
+        help="after each guest's backup, set its notes from TEMPLATE, as vzdump:"
+        " {{cluster}}, {{guestname}}, {{node}} and {{vmid}} are replaced, \\n is a"
+        " newline and \\\\ a backslash; other variables or escapes are refused (exit 2)."
+        " A failure to set the notes is a warning",
+    )
+    p.add_argument(
+        "--protected",
+        action="store_true",
+        help="protect each new backup (as 'pvebackup protect') before any prune",
+    )
     add_output_option(p)
     p.set_defaults(command=_from_args, usage_parser=p)
 
@@ -167,7 +187,14 @@ def _from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         prune_backups=args.prune_backups,
         mailto=args.mailto,
         mail_policy=args.mailnotification,
+        notes_template=args.notes_template,
+        protected=args.protected,
     )
+    if args.notes_template is not None:
+        try:
+            check_template(args.notes_template)
+        except ValueError as exc:
+            parser.error(f"backup: --notes-template: {exc}")
     if args.prune_backups is not None:
         try:
             parse_keep_options(args.prune_backups)
@@ -244,25 +271,10 @@ def apply_defaults(opts: BackupOptions, defaults: JobDefaults) -> BackupOptions:
         fleecing_storage=opts.fleecing_storage or defaults.fleecing_storage,
         mailto=opts.mailto if opts.mailto is not None else list(defaults.mailto),
         mail_policy=opts.mail_policy or defaults.mail_policy or "always",
+        notes_template=(
+            opts.notes_template if opts.notes_template is not None else defaults.notes_template
+        ),
     )
-
-
-def _notes_template_hook(opts: BackupOptions, defaults: JobDefaults) -> None:
-    """vzdump.conf's ``notes-template`` onto ``backup --notes-template``.
-
-    Hook: the option comes with backup notes; until ``BackupOptions`` has a
-    ``notes_template`` field the key is reported as not applied.
-    """
-    if defaults.notes_template is None:
-        return
-    if hasattr(opts, "notes_template"):
-        if opts.notes_template is None:
-            opts.notes_template = defaults.notes_template
-    else:
-        print(
-            "WARN: vzdump.conf: notes-template is not applied (no backup notes support)",
-            file=sys.stderr,
-        )
 
 
 def _cmdline(opts: BackupOptions) -> str:
@@ -279,7 +291,6 @@ def run(opts: BackupOptions) -> int:
     for note in defaults.notes:
         print(f"INFO: {note}", file=sys.stderr)
     opts = apply_defaults(opts, defaults)
-    _notes_template_hook(opts, defaults)
     assert opts.storage is not None
     mail = MailSettings(
         tuple(opts.mailto or ()), opts.mail_policy or "always",
@@ -311,7 +322,8 @@ def run(opts: BackupOptions) -> int:
         print_json(_json_report(result))
     else:
         print(_report(result), flush=True)
-    code = _prune_after(root, opts, result, defaults.prune_backups)
+    code = _annotate_after(root, opts, result)
+    code = _prune_after(root, opts, result, defaults.prune_backups) or code
     if result.failed:
         for g in result.failed:
             print(f"error: backup of {g.vmid} failed: {g.error}", file=sys.stderr)
@@ -322,6 +334,71 @@ def run(opts: BackupOptions) -> int:
 def _stderr_log(level: str, message: str) -> None:
     label = {"info": "INFO", "warn": "WARN", "err": "ERROR"}.get(level, level.upper())
     print(f"{label}: {message}", file=sys.stderr, flush=True)
+
+
+def _annotate_after(root: NodeRoot, opts: BackupOptions, result: JobResult) -> int:
+    """Notes and protection of each new backup, before the prune (as vzdump).
+
+    A note that cannot be set is a warning (vzdump's "unable to add notes"); a
+    backup that cannot be protected is an error (vzdump fails the guest): a prune
+    could remove what the operator asked to keep.
+    """
+    if opts.notes_template is None and not opts.protected:
+        return 0
+    assert opts.storage is not None  # apply_defaults made sure
+    scfg = storage_config(read_storage_config(root.storage_cfg), opts.storage)
+    plugin = lookup(scfg["type"])
+    cluster = _cluster_name(root)
+    code = 0
+    for g in result.guests:
+        if not g.ok or g.target is None:
+            continue
+        storeid, volname = parse_volume_id(g.target)
+        if opts.notes_template:
+            values = {
+                "cluster": cluster,
+                "guestname": _guest_name(root, g.vmid, g.vmtype),
+                "node": socket.gethostname().split(".", 1)[0],
+                "vmid": str(g.vmid),
+            }
+            try:
+                notes = render_template(opts.notes_template, values)
+                plugin.update_volume_attribute(scfg, storeid, volname, "notes", notes)
+            except (ValueError, PveBackupError) as exc:
+                print(f"warning: {g.target}: unable to add notes - {exc}", file=sys.stderr)
+        if opts.protected:
+            try:
+                plugin.update_volume_attribute(scfg, storeid, volname, "protected", True)
+            except PveBackupError as exc:
+                print(f"error: {g.target}: unable to set protected flag - {exc}", file=sys.stderr)
+                code = code or exc.exit_code
+    return code
+
+
+def _guest_name(root: NodeRoot, vmid: int, vmtype: GuestType | None) -> str:
+    """vzdump's ``guestname``: a VM's name, else ``VM <vmid>``; a container's
+    hostname, else ``CT<vmid>``."""
+    try:
+        config = root.load_guest(vmid, vmtype)
+    except PveBackupError:
+        config = None
+    if vmtype is GuestType.LXC:
+        return (config.get("hostname") if config else None) or f"CT{vmid}"
+    return (config.get("name") if config else None) or f"VM {vmid}"
+
+
+_CLUSTER_NAME = re.compile(r"^\s*cluster_name\s*:\s*(\S+)\s*$", re.M)
+
+
+def _cluster_name(root: NodeRoot) -> str:
+    """The cluster's name from corosync.conf, else vzdump's ``standalone node``."""
+    try:
+        with (root.pve_dir / "corosync.conf").open("rb") as f:
+            text = f.read(1 << 20).decode("utf-8", "replace")
+    except OSError:
+        return "standalone node"
+    m = _CLUSTER_NAME.search(text)
+    return m.group(1) if m else "standalone node"
 
 
 def _prune_after(

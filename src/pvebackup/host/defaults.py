@@ -29,6 +29,7 @@ from pathlib import Path
 
 from pvebackup.api.errors import ConfigError, UnsafeStorageError
 from pvebackup.kit import safefs
+from pvebackup.kit.notestemplate import check_template
 from pvebackup.kit.prune import format_keep_options, parse_keep_options
 
 from .guests import NodeRoot
@@ -190,6 +191,10 @@ class _Parser:
         elif key == "notes-template":
             if len(value) > _NOTES_MAX:
                 raise self.error(f"notes-template is longer than {_NOTES_MAX} characters")
+            try:
+                check_template(value)
+            except ValueError as exc:
+                raise self.error(f"notes-template: {exc}") from None
             self.values[key] = value
         elif key == "mailto":
             self.values[key] = self.addresses(value)

@@ -812,6 +812,9 @@ class KeylessListing:
     ) -> list[SnapshotId]:
         return list_snapshot_ids(self.backend, on_skip=on_skip)
 
+    def has_snapshot(self, snapshot: SnapshotId) -> bool:
+        return self.backend.exists(snapshot.prefix + MANIFEST_NAME)
+
     def manifest(self, snapshot: SnapshotId) -> Manifest:
         """The manifest, every field checked but (encrypted) its signature unchecked.
 
