@@ -25,12 +25,13 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pvebackup.kit.proc import Child, spawn
 
-__all__ = ["RGW", "S3Server", "s3_bucket", "s3_server"]
+__all__ = ["RGW", "S3Server", "make_bucket", "s3_bucket", "s3_client", "s3_server"]
 
 ACCESS_KEY = "pvebackup-test"
 SECRET_KEY = "pvebackup-test-secret-0123456789"
@@ -218,14 +219,19 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 _buckets = itertools.count()
 
 
+def s3_client(server: S3Server, secret_key: str | None = None) -> Any:
+    """A plain boto3 client of ``server`` (close it)."""
+    from pvebackup.store.backends.s3 import _new_client
+
+    return _new_client(
+        endpoint_url=server.endpoint, aws_access_key_id=server.access_key,
+        aws_secret_access_key=secret_key or server.secret_key, region_name="us-east-1",
+    )  # fmt: skip
+
+
 def make_bucket(server: S3Server, name: str) -> str:
     """Create bucket ``name`` on ``server`` and return its name."""
-    import boto3
-
-    client = boto3.client(
-        "s3", endpoint_url=server.endpoint, aws_access_key_id=server.access_key,
-        aws_secret_access_key=server.secret_key, region_name="us-east-1",
-    )  # fmt: skip
+    client = s3_client(server)
     try:
         client.create_bucket(Bucket=name)
     finally:
