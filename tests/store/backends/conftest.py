@@ -10,16 +10,22 @@ import pytest
 from pvebackup.store.backends.base import Backend
 from pvebackup.store.backends.local import LocalBackend
 from pvebackup.store.backends.memory import MemoryBackend
+from pvebackup.store.backends.retry import RetryBackend
 
 BackendFactory = Callable[[], Backend]
 
 
-@pytest.fixture(params=["memory", "local", pytest.param("s3", marks=pytest.mark.s3)])
+@pytest.fixture(
+    params=["memory", "local", "retry", pytest.param("s3", marks=pytest.mark.s3)]
+)
 def make_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackendFactory]:
     """A factory of handles to ONE store: two calls see the same objects."""
     if request.param == "memory":
         shared = MemoryBackend()
         yield lambda: shared
+    elif request.param == "retry":
+        wrapped = RetryBackend(MemoryBackend())
+        yield lambda: wrapped
     elif request.param == "local":
         yield lambda: LocalBackend(tmp_path / "store")
     else:

@@ -22,7 +22,8 @@ def make_backend(kind: str, location: str) -> Backend:
         return LocalBackend(location)
     if kind == "s3":
         # Imported here: boto3 takes 0.3 s to import, and local stores never need it.
+        from pvebackup.store.backends.retry import RetryBackend
         from pvebackup.store.backends.s3 import S3Backend, S3Config
 
-        return S3Backend(S3Config.from_location(location))
+        return RetryBackend(S3Backend(S3Config.from_location(location)))
     raise UsageError(f"unknown store backend {kind!r}")
