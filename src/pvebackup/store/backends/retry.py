@@ -79,7 +79,7 @@ class RetryBackend:
             close()
 
     def _delay(self, failed: int) -> float:
-        return self._jitter() * min(self._max, self._base * (2**failed))
+        return float(self._jitter() * min(self._max, self._base * (2**failed)))
 
     def _retry(self, what: str, call: Callable[[], T]) -> T:
         failed = 0
