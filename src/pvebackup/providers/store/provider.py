@@ -410,7 +410,7 @@ class BackupStoreProvider(BackupProvider):
         self.restore_qemu_img_cleanup(volname, storeid, devicename)
         key = self.settings.load_key()
         server = RestoreServer(
-            self.settings.path,
+            self.settings.location,
             snap.id.path,
             devicename,
             None if key is None else key.material,
