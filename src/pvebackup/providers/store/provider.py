@@ -52,6 +52,7 @@ from pvebackup.providers.store.ctarchive import TarFeeder, backup_archive
 from pvebackup.providers.store.disk import DiskBackup
 from pvebackup.providers.store.restore_server import RestoreServer
 from pvebackup.providers.store.settings import StoreSettings
+from pvebackup.store.backends.retry import RetryBackend
 from pvebackup.store.datastore import Datastore
 from pvebackup.store.snapshot import Snapshot, SnapshotId, SnapshotWriter
 
@@ -329,7 +330,7 @@ class BackupStoreProvider(BackupProvider):
             "info",
             f"snapshot {guest.snapshot} committed: new {format_bytes(guest.new_bytes)} "
             f"(stored {format_bytes(guest.stored_bytes)}), "
-            f"reused {format_bytes(guest.reused_bytes)}",
+            f"reused {format_bytes(guest.reused_bytes)}{_retried(self.store())}",
         )
 
     def backup_abort(self, vmid: int, error: str) -> None:
@@ -443,3 +444,12 @@ def _config_text(snap: Snapshot, name: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise CorruptIndexError(f"snapshot {snap.id}: {name} is not UTF-8 text") from exc
+
+
+def _retried(store: Datastore) -> str:
+    """``", 3 storage requests retried"`` for a backend that retries (S3), else ``""``:
+    the count since the store was opened, so a flaky endpoint shows in the task log."""
+    backend = store.backend
+    if not isinstance(backend, RetryBackend):
+        return ""
+    return f", {backend.retries} storage requests retried"
