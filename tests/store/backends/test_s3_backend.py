@@ -80,6 +80,7 @@ def test_no_clobber_put_of_a_large_object_is_one_conditional_put(
     assert backend.put("packs/aa/big", big, overwrite=False)
     assert backend.put("packs/aa/big", b"other", overwrite=False) is False
     assert backend.get("packs/aa/big") == big
+    assert backend.requests == {"put_object": 2, "get_object": 1}
     backend.close()
 
 
@@ -90,6 +91,8 @@ def test_multipart_overwrite_reads_the_empty_etag_with_head(
     backend = _backend(s3_server, s3_bucket, multipart_threshold=5 << 20, part_size=5 << 20)
     data = os.urandom(11 << 20)  # parts of 5, 5 and 1 MiB
     assert backend.put("big", data, overwrite=True)
+    assert backend.requests["upload_part"] == 3
+    assert backend.requests["head_object"] == 1  # the ETag RGW did not send
     assert backend.get("big") == data
     client = s3_client(s3_server)
     try:

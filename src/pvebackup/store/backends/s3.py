@@ -45,6 +45,7 @@ import hashlib
 import json
 import threading
 import weakref
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, NoReturn
@@ -194,6 +195,8 @@ class S3Backend:
         self._multipart_threshold = multipart_threshold
         self._part_size = max(part_size, _MIN_PART_SIZE)
         self._slots = threading.BoundedSemaphore(max(1, config.max_requests))
+        self._count_lock = threading.Lock()
+        self._requests: Counter[str] = Counter()
         self._client: Any = _new_client(
             endpoint_url=config.endpoint,
             region_name=config.region or DEFAULT_REGION,
@@ -222,6 +225,13 @@ class S3Backend:
         """Close the client's connections (the backend cannot be used afterwards)."""
         self._closer()
 
+    @property
+    def requests(self) -> dict[str, int]:
+        """Requests sent so far, by S3 operation (``put_object``: 12, ...): what a
+        cloud provider bills, and what ``make bench`` reports per GiB."""
+        with self._count_lock:
+            return dict(self._requests)
+
     # -- plumbing ---------------------------------------------------------
 
     def _key(self, key: str) -> str:
@@ -231,6 +241,8 @@ class S3Backend:
         """One request, within the concurrency bound; foreign errors mapped."""
         from botocore.exceptions import BotoCoreError, ClientError
 
+        with self._count_lock:
+            self._requests[op] += 1
         with self._slots:
             try:
                 return getattr(self._client, op)(Bucket=self.config.bucket, **kwargs)
