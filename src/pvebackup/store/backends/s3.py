@@ -272,6 +272,7 @@ class S3Backend:
             ConnectTimeoutError,
             EndpointConnectionError,
             HTTPClientError,
+            IncompleteReadError,
             ReadTimeoutError,
             ResponseStreamingError,
         )
@@ -279,7 +280,7 @@ class S3Backend:
         msg = self._scrub(f"s3 {op} {self.config.bucket}/{self._prefix}{key}: {exc}")
         transient = (
             ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError,
-            HTTPClientError, ReadTimeoutError, ResponseStreamingError,
+            HTTPClientError, IncompleteReadError, ReadTimeoutError, ResponseStreamingError,
         )  # fmt: skip
         if isinstance(exc, transient):
             raise TransientBackendError(msg) from None
