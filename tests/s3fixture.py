@@ -189,6 +189,9 @@ rgw thread pool size = 16
         for child in reversed(self.children):  # rgw, osd, mon
             child.stop(3.0)  # a test cluster: no clean shutdown needed
         self.children.clear()
+        # pytest keeps the last runs' temp dirs: drop the data, keep the logs.
+        for sub in ("osd", "mon"):
+            shutil.rmtree(self.root / sub, ignore_errors=True)
 
 
 def _answers(port: int) -> bool:
