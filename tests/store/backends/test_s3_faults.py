@@ -29,6 +29,7 @@ class FaultProxy:
     def __init__(self, target: tuple[str, int], mode: str, faults: int) -> None:
         self.target, self.mode, self.faults = target, mode, faults
         self.failed = 0
+        self.active = self.max_active = 0
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self._lock = threading.Lock()
@@ -66,11 +67,18 @@ class FaultProxy:
                 if self.mode == "503":
                     conn.sendall(_SLOWDOWN % (len(_BODY), _BODY))
                 return  # "drop": closed without an answer
-            with socket.create_connection(self.target) as up:
-                pump = threading.Thread(target=_pump, args=(up, conn), daemon=True)
-                pump.start()
-                _pump(conn, up)
-                pump.join(5)
+            with self._lock:
+                self.active += 1
+                self.max_active = max(self.max_active, self.active)
+            try:
+                with socket.create_connection(self.target) as up:
+                    pump = threading.Thread(target=_pump, args=(up, conn), daemon=True)
+                    pump.start()
+                    _pump(conn, up)
+                    pump.join(5)
+            finally:
+                with self._lock:
+                    self.active -= 1
 
     def close(self) -> None:
         self._stop = True
@@ -100,9 +108,9 @@ def proxy(request: pytest.FixtureRequest, s3_server: S3Server) -> Iterator[Fault
     p.close()
 
 
-def _through(proxy: FaultProxy, server: S3Server, bucket: str) -> S3Backend:
+def _through(proxy: FaultProxy, server: S3Server, bucket: str, max_requests: int = 1) -> S3Backend:
     return S3Backend(
-        S3Config(f"http://127.0.0.1:{proxy.port}", bucket, max_requests=1),
+        S3Config(f"http://127.0.0.1:{proxy.port}", bucket, max_requests=max_requests),
         access_key=server.access_key, secret_key=server.secret_key,
     )  # fmt: skip
 
@@ -125,3 +133,24 @@ def test_without_the_wrapper_a_fault_is_a_transient_error(
     with pytest.raises(TransientBackendError):
         backend.put("k", b"v", overwrite=True)
     backend.close()
+
+
+def test_max_requests_bounds_the_connections(s3_server: S3Server, s3_bucket: str) -> None:
+    host, port = s3_server.endpoint.removeprefix("http://").split(":")
+    proxy = FaultProxy((host, int(port)), "none", faults=0)
+    backend = _through(proxy, s3_server, s3_bucket, max_requests=2)
+    threads = [
+        threading.Thread(
+            target=lambda i=i: [backend.put(f"k/{i}/{j}", b"v" * 1000, overwrite=False)
+                                for j in range(5)]  # fmt: skip
+        )
+        for i in range(8)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(list(backend.list("k/"))) == 40
+    assert 1 <= proxy.max_active <= 2
+    backend.close()
+    proxy.close()
