@@ -81,7 +81,9 @@ def test_vm_backup_restore_gc_verify_on_rgw(
     incr = run_backup_job(root, "s3st", [100], terminal=None).guests[0]
     assert incr.ok and incr.target is not None, incr.error
     assert incr.log_path is not None
-    assert "0 storage requests retried" in incr.log_path.read_text()
+    log = incr.log_path.read_text()
+    assert "0 storage requests retried" in log
+    assert " PUT)" in log and " S3 requests (" in log
 
     # Everything is in the bucket, under the prefix; nothing in a local path.
     client = s3_client(s3_server)

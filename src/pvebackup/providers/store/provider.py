@@ -447,9 +447,15 @@ def _config_text(snap: Snapshot, name: str) -> str:
 
 
 def _retried(store: Datastore) -> str:
-    """``", 3 storage requests retried"`` for a backend that retries (S3), else ``""``:
-    the count since the store was opened, so a flaky endpoint shows in the task log."""
+    """``", 120 S3 requests (41 PUT), 3 retried"`` for a backend that retries (S3),
+    else ``""``: counts since the store was opened (this job), so that a flaky
+    endpoint, and what the job costs in requests, show in the task log."""
     backend = store.backend
     if not isinstance(backend, RetryBackend):
         return ""
-    return f", {backend.retries} storage requests retried"
+    note = f", {backend.retries} storage requests retried"
+    requests = getattr(backend.inner, "requests", None)
+    if isinstance(requests, dict):
+        puts = sum(n for op, n in requests.items() if op in ("put_object", "upload_part"))
+        note = f", {sum(requests.values())} S3 requests ({puts} PUT){note}"
+    return note
