@@ -22,6 +22,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from pvebackup.api.errors import ExternalToolError, UnsupportedError, UsageError
@@ -99,6 +100,10 @@ class GuestVolumeStorage(StoragePlugin):
         :raises UsageError: ``volname`` is not a volume name of this type.
         """
         raise NotImplementedError
+
+    def image_path(self, scfg: Mapping[str, str], volname: str) -> Path:
+        """The path of :meth:`guest_volume` (``pvesm path``)."""
+        return Path(self.guest_volume(scfg, str(scfg.get("type", self.type)), volname).path)
 
     def activate_volume(self, scfg: Mapping[str, str], storeid: str, volname: str) -> None:
         """Make the volume openable (an inactive LV, an unmapped krbd image).
