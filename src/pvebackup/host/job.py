@@ -357,14 +357,14 @@ class _Job:
         # teardown failure must not call backup_abort (see backup_guest).
         self.ended = True
 
-    def _volume(self, config: GuestConfig, volid: str) -> GuestVolume:
+    def _volume(self, config: GuestConfig, volid: str, *, activate: bool = True) -> GuestVolume:
         try:
-            return guest_volume(self.cfg, volid, activate=True)
+            return guest_volume(self.cfg, volid, activate=activate)
         except PveBackupError as exc:
             raise GuestConfigError(f"volume {volid}: {exc}", path=config.where) from exc
 
     def _ct_volume_path(self, config: GuestConfig, volid: str) -> Path:
-        volume = self._volume(config, volid)
+        volume = self._volume(config, volid, activate=False)  # directories need none
         if volume.format != "subvol":
             # A container volume on a block storage (lvm, lvmthin, rbd, a zvol) is a
             # raw device with a file system inside: it would have to be mounted in

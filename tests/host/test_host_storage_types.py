@@ -1,0 +1,156 @@
+"""Guests on the storage types real nodes use, end to end with real tools.
+
+What this machine runs for real: ``btrfs`` on a loop-mounted file system (a VM
+disk backed up from one btrfs storage and restored onto another, allocated as a
+subvolume with ``disk.raw``), a passthrough block device (a loop device, opened
+by QEMU as ``host_device``), and the refusals for container volumes on block
+storages. LVM needs device-mapper, which this kernel may lack: the lvm, zfs and
+rbd command lines are tested against fake tools in tests/storage.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from recording_provider import RecordingPlugin
+from sample_node import MiB, Node, sh
+
+from pvebackup.api.errors import UnsupportedError
+from pvebackup.api.types import GuestType
+from pvebackup.host.guests import VmConfig
+from pvebackup.host.job import run_backup_job
+from pvebackup.host.restore import run_restore
+from pvebackup.storage import registry
+
+pytestmark = pytest.mark.e2e
+
+
+def _try(*cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, check=False)
+
+
+@pytest.fixture
+def btrfs_mount(tmp_path: Path) -> Iterator[Path]:
+    """A 128 MiB btrfs on a loop device (autoclear), unmounted at the end."""
+    if shutil.which("mkfs.btrfs") is None or shutil.which("btrfs") is None:
+        pytest.skip("btrfs-progs not installed (make setup installs it)")
+    image = tmp_path / "btrfs.img"
+    with open(image, "wb") as f:
+        f.truncate(128 * MiB)
+    if _try("mkfs.btrfs", "-q", str(image)).returncode != 0:
+        pytest.skip("mkfs.btrfs failed here")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = _try("mount", "-o", "loop", str(image), str(mnt))
+    if res.returncode != 0:
+        pytest.skip(f"cannot loop-mount btrfs here: {res.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def _node(tmp_path: Path, extra_cfg: str) -> Node:
+    node = Node(tmp_path / "node")
+    with open(node.root.storage_cfg, "a") as f:
+        f.write("\n" + extra_cfg)
+    return node
+
+
+@pytest.mark.usefixtures("job_tmpdir")
+def test_vm_on_btrfs_backed_up_and_restored_onto_another_btrfs(
+    tmp_path: Path, btrfs_mount: Path
+) -> None:
+    cfg = (
+        f"btrfs: bt1\n\tpath {btrfs_mount}/bt1\n\tcontent images,rootdir\n\n"
+        f"btrfs: bt2\n\tpath {btrfs_mount}/bt2\n\tcontent images,rootdir\n"
+    )
+    with registry.registered(RecordingPlugin):
+        node = _node(tmp_path, cfg)
+        plugin = registry.lookup("btrfs")
+        scfg = {"type": "btrfs", "path": f"{btrfs_mount}/bt1", "content": "images"}
+        # Allocate the source disk as PVE would: a subvolume holding disk.raw.
+        volname = plugin.next_volname(scfg, "bt1", 100, "raw")  # type: ignore[attr-defined]
+        assert volname == "100/vm-100-disk-0.raw"
+        plugin.allocate(scfg, "bt1", 100, "raw", 4 * MiB, volname)  # type: ignore[attr-defined]
+        disk = btrfs_mount / "bt1/images/100/vm-100-disk-0/disk.raw"
+        sh("qemu-io", "-f", "raw", "-c", "write -P 0x5a 1M 512k", str(disk))
+        node.root.config_path(100, GuestType.QEMU).write_text(
+            "name: vm\nmemory: 512\nscsi0: bt1:100/vm-100-disk-0.raw,size=4M\n"
+        )
+        job = run_backup_job(node.root, "rec", [100], terminal=None)
+        assert not job.failed, job.guests
+
+        # onto another btrfs storage: allocated there with `btrfs subvolume create`
+        run_restore(node.root, "rec:qemu-100-000", 200, target_storage="bt2", terminal=None)
+        config = node.root.load_guest(200)
+        assert isinstance(config, VmConfig)
+        assert [d.spec.volid for d in config.disks] == ["bt2:200/vm-200-disk-0.raw"]
+        restored = btrfs_mount / "bt2/images/200/vm-200-disk-0/disk.raw"
+        assert _try("btrfs", "subvolume", "show", str(restored.parent)).returncode == 0
+        sh("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(disk), str(restored))
+
+        # without --storage: back onto the storage the disk came from
+        run_restore(node.root, "rec:qemu-100-000", 201, terminal=None)
+        again = btrfs_mount / "bt1/images/201/vm-201-disk-0/disk.raw"
+        sh("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(disk), str(again))
+
+        # --force over 201 frees the replaced guest's subvolume with btrfs
+        run_restore(
+            node.root, "rec:qemu-100-000", 201, target_storage="bt2", force=True, terminal=None
+        )
+        assert not (btrfs_mount / "bt1/images/201").exists()
+
+
+@pytest.mark.usefixtures("job_tmpdir")
+def test_passthrough_block_device_is_opened_as_host_device(tmp_path: Path) -> None:
+    """``scsi0: /dev/loopN``: QEMU's ``file`` driver refuses devices; we read it."""
+    backing = tmp_path / "dev.img"
+    with open(backing, "wb") as f:
+        f.truncate(4 * MiB)
+    sh("qemu-io", "-f", "raw", "-c", "write -P 0x3c 0 1M", str(backing))
+    res = _try("losetup", "--find", "--show", str(backing))
+    if res.returncode != 0:
+        pytest.skip(f"no loop devices here: {res.stderr.strip()}")
+    loop = res.stdout.strip()
+    try:
+        with registry.registered(RecordingPlugin):
+            node = _node(tmp_path, "")
+            node.root.config_path(100, GuestType.QEMU).write_text(
+                f"name: vm\nmemory: 512\nscsi0: {loop},size=4M\n"
+            )
+            job = run_backup_job(node.root, "rec", [100], terminal=None)
+            assert not job.failed, job.guests
+            stored = next(node.backup_dir.glob("qemu-100-*/drive-scsi0.raw"))
+            assert stored.read_bytes() == backing.read_bytes()
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True)
+
+
+THIN = "lvmthin: thin\n\tvgname pve\n\tthinpool data\n\tcontent images,rootdir\n"
+
+
+@pytest.mark.usefixtures("job_tmpdir")
+def test_container_volumes_on_block_storages_are_refused_cleanly(tmp_path: Path) -> None:
+    with registry.registered(RecordingPlugin):
+        node = _node(tmp_path, THIN)
+        node.add_ct(101, mp=False)
+        assert not run_backup_job(node.root, "rec", [101], terminal=None).failed
+        # onto lvmthin: PVE would mkfs an ext4 in a raw LV; we refuse before
+        # running any lvm tool, and nothing is left behind
+        with pytest.raises(UnsupportedError, match="'thin' .*cannot hold container dir"):
+            run_restore(node.root, "rec:lxc-101-000", 300, target_storage="thin", terminal=None)
+        assert node.root.guest_type(300) is None
+
+        # a container whose rootfs is an LV fails its backup with the reason
+        node.root.config_path(102, GuestType.LXC).write_text(
+            "hostname: ct\nrootfs: thin:vm-102-disk-0,size=1G\n"
+        )
+        result = run_backup_job(node.root, "rec", [102], terminal=None)
+        (guest,) = result.guests
+        assert not guest.ok
+        assert guest.error is not None and "not mounting its file system" in guest.error
