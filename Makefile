@@ -13,6 +13,9 @@ CONSTRAINTS := constraints.txt
 # Debian packages the project runs on (see docs/design.md, "Real components").
 DEB_PACKAGES := qemu-utils qemu-system-common qemu-system-x86 python3-libnbd libnbd-bin nbdkit \
 	nbdkit-plugin-python zstd python3-venv rsync acl attr tar
+# Storage tools the tests use for real (btrfs on a loop device; see docs/design.md,
+# "Guest volumes on the storage types of real nodes").
+TEST_PACKAGES := btrfs-progs
 # Peers measured by `make bench` only.
 BENCH_PACKAGES := borgbackup restic hyperfine
 
@@ -60,6 +63,7 @@ lint: setup
 	$(VENV)/bin/mypy src examples/plainfiles/src
 
 test: setup lint
+	$(call apt_install,$(TEST_PACKAGES))
 	$(VENV)/bin/pytest -q
 
 # DEMO_ARGS=--keep keeps the sample node; --dir DIR uses DIR.

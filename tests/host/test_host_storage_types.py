@@ -10,9 +10,10 @@ rbd command lines are tested against fake tools in tests/storage.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,9 @@ from pvebackup.api.types import GuestType
 from pvebackup.host.guests import VmConfig
 from pvebackup.host.job import run_backup_job
 from pvebackup.host.restore import run_restore
-from pvebackup.storage import registry
+from pvebackup.storage import GuestVolume, GuestVolumeStorage, registry
+from pvebackup.storage.guestvol import next_disk_name
+from pvebackup.storage.plugin import COMMON_PROPERTIES, PropertyKind, PropertySpec
 
 pytestmark = pytest.mark.e2e
 
@@ -154,3 +157,58 @@ def test_container_volumes_on_block_storages_are_refused_cleanly(tmp_path: Path)
         (guest,) = result.guests
         assert not guest.ok
         assert guest.error is not None and "not mounting its file system" in guest.error
+
+
+class ThickLike(GuestVolumeStorage):
+    """A raw-only block-like storage whose new volumes hold old data, as a thick LV
+    does: files under ``path`` named ``vm-<vmid>-disk-<n>``, allocated full of 0xAA."""
+
+    type = "test-thick"
+    properties = {**COMMON_PROPERTIES, "path": PropertySpec(PropertyKind.PATH, required=True)}
+    image_formats = ("raw",)
+    zeroed_images = False
+
+    def _dir(self, scfg: Mapping[str, str]) -> Path:
+        return Path(scfg["path"])
+
+    def guest_volume(self, scfg: Mapping[str, str], storeid: str, volname: str) -> GuestVolume:
+        return GuestVolume(str(self._dir(scfg) / volname), "raw", "file")
+
+    def volume_exists(self, scfg: Mapping[str, str], storeid: str, volname: str) -> bool:
+        return (self._dir(scfg) / volname).exists()
+
+    def next_volname(self, scfg: Mapping[str, str], storeid: str, vmid: int, fmt: str) -> str:
+        self.check_format(storeid, fmt)
+        return next_disk_name(os.listdir(self._dir(scfg)), vmid)
+
+    def allocate(
+        self, scfg: Mapping[str, str], storeid: str, vmid: int, fmt: str, size: int, volname: str
+    ) -> str:
+        (self._dir(scfg) / volname).write_bytes(b"\xaa" * size)
+        return volname
+
+    def free(self, scfg: Mapping[str, str], storeid: str, volname: str) -> None:
+        (self._dir(scfg) / volname).unlink()
+
+
+@pytest.mark.usefixtures("job_tmpdir")
+def test_restore_onto_a_storage_whose_new_volumes_are_not_zeroed(tmp_path: Path) -> None:
+    """A thick LV holds its extents' old data: zero areas must be written too."""
+    thick = tmp_path / "thick"
+    thick.mkdir()
+    with registry.registered(RecordingPlugin), registry.registered(ThickLike):
+        node = _node(tmp_path, f"test-thick: thick\n\tpath {thick}\n\tcontent images\n")
+        (disk,) = node.add_vm(100, {"scsi0": 4 * MiB})  # 1 MiB of data, 3 MiB of zeroes
+        assert not run_backup_job(node.root, "rec", [100], terminal=None).failed
+        run_restore(node.root, "rec:qemu-100-000", 200, target_storage="thick", terminal=None)
+        config = node.root.load_guest(200)
+        assert isinstance(config, VmConfig)
+        assert [d.spec.volid for d in config.disks] == ["thick:vm-200-disk-0"]
+        sh("qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", str(disk),
+           str(thick / "vm-200-disk-0"))  # fmt: skip
+        # --force: the replaced guest's vm-200-... volume is its own and is freed
+        result = run_restore(
+            node.root, "rec:qemu-100-000", 200, target_storage="thick", force=True, terminal=None
+        )
+        assert result.removed == ["thick:vm-200-disk-0"]
+        assert sorted(os.listdir(thick)) == ["vm-200-disk-1"]
