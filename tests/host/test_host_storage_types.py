@@ -11,7 +11,6 @@ rbd command lines are tested against fake tools in tests/storage.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -20,9 +19,10 @@ import pytest
 from recording_provider import RecordingPlugin
 from sample_node import MiB, Node, sh
 
+from btrfs_loop import btrfs_mounted, is_subvolume
 from pvebackup.api.errors import UnsupportedError
 from pvebackup.api.types import GuestType
-from pvebackup.host.guests import VmConfig
+from pvebackup.host.guests import CtConfig, VmConfig
 from pvebackup.host.job import run_backup_job
 from pvebackup.host.restore import run_restore
 from pvebackup.storage import GuestVolume, GuestVolumeStorage, registry
@@ -38,23 +38,8 @@ def _try(*cmd: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def btrfs_mount(tmp_path: Path) -> Iterator[Path]:
-    """A 128 MiB btrfs on a loop device (autoclear), unmounted at the end."""
-    if shutil.which("mkfs.btrfs") is None or shutil.which("btrfs") is None:
-        pytest.skip("btrfs-progs not installed (make setup installs it)")
-    image = tmp_path / "btrfs.img"
-    with open(image, "wb") as f:
-        f.truncate(128 * MiB)
-    if _try("mkfs.btrfs", "-q", str(image)).returncode != 0:
-        pytest.skip("mkfs.btrfs failed here")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    res = _try("mount", "-o", "loop", str(image), str(mnt))
-    if res.returncode != 0:
-        pytest.skip(f"cannot loop-mount btrfs here: {res.stderr.strip()}")
-    try:
+    with btrfs_mounted(tmp_path) as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 def _node(tmp_path: Path, extra_cfg: str) -> Node:
@@ -94,7 +79,7 @@ def test_vm_on_btrfs_backed_up_and_restored_onto_another_btrfs(
         assert isinstance(config, VmConfig)
         assert [d.spec.volid for d in config.disks] == ["bt2:200/vm-200-disk-0.raw"]
         restored = btrfs_mount / "bt2/images/200/vm-200-disk-0/disk.raw"
-        assert _try("btrfs", "subvolume", "show", str(restored.parent)).returncode == 0
+        assert is_subvolume(restored.parent)
         sh("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(disk), str(restored))
 
         # without --storage: back onto the storage the disk came from
@@ -107,6 +92,20 @@ def test_vm_on_btrfs_backed_up_and_restored_onto_another_btrfs(
             node.root, "rec:qemu-100-000", 201, target_storage="bt2", force=True, terminal=None
         )
         assert not (btrfs_mount / "bt1/images/201").exists()
+
+        # a container onto btrfs: its directories are subvolumes
+        node.add_ct(101)
+        assert not run_backup_job(node.root, "rec", [101], terminal=None).failed
+        run_restore(node.root, "rec:lxc-101-000", 301, target_storage="bt2", terminal=None)
+        ct = node.root.load_guest(301)
+        assert isinstance(ct, CtConfig)
+        assert [m.spec.volid for m in ct.mountpoints] == [
+            "bt2:301/subvol-301-disk-0.subvol",
+            "bt2:301/subvol-301-disk-1.subvol",
+        ]
+        rootfs = btrfs_mount / "bt2/images/301/subvol-301-disk-0.subvol"
+        assert is_subvolume(rootfs)
+        assert (rootfs / "etc/hostname").read_text() == "ct\n"
 
 
 @pytest.mark.usefixtures("job_tmpdir")
