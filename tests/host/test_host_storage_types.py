@@ -11,6 +11,7 @@ rbd command lines are tested against fake tools in tests/storage.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -211,3 +212,63 @@ def test_restore_onto_a_storage_whose_new_volumes_are_not_zeroed(tmp_path: Path)
         )
         assert result.removed == ["thick:vm-200-disk-0"]
         assert sorted(os.listdir(thick)) == ["vm-200-disk-1"]
+
+
+def _no_lvm() -> str | None:
+    """Why LVM cannot run on this machine, or None."""
+    if shutil.which("lvcreate") is None:
+        return "lvm2 is not installed"
+    try:
+        os.close(os.open("/dev/mapper/control", os.O_RDWR))
+    except OSError as exc:
+        return f"no device-mapper in this kernel (/dev/mapper/control: {exc.strerror})"
+    return None
+
+
+@pytest.fixture
+def thin_vg(tmp_path: Path) -> Iterator[str]:
+    """A volume group with a thin pool ``data`` on a loop device (where LVM runs)."""
+    why = _no_lvm()
+    if why is not None:
+        pytest.skip(f"LVM-thin not testable here: {why}")
+    backing = tmp_path / "pv.img"
+    with open(backing, "wb") as f:
+        f.truncate(192 * MiB)
+    loop = sh("losetup", "--find", "--show", str(backing)).strip()
+    vg = f"pvbtest{os.getpid()}"
+    try:
+        sh("pvcreate", "-q", loop)
+        sh("vgcreate", "-q", vg, loop)
+        sh("lvcreate", "-q", "--type", "thin-pool", "-L", "96M", "-n", "data", vg)
+        yield vg
+    finally:
+        _try("vgremove", "-f", vg)
+        _try("pvremove", "-f", loop)
+        _try("losetup", "-d", loop)
+
+
+@pytest.mark.usefixtures("job_tmpdir")
+def test_vm_on_lvmthin_backed_up_and_restored_onto_lvmthin(tmp_path: Path, thin_vg: str) -> None:
+    cfg = "".join(
+        f"lvmthin: {sid}\n\tvgname {thin_vg}\n\tthinpool data\n\tcontent images\n\n"
+        for sid in ("t1", "t2")
+    )
+    with registry.registered(RecordingPlugin):
+        node = _node(tmp_path, cfg)
+        plugin = registry.lookup("lvmthin")
+        assert isinstance(plugin, GuestVolumeStorage)
+        scfg = {"type": "lvmthin", "vgname": thin_vg, "thinpool": "data"}
+        volname = plugin.next_volname(scfg, "t1", 100, "raw")
+        plugin.allocate(scfg, "t1", 100, "raw", 4 * MiB, volname)
+        disk = f"/dev/{thin_vg}/{volname}"
+        sh("qemu-io", "-f", "raw", "-c", "write -P 0x6b 1M 512k", disk)
+        node.root.config_path(100, GuestType.QEMU).write_text(
+            f"name: vm\nmemory: 512\nscsi0: t1:{volname},size=4M\n"
+        )
+        assert not run_backup_job(node.root, "rec", [100], terminal=None).failed
+        run_restore(node.root, "rec:qemu-100-000", 200, target_storage="t2", terminal=None)
+        config = node.root.load_guest(200)
+        assert isinstance(config, VmConfig)
+        assert [d.spec.volid for d in config.disks] == ["t2:vm-200-disk-0"]
+        sh("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", disk,
+           f"/dev/{thin_vg}/vm-200-disk-0")  # fmt: skip
