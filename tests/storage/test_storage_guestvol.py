@@ -25,7 +25,13 @@ from pvebackup.api.errors import (
     UnsupportedError,
     UsageError,
 )
-from pvebackup.storage import GuestVolumeStorage, parse_storage_config, registry, volume_path
+from pvebackup.storage import (
+    GuestVolumeStorage,
+    guest_volume,
+    parse_storage_config,
+    registry,
+    volume_path,
+)
 from pvebackup.storage.guestvol import next_disk_name
 
 FAKE = """#!/bin/sh
@@ -344,3 +350,13 @@ def test_nfs_is_used_only_while_mounted(tmp_path: Path) -> None:
         assert (source / "images/100/vm-100-disk-0.qcow2").is_file()
     finally:
         os.system(f"umount {share}")
+
+
+def test_types_without_guest_volumes_say_which_types_are_reached() -> None:
+    cfg = parse_storage_config(
+        "iscsi: san\n\tportal 192.0.2.5\n\ttarget iqn.2003-01.org.example:t\n\tcontent images\n"
+    )
+    with pytest.raises(UnsupportedError, match="'san' is a storage of type iscsi; .* rbd"):
+        guest_volume(cfg, "san:0.0.1.scsi-36001405")
+    with pytest.raises(UnsupportedError, match="type iscsi"):
+        volume_path(cfg, "san:0.0.1.scsi-36001405")

@@ -34,6 +34,7 @@ __all__ = [
     "PVE_STORAGE_TYPES",
     "OtherPveStorage",
     "other_pve_plugins",
+    "unreachable",
 ]
 
 _S = PropertySpec()
@@ -124,11 +125,15 @@ class OtherPveStorage(StoragePlugin):
     """Why the type itself is legacy (a warning when storage.cfg is read), or ''."""
 
     def image_path(self, scfg: Mapping[str, str], volname: str) -> Path:
-        raise UnsupportedError(
-            f"volume {volname!r} is on a storage of type {self.type}; pvebackup's host "
-            "side reaches guest volumes on dir, nfs, cifs, btrfs, lvm, lvmthin, zfspool"
-            " and rbd storages only"
-        )
+        raise UnsupportedError(f"volume {volname!r} is on {unreachable(self.type)}")
+
+
+def unreachable(kind: str) -> str:
+    """The end of a message for a guest volume on a type the host cannot reach."""
+    return (
+        f"a storage of type {kind}; pvebackup's host side reaches guest volumes on"
+        " dir, nfs, cifs, btrfs, lvm, lvmthin, zfspool and rbd storages only"
+    )
 
 
 def other_pve_plugins() -> tuple[type[StoragePlugin], ...]:

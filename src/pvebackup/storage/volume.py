@@ -9,6 +9,7 @@ from pvebackup.api.errors import UnsupportedError, UsageError
 from pvebackup.storage import registry
 from pvebackup.storage.config import StorageConfig, storage_config
 from pvebackup.storage.guestvol import GuestVolume, GuestVolumeStorage
+from pvebackup.storage.pve import unreachable
 
 __all__ = ["guest_volume", "guest_volume_storage", "parse_volume_id", "volume_path"]
 
@@ -59,14 +60,7 @@ def guest_volume_storage(
     scfg = storage_config(cfg, storeid)
     plugin = registry.lookup(scfg["type"])
     if not isinstance(plugin, GuestVolumeStorage):
-        # The plugin's own image_path says why (PVE types we only recognise).
-        try:
-            plugin.image_path(scfg, "0/none")
-        except UnsupportedError as exc:
-            raise UnsupportedError(f"storage '{storeid}': {exc}") from exc
-        raise UnsupportedError(
-            f"storage '{storeid}' (type {scfg['type']}) holds no guest volumes"
-        )
+        raise UnsupportedError(f"storage '{storeid}' is {unreachable(scfg['type'])}")
     return dict(scfg), plugin
 
 
