@@ -158,6 +158,21 @@ def test_container_volumes_on_block_storages_are_refused_cleanly(tmp_path: Path)
         assert not guest.ok
         assert guest.error is not None and "not mounting its file system" in guest.error
 
+        # the container's own storage ('local') is an lvmthin now: without --storage
+        # the restore warns and uses a storage that holds directories ('other')
+        text = node.root.storage_cfg.read_text().replace(
+            f"dir: local\n\tpath {node.path}/var/lib/vz\n", "lvmthin: local\n\tvgname pve\n"
+            "\tthinpool data\n"
+        )
+        node.root.storage_cfg.write_text(text)
+        log = tmp_path / "restore.log"
+        with open(log, "w") as terminal:
+            run_restore(node.root, "rec:lxc-101-000", 301, terminal=terminal)
+        ct = node.root.load_guest(301)
+        assert isinstance(ct, CtConfig)
+        assert [m.spec.volid for m in ct.mountpoints] == ["other:301/subvol-301-disk-0.subvol"]
+        assert "storage 'local' (type lvmthin) cannot hold rootdir" in log.read_text()
+
 
 class ThickLike(GuestVolumeStorage):
     """A raw-only block-like storage whose new volumes hold old data, as a thick LV
