@@ -10,6 +10,7 @@ rbd command lines are tested against fake tools in tests/storage.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -26,7 +27,8 @@ from pvebackup.api.types import GuestType
 from pvebackup.host.guests import CtConfig, VmConfig
 from pvebackup.host.job import run_backup_job
 from pvebackup.host.restore import run_restore
-from pvebackup.storage import GuestVolume, GuestVolumeStorage, registry
+from pvebackup.host.runstate import GuestRun
+from pvebackup.storage import GuestVolume, GuestVolumeStorage, read_storage_config, registry
 from pvebackup.storage.guestvol import next_disk_name
 from pvebackup.storage.plugin import COMMON_PROPERTIES, PropertyKind, PropertySpec
 
@@ -287,3 +289,29 @@ def test_vm_on_lvmthin_backed_up_and_restored_onto_lvmthin(tmp_path: Path, thin_
         assert [d.spec.volid for d in config.disks] == ["t2:vm-200-disk-0"]
         sh("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", disk,
            f"/dev/{thin_vg}/vm-200-disk-0")  # fmt: skip
+
+
+@pytest.mark.usefixtures("job_tmpdir")
+def test_a_killed_restore_s_btrfs_volume_is_freed_by_the_next_run(
+    tmp_path: Path, btrfs_mount: Path
+) -> None:
+    with registry.registered(RecordingPlugin):
+        node = _node(tmp_path, f"btrfs: bt1\n\tpath {btrfs_mount}/bt1\n\tcontent images\n")
+        plugin = registry.lookup("btrfs")
+        assert isinstance(plugin, GuestVolumeStorage)
+        scfg = {"type": "btrfs", "path": f"{btrfs_mount}/bt1"}
+        plugin.allocate(scfg, "bt1", 100, "raw", MiB, "100/vm-100-disk-0.raw")
+        # what a restore killed after the allocation left in its state file
+        state = node.root.run_dir / "state/100.json"
+        state.parent.mkdir(parents=True)
+        state.write_text(json.dumps({
+            "pid": 4242, "action": "restore", "children": [], "dirs": [],
+            "volumes": ["bt1:100/vm-100-disk-0.raw", "bt1:100/vm-100-disk-7.raw"],
+        }))  # fmt: skip
+        logs: list[str] = []
+        cfg = read_storage_config(node.root.storage_cfg)
+        with GuestRun(node.root, 100, action="backup", log=lambda _, m: logs.append(m), cfg=cfg):
+            pass
+        assert not (btrfs_mount / "bt1/images/100").exists()  # subvolume deleted
+        assert any("freed volume bt1:100/vm-100-disk-0.raw" in m for m in logs)
+        assert not any("disk-7" in m for m in logs)  # never allocated: nothing to say
