@@ -29,10 +29,13 @@ from pvebackup.storage.dir import DirPlugin
 from pvebackup.storage.guestvol import GuestVolume, GuestVolumeStorage
 from pvebackup.storage.plugin import (
     COMMON_PROPERTIES,
+    VOLUME_ATTRIBUTES,
+    AttributeValue,
     DamagedVolume,
     StoragePlugin,
     VolumeInfo,
     VolumeScan,
+    remove_backup_volume,
 )
 from pvebackup.storage.properties import (
     PropertyKind,
@@ -64,6 +67,8 @@ __all__ = [
     "BASE_PATH_PROPERTIES",
     "COMMON_PROPERTIES",
     "CREATE_SUBDIRS",
+    "VOLUME_ATTRIBUTES",
+    "AttributeValue",
     "ENTRY_POINT_GROUP",
     "BasePath",
     "DamagedVolume",
@@ -90,6 +95,7 @@ __all__ = [
     "register",
     "registered",
     "registry",
+    "remove_backup_volume",
     "storage_config",
     "unregister",
     "valid_storeid",
