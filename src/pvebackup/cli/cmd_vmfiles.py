@@ -50,18 +50,27 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("volid", metavar="STOREID:VOLNAME", help="the VM backup")
     p.add_argument("--disk", metavar="DEVICE", help="the disk, e.g. scsi0 (default: the first)")
     p.add_argument("--partition", metavar="N", type=int, help="partition number (1-based)")
+    add_output_option(p)
     actions = p.add_subparsers(dest="action", metavar="ls|extract", required=True)
     ls = actions.add_parser("ls", help="list a directory (or show one file)")
     ls.add_argument("path", nargs="?", default="/", metavar="PATH", help="guest path")
-    add_output_option(ls)
+    _output_option(ls)
     ex = actions.add_parser("extract", help="extract a directory tree or a file")
     ex.add_argument("path", metavar="PATH", help="guest path")
     ex.add_argument("--target", metavar="DIR", type=Path, required=True,
                     help="new or empty directory to write into")  # fmt: skip
     ex.add_argument("--keep-owner", action="store_true",
                     help="apply the guest's owners (root only)")  # fmt: skip
-    add_output_option(ex)
+    _output_option(ex)
     p.set_defaults(command=_from_args, usage_parser=p)
+
+
+def _output_option(parser: argparse.ArgumentParser) -> None:
+    """``--output`` also after the action (``vm-files VOLID ls / --output json``)."""
+    parser.add_argument(
+        "--output", choices=("text", "json"), default=argparse.SUPPRESS,
+        help="output format: text for people, json for scripts (see docs/cli-json.md)",
+    )  # fmt: skip
 
 
 def _from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -110,6 +110,8 @@ def open_guest_filesystem(
         disk = disks[0]
         if len(disks) > 1:
             log.info(f"reading disk {disk} (of {', '.join(disks)}; choose with --disk)")
+    elif disk not in disks and f"drive-{disk}" in disks:
+        disk = f"drive-{disk}"  # the config key (scsi0) names the device drive-scsi0
     elif disk not in disks:
         raise UsageError(f"{volid} has no disk {disk} (disks: {', '.join(disks)})")
     _detach_stale_exports()

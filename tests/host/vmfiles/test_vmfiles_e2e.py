@@ -1,0 +1,240 @@
+"""vm-files end to end: back up a VM whose disks hold hostile ext4 trees, list, extract.
+
+Real tools throughout: the backup job, backup-dir and backup-store, qemu-storage-daemon
+with its FUSE export, debugfs. Nothing is mounted but FUSE (which carries bytes only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from vmfiles_support import (
+    BAD_UTF8_NAME,
+    NEWLINE_NAME,
+    MiB,
+    back_up,
+    make_ext4,
+    make_node,
+    make_tree,
+    private_tmp,
+    run,
+)
+
+from pvebackup.cli.main import main
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def backed_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> tuple[Path, dict[str, str], Path, Path]:
+    """Node path, {storeid: volid}, the source tree, the "outside" dir.
+
+    scsi0: a GPT disk, partition 1 a small non-Linux one, partition 2 the Linux ext4.
+    scsi1: ext4 on the whole disk (no partition table).
+    """
+    monkeypatch.setattr("tempfile.tempdir", None)
+    private_tmp(tmp_path / "tmp")
+    src, outside = tmp_path / "src", tmp_path / "outside"
+    outside.mkdir()
+    make_tree(src, outside)
+    parted = tmp_path / "parted.raw"
+    run("truncate", "-s", str(24 * MiB), str(parted))
+    run("sgdisk", "-n", "1:2048:+2M", "-t", "1:ef00", "-n", "2:0:0", "-t", "2:8300",
+        str(parted))  # fmt: skip
+    start = int(run("sgdisk", "-i", "2", str(parted)).split("First sector: ")[1].split()[0])
+    end = int(run("sgdisk", "-i", "2", str(parted)).split("Last sector: ")[1].split()[0])
+    make_ext4(parted, src, (end - start + 1) * 512, offset=start * 512)
+    whole = tmp_path / "whole.raw"
+    run("truncate", "-s", str(16 * MiB), str(whole))
+    (tmp_path / "small").mkdir()
+    (tmp_path / "small/only-on-scsi1").write_text("scsi1\n")
+    make_ext4(whole, tmp_path / "small", 16 * MiB, hostile=False)
+    node = tmp_path / "node"
+    root = make_node(node, {"scsi0": parted, "scsi1": whole})
+    volids = {sid: back_up(root, sid) for sid in ("bdir", "store1")}
+    return node, volids, src, outside
+
+
+def cli(node: Path, *args: str) -> int:
+    return main(["--root", str(node), "vm-files", *args])
+
+
+def no_leftovers(tmp: Path) -> None:
+    mounts = Path("/proc/self/mounts").read_text()
+    assert str(tmp) not in mounts
+    assert [p.name for p in tmp.iterdir()] == [], "temporary files left behind"
+
+
+@pytest.mark.parametrize("storeid", ["bdir", "store1"])
+def test_ls_and_extract_match_the_source_tree(
+    backed_up: tuple[Path, dict[str, str], Path, Path],
+    storeid: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    node, volids, src, outside = backed_up
+    volid = volids[storeid]
+    capsys.readouterr()
+    assert cli(node, volid, "--disk", "scsi0", "ls", "/", "--output", "json") == 0
+    listed = {e["name"]: e for e in json.loads(capsys.readouterr().out)}
+    expected = {os.fsencode(p.name).decode(errors="backslashreplace") for p in src.iterdir()}
+    # "HOSTILE2" became "..", never listed; "HOSTILE1" became "../../x1", listed as is.
+    expected = (expected - {"HOSTILE1", "HOSTILE2"}) | {"../../x1", "lost+found"}
+    assert set(listed) == expected
+    assert listed["shadow-link"]["type"] == "symlink"
+    assert listed["shadow-link"]["target"] == "/etc/shadow"
+    assert listed["fifo"]["type"] == "fifo" and listed["null"]["type"] == "chardev"
+    assert listed["home"]["type"] == "dir"
+    assert listed["bad\\xffname"]["size"] == 7
+    assert cli(node, volid, "ls", "/usr/bin/suid", "--output", "json") == 0
+    (suid,) = json.loads(capsys.readouterr().out)
+    assert suid["mode"] == 0o4755 and suid["type"] == "file"
+    assert cli(node, volid, "ls", "/etc") == 0
+    text = capsys.readouterr().out
+    assert " 1234  5678 " in text and text.rstrip().endswith("hostname")
+
+    target = tmp_path / f"out-{storeid}"
+    assert cli(node, volid, "extract", "/", "--target", str(target), "--output", "json") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["partition"] == 2 and result["disk"] == "drive-scsi0"
+    assert sorted(result["skipped"]) == ["/../../x1", "/null"]
+    # The contents and the permissions came across; nothing left the target.
+    for rel in ("etc/hostname", "home/user/docs/report.txt", "home/user/empty", "sp ace"):
+        assert (target / rel).read_bytes() == (src / rel).read_bytes(), rel
+    assert (target / os.fsdecode(NEWLINE_NAME)).read_text() == "newline\n"
+    assert (target / os.fsdecode(BAD_UTF8_NAME)).read_text() == "latin1\n"
+    assert os.readlink(target / "shadow-link") == "/etc/shadow"
+    assert os.readlink(target / "up-link") == "../../../../../../../../etc"
+    assert os.readlink(target / "out-link") == str(outside)
+    assert list(outside.iterdir()) == []
+    assert not (tmp_path.parent / "x1").exists() and not (tmp_path / "x1").exists()
+    mode = (target / "usr/bin/suid").stat().st_mode
+    assert stat.S_IMODE(mode) == 0o755, oct(mode)  # setuid dropped
+    assert stat.S_ISFIFO((target / "fifo").lstat().st_mode)
+    assert not (target / "null").exists()  # no device node
+    assert (target / "etc/hostname").stat().st_uid == 0  # owners not applied by default
+    no_leftovers(tmp_path / "tmp")
+
+
+def test_whole_disk_keep_owner_and_one_file(
+    backed_up: tuple[Path, dict[str, str], Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    node, volids, _src, _outside = backed_up
+    volid = volids["bdir"]
+    assert cli(node, volid, "--disk", "scsi1", "ls", "/", "--output", "json") == 0
+    names = {e["name"] for e in json.loads(capsys.readouterr().out)}
+    assert names == {"lost+found", "only-on-scsi1"}
+    target = tmp_path / "one"
+    assert cli(node, volid, "extract", "/etc/hostname", "--target", str(target),
+               "--keep-owner") == 0  # fmt: skip
+    assert [p.name for p in target.iterdir()] == ["hostname"]
+    st = (target / "hostname").stat()
+    assert (st.st_uid, st.st_gid) == (1234, 5678)
+    assert cli(node, volid, "--disk", "scsi9", "ls") == 2
+    assert cli(node, volid, "--partition", "7", "ls") == 2
+    assert cli(node, volid, "ls", "/no/such") == 3
+    assert cli(node, volid, "ls", "/../etc") == 2
+
+
+def test_non_empty_target_is_refused(
+    backed_up: tuple[Path, dict[str, str], Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    node, volids, _src, _outside = backed_up
+    target = tmp_path / "busy"
+    target.mkdir()
+    (target / "mine").write_text("keep\n")
+    assert cli(node, volids["store1"], "extract", "/etc", "--target", str(target)) == 7
+    assert [p.name for p in target.iterdir()] == ["mine"]
+    link = tmp_path / "link-target"
+    link.symlink_to(tmp_path / "outside")
+    assert cli(node, volids["store1"], "extract", "/etc", "--target", str(link)) == 7
+    assert list((tmp_path / "outside").iterdir()) == []
+    assert "not empty" in capsys.readouterr().err
+    no_leftovers(tmp_path / "tmp")
+
+
+def _single_disk_node(tmp_path: Path, disk: Path) -> tuple[Path, str]:
+    private_tmp(tmp_path / "tmp")
+    node = tmp_path / "node"
+    root = make_node(node, {"scsi0": disk})
+    return node, back_up(root, "bdir")
+
+
+def test_corrupt_superblock_is_a_typed_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ext magic, the rest of the superblock garbage: exit 5, nothing left behind."""
+    monkeypatch.setattr("tempfile.tempdir", None)
+    disk = tmp_path / "bad.raw"
+    run("truncate", "-s", str(8 * MiB), str(disk))
+    with open(disk, "r+b") as f:
+        f.seek(1024)
+        f.write(os.urandom(1024))
+        f.seek(1024 + 56)
+        f.write(b"\x53\xef")
+    node, volid = _single_disk_node(tmp_path, disk)
+    assert cli(node, volid, "ls") == 5
+    assert "cannot be opened" in capsys.readouterr().err
+    no_leftovers(tmp_path / "tmp")
+
+
+@pytest.mark.parametrize(
+    ("magic_at", "magic", "code", "message"),
+    [(0, b"XFSB", 4, "xfs file systems cannot be read"), (None, b"", 4, "no file system")],
+)
+def test_unsupported_filesystem_is_refused(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    magic_at: int | None,
+    magic: bytes,
+    code: int,
+    message: str,
+) -> None:
+    monkeypatch.setattr("tempfile.tempdir", None)
+    disk = tmp_path / "other.raw"
+    run("truncate", "-s", str(8 * MiB), str(disk))
+    if magic_at is not None:
+        with open(disk, "r+b") as f:
+            f.seek(magic_at)
+            f.write(magic)
+    node, volid = _single_disk_node(tmp_path, disk)
+    assert cli(node, volid, "ls") == code
+    assert message in capsys.readouterr().err
+    no_leftovers(tmp_path / "tmp")
+
+
+def test_container_backup_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("tempfile.tempdir", None)
+    private_tmp(tmp_path / "tmp")
+    node = tmp_path / "node"
+    root = make_node(node, {})
+    rootfs = node / "var/lib/vz/images/101/subvol-101-disk-0.subvol"
+    (rootfs / "etc").mkdir(parents=True)
+    root.config_path(101, "lxc").write_text(  # type: ignore[arg-type]
+        f"hostname: ct\nrootfs: local:101/{rootfs.name},size=0T\n"
+    )
+    result = subprocess.run(["true"])
+    assert result.returncode == 0
+    from pvebackup.host.job import run_backup_job
+
+    job = run_backup_job(root, "bdir", [101], terminal=None)
+    assert not job.failed, job.guests
+    target = job.guests[0].target
+    assert target is not None
+    volid = target if target.startswith("bdir:") else f"bdir:{target}"
+    assert cli(node, volid, "ls") == 4
+    assert "VM backups only" in capsys.readouterr().err
