@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,41 +25,58 @@ from vmfiles_support import (
     run,
 )
 
+from pvebackup.api.types import GuestType
 from pvebackup.cli.main import main
+from pvebackup.host.job import run_backup_job
+from pvebackup.kit.hoststate import STATE_DIR_ENV
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture
-def backed_up(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
-) -> tuple[Path, dict[str, str], Path, Path]:
-    """Node path, {storeid: volid}, the source tree, the "outside" dir.
+Backed = tuple[Path, dict[str, str], Path, Path]
+
+
+@pytest.fixture(scope="module")
+def backed_up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backed]:
+    """Node path, {storeid: volid}, the source tree, the "outside" dir (made once).
 
     scsi0: a GPT disk, partition 1 a small non-Linux one, partition 2 the Linux ext4.
     scsi1: ext4 on the whole disk (no partition table).
     """
-    monkeypatch.setattr("tempfile.tempdir", None)
-    private_tmp(tmp_path / "tmp")
-    src, outside = tmp_path / "src", tmp_path / "outside"
-    outside.mkdir()
-    make_tree(src, outside)
-    parted = tmp_path / "parted.raw"
-    run("truncate", "-s", str(24 * MiB), str(parted))
-    run("sgdisk", "-n", "1:2048:+2M", "-t", "1:ef00", "-n", "2:0:0", "-t", "2:8300",
-        str(parted))  # fmt: skip
-    start = int(run("sgdisk", "-i", "2", str(parted)).split("First sector: ")[1].split()[0])
-    end = int(run("sgdisk", "-i", "2", str(parted)).split("Last sector: ")[1].split()[0])
-    make_ext4(parted, src, (end - start + 1) * 512, offset=start * 512)
-    whole = tmp_path / "whole.raw"
-    run("truncate", "-s", str(16 * MiB), str(whole))
-    (tmp_path / "small").mkdir()
-    (tmp_path / "small/only-on-scsi1").write_text("scsi1\n")
-    make_ext4(whole, tmp_path / "small", 16 * MiB, hostile=False)
-    node = tmp_path / "node"
-    root = make_node(node, {"scsi0": parted, "scsi1": whole})
-    volids = {sid: back_up(root, sid) for sid in ("bdir", "store1")}
-    return node, volids, src, outside
+    base = tmp_path_factory.mktemp("vmfiles")
+    with pytest.MonkeyPatch.context() as mp:
+        # Module scope: set up before the autouse host_state_dir, so its own here.
+        mp.setenv(STATE_DIR_ENV, str(base / "state"))
+        mp.setattr("tempfile.tempdir", None)
+        private_tmp(base / "tmp")
+        src, outside = base / "src", base / "outside"
+        outside.mkdir()
+        make_tree(src, outside)
+        parted = base / "parted.raw"
+        run("truncate", "-s", str(24 * MiB), str(parted))
+        run("sgdisk", "-n", "1:2048:+2M", "-t", "1:ef00", "-n", "2:0:0", "-t", "2:8300",
+            str(parted))  # fmt: skip
+        info = run("sgdisk", "-i", "2", str(parted))
+        start = int(info.split("First sector: ")[1].split()[0])
+        end = int(info.split("Last sector: ")[1].split()[0])
+        make_ext4(parted, src, (end - start + 1) * 512, offset=start * 512)
+        whole = base / "whole.raw"
+        run("truncate", "-s", str(16 * MiB), str(whole))
+        (base / "small").mkdir()
+        (base / "small/only-on-scsi1").write_text("scsi1\n")
+        make_ext4(whole, base / "small", 16 * MiB, hostile=False)
+        node = base / "node"
+        root = make_node(node, {"scsi0": parted, "scsi1": whole})
+        volids = {sid: back_up(root, sid) for sid in ("bdir", "store1")}
+        yield node, volids, src, outside
+
+
+@pytest.fixture
+def vm_tmp(backed_up: Backed, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The temporary directory vm-files works in during one test (checked empty after)."""
+    tmp = backed_up[0].parent / "tmp"
+    monkeypatch.setattr("tempfile.tempdir", str(tmp))
+    return tmp
 
 
 def cli(node: Path, *args: str) -> int:
@@ -74,7 +91,8 @@ def no_leftovers(tmp: Path) -> None:
 
 @pytest.mark.parametrize("storeid", ["bdir", "store1"])
 def test_ls_and_extract_match_the_source_tree(
-    backed_up: tuple[Path, dict[str, str], Path, Path],
+    backed_up: Backed,
+    vm_tmp: Path,
     storeid: str,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
@@ -120,11 +138,12 @@ def test_ls_and_extract_match_the_source_tree(
     assert stat.S_ISFIFO((target / "fifo").lstat().st_mode)
     assert not (target / "null").exists()  # no device node
     assert (target / "etc/hostname").stat().st_uid == 0  # owners not applied by default
-    no_leftovers(tmp_path / "tmp")
+    no_leftovers(vm_tmp)
 
 
 def test_whole_disk_keep_owner_and_one_file(
-    backed_up: tuple[Path, dict[str, str], Path, Path],
+    backed_up: Backed,
+    vm_tmp: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -146,22 +165,23 @@ def test_whole_disk_keep_owner_and_one_file(
 
 
 def test_non_empty_target_is_refused(
-    backed_up: tuple[Path, dict[str, str], Path, Path],
+    backed_up: Backed,
+    vm_tmp: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    node, volids, _src, _outside = backed_up
+    node, volids, _src, outside = backed_up
     target = tmp_path / "busy"
     target.mkdir()
     (target / "mine").write_text("keep\n")
     assert cli(node, volids["store1"], "extract", "/etc", "--target", str(target)) == 7
     assert [p.name for p in target.iterdir()] == ["mine"]
     link = tmp_path / "link-target"
-    link.symlink_to(tmp_path / "outside")
+    link.symlink_to(outside)
     assert cli(node, volids["store1"], "extract", "/etc", "--target", str(link)) == 7
-    assert list((tmp_path / "outside").iterdir()) == []
+    assert list(outside.iterdir()) == []
     assert "not empty" in capsys.readouterr().err
-    no_leftovers(tmp_path / "tmp")
+    no_leftovers(vm_tmp)
 
 
 def _single_disk_node(tmp_path: Path, disk: Path) -> tuple[Path, str]:
@@ -224,13 +244,9 @@ def test_container_backup_is_refused(
     root = make_node(node, {})
     rootfs = node / "var/lib/vz/images/101/subvol-101-disk-0.subvol"
     (rootfs / "etc").mkdir(parents=True)
-    root.config_path(101, "lxc").write_text(  # type: ignore[arg-type]
+    root.config_path(101, GuestType.LXC).write_text(
         f"hostname: ct\nrootfs: local:101/{rootfs.name},size=0T\n"
     )
-    result = subprocess.run(["true"])
-    assert result.returncode == 0
-    from pvebackup.host.job import run_backup_job
-
     job = run_backup_job(root, "bdir", [101], terminal=None)
     assert not job.failed, job.guests
     target = job.guests[0].target

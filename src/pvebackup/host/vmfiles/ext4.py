@@ -25,13 +25,15 @@ from pathlib import Path
 from pvebackup.api.errors import CorruptFilesystemError, ExternalToolError
 from pvebackup.kit import proc
 
-__all__ = ["DEBUGFS", "ROOT_INODE", "Entry", "Ext4Reader"]
+__all__ = ["DEBUGFS", "MAX_ENTRIES", "ROOT_INODE", "Entry", "Ext4Reader", "parse_listing"]
 
 DEBUGFS = "debugfs"
 ROOT_INODE = 2
 TIMEOUT = 300.0
 """Seconds one debugfs request may take."""
 MAX_SYMLINK = 4096
+MAX_ENTRIES = 1 << 20
+"""Most entries one directory may list (a crafted one could list more than memory holds)."""
 _CHUNK = 1 << 20
 
 # One ``ls -p`` record: /ino/mode/uid/gid/name/size/ and a newline, where the next
@@ -65,6 +67,32 @@ class Entry:
         return stat.S_ISLNK(self.mode)
 
 
+def parse_listing(out: bytes, inode: int) -> list[Entry]:
+    """The records of ``debugfs ls -p`` output, without ``.``, ``..`` and unused slots.
+
+    :raises CorruptFilesystemError: a record does not parse, or there are more than
+        :data:`MAX_ENTRIES`.
+    """
+    entries: list[Entry] = []
+    pos, end = 0, len(out.rstrip(b"\n"))
+    while pos < end:
+        m = _RECORD.match(out, pos)
+        if m is None:
+            raise CorruptFilesystemError(
+                f"ext4 file system: unreadable listing of inode {inode} at byte {pos}"
+            )
+        pos = m.end()
+        ino, mode, uid, gid, name, size = m.groups()
+        if name in (b".", b"..") or ino == b"0":
+            continue  # inode 0: an unused slot (lost+found keeps empty ones)
+        if len(entries) >= MAX_ENTRIES:
+            raise CorruptFilesystemError(
+                f"ext4 file system: directory inode {inode} has more than {MAX_ENTRIES} entries"
+            )
+        entries.append(Entry(name, int(ino), int(mode, 8), int(uid), int(gid), int(size or b"0")))
+    return entries
+
+
 class Ext4Reader:
     """Requests to ``debugfs`` on one ext2/3/4 image file (read-only)."""
 
@@ -95,23 +123,7 @@ class Ext4Reader:
 
     def list_dir(self, inode: int) -> list[Entry]:
         """The entries of directory ``inode`` without ``.`` and ``..``."""
-        out = self._run(f"ls -p <{inode}>")
-        entries: list[Entry] = []
-        pos = 0
-        while pos < len(out) and out[pos:].strip(b"\n"):
-            m = _RECORD.match(out, pos)
-            if m is None:
-                raise CorruptFilesystemError(
-                    f"ext4 file system: unreadable listing of inode {inode} at byte {pos}"
-                )
-            pos = m.end()
-            ino, mode, uid, gid, name, size = m.groups()
-            if name in (b".", b"..") or ino == b"0":
-                continue  # inode 0: an unused slot (lost+found keeps empty ones)
-            entries.append(
-                Entry(name, int(ino), int(mode, 8), int(uid), int(gid), int(size or b"0"))
-            )
-        return entries
+        return parse_listing(self._run(f"ls -p <{inode}>"), inode)
 
     def lookup(self, parts: list[bytes]) -> Entry:
         """The entry at ``parts`` below the root (the root itself for ``[]``).

@@ -87,8 +87,8 @@ def read_partitions(read: Reader, disk_size: int) -> list[Partition]:
             return gpt
     found: list[Partition] = []
     for i, (_status, _chs, ptype, _chs2, lba, count) in enumerate(entries, start=1):
-        if ptype == 0 or count == 0:
-            continue
+        if ptype in (0, _PROTECTIVE) or count == 0:
+            continue  # unused, or the GPT's placeholder (when the GPT was unusable)
         if ptype in _EXTENDED:
             found.extend(_read_logical(read, disk_size, lba))
             continue
