@@ -18,7 +18,8 @@ import pytest
 
 from pvebackup.api.errors import CorruptFilesystemError, StateError, StorageFullError, UsageError
 from pvebackup.host.vmfiles import extract as extract_mod
-from pvebackup.host.vmfiles.ext4 import MAX_ENTRIES, Entry, parse_listing
+from pvebackup.host.vmfiles.entries import Entry
+from pvebackup.host.vmfiles.ext4 import MAX_ENTRIES, parse_listing
 from pvebackup.host.vmfiles.extract import Extractor, open_target, safe_name
 from pvebackup.host.vmfiles.partitions import (
     MAX_LOGICAL,

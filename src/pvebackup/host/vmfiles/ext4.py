@@ -19,10 +19,10 @@ import re
 import stat
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from pvebackup.api.errors import CorruptFilesystemError, ExternalToolError
+from pvebackup.host.vmfiles.entries import Entry
 from pvebackup.kit import proc
 
 __all__ = ["DEBUGFS", "MAX_ENTRIES", "ROOT_INODE", "Entry", "Ext4Reader", "parse_listing"]
@@ -41,30 +41,6 @@ _CHUNK = 1 << 20
 _RECORD = re.compile(rb"/(\d+)/([0-7]{6})/(\d+)/(\d+)/(.*?)/(\d*)/\n(?=/\d+/[0-7]{6}/|\n*\Z)", re.S)
 _BANNER = re.compile(rb"^debugfs [0-9][^\n]*\n?")
 _FAST_LINK = b'Fast link dest: "'
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One directory entry as the image describes it (untrusted)."""
-
-    name: bytes
-    inode: int
-    mode: int
-    uid: int
-    gid: int
-    size: int
-
-    @property
-    def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.mode)
-
-    @property
-    def is_file(self) -> bool:
-        return stat.S_ISREG(self.mode)
-
-    @property
-    def is_symlink(self) -> bool:
-        return stat.S_ISLNK(self.mode)
 
 
 def parse_listing(out: bytes, inode: int) -> list[Entry]:
@@ -125,23 +101,8 @@ class Ext4Reader:
         """The entries of directory ``inode`` without ``.`` and ``..``."""
         return parse_listing(self._run(f"ls -p <{inode}>"), inode)
 
-    def lookup(self, parts: list[bytes]) -> Entry:
-        """The entry at ``parts`` below the root (the root itself for ``[]``).
-
-        :raises CorruptFilesystemError: ... as :meth:`list_dir`.
-        :raises FileNotFoundError: no such entry, or a parent is not a directory.
-        """
-        entry = Entry(b"/", ROOT_INODE, stat.S_IFDIR | 0o755, 0, 0, 0)
-        for part in parts:
-            if not entry.is_dir:
-                raise FileNotFoundError(f"{part.decode(errors='replace')}: not a directory")
-            for child in self.list_dir(entry.inode):
-                if child.name == part:
-                    entry = child
-                    break
-            else:
-                raise FileNotFoundError(part.decode(errors="replace"))
-        return entry
+    def root(self) -> Entry:
+        return Entry(b"/", ROOT_INODE, stat.S_IFDIR | 0o755, 0, 0, 0)
 
     def readlink(self, entry: Entry) -> bytes:
         """A symbolic link's target (bounded to :data:`MAX_SYMLINK` bytes)."""

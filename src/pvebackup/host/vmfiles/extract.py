@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pvebackup.api.errors import PveBackupError, StateError, StorageFullError, UsageError
-from pvebackup.host.vmfiles.ext4 import Entry, Ext4Reader
+from pvebackup.host.vmfiles.entries import Entry, FsReader
 
 __all__ = ["ExtractResult", "Extractor", "open_target", "safe_name"]
 
@@ -94,7 +94,7 @@ class Extractor:
 
     def __init__(
         self,
-        reader: Ext4Reader,
+        reader: FsReader,
         warn: Callable[[str], None],
         *,
         keep_owner: bool = False,

@@ -23,7 +23,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +40,8 @@ from pvebackup.api.types import GuestType, RestoreMechanism
 from pvebackup.host.guests import NodeRoot
 from pvebackup.host.tasklog import LogRouter
 from pvebackup.host.vmfiles.blockfile import BlockFiles
-from pvebackup.host.vmfiles.ext4 import Entry, Ext4Reader
+from pvebackup.host.vmfiles.entries import Entry, FsReader, lookup
+from pvebackup.host.vmfiles.ext4 import Ext4Reader
 from pvebackup.host.vmfiles.extract import Extractor, ExtractResult, open_target
 from pvebackup.host.vmfiles.partitions import (
     Partition,
@@ -48,6 +49,7 @@ from pvebackup.host.vmfiles.partitions import (
     pick_partition,
     read_partitions,
 )
+from pvebackup.host.vmfiles.xfs import XfsReader
 from pvebackup.kit import proc
 from pvebackup.storage import new_backup_provider, parse_volume_id, read_storage_config
 
@@ -61,13 +63,14 @@ __all__ = [
 ]
 
 _WORKDIR_PREFIX = "pvebackup-vmfiles-"
+_READERS: dict[str, Callable[[Path], FsReader]] = {"ext": Ext4Reader, "xfs": XfsReader}
 
 
 @dataclass(frozen=True, slots=True)
 class GuestFilesystem:
     """An opened guest file system and where it came from."""
 
-    reader: Ext4Reader
+    reader: FsReader
     disk: str
     partition: Partition | None
     fstype: str
@@ -151,13 +154,13 @@ def _open(files: BlockFiles, disk: str, number: int | None, log: LogRouter) -> G
     where = disk if part is None else f"{disk} partition {part.number}"
     if fstype is None:
         raise UnsupportedFilesystemError(f"{where}: no file system found")
-    if fstype != "ext":
+    if fstype not in _READERS:
         raise UnsupportedFilesystemError(
-            f"{where}: {fstype} file systems cannot be read by vm-files yet (ext2/3/4 only)"
+            f"{where}: {fstype} file systems cannot be read by vm-files (ext2/3/4 and xfs only)"
         )
     image = whole if part is None else files.export(part.offset, part.size)
     log.info(f"reading the {fstype} file system on {where}")
-    return GuestFilesystem(Ext4Reader(image), disk, part, fstype)
+    return GuestFilesystem(_READERS[fstype](image), disk, part, fstype)
 
 
 def _remove_workdir(workdir: Path) -> None:
@@ -241,7 +244,7 @@ def split_guest_path(path: str) -> list[bytes]:
 
 def _lookup(fs: GuestFilesystem, path: str) -> Entry:
     try:
-        return fs.reader.lookup(split_guest_path(path))
+        return lookup(fs.reader, split_guest_path(path))
     except FileNotFoundError as exc:
         raise NotFoundError(f"{path}: no such file or directory in the guest ({exc})") from exc
 
