@@ -211,7 +211,11 @@ def test_corrupt_superblock_is_a_typed_error(
 
 @pytest.mark.parametrize(
     ("magic_at", "magic", "code", "message"),
-    [(0, b"XFSB", 4, "xfs file systems cannot be read"), (None, b"", 4, "no file system")],
+    [
+        (0x10040, b"_BHRfS_M", 4, "btrfs file systems cannot be read"),
+        (None, b"", 4, "no file system"),
+        (0, b"XFSB", 5, "the xfs file system cannot be opened"),
+    ],
 )
 def test_unsupported_filesystem_is_refused(
     tmp_path: Path,

@@ -8,7 +8,8 @@
     restore_qemu_img_init -> source      ... restore_qemu_img_cleanup (always)
       qemu-storage-daemon: the source read-only, unprobed, as a FUSE file
       partition table (Python, bounded) -> the partition as a second FUSE file
-      signature -> ext2/3/4: debugfs   (xfs and others: UnsupportedFilesystemError)
+      signature -> ext2/3/4: debugfs; xfs: xfs_db + our block reads
+                   (others: UnsupportedFilesystemError)
 
 Why no kernel mount: the file system is hostile input (the guest's, or whoever
 can write the backup storage), and the kernel's ext4/xfs drivers are not hardened
@@ -90,7 +91,7 @@ def open_guest_filesystem(
     :raises UnsupportedError: not a VM backup, or the storage has no provider.
     :raises UsageError: no such disk or partition.
     :raises UnsupportedFilesystemError: no file system we can read there.
-    :raises CorruptFilesystemError: the ext file system cannot be opened.
+    :raises CorruptFilesystemError: the file system cannot be opened.
     """
     cfg = read_storage_config(root.storage_cfg)
     storeid, volname = parse_volume_id(volid)
