@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +29,7 @@ from vmfiles_support import (
     run,
 )
 
+import pvebackup
 from pvebackup.api.types import GuestType
 from pvebackup.cli.main import main
 from pvebackup.host.job import run_backup_job
@@ -258,3 +263,44 @@ def test_container_backup_is_refused(
     volid = target if target.startswith("bdir:") else f"bdir:{target}"
     assert cli(node, volid, "ls") == 4
     assert "VM backups only" in capsys.readouterr().err
+
+
+def test_sigterm_stops_the_daemon_and_removes_its_exports(
+    backed_up: Backed, tmp_path: Path
+) -> None:
+    """SIGTERM during an extraction: exit 130, no FUSE mount and no temporary file left."""
+    node, volids, _src, _outside = backed_up
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    slow = bin_dir / "debugfs"
+    # debugfs that hangs on file contents: the run is surely inside the extraction.
+    slow.write_text(
+        '#!/bin/sh\ncase "$*" in *cat*) touch "$STARTED"; exec sleep 60;; esac\n'
+        'exec /usr/sbin/debugfs "$@"\n'
+    )
+    slow.chmod(0o755)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    started = tmp_path / "started"
+    src_dir = Path(pvebackup.__file__).resolve().parents[1]
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", TMPDIR=str(tmp),
+               PYTHONPATH=str(src_dir), STARTED=str(started))  # fmt: skip
+    argv = [sys.executable, "-m", "pvebackup", "--root", str(node), "vm-files",
+            volids["bdir"], "extract", "/", "--target", str(tmp_path / "out")]  # fmt: skip
+    log = tmp_path / "stderr.log"
+    with open(log, "wb") as errfile:
+        child = subprocess.Popen(argv, env=env, stderr=errfile)
+    try:
+        deadline = time.monotonic() + 120
+        while not started.exists():
+            assert child.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the extraction never started"
+            time.sleep(0.1)
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(60) == 130, log.read_text()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert str(tmp) not in Path("/proc/self/mounts").read_text()
+    assert os.listdir(tmp) == []

@@ -39,6 +39,7 @@ from pvebackup.api.errors import (
 )
 from pvebackup.api.types import GuestType, RestoreMechanism
 from pvebackup.host.guests import NodeRoot
+from pvebackup.host.signals import abort_on_signals
 from pvebackup.host.tasklog import LogRouter
 from pvebackup.host.vmfiles.blockfile import BlockFiles
 from pvebackup.host.vmfiles.entries import Entry, FsReader, lookup
@@ -119,18 +120,20 @@ def open_guest_filesystem(
     elif disk not in disks:
         raise UsageError(f"{volid} has no disk {disk} (disks: {', '.join(disks)})")
     _detach_stale_exports()
-    workdir = proc.private_dir(_WORKDIR_PREFIX)
-    try:
+    # SIGINT/SIGTERM become AbortedError, so the daemon quits and unmounts its exports.
+    with abort_on_signals():
+        workdir = proc.private_dir(_WORKDIR_PREFIX)
         try:
-            source = provider.restore_qemu_img_init(volname, storeid, disk)
-            if not isinstance(source, str | os.PathLike) or not str(source):
-                raise PluginError(f"restore_qemu_img_init returned {source!r:.80}")
-            with BlockFiles(str(source), workdir) as files:
-                yield _open(files, disk, partition, log)
+            try:
+                source = provider.restore_qemu_img_init(volname, storeid, disk)
+                if not isinstance(source, str | os.PathLike) or not str(source):
+                    raise PluginError(f"restore_qemu_img_init returned {source!r:.80}")
+                with BlockFiles(str(source), workdir) as files:
+                    yield _open(files, disk, partition, log)
+            finally:
+                provider.restore_qemu_img_cleanup(volname, storeid, disk)
         finally:
-            provider.restore_qemu_img_cleanup(volname, storeid, disk)
-    finally:
-        _remove_workdir(workdir)
+            _remove_workdir(workdir)
 
 
 def _open(files: BlockFiles, disk: str, number: int | None, log: LogRouter) -> GuestFilesystem:
