@@ -45,7 +45,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "would leave it are skipped with a warning, symlinks are written but never "
         "followed, device nodes and sockets are not created, setuid/setgid bits are "
         "dropped and owners are kept only with --keep-owner (as root). A damaged file "
-        "system exits 5; a full target exits 12; other codes as in 'pvebackup --help'.",
+        "system exits 5 (an extraction first writes every entry it can read, and warns "
+        "about each one it cannot); a full target exits 12; other codes as in 'pvebackup --help'.",
     )
     p.add_argument("volid", metavar="STOREID:VOLNAME", help="the VM backup")
     p.add_argument("--disk", metavar="DEVICE", help="the disk, e.g. scsi0 (default: the first)")

@@ -304,3 +304,31 @@ def test_sigterm_stops_the_daemon_and_removes_its_exports(
             child.wait()
     assert str(tmp) not in Path("/proc/self/mounts").read_text()
     assert os.listdir(tmp) == []
+
+
+def test_a_damaged_inode_fails_the_extraction_after_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One file's extent header destroyed: the others are extracted, exit 5 names it."""
+    monkeypatch.setattr("tempfile.tempdir", None)
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "bad").write_bytes(b"B" * 10_000)
+    (tree / "good").write_text("good\n")
+    disk = tmp_path / "damaged.raw"
+    run("truncate", "-s", str(8 * MiB), str(disk))
+    make_ext4(disk, tree, 8 * MiB, hostile=False)
+    imap = run("debugfs", "-c", "-R", "imap /bad", str(disk))
+    block = int(imap.split("located at block ")[1].split(",")[0])
+    offset = int(imap.split("offset ")[1].split()[0], 16)
+    with open(disk, "r+b") as f:
+        f.seek(1024 + 24)
+        block_size = 1024 << int.from_bytes(f.read(4), "little")
+        f.seek(block * block_size + offset + 40)  # i_block: the extent header's magic
+        f.write(b"\0\0")
+    node, volid = _single_disk_node(tmp_path, disk)
+    target = tmp_path / "out"
+    assert cli(node, volid, "extract", "/", "--target", str(target)) == 5
+    assert "1 entries could not be read" in capsys.readouterr().err
+    assert sorted(os.listdir(target)) == ["good", "lost+found"]
+    assert (target / "good").read_text() == "good\n"

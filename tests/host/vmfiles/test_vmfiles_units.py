@@ -257,3 +257,26 @@ def test_target_must_be_new_or_empty(tmp_path: Path) -> None:
     fd, created = open_target(tmp_path / "new")
     os.close(fd)
     assert created
+
+
+class DamagedReader(FakeReader):
+    """Inode 11 fails half-way through its contents, as a damaged extent tree does."""
+
+    def read(self, e: Entry) -> Iterator[bytes]:
+        if e.inode == 11:
+            yield b"partial"
+            raise CorruptFilesystemError("ext4 file system: reading inode 11 failed")
+        yield from super().read(e)
+
+
+def test_one_unreadable_file_is_removed_and_the_rest_extracted(tmp_path: Path) -> None:
+    fake = DamagedReader()
+    fake.dirs[2] = [
+        entry(b"bad", 11, stat.S_IFREG, 0o644, 100),
+        entry(b"good", 12, stat.S_IFREG, 0o644, 3),
+    ]
+    fake.data[12] = b"abc"
+    ex, warnings = extract(fake, tmp_path / "t")
+    assert os.listdir(tmp_path / "t") == ["good"]  # no partial "bad"
+    assert ex.result.unreadable == ["/bad"] and ex.result.files == 1
+    assert "reading inode 11 failed" in warnings[0]

@@ -27,7 +27,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pvebackup.api.errors import PveBackupError, StateError, StorageFullError, UsageError
+from pvebackup.api.errors import (
+    CorruptFilesystemError,
+    PveBackupError,
+    StateError,
+    StorageFullError,
+    UsageError,
+)
 from pvebackup.host.vmfiles.entries import Entry, FsReader
 
 __all__ = ["ExtractResult", "Extractor", "open_target", "safe_name"]
@@ -47,6 +53,8 @@ class ExtractResult:
     symlinks: int = 0
     bytes: int = 0
     skipped: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+    """Entries the damaged file system could not give (each warned about)."""
 
 
 def safe_name(name: bytes) -> bool:
@@ -140,6 +148,10 @@ class Extractor:
                 self._skip(shown, "device node or socket not created")
         except FileExistsError:
             self._skip(shown, "a second entry of the same name")
+        except CorruptFilesystemError as exc:
+            # One damaged inode does not cost the rest of the tree; the run fails at the end.
+            self.result.unreadable.append(shown)
+            self.warn(f"{shown}: {exc}; skipped")
         except OSError as exc:
             raise _full(exc, shown) from exc
 
@@ -182,6 +194,7 @@ class Extractor:
             0o600,
             dir_fd=dir_fd,
         )
+        written = False
         try:
             vfs = os.fstatvfs(fd)
             free = vfs.f_bavail * vfs.f_frsize
@@ -196,8 +209,11 @@ class Extractor:
                     view = view[os.write(fd, view) :]
             self._owner(fd, None, entry)
             os.fchmod(fd, entry.mode & 0o777)
+            written = True
         finally:
             os.close(fd)
+            if not written:
+                os.unlink(entry.name, dir_fd=dir_fd)  # no partial file stays behind
         self.result.files += 1
         self.result.bytes += entry.size
 

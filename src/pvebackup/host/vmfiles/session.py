@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pvebackup.api.errors import (
+    CorruptFilesystemError,
     ExternalToolError,
     NotFoundError,
     PluginError,
@@ -278,6 +279,8 @@ def extract_files(
 
     :raises StateError: ``target`` exists and is not an empty directory.
     :raises StorageFullError: the target's file system is full.
+    :raises CorruptFilesystemError: some entries could not be read (the others were
+        extracted; each unreadable one was warned about).
     """
     entry = _lookup(fs, path)
     dir_fd, _created = open_target(target)
@@ -290,4 +293,10 @@ def extract_files(
             extractor.extract(dir_fd, entry, shown)
     finally:
         os.close(dir_fd)
+    bad = extractor.result.unreadable
+    if bad:
+        raise CorruptFilesystemError(
+            f"{len(bad)} entries could not be read from the damaged file system (first:"
+            f" {bad[0]}); everything else was extracted into {target}"
+        )
     return extractor.result
