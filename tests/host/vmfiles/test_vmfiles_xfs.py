@@ -53,8 +53,11 @@ def test_xfs_ls_and_extract(
     src = tmp_path / "src"
     image = tmp_path / "xfs.raw"
     make_xfs(image, src)
+    tpm = tmp_path / "tpm.raw"
+    run("truncate", "-s", str(4 * MiB), str(tpm))
     node = tmp_path / "node"
-    volid = back_up(make_node(node, {"virtio0": image}), "store1")
+    # The TPM state comes first: the default disk is the first that can hold files.
+    volid = back_up(make_node(node, {"tpmstate0": tpm, "virtio0": image}), "store1")
     argv = ["--root", str(node), "vm-files", volid]
     assert main([*argv, "ls", "/", "--output", "json"]) == 0
     listed = {e["name"]: e for e in json.loads(capsys.readouterr().out)}
@@ -67,6 +70,7 @@ def test_xfs_ls_and_extract(
     assert main([*argv, "extract", "/", "--target", str(target), "--output", "json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["skipped"] == ["/null"] and result["partition"] is None
+    assert result["disk"] == "drive-virtio0"
     assert (target / "d/report.bin").read_bytes() == (src / "d/report.bin").read_bytes()
     assert (target / "small").read_text() == "small\n"
     assert stat.S_IMODE((target / "suid").stat().st_mode) == 0o755

@@ -113,7 +113,9 @@ def open_guest_filesystem(
     if not disks:
         raise UnsupportedError(f"{volid} holds no disks")
     if disk is None:
-        disk = disks[0]
+        # EFI vars and TPM state hold no guest file system worth a default.
+        data = [d for d in disks if "efidisk" not in d and "tpmstate" not in d]
+        disk = (data or disks)[0]
         if len(disks) > 1:
             log.info(f"reading disk {disk} (of {', '.join(disks)}; choose with --disk)")
     elif disk not in disks and f"drive-{disk}" in disks:
