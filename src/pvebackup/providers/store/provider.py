@@ -406,7 +406,7 @@ class BackupStoreProvider(BackupProvider):
 
     def restore_qemu_img_init(self, volname: str, storeid: str, devicename: str) -> str:
         snap = self._snapshot(volname)
-        snap.open_index(devicename)  # fail here, with a clear error, not inside nbdkit
+        snap.open_fixed_index(devicename)  # fail here, with a clear error, not inside nbdkit
         self.restore_qemu_img_cleanup(volname, storeid, devicename)
         key = self.settings.load_key()
         server = RestoreServer(
