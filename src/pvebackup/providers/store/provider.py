@@ -16,6 +16,7 @@ nbdkit (:mod:`.restore_server`).
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ from pvebackup.kit.oserrors import os_error
 from pvebackup.kit.safefs import MAX_CONFIG_FILE_SIZE
 from pvebackup.kit.units import format_bytes
 from pvebackup.providers.store.bitmap_base import BitmapBase, commit_base, decide, reset_base
-from pvebackup.providers.store.ctarchive import TarFeeder, backup_archive
+from pvebackup.providers.store.ctarchive import TarFeeder, backup_archive, extract_directory
 from pvebackup.providers.store.disk import DiskBackup
 from pvebackup.providers.store.restore_server import RestoreServer
 from pvebackup.providers.store.settings import StoreSettings
@@ -107,6 +108,7 @@ class BackupStoreProvider(BackupProvider):
         self._guests: dict[int, _Guest] = {}
         self._restores: dict[tuple[str, str], RestoreServer] = {}
         self._tar_feeders: dict[str, TarFeeder] = {}
+        self._ct_dirs: dict[str, Path] = {}
 
     def provider_name(self) -> str:
         return "backup-store"
@@ -291,7 +293,9 @@ class BackupStoreProvider(BackupProvider):
             "info",
             f"backup-store: {walk.entries} entries, {format_bytes(walk.data)} of file data, "
             f"{walk.excluded} excluded, {walk.skipped} skipped, "
-            f"archive {format_bytes(stats.size)}",
+            f"archive {format_bytes(stats.size)} in {stats.chunks} chunks, "
+            f"{format_bytes(stats.new)} new, {format_bytes(stats.reused)} deduplicated, "
+            f"{stats.sparse_files} sparse files ({format_bytes(stats.holes)} of holes not stored)",
         )
 
     def backup_end(self, vmid: int) -> None:
@@ -375,6 +379,8 @@ class BackupStoreProvider(BackupProvider):
     ) -> tuple[RestoreMechanism, GuestType]:
         snap = self._snapshot(volname)
         if snap.id.guest_type is GuestType.LXC:
+            if self.settings.ct_restore == "directory":
+                return RestoreMechanism.DIRECTORY, GuestType.LXC
             return RestoreMechanism.TAR, GuestType.LXC
         return RestoreMechanism.QEMU_IMG, GuestType.QEMU
 
@@ -400,6 +406,21 @@ class BackupStoreProvider(BackupProvider):
         feeder = self._tar_feeders.pop(volname, None)
         if feeder is not None:
             feeder.close()
+
+    def restore_directory_init(self, volname: str, storeid: str) -> str:
+        """The archive extracted (every chunk verified) into a private directory."""
+        snap = self._snapshot(volname)
+        if snap.id.guest_type is not GuestType.LXC:
+            raise UnsupportedError(f"{volname} is not a container backup")
+        self.restore_directory_cleanup(volname, storeid)
+        root = extract_directory(self.store(), snap, self.log_function)
+        self._ct_dirs[volname] = root
+        return str(root)
+
+    def restore_directory_cleanup(self, volname: str, storeid: str) -> None:
+        root = self._ct_dirs.pop(volname, None)
+        if root is not None:
+            shutil.rmtree(root.parent, ignore_errors=True)
 
     def restore_qemu_get_device_info(self, volname: str, storeid: str) -> DeviceInfo:
         return {name: {"size": dev.size} for name, dev in self._snapshot(volname).devices.items()}
