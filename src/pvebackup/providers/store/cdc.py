@@ -13,6 +13,10 @@ on the bytes since the previous one. Buffering does not change where cuts fall:
 the last piece of a buffer (cut only because the buffer ended) is kept and
 chunked again with what follows.
 
+Digest, compression (and encryption) run on :data:`WORKERS` threads, as in the
+disk pipeline (hashlib and zstd release the GIL); the index gets the digests in
+stream order.
+
 Average size: 1 MiB (min 256 KiB, max 4 MiB), chosen by measurement
 (``docs/benchmarks.md``): the store's packs and chunk index cost per chunk, and
 smaller chunks bought little extra dedup on the container tree.
@@ -20,9 +24,12 @@ smaller chunks bought little extra dedup on the container tree.
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+
 from pyfastcdc import FastCDC
 
-from pvebackup.store.datastore import Datastore
+from pvebackup.store.datastore import Datastore, InsertResult
 from pvebackup.store.dynindex import DynamicIndexWriter
 
 __all__ = ["CDC_AVG_SIZE", "CdcSink", "SinkStats"]
@@ -30,6 +37,9 @@ __all__ = ["CDC_AVG_SIZE", "CdcSink", "SinkStats"]
 CDC_AVG_SIZE = 1 << 20
 _HIGH_WATER = 16 << 20
 """Buffered bytes that trigger chunking (at least four maximal chunks)."""
+WORKERS = 2
+_QUEUED = 2 * WORKERS + 2
+"""Chunks handed to the workers and not collected yet: bounds memory (4 MiB each)."""
 
 
 class SinkStats:
@@ -58,6 +68,8 @@ class CdcSink:
         self.stats = stats if stats is not None else SinkStats()
         self.offset = 0
         """Bytes written so far (the stream offset of the next byte)."""
+        self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="cdc")
+        self._pending: deque[tuple[int, Future[InsertResult]]] = deque()
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         self._buf += data
@@ -76,6 +88,15 @@ class CdcSink:
     def finish(self) -> None:
         """Store what is buffered; the index then covers the whole stream."""
         self._chunk(final=True)
+        while self._pending:
+            self._collect()
+        self.close()
+
+    def close(self) -> None:
+        """Stop the workers (after an error: chunks in flight are dropped)."""
+        for _, future in self._pending:
+            future.cancel()
+        self._pool.shutdown(wait=True)
 
     def _chunk(self, final: bool) -> None:
         if not self._buf:
@@ -93,13 +114,34 @@ class CdcSink:
         del self._buf[:done]
 
     def _store_chunk(self, chunk: memoryview) -> None:
-        r = self._store.insert_chunk(chunk)
-        self._index.append(len(chunk), r.digest)
+        # A copy: the buffer moves on while the worker digests and compresses.
+        future = self._pool.submit(self._store.insert_chunk, bytes(chunk))
+        self._pending.append((len(chunk), future))
+        while len(self._pending) > _QUEUED:
+            self._collect()
+
+    def append_known(self, length: int, digest: bytes) -> None:
+        """Append a stored chunk without its bytes (metadata-mode reuse).
+
+        Only at a boundary (call :meth:`cut` first); the caller has checked that
+        the store has the chunk.
+        """
+        if self._buf:
+            raise RuntimeError("append_known needs a chunk boundary: call cut() first")
+        done: Future[InsertResult] = Future()
+        done.set_result(InsertResult(digest, 0, False))
+        self._pending.append((length, done))
+        self.offset += length
+
+    def _collect(self) -> None:
+        length, future = self._pending.popleft()
+        r = future.result()
+        self._index.append(length, r.digest)
         s = self.stats
-        s.size += len(chunk)
+        s.size += length
         s.chunks += 1
         if r.is_new:
-            s.new += len(chunk)
+            s.new += length
             s.stored += r.stored_size
         else:
-            s.reused += len(chunk)
+            s.reused += length

@@ -36,8 +36,10 @@ import tarfile
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pvebackup.api.errors import CorruptChunkError, ExternalToolError, PveBackupError
 from pvebackup.api.types import LogFunction
@@ -61,6 +63,9 @@ from pvebackup.store.dynindex import DynamicIndex
 from pvebackup.store.formats import ZERO_DIGEST
 from pvebackup.store.index import FixedIndex
 from pvebackup.store.snapshot import Snapshot, SnapshotWriter
+
+if TYPE_CHECKING:
+    from pvebackup.providers.store.ctreuse import PreviousArchive
 
 __all__ = [
     "ALIGN_MIN",
@@ -93,6 +98,9 @@ class ArchiveStats:
     stored: int = 0
     reused: int = 0
     chunks: int = 0
+    reused_files: int = 0
+    """Files whose data chunks were reused without reading (:mod:`.ctreuse`)."""
+    reused_data: int = 0
     sparse_files: int = 0
     holes: int = 0
     """Bytes of holes not stored."""
@@ -137,7 +145,11 @@ class _ArchiveWriter:
         limiter: TokenBucket,
         progress: ProgressLog,
         stats: ArchiveStats,
+        store: Datastore,
+        previous: PreviousArchive | None,
     ) -> None:
+        self.store = store
+        self.previous = previous
         self.sink = sink
         self.cat = cat
         self.limiter = limiter
@@ -151,8 +163,13 @@ class _ArchiveWriter:
         segments: list[tuple[int, int]] | None = None
         sparse_map = b""
         fd = -1
+        reuse = None
+        if self.previous is not None and info.type == tarfile.REGTYPE and info.size >= ALIGN_MIN:
+            reuse = self.previous.chunks_for(self.store, entry, info)
         try:
-            if info.type == tarfile.REGTYPE and info.size:
+            if reuse is not None:
+                pass  # the data comes from the previous archive's chunks, unread
+            elif info.type == tarfile.REGTYPE and info.size:
                 fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
                 segments = [(0, info.size)]
                 if entry.st.st_blocks * 512 < info.size:
@@ -166,7 +183,12 @@ class _ArchiveWriter:
                 flags |= ALIGNED
                 self.sink.cut()
             data_offset = self.sink.offset
-            if segments is not None:
+            if reuse is not None:
+                for length, digest in reuse:
+                    self.sink.append_known(length, digest)
+                self.stats.reused_files += 1
+                self.stats.reused_data += data_size
+            elif segments is not None:
                 self.sink.write(sparse_map)
                 for offset, length in segments:
                     self._copy(fd, offset, length)
@@ -233,8 +255,12 @@ def backup_archive(
     exclude_paths: Sequence[str],
     bandwidth_limit: int | None,
     log: LogFunction,
+    previous: PreviousArchive | None = None,
 ) -> ArchiveStats:
     """Store ``directory``'s ``sources`` as device :data:`ARCHIVE_DEVICE` of ``writer``.
+
+    ``previous``: the container's previous archive; unchanged large files reuse
+    its chunks without being read (:mod:`.ctreuse`).
 
     :raises OSError: reading the source failed.
     """
@@ -243,13 +269,18 @@ def backup_archive(
     ids = ContainerIds(id_map)
     inodes: dict[tuple[int, int], str] = {}
     with (
+        ExitStack() as stack,
         writer.dynamic_index_writer(ARCHIVE_DEVICE) as index,
         writer.dynamic_index_writer(CATALOG_DEVICE) as cat_index,
     ):
         sink = CdcSink(store, index)
         cat = CdcSink(store, cat_index, stats.catalog)
+        stack.callback(sink.close)
+        stack.callback(cat.close)
         progress = ProgressLog(log, "container archive", None)
-        out = _ArchiveWriter(sink, cat, TokenBucket(bandwidth_limit), progress, stats)
+        out = _ArchiveWriter(
+            sink, cat, TokenBucket(bandwidth_limit), progress, stats, store, previous
+        )
         for entry in walker:
             info = tar_info(entry, ids, hardlink_target(inodes, entry))
             if info is None:

@@ -50,6 +50,7 @@ from pvebackup.kit.safefs import MAX_CONFIG_FILE_SIZE
 from pvebackup.kit.units import format_bytes
 from pvebackup.providers.store.bitmap_base import BitmapBase, commit_base, decide, reset_base
 from pvebackup.providers.store.ctarchive import TarFeeder, backup_archive, extract_directory
+from pvebackup.providers.store.ctreuse import find_previous
 from pvebackup.providers.store.disk import DiskBackup
 from pvebackup.providers.store.restore_server import RestoreServer
 from pvebackup.providers.store.settings import StoreSettings
@@ -278,10 +279,11 @@ class BackupStoreProvider(BackupProvider):
         bandwidth_limit: int | None,
     ) -> None:
         guest = self._guest(vmid)
+        previous = find_previous(self.store(), vmid, self.log_function)
         try:
             stats = backup_archive(
                 self.store(), guest.writer, directory, sources, id_map, exclude_paths,
-                bandwidth_limit, self.log_function,
+                bandwidth_limit, self.log_function, previous,
             )  # fmt: skip
         except OSError as exc:
             raise os_error(exc, f"cannot archive {directory}") from exc
@@ -297,6 +299,12 @@ class BackupStoreProvider(BackupProvider):
             f"{format_bytes(stats.new)} new, {format_bytes(stats.reused)} deduplicated, "
             f"{stats.sparse_files} sparse files ({format_bytes(stats.holes)} of holes not stored)",
         )
+        if previous is not None:
+            self.log(
+                "info",
+                f"backup-store: reused {stats.reused_files} unchanged files "
+                f"({format_bytes(stats.reused_data)}) of {previous.volname} without reading them",
+            )
 
     def backup_end(self, vmid: int) -> None:
         guest = self._guest(vmid)
