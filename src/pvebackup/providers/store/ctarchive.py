@@ -31,13 +31,14 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import subprocess
 import tarfile
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -98,8 +99,10 @@ class ArchiveStats:
     stored: int = 0
     reused: int = 0
     chunks: int = 0
+    reused_entries: int = 0
+    """Members whose headers (and data, for small files) were reused unread."""
     reused_files: int = 0
-    """Files whose data chunks were reused without reading (:mod:`.ctreuse`)."""
+    """Large files whose data chunks were reused without reading (:mod:`.ctreuse`)."""
     reused_data: int = 0
     sparse_files: int = 0
     holes: int = 0
@@ -147,9 +150,13 @@ class _ArchiveWriter:
         stats: ArchiveStats,
         store: Datastore,
         previous: PreviousArchive | None,
+        ids: ContainerIds,
     ) -> None:
         self.store = store
         self.previous = previous
+        self.ids = ids
+        self.inodes: dict[tuple[int, int], str] = {}
+        self.group: list[tuple[Entry, str | None]] = []
         self.sink = sink
         self.cat = cat
         self.limiter = limiter
@@ -157,9 +164,92 @@ class _ArchiveWriter:
         self.stats = stats
         cat.write(CATALOG_MAGIC)
 
+    def feed(self, entry: Entry) -> None:
+        """Take the next entry in walk order (members are written run by run).
+
+        A run of members starts at a directory (a chunk boundary) and ends before
+        the next directory or with the headers of a large file (whose data starts
+        on a boundary). An unchanged run is reused whole from the previous archive.
+        """
+        st = entry.st
+        if stat.S_ISSOCK(st.st_mode):
+            self.stats.walk.skipped += 1  # tar cannot hold sockets
+            return
+        if entry.is_dir:
+            self._flush(data_follows=False)
+            self.sink.cut()
+        link = hardlink_target(self.inodes, entry)
+        self.group.append((entry, link))
+        if stat.S_ISREG(st.st_mode) and link is None and st.st_size >= ALIGN_MIN:
+            self._flush(data_follows=True)
+
+    def finish(self) -> None:
+        self._flush(data_follows=False)
+
+    def _flush(self, data_follows: bool) -> None:
+        group, self.group = self.group, []
+        if not group:
+            return
+        found = None
+        if self.previous is not None:
+            found = self.previous.group(self.store, group, self.ids, data_follows)
+        if found is None:
+            for entry, link in group:
+                info = tar_info(entry, self.ids, link)
+                if info is None:
+                    self.stats.walk.skipped += 1
+                    continue
+                self.stats.walk.entries += 1
+                if info.type == tarfile.REGTYPE:
+                    self.stats.walk.data += info.size
+                self.add(entry, info)
+            return
+        prevs, chunks = found
+        self.sink.cut()
+        shift = self.sink.offset - prevs[0].header_offset
+        for length, digest in chunks:
+            self.sink.append_known(length, digest)
+        for n, prev in enumerate(prevs, 1):
+            self.cat.write(
+                encode_entry(
+                    replace(
+                        prev,
+                        header_offset=prev.header_offset + shift,
+                        data_offset=prev.data_offset + shift,
+                    )
+                )
+            )
+            self.stats.walk.entries += 1
+            self.stats.reused_entries += 1
+            if prev.kind == "0":
+                self.stats.walk.data += prev.size
+                if not (data_follows and n == len(prevs)):  # that one's data: below
+                    self.stats.reused_data += prev.size
+        if data_follows:
+            self._file_data(group[-1][0], prevs[-1])
+
+    def _file_data(self, entry: Entry, prev: CatalogEntry) -> None:
+        """The data of a large file whose headers were reused; its run's end."""
+        assert self.previous is not None
+        chunks = self.previous.file_data(self.store, prev)
+        if chunks is not None:
+            for length, digest in chunks:
+                self.sink.append_known(length, digest)
+            self.stats.reused_files += 1
+            self.stats.reused_data += prev.size
+        else:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                self._copy(fd, 0, prev.size)
+            finally:
+                os.close(fd)
+            self.sink.write(bytes(-prev.size % _BLOCK))
+        self.sink.cut()
+
     def add(self, entry: Entry, info: tarfile.TarInfo) -> None:
         header_offset = self.sink.offset
         flags = 0
+        aligned = info.type == tarfile.REGTYPE and info.size >= ALIGN_MIN
         segments: list[tuple[int, int]] | None = None
         sparse_map = b""
         fd = -1
@@ -179,7 +269,7 @@ class _ArchiveWriter:
                         sparse_map = self._make_sparse(info, segments)
             data_size = info.size
             self.sink.write(info.tobuf(tarfile.PAX_FORMAT, _ENCODING, "surrogateescape"))
-            if data_size >= ALIGN_MIN:
+            if aligned:
                 flags |= ALIGNED
                 self.sink.cut()
             data_offset = self.sink.offset
@@ -267,7 +357,6 @@ def backup_archive(
     stats = ArchiveStats(WalkStats())
     walker = SourceWalker(directory, sources, exclude_paths)
     ids = ContainerIds(id_map)
-    inodes: dict[tuple[int, int], str] = {}
     with (
         ExitStack() as stack,
         writer.dynamic_index_writer(ARCHIVE_DEVICE) as index,
@@ -279,18 +368,14 @@ def backup_archive(
         stack.callback(cat.close)
         progress = ProgressLog(log, "container archive", None)
         out = _ArchiveWriter(
-            sink, cat, TokenBucket(bandwidth_limit), progress, stats, store, previous
+            sink, cat, TokenBucket(bandwidth_limit), progress, stats, store, previous, ids
         )
         for entry in walker:
-            info = tar_info(entry, ids, hardlink_target(inodes, entry))
-            if info is None:
-                stats.walk.skipped += 1
-                continue
-            stats.walk.entries += 1
-            if info.type == tarfile.REGTYPE:
-                stats.walk.data += info.size
-            out.add(entry, info)
-        # End of archive: two zero blocks, padded to tar's 10 KiB record.
+            out.feed(entry)
+        out.finish()
+        # End of archive: two zero blocks, padded to tar's 10 KiB record, in a
+        # chunk of their own (so that the last run of members can be reused).
+        sink.cut()
         end = sink.offset + 2 * _BLOCK
         sink.write(bytes(2 * _BLOCK + (-end % tarfile.RECORDSIZE)))
         sink.finish()

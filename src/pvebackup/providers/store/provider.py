@@ -302,8 +302,9 @@ class BackupStoreProvider(BackupProvider):
         if previous is not None:
             self.log(
                 "info",
-                f"backup-store: reused {stats.reused_files} unchanged files "
-                f"({format_bytes(stats.reused_data)}) of {previous.volname} without reading them",
+                f"backup-store: reused {stats.reused_entries} unchanged entries and "
+                f"{stats.reused_files} large files ({format_bytes(stats.reused_data)} of file "
+                f"data) of {previous.volname} without reading them",
             )
 
     def backup_end(self, vmid: int) -> None:
