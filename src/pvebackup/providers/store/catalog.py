@@ -77,12 +77,14 @@ class CatalogEntry:
         return self.data_offset + -(-self.data_size // 512) * 512
 
 
-def encode_entry(e: CatalogEntry) -> bytes:
+def encode_entry(e: CatalogEntry, shift: int = 0) -> bytes:
+    """The record of ``e``, its offsets moved by ``shift`` (a reused member)."""
     path = e.path.encode("utf-8", "surrogateescape")
     link = e.link.encode("utf-8", "surrogateescape")
     head = _REC.pack(
         ord(e.kind), e.mode, e.uid, e.gid, e.size, e.mtime_ns, e.ctime_ns, e.ino,
-        e.header_offset, e.data_offset, e.data_size, e.flags, len(path), len(link),
+        e.header_offset + shift, e.data_offset + shift, e.data_size, e.flags,
+        len(path), len(link),
     )  # fmt: skip
     return head + path + link
 
