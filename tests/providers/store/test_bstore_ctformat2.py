@@ -206,3 +206,24 @@ def test_hostile_catalog_records_are_refused() -> None:
     # a path length pointing past the end
     with pytest.raises(CorruptIndexError, match="truncated"):
         list(parse_catalog(good + encode_entry(entry)[:-1], 1024, name="c"))
+
+
+def test_gc_and_verify_read_dynamic_indexes(host: FakeHost, tmp_path: Path) -> None:
+    """GC marks (and verify checks) the chunks of the archive and the catalog."""
+    from pvebackup.store.gc import collect_garbage
+    from pvebackup.store.verify import verify_store
+
+    root = _tree(tmp_path / "ct")
+    volname = _backup(host, root)
+    store = host.provider().store()
+    snap = store.open_snapshot(store.list_snapshots()[0])
+    used = {d for dev in snap.devices for d in snap.open_index(dev).digests()}
+    for _ in range(2):  # condemn, then delete: nothing of a live snapshot may go
+        collect_garbage(store, margin=0)
+    assert all(store.has_chunk(d) for d in used)
+    report = verify_store(store)
+    assert report.chunks >= len(used - {bytes(32)}) and not report.bad_chunks
+    assert all(r.state == "ok" for r in report.snapshots)
+    fresh = host.provider()
+    stream = _stream(fresh, volname)
+    assert len(stream) == snap.devices[ARCHIVE_DEVICE].size
