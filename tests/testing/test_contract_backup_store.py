@@ -23,7 +23,8 @@ class TestBackupStoreContract(ProviderContract):
     capabilities = frozenset(
         {Capability.VM, Capability.INCREMENTAL, Capability.LIST, Capability.REMOVE,
          Capability.GARBAGE_COLLECTED, Capability.FAKE_SOURCE, Capability.CHAINED,
-         Capability.CT, Capability.RESTORE_TAR, Capability.RESTORE_DIRECTORY}
+         Capability.CT, Capability.RESTORE_TAR, Capability.RESTORE_DIRECTORY,
+         Capability.ATTRIBUTES}
     )  # fmt: skip
     ct_restore_properties = {
         RestoreMechanism.TAR: {"ct-restore": "tar"},
