@@ -74,6 +74,7 @@ def test_file_data_is_chunk_aligned_and_listed(host: FakeHost, tmp_path: Path) -
     index = snap.open_index(ARCHIVE_DEVICE)
     assert isinstance(index, DynamicIndex)
     stream = _stream(p, volname)
+    assert "as uncompressed tar" in host.log.text()  # the host is told what it gets
     cat = {e.path: e for e in read_catalog(store, snap)}
     assert set(cat) >= {"", "etc", "etc/hostname", "big", "big-link", "sparse", "name"}
     big = cat["big"]
