@@ -26,7 +26,6 @@ import functools
 import os
 import shutil
 import tempfile
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,8 +106,6 @@ class MergedAdapter:
         self.guests: dict[int, _Guest] = {}
         self.restores: dict[str, _Restore] = {}
         self._tmp: Path | None = None
-        self.lock = threading.Lock()
-        """Held while a provider method runs (the attach thread runs one too)."""
 
     # -- plumbing --------------------------------------------------------------------
 
