@@ -368,3 +368,26 @@ def test_attach_socket_is_private_to_the_container_root(tmp_path: Path) -> None:
     finally:
         listener.finish()
     assert not listener.dir.exists()
+
+
+def test_abort_all_cleans_up_open_restores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EOF in the middle of a restore: every init gets its cleanup, even when one fails."""
+    adapter, provider, logs = _adapter(tmp_path)
+    cleaned: list[str] = []
+
+    def cleanup(volname: str, storeid: str, dev: str) -> None:
+        cleaned.append(dev)
+        if dev == "drive-a":
+            raise PluginError("cleanup a failed")
+
+    monkeypatch.setattr(provider, "restore_get_mechanism", lambda v, s: ("qemu-img", "qemu"))
+    monkeypatch.setattr(provider, "restore_qemu_img_init", lambda v, s, d: f"/dev/{d}")
+    monkeypatch.setattr(provider, "restore_qemu_img_cleanup", cleanup)
+    for dev in ("drive-a", "drive-b"):
+        adapter.m_restore_vm_volume_init(
+            Params("r", {"volname": "vm/1/x", "device_name": dev, "info": {}})
+        )
+    assert adapter.abort_all("EOF") is True
+    assert cleaned == ["drive-a", "drive-b"]
+    assert any("cleanup a failed" in m for m in logs)
+    assert adapter.abort_all("EOF") is False  # nothing left open
