@@ -6,6 +6,7 @@ import io
 import json
 import os
 import stat
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -158,11 +159,24 @@ def test_not_implemented_keeps_its_class(tmp_path: Path, fake_plugin: None) -> N
     assert error["type"] == ProviderNotImplementedError.__name__ and error["exit"] == 4
 
 
+_ADAPTERS: list[MergedAdapter] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_adapters(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    # the adapters' private copies go below tmp_path, and are removed at the end
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    yield
+    while _ADAPTERS:
+        _ADAPTERS.pop().close()
+
+
 def _adapter(tmp_path: Path) -> tuple[MergedAdapter, FakeProvider, list[str]]:
     logs: list[str] = []
     provider = FakeProvider(FakePlugin(), {}, "f", lambda level, msg: logs.append(msg))
     state = HostState("bridge", "f", tmp_path / "state")
     adapter = MergedAdapter(provider, "f", lambda level, msg: logs.append(msg), state=state)
+    _ADAPTERS.append(adapter)
     return adapter, provider, logs
 
 
@@ -271,6 +285,7 @@ def test_hostile_params_are_usage_errors(
 )
 def test_backup_vm_refuses_bad_volumes(tmp_path: Path, volume: dict[str, Any]) -> None:
     adapter, provider, _ = _adapter(tmp_path)
+    assert adapter.tmpdir().parent == tmp_path
     adapter.m_backup_init(Params("b", {"vmid": 100, "vmtype": "qemu"}))
     provider.backup_guest_config = lambda vmid, filename: None  # type: ignore[method-assign]
     with pytest.raises(UsageError):

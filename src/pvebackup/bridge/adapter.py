@@ -366,8 +366,13 @@ class MergedAdapter:
             self._abort_guest(guest, f"backup_end failed: {exc}")
             raise
         guest.closed = True
+        self._drop_copies(vmid)
         self._remember_bitmap(guest)
         return {"stats": {"archive-size": self.provider.backup_get_task_size(vmid)}}
+
+    def _drop_copies(self, vmid: int) -> None:
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp / str(vmid), ignore_errors=True)
 
     def _remember_bitmap(self, guest: _Guest) -> None:
         name = f"bitmap-{guest.vmid}"
@@ -386,6 +391,7 @@ class MergedAdapter:
 
     def _abort_guest(self, guest: _Guest, error: str) -> None:
         guest.closed = True
+        self._drop_copies(guest.vmid)
         if guest.bitmap_used:
             # The bitmap qemu keeps after a failure is not one the provider vouches for.
             try:
