@@ -406,3 +406,21 @@ def test_abort_all_cleans_up_open_restores(tmp_path: Path, monkeypatch: pytest.M
     assert cleaned == ["drive-a", "drive-b"]
     assert any("cleanup a failed" in m for m in logs)
     assert adapter.abort_all("EOF") is False  # nothing left open
+
+
+def test_file_handle_must_be_a_disk(tmp_path: Path) -> None:
+    """A fifo as file-handle-path is refused (it would hang a reader)."""
+
+    class Reader(FakeProvider):
+        source_factory = None
+
+    adapter, _, _ = _adapter(tmp_path)
+    adapter.provider = Reader(FakePlugin(), {}, "f", lambda level, msg: None)
+    adapter.provider.backup_guest_config = lambda vmid, filename: None  # type: ignore[method-assign]
+    adapter.m_backup_init(Params("b", {"vmid": 100, "vmtype": "qemu"}))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(UsageError, match="not a file or block device"):
+        adapter.m_backup_vm(Params("backup_vm", {
+            "vmid": 100, "guest_config": "", "info": {}, "volumes": {"drive-scsi0": {
+                "size": 4096, "bitmap-mode": "none", "file-handle-path": str(fifo)}}}))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -295,14 +296,19 @@ class MergedAdapter:
             raise UnsupportedError(f"{dev}: this provider cannot read from a file handle")
         path = vol.text("file-handle-path")
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY)
         except OSError:
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
             except OSError as exc:
                 raise UsageError(
                     f"backup_vm: {dev}: cannot open {path}: {exc.strerror}"
                 ) from exc
+        mode_bits = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode_bits) or stat.S_ISBLK(mode_bits)):
+            # A fifo or socket would hang or lie about its size: only a disk will do.
+            os.close(fd)
+            raise UsageError(f"backup_vm: {dev}: {path} is not a file or block device")
         source = FdSource(fd, size, regions)
         previous = getattr(self.provider, "source_factory")  # noqa: B009
         setattr(self.provider, "source_factory", lambda p, n, b: source)  # noqa: B010
