@@ -26,12 +26,16 @@ from pvebackup.storage.config import (
     write_storage_config,
 )
 from pvebackup.storage.dir import DirPlugin
+from pvebackup.storage.guestvol import GuestVolume, GuestVolumeStorage
 from pvebackup.storage.plugin import (
     COMMON_PROPERTIES,
+    VOLUME_ATTRIBUTES,
+    AttributeValue,
     DamagedVolume,
     StoragePlugin,
     VolumeInfo,
     VolumeScan,
+    remove_backup_volume,
 )
 from pvebackup.storage.properties import (
     PropertyKind,
@@ -50,7 +54,12 @@ from pvebackup.storage.registry import (
     unregister,
 )
 from pvebackup.storage.version import APIAGE, APIVER, check_api_version
-from pvebackup.storage.volume import parse_volume_id, volume_path
+from pvebackup.storage.volume import (
+    guest_volume,
+    guest_volume_storage,
+    parse_volume_id,
+    volume_path,
+)
 
 __all__ = [
     "APIAGE",
@@ -58,6 +67,8 @@ __all__ = [
     "BASE_PATH_PROPERTIES",
     "COMMON_PROPERTIES",
     "CREATE_SUBDIRS",
+    "VOLUME_ATTRIBUTES",
+    "AttributeValue",
     "ENTRY_POINT_GROUP",
     "BasePath",
     "DamagedVolume",
@@ -84,10 +95,15 @@ __all__ = [
     "register",
     "registered",
     "registry",
+    "remove_backup_volume",
     "storage_config",
     "unregister",
     "valid_storeid",
     "volume_path",
+    "guest_volume",
+    "guest_volume_storage",
+    "GuestVolume",
+    "GuestVolumeStorage",
     "write_storage_config",
 ]
 
