@@ -333,12 +333,25 @@ class BridgedPlugin(StoragePlugin):
                 volid=v["volid"], vmid=v["vmid"], vmtype=GuestType(v["vmtype"]),
                 ctime=v["ctime"], size=v["size"], format=v["format"], parent=v["parent"],
                 notes=v["notes"], virtual_size=v["virtual-size"], comment=v["comment"],
+                protected=v.get("protected", False),
             )  # fmt: skip
             for v in found
         ]
 
     def free_volume(self, scfg: Mapping[str, str], storeid: str, volname: str) -> None:
         self._once(scfg, storeid, "pvebackup_free_volume", volname=volname)
+
+    def get_volume_attribute(
+        self, scfg: Mapping[str, str], storeid: str, volname: str, attribute: str
+    ) -> Any:
+        return self._once(scfg, storeid, "pvebackup_get_volume_attribute", volname=volname,
+                          attribute=attribute)  # fmt: skip
+
+    def update_volume_attribute(
+        self, scfg: Mapping[str, str], storeid: str, volname: str, attribute: str, value: Any
+    ) -> None:
+        self._once(scfg, storeid, "pvebackup_update_volume_attribute", volname=volname,
+                   attribute=attribute, value=value)  # fmt: skip
 
 
 def _bridged(real_type: str) -> type[BridgedPlugin]:

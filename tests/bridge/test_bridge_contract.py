@@ -46,7 +46,7 @@ class TestBridgedBackupStoreContract(ProviderContract):
     capabilities = frozenset(
         {Capability.VM, Capability.INCREMENTAL, Capability.LIST, Capability.REMOVE,
          Capability.GARBAGE_COLLECTED, Capability.CHAINED, Capability.CT,
-         Capability.RESTORE_TAR}
+         Capability.RESTORE_TAR, Capability.ATTRIBUTES}
     )  # fmt: skip
 
     def storage_properties(self, base: Path) -> dict[str, str]:

@@ -242,6 +242,19 @@ class Server:
         def free_volume(params: Params) -> None:
             plugin.free_volume(scfg, storeid, params.text("volname"))  # type: ignore[attr-defined]
 
+        def get_attribute(params: Params) -> Any:
+            return plugin.get_volume_attribute(  # type: ignore[attr-defined]
+                scfg, storeid, params.text("volname"), params.text("attribute")
+            )
+
+        def update_attribute(params: Params) -> None:
+            value = params.raw.get("value")
+            if not isinstance(value, str | bool):
+                raise UsageError("update_volume_attribute: value must be a string or bool")
+            plugin.update_volume_attribute(  # type: ignore[attr-defined]
+                scfg, storeid, params.text("volname"), params.text("attribute"), value
+            )
+
         def bitmap_id(params: Params) -> dict[str, str | None]:
             guest = adapter.guests.get(params.num("vmid"))
             return {"bitmap-id": None if guest is None else guest.bitmap_id}
@@ -250,6 +263,8 @@ class Server:
             "pvebackup_list_volumes": list_volumes,
             "pvebackup_free_volume": free_volume,
             "pvebackup_bitmap_id": bitmap_id,
+            "pvebackup_get_volume_attribute": get_attribute,
+            "pvebackup_update_volume_attribute": update_attribute,
         }
 
     # -- the user-namespace step ---------------------------------------------------------
