@@ -7,6 +7,7 @@
         encryption-key /etc/pvebackup/store1.key
         encryption-passphrase-file /etc/pvebackup/store1.pass   # only for protected keys
         chunk-size 256K                  # for new indexes; default: the store's
+        ct-restore tar                   # container restore mechanism: tar or directory
         is_mountpoint yes                # usable only while a file system is mounted there
         create-base-path 0               # create path when missing (default no: refused)
 
@@ -139,6 +140,11 @@ PROPERTIES: Mapping[str, PropertySpec] = {
         description="chunk size of new disk indexes: a power of two, 64K..16M "
         "(bytes, or with K or M)",
     ),
+    "ct-restore": PropertySpec(
+        PropertyKind.ENUM,
+        choices=("tar", "directory"),
+        description="container restore mechanism offered to the host (default tar)",
+    ),
     **BASE_PATH_PROPERTIES,
     **S3_PROPERTIES,
 }
@@ -154,6 +160,7 @@ class StoreSettings:
     key_file: str | None = None
     passphrase_file: str | None = None
     chunk_size: int | None = None
+    ct_restore: str = "tar"
     backend: str = "local"
     base: BasePath | None = None
     s3: S3Config | None = None
@@ -186,6 +193,7 @@ class StoreSettings:
             key_file=None if key_file is None else str(key_file),
             passphrase_file=None if passphrase_file is None else str(passphrase_file),
             chunk_size=props.number("chunk-size"),
+            ct_restore=props.text("ct-restore") or "tar",
         )
 
     def load_key(self) -> EncryptionKey | None:
