@@ -31,7 +31,6 @@ different guests never share a key.
 from __future__ import annotations
 
 import hashlib
-import json
 import secrets
 import threading
 import time
@@ -39,7 +38,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from pvebackup.api.errors import (
     CorruptChunkError,
@@ -47,7 +46,6 @@ from pvebackup.api.errors import (
     MissingKeyError,
     ObjectNotFoundError,
     StateError,
-    UnsupportedError,
     VolumeNotFoundError,
     WrongKeyError,
 )
@@ -73,12 +71,9 @@ from pvebackup.store.chunkindex import (
     parse_index_object,
 )
 from pvebackup.store.formats import (
-    CONFIG_FORMAT,
-    FORMAT_VERSION,
     MAX_CHUNK_INDEX_ENTRIES,
     MAX_CONFIG_SIZE,
     MAX_MANIFEST_SIZE,
-    STORE_FORMAT_IDS,
     ZERO_DIGEST,
 )
 from pvebackup.store.gcrecord import (
@@ -108,6 +103,7 @@ from pvebackup.store.snapshot import (
     SnapshotId,
     SnapshotWriter,
 )
+from pvebackup.store.storeconfig import CONFIG_KEY, StoreConfig, get_bounded
 
 __all__ = [
     "CONFIG_KEY",
@@ -117,13 +113,10 @@ __all__ = [
     "StoreConfig",
 ]
 
-CONFIG_KEY: Final = "config.json"
 DEFAULT_CHUNK_SIZE: Final = 256 * 1024
 """See docs/design.md, "Chunk size": scattered small writes must not cost much."""
 _PACK_ENTRY_LIMIT: Final = 65536
 """Most chunks per pack (compressible chunks are tiny): keeps descriptions small."""
-_MIN_LEVEL: Final = -7  # zstd's fast levels go lower; nobody needs them for backups
-_MAX_LEVEL: Final = 22
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,93 +130,6 @@ class InsertResult:
     digest: bytes
     stored_size: int
     is_new: bool
-
-
-@dataclass(frozen=True, slots=True)
-class StoreConfig:
-    """``config.json``: what a store is, fixed at creation."""
-
-    store_id: str
-    created: int
-    chunk_size: int
-    compression_level: int
-    encrypted: bool
-    key_fingerprint: str | None
-    key_check: str | None
-    pack_size: int = DEFAULT_PACK_SIZE
-
-    def to_bytes(self) -> bytes:
-        doc = {
-            "format": CONFIG_FORMAT,
-            "version": FORMAT_VERSION,
-            "formats": STORE_FORMAT_IDS,
-            "pack_size": self.pack_size,
-            "store_id": self.store_id,
-            "created": self.created,
-            "chunk_size": self.chunk_size,
-            "compression_level": self.compression_level,
-            "encrypted": self.encrypted,
-            "key_fingerprint": self.key_fingerprint,
-            "key_check": self.key_check,
-        }
-        return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("ascii")
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> StoreConfig:
-        """Parse ``config.json``; ``CorruptIndexError`` if it is not one, field by field.
-
-        Hostile input: a string for an int, a list for a dict, NaN, a nesting bomb.
-        """
-
-        def typed(value: Any, t: type | tuple[type, ...]) -> Any:
-            if not isinstance(value, t) or (t is int and isinstance(value, bool)):
-                raise TypeError(f"{value!r:.80} is not {t}")
-            return value
-
-        if len(data) > MAX_CONFIG_SIZE:
-            raise CorruptIndexError(f"{CONFIG_KEY}: {len(data)} bytes, too large for a config")
-        try:
-            doc: Any = json.loads(data)
-            if not isinstance(doc, dict) or doc.get("format") != CONFIG_FORMAT:
-                raise ValueError("not a pvebackup store config")
-            if doc.get("version") == 1:
-                raise UnsupportedError(
-                    "this store has format 1 (one file per chunk, written by a development "
-                    "version); format 2 (packs) is required: create a new store"
-                )
-            if doc.get("version") != FORMAT_VERSION:
-                raise ValueError(f"unsupported store version {doc.get('version')!r:.40}")
-            if typed(doc["formats"], dict) != STORE_FORMAT_IDS:
-                raise UnsupportedError(
-                    f"{CONFIG_KEY}: unknown algorithms or layouts {doc.get('formats')!r:.200}; "
-                    f"this version knows {STORE_FORMAT_IDS}"
-                )
-            pack_size = typed(doc["pack_size"], int)
-            if not MIN_PACK_SIZE <= pack_size <= MAX_TARGET_PACK_SIZE:
-                raise ValueError(f"pack size {pack_size} out of range")
-            level = typed(doc["compression_level"], int)
-            if not _MIN_LEVEL <= level <= _MAX_LEVEL:
-                raise ValueError(f"compression level {level} out of range")
-            created = typed(doc["created"], int)
-            if not 0 <= created < 1 << 62:
-                raise ValueError(f"created {created} out of range")
-            cfg = cls(
-                store_id=str(uuid.UUID(typed(doc["store_id"], str))),
-                created=created,
-                chunk_size=check_chunk_size(typed(doc["chunk_size"], int)),
-                compression_level=level,
-                encrypted=typed(doc["encrypted"], bool),
-                key_fingerprint=typed(doc["key_fingerprint"], (str, type(None))),
-                key_check=typed(doc["key_check"], (str, type(None))),
-                pack_size=pack_size,
-            )
-        except (KeyError, TypeError, ValueError, RecursionError) as exc:
-            raise CorruptIndexError(f"{CONFIG_KEY}: {exc}") from exc
-        if cfg.encrypted and not (
-            isinstance(cfg.key_check, str) and isinstance(cfg.key_fingerprint, str)
-        ):
-            raise CorruptIndexError(f"{CONFIG_KEY}: encrypted store without key check")
-        return cfg
 
 
 class Datastore:
@@ -313,7 +219,7 @@ class Datastore:
     ) -> Datastore:
         """Open the store on ``backend``; checks ``key`` before touching any data."""
         try:
-            raw = _get_bounded(backend, CONFIG_KEY, MAX_CONFIG_SIZE)
+            raw = get_bounded(backend, CONFIG_KEY, MAX_CONFIG_SIZE)
         except ObjectNotFoundError as exc:
             raise ObjectNotFoundError(f"no store in {backend!r} ({CONFIG_KEY} missing)") from exc
         config = StoreConfig.from_bytes(raw)
@@ -529,7 +435,7 @@ class Datastore:
             if name is None:
                 continue  # not ours (an editor's backup file?): never read
             try:
-                data = _get_bounded(self.backend, key, MAX_INDEX_OBJECT_SIZE)
+                data = get_bounded(self.backend, key, MAX_INDEX_OBJECT_SIZE)
             except ObjectNotFoundError:
                 continue  # compacted away meanwhile
             parsed = parse_index_object(self.codec, data, name)
@@ -545,7 +451,7 @@ class Datastore:
         for key in sorted(self.backend.list(INDEX_PREFIX)):
             name = index_name_from_key(key)
             if name is not None:
-                data = _get_bounded(self.backend, key, MAX_INDEX_OBJECT_SIZE)
+                data = get_bounded(self.backend, key, MAX_INDEX_OBJECT_SIZE)
                 for digest, loc in parse_index_object(self.codec, data, name).entries:
                     out.setdefault(digest, loc)
         return out
@@ -671,7 +577,7 @@ class Datastore:
         """The committed snapshot, manifest verified (``VolumeNotFoundError`` if none)."""
         key = snapshot.prefix + MANIFEST_NAME
         try:
-            raw = _get_bounded(self.backend, key, MAX_MANIFEST_SIZE)
+            raw = get_bounded(self.backend, key, MAX_MANIFEST_SIZE)
         except ObjectNotFoundError as exc:
             raise VolumeNotFoundError(f"no snapshot {snapshot} in the store") from exc
         manifest = Manifest.from_bytes(raw, self._key, name=f"snapshot {snapshot}")
@@ -762,17 +668,3 @@ class Datastore:
                 self.backend.delete(k)
             removed.append(prefix)
         return removed
-
-
-def _get_bounded(backend: Backend, key: str, limit: int) -> bytes:
-    """``backend.get(key)``, refused before reading when the object exceeds ``limit``.
-
-    A metadata object replaced by a huge file must not be read into memory whole.
-    """
-    size = backend.stat(key).size
-    if size > limit:
-        raise CorruptIndexError(f"{key}: {size} bytes, more than the {limit} it may have")
-    data = backend.get(key)
-    if len(data) > limit:  # it grew between stat and get
-        raise CorruptIndexError(f"{key}: more than the {limit} bytes it may have")
-    return data
