@@ -50,7 +50,7 @@ from pvebackup.api.errors import (
     WrongKeyError,
 )
 from pvebackup.api.types import GuestType
-from pvebackup.store import chunkcache  # module: chunkcache imports store first
+from pvebackup.store import badchunk, chunkcache  # modules: chunkcache imports store first
 from pvebackup.store.backends.base import Backend
 from pvebackup.store.blob import (
     DEFAULT_COMPRESSION_LEVEL,
@@ -168,6 +168,9 @@ class Datastore:
         self._session_started: float | None = None
         self._last_beat = 0.0
         self._condemned: frozenset[bytes] = frozenset()
+        self._bad: badchunk.BadMap | None = None  # loaded on first need
+        self._healed: dict[bytes, ChunkLocation] = {}  # good copies of bad digests
+        self._healed_scanned = False
         self._session_lock = threading.Lock()
         self._refresh_lock = threading.Lock()
         self._session_ready = False
@@ -282,6 +285,7 @@ class Datastore:
             condemned = load_condemned_digests(self.backend, self.codec)
             with self._lock:
                 self._condemned = frozenset(condemned)
+            self._bad_map()
             self.refresh_index(check_vanished=True)
             self._session_ready = True
 
@@ -343,7 +347,7 @@ class Datastore:
                 return len(blob)
         loc = self._written.get(digest)
         if loc is None and digest not in self._condemned:
-            loc = self._index.lookup(digest)
+            loc = self._usable(digest, self._healed.get(digest) or self._index.lookup(digest))
         return -1 if loc is None else loc.length
 
     def _lookup_size(self, digest: bytes) -> int:
@@ -391,6 +395,10 @@ class Datastore:
         key = index_key(name)
         self.backend.put(key, data, overwrite=False, durable=True)
         self._index.add(self._written.items())
+        bad = self._bad or {}
+        # A new copy of a digest moved aside: the cache keeps the first location
+        # it met (the bad one), so remember the good one for this session.
+        self._healed.update((d, loc) for d, loc in self._written.items() if d in bad)
         self._index.mark_ingested(key)
         self._written.clear()
         self._unindexed.clear()
@@ -493,25 +501,76 @@ class Datastore:
         return digest == ZERO_DIGEST or self._lookup_size(digest) >= 0
 
     def locate_chunk(self, digest: bytes) -> ChunkLocation | None:
-        """Where the chunk is stored; None if not (or still in the open pack)."""
+        """Where the chunk is stored; None if not (or still in the open pack, or
+        only at locations verify moved aside)."""
         with self._lock:
-            loc = self._written.get(digest) or self._index.lookup(digest)
+            loc = self._written.get(digest) or self._healed.get(digest)
+            loc = loc or self._index.lookup(digest)
         if loc is None:
             self.refresh_index()
             with self._lock:
                 loc = self._written.get(digest) or self._index.lookup(digest)
-        return loc
+        self._bad_map()
+        with self._lock:
+            return self._usable(digest, loc)
 
     def _locate_for_read(self, digest: bytes) -> ChunkLocation | None:
         """``locate_chunk``, and once more on a cache started over: a miss on a read
         is rare (the index said the chunk exists), and a persistent cache another
         process saved over may lack entries it claims to have ingested."""
         loc = self.locate_chunk(digest)
-        if loc is None:
+        if loc is None and digest not in self._bad_map():
             with self._lock:
                 self._index.clear()
             loc = self.locate_chunk(digest)
         return loc
+
+    # --- chunks moved aside by verify (store/badchunk.py) ---------------------------
+
+    def _bad_map(self) -> badchunk.BadMap:
+        """The locations moved aside, read once per datastore (a writer: at its start)."""
+        if self._bad is None:
+            found = badchunk.bad_map(badchunk.read_bad_chunks(self.backend, self.codec))
+            with self._lock:
+                if self._bad is None:
+                    self._bad = found
+        assert self._bad is not None
+        return self._bad
+
+    def _usable(self, digest: bytes, loc: ChunkLocation | None) -> ChunkLocation | None:
+        """``loc`` unless verify moved it aside; then another copy, if any (lock held).
+
+        One pass over the index objects per datastore finds the other copies of
+        every bad digest; it happens only when a bad location is met at all."""
+        bad = self._bad or {}
+        if loc is None or loc.pack not in bad.get(digest, ()):
+            return loc
+        if digest not in self._healed and not self._healed_scanned:
+            self._healed.update(badchunk.good_locations(self.backend, self.codec, bad))
+            self._healed_scanned = True
+        return self._healed.get(digest)
+
+    def bad_reason(self, digest: bytes) -> str | None:
+        """Why verify moved the chunk aside (None if it did not)."""
+        reasons = self._bad_map().get(digest)
+        return None if not reasons else "; ".join(sorted(set(reasons.values())))
+
+    def is_moved_aside(self, digest: bytes, pack: bytes) -> bool:
+        return pack in self._bad_map().get(digest, ())
+
+    def move_chunk_aside(
+        self, digest: bytes, loc: ChunkLocation, reason: str
+    ) -> badchunk.BadChunk:
+        """Record ``loc`` of ``digest`` as bad (bytes kept in ``bad/data/``): from now
+        on this datastore, and every one opened later, treats it as absent."""
+        record = badchunk.move_aside(self.backend, self.codec, digest, loc, reason)
+        bad = self._bad_map()
+        with self._lock:
+            bad.setdefault(digest, {})[loc.pack] = record.reason
+            if (h := self._healed.get(digest)) is not None and h.pack == loc.pack:
+                del self._healed[digest]
+            self._healed_scanned = False
+        return record
 
     def read_chunk(self, digest: bytes, size: int | None = None) -> bytes:
         """The verified plaintext of chunk ``digest``.
@@ -529,6 +588,12 @@ class Datastore:
         if blob is None:
             loc = self._locate_for_read(digest)
             if loc is None:
+                why = self.bad_reason(digest)
+                if why is not None:
+                    raise CorruptChunkError(
+                        f"chunk {digest.hex()}: moved aside as bad ({why}); a backup "
+                        "that stores it again heals the store"
+                    )
                 raise CorruptChunkError(f"chunk {digest.hex()}: missing from the store")
             try:
                 blob = self.backend.get_range(pack_key(loc.pack), loc.offset, loc.length)
