@@ -46,6 +46,7 @@ from pvebackup.api.errors import (
     MissingKeyError,
     ObjectNotFoundError,
     StateError,
+    VolumeInUseError,
     VolumeNotFoundError,
     WrongKeyError,
 )
@@ -77,9 +78,12 @@ from pvebackup.store.formats import (
     ZERO_DIGEST,
 )
 from pvebackup.store.gcrecord import (
+    MAX_SESSION_SIZE,
     SESSION_TTL,
+    SESSIONS_PREFIX,
     encode_session,
     load_condemned_digests,
+    parse_session,
     session_key,
 )
 from pvebackup.store.index import check_chunk_size
@@ -174,6 +178,7 @@ class Datastore:
         self._session_lock = threading.Lock()
         self._refresh_lock = threading.Lock()
         self._session_ready = False
+        self._pins: dict[str, int] = {}  # snapshot prefix -> how many users
 
     def __repr__(self) -> str:
         enc = f", key={self._key.fingerprint}" if self._key else ""
@@ -293,11 +298,42 @@ class Datastore:
         assert self._session_started is not None
         self.backend.put(
             session_key(self.session),
-            encode_session(self.session, self._session_started, now, self.session_ttl),
+            encode_session(
+                self.session, self._session_started, now, self.session_ttl, self._pins
+            ),
             overwrite=True,
             durable=True,
         )
         self._last_beat = now
+
+    def pin_snapshot(self, snapshot: SnapshotId) -> None:
+        """Name ``snapshot`` in this writer's session object: ``remove_snapshot`` in
+        any process refuses it while the session lives (a running backup's base)."""
+        self._ensure_session()
+        with self._lock:
+            self._pins[snapshot.prefix] = self._pins.get(snapshot.prefix, 0) + 1
+            self._beat(time.time())
+
+    def unpin_snapshot(self, snapshot: SnapshotId) -> None:
+        with self._lock:
+            n = self._pins.pop(snapshot.prefix, 0) - 1
+            if n > 0:
+                self._pins[snapshot.prefix] = n
+            if self._session_started is not None:
+                self._beat(time.time())
+
+    def pinned_snapshots(self, *, now: float | None = None) -> dict[str, str]:
+        """Snapshot key prefix -> the live writer session (hex) that pins it."""
+        when = time.time() if now is None else now
+        out: dict[str, str] = {}
+        for key in self.backend.list(SESSIONS_PREFIX):
+            try:
+                info = parse_session(self.backend.get_range(key, 0, MAX_SESSION_SIZE + 1))
+            except (ObjectNotFoundError, CorruptIndexError):
+                continue  # ended meanwhile / not a session: pins nothing
+            if info.alive(when):
+                out.update((p, info.session) for p in info.pins)
+        return out
 
     def _check_session(self) -> None:
         """Before a manifest: a session silent past its TTL may have been taken for dead."""
@@ -326,6 +362,7 @@ class Datastore:
                 self.backend.delete(session_key(self.session))
                 self._session_started = None
                 self._session_ready = False
+            self._pins.clear()
 
     def close_cache(self) -> None:
         """Save the chunk index cache and release it (its lock) for other processes;
@@ -694,6 +731,14 @@ class Datastore:
         key = snapshot.prefix + MANIFEST_NAME
         if not self.backend.exists(key):
             raise VolumeNotFoundError(f"no snapshot {snapshot} in the store")
+        # A running backup (any process or host) builds on it: see "Store lock
+        # protocol" in docs/design.md for the race this leaves and why it is safe.
+        session = self.pinned_snapshots().get(snapshot.prefix)
+        if session is not None:
+            raise VolumeInUseError(
+                f"snapshot {snapshot} is the base of a running backup (writer session "
+                f"{session}); try again when it has ended"
+            )
         self.backend.delete(key)
         self.backend.sync()
         for k in list(self.backend.list(snapshot.prefix)):
