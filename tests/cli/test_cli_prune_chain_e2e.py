@@ -8,7 +8,6 @@ prunes a copy of the storage.
 
 from __future__ import annotations
 
-import itertools
 import shutil
 import subprocess
 import tempfile

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -176,3 +177,21 @@ def test_prune_never_races_a_backup_of_the_same_guest(
         finish(locker)
     assert main(["--root", str(root), "prune", "st", "--keep-last", "1"]) == 0
     assert _names(path) == {_vol(100, T0 + 120), _vol(101, T0 + 60)}
+
+
+@pytest.mark.parametrize("doc", [
+    {"heartbeat": 4e12, "ttl": 3600},  # far in the future
+    {"heartbeat": None, "ttl": 1e12},  # now, but alive for ever
+], ids=["future-heartbeat", "huge-ttl"])
+def test_a_planted_session_cannot_pin_a_snapshot_for_ever(
+    tmp_path: Path, doc: dict[str, float | None]
+) -> None:
+    root, path = _node(tmp_path)
+    base = SnapshotId(GuestType.QEMU, 100, T0)
+    # Hostile input: someone with write access plants a session pinning a snapshot.
+    session = {"session": "ab" * 16, "started": 0.0, "pins": [base.prefix],
+               "heartbeat": doc["heartbeat"] or time.time(), "ttl": doc["ttl"]}
+    (path / "sessions").mkdir(exist_ok=True)
+    (path / "sessions" / ("ab" * 16)).write_text(json.dumps(session))
+    assert base.prefix not in Datastore.open(LocalBackend(path)).pinned_snapshots()
+    assert main(["--root", str(root), "remove", f"st:{base.volname}"]) == 0

@@ -80,7 +80,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "an earlier option is skipped, not counted; periods in local time (TZ). "
         "Without --keep-* options the storage's 'prune-backups' property applies; "
         "with none at all, everything is kept. A backup another backup depends on "
-        "(an incremental chain's base on backup-dir) is kept, and the reason shown. "
+        "(an incremental chain's base on backup-dir; a running backup's base) is kept, "
+        "and the reason shown. Each guest is pruned under its lock: while it is being "
+        "backed up or restored its backups are kept (exit 7). "
         "Exit status 0; otherwise the code of the first removal that failed, as listed "
         "in 'pvebackup --help' (the others are still tried).",
     )

@@ -119,6 +119,9 @@ __all__ = [
 
 DEFAULT_CHUNK_SIZE: Final = 256 * 1024
 """See docs/design.md, "Chunk size": scattered small writes must not cost much."""
+_PIN_SKEW: Final = 600.0
+"""Seconds a session's heartbeat may lie ahead of our clock (skew between hosts)."""
+_MAX_PIN_TTL: Final = 86400.0
 _PACK_ENTRY_LIMIT: Final = 65536
 """Most chunks per pack (compressible chunks are tiny): keeps descriptions small."""
 
@@ -331,7 +334,10 @@ class Datastore:
                 info = parse_session(self.backend.get_range(key, 0, MAX_SESSION_SIZE + 1))
             except (ObjectNotFoundError, CorruptIndexError):
                 continue  # ended meanwhile / not a session: pins nothing
-            if info.alive(when):
+            # Threat: a planted session with a heartbeat far ahead (or a huge ttl)
+            # would pin a snapshot forever; only a plausible one pins.
+            plausible = info.heartbeat <= when + _PIN_SKEW and info.ttl <= _MAX_PIN_TTL
+            if plausible and info.alive(when):
                 out.update((p, info.session) for p in info.pins)
         return out
 
