@@ -198,3 +198,16 @@ def test_a_planted_bad_record_is_ignored(tmp_path: Path, garbage: bytes) -> None
     assert verify_store(Datastore.open(LocalBackend(path))).ok
     store = Datastore.open(LocalBackend(path))
     assert not store.insert_chunk(data[0]).is_new and store.read_chunk(digests[0], CS) == data[0]
+
+
+def test_a_damaged_index_object_fails_verify_and_moves_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "st"
+    Datastore.create(LocalBackend(path), chunk_size=CS)
+    _backup(path, T0, [os.urandom(CS) for _ in range(2)], None)
+    # Hostile input: the chunk index object altered (its name no longer its hash).
+    (obj,) = (path / "index").iterdir()
+    obj.write_bytes(obj.read_bytes() + b"x")
+    report = verify_store(Datastore.open(LocalBackend(path)))
+    assert not report.ok and not report.moved_aside
+    assert any("not moved aside" in n for n in report.notes), report.notes
+    assert not (path / "bad").exists()

@@ -68,6 +68,7 @@ class VerifyReport:
     moved_aside: dict[str, list[str]] = field(default_factory=dict)
     """digest hex -> the records (``bad/records/<id>``) this run wrote for it."""
     snapshots: list[SnapshotResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -82,6 +83,7 @@ class VerifyReport:
             moved = self.moved_aside.get(digest)
             where = ", ".join(moved) if moved else "nothing (new) to move aside"
             out.append(f"bad    chunk {digest}: moved aside: {where}")
+        out.extend(self.notes)
         out.append(
             f"verified {len(self.snapshots)} snapshots, {self.chunks} chunks "
             f"({self.bytes} bytes) in {self.finished - self.started:.1f}s: "
@@ -103,7 +105,13 @@ def _move_aside(store: Datastore, report: VerifyReport, bad: dict[bytes, str]) -
     Every location, not only the one the read used: the cache keeps one per digest,
     and a second (also bad) copy would otherwise be read the next time.
     """
-    for digest, locs in index_locations(store.backend, store.codec, set(bad)).items():
+    try:
+        found = index_locations(store.backend, store.codec, set(bad))
+    except (IntegrityError, CryptoError) as exc:
+        # A damaged index object: nothing can be moved safely; say so, fail the run.
+        report.notes.append(f"bad chunks not moved aside: {exc}")
+        return
+    for digest, locs in found.items():
         for loc in locs:
             try:
                 blob = store.backend.get_range(pack_key(loc.pack), loc.offset, loc.length)
