@@ -6,6 +6,8 @@ Key layout on the backend (store format 2)::
     packs/<hex[0:2]>/<sha256 hex>                 chunk blobs plus their description
     index/<sha256 hex>                            chunk index object: digest -> pack, offset
     snapshots/<vm|ct>/<vmid>/<time>/<file>        indexes, blobs, manifest.json (last)
+    sessions/<hex>, gc/condemned/<hex>            writer sessions (with pins), GC records
+    bad/records/<hex>, bad/data/<hex>             chunk locations verify moved aside
 
 A datastore is one writer session: new chunks go into an open pack (in memory)
 that is put, durably, when it reaches ``pack_size``; ``flush`` (called by
