@@ -12,7 +12,13 @@ from pvebackup.cli.output import add_output_option, print_json
 from pvebackup.host.guests import NodeRoot
 from pvebackup.host.runstate import GuestRun
 from pvebackup.kit.volname import BackupVolname
-from pvebackup.storage import lookup, parse_volume_id, read_storage_config, storage_config
+from pvebackup.storage import (
+    lookup,
+    parse_volume_id,
+    read_storage_config,
+    remove_backup_volume,
+    storage_config,
+)
 
 __all__ = ["RemoveOptions", "add_parser", "run"]
 
@@ -30,9 +36,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="remove a backup",
         description="Remove backup STOREID:VOLNAME. On a backup-store, the space of "
         "the data only this backup used is freed by later runs of 'pvebackup gc'. "
-        "Exit status 0; 3 when it does not "
-        "exist; 7 when another backup depends on it or the guest is being backed up or "
-        "restored; 8 when the storage holds a symlink "
+        "A protected backup is refused (pvebackup unprotect first). "
+        "Exit status 0; 3 when it does not exist; 7 when another backup depends "
+        "on it, it is protected, or the guest is being backed up or restored; "
+        "8 when the storage holds a symlink "
         "or special file in its place (nothing is removed); other codes as listed in "
         "'pvebackup --help'.",
     )
@@ -60,7 +67,7 @@ def run(opts: RemoveOptions) -> int:
             # Never beside a backup or restore of the same guest on this node: the
             # newest backup may be the base a running incremental builds on.
             locks.enter_context(GuestRun(root, vmid, action="remove", log=_stderr_log, cfg=cfg))
-        plugin.free_volume(scfg, storeid, volname)
+        remove_backup_volume(plugin, scfg, storeid, volname)
     if opts.output == "json":
         print_json({"volid": opts.volid, "removed": True})
     else:
