@@ -32,27 +32,21 @@ different guests never share a key.
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from pvebackup.api.errors import (
     CorruptChunkError,
-    CorruptIndexError,
     MissingKeyError,
     ObjectNotFoundError,
     StateError,
-    VolumeInUseError,
-    VolumeNotFoundError,
     WrongKeyError,
 )
-from pvebackup.api.types import GuestType
 from pvebackup.store import badchunk, chunkcache  # modules: chunkcache imports store first
 from pvebackup.store.backends.base import Backend
 from pvebackup.store.blob import (
@@ -76,16 +70,12 @@ from pvebackup.store.chunkindex import (
 from pvebackup.store.formats import (
     MAX_CHUNK_INDEX_ENTRIES,
     MAX_CONFIG_SIZE,
-    MAX_MANIFEST_SIZE,
     ZERO_DIGEST,
 )
 from pvebackup.store.gcrecord import (
-    MAX_SESSION_SIZE,
     SESSION_TTL,
-    SESSIONS_PREFIX,
     encode_session,
     load_condemned_digests,
-    parse_session,
     session_key,
 )
 from pvebackup.store.index import check_chunk_size
@@ -102,13 +92,10 @@ from pvebackup.store.pack import (
     read_pack_entries,
 )
 from pvebackup.store.snapshot import (
-    MANIFEST_NAME,
-    SNAPSHOTS_PREFIX,
-    Manifest,
-    Snapshot,
     SnapshotId,
     SnapshotWriter,
 )
+from pvebackup.store.snapshotops import SnapshotOps
 from pvebackup.store.storeconfig import CONFIG_KEY, StoreConfig, get_bounded
 
 __all__ = [
@@ -121,9 +108,6 @@ __all__ = [
 
 DEFAULT_CHUNK_SIZE: Final = 256 * 1024
 """See docs/design.md, "Chunk size": scattered small writes must not cost much."""
-_PIN_SKEW: Final = 600.0
-"""Seconds a session's heartbeat may lie ahead of our clock (skew between hosts)."""
-_MAX_PIN_TTL: Final = 86400.0
 _PACK_ENTRY_LIMIT: Final = 65536
 """Most chunks per pack (compressible chunks are tiny): keeps descriptions small."""
 
@@ -141,7 +125,7 @@ class InsertResult:
     is_new: bool
 
 
-class Datastore:
+class Datastore(SnapshotOps):
     """A chunk store. Make one with ``create`` or ``open``, not the constructor."""
 
     def __init__(
@@ -326,22 +310,6 @@ class Datastore:
                 self._pins[snapshot.prefix] = n
             if self._session_started is not None:
                 self._beat(time.time())
-
-    def pinned_snapshots(self, *, now: float | None = None) -> dict[str, str]:
-        """Snapshot key prefix -> the live writer session (hex) that pins it."""
-        when = time.time() if now is None else now
-        out: dict[str, str] = {}
-        for key in self.backend.list(SESSIONS_PREFIX):
-            try:
-                info = parse_session(self.backend.get_range(key, 0, MAX_SESSION_SIZE + 1))
-            except (ObjectNotFoundError, CorruptIndexError):
-                continue  # ended meanwhile / not a session: pins nothing
-            # Threat: a planted session with a heartbeat far ahead (or a huge ttl)
-            # would pin a snapshot forever; only a plausible one pins.
-            plausible = info.heartbeat <= when + _PIN_SKEW and info.ttl <= _MAX_PIN_TTL
-            if plausible and info.alive(when):
-                out.update((p, info.session) for p in info.pins)
-        return out
 
     def _check_session(self) -> None:
         """Before a manifest: a session silent past its TTL may have been taken for dead."""
@@ -682,107 +650,3 @@ class Datastore:
             parent=parent,
             flush=self.flush,
         )
-
-    def open_snapshot(self, snapshot: SnapshotId) -> Snapshot:
-        """The committed snapshot, manifest verified (``VolumeNotFoundError`` if none)."""
-        key = snapshot.prefix + MANIFEST_NAME
-        try:
-            raw = get_bounded(self.backend, key, MAX_MANIFEST_SIZE)
-        except ObjectNotFoundError as exc:
-            raise VolumeNotFoundError(f"no snapshot {snapshot} in the store") from exc
-        manifest = Manifest.from_bytes(raw, self._key, name=f"snapshot {snapshot}")
-        if manifest.snapshot != snapshot:
-            raise CorruptIndexError(f"snapshot {snapshot}: manifest names {manifest.snapshot}")
-        return Snapshot(self.backend, self.codec, manifest, hashlib.sha256(raw).hexdigest())
-
-    def has_snapshot(self, snapshot: SnapshotId) -> bool:
-        return self.backend.exists(snapshot.prefix + MANIFEST_NAME)
-
-    def list_snapshots(
-        self,
-        guest_type: GuestType | None = None,
-        vmid: int | None = None,
-        *,
-        on_skip: Callable[[str, str], None] | None = None,
-    ) -> list[SnapshotId]:
-        """Committed snapshots (those with a manifest), oldest first.
-
-        A manifest under a prefix that is no snapshot name (``vm/100/2026-02-31T...``:
-        an impossible date, written by someone else) is skipped, never fatal to the
-        listing; ``on_skip(key prefix, reason)`` hears of each.
-        """
-        prefix = SNAPSHOTS_PREFIX
-        if guest_type is not None:
-            prefix += SnapshotId(guest_type, 1, 0).kind + "/"
-            if vmid is not None:
-                prefix += f"{vmid}/"
-        found: list[SnapshotId] = []
-        suffix = "/" + MANIFEST_NAME
-        for key in self.backend.list(prefix):
-            if not key.endswith(suffix):
-                continue
-            try:
-                sid = SnapshotId.parse(key[len(SNAPSHOTS_PREFIX) : -len(suffix)])
-            except ValueError as exc:
-                if on_skip is not None:
-                    on_skip(key[: -len(suffix)], str(exc))
-                continue  # not ours: skip rather than fail the whole listing
-            if vmid is None or sid.vmid == vmid:
-                found.append(sid)
-        return sorted(found, key=lambda s: (s.backup_time, s.kind, s.vmid))
-
-    def remove_snapshot(self, snapshot: SnapshotId) -> None:
-        """Drop a snapshot: the manifest first (it vanishes at once), then its files.
-
-        Its chunks stay until garbage collection.
-        """
-        key = snapshot.prefix + MANIFEST_NAME
-        if not self.backend.exists(key):
-            raise VolumeNotFoundError(f"no snapshot {snapshot} in the store")
-        # A running backup (any process or host) builds on it: see "Store lock
-        # protocol" in docs/design.md for the race this leaves and why it is safe.
-        session = self.pinned_snapshots().get(snapshot.prefix)
-        if session is not None:
-            raise VolumeInUseError(
-                f"snapshot {snapshot} is the base of a running backup (writer session "
-                f"{session}); try again when it has ended"
-            )
-        self.backend.delete(key)
-        self.backend.sync()
-        for k in list(self.backend.list(snapshot.prefix)):
-            self.backend.delete(k)
-
-    def incomplete_snapshots(self) -> Iterator[tuple[str, float]]:
-        """``(prefix, newest mtime)`` of every snapshot prefix without a manifest."""
-        groups: dict[str, list[str]] = {}
-        for key in self.backend.list(SNAPSHOTS_PREFIX):
-            parts = key[len(SNAPSHOTS_PREFIX) :].split("/")
-            if len(parts) < 4:
-                continue
-            groups.setdefault(SNAPSHOTS_PREFIX + "/".join(parts[:3]) + "/", []).append(key)
-        for prefix, keys in groups.items():
-            if prefix + MANIFEST_NAME in keys:
-                continue
-            newest = 0.0
-            for k in keys:
-                try:
-                    newest = max(newest, self.backend.stat(k).mtime)
-                except ObjectNotFoundError:
-                    continue
-            yield prefix, newest
-
-    def cleanup_incomplete(self, *, min_age: float = 86400.0) -> list[str]:
-        """Delete leftovers of snapshots that never got a manifest.
-
-        Only prefixes whose newest file is older than ``min_age`` seconds, so that a
-        backup still running is left alone. Returns the removed prefixes.
-        """
-        cutoff = time.time() - min_age
-        removed: list[str] = []
-        for prefix, newest in list(self.incomplete_snapshots()):
-            if newest > cutoff:
-                continue
-            for k in list(self.backend.list(prefix)):
-                self.backend.delete(k)
-            removed.append(prefix)
-        return removed
