@@ -22,6 +22,8 @@ our @HELPER = ('/usr/bin/python3', '-m', 'pvebackup.bridge');
 our @CLI = ('/usr/bin/pvebackup');
 # The node root the command line reads etc/pve/storage.cfg under.
 our $ROOT = '/';
+# Where the helper keeps host state (bitmap records); undef: the helper's default.
+our $STATE_DIR;
 
 # The helper refuses longer lines too (protocol: max line 16 MiB).
 use constant MAX_LINE => 16 * 1024 * 1024;
@@ -64,7 +66,11 @@ sub start {
         next_id => 1,
         log_function => $log_function,
     }, $class;
-    my $res = $self->call('hello', { protocol => 1, %$hello });
+    my $res = $self->call('hello', {
+        protocol => 1,
+        (defined($STATE_DIR) ? ('state-dir' => $STATE_DIR) : ()),
+        %$hello,
+    });
     die "pvebackup helper speaks protocol '" . ($res->{protocol} // '?') . "', not 1\n"
         if ref($res) ne 'HASH' || ($res->{protocol} // 0) != 1;
     $self->{'helper-version'} = $res->{'helper-version'};

@@ -71,8 +71,21 @@ sub _bytes_out {
 # does not. Both shapes are accepted.
 sub _restore_args {
     my (@args) = @_;
-    shift @args if @args > 1 && defined($args[0]) && !ref($args[0]);
-    return $args[0] // {};
+    my $storeid;
+    $storeid = shift @args if @args && defined($args[0]) && !ref($args[0]);
+    return ($storeid, $args[0] // {});
+}
+
+# The request params of a restore method: volname, and the storage id when the caller
+# passed one (the helper checks that it is its own).
+sub _restore_params {
+    my ($volname, @rest) = @_;
+    my ($storeid, $info) = _restore_args(@rest);
+    return {
+        volname => $volname,
+        (defined($storeid) ? (storeid => $storeid) : ()),
+        (@rest && ref($rest[-1]) eq 'HASH' ? (info => $info) : ()),
+    };
 }
 
 sub provider_name {
@@ -102,14 +115,14 @@ sub job_cleanup {
 sub backup_init {
     my ($self, $vmid, $vmtype, $start_time) = @_;
     return $self->_call(
-        'backup_init', { vmid => "$vmid", vmtype => $vmtype, start_time => $start_time + 0 },
+        'backup_init', { vmid => $vmid + 0, vmtype => $vmtype, start_time => $start_time + 0 },
     );
 }
 
 sub backup_cleanup {
     my ($self, $vmid, $vmtype, $success, $info) = @_;
     my $params = {
-        vmid => defined($vmid) ? "$vmid" : undef,
+        vmid => defined($vmid) ? $vmid + 0 : undef,
         vmtype => $vmtype,
         success => $success ? JSON::PP::true : JSON::PP::false,
         info => { defined($info->{error}) ? (error => "$info->{error}") : () },
@@ -119,13 +132,13 @@ sub backup_cleanup {
 
 sub backup_get_mechanism {
     my ($self, $vmid, $vmtype) = @_;
-    return $self->_call('backup_get_mechanism', { vmid => "$vmid", vmtype => $vmtype });
+    return $self->_call('backup_get_mechanism', { vmid => $vmid + 0, vmtype => $vmtype });
 }
 
 sub backup_handle_log_file {
     my ($self, $vmid, $filename) = @_;
     # The helper runs as the same user and opens the task log itself.
-    $self->_call('backup_handle_log_file', { vmid => "$vmid", filename => "$filename" });
+    $self->_call('backup_handle_log_file', { vmid => $vmid + 0, filename => "$filename" });
     return;
 }
 
@@ -135,7 +148,7 @@ sub backup_vm_query_incremental {
     for my $dev (keys %$volumes) {
         $vols->{$dev} = { size => $volumes->{$dev}->{size} + 0 };
     }
-    return $self->_call('backup_vm_query_incremental', { vmid => "$vmid", volumes => $vols });
+    return $self->_call('backup_vm_query_incremental', { vmid => $vmid + 0, volumes => $vols });
 }
 
 sub backup_vm {
@@ -167,7 +180,7 @@ sub backup_vm {
         $vols->{$dev} = $out;
     }
     my $params = {
-        vmid => "$vmid",
+        vmid => $vmid + 0,
         guest_config => _text_in($guest_config),
         volumes => $vols,
         info => _info_in($info),
@@ -194,7 +207,7 @@ sub _info_in {
 
 sub backup_container_prepare {
     my ($self, $vmid, $info) = @_;
-    my $res = $self->_call('backup_container_prepare', { vmid => "$vmid", info => _info_in($info) });
+    my $res = $self->_call('backup_container_prepare', { vmid => $vmid + 0, info => _info_in($info) });
     # Kept in $self before vzdump forks: the child in the user namespace needs it.
     $self->{attach} = ref($res) eq 'HASH' ? $res->{attach} : undef;
     return;
@@ -214,7 +227,7 @@ sub backup_container {
     );
     eval {
         $helper->call('backup_container', {
-            vmid => "$vmid",
+            vmid => $vmid + 0,
             guest_config => _text_in($guest_config),
             exclude_patterns => [map { "$_" } @{ $exclude_patterns // [] }],
             info => _info_in($info),
@@ -230,21 +243,23 @@ sub backup_container {
 }
 
 sub restore_get_mechanism {
-    my ($self, $volname) = @_;
-    my $res = $self->_call('restore_get_mechanism', { volname => $volname });
+    my ($self, $volname, @rest) = @_;
+    my $res = $self->_call('restore_get_mechanism', _restore_params($volname, @rest));
     return ($res->{mechanism}, $res->{vmtype}) if ref($res) eq 'HASH';
     return @$res if ref($res) eq 'ARRAY';
     die "pvebackup helper returned no restore mechanism\n";
 }
 
 sub archive_get_guest_config {
-    my ($self, $volname) = @_;
-    return _bytes_out($self->_call('archive_get_guest_config', { volname => $volname }));
+    my ($self, $volname, @rest) = @_;
+    my $params = _restore_params($volname, @rest);
+    return _bytes_out($self->_call('archive_get_guest_config', $params));
 }
 
 sub archive_get_firewall_config {
-    my ($self, $volname) = @_;
-    return _bytes_out($self->_call('archive_get_firewall_config', { volname => $volname }));
+    my ($self, $volname, @rest) = @_;
+    my $params = _restore_params($volname, @rest);
+    return _bytes_out($self->_call('archive_get_firewall_config', $params));
 }
 
 sub restore_vm_init {
@@ -277,16 +292,12 @@ sub restore_vm_volume_cleanup {
 
 sub restore_container_init {
     my ($self, $volname, @rest) = @_;
-    return $self->_call(
-        'restore_container_init', { volname => $volname, info => _restore_args(@rest) },
-    );
+    return $self->_call('restore_container_init', _restore_params($volname, @rest));
 }
 
 sub restore_container_cleanup {
     my ($self, $volname, @rest) = @_;
-    $self->_call(
-        'restore_container_cleanup', { volname => $volname, info => _restore_args(@rest) },
-    );
+    $self->_call('restore_container_cleanup', _restore_params($volname, @rest));
     return;
 }
 

@@ -1,0 +1,234 @@
+#!/usr/bin/perl
+# VM backups through the bridge as Proxmox VE drives them: a full backup, a change, an
+# incremental backup (dirty bitmap on a qemu-storage-daemon NBD export), restores of
+# both with qemu-img from the provider's qemu-img-path, list and prune; on backup-dir
+# and backup-store, with the REAL Python helper. Each step names the upstream caller.
+use strict;
+use warnings;
+use FindBin;
+use lib "$FindBin::Bin/lib", "$FindBin::Bin/..";
+use Test::More;
+use File::Copy qw(copy);
+
+use PVE::Storage;
+use PveBackupTest qw(setup_node run_ok qsd_export qsd_stop slurp spew);
+
+my $node = setup_node();
+my ($cfg, $tmp) = @$node{qw(cfg tmp)};
+my $vmid = 100;
+my $dev = 'drive-scsi0';
+my $size = 8 * 1024 * 1024;
+my $guest_config = "# a n\x{c3}\x{a4}me in UTF-8 bytes\nmemory: 512\nscsi0: local:100/vm-100-disk-0.qcow2,size=8M\n";
+my $firewall_config = "[OPTIONS]\nenable: 1\n";
+
+# The guest's disk: a qcow2 whose persistent bitmap 'full' is dirty everywhere (written
+# after the bitmap was added), as QEMU's new bitmap is for a first backup.
+sub make_disk {
+    my ($disk) = @_;
+    run_ok('qemu-img', 'create', '-q', '-f', 'qcow2', $disk, $size);
+    run_ok('qemu-img', 'bitmap', '--add', $disk, 'full');
+    run_ok('qemu-io', '-f', 'qcow2', '-c', 'write -P 0x11 0 8M', '-c', 'write -P 0x33 2M 64k',
+        $disk);
+}
+
+my @log;
+my $log_function = sub { push @log, [@_] };
+
+# One vzdump job of one VM, in the order of PVE::VZDump::exec_backup and
+# exec_backup_task (pve-manager PVE/VZDump.pm) and PVE::VZDump::QemuServer::archive_external
+# (qemu-server src/PVE/VZDump/QemuServer.pm). $snap is the "snapshot access" image,
+# $bitmaps maps the provider's answer to the bitmap QEMU would export.
+sub vzdump_vm {
+    my ($storeid, $snap, $bitmaps) = @_;
+    my $job = {};
+
+    # PVE/VZDump.pm storage_info: the provider, made once per job.
+    my $provider = PVE::Storage::new_backup_provider($cfg, $storeid, $log_function);
+    my $starttime = time();
+    # PVE/VZDump.pm exec_backup: job_init before the first guest.
+    $provider->job_init($starttime);
+    eval {
+        # PVE/VZDump.pm exec_backup_task, $backup_provider_init (snapshot mode).
+        my $init = $provider->backup_init($vmid, 'qemu', $starttime);
+        die "no archive name\n" if ref($init) ne 'HASH' || !$init->{'archive-name'};
+        my $archive = $init->{'archive-name'};
+        die "illegal characters in archive name '$archive'\n"
+            if $archive !~ m!^(${PVE::Storage::SAFE_CHAR_CLASS_RE}|/|:)+$!;
+        $job->{archive} = $archive;
+        # PVE/VZDump.pm exec_backup_task: 'creating <provider_name> archive'.
+        $job->{provider_name} = $provider->provider_name();
+
+        # PVE/VZDump/QemuServer.pm archive_external.
+        my $mechanism = $provider->backup_get_mechanism($vmid, 'qemu');
+        die "mechanism '$mechanism' not supported for VMs\n"
+            if $mechanism ne 'file-handle' && $mechanism ne 'nbd';
+        $job->{mechanism} = $mechanism;
+        my $devices = { $dev => { size => $size } };
+        my $incremental = $provider->backup_vm_query_incremental($vmid, $devices) // {};
+        my $mode = $incremental->{$dev};
+        die "invalid incremental mode '$mode'\n"
+            if defined($mode) && $mode !~ m/^(?:new|use|none)$/;
+        $job->{query} = $mode // 'absent';
+
+        # What QEMU's backup-access-setup makes of it (bitmap_action_to_status): 'new' ->
+        # new, 'use' with the bitmap there -> reuse, nothing -> none.
+        my ($status, $bitmap) = ('none', undef);
+        if (defined($mode) && $mode ne 'none') {
+            $bitmap = $bitmaps->{$mode} // $bitmaps->{new};
+            $status = $mode eq 'use' && $bitmaps->{use} ? 'reuse' : 'new';
+        }
+        $job->{status} = $status;
+        my $export = qsd_export($tmp, $snap, $dev, $bitmap);
+        eval {
+            # backup_access_to_volume_info, mechanism nbd.
+            my $volumes = { $dev => {
+                size => $size, 'bitmap-mode' => $status,
+                'nbd-path' => $export->{socket}, 'bitmap-name' => $bitmap,
+            } };
+            my $param = { 'firewall-config' => $firewall_config, 'bandwidth-limit' => 0 };
+            $provider->backup_vm($vmid, $guest_config, $volumes, $param);
+        };
+        my $err = $@;
+        qsd_stop($export);
+        die $err if $err;
+
+        # PVE/VZDump.pm exec_backup_task: notes (a failure is a warning there).
+        eval {
+            PVE::Storage::update_volume_attribute($cfg, "$storeid:backup/$archive", 'notes', 'n');
+        };
+        $job->{notes_error} = $@;
+
+        # PVE/VZDump.pm exec_backup_task: backup_cleanup on success, size from stats.
+        my $res = $provider->backup_cleanup($vmid, 'qemu', 1, {});
+        $job->{size} = $res->{stats}->{'archive-size'};
+    };
+    if (my $err = $@) {
+        $job->{error} = $err;
+        eval { $provider->backup_cleanup($vmid, 'qemu', 0, { error => $err }) };
+        $job->{cleanup_error} = $@;
+    }
+    # PVE/VZDump.pm exec_backup_task: the task log, after backup_cleanup.
+    my $tasklog = "$tmp/task-$vmid.log";
+    spew($tasklog, "INFO: starting new backup job\n");
+    eval { $provider->backup_handle_log_file($vmid, $tasklog) };
+    $job->{log_error} = $@;
+    # PVE/VZDump.pm exec_backup: job_cleanup after the last guest.
+    $provider->job_cleanup();
+    return $job;
+}
+
+# qemu-server src/PVE/QemuServer.pm restore_external_archive, provider made as in
+# src/PVE/API2/Qemu.pm ($check_archive / create_vm).
+sub qmrestore {
+    my ($storeid, $volname, $target) = @_;
+    my $provider = PVE::Storage::new_backup_provider($cfg, $storeid, $log_function);
+    my ($mechanism, $vmtype) = $provider->restore_get_mechanism($volname);
+    die "mechanism '$mechanism' not supported for VMs\n" if $mechanism ne 'qemu-img';
+    die "cannot restore non-VM guest of type '$vmtype'\n" if $vmtype ne 'qemu';
+    my $res = {};
+    eval {
+        $res->{devinfo} = $provider->restore_vm_init($volname);
+        $res->{config} = $provider->archive_get_guest_config($volname)
+            or die "backup provider failed to extract guest configuration\n";
+        $res->{firewall} = $provider->archive_get_firewall_config($volname);
+        for my $devname (sort keys %{ $res->{devinfo} }) {
+            my $info = $provider->restore_vm_volume_init($volname, $devname, {});
+            my $source = $info->{'qemu-img-path'}
+                or die "did not get source image path from backup provider\n";
+            eval {
+                # PVE::Storage::file_size_info($source, undef, 'raw', 1), then
+                # PVE::QemuServer::QemuImage::convert with source format raw.
+                run_ok('qemu-img', 'info', '-f', 'raw', '--output', 'json', $source);
+                run_ok('qemu-img', 'convert', '-q', '-f', 'raw', '-O', 'raw', $source,
+                    "$target-$devname.raw");
+            };
+            my $err = $@;
+            eval { $provider->restore_vm_volume_cleanup($volname, $devname, {}) };
+            die $@ if $@ && !$err;
+            die $err if $err;
+        }
+    };
+    my $err = $@;
+    eval { $provider->restore_vm_cleanup($volname) };
+    warn "backup provider cleanup after restore failed - $@" if $@;
+    die $err if $err;
+    return $res;
+}
+
+sub same_image {
+    my ($raw, $qcow2) = @_;
+    return system('qemu-img', 'compare', '-q', '-f', 'raw', '-F', 'qcow2', $raw, $qcow2) == 0;
+}
+
+for my $storeid (qw(bdir bstore)) {
+    note("storage $storeid");
+    @log = ();
+    my $disk = "$tmp/$storeid-disk.qcow2";
+    make_disk($disk);
+    # Backup 1: the snapshot access is a copy taken now; QEMU then tracks new writes in a
+    # fresh bitmap 'inc' on the guest's disk.
+    my $snap1 = "$tmp/$storeid-snap1.qcow2";
+    copy($disk, $snap1) or die;
+    my $job1 = vzdump_vm($storeid, $snap1, { new => 'full' });
+    is($job1->{error}, undef, "$storeid: full backup ok") or diag(explain(\@log));
+    is($job1->{mechanism}, 'nbd', "$storeid: mechanism nbd");
+    is($job1->{query}, 'new', "$storeid: first backup asks for a new bitmap");
+    like($job1->{archive}, qr/^vm-100-\d{4}-/, "$storeid: archive name of our scheme");
+    ok($job1->{size} && $job1->{size} > 0, "$storeid: archive-size in stats");
+    like($job1->{notes_error}, qr/cannot store notes/, "$storeid: notes refused, said");
+    is($job1->{log_error}, '', "$storeid: task log handed over");
+    ok(scalar(grep { $_->[0] =~ /^(info|warn|err)$/ } @log), "$storeid: helper logs reached log_function");
+
+    run_ok('qemu-img', 'bitmap', '--remove', $disk, 'full');
+    run_ok('qemu-img', 'bitmap', '--add', $disk, 'inc');
+    run_ok('qemu-io', '-f', 'qcow2', '-c', 'write -P 0x22 1M 64k', '-c', 'write -P 0x44 7M 4k', $disk);
+
+    sleep(1);    # our volume names have seconds: a second backup in the same second fails
+    my $snap2 = "$tmp/$storeid-snap2.qcow2";
+    copy($disk, $snap2) or die;
+    my $job2 = vzdump_vm($storeid, $snap2, { new => 'inc', use => 'inc' });
+    is($job2->{error}, undef, "$storeid: incremental backup ok") or diag(explain(\@log));
+    is($job2->{query}, 'use', "$storeid: second backup reuses the bitmap");
+    is($job2->{status}, 'reuse', "$storeid: bitmap-mode reuse");
+    ok($job2->{size} < $job1->{size}, "$storeid: incremental stored less ($job2->{size} < $job1->{size})");
+
+    # PVE::Storage::volume_list (pvesm list / the GUI's backup view): list_volumes.
+    my $list = PVE::Storage::volume_list($cfg, $storeid, $vmid, 'backup');
+    is_deeply([map { $_->{volid} } @$list],
+        ["$storeid:backup/$job1->{archive}", "$storeid:backup/$job2->{archive}"],
+        "$storeid: list_volumes shows both backups");
+    is($list->[0]->{subtype}, 'qemu', "$storeid: subtype qemu");
+    is_deeply(PVE::Storage::volume_list($cfg, $storeid, 999, 'backup'), [],
+        "$storeid: vmid filter");
+
+    for my $case ([$job1, $snap1, 'full'], [$job2, $disk, 'incremental']) {
+        my ($job, $expect, $what) = @$case;
+        my $target = "$tmp/$storeid-restore-$what";
+        my $res = eval { qmrestore($storeid, "backup/$job->{archive}", $target) };
+        is($@, '', "$storeid: restore of the $what backup ok");
+        is($res->{config}, $guest_config, "$storeid: guest config restored byte for byte");
+        is($res->{firewall}, $firewall_config, "$storeid: firewall config restored");
+        is($res->{devinfo}->{$dev}->{size}, $size, "$storeid: restore_vm_init gives the size");
+        ok(same_image("$target-$dev.raw", $expect), "$storeid: $what restore equals the disk");
+    }
+
+    # PVE/VZDump.pm exec_backup_task with --remove: PVE::Storage::prune_backups with
+    # the type, not a dry run.
+    my @plog;
+    my $pruned = PVE::Storage::prune_backups($cfg, $storeid, { 'keep-last' => 1 }, $vmid,
+        'qemu', 0, sub { push @plog, [@_] });
+    my %mark = map { ($_->{volid} => $_->{mark}) } @$pruned;
+    is($mark{"$storeid:backup/$job2->{archive}"}, 'keep', "$storeid: prune keeps the newest");
+    is($mark{"$storeid:backup/$job1->{archive}"}, 'remove', "$storeid: prune marks the older");
+    my $left = PVE::Storage::volume_list($cfg, $storeid, $vmid, 'backup');
+    if ($storeid eq 'bdir') {
+        # backup-dir: the incremental's base stays, and the log says why.
+        is(scalar(@$left), 2, 'bdir: the chain base is kept');
+        ok(scalar(grep { $_->[0] eq 'warn' && $_->[1] =~ /kept/ } @plog), 'bdir: and said why');
+    } else {
+        is(scalar(@$left), 1, 'bstore: the older backup is removed');
+        ok(scalar(grep { $_->[1] =~ /removing backup/ } @plog), 'bstore: removal logged');
+    }
+}
+
+done_testing();
