@@ -114,9 +114,13 @@ sub job_cleanup {
 
 sub backup_init {
     my ($self, $vmid, $vmtype, $start_time) = @_;
-    return $self->_call(
+    my $res = $self->_call(
         'backup_init', { vmid => $vmid + 0, vmtype => $vmtype, start_time => $start_time + 0 },
     );
+    # vzdump makes the volume id "$storeid:backup/$archive_name" (PVE/VZDump.pm
+    # exec_backup_task): our providers' targets are volume names, backup/ included.
+    $res->{'archive-name'} =~ s!^backup/!! if ref($res) eq 'HASH' && defined($res->{'archive-name'});
+    return $res;
 }
 
 sub backup_cleanup {
