@@ -23,7 +23,7 @@ sub api {
 }
 
 # Our volume names (pvebackup.kit.volname): backup/vm-100-2026-12-01T20:52:27Z.
-my $VOLNAME_RE = qr!^backup/((vm|ct)-([1-9][0-9]{0,8})-([0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z))$!;
+my $VOLNAME_RE = qr!^backup/((vm|ct)-([1-9][0-9]{0,8})-([0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z))\z!;
 my $KIND_TYPE = { vm => 'qemu', ct => 'lxc' };
 
 sub parse_volname {
