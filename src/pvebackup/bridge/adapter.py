@@ -49,6 +49,7 @@ from pvebackup.api.types import (
 )
 from pvebackup.bridge.ctconfig import container_id_map, root_host_uid
 from pvebackup.bridge.params import Params, bandwidth, device_name
+from pvebackup.bridge.rawexport import RawExport, needs_export
 from pvebackup.kit.fdsource import FdSource
 from pvebackup.kit.hoststate import HostState
 
@@ -77,6 +78,7 @@ class _Restore:
     mechanism: RestoreMechanism
     vmtype: GuestType
     devices: set[str] = field(default_factory=set)
+    exports: dict[str, RawExport] = field(default_factory=dict)
     container_open: bool = False
 
 
@@ -457,12 +459,19 @@ class MergedAdapter:
         dev = device_name(params.method, params.text("device_name"))
         restore.devices.add(dev)
         path = self.provider.restore_qemu_img_init(volname, self.storeid, dev)
+        if needs_export(path):
+            # Proxmox VE reads qemu-img-path as raw only (see bridge.rawexport).
+            restore.exports[dev] = RawExport(path, dev)
+            path = restore.exports[dev].uri
         return {"qemu-img-path": path}
 
     def m_restore_vm_volume_cleanup(self, params: Params) -> None:
         volname, restore = self._restore(params)
         dev = device_name(params.method, params.text("device_name"))
         restore.devices.discard(dev)
+        export = restore.exports.pop(dev, None)
+        if export is not None:
+            export.stop()  # before the provider removes what it serves
         self.provider.restore_qemu_img_cleanup(volname, self.storeid, dev)
 
     def m_restore_vm_cleanup(self, params: Params) -> None:
@@ -490,6 +499,8 @@ class MergedAdapter:
         if restore is None:
             return
         first: Exception | None = None
+        for export in restore.exports.values():
+            export.stop()
         calls: list[Callable[[], None]] = [
             functools.partial(self.provider.restore_qemu_img_cleanup, volname, self.storeid, dev)
             for dev in sorted(restore.devices)

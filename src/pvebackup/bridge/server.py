@@ -272,7 +272,10 @@ class Server:
         _sock, reader, writer = self.attached
         if method != "backup_container":
             raise UsageError(f"bridge: an attached helper serves only backup_container: {method}")
-        writer.send({"id": 1, "method": method, "params": params.raw})
+        try:
+            writer.send({"id": 1, "method": method, "params": params.raw})
+        except OSError:
+            pass  # the job helper refused us and hung up: its answer is still to be read
         while True:
             line = read_line(reader, self.limit)
             if line is None or isinstance(line, Oversized):
