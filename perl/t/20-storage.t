@@ -21,6 +21,10 @@ is($plugin{'backup-dir'}, 'PVE::Storage::Custom::PveBackupDirPlugin', 'backup-di
 is($plugin{'backup-store'}, 'PVE::Storage::Custom::PveBackupStorePlugin', 'backup-store registered');
 ok(PVE::Storage::storage_has_feature($cfg, $_, 'backup-provider'), "$_: backup-provider feature")
     for qw(bdir bstore);
+for my $class (values %plugin) {
+    is_deeply($class->plugindata()->{'sensitive-properties'}, {},
+        "$class: no sensitive properties (encryption-key is a path and must reach storage.cfg)");
+}
 isa_ok(PVE::Storage::new_backup_provider($cfg, 'bdir', sub {}), 'PVE::BackupProvider::Plugin::Base');
 
 # PVE's storage schema is one namespace: a property two plugins define kills the load.

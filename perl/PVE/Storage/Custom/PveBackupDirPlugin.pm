@@ -14,6 +14,10 @@ sub plugindata {
     return {
         content => [{ backup => 1 }, { backup => 1 }],
         features => { 'backup-provider' => 1 },
+        # Declared (empty): without it PVE's storage API treats encryption-key (a key
+        # file path here, not a secret) as PBS's sensitive key and keeps it out of
+        # storage.cfg (PVE::Storage::Plugin::sensitive_properties' fallback list).
+        'sensitive-properties' => {},
     };
 }
 
