@@ -9,6 +9,11 @@ use FindBin;
 use lib "$FindBin::Bin/lib", "$FindBin::Bin/..";
 use Test::More;
 use File::Copy qw(copy);
+use Fcntl qw(O_RDWR O_DIRECT);
+use IO::File;
+use IPC::Open3 qw(open3);
+use POSIX ();
+use Symbol qw(gensym);
 
 use PVE::Storage;
 use PveBackupTest qw(setup_node run_ok qsd_export qsd_stop slurp spew);
@@ -29,6 +34,56 @@ sub make_disk {
     run_ok('qemu-img', 'bitmap', '--add', $disk, 'full');
     run_ok('qemu-io', '-f', 'qcow2', '-c', 'write -P 0x11 0 8M', '-c', 'write -P 0x33 2M 64k',
         $disk);
+}
+
+# qemu-server src/PVE/VZDump/QemuServer.pm virtual_file_backup_prepare: the export as a
+# file through nbdfuse, opened O_RDWR|O_DIRECT, and next-dirty-region from nbdinfo's map
+# of the bitmap (or the whole disk once without one). Returns ($fh, $next, $cleanup).
+sub virtual_file {
+    my ($socket, $size, $bitmap) = @_;
+    my $uri = "nbd+unix:///${dev}?socket=$socket";
+    my @pids;
+    my $next;
+    if ($bitmap) {
+        my ($in, $info, $err) = (gensym, gensym, gensym);
+        my $pid = open3($in, $info, $err, 'nbdinfo', $uri, "--map=qemu:dirty-bitmap:$bitmap");
+        push @pids, $pid;
+        $next = sub {
+            my ($offset, $length, $type);
+            do {
+                my $line = <$info>;
+                return if !$line;
+                die "unexpected output from nbdinfo - $line\n"
+                    if $line !~ m/^\s*(\d+)\s*(\d+)\s*(\d+)/;
+                ($offset, $length, $type) = ($1, $2, $3);
+            } while (($type & 0x1) == 0);
+            return ($offset, $length);
+        };
+    } else {
+        my $done = 0;
+        $next = sub { return if $done; $done = 1; return (0, $size) };
+    }
+    my $mount = "$tmp/vf.$$." . int(rand(1e9));
+    mkdir($mount) or die;
+    my $file = "$mount/$dev";
+    my $pidfile = "$mount.pid";
+    spew($pidfile, '');
+    my $cpid = fork() // die;
+    if (!$cpid) {
+        exec('nbdfuse', '--pidfile', $pidfile, $file, $uri) or POSIX::_exit(1);
+    }
+    push @pids, $cpid;
+    for (1 .. 30) { last if -s $pidfile; select(undef, undef, undef, 0.1) }
+    die "timeout setting up virtual file '$file'\n" if !-s $pidfile;
+    my $fh = IO::File->new($file, O_RDWR | O_DIRECT)
+        or die "unable to open backup source '$file' - $!\n";
+    # cleanup_file_handles, cleanup_nbd_mounts, cleanup_child_processes.
+    my $cleanup = sub {
+        close($fh);
+        system('fusermount', '-u', $mount);
+        for my $pid (@pids) { kill('TERM', $pid); waitpid($pid, 0) }
+    };
+    return ($fh, $next, $cleanup);
 }
 
 my @log;
@@ -63,6 +118,9 @@ sub vzdump_vm {
         die "mechanism '$mechanism' not supported for VMs\n"
             if $mechanism ne 'file-handle' && $mechanism ne 'nbd';
         $job->{mechanism} = $mechanism;
+        # qemu-server: nbdfuse is needed for file-handle.
+        die "need 'nbdfuse' binary from package libnbd-bin\n"
+            if $mechanism eq 'file-handle' && !-e '/usr/bin/nbdfuse';
         my $devices = { $dev => { size => $size } };
         my $incremental = $provider->backup_vm_query_incremental($vmid, $devices) // {};
         my $mode = $incremental->{$dev};
@@ -79,16 +137,25 @@ sub vzdump_vm {
         }
         $job->{status} = $status;
         my $export = qsd_export($tmp, $snap, $dev, $bitmap);
+        my $vf_cleanup;
         eval {
-            # backup_access_to_volume_info, mechanism nbd.
-            my $volumes = { $dev => {
-                size => $size, 'bitmap-mode' => $status,
-                'nbd-path' => $export->{socket}, 'bitmap-name' => $bitmap,
-            } };
+            # backup_access_to_volume_info, per mechanism.
+            my $volumes = { $dev => { size => $size, 'bitmap-mode' => $status } };
+            if ($mechanism eq 'file-handle') {
+                my ($fh, $next);
+                ($fh, $next, $vf_cleanup) = virtual_file($export->{socket}, $size, $bitmap);
+                $volumes->{$dev}->{'file-handle'} = $fh;
+                $volumes->{$dev}->{'next-dirty-region'} = $next;
+            } else {
+                $volumes->{$dev}->{'nbd-path'} = $export->{socket};
+                $volumes->{$dev}->{'bitmap-name'} = $bitmap;
+            }
             my $param = { 'firewall-config' => $firewall_config, 'bandwidth-limit' => 0 };
             $provider->backup_vm($vmid, $guest_config, $volumes, $param);
         };
         my $err = $@;
+        # PVE::VZDump::QemuServer::cleanup, after the backup.
+        $vf_cleanup->() if $vf_cleanup;
         qsd_stop($export);
         die $err if $err;
 
@@ -160,21 +227,31 @@ sub same_image {
     return system('qemu-img', 'compare', '-q', '-f', 'raw', '-F', 'qcow2', $raw, $qcow2) == 0;
 }
 
-for my $storeid (qw(bdir bstore)) {
-    note("storage $storeid");
+for my $case (['bdir', undef], ['bstore', undef], ['bdir', 'file-handle']) {
+    my ($storeid, $want_mechanism) = @$case;
+    local $PVE::PveBackup::Bridge::VM_MECHANISM = $want_mechanism;
+    note("storage $storeid, mechanism " . ($want_mechanism // 'default'));
+    if ($want_mechanism) {
+        # A fresh storage for this pass: the name stays (it is the storage id).
+        system('rm', '-rf', "$tmp/$storeid");
+        mkdir("$tmp/$storeid") or die;
+    }
+    # The helper's host state (bitmap records) per pass, as on a fresh node.
+    local $PVE::PveBackup::Bridge::STATE_DIR = "$tmp/state-" . ($want_mechanism // 'nbd') . "-$storeid";
     @log = ();
-    my $disk = "$tmp/$storeid-disk.qcow2";
+    my $pass = $storeid . ($want_mechanism ? "-$want_mechanism" : '');
+    my $disk = "$tmp/$pass-disk.qcow2";
     make_disk($disk);
     # Backup 1: the snapshot access is a copy taken now; QEMU then tracks new writes in a
     # fresh bitmap 'inc' on the guest's disk.
     # The provider discards what it read (the export is writable for that): compare
     # restores with a copy kept aside.
-    my $snap1 = "$tmp/$storeid-snap1.qcow2";
+    my $snap1 = "$tmp/$pass-snap1.qcow2";
     copy($disk, $snap1) or die;
     copy($disk, "$snap1.orig") or die;
     my $job1 = vzdump_vm($storeid, $snap1, { new => 'full' });
     is($job1->{error}, undef, "$storeid: full backup ok") or diag(explain(\@log));
-    is($job1->{mechanism}, 'nbd', "$storeid: mechanism nbd");
+    is($job1->{mechanism}, $want_mechanism // 'nbd', "$storeid: mechanism as configured");
     is($job1->{query}, 'new', "$storeid: first backup asks for a new bitmap");
     like($job1->{archive}, qr/^vm-100-\d{4}-/, "$storeid: archive name of our scheme");
     ok($job1->{size} && $job1->{size} > 0, "$storeid: archive-size in stats");
@@ -187,7 +264,7 @@ for my $storeid (qw(bdir bstore)) {
     run_ok('qemu-io', '-f', 'qcow2', '-c', 'write -P 0x22 1M 64k', '-c', 'write -P 0x44 7M 4k', $disk);
 
     sleep(1);    # our volume names have seconds: a second backup in the same second fails
-    my $snap2 = "$tmp/$storeid-snap2.qcow2";
+    my $snap2 = "$tmp/$pass-snap2.qcow2";
     copy($disk, $snap2) or die;
     my $job2 = vzdump_vm($storeid, $snap2, { new => 'inc', use => 'inc' });
     is($job2->{error}, undef, "$storeid: incremental backup ok") or diag(explain(\@log));
@@ -211,7 +288,7 @@ for my $storeid (qw(bdir bstore)) {
         my ($job, $expect, $what) = @$case;
         # qemu-server reads qemu-img-path as raw (restore_external_archive: source
         # format 'raw'), so a qcow2 path would restore qcow2 bytes: the compare fails.
-        my $target = "$tmp/$storeid-restore-$what";
+        my $target = "$tmp/$pass-restore-$what";
         my $res = eval { qmrestore($storeid, "backup/$job->{archive}", $target) };
         is($@, '', "$storeid: restore of the $what backup ok");
         is($res->{config}, $guest_config, "$storeid: guest config restored byte for byte");

@@ -24,6 +24,9 @@ our @CLI = ('/usr/bin/pvebackup');
 our $ROOT = '/';
 # Where the helper keeps host state (bitmap records); undef: the helper's default.
 our $STATE_DIR;
+# What backup_get_mechanism answers for VMs: undef (the helper's default, nbd) or
+# 'file-handle' (qemu-server then reads the export through nbdfuse).
+our $VM_MECHANISM;
 
 # The helper refuses longer lines too (protocol: max line 16 MiB).
 use constant MAX_LINE => 16 * 1024 * 1024;
@@ -69,6 +72,7 @@ sub start {
     my $res = $self->call('hello', {
         protocol => 1,
         (defined($STATE_DIR) ? ('state-dir' => $STATE_DIR) : ()),
+        (defined($VM_MECHANISM) ? ('vm-mechanism' => $VM_MECHANISM) : ()),
         %$hello,
     });
     die "pvebackup helper speaks protocol '" . ($res->{protocol} // '?') . "', not 1\n"
