@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -145,3 +146,16 @@ def test_hello_refuses_bad_scfg(spawn: Callable[..., Helper], dir_store: dict[st
     with pytest.raises(BridgeError) as err:
         helper.hello(**{**dir_store, "plugin-type": "no-such-type"})
     assert err.value.type == "PluginNotFoundError"
+
+
+def test_sigterm_aborts_and_exits_130(
+    spawn: Callable[..., Helper], dir_store: dict[str, Any]
+) -> None:
+    helper = spawn()
+    helper.hello(**dir_store)
+    helper.call("job_init", start_time=1700000000)
+    helper.call("backup_init", vmid=100, vmtype="qemu", start_time=1700000000)
+    helper.proc.send_signal(signal.SIGTERM)
+    assert helper.proc.wait(60) == 130
+    assert helper.eof() == 130
+    assert "job aborted" in helper.log_text()

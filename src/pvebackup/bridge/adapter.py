@@ -26,7 +26,6 @@ import functools
 import os
 import shutil
 import tempfile
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +69,7 @@ class _Guest:
     bitmap_used: bool = False
     configs_done: bool = False
     container: dict[str, Any] | None = None
+    refusal: PveBackupError | None = None
     closed: bool = False
 
 
@@ -106,8 +106,6 @@ class MergedAdapter:
         self.guests: dict[int, _Guest] = {}
         self.restores: dict[str, _Restore] = {}
         self._tmp: Path | None = None
-        self.lock = threading.Lock()
-        """Held while a provider method runs (the attach thread runs one too)."""
 
     # -- plumbing --------------------------------------------------------------------
 
@@ -199,10 +197,19 @@ class MergedAdapter:
         guest = _Guest(vmid, vmtype, None, None)
         self.guests[vmid] = guest
         try:
-            answer = self.provider.backup_get_mechanism(vmid, vmtype)
-            if answer is not None:
-                mechanism, guest.bitmap_id = answer
-                guest.mechanism = BackupMechanism(mechanism)
+            try:
+                answer = self.provider.backup_get_mechanism(vmid, vmtype)
+            except PveBackupError as exc:
+                # The merged API asks in backup_get_mechanism, after backup_init:
+                # the refusal is given there (vzdump then fails this guest).
+                guest.refusal, answer = exc, None
+            if answer is None:
+                # No backup_get_target: the seed host never asks after a refusal.
+                # vzdump only logs this name before backup_get_mechanism fails.
+                guest.archive_name = f"unsupported/{vmtype}-{vmid}"
+                return {"archive-name": guest.archive_name}
+            mechanism, guest.bitmap_id = answer
+            guest.mechanism = BackupMechanism(mechanism)
             guest.archive_name = self.provider.backup_get_target(vmid, vmtype)
         except Exception as exc:
             self._abort_guest(guest, str(exc))
@@ -214,6 +221,8 @@ class MergedAdapter:
         vmtype = params.vmtype()
         if vmtype != guest.vmtype:
             raise UsageError(f"backup_get_mechanism: guest {guest.vmid} is {guest.vmtype}")
+        if guest.refusal is not None:
+            raise guest.refusal
         if guest.mechanism is None:
             return None  # the seed's undef: "does not support this guest type"
         if guest.mechanism == BackupMechanism.DIRECTORY:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from importlib import metadata
 from typing import IO, Any, Final
 
-from pvebackup.api.errors import PluginError, PveBackupError, UsageError
+from pvebackup.api.errors import AbortedError, PluginError, PveBackupError, UsageError
 from pvebackup.bridge.adapter import MergedAdapter
 from pvebackup.bridge.attach import AttachListener, attach_client
 from pvebackup.bridge.framing import (
@@ -79,7 +79,8 @@ class Server:
 
     def run(self) -> int:
         """Serve until ``bye`` (exit 0) or EOF (abort what is open; exit 0 if
-        nothing was, else 1)."""
+        nothing was, else 1). An :class:`AbortedError` (SIGTERM, SIGINT, SIGHUP
+        turned into one by ``__main__``) aborts what is open and exits 130."""
         try:
             while True:
                 line = read_line(self.stdin, self.limit)
@@ -91,6 +92,11 @@ class Server:
                     return self._eof()  # nobody reads our answers any more: as EOF
                 if done:
                     return 0
+        except AbortedError as exc:
+            self._finish_attach()
+            if self.adapter is not None:
+                self.adapter.abort_all(str(exc))
+            return AbortedError.exit_code
         finally:
             self._finish_attach()
             if self.adapter is not None:
@@ -129,6 +135,8 @@ class Server:
             if not isinstance(exc, PveBackupError):
                 self.diag(traceback.format_exc())
             self._error(rid, exc)
+            if isinstance(exc, AbortedError):
+                raise  # interrupted: abort everything, do not wait for more requests
             return False
         self.out.send({"id": rid, "result": result})
         return method == "bye"
