@@ -206,4 +206,28 @@ for my $storeid (qw(bdir bstore)) {
         "$storeid: files, modes, host owners (via the id map) restored; excludes left out");
 }
 
+{
+    # The container step fails inside the namespace (its directory vanished): the
+    # message of our provider reaches the parent, as PVE::Tools::run_fork passes it.
+    my $provider = PVE::Storage::new_backup_provider($cfg, 'bdir', $log_function);
+    $provider->job_init(time());
+    $provider->backup_init($vmid, 'lxc', time());
+    $provider->backup_get_mechanism($vmid, 'lxc');
+    my $info = { directory => "$tmp/gone", sources => ['.'], 'backup-user-id' => 100000 };
+    $provider->backup_container_prepare($vmid, $info);
+    eval {
+        PVE::LXC::Namespaces::run_in_userns(
+            sub { $provider->backup_container($vmid, $guest_config, $findexcl, $info) },
+            $id_map);
+    };
+    my $err = $@;
+    like($err, qr/gone/, 'failure in the user namespace: die naming the directory');
+    unlike($err, qr/Traceback/, 'our message, not a trace');
+    eval { $provider->backup_cleanup($vmid, 'lxc', 0, { error => $err }) };
+    is($@, '', 'backup_cleanup after it works');
+    $provider->job_cleanup();
+    is(scalar(@{ PVE::Storage::volume_list($cfg, 'bdir', $vmid, 'backup') }), 1,
+        'no second container backup appeared');
+}
+
 done_testing();

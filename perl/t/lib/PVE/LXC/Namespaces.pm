@@ -22,11 +22,12 @@ sub _write_map {
     close($fh) or die "write ${which}id_map: $!\n";
 }
 
-# Returns the child's exit status (0: the code returned, 1: it died).
+# Dies with the child's error, as PVE::Tools::run_fork passes it back.
 sub run_in_userns {
     my ($code, $id_map) = @_;
 
     socketpair(my $sp, my $sc, AF_UNIX, SOCK_STREAM, PF_UNSPEC) or die "socketpair: $!\n";
+    pipe(my $err_r, my $err_w) or die "pipe: $!\n";
     my $pid = fork() // die "fork: $!\n";
     if (!$pid) {
         close($sp);
@@ -43,9 +44,13 @@ sub run_in_userns {
             $code->();
             1;
         };
-        print STDERR $@ if !$ok;
-        POSIX::_exit($ok ? 0 : 1);
+        if (!$ok) {
+            syswrite($err_w, $@);
+            POSIX::_exit(1);
+        }
+        POSIX::_exit(0);
     }
+    close($err_w);
     close($sc);
     my $ready = <$sp>;
     die "userns child failed to unshare\n" if ($ready // '') ne "1\n";
@@ -53,8 +58,9 @@ sub run_in_userns {
     _write_map($pid, 'g', $id_map);
     syswrite($sp, "2\n");
     close($sp);
+    my $err = do { local $/; <$err_r> } // '';
     waitpid($pid, 0);
-    die "container backup in the user namespace failed\n" if $?;
+    die($err || "child in the user namespace failed (status $?)\n") if $?;
     return;
 }
 
