@@ -94,7 +94,7 @@ my $log_function = sub { push @log, [@_] };
 # (qemu-server src/PVE/VZDump/QemuServer.pm). $snap is the "snapshot access" image,
 # $bitmaps maps the provider's answer to the bitmap QEMU would export.
 sub vzdump_vm {
-    my ($storeid, $snap, $bitmaps) = @_;
+    my ($storeid, $snap, $bitmaps, $prune) = @_;
     my $job = {};
 
     # PVE/VZDump.pm storage_info: the provider, made once per job.
@@ -164,6 +164,14 @@ sub vzdump_vm {
             PVE::Storage::update_volume_attribute($cfg, "$storeid:backup/$archive", 'notes', 'n');
         };
         $job->{notes_error} = $@;
+
+        # PVE/VZDump.pm exec_backup_task with --remove 1: prune_backups BEFORE
+        # backup_cleanup, while the job's helper still holds the new backup open.
+        if (my $keep = $prune) {
+            my $list = PVE::Storage::prune_backups($cfg, $storeid, $keep, $vmid, 'qemu', 0,
+                sub { push @log, [@_] });
+            $job->{pruned} = scalar(grep { $_->{mark} eq 'remove' } @$list);
+        }
 
         # PVE/VZDump.pm exec_backup_task: backup_cleanup on success, size from stats.
         my $res = $provider->backup_cleanup($vmid, 'qemu', 1, {});
@@ -266,8 +274,9 @@ for my $case (['bdir', undef], ['bstore', undef], ['bdir', 'file-handle']) {
     sleep(1);    # our volume names have seconds: a second backup in the same second fails
     my $snap2 = "$tmp/$pass-snap2.qcow2";
     copy($disk, $snap2) or die;
-    my $job2 = vzdump_vm($storeid, $snap2, { new => 'inc', use => 'inc' });
+    my $job2 = vzdump_vm($storeid, $snap2, { new => 'inc', use => 'inc' }, { 'keep-last' => 5 });
     is($job2->{error}, undef, "$storeid: incremental backup ok") or diag(explain(\@log));
+    is($job2->{pruned}, 0, "$storeid: prune inside the job (vzdump --remove) works, keeps all");
     is($job2->{query}, 'use', "$storeid: second backup reuses the bitmap");
     is($job2->{status}, 'reuse', "$storeid: bitmap-mode reuse");
     # backup-dir stores the dirty clusters only; a chunk store's sizes are compressed
