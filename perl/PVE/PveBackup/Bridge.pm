@@ -13,7 +13,7 @@ use warnings;
 use IO::Handle;
 use IPC::Open3 qw(open3);
 use JSON::PP;
-use POSIX qw(WNOHANG);
+use POSIX ();
 use Symbol qw(gensym);
 
 # How to start the helper and the command line. Packagers keep the defaults (the .deb
@@ -195,10 +195,9 @@ sub run_cli {
     die "unable to run pvebackup - $@\n" if !$pid;
     close($in);
 
-    # Two pipes: read stderr in a child-free way by slurping stdout first would block
-    # on a full stderr pipe, so use select.
+    # Read stdout and stderr together: slurping one first would hang on a full pipe of
+    # the other.
     my ($stdout, $stderr) = ('', '');
-    my $rin = '';
     my %open = (fileno($out) => [$out, \$stdout], fileno($err) => [$err, \$stderr]);
     while (%open) {
         my $rbits = '';
