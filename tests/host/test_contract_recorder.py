@@ -17,9 +17,11 @@ class TestRecorderContract(ProviderContract):
     storage_type = "test-recording"
     plugin = RecordingPlugin
     # Each image stands alone (no parent); failed backups are removed at once; it
-    # reads exports with its own libnbd handle (no source_factory).
+    # reads exports with its own libnbd handle (no source_factory); no notes or
+    # protection (the base class's defaults).
     capabilities = frozenset(Capability) - {
-        Capability.CHAINED, Capability.GARBAGE_COLLECTED, Capability.FAKE_SOURCE}  # fmt: skip
+        Capability.CHAINED, Capability.GARBAGE_COLLECTED, Capability.FAKE_SOURCE,
+        Capability.ATTRIBUTES}  # fmt: skip
     ct_restore_properties = {
         RestoreMechanism.TAR: {"restore-mechanism": "tar"},
         RestoreMechanism.DIRECTORY: {"restore-mechanism": "directory"},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -99,8 +100,12 @@ def test_volume_info_to_json() -> None:
         "parent": "backup/vm/100/1690000000",
         "notes": "",
         "comment": "incremental",
+        "protected": False,
+        "verify": None,
     }
     assert type(data["vmtype"]) is str
+    verified = dataclasses.replace(info, protected=True, verify_state="ok", verify_time=5)
+    assert verified.to_json()["verify"] == {"state": "ok", "time": 5}
     json.dumps(data)
     with pytest.raises(AttributeError):
         info.size = 1  # type: ignore[misc]

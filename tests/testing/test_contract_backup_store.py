@@ -21,7 +21,7 @@ class TestBackupStoreContract(ProviderContract):
     capabilities = frozenset(
         {Capability.VM, Capability.INCREMENTAL, Capability.LIST, Capability.REMOVE,
          Capability.GARBAGE_COLLECTED, Capability.FAKE_SOURCE, Capability.CHAINED,
-         Capability.CT, Capability.RESTORE_TAR}
+         Capability.CT, Capability.RESTORE_TAR, Capability.ATTRIBUTES}
     )  # fmt: skip
 
     def storage_properties(self, base: Path) -> dict[str, str]:

@@ -36,6 +36,7 @@ caller can decide whether retrying can help.
     │   ├── GuestExistsError                     restore onto an existing vmid without --force
     │   ├── GuestRunningError                    restore onto a running VM (qmrestore refuses too)
     │   ├── VolumeInUseError                     remove a volume another one depends on
+    │   ├── VolumeProtectedError                 remove or prune a protected backup
     │   ├── SnapshotExistsError                  a snapshot with that name is already stored
     │   ├── LockedError                          someone else holds a lock
     │   └── BaseUnusableError                    bitmap mode reuse, but no usable base backup
@@ -103,6 +104,7 @@ __all__ = [
     "UsageError",
     "VolumeInUseError",
     "VolumeNotFoundError",
+    "VolumeProtectedError",
     "WrongKeyError",
     "exit_codes",
 ]
@@ -256,7 +258,10 @@ class StateError(PveBackupError):
     """Refused because of existing state; nothing was changed."""
 
     exit_code = 7
-    summary = "refused because of existing state (guest exists or runs, volume in use, locked)"
+    summary = (
+        "refused because of existing state (guest exists or runs, volume in use or "
+        "protected, locked)"
+    )
 
 
 class GuestExistsError(StateError):
@@ -269,6 +274,10 @@ class GuestRunningError(StateError):
 
 class VolumeInUseError(StateError):
     """The volume is the base of another volume and cannot be removed."""
+
+
+class VolumeProtectedError(StateError):
+    """The backup is protected (``pvebackup protect``): never removed or pruned."""
 
 
 class SnapshotExistsError(StateError):

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import re
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pvebackup.api.errors import GuestBackupError, PveBackupError
+from pvebackup.api.types import GuestType
 from pvebackup.cli.cmd_prune import prune_storage
 from pvebackup.cli.common import vmid_arg
 from pvebackup.cli.output import add_output_option, human_size, print_json, table
@@ -15,7 +18,9 @@ from pvebackup.host.defaults import read_job_defaults
 from pvebackup.host.guests import NodeRoot
 from pvebackup.host.job import MODES, JobResult, run_backup_job
 from pvebackup.host.qemu.liverestore import start_command as vm_start_command
+from pvebackup.kit.notestemplate import check_template, render_template
 from pvebackup.kit.prune import parse_keep_options
+from pvebackup.storage import lookup, parse_volume_id, read_storage_config, storage_config
 
 __all__ = ["BackupOptions", "add_parser", "run"]
 
@@ -33,6 +38,8 @@ class BackupOptions:
     start_command: str | None = None  # None: $PVEBACKUP_START_COMMAND, else qm start
     fleecing_storage: str | None = None
     prune_backups: str | None = None  # None: the storage's prune-backups property
+    notes_template: str | None = None
+    protected: bool = False
 
 
 def _positive(text: str) -> int:
@@ -107,6 +114,19 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         " retention (Proxmox VE syntax, as 'pvebackup prune'; default: the storage's"
         " prune-backups property, else keep all)",
     )
+    p.add_argument(
+        "--notes-template",
+        metavar="TEMPLATE",
+        help="after each guest's backup, set its notes from TEMPLATE, as vzdump:"
+        " {{cluster}}, {{guestname}}, {{node}} and {{vmid}} are replaced, \\n is a"
+        " newline and \\\\ a backslash; other variables or escapes are refused (exit 2)."
+        " A failure to set the notes is a warning",
+    )
+    p.add_argument(
+        "--protected",
+        action="store_true",
+        help="protect each new backup (as 'pvebackup protect') before any prune",
+    )
     add_output_option(p)
     p.set_defaults(command=_from_args, usage_parser=p)
 
@@ -125,7 +145,14 @@ def _from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         stop_wait=None if args.stop_wait is None else float(args.stop_wait),
         start_command=args.start_command,
         prune_backups=args.prune_backups,
+        notes_template=args.notes_template,
+        protected=args.protected,
     )
+    if args.notes_template is not None:
+        try:
+            check_template(args.notes_template)
+        except ValueError as exc:
+            parser.error(f"backup: --notes-template: {exc}")
     if args.prune_backups is not None:
         try:
             parse_keep_options(args.prune_backups)
@@ -198,12 +225,77 @@ def run(opts: BackupOptions) -> int:
         print_json(_json_report(result))
     else:
         print(_report(result), flush=True)
-    code = _prune_after(root, opts, result)
+    code = _annotate_after(root, opts, result)
+    code = _prune_after(root, opts, result) or code
     if result.failed:
         for g in result.failed:
             print(f"error: backup of {g.vmid} failed: {g.error}", file=sys.stderr)
         return GuestBackupError.exit_code
     return code
+
+
+def _annotate_after(root: NodeRoot, opts: BackupOptions, result: JobResult) -> int:
+    """Notes and protection of each new backup, before the prune (as vzdump).
+
+    A note that cannot be set is a warning (vzdump's "unable to add notes"); a
+    backup that cannot be protected is an error (vzdump fails the guest): a prune
+    could remove what the operator asked to keep.
+    """
+    if opts.notes_template is None and not opts.protected:
+        return 0
+    scfg = storage_config(read_storage_config(root.storage_cfg), opts.storage)
+    plugin = lookup(scfg["type"])
+    cluster = _cluster_name(root)
+    code = 0
+    for g in result.guests:
+        if not g.ok or g.target is None:
+            continue
+        storeid, volname = parse_volume_id(g.target)
+        if opts.notes_template:
+            values = {
+                "cluster": cluster,
+                "guestname": _guest_name(root, g.vmid, g.vmtype),
+                "node": socket.gethostname().split(".", 1)[0],
+                "vmid": str(g.vmid),
+            }
+            try:
+                notes = render_template(opts.notes_template, values)
+                plugin.update_volume_attribute(scfg, storeid, volname, "notes", notes)
+            except (ValueError, PveBackupError) as exc:
+                print(f"warning: {g.target}: unable to add notes - {exc}", file=sys.stderr)
+        if opts.protected:
+            try:
+                plugin.update_volume_attribute(scfg, storeid, volname, "protected", True)
+            except PveBackupError as exc:
+                print(f"error: {g.target}: unable to set protected flag - {exc}", file=sys.stderr)
+                code = code or exc.exit_code
+    return code
+
+
+def _guest_name(root: NodeRoot, vmid: int, vmtype: GuestType | None) -> str:
+    """vzdump's ``guestname``: a VM's name, else ``VM <vmid>``; a container's
+    hostname, else ``CT<vmid>``."""
+    try:
+        config = root.load_guest(vmid, vmtype)
+    except PveBackupError:
+        config = None
+    if vmtype is GuestType.LXC:
+        return (config.get("hostname") if config else None) or f"CT{vmid}"
+    return (config.get("name") if config else None) or f"VM {vmid}"
+
+
+_CLUSTER_NAME = re.compile(r"^\s*cluster_name\s*:\s*(\S+)\s*$", re.M)
+
+
+def _cluster_name(root: NodeRoot) -> str:
+    """The cluster's name from corosync.conf, else vzdump's ``standalone node``."""
+    try:
+        with (root.pve_dir / "corosync.conf").open("rb") as f:
+            text = f.read(1 << 20).decode("utf-8", "replace")
+    except OSError:
+        return "standalone node"
+    m = _CLUSTER_NAME.search(text)
+    return m.group(1) if m else "standalone node"
 
 
 def _prune_after(root: NodeRoot, opts: BackupOptions, result: JobResult) -> int:

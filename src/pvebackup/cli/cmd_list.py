@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pvebackup.cli.output import add_output_option, human_size, print_json, table, utc_time
 from pvebackup.host.guests import NodeRoot
+from pvebackup.kit.annotations import display_text
 from pvebackup.storage import (
     VolumeInfo,
     VolumeScan,
@@ -35,8 +36,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--output json prints a list of records with the keys volid, vmid, vmtype, "
         "ctime (Unix seconds), size (bytes stored for this backup), virtual-size "
         "(bytes of the guest's disks, null for containers), format, parent (the base "
-        "of an incremental, else null), notes (the operator's) and comment (the "
-        "provider's description). "
+        "of an incremental, else null), notes (the operator's), comment (the "
+        "provider's description), protected (true: never removed or pruned) and "
+        "verify (the last 'pvebackup verify': {state: ok|failed, time}, or null). "
+        "Text output shows the first line of the notes, control characters "
+        "replaced. "
         "A damaged volume (unreadable index or manifest, impossible name) is not "
         "listed: a warning naming it goes to stderr, and the others are listed. "
         "Exit status 0 when the storage could be listed (even with damaged volumes), "
@@ -86,8 +90,12 @@ def run(opts: ListOptions) -> int:
         for v in volumes
     ]
     for title, values in (
-        ("COMMENT", [v.comment for v in volumes]),
-        ("NOTES", [v.notes for v in volumes]),
+        ("PROTECTED", ["yes" if v.protected else "" for v in volumes]),
+        ("VERIFIED", [_verified(v) for v in volumes]),
+        ("COMMENT", [display_text(v.comment, one_line=True) for v in volumes]),
+        # Notes are storage content anyone with write access may have written:
+        # no escape sequence of theirs reaches the terminal.
+        ("NOTES", [display_text(v.notes, one_line=True) for v in volumes]),
     ):
         if any(values):
             header.append(title)
@@ -95,3 +103,9 @@ def run(opts: ListOptions) -> int:
                 row.append(value)
     print(table(header, rows))
     return 0
+
+
+def _verified(v: VolumeInfo) -> str:
+    if v.verify_state is None or v.verify_time is None:
+        return ""
+    return f"{v.verify_state} {utc_time(v.verify_time)}"

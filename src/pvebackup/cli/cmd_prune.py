@@ -9,7 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pvebackup.api.errors import PveBackupError, UsageError, VolumeInUseError
+from pvebackup.api.errors import (
+    PveBackupError,
+    UsageError,
+    VolumeInUseError,
+    VolumeProtectedError,
+)
 from pvebackup.cli.common import vmid_arg
 from pvebackup.cli.output import add_output_option, print_json, table, utc_time
 from pvebackup.host.guests import NodeRoot
@@ -21,7 +26,13 @@ from pvebackup.kit.prune import (
     mark_prune,
     parse_keep_options,
 )
-from pvebackup.storage import VolumeInfo, lookup, read_storage_config, storage_config
+from pvebackup.storage import (
+    VolumeInfo,
+    lookup,
+    read_storage_config,
+    remove_backup_volume,
+    storage_config,
+)
 
 __all__ = [
     "PruneOptions",
@@ -76,6 +87,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "with Proxmox Backup Server's semantics: newest first, keep-last, then one "
         "backup per hour, day, ISO week, month and year; a period already covered by "
         "an earlier option is skipped, not counted; periods in local time (TZ). "
+        "Protected backups (pvebackup protect) are never removed and use no slot. "
         "Without --keep-* options the storage's 'prune-backups' property applies; "
         "with none at all, everything is kept. A backup another backup depends on "
         "(an incremental chain's base on backup-dir) is kept, and the reason shown. "
@@ -139,7 +151,7 @@ def prune_volumes(
     results: list[PruneResult] = []
     for _, group in sorted(groups.items()):
         marks = mark_prune(
-            [PruneCandidate(v.volid, v.ctime, _protected(v)) for v in group], options, None
+            [PruneCandidate(v.volid, v.ctime, v.protected) for v in group], options, None
         )
         results += [PruneResult(v, marks[v.volid]) for v in group]
     results.sort(key=lambda r: (r.volume.ctime, r.volume.volid), reverse=True)
@@ -162,7 +174,7 @@ def prune_volumes(
             continue
         try:
             remove(r.volume.volid)
-        except VolumeInUseError as exc:
+        except (VolumeInUseError, VolumeProtectedError) as exc:  # protected since the scan
             r.reason = str(exc)
             continue
         except PveBackupError as exc:
@@ -172,10 +184,6 @@ def prune_volumes(
         r.removed = True
         gone.add(r.volume.volid)
     return results
-
-
-def _protected(v: VolumeInfo) -> bool:
-    return bool(getattr(v, "protected", False))
 
 
 def keep_options(keep: dict[str, int]) -> KeepOptions:
@@ -218,7 +226,7 @@ def prune_storage(
         print(f"warning: {bad.volid}: damaged, left alone: {bad.reason}", file=sys.stderr)
 
     def remove(volid: str) -> None:
-        plugin.free_volume(scfg, storeid, volid.split(":", 1)[1])
+        remove_backup_volume(plugin, scfg, storeid, volid.split(":", 1)[1])
 
     return options, prune_volumes(
         scan.volumes,

@@ -8,7 +8,13 @@ from pathlib import Path
 
 from pvebackup.cli.output import add_output_option, print_json
 from pvebackup.host.guests import NodeRoot
-from pvebackup.storage import lookup, parse_volume_id, read_storage_config, storage_config
+from pvebackup.storage import (
+    lookup,
+    parse_volume_id,
+    read_storage_config,
+    remove_backup_volume,
+    storage_config,
+)
 
 __all__ = ["RemoveOptions", "add_parser", "run"]
 
@@ -26,8 +32,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="remove a backup",
         description="Remove backup STOREID:VOLNAME. On a backup-store, the space of "
         "the data only this backup used is freed by later runs of 'pvebackup gc'. "
-        "Exit status 0; 3 when it does not "
-        "exist; 7 when another backup depends on it; 8 when the storage holds a symlink "
+        "A protected backup is refused (pvebackup unprotect first). "
+        "Exit status 0; 3 when it does not exist; 7 when another backup depends "
+        "on it or it is protected; 8 when the storage holds a symlink "
         "or special file in its place (nothing is removed); other codes as listed in "
         "'pvebackup --help'.",
     )
@@ -45,7 +52,7 @@ def run(opts: RemoveOptions) -> int:
     storeid, volname = parse_volume_id(opts.volid)
     cfg = read_storage_config(root.storage_cfg)
     scfg = storage_config(cfg, storeid)
-    lookup(scfg["type"]).free_volume(scfg, storeid, volname)
+    remove_backup_volume(lookup(scfg["type"]), scfg, storeid, volname)
     if opts.output == "json":
         print_json({"volid": opts.volid, "removed": True})
     else:

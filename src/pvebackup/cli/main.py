@@ -16,6 +16,8 @@ from pvebackup.cli import (
     cmd_gc,
     cmd_key,
     cmd_list,
+    cmd_notes,
+    cmd_protect,
     cmd_prune,
     cmd_remove,
     cmd_restore,
@@ -46,8 +48,9 @@ EXIT_CODES = exit_status_help()
 
 
 _COMMANDS = (
-    cmd_backup, cmd_restore, cmd_list, cmd_remove, cmd_prune, cmd_gc, cmd_verify, cmd_key
-)
+    cmd_backup, cmd_restore, cmd_list, cmd_remove, cmd_prune, cmd_gc, cmd_verify,
+    cmd_protect, cmd_notes, cmd_key,
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,10 +28,13 @@ from pvebackup.storage.config import (
 from pvebackup.storage.dir import DirPlugin
 from pvebackup.storage.plugin import (
     COMMON_PROPERTIES,
+    VOLUME_ATTRIBUTES,
+    AttributeValue,
     DamagedVolume,
     StoragePlugin,
     VolumeInfo,
     VolumeScan,
+    remove_backup_volume,
 )
 from pvebackup.storage.properties import (
     PropertyKind,
@@ -58,6 +61,8 @@ __all__ = [
     "BASE_PATH_PROPERTIES",
     "COMMON_PROPERTIES",
     "CREATE_SUBDIRS",
+    "VOLUME_ATTRIBUTES",
+    "AttributeValue",
     "ENTRY_POINT_GROUP",
     "BasePath",
     "DamagedVolume",
@@ -84,6 +89,7 @@ __all__ = [
     "register",
     "registered",
     "registry",
+    "remove_backup_volume",
     "storage_config",
     "unregister",
     "valid_storeid",

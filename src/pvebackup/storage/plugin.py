@@ -10,8 +10,11 @@ A plugin for an external backup system overrides :meth:`new_backup_provider` to
 return its :class:`~pvebackup.api.BackupProvider`, and :meth:`list_volumes` /
 :meth:`free_volume` so that ``pvebackup list``/``remove`` can show and remove its
 backups; :meth:`scan_volumes` as well when it can report a damaged volume instead
-of failing the whole listing. A plain storage (``dir``) returns ``None`` and holds
-guest images instead.
+of failing the whole listing; :meth:`get_volume_attribute` /
+:meth:`update_volume_attribute` for notes and protection (optional: without them
+a backup has no notes, is never protected, and ``pvebackup notes --set`` /
+``protect`` say the plugin does not support it). A plain storage (``dir``)
+returns ``None`` and holds guest images instead.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pvebackup.api.errors import UnsupportedError
+from pvebackup.api.errors import UnsupportedError, VolumeProtectedError
 from pvebackup.api.provider import BackupProvider
 from pvebackup.api.types import GuestType, LogFunction
 from pvebackup.kit.prune import format_keep_options, parse_keep_options
@@ -43,7 +46,16 @@ __all__ = [
     "VolumeInfo",
     "VolumeScan",
     "PRUNE_PROPERTIES",
+    "VOLUME_ATTRIBUTES",
+    "AttributeValue",
+    "remove_backup_volume",
 ]
+
+VOLUME_ATTRIBUTES = ("notes", "protected")
+"""The attributes of a backup volume (Proxmox VE's ``get_volume_attribute`` names):
+``notes`` (``str``) and ``protected`` (``bool``)."""
+
+AttributeValue = str | bool
 
 
 COMMON_PROPERTIES: Mapping[str, PropertySpec] = {
@@ -99,6 +111,11 @@ class VolumeInfo:
         sizes; ``None`` where there is no such number (containers).
     :ivar comment: what the provider says about the backup, for people (e.g.
         ``"incremental, stored 1.2 MiB"``).
+    :ivar protected: never removed or pruned until unprotected.
+    :ivar verify_state: ``"ok"`` or ``"failed"``: the last ``pvebackup verify``
+        of it; ``None`` if never verified (or the plugin does not record it).
+        Advisory only: nothing skips a check because of it.
+    :ivar verify_time: when that verify ran, Unix seconds (``None`` with it).
     """
 
     volid: str
@@ -111,6 +128,9 @@ class VolumeInfo:
     notes: str = ""
     virtual_size: int | None = None
     comment: str = ""
+    protected: bool = False
+    verify_state: str | None = None
+    verify_time: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict with stable keys; ``vmtype`` as its plain string."""
@@ -125,6 +145,12 @@ class VolumeInfo:
             "parent": self.parent,
             "notes": self.notes,
             "comment": self.comment,
+            "protected": self.protected,
+            "verify": (
+                None
+                if self.verify_state is None
+                else {"state": self.verify_state, "time": self.verify_time}
+            ),
         }
 
 
@@ -252,9 +278,67 @@ class StoragePlugin:
         """
         raise self._unsupported("removal")
 
+    def get_volume_attribute(
+        self, scfg: Mapping[str, str], storeid: str, volname: str, attribute: str
+    ) -> AttributeValue | None:
+        """An attribute of one backup volume (Proxmox VE's ``get_volume_attribute``).
+
+        ``attribute`` is one of :data:`VOLUME_ATTRIBUTES`: ``"notes"`` gives the
+        notes (``""`` when none), ``"protected"`` a ``bool``. Optional: the base
+        class returns ``None`` for every attribute (no notes, not protected), as
+        Proxmox VE's does; a plugin that overrides it must override
+        :meth:`update_volume_attribute` too. ``None`` also for an attribute the
+        plugin does not know.
+
+        :raises VolumeNotFoundError: no such volume (plugins that implement it).
+        """
+        return None
+
+    def update_volume_attribute(
+        self,
+        scfg: Mapping[str, str],
+        storeid: str,
+        volname: str,
+        attribute: str,
+        value: AttributeValue,
+    ) -> None:
+        """Set an attribute of one backup volume (``update_volume_attribute``).
+
+        ``"notes"`` takes a ``str`` (``""`` removes the notes), ``"protected"`` a
+        ``bool``. A protected volume must make :meth:`free_volume` raise
+        :class:`VolumeProtectedError` (``pvebackup remove`` and ``prune`` check
+        first anyway, through :func:`remove_backup_volume`), and
+        :meth:`scan_volumes` report ``protected`` and ``notes``.
+
+        :raises UnsupportedError: the plugin does not support the attribute (base).
+        :raises VolumeNotFoundError: no such volume.
+        :raises UsageError: a value that cannot be stored (notes too long...).
+        """
+        raise UnsupportedError(
+            f"attribute {attribute!r} is not supported for storage type {self.type!r}"
+        )
+
     def image_path(self, scfg: Mapping[str, str], volname: str) -> Path:
         """Path of a guest image or subvol volume (``<vmid>/<name>``) on this storage.
 
         :raises UnsupportedError: the storage type holds no guest images (base).
         """
         raise UnsupportedError(f"storage type {self.type} holds no guest images")
+
+
+def remove_backup_volume(
+    plugin: StoragePlugin, scfg: Mapping[str, str], storeid: str, volname: str
+) -> None:
+    """Remove a backup volume unless it is protected (Proxmox VE's ``vdisk_free`` check).
+
+    Checked here as well as in our providers' ``free_volume``, so that a
+    third-party plugin that records protection but forgets to check it in
+    ``free_volume`` still never loses a protected backup to ``remove`` or ``prune``.
+
+    :raises VolumeProtectedError: the volume is protected; nothing was removed.
+    """
+    if plugin.get_volume_attribute(scfg, storeid, volname, "protected"):
+        raise VolumeProtectedError(
+            f"backup {storeid}:{volname} is protected (pvebackup unprotect it first)"
+        )
+    plugin.free_volume(scfg, storeid, volname)

@@ -45,6 +45,7 @@ from pvebackup.api.errors import (
     WrongKeyError,
 )
 from pvebackup.api.types import GuestType
+from pvebackup.kit.annotations import SIDECAR_NAMES
 from pvebackup.kit.volname import (
     GUEST_OF,
     KIND_OF,
@@ -114,7 +115,9 @@ _parse_time = parse_time
 
 
 def _check_name(name: str, what: str) -> str:
-    if not _NAME_RE.fullmatch(name) or name == MANIFEST_NAME:
+    # The sidecars' names (notes, protection, verify state) are no snapshot file's:
+    # setting notes must never replace a signed file.
+    if not _NAME_RE.fullmatch(name) or name == MANIFEST_NAME or name in SIDECAR_NAMES:
         raise ValueError(f"invalid {what} name {name!r}")
     return name
 

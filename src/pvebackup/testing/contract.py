@@ -48,7 +48,9 @@ from pvebackup.api.errors import (
     PluginError,
     PveBackupError,
     UnsupportedError,
+    UsageError,
     VolumeNotFoundError,
+    VolumeProtectedError,
 )
 from pvebackup.api.provider import BackupProvider
 from pvebackup.api.types import BackupMechanism, BitmapMode, GuestType, RestoreMechanism
@@ -63,6 +65,7 @@ from pvebackup.storage import (
     new_backup_provider,
     read_storage_config,
     registry,
+    remove_backup_volume,
 )
 from pvebackup.testing.node import STOREID, ContractNode, MiB
 from pvebackup.testing.spy import Call, ProviderSpy
@@ -119,6 +122,9 @@ class Capability(StrEnum):
     """The storage plugin implements ``list_volumes``."""
     REMOVE = "remove"
     """The storage plugin implements ``free_volume``."""
+    ATTRIBUTES = "attributes"
+    """The storage plugin implements ``get_volume_attribute`` and
+    ``update_volume_attribute`` (notes and protection); needs ``LIST`` and ``REMOVE``."""
 
 
 @dataclass
@@ -854,6 +860,50 @@ class ProviderContract:
             self._provider(node).restore_get_mechanism(volname, STOREID)
         with pytest.raises(VolumeNotFoundError):
             self._plugin().free_volume(self._scfg(node), STOREID, volname)
+
+    def test_volume_attributes(self, tmp_path: Path, contract_spy: ProviderSpy) -> None:
+        """Notes and protection round-trip; a protected volume is never removed."""
+        node = self._node(tmp_path)
+        vmid, _ = self._one_guest(node)
+        job, _ = self._backup(contract_spy, node, [vmid])
+        assert not job.failed, job.guests[0].error
+        assert job.guests[0].target is not None
+        volname = job.guests[0].target.split(":", 1)[1]
+        plugin, scfg = self._plugin(), self._scfg(node)
+        if not self.claims(Capability.ATTRIBUTES):
+            for attribute, value in (("notes", "x"), ("protected", True)):
+                assert plugin.get_volume_attribute(scfg, STOREID, volname, attribute) in (
+                    None, "", False,
+                )  # fmt: skip
+                with pytest.raises(UnsupportedError, match="not supported"):
+                    plugin.update_volume_attribute(scfg, STOREID, volname, attribute, value)
+            return
+        notes = "first line\nsecond: ünïcode\t{{vmid}}"
+        plugin.update_volume_attribute(scfg, STOREID, volname, "notes", notes)
+        plugin.update_volume_attribute(scfg, STOREID, volname, "protected", True)
+        assert plugin.get_volume_attribute(scfg, STOREID, volname, "notes") == notes
+        assert plugin.get_volume_attribute(scfg, STOREID, volname, "protected") is True
+        (info,) = self._list(node, vmid)
+        assert (info.notes, info.protected) == (notes, True)
+        with pytest.raises(VolumeProtectedError):
+            plugin.free_volume(scfg, STOREID, volname)
+        with pytest.raises(VolumeProtectedError):
+            remove_backup_volume(plugin, scfg, STOREID, volname)
+        assert len(self._list(node, vmid)) == 1
+        for bad in ("\x1b]0;pwned\x07", "x" * (1 << 20)):  # escapes; far too long
+            with pytest.raises(UsageError):
+                plugin.update_volume_attribute(scfg, STOREID, volname, "notes", bad)
+        assert plugin.get_volume_attribute(scfg, STOREID, volname, "notes") == notes
+        plugin.update_volume_attribute(scfg, STOREID, volname, "notes", "")
+        plugin.update_volume_attribute(scfg, STOREID, volname, "protected", False)
+        (info,) = self._list(node, vmid)
+        assert (info.notes, info.protected) == ("", False)
+        with pytest.raises(VolumeNotFoundError):
+            plugin.update_volume_attribute(scfg, STOREID, volname + "0", "protected", True)
+        remove_backup_volume(plugin, scfg, STOREID, volname)
+        assert self._list(node, vmid) == []
+        with pytest.raises(VolumeNotFoundError):
+            plugin.get_volume_attribute(scfg, STOREID, volname, "notes")
 
     # -- bad input -----------------------------------------------------------------
 

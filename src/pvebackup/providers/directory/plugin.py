@@ -22,14 +22,18 @@ from typing import ClassVar
 from pvebackup.api.errors import (
     IntegrityError,
     UnsafeArchiveError,
+    UsageError,
     VolumeNotFoundError,
+    VolumeProtectedError,
 )
 from pvebackup.api.provider import BackupProvider
 from pvebackup.api.types import GuestType, LogFunction
+from pvebackup.providers.directory import annotations as sidecars
 from pvebackup.providers.directory.provider import BackupDirProvider
 from pvebackup.providers.directory.settings import PROPERTIES, BackupDirSettings
 from pvebackup.providers.directory.volumes import VolumeLayout
 from pvebackup.storage.plugin import (
+    AttributeValue,
     DamagedVolume,
     PropertySpec,
     StoragePlugin,
@@ -77,6 +81,14 @@ class BackupDirPlugin(StoragePlugin):
             except (IntegrityError, UnsafeArchiveError) as exc:  # damaged or hostile
                 damaged.append(DamagedVolume(f"{storeid}:{volname}", str(exc)))
                 continue
+            try:
+                notes = sidecars.read_notes(layout, volname)
+            except (IntegrityError, UnsafeArchiveError):
+                notes = ""  # hostile or damaged notes: not shown (`notes` names why)
+            except VolumeNotFoundError:
+                continue
+            protected = sidecars.is_protected(layout, volname)
+            verified = sidecars.read_verify_state(layout, volname)
             fmt = "qcow2" if index.vmtype is GuestType.QEMU else _FORMATS[index.ct_format or "tar"]
             volumes.append(
                 VolumeInfo(
@@ -93,6 +105,10 @@ class BackupDirPlugin(StoragePlugin):
                         else None
                     ),
                     comment="incremental" if index.parent else "full",
+                    notes=notes,
+                    protected=protected,
+                    verify_state=None if verified is None else verified.state,
+                    verify_time=None if verified is None else verified.time,
                 )
             )
         return VolumeScan(volumes, damaged)
@@ -102,8 +118,49 @@ class BackupDirPlugin(StoragePlugin):
 
         :raises VolumeNotFoundError: no such volume.
         :raises VolumeInUseError: the message names the volumes that depend on it.
+        :raises VolumeProtectedError: it is protected.
         """
-        self._layout(scfg, storeid).remove(volname)
+        layout = self._layout(scfg, storeid)
+        if sidecars.is_protected(layout, volname):
+            raise VolumeProtectedError(
+                f"backup {storeid}:{volname} is protected (pvebackup unprotect it first)"
+            )
+        layout.remove(volname)
+
+    def get_volume_attribute(
+        self, scfg: Mapping[str, str], storeid: str, volname: str, attribute: str
+    ) -> AttributeValue | None:
+        """``notes`` (``""`` if none) or ``protected``; see the base class.
+
+        :raises VolumeNotFoundError: no such volume.
+        :raises CorruptIndexError: the notes sidecar is too large, not UTF-8 or
+            not a regular file.
+        """
+        layout = self._layout(scfg, storeid)
+        if attribute == "notes":
+            return sidecars.read_notes(layout, volname)
+        if attribute == "protected":
+            return sidecars.is_protected(layout, volname)
+        return None
+
+    def update_volume_attribute(
+        self,
+        scfg: Mapping[str, str],
+        storeid: str,
+        volname: str,
+        attribute: str,
+        value: AttributeValue,
+    ) -> None:
+        """Set ``notes`` (a ``str``, ``""`` removes) or ``protected`` (a ``bool``)."""
+        layout = self._layout(scfg, storeid)
+        if attribute == "notes" and isinstance(value, str):
+            sidecars.write_notes(layout, volname, value)
+        elif attribute == "protected" and isinstance(value, bool):
+            sidecars.set_protected(layout, volname, value)
+        elif attribute in ("notes", "protected"):
+            raise UsageError(f"attribute {attribute!r}: wrong type {type(value).__name__}")
+        else:
+            super().update_volume_attribute(scfg, storeid, volname, attribute, value)
 
     @staticmethod
     def _layout(scfg: Mapping[str, str], storeid: str) -> VolumeLayout:

@@ -25,19 +25,29 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import ClassVar
 
-from pvebackup.api.errors import CryptoError, IntegrityError, VolumeNotFoundError
+from pvebackup.api.errors import (
+    CryptoError,
+    IntegrityError,
+    UnsafeStorageError,
+    UsageError,
+    VolumeNotFoundError,
+    VolumeProtectedError,
+)
 from pvebackup.api.provider import BackupProvider
 from pvebackup.api.types import LogFunction
 from pvebackup.kit.units import format_bytes
 from pvebackup.providers.store.provider import BackupStoreProvider
 from pvebackup.providers.store.settings import PROPERTIES, StoreSettings
 from pvebackup.storage.plugin import (
+    AttributeValue,
     DamagedVolume,
     PropertySpec,
     StoragePlugin,
     VolumeInfo,
     VolumeScan,
 )
+from pvebackup.store import annotations as sidecars
+from pvebackup.store.datastore import Datastore
 from pvebackup.store.snapshot import Snapshot, SnapshotId
 
 __all__ = ["FORMAT", "BackupStorePlugin"]
@@ -89,6 +99,14 @@ class BackupStorePlugin(StoragePlugin):
                 damaged.append(DamagedVolume(f"{storeid}:{sid.volname}", str(exc)))
                 continue
             parent = snap.manifest.parent
+            try:
+                notes = sidecars.read_notes(store, sid)
+            except (IntegrityError, UnsafeStorageError):
+                notes = ""  # hostile or damaged notes: not shown (`notes` names why)
+            except VolumeNotFoundError:
+                continue  # removed since the listing
+            verified = sidecars.read_verify_state(store, sid)
+            protected = sidecars.is_protected(store, sid)
             volumes.append(
                 VolumeInfo(
                     volid=f"{storeid}:{sid.volname}",
@@ -100,6 +118,10 @@ class BackupStorePlugin(StoragePlugin):
                     parent=None if parent is None else parent.volname,
                     virtual_size=sum(d.size for d in snap.devices.values()),
                     comment=_describe(snap.manifest.metadata),
+                    notes=notes,
+                    protected=protected,
+                    verify_state=None if verified is None else verified.state,
+                    verify_time=None if verified is None else verified.time,
                 )
             )
         return VolumeScan(volumes, damaged)
@@ -108,12 +130,65 @@ class BackupStorePlugin(StoragePlugin):
         """Remove the snapshot; its chunks are reclaimed by a later garbage collection.
 
         :raises VolumeNotFoundError: no such snapshot.
+        :raises VolumeProtectedError: it is protected.
         """
-        try:
-            sid = SnapshotId.from_volname(volname)
-        except ValueError as exc:
-            raise VolumeNotFoundError(f"{volname!r} is not a backup-store volume name") from exc
-        StoreSettings.from_scfg(scfg, storeid).open().remove_snapshot(sid)
+        sid = _sid(volname)
+        store = StoreSettings.from_scfg(scfg, storeid).open()
+        if sidecars.is_protected(store, sid):
+            raise VolumeProtectedError(
+                f"backup {storeid}:{volname} is protected (pvebackup unprotect it first)"
+            )
+        store.remove_snapshot(sid)
+
+    def get_volume_attribute(
+        self, scfg: Mapping[str, str], storeid: str, volname: str, attribute: str
+    ) -> AttributeValue | None:
+        """``notes`` (``""`` if none) or ``protected``; see the base class.
+
+        :raises VolumeNotFoundError: no such snapshot.
+        :raises CorruptIndexError: the notes object is too large or not UTF-8.
+        :raises UnsafeStorageError: it is a symlink or special file.
+        """
+        sid, store = _sid(volname), self._store(scfg, storeid)
+        if attribute == "notes":
+            return sidecars.read_notes(store, sid)
+        if attribute == "protected":
+            return sidecars.is_protected(store, sid)
+        return None
+
+    def update_volume_attribute(
+        self,
+        scfg: Mapping[str, str],
+        storeid: str,
+        volname: str,
+        attribute: str,
+        value: AttributeValue,
+    ) -> None:
+        """Set ``notes`` (a ``str``, ``""`` removes) or ``protected`` (a ``bool``)."""
+        if attribute not in ("notes", "protected"):
+            super().update_volume_attribute(scfg, storeid, volname, attribute, value)
+            return
+        sid, store = _sid(volname), self._store(scfg, storeid)
+        if attribute == "notes" and isinstance(value, str):
+            sidecars.write_notes(store, sid, value)
+        elif attribute == "protected" and isinstance(value, bool):
+            sidecars.set_protected(store, sid, value)
+        else:
+            raise UsageError(f"attribute {attribute!r}: wrong type {type(value).__name__}")
+
+    @staticmethod
+    def _store(scfg: Mapping[str, str], storeid: str) -> Datastore:
+        settings = StoreSettings.from_scfg(scfg, storeid)
+        if settings.empty():
+            raise VolumeNotFoundError(f"storage {storeid} holds no backups yet")
+        return settings.open()
+
+
+def _sid(volname: str) -> SnapshotId:
+    try:
+        return SnapshotId.from_volname(volname)
+    except ValueError as exc:
+        raise VolumeNotFoundError(f"{volname!r} is not a backup-store volume name") from exc
 
 
 def _stored_size(snap: Snapshot) -> int:
