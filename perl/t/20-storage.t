@@ -76,10 +76,24 @@ eval { PVE::Storage::volume_list($cfg, 'ghost', undef, 'backup') };
 like($@, qr/ghost/, 'unknown storage: the command line error names it');
 unlike($@, qr/Traceback/, 'no Python traceback');
 
-is(PVE::Storage::get_volume_attribute($cfg, "bdir:$good", 'protected'), 0, 'nothing is protected');
+# No job runs this backup: nothing is spooled, the command line says it is missing.
 eval { PVE::Storage::update_volume_attribute($cfg, "bdir:$good", 'protected', 1) };
-like($@, qr/cannot protect/, 'protecting is refused, said');
-eval { PVE::Storage::update_volume_attribute($cfg, "bdir:$good", 'protected', 0) };
-is($@, '', 'unprotecting is a no-op');
+like($@, qr/2026-12-01T20:52:27Z/, 'protecting a missing backup dies naming it');
+eval { PVE::Storage::update_volume_attribute($cfg, "bdir:$good", 'notes', 'x') };
+like($@, qr/2026-12-01T20:52:27Z/, 'notes on a missing backup die naming it');
+# A record left by a job that died (its pid gone) does not swallow attributes either.
+{
+    local $PVE::PveBackup::Bridge::RUN_DIR = "$node->{tmp}/run";
+    PVE::PveBackup::Bridge::announce_volume("bdir:$good");
+    my $pid = fork() // die;
+    if (!$pid) { POSIX::_exit(0) }
+    waitpid($pid, 0);
+    my $path = PVE::PveBackup::Bridge::_spool_path("bdir:$good");
+    PVE::PveBackup::Bridge::_write_spool("bdir:$good", { owner => $pid, attributes => [] });
+    eval { PVE::Storage::update_volume_attribute($cfg, "bdir:$good", 'protected', 1) };
+    like($@, qr/2026-12-01T20:52:27Z/, 'stale in-flight record: not swallowed');
+}
+eval { PVE::Storage::update_volume_attribute($cfg, "bdir:$good", 'owner', 1) };
+like($@, qr/not supported/, 'unknown attribute refused');
 
 done_testing();

@@ -94,7 +94,7 @@ my $log_function = sub { push @log, [@_] };
 # (qemu-server src/PVE/VZDump/QemuServer.pm). $snap is the "snapshot access" image,
 # $bitmaps maps the provider's answer to the bitmap QEMU would export.
 sub vzdump_vm {
-    my ($storeid, $snap, $bitmaps, $prune) = @_;
+    my ($storeid, $snap, $bitmaps, $prune, $protect) = @_;
     my $job = {};
 
     # PVE/VZDump.pm storage_info: the provider, made once per job.
@@ -159,11 +159,15 @@ sub vzdump_vm {
         qsd_stop($export);
         die $err if $err;
 
-        # PVE/VZDump.pm exec_backup_task: notes (a failure is a warning there).
+        # PVE/VZDump.pm exec_backup_task: --notes-template (a failure is a warning
+        # there), then --protected (a failure dies), before backup_cleanup.
         eval {
-            PVE::Storage::update_volume_attribute($cfg, "$storeid:backup/$archive", 'notes', 'n');
+            PVE::Storage::update_volume_attribute($cfg, "$storeid:backup/$archive", 'notes',
+                "-vm $vmid, n\x{c3}\x{a4}me\nsecond line");
         };
         $job->{notes_error} = $@;
+        PVE::Storage::update_volume_attribute($cfg, "$storeid:backup/$archive", 'protected', 1)
+            if $protect;
 
         # PVE/VZDump.pm exec_backup_task with --remove 1: prune_backups BEFORE
         # backup_cleanup, while the job's helper still holds the new backup open.
@@ -257,13 +261,19 @@ for my $case (['bdir', undef], ['bstore', undef], ['bdir', 'file-handle']) {
     my $snap1 = "$tmp/$pass-snap1.qcow2";
     copy($disk, $snap1) or die;
     copy($disk, "$snap1.orig") or die;
-    my $job1 = vzdump_vm($storeid, $snap1, { new => 'full' });
+    my $job1 = vzdump_vm($storeid, $snap1, { new => 'full' }, undef, 1);
     is($job1->{error}, undef, "$storeid: full backup ok") or diag(explain(\@log));
     is($job1->{mechanism}, $want_mechanism // 'nbd', "$storeid: mechanism as configured");
     is($job1->{query}, 'new', "$storeid: first backup asks for a new bitmap");
     like($job1->{archive}, qr/^vm-100-\d{4}-/, "$storeid: archive name of our scheme");
     ok($job1->{size} && $job1->{size} > 0, "$storeid: archive-size in stats");
-    like($job1->{notes_error}, qr/cannot store notes/, "$storeid: notes refused, said");
+    is($job1->{notes_error}, '', "$storeid: notes accepted during the job");
+    my $volid1 = "$storeid:backup/$job1->{archive}";
+    my $notes = PVE::Storage::get_volume_attribute($cfg, $volid1, 'notes');
+    utf8::encode($notes) if utf8::is_utf8($notes);
+    is($notes, "-vm $vmid, n\x{c3}\x{a4}me\nsecond line", "$storeid: notes stored after backup_cleanup");
+    is(PVE::Storage::get_volume_attribute($cfg, $volid1, 'protected'), 1,
+        "$storeid: --protected applied after backup_cleanup");
     is($job1->{log_error}, '', "$storeid: task log handed over");
     ok(scalar(grep { $_->[0] =~ /^(info|warn|err)$/ } @log), "$storeid: helper logs reached log_function");
 
@@ -305,6 +315,17 @@ for my $case (['bdir', undef], ['bstore', undef], ['bdir', 'file-handle']) {
         is($res->{devinfo}->{$dev}->{size}, $size, "$storeid: restore_vm_init gives the size");
         ok(same_image("$target-$dev.raw", $expect), "$storeid: $what restore equals the disk");
     }
+
+    is($list->[0]->{protected}, 1, "$storeid: list_volumes shows it protected");
+    my @plog0;
+    my $kept = PVE::Storage::prune_backups($cfg, $storeid, { 'keep-last' => 1 }, $vmid,
+        'qemu', 1, sub { push @plog0, [@_] });
+    is((grep { $_->{volid} eq $volid1 } @$kept)[0]->{mark}, 'protected',
+        "$storeid: prune dry run: the protected backup is marked so");
+    # The API's "unprotect" outside a job: straight to the command line.
+    PVE::Storage::update_volume_attribute($cfg, $volid1, 'protected', 0);
+    is(PVE::Storage::get_volume_attribute($cfg, $volid1, 'protected'), 0,
+        "$storeid: unprotected");
 
     # PVE/VZDump.pm exec_backup_task with --remove: PVE::Storage::prune_backups with
     # the type, not a dry run.

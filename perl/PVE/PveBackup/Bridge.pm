@@ -24,6 +24,9 @@ our @CLI = ('/usr/bin/pvebackup');
 our $ROOT = '/';
 # Where the helper keeps host state (bitmap records); undef: the helper's default.
 our $STATE_DIR;
+# Where a running backup announces its volume id, so that notes and protection set
+# before its backup_cleanup (vzdump's order) wait for it.
+our $RUN_DIR = '/run/pvebackup/bridge';
 # What backup_get_mechanism answers for VMs: undef (the helper's default, nbd) or
 # 'file-handle' (qemu-server then reads the export through nbdfuse).
 our $VM_MECHANISM;
@@ -183,6 +186,58 @@ sub DESTROY {
     # job's pipes: it must neither say bye nor close the job's helper.
     local ($@, $?);
     $self->abort() if $self->alive();
+}
+
+# The in-flight record of a backup: $RUN_DIR/<volid, hex>.json holds the attributes
+# set on it before it committed. Only the job that runs the backup makes one, so an
+# attribute for any other volume id is not swallowed.
+sub _spool_path {
+    my ($volid) = @_;
+    return "$RUN_DIR/" . unpack('H*', $volid) . '.json';
+}
+
+sub announce_volume {
+    my ($volid) = @_;
+    require File::Path;
+    File::Path::make_path($RUN_DIR, { mode => 0700 });
+    _write_spool($volid, { owner => $$, attributes => [] });
+}
+
+sub _write_spool {
+    my ($volid, $doc) = @_;
+    my $path = _spool_path($volid);
+    open(my $fh, '>', "$path.tmp.$$") or die "unable to write '$path' - $!\n";
+    print $fh $json->encode($doc);
+    close($fh) or die "unable to write '$path' - $!\n";
+    rename("$path.tmp.$$", $path) or die "unable to write '$path' - $!\n";
+}
+
+sub _read_spool {
+    my ($volid) = @_;
+    my $path = _spool_path($volid);
+    open(my $fh, '<', $path) or return undef;
+    local $/;
+    my $doc = eval { $json->decode(<$fh> // '') };
+    return ref($doc) eq 'HASH' ? $doc : undef;
+}
+
+# Records the attribute for an announced backup; false when none is running.
+sub spool_attribute {
+    my ($volid, $attribute, $value) = @_;
+    my $doc = _read_spool($volid) // return 0;
+    # A record left by a job that died: not ours to wait for.
+    return 0 if !$doc->{owner} || !kill(0, $doc->{owner});
+    push @{ $doc->{attributes} }, [$attribute, $value];
+    _write_spool($volid, $doc);
+    return 1;
+}
+
+# Ends the record; returns the attributes spooled meanwhile, in order.
+sub finish_volume {
+    my ($volid) = @_;
+    my $doc = _read_spool($volid);
+    unlink(_spool_path($volid));
+    return @{ ($doc // {})->{attributes} // [] };
 }
 
 # Runs the command line with --output json; returns the decoded document.

@@ -123,7 +123,7 @@ sub list_volumes {
             ctime => $vol->{ctime},
             size => $vol->{size} // 0,
             (length($vol->{notes} // '') ? (notes => $vol->{notes}) : ()),
-            protected => 0,
+            protected => $vol->{protected} ? 1 : 0,
         };
     }
     return $res;
@@ -151,26 +151,51 @@ sub get_volume_attribute {
     my ($class, $scfg, $storeid, $volname, $attribute) = @_;
     $class->parse_volname($volname);
     if ($attribute eq 'notes') {
+        my $doc = PVE::PveBackup::Bridge->run_cli('notes', "$storeid:$volname");
+        return $doc->{notes} // '';
+    }
+    if ($attribute eq 'protected') {
         for my $vol (@{ $class->_list($storeid) }) {
-            return $vol->{notes} // '' if ($vol->{volid} // '') eq "$storeid:$volname";
+            return $vol->{protected} ? 1 : 0 if ($vol->{volid} // '') eq "$storeid:$volname";
         }
         die "volume '$storeid:$volname' does not exist\n";
     }
-    # pvebackup has no protected backups (yet): nothing is protected.
-    return 0 if $attribute eq 'protected';
     return undef;
+}
+
+# Sets one attribute through the command line.
+sub set_attribute {
+    my ($class, $volid, $attribute, $value) = @_;
+    if ($attribute eq 'notes') {
+        # argv carries bytes: UTF-8, whatever Perl's internal form of the string is.
+        my $text = $value // '';
+        utf8::encode($text) if utf8::is_utf8($text);
+        # --set=TEXT: notes starting with '-' must not read as an option.
+        PVE::PveBackup::Bridge->run_cli('notes', $volid, "--set=$text");
+    } elsif ($attribute eq 'protected') {
+        PVE::PveBackup::Bridge->run_cli($value ? 'protect' : 'unprotect', $volid);
+    } else {
+        die "attribute '$attribute' is not supported by pvebackup\n";
+    }
+    return;
 }
 
 sub update_volume_attribute {
     my ($class, $scfg, $storeid, $volname, $attribute, $value) = @_;
     $class->parse_volname($volname);
-    # Said, not pretended: vzdump warns on notes and fails on --protected.
-    die "pvebackup cannot store notes on backups yet\n" if $attribute eq 'notes';
-    if ($attribute eq 'protected') {
-        return if !$value;
-        die "pvebackup cannot protect backups yet\n";
+    die "attribute '$attribute' is not supported by pvebackup\n"
+        if $attribute ne 'notes' && $attribute ne 'protected';
+    # vzdump sets notes and protection before backup_cleanup (PVE/VZDump.pm
+    # exec_backup_task), when our backup is not committed yet: the provider of that
+    # running backup applies them after it committed (PveBackup::backup_cleanup).
+    if ($attribute eq 'notes' && defined($value) && !utf8::is_utf8($value)) {
+        # PVE's notes are UTF-8 bytes; the spool is JSON, which holds characters.
+        $value = "$value";
+        utf8::decode($value);
     }
-    die "attribute '$attribute' is not supported by pvebackup\n";
+    return if PVE::PveBackup::Bridge::spool_attribute("$storeid:$volname", $attribute, $value);
+    $class->set_attribute("$storeid:$volname", $attribute, $value);
+    return;
 }
 
 my @KEEP_OPTIONS = qw(keep-last keep-hourly keep-daily keep-weekly keep-monthly keep-yearly);

@@ -82,6 +82,7 @@ CFG
     @PVE::PveBackup::Bridge::CLI = ($PYTHON, '-m', 'pvebackup');
     $PVE::PveBackup::Bridge::ROOT = $root;
     $PVE::PveBackup::Bridge::STATE_DIR = "$tmp/state";
+    $PVE::PveBackup::Bridge::RUN_DIR = "$tmp/run";
 
     PVE::Storage::load_custom_plugins($PERL_DIR) if !$loaded++;
     return { root => $root, tmp => $tmp, cfg => $cfg };

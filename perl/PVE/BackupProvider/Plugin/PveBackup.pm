@@ -120,6 +120,11 @@ sub backup_init {
     # vzdump makes the volume id "$storeid:backup/$archive_name" (PVE/VZDump.pm
     # exec_backup_task): our providers' targets are volume names, backup/ included.
     $res->{'archive-name'} =~ s!^backup/!! if ref($res) eq 'HASH' && defined($res->{'archive-name'});
+    if (ref($res) eq 'HASH' && defined(my $archive = $res->{'archive-name'})) {
+        my $volid = "$self->{storeid}:backup/$archive";
+        PVE::PveBackup::Bridge::announce_volume($volid);
+        $self->{running}->{$vmid} = $volid;
+    }
     return $res;
 }
 
@@ -131,7 +136,22 @@ sub backup_cleanup {
         success => $success ? JSON::PP::true : JSON::PP::false,
         info => { defined($info->{error}) ? (error => "$info->{error}") : () },
     };
-    return $self->_call('backup_cleanup', $params) // {};
+    my $res = eval { $self->_call('backup_cleanup', $params) // {} };
+    my $err = $@;
+    my $volid = defined($vmid) ? delete $self->{running}->{$vmid} : undef;
+    my @attributes = defined($volid) ? PVE::PveBackup::Bridge::finish_volume($volid) : ();
+    die $err if $err;
+    # Notes and protection vzdump set before this call, now that the backup exists,
+    # with vzdump's consequences: notes that fail are a warning, protection that fails
+    # fails the guest's backup.
+    for my $attr ($success ? @attributes : ()) {
+        my ($name, $value) = @$attr;
+        eval { $self->{storage_plugin}->set_attribute($volid, $name, $value) };
+        next if !$@;
+        die "unable to set protected flag - $@" if $name eq 'protected';
+        $self->{log_function}->('warn', "unable to add notes - $@");
+    }
+    return $res;
 }
 
 sub backup_get_mechanism {
