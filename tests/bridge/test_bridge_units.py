@@ -6,6 +6,7 @@ import io
 import json
 import os
 import stat
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -158,11 +159,24 @@ def test_not_implemented_keeps_its_class(tmp_path: Path, fake_plugin: None) -> N
     assert error["type"] == ProviderNotImplementedError.__name__ and error["exit"] == 4
 
 
+_ADAPTERS: list[MergedAdapter] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_adapters(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    # the adapters' private copies go below tmp_path, and are removed at the end
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    yield
+    while _ADAPTERS:
+        _ADAPTERS.pop().close()
+
+
 def _adapter(tmp_path: Path) -> tuple[MergedAdapter, FakeProvider, list[str]]:
     logs: list[str] = []
     provider = FakeProvider(FakePlugin(), {}, "f", lambda level, msg: logs.append(msg))
     state = HostState("bridge", "f", tmp_path / "state")
     adapter = MergedAdapter(provider, "f", lambda level, msg: logs.append(msg), state=state)
+    _ADAPTERS.append(adapter)
     return adapter, provider, logs
 
 
@@ -271,6 +285,7 @@ def test_hostile_params_are_usage_errors(
 )
 def test_backup_vm_refuses_bad_volumes(tmp_path: Path, volume: dict[str, Any]) -> None:
     adapter, provider, _ = _adapter(tmp_path)
+    assert adapter.tmpdir().parent == tmp_path
     adapter.m_backup_init(Params("b", {"vmid": 100, "vmtype": "qemu"}))
     provider.backup_guest_config = lambda vmid, filename: None  # type: ignore[method-assign]
     with pytest.raises(UsageError):
@@ -391,3 +406,21 @@ def test_abort_all_cleans_up_open_restores(tmp_path: Path, monkeypatch: pytest.M
     assert cleaned == ["drive-a", "drive-b"]
     assert any("cleanup a failed" in m for m in logs)
     assert adapter.abort_all("EOF") is False  # nothing left open
+
+
+def test_file_handle_must_be_a_disk(tmp_path: Path) -> None:
+    """A fifo as file-handle-path is refused (it would hang a reader)."""
+
+    class Reader(FakeProvider):
+        source_factory = None
+
+    adapter, _, _ = _adapter(tmp_path)
+    adapter.provider = Reader(FakePlugin(), {}, "f", lambda level, msg: None)
+    adapter.provider.backup_guest_config = lambda vmid, filename: None  # type: ignore[method-assign]
+    adapter.m_backup_init(Params("b", {"vmid": 100, "vmtype": "qemu"}))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(UsageError, match="not a file or block device"):
+        adapter.m_backup_vm(Params("backup_vm", {
+            "vmid": 100, "guest_config": "", "info": {}, "volumes": {"drive-scsi0": {
+                "size": 4096, "bitmap-mode": "none", "file-handle-path": str(fifo)}}}))

@@ -22,12 +22,12 @@ table of what each one calls on the seed provider and why. Briefly:
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,6 @@ from pvebackup.api.errors import (
     StateError,
     UnsupportedError,
     UsageError,
-    VolumeNotFoundError,
 )
 from pvebackup.api.provider import BackupProvider, no_backup_started
 from pvebackup.api.types import (
@@ -44,11 +43,10 @@ from pvebackup.api.types import (
     BitmapMode,
     GuestType,
     LogFunction,
-    RestoreMechanism,
 )
 from pvebackup.bridge.ctconfig import container_id_map, root_host_uid
 from pvebackup.bridge.params import Params, bandwidth, device_name
-from pvebackup.bridge.rawexport import RawExport, needs_export
+from pvebackup.bridge.restore import OpenRestore, RestoreSide
 from pvebackup.kit.fdsource import FdSource
 from pvebackup.kit.hoststate import HostState
 
@@ -73,16 +71,7 @@ class _Guest:
     closed: bool = False
 
 
-@dataclass
-class _Restore:
-    mechanism: RestoreMechanism
-    vmtype: GuestType
-    devices: set[str] = field(default_factory=set)
-    exports: dict[str, RawExport] = field(default_factory=dict)
-    container_open: bool = False
-
-
-class MergedAdapter:
+class MergedAdapter(RestoreSide):
     """One job's (or one restore's) merged-API view of ``provider``."""
 
     def __init__(
@@ -104,7 +93,7 @@ class MergedAdapter:
         self.job_open = False
         self.job_error: str | None = None
         self.guests: dict[int, _Guest] = {}
-        self.restores: dict[str, _Restore] = {}
+        self.restores: dict[str, OpenRestore] = {}
         self._tmp: Path | None = None
 
     # -- plumbing --------------------------------------------------------------------
@@ -142,14 +131,6 @@ class MergedAdapter:
             raise UsageError(no_backup_started(vmid))
         return guest
 
-    def _check_storeid(self, params: Params) -> None:
-        # pve-container passes $storeid as an extra argument to several restore
-        # methods; the Perl side forwards it. It must be ours.
-        given = params.opt_text("storeid")
-        if given is not None and given != self.storeid:
-            raise UsageError(
-                f"{params.method}: storage {given!r} is not this helper's {self.storeid!r}"
-            )
 
     def _bitmap_record(self, vmid: int) -> str | None:
         loaded = self.state.read(f"bitmap-{vmid}")
@@ -295,14 +276,19 @@ class MergedAdapter:
             raise UnsupportedError(f"{dev}: this provider cannot read from a file handle")
         path = vol.text("file-handle-path")
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY)
         except OSError:
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
             except OSError as exc:
                 raise UsageError(
                     f"backup_vm: {dev}: cannot open {path}: {exc.strerror}"
                 ) from exc
+        mode_bits = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode_bits) or stat.S_ISBLK(mode_bits)):
+            # A fifo or socket would hang or lie about its size: only a disk will do.
+            os.close(fd)
+            raise UsageError(f"backup_vm: {dev}: {path} is not a file or block device")
         source = FdSource(fd, size, regions)
         previous = getattr(self.provider, "source_factory")  # noqa: B009
         setattr(self.provider, "source_factory", lambda p, n, b: source)  # noqa: B010
@@ -366,8 +352,13 @@ class MergedAdapter:
             self._abort_guest(guest, f"backup_end failed: {exc}")
             raise
         guest.closed = True
+        self._drop_copies(vmid)
         self._remember_bitmap(guest)
         return {"stats": {"archive-size": self.provider.backup_get_task_size(vmid)}}
+
+    def _drop_copies(self, vmid: int) -> None:
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp / str(vmid), ignore_errors=True)
 
     def _remember_bitmap(self, guest: _Guest) -> None:
         name = f"bitmap-{guest.vmid}"
@@ -386,6 +377,7 @@ class MergedAdapter:
 
     def _abort_guest(self, guest: _Guest, error: str) -> None:
         guest.closed = True
+        self._drop_copies(guest.vmid)
         if guest.bitmap_used:
             # The bitmap qemu keeps after a failure is not one the provider vouches for.
             try:
@@ -423,112 +415,6 @@ class MergedAdapter:
             except Exception as exc:  # noqa: BLE001
                 self.log("err", f"restore cleanup of {volname} failed: {exc}")
         return was_open
-
-    # -- restore ---------------------------------------------------------------------
-
-    def _restore(self, params: Params) -> tuple[str, _Restore]:
-        self._check_storeid(params)
-        volname = params.text("volname")
-        found = self.restores.get(volname)
-        if found is None:
-            mechanism, vmtype = self._mechanism(volname)
-            found = _Restore(mechanism, vmtype)
-            self.restores[volname] = found
-        return volname, found
-
-    def _mechanism(self, volname: str) -> tuple[RestoreMechanism, GuestType]:
-        answer = self.provider.restore_get_mechanism(volname, self.storeid)
-        if answer is None:
-            raise VolumeNotFoundError(f"no backup {self.storeid}:{volname}")
-        mechanism, vmtype = answer
-        return RestoreMechanism(mechanism), GuestType(vmtype)
-
-    def m_restore_get_mechanism(self, params: Params) -> list[str]:
-        self._check_storeid(params)
-        mechanism, vmtype = self._mechanism(params.text("volname"))
-        return [str(mechanism), str(vmtype)]
-
-    def m_archive_get_guest_config(self, params: Params) -> str:
-        self._check_storeid(params)
-        return self.provider.extract_guest_config(params.text("volname"), self.storeid)
-
-    def m_archive_get_firewall_config(self, params: Params) -> str | None:
-        self._check_storeid(params)
-        return self.provider.extract_firewall_config(params.text("volname"), self.storeid)
-
-    def m_restore_vm_init(self, params: Params) -> dict[str, dict[str, int]]:
-        volname, restore = self._restore(params)
-        if restore.mechanism != RestoreMechanism.QEMU_IMG:
-            raise UsageError(f"restore_vm_init: {volname} is restored with {restore.mechanism}")
-        info = self.provider.restore_qemu_get_device_info(volname, self.storeid)
-        return {dev: {"size": int(entry["size"])} for dev, entry in info.items()}
-
-    def m_restore_vm_volume_init(self, params: Params) -> dict[str, str]:
-        volname, restore = self._restore(params)
-        dev = device_name(params.method, params.text("device_name"))
-        restore.devices.add(dev)
-        path = self.provider.restore_qemu_img_init(volname, self.storeid, dev)
-        if needs_export(path):
-            # Proxmox VE reads qemu-img-path as raw only (see bridge.rawexport).
-            restore.exports[dev] = RawExport(path, dev)
-            path = restore.exports[dev].uri
-        return {"qemu-img-path": path}
-
-    def m_restore_vm_volume_cleanup(self, params: Params) -> None:
-        volname, restore = self._restore(params)
-        dev = device_name(params.method, params.text("device_name"))
-        restore.devices.discard(dev)
-        export = restore.exports.pop(dev, None)
-        if export is not None:
-            export.stop()  # before the provider removes what it serves
-        self.provider.restore_qemu_img_cleanup(volname, self.storeid, dev)
-
-    def m_restore_vm_cleanup(self, params: Params) -> None:
-        self._check_storeid(params)
-        self._restore_cleanup_all(params.text("volname"))
-
-    def m_restore_container_init(self, params: Params) -> dict[str, str]:
-        volname, restore = self._restore(params)
-        restore.container_open = True
-        if restore.mechanism == RestoreMechanism.TAR:
-            return {"tar-path": self.provider.restore_tar_init(volname, self.storeid)}
-        if restore.mechanism == RestoreMechanism.DIRECTORY:
-            path = self.provider.restore_directory_init(volname, self.storeid)
-            return {"archive-directory": path}
-        raise UsageError(f"restore_container_init: {volname} is restored with qemu-img")
-
-    def m_restore_container_cleanup(self, params: Params) -> None:
-        self._check_storeid(params)
-        self._restore_cleanup_all(params.text("volname"))
-
-    def _restore_cleanup_all(self, volname: str) -> None:
-        """Every cleanup still due for ``volname``; the first failure is raised
-        after all were tried (a cleanup must not leave the others undone)."""
-        restore = self.restores.pop(volname, None)
-        if restore is None:
-            return
-        first: Exception | None = None
-        for export in restore.exports.values():
-            export.stop()
-        calls: list[Callable[[], None]] = [
-            functools.partial(self.provider.restore_qemu_img_cleanup, volname, self.storeid, dev)
-            for dev in sorted(restore.devices)
-        ]
-        if restore.container_open:
-            if restore.mechanism == RestoreMechanism.TAR:
-                calls.append(lambda: self.provider.restore_tar_cleanup(volname, self.storeid))
-            else:
-                calls.append(
-                    lambda: self.provider.restore_directory_cleanup(volname, self.storeid)
-                )
-        for call in calls:
-            try:
-                call()
-            except Exception as exc:  # noqa: BLE001
-                first = first or exc
-        if first is not None:
-            raise first
-
 
 def _regions(vol: Params, size: int, dev: str) -> list[tuple[int, int]]:
     """``dirty-regions`` (what Perl drained from ``next-dirty-region``), checked."""

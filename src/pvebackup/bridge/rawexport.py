@@ -50,7 +50,7 @@ class RawExport:
         self.child: Child = spawn(
             [
                 "qemu-nbd", "--read-only", "--persistent", "--shared=8",
-                f"--socket={sock}", f"--export-name={name}", "--cache=none", source,
+                f"--socket={sock}", f"--export-name={name}", source,
             ],
             run_dir=run_dir,
             stderr=open(run_dir / "qemu-nbd.log", "wb"),  # noqa: SIM115 - child owns it
