@@ -13,17 +13,23 @@ CONSTRAINTS := constraints.txt
 # Debian packages the project runs on (see docs/design.md, "Real components").
 DEB_PACKAGES := qemu-utils qemu-system-common qemu-system-x86 python3-libnbd libnbd-bin nbdkit \
 	nbdkit-plugin-python zstd python3-venv rsync acl attr tar
+# A real S3 server (Ceph RADOS Gateway: mon + osd + rgw) that the S3 backend's tests
+# start themselves (tests/s3fixture.py); installed without recommends (61 MB).
+S3_PACKAGES := radosgw ceph-mon ceph-osd
+# Storage tools the tests use for real (btrfs on a loop device; see docs/design.md,
+# "Guest volumes on the storage types of real nodes").
+TEST_PACKAGES := btrfs-progs
 # The Perl tests (prove) of the Proxmox VE bridge; `make deb` builds the package.
 PERL_PACKAGES := perl
 DEBBUILD_PACKAGES := dpkg-dev
 # Peers measured by `make bench` only.
 BENCH_PACKAGES := borgbackup restic hyperfine
 
-.PHONY: setup deps test lint perltest deb demo bench pins clean
+.PHONY: setup deps s3deps test lint perltest deb demo bench pins clean
 
 setup: $(STAMP)
 
-# Installs the Debian packages of $(1) that are missing. apt-get update runs only
+# Installs the Debian packages of $(1) that are missing ($(2): more apt-get options). apt-get update runs only
 # then, so a set-up machine stays offline; and only then is root needed: anyone
 # else gets the command to run instead of apt's "Permission denied".
 define apt_install
@@ -39,12 +45,15 @@ define apt_install
 			exit 1; \
 		fi; \
 		echo "installing Debian packages:$$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) $$missing; \
 	fi
 endef
 
 deps:
 	$(call apt_install,$(DEB_PACKAGES))
+
+s3deps:
+	$(call apt_install,$(S3_PACKAGES),--no-install-recommends)
 
 # The venv is made from Debian's Python with --system-site-packages: libnbd's Python
 # bindings (`import nbd`) exist only as the Debian package python3-libnbd, built for
@@ -62,7 +71,8 @@ lint: setup
 	$(VENV)/bin/ruff check src tests bench examples
 	$(VENV)/bin/mypy src examples/plainfiles/src
 
-test: setup lint perltest
+test: setup s3deps lint perltest
+	$(call apt_install,$(TEST_PACKAGES))
 	$(VENV)/bin/pytest -q
 
 # The Perl storage plugins and backup provider against the real Python helper of this

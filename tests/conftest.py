@@ -16,6 +16,7 @@ import pytest
 from hypothesis import settings
 
 from pvebackup.kit.hoststate import STATE_DIR_ENV
+from s3fixture import s3_bucket, s3_server  # noqa: F401  (a real RGW, started on first use)
 
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
 settings.register_profile("explore", max_examples=2000, database=None, print_blob=True)

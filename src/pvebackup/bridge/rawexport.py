@@ -15,6 +15,7 @@ raw NBD URI of it. A plain path, an NBD URI or a ``json:`` name with driver
 from __future__ import annotations
 
 import json
+import socket
 import time
 from pathlib import Path
 from typing import Final
@@ -56,7 +57,9 @@ class RawExport:
             stderr=open(run_dir / "qemu-nbd.log", "wb"),  # noqa: SIM115 - child owns it
         )  # fmt: skip
         deadline = time.monotonic() + _START_TIMEOUT
-        while not sock.exists():
+        # Ready when a connect succeeds: the socket file exists from bind() on,
+        # before listen(), and a client in between is refused (seen under load).
+        while not _accepts(sock):
             if self.child.poll() is not None or time.monotonic() > deadline:
                 log = _tail(run_dir / "qemu-nbd.log")
                 self.child.stop()
@@ -66,6 +69,17 @@ class RawExport:
 
     def stop(self) -> None:
         self.child.stop()
+
+
+def _accepts(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def _tail(path: Path) -> str:

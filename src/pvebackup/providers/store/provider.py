@@ -52,6 +52,7 @@ from pvebackup.providers.store.ctarchive import TarFeeder, backup_archive
 from pvebackup.providers.store.disk import DiskBackup
 from pvebackup.providers.store.restore_server import RestoreServer
 from pvebackup.providers.store.settings import StoreSettings
+from pvebackup.store.backends.retry import RetryBackend
 from pvebackup.store.datastore import Datastore
 from pvebackup.store.snapshot import Snapshot, SnapshotId, SnapshotWriter
 
@@ -329,7 +330,7 @@ class BackupStoreProvider(BackupProvider):
             "info",
             f"snapshot {guest.snapshot} committed: new {format_bytes(guest.new_bytes)} "
             f"(stored {format_bytes(guest.stored_bytes)}), "
-            f"reused {format_bytes(guest.reused_bytes)}",
+            f"reused {format_bytes(guest.reused_bytes)}{_retried(self.store())}",
         )
 
     def backup_abort(self, vmid: int, error: str) -> None:
@@ -410,7 +411,7 @@ class BackupStoreProvider(BackupProvider):
         self.restore_qemu_img_cleanup(volname, storeid, devicename)
         key = self.settings.load_key()
         server = RestoreServer(
-            self.settings.path,
+            self.settings.location,
             snap.id.path,
             devicename,
             None if key is None else key.material,
@@ -443,3 +444,18 @@ def _config_text(snap: Snapshot, name: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise CorruptIndexError(f"snapshot {snap.id}: {name} is not UTF-8 text") from exc
+
+
+def _retried(store: Datastore) -> str:
+    """``", 120 S3 requests (41 PUT), 3 retried"`` for a backend that retries (S3),
+    else ``""``: counts since the store was opened (this job), so that a flaky
+    endpoint, and what the job costs in requests, show in the task log."""
+    backend = store.backend
+    if not isinstance(backend, RetryBackend):
+        return ""
+    note = f", {backend.retries} storage requests retried"
+    requests = getattr(backend.inner, "requests", None)
+    if isinstance(requests, dict):
+        puts = sum(n for op, n in requests.items() if op in ("put_object", "upload_part"))
+        note = f", {sum(requests.values())} S3 requests ({puts} PUT){note}"
+    return note

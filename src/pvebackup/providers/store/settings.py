@@ -10,37 +10,58 @@
         is_mountpoint yes                # usable only while a file system is mounted there
         create-base-path 0               # create path when missing (default no: refused)
 
+    backup-store: s3store               # the same in an S3 bucket (no path)
+        s3-endpoint https://s3.eu-central-1.amazonaws.com
+        s3-bucket pve-backups
+        s3-prefix node1                  # optional: keys under node1/ in the bucket
+        s3-region eu-central-1           # default us-east-1 (what RGW accepts)
+        s3-path-style 0                  # default 1: http://host/bucket/key
+        s3-credentials /etc/pvebackup/s3store.cred   # 0600: access-key = / secret-key =
+        s3-max-requests 16               # requests in flight at once (default 8)
+
 Without ``encryption-passphrase-file``, a protected key's passphrase comes from
 the file named by ``PVEBACKUP_PASSPHRASE_FILE``, else a prompt on a terminal.
 The key and passphrase files must be private to their owner (mode 0600 or
 0400): like OpenSSH, we refuse them otherwise (:class:`UnprotectedKeyFileError`).
 
-The backend is chosen in one place (:func:`pvebackup.store.backends.make_backend`,
-``local`` for now), so that S3 can join later without touching the provider. The key is loaded and
-checked against the store's config before any data is read or written: an
+The backend is chosen in one place (:func:`pvebackup.store.backends.make_backend`):
+``local`` with ``path``, ``s3`` with ``s3-bucket`` (the two exclude each other).
+The S3 keys live only in the ``s3-credentials`` file (0600, like the key file):
+never in storage.cfg, argv (the restore server gets the file's path) or messages.
+
+The key is loaded and checked against the store's config before any data is read or written: an
 encrypted store without a key raises :class:`MissingKeyError`, a wrong key
 :class:`WrongKeyError`.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from pvebackup.api.errors import NotFoundError
+from pvebackup.api.errors import NotFoundError, StorageConfigError
 from pvebackup.kit.passphrase import passphrase_source
 from pvebackup.kit.units import parse_size
 from pvebackup.storage.basepath import BASE_PATH_PROPERTIES, BasePath
 from pvebackup.storage.plugin import COMMON_PROPERTIES, PRUNE_PROPERTIES
-from pvebackup.storage.properties import PropertyKind, PropertySpec, parse_properties
+from pvebackup.storage.properties import (
+    PropertyKind,
+    PropertySpec,
+    StorageProperties,
+    parse_properties,
+)
 from pvebackup.store.backends import make_backend
+from pvebackup.store.backends.base import validate_key
+from pvebackup.store.backends.s3 import DEFAULT_MAX_REQUESTS, DEFAULT_REGION, S3Config
 from pvebackup.store.datastore import Datastore
 from pvebackup.store.formats import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from pvebackup.store.index import check_chunk_size
 from pvebackup.store.keys import EncryptionKey, load_key_file
 
-__all__ = ["PROPERTIES", "StoreSettings"]
+__all__ = ["PROPERTIES", "S3_PROPERTIES", "StoreSettings"]
 
 
 def _chunk_size(text: str) -> int:
@@ -50,10 +71,60 @@ def _chunk_size(text: str) -> int:
     return check_chunk_size(size) if MIN_CHUNK_SIZE <= size <= MAX_CHUNK_SIZE else size
 
 
+def _endpoint(text: str) -> str:
+    url = urlsplit(text)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError(f"{text[:80]!r} is not an http:// or https:// URL")
+    if url.username is not None or url.password is not None:
+        # storage.cfg is world-readable on a PVE node: keys belong in s3-credentials.
+        raise ValueError("the endpoint URL must not carry credentials (use s3-credentials)")
+    return text
+
+
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def _bucket(text: str) -> str:
+    if _BUCKET.fullmatch(text) is None or ".." in text:
+        raise ValueError(f"{text[:80]!r} is not an S3 bucket name (3-63 of a-z 0-9 . -)")
+    return text
+
+
+def _prefix(text: str) -> str:
+    text = text.strip("/")
+    if text:
+        try:
+            validate_key(text)
+        except Exception as exc:
+            raise ValueError(f"{text[:80]!r} is not a key prefix (a/b, no . or .. parts)") from exc
+    return text
+
+
+S3_PROPERTIES: Mapping[str, PropertySpec] = {
+    "s3-endpoint": PropertySpec(
+        parser=_endpoint, description="S3 endpoint URL (https://s3.REGION.amazonaws.com)"
+    ),
+    "s3-bucket": PropertySpec(parser=_bucket, description="S3 bucket (instead of path)"),
+    "s3-prefix": PropertySpec(parser=_prefix, description="key prefix in the bucket"),
+    "s3-region": PropertySpec(default=DEFAULT_REGION, description="S3 region"),
+    "s3-path-style": PropertySpec(
+        PropertyKind.BOOL, default=True, description="path-style URLs (1) or virtual-host (0)"
+    ),
+    "s3-credentials": PropertySpec(
+        PropertyKind.PATH, description="0600 file: 'access-key = ...', 'secret-key = ...'"
+    ),
+    "s3-max-requests": PropertySpec(
+        PropertyKind.INT, minimum=1, maximum=256, default=DEFAULT_MAX_REQUESTS,
+        description="S3 requests in flight at once",
+    ),  # fmt: skip
+}
+"""The properties of a ``backup-store`` in an S3 bucket."""
+
 PROPERTIES: Mapping[str, PropertySpec] = {
     **COMMON_PROPERTIES,
     **PRUNE_PROPERTIES,
-    "path": PropertySpec(PropertyKind.PATH, required=True, description="datastore directory"),
+    # Required unless s3-bucket is set (checked by StoreSettings.from_scfg).
+    "path": PropertySpec(PropertyKind.PATH, description="datastore directory"),
     "encryption-key": PropertySpec(
         PropertyKind.PATH, description="key file (pvebackup key create)"
     ),
@@ -69,6 +140,7 @@ PROPERTIES: Mapping[str, PropertySpec] = {
         "(bytes, or with K or M)",
     ),
     **BASE_PATH_PROPERTIES,
+    **S3_PROPERTIES,
 }
 """Every property a ``backup-store`` section may have."""
 
@@ -84,6 +156,7 @@ class StoreSettings:
     chunk_size: int | None = None
     backend: str = "local"
     base: BasePath | None = None
+    s3: S3Config | None = None
 
     @classmethod
     def from_scfg(cls, scfg: Mapping[str, str], storeid: str) -> StoreSettings:
@@ -95,6 +168,17 @@ class StoreSettings:
         props = parse_properties(PROPERTIES, scfg, storeid)
         key_file = props.optional_path("encryption-key")
         passphrase_file = props.optional_path("encryption-passphrase-file")
+        s3 = _s3_config(props, storeid)
+        if s3 is not None:
+            return cls(
+                storeid=storeid,
+                path=f"s3://{s3.bucket}/{s3.prefix}",
+                key_file=None if key_file is None else str(key_file),
+                passphrase_file=None if passphrase_file is None else str(passphrase_file),
+                chunk_size=props.number("chunk-size"),
+                backend="s3",
+                s3=s3,
+            )
         return cls(
             storeid=storeid,
             path=str(props.path("path")),
@@ -116,11 +200,19 @@ class StoreSettings:
             passphrase_source(self.passphrase_file, f"key file {self.key_file}"),
         )
 
+    @property
+    def location(self) -> str:
+        """What :func:`make_backend` takes with :attr:`backend` (path or S3 config)."""
+        return self.path if self.s3 is None else self.s3.location()
+
     def empty(self, *, create: bool = False) -> bool:
         """True while the storage holds no datastore yet (before the first backup).
 
         :raises StorageUnavailableError: not mounted, or the path is missing.
         """
+        if self.s3 is not None:
+            # One request: the first key under the prefix, if any.
+            return not any(make_backend(self.backend, self.location).list())
         base = self.base or BasePath(self.storeid, Path(self.path))
         root = base.activate(create=create)
         return not any(root.iterdir())
@@ -145,7 +237,7 @@ class StoreSettings:
         empty = self.empty(create=create)
         if empty and not create:
             raise NotFoundError(f"storage {self.storeid!r}: no datastore at {self.path}")
-        backend = make_backend(self.backend, self.path)
+        backend = make_backend(self.backend, self.location)
         if empty:
             if self.chunk_size is None:
                 return Datastore.create(backend, key=key, cache_dir=cache_dir)
@@ -158,3 +250,29 @@ class StoreSettings:
         """Chunk size of new indexes: the property, else the store's default."""
         return self.chunk_size or store.chunk_size
 
+
+def _s3_config(props: StorageProperties, storeid: str) -> S3Config | None:
+    """The S3 settings, None for a directory store; refuses a mix of both."""
+    bucket = props.text("s3-bucket")
+    s3_set = sorted(n for n in S3_PROPERTIES if n in props)
+    if bucket is None:
+        if s3_set:
+            raise StorageConfigError(f"storage {storeid!r}: {', '.join(s3_set)} need s3-bucket")
+        return None
+    if "path" in props:
+        raise StorageConfigError(f"storage {storeid!r}: path and s3-bucket exclude each other")
+    endpoint = props.text("s3-endpoint")
+    credentials = props.optional_path("s3-credentials")
+    if endpoint is None or credentials is None:
+        raise StorageConfigError(
+            f"storage {storeid!r}: s3-bucket needs s3-endpoint and s3-credentials"
+        )
+    return S3Config(
+        endpoint=endpoint,
+        bucket=bucket,
+        prefix=props.text("s3-prefix") or "",
+        region=props.text("s3-region") or DEFAULT_REGION,
+        path_style=props.flag("s3-path-style"),
+        credentials_file=str(credentials),
+        max_requests=props.number("s3-max-requests") or DEFAULT_MAX_REQUESTS,
+    )
