@@ -55,6 +55,8 @@ sub new_backup_provider {
 
 sub activate_storage {
     my ($class, $storeid, $scfg, $cache) = @_;
+    # An S3 backup-store has no local directory; pvebackup reaches the bucket itself.
+    return 1 if defined($scfg->{'s3-bucket'});
     my $path = $scfg->{path};
     die "storage '$storeid' has no path\n" if !defined($path);
     if (!-d $path) {
@@ -74,11 +76,14 @@ sub deactivate_volume { return 1 }
 
 sub check_connection {
     my ($class, $storeid, $scfg) = @_;
-    return -d $scfg->{path} ? 1 : 0;
+    return 1 if defined($scfg->{'s3-bucket'});
+    return defined($scfg->{path}) && -d $scfg->{path} ? 1 : 0;
 }
 
 sub status {
     my ($class, $storeid, $scfg, $cache) = @_;
+    # S3: no size to report, but active (PVE hides inactive storages from the GUI).
+    return (0, 0, 0, 1) if defined($scfg->{'s3-bucket'});
     my $path = $scfg->{path};
     return undef if !defined($path) || !-d $path;
     # df of the directory; statvfs is not in core Perl, df is in coreutils.

@@ -34,12 +34,31 @@ sub properties {
             description => "Chunk size of new disk indexes: a power of two, 64K..16M.",
             type => 'string',
         },
+        's3-endpoint' => { description => "S3 endpoint URL.", type => 'string' },
+        's3-bucket' => { description => "S3 bucket (instead of path).", type => 'string' },
+        's3-prefix' => { description => "Key prefix in the bucket.", type => 'string' },
+        's3-region' => { description => "S3 region.", type => 'string' },
+        's3-path-style' => {
+            description => "Path-style URLs (1) or virtual-host (0).",
+            type => 'boolean',
+        },
+        's3-credentials' => {
+            description => "File (mode 0600) with 'access-key = ...' and 'secret-key = ...'.",
+            type => 'string',
+            format => 'pve-storage-path',
+        },
+        's3-max-requests' => {
+            description => "S3 requests in flight at once.",
+            type => 'integer',
+            minimum => 1,
+        },
     };
 }
 
 sub options {
     return {
-        path => { fixed => 1 },
+        # Either path or s3-bucket (pvebackup checks that exactly one is set).
+        path => { fixed => 1, optional => 1 },
         content => { optional => 1 },
         nodes => { optional => 1 },
         disable => { optional => 1 },
@@ -48,6 +67,13 @@ sub options {
         'encryption-key' => { optional => 1 },
         'encryption-passphrase-file' => { optional => 1 },
         'chunk-size' => { optional => 1 },
+        's3-endpoint' => { optional => 1 },
+        's3-bucket' => { fixed => 1, optional => 1 },
+        's3-prefix' => { fixed => 1, optional => 1 },
+        's3-region' => { optional => 1 },
+        's3-path-style' => { optional => 1 },
+        's3-credentials' => { optional => 1 },
+        's3-max-requests' => { optional => 1 },
         is_mountpoint => { optional => 1 },
         'create-base-path' => { optional => 1 },
         mkdir => { optional => 1 },
