@@ -38,18 +38,41 @@ for my $class (values %plugin) {
 }
 
 # Every option must be a property pvebackup's own parser accepts for that type, or the
-# helper and the command line refuse the section PVE wrote.
+# helper and the command line refuse the section PVE wrote; every pvebackup property must
+# be an option, or PVE refuses a section pvebackup accepts. The ones we define ourselves
+# must say the same type, choices and bounds (from the Python PropertySpecs). A failure
+# names the property.
 my $python = $PVE::PveBackup::Bridge::HELPER[0];
 my $accepted = decode_json(qx{$python -c 'import json
 from pvebackup.providers.directory.settings import PROPERTIES as D
 from pvebackup.providers.store.settings import PROPERTIES as S
-print(json.dumps({"backup-dir": sorted(D), "backup-store": sorted(S)}))'});
+def spec(p):
+    return {"kind": str(p.kind), "choices": list(p.choices or []) or None,
+            "minimum": p.minimum, "maximum": p.maximum}
+print(json.dumps({"backup-dir": {k: spec(v) for k, v in D.items()},
+                  "backup-store": {k: spec(v) for k, v in S.items()}}))'});
+my %perl_type = (bool => 'boolean', int => 'integer', enum => 'string', string => 'string',
+    path => 'string', size => 'string');
 for my $type (sort keys %plugin) {
-    my %py = map { ($_ => 1) } @{ $accepted->{$type} };
-    my @unknown = grep { !$py{$_} } sort keys %{ $plugin{$type}->options() };
-    is_deeply(\@unknown, [], "$type: every option is a pvebackup property");
-    my @missing = grep { !exists $plugin{$type}->options()->{$_} } sort keys %py;
-    is_deeply(\@missing, [], "$type: every pvebackup property is an option");
+    my $py = $accepted->{$type};
+    my $options = $plugin{$type}->options();
+    my @unknown = grep { !$py->{$_} } sort keys %$options;
+    is_deeply(\@unknown, [], "$type: every option is a pvebackup property")
+        or diag("$type: options pvebackup refuses: @unknown");
+    my @missing = grep { !exists $options->{$_} } sort keys %$py;
+    is_deeply(\@missing, [], "$type: every pvebackup property is an option")
+        or diag("$type: add to $plugin{$type} properties()/options(): @missing");
+    my $props = $plugin{$type}->properties();
+    for my $name (sort grep { $py->{$_} } keys %$props) {
+        my ($want, $have) = ($py->{$name}, $props->{$name});
+        is($have->{type}, $perl_type{$want->{kind}}, "$type: '$name' type matches ($want->{kind})");
+        is_deeply($have->{enum}, $want->{choices}, "$type: '$name' choices match")
+            if $want->{choices} || $have->{enum};
+        for my $bound (qw(minimum maximum)) {
+            next if $want->{kind} ne 'int';
+            is($have->{$bound}, $want->{$bound}, "$type: '$name' $bound matches");
+        }
+    }
 }
 
 # Volume names come from API paths and from storage: hostile input, one spelling only.

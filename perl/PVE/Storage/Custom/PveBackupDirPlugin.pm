@@ -32,6 +32,13 @@ sub properties {
             type => 'string',
             enum => ['tar', 'directory'],
         },
+        'max-chain-length' => {
+            description => "Most incremental VM backups on top of a full one; the next is"
+                . " full and starts a new chain (default 6; 0: no limit).",
+            type => 'integer',
+            minimum => 0,
+            maximum => 1000,
+        },
     };
 }
 
@@ -45,6 +52,7 @@ sub options {
         'prune-backups' => { optional => 1 },
         bitmap => { optional => 1 },
         'ct-format' => { optional => 1 },
+        'max-chain-length' => { optional => 1 },
         is_mountpoint => { optional => 1 },
         'create-base-path' => { optional => 1 },
         mkdir => { optional => 1 },

@@ -34,6 +34,12 @@ sub properties {
             description => "Chunk size of new disk indexes: a power of two, 64K..16M.",
             type => 'string',
         },
+        'ct-restore' => {
+            description => "Container restore mechanism offered to the host: tar (default)"
+                . " or directory.",
+            type => 'string',
+            enum => ['tar', 'directory'],
+        },
         's3-endpoint' => { description => "S3 endpoint URL.", type => 'string' },
         's3-bucket' => { description => "S3 bucket (instead of path).", type => 'string' },
         's3-prefix' => { description => "Key prefix in the bucket.", type => 'string' },
@@ -51,6 +57,7 @@ sub properties {
             description => "S3 requests in flight at once.",
             type => 'integer',
             minimum => 1,
+            maximum => 256,
         },
     };
 }
@@ -67,6 +74,7 @@ sub options {
         'encryption-key' => { optional => 1 },
         'encryption-passphrase-file' => { optional => 1 },
         'chunk-size' => { optional => 1 },
+        'ct-restore' => { optional => 1 },
         's3-endpoint' => { optional => 1 },
         's3-bucket' => { fixed => 1, optional => 1 },
         's3-prefix' => { fixed => 1, optional => 1 },
