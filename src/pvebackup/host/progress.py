@@ -5,18 +5,17 @@ On a terminal the log lines scroll above one bar per transfer; the bar's text is
 say the same numbers. The periodic progress lines then go to the task log only
 (the final one of each transfer to both). Not on a terminal (cron, a task log
 viewer, a pipe), or with ``TERM=dumb``, there is no bar and every line goes out
-as vzdump prints it: :func:`wants_bar` decides.
+as vzdump prints it: :func:`wants_bar` decides. ``rich`` is optional (a Recommends
+of the Debian package): without it there is no bar either.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from typing import TextIO
+from typing import Any, TextIO
 
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TextColumn
-
+from pvebackup.kit.optdeps import available, require
 from pvebackup.kit.pacing import progress_text
 
 __all__ = ["ProgressDisplay", "wants_bar"]
@@ -26,23 +25,29 @@ def wants_bar(stream: TextIO | None) -> bool:
     if stream is None or os.environ.get("TERM") == "dumb":
         return False
     try:
-        return stream.isatty()
+        if not stream.isatty():
+            return False
     except (AttributeError, ValueError):  # a closed or odd stream: no bar
         return False
+    return available("rich")
 
 
 class ProgressDisplay:
     """One bar per transfer (``what``), kept until :meth:`clear`. Thread safe."""
 
     def __init__(self, stream: TextIO, *, force_terminal: bool | None = None) -> None:
-        self.console = Console(file=stream, force_terminal=force_terminal, highlight=False)
-        self._progress = Progress(
-            BarColumn(bar_width=30),
-            TextColumn("{task.description}"),
+        console = require("rich.console", "the progress bar")
+        progress = require("rich.progress", "the progress bar")
+        self.console = console.Console(
+            file=stream, force_terminal=force_terminal, highlight=False
+        )
+        self._progress = progress.Progress(
+            progress.BarColumn(bar_width=30),
+            progress.TextColumn("{task.description}"),
             console=self.console,
             transient=True,
         )
-        self._tasks: dict[str, TaskID] = {}
+        self._tasks: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._started = False
 

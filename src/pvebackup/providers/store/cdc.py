@@ -27,8 +27,7 @@ from __future__ import annotations
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from pyfastcdc import FastCDC
-
+from pvebackup.kit.optdeps import require
 from pvebackup.store.datastore import Datastore, InsertResult
 from pvebackup.store.dynindex import DynamicIndexWriter
 
@@ -63,7 +62,9 @@ class CdcSink:
     ) -> None:
         self._store = store
         self._index = index
-        self._cdc = FastCDC(avg_size, min_size=avg_size // 4, max_size=avg_size * 4)
+        # Imported here: pyfastcdc is in no Debian release (docs/proxmox-ve.md).
+        fastcdc = require("pyfastcdc", "a container archive in a backup-store")
+        self._cdc = fastcdc.FastCDC(avg_size, min_size=avg_size // 4, max_size=avg_size * 4)
         self._buf = bytearray()
         self.stats = stats if stats is not None else SinkStats()
         self.offset = 0

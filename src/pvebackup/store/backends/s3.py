@@ -57,6 +57,7 @@ from pvebackup.api.errors import (
     TransientBackendError,
     UsageError,
 )
+from pvebackup.kit.optdeps import require
 from pvebackup.kit.secretfile import read_secret_file
 from pvebackup.store.backends.base import ObjectInfo, check_range, validate_key
 
@@ -88,7 +89,7 @@ def _new_client(**kwargs: Any) -> Any:
     """A boto3 S3 client from one shared session: a new session loads the service
     model again (0.2 s each); making clients from one session is not thread-safe."""
     global _session
-    import boto3
+    boto3 = require("boto3", "an S3 backup-store")
 
     with _session_lock:
         if _session is None:
