@@ -114,6 +114,12 @@ def test_unprivileged_container_through_an_attached_helper(
     assert "enable: 0" in restore.call("archive_get_firewall_config", volname=volname,
                                        storeid="ext")  # fmt: skip
     tar = restore.call("restore_container_init", volname=volname, storeid="ext", info={})
+    # pve-container: `-f $tar_path` or die, then check_tar_archive and the extraction
+    # read it twice (LXC/Create.pm restore_external_archive, restore_tar_archive).
+    spooled = Path(tar["tar-path"])
+    assert spooled.is_file() and not spooled.is_symlink()
+    assert spooled.stat().st_mode & 0o077 == 0 and spooled.parent.stat().st_mode & 0o077 == 0
+    assert _tar_listing(str(spooled)) == _tar_listing(str(spooled))
     listing = _tar_listing(tar["tar-path"])
     # container ids, not host ids: the job helper used the config's id map
     assert listing["etc/hostname"][1] == "0/0"
@@ -121,7 +127,47 @@ def test_unprivileged_container_through_an_attached_helper(
     assert listing["srv/link"][0].startswith("l")
     assert "var/cache/junk.tmp" not in listing
     restore.call("restore_container_cleanup", volname=volname, storeid="ext", info={})
+    assert not spooled.parent.exists()
     assert restore.bye() == 0
+
+
+def test_container_tar_restore_from_a_damaged_store_fails_at_init(
+    tmp_path: Path, spawn: Callable[..., Helper]
+) -> None:
+    hello = _hello("backup-store", tmp_path, **{"chunk-size": "65536"})
+    helper, done = _backup(spawn, hello, _tree(tmp_path, ROOT))
+    assert helper.bye() == 0
+    # Hostile or damaged storage: a byte in the middle of every pack flipped.
+    packs = [p for p in (tmp_path / "storage/packs").rglob("*") if p.is_file()]
+    assert packs
+    for pack in packs:
+        raw = bytearray(pack.read_bytes())
+        raw[len(raw) // 2] ^= 0x01
+        pack.write_bytes(bytes(raw))
+    spools = {p.name for p in Path(os.environ.get("TMPDIR") or "/var/tmp").iterdir()}
+    restore = spawn()
+    restore.hello(**hello)
+    with pytest.raises(BridgeError) as failed:
+        restore.call("restore_container_init", volname=done["archive-name"], storeid="ext",
+                     info={})  # fmt: skip
+    # the truncated archive never reaches pve-container's tar; no spool is left
+    assert failed.value.exit == 5, failed.value.message  # an IntegrityError
+    left = {p.name for p in Path(os.environ.get("TMPDIR") or "/var/tmp").iterdir()} - spools
+    assert not [name for name in left if name.startswith("pvebackup-ct-restore-")]
+    restore.call("restore_container_cleanup", volname=done["archive-name"], storeid="ext",
+                 info={})  # fmt: skip
+    assert restore.bye() == 0
+
+
+def test_container_backup_of_a_missing_directory_is_a_typed_error(
+    tmp_path: Path, spawn: Callable[..., Helper]
+) -> None:
+    hello = _hello("backup-dir", tmp_path)
+    config = "hostname: ct101\nrootfs: local:101/subvol-101-disk-0.subvol,size=0T\n"
+    with pytest.raises(BridgeError) as failed:
+        _backup(spawn, hello, tmp_path / "gone", config=config, user=0, prefix=None)
+    assert failed.value.type == "NotFoundError" and failed.value.exit == 3, failed.value.message
+    assert str(tmp_path / "gone") in failed.value.message
 
 
 def test_directory_restore_and_privileged_container_without_attach(

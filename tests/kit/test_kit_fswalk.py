@@ -82,3 +82,12 @@ def test_normalize_source() -> None:
     assert normalize_source("/srv//data") == "srv/data"
     with pytest.raises(UsageError):
         normalize_source("./../etc")
+
+
+def test_missing_directory_is_a_typed_not_found_error(tmp_path: Path) -> None:
+    # The container's directory vanished (or never was): our error, naming it.
+    from pvebackup.api.errors import NotFoundError
+
+    gone = tmp_path / "gone"
+    with pytest.raises(NotFoundError, match="gone"):
+        list(SourceWalker(str(gone), ["."], []))

@@ -6,21 +6,61 @@ qemu-server (``restore_external_archive``) and pve-container
 ``$volname`` to several of them, which the Perl side forwards as ``storeid``.
 Every ``*_init`` is remembered per volume until its cleanup, so that an early
 end (EOF, ``bye``, a signal) still cleans up what was prepared.
+
+``tar-path`` must be a regular file: pve-container's ``restore_external_archive``
+dies on anything else (``-f $tar_path``) and, for the untrusted archives of
+unprivileged containers, reads it twice (``check_tar_archive`` lists it, then
+``restore_tar_archive`` extracts it). A seed-API provider may hand out a FIFO
+(backup-store streams the archive through one), so :func:`spool_tar` copies
+a FIFO into a private regular file (0600 in a 0700 directory under ``$TMPDIR``,
+default ``/var/tmp``), removed at cleanup: the node needs free space there for the
+uncompressed archive. The provider's ``restore_tar_cleanup`` runs as soon as the
+FIFO is drained, so a feeding error fails ``restore_container_init`` itself.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import shutil
+import stat
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pvebackup.api.errors import UsageError, VolumeNotFoundError
 from pvebackup.api.provider import BackupProvider
 from pvebackup.api.types import GuestType, RestoreMechanism
 from pvebackup.bridge.params import Params, device_name
 from pvebackup.bridge.rawexport import RawExport, needs_export
+from pvebackup.kit.oserrors import os_error
 
-__all__ = ["OpenRestore", "RestoreSide"]
+__all__ = ["OpenRestore", "RestoreSide", "spool_tar"]
+
+_SPOOL_BLOCK = 1 << 20
+
+
+def spool_tar(source: str) -> Path:
+    """``source`` (a FIFO, or any non-regular file the provider gave) copied into a
+    new private regular file; the caller removes its parent directory."""
+    base = os.environ.get("TMPDIR") or "/var/tmp"
+    directory = Path(tempfile.mkdtemp(prefix="pvebackup-ct-restore-", dir=base))
+    target = directory / "archive.tar"
+    try:
+        # O_NOFOLLOW|O_EXCL: a fresh file in our 0700 directory, never someone's link.
+        out_fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(out_fd, "wb") as out, open(source, "rb") as src:
+            shutil.copyfileobj(src, out, _SPOOL_BLOCK)
+            out.flush()
+            os.fsync(out.fileno())
+    except OSError as exc:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise os_error(exc, f"cannot copy the container archive {source} to {target}") from exc
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return target
 
 
 @dataclass
@@ -32,6 +72,8 @@ class OpenRestore:
     devices: set[str] = field(default_factory=set)
     exports: dict[str, RawExport] = field(default_factory=dict)
     container_open: bool = False
+    spool: Path | None = None
+    """The private directory of a spooled ``tar-path`` (see :func:`spool_tar`)."""
 
 
 class RestoreSide:
@@ -115,7 +157,31 @@ class RestoreSide:
         volname, restore = self._restore(params)
         restore.container_open = True
         if restore.mechanism == RestoreMechanism.TAR:
-            return {"tar-path": self.provider.restore_tar_init(volname, self.storeid)}
+            path = self.provider.restore_tar_init(volname, self.storeid)
+            try:
+                mode = os.stat(path).st_mode
+            except OSError as exc:
+                raise os_error(exc, f"restore_container_init: tar-path {path}") from exc
+            if stat.S_ISREG(mode):
+                return {"tar-path": path}
+            if not stat.S_ISFIFO(mode):  # a device would be read forever
+                raise UsageError(f"restore_container_init: tar-path {path} is no file or FIFO")
+            if restore.spool is not None:
+                shutil.rmtree(restore.spool, ignore_errors=True)
+                restore.spool = None
+            spooled = spool_tar(path)
+            restore.spool = spooled.parent
+            # The FIFO is read to its end: the provider's cleanup now reports what
+            # went wrong while feeding it (a corrupt chunk: hostile or damaged storage),
+            # so a truncated archive fails here, before pve-container's tar reads it.
+            restore.container_open = False
+            try:
+                self.provider.restore_tar_cleanup(volname, self.storeid)
+            except BaseException:
+                shutil.rmtree(restore.spool, ignore_errors=True)
+                restore.spool = None
+                raise
+            return {"tar-path": str(spooled)}
         if restore.mechanism == RestoreMechanism.DIRECTORY:
             path = self.provider.restore_directory_init(volname, self.storeid)
             return {"archive-directory": path}
@@ -134,6 +200,9 @@ class RestoreSide:
         first: Exception | None = None
         for export in restore.exports.values():
             export.stop()
+        if restore.spool is not None:
+            shutil.rmtree(restore.spool, ignore_errors=True)
+            restore.spool = None
         calls: list[Callable[[], None]] = [
             functools.partial(self.provider.restore_qemu_img_cleanup, volname, self.storeid, dev)
             for dev in sorted(restore.devices)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from pvebackup.api.errors import UsageError
 from pvebackup.api.excludes import ExcludeMatcher
+from pvebackup.kit.oserrors import os_error
 
 __all__ = ["Entry", "SourceWalker", "WalkStats", "normalize_source"]
 
@@ -86,7 +87,11 @@ class SourceWalker:
                 yield from self._walk_source(source, walked)
 
     def _walk_source(self, source: str, walked: set[str]) -> Iterator[Entry]:
-        root = Entry(source, self._host_path(source), os.lstat(self._host_path(source)))
+        path = self._host_path(source)
+        try:
+            root = Entry(source, path, os.lstat(path))
+        except OSError as exc:  # the directory or a source vanished (or was never there)
+            raise os_error(exc, f"cannot back up {path}") from exc
         # Depth first, parents before their contents: GNU tar sets a directory's
         # mtime when extraction leaves it, so its contents must follow it directly.
         # Each entry carries the device of the source it belongs to.
