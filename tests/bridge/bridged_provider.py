@@ -171,7 +171,8 @@ class BridgedProvider(BackupProvider):
         return BackupMechanism(mechanism), bitmap
 
     def backup_get_target(self, vmid: int, vmtype: GuestType) -> str:
-        return str(self._guest(vmid)["archive-name"])
+        # the merged API's archive-name lacks the backup/ of the volume name
+        return f"backup/{self._guest(vmid)['archive-name']}"
 
     def _read(self, vmid: int, filename: str) -> str:
         self._guest(vmid)

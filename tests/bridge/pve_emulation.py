@@ -114,6 +114,8 @@ def vm_backup(
     cleanup = helper.call("backup_cleanup", vmid=vmid, vmtype="qemu", success=1, info={})
     return {
         "archive-name": init["archive-name"],
+        # vzdump's volume id is "$storeid:backup/$archive_name" (PVE/VZDump.pm)
+        "volname": f"backup/{init['archive-name']}",
         "answer": answer,
         "modes": {dev: v["bitmap-mode"] for dev, v in volumes.items()},
         "size": cleanup["stats"]["archive-size"],

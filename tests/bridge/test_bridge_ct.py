@@ -82,7 +82,8 @@ def _backup(
         assert relayed and not relayed & {m["message"] for m in helper.logs}
     cleanup = helper.call("backup_cleanup", vmid=CTID, vmtype="lxc", success=1, info={})
     helper.call("job_cleanup")
-    return helper, {"archive-name": init["archive-name"], **cleanup}
+    # vzdump's volume id is "$storeid:backup/$archive_name" (PVE/VZDump.pm)
+    return helper, {"volname": f"backup/{init['archive-name']}", **cleanup}
 
 
 def _tar_listing(path: str) -> dict[str, tuple[str, str]]:
@@ -107,7 +108,7 @@ def test_unprivileged_container_through_an_attached_helper(
 
     restore = spawn()
     restore.hello(**hello)
-    volname = done["archive-name"]
+    volname = done["volname"]
     # pve-container passes $storeid after $volname
     assert restore.call("restore_get_mechanism", volname=volname, storeid="ext") == ["tar", "lxc"]
     assert restore.call("archive_get_guest_config", volname=volname) == CONFIG
@@ -148,13 +149,13 @@ def test_container_tar_restore_from_a_damaged_store_fails_at_init(
     restore = spawn()
     restore.hello(**hello)
     with pytest.raises(BridgeError) as failed:
-        restore.call("restore_container_init", volname=done["archive-name"], storeid="ext",
+        restore.call("restore_container_init", volname=done["volname"], storeid="ext",
                      info={})  # fmt: skip
     # the truncated archive never reaches pve-container's tar; no spool is left
     assert failed.value.exit == 5, failed.value.message  # an IntegrityError
     left = {p.name for p in Path(os.environ.get("TMPDIR") or "/var/tmp").iterdir()} - spools
     assert not [name for name in left if name.startswith("pvebackup-ct-restore-")]
-    restore.call("restore_container_cleanup", volname=done["archive-name"], storeid="ext",
+    restore.call("restore_container_cleanup", volname=done["volname"], storeid="ext",
                  info={})  # fmt: skip
     assert restore.bye() == 0
 
@@ -180,7 +181,7 @@ def test_directory_restore_and_privileged_container_without_attach(
     assert helper.bye() == 0
     restore = spawn()
     restore.hello(**hello)
-    volname = done["archive-name"]
+    volname = done["volname"]
     mechanism = restore.call("restore_get_mechanism", volname=volname, storeid="ext")
     assert mechanism == ["directory", "lxc"]
     path = Path(restore.call("restore_container_init", volname=volname, storeid="ext",

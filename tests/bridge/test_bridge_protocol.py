@@ -113,7 +113,8 @@ def test_eof_aborts_the_open_guest_and_job(
     helper.hello(**dir_store)
     helper.call("job_init", start_time=1700000000)
     target = helper.call("backup_init", vmid=100, vmtype="qemu", start_time=1700000000)
-    assert target["archive-name"]
+    # vzdump prefixes backup/ itself: "$storeid:backup/$archive_name" (PVE/VZDump.pm)
+    assert target["archive-name"].startswith("vm-100-"), target
     rc = helper.eof()
     assert rc == 1
     text = helper.log_text()

@@ -22,7 +22,7 @@ from pvebackup.api.errors import (
 )
 from pvebackup.api.provider import BackupProvider
 from pvebackup.api.types import BackupMechanism, GuestType, LogFunction
-from pvebackup.bridge.adapter import MergedAdapter
+from pvebackup.bridge.adapter import MergedAdapter, archive_name
 from pvebackup.bridge.attach import AttachListener
 from pvebackup.bridge.ctconfig import container_id_map
 from pvebackup.bridge.framing import Oversized, read_line
@@ -424,3 +424,12 @@ def test_file_handle_must_be_a_disk(tmp_path: Path) -> None:
         adapter.m_backup_vm(Params("backup_vm", {
             "vmid": 100, "guest_config": "", "info": {}, "volumes": {"drive-scsi0": {
                 "size": 4096, "bitmap-mode": "none", "file-handle-path": str(fifo)}}}))
+
+
+def test_archive_name_is_the_volume_name_without_backup() -> None:
+    # vzdump builds "$storeid:backup/$archive_name" (pve-manager PVE/VZDump.pm)
+    assert archive_name("backup/vm-100-2026-12-01T20:52:27Z") == "vm-100-2026-12-01T20:52:27Z"
+    assert archive_name("vm/100/x") == "vm/100/x"  # a third party's own scheme
+    for empty in ("backup/", ""):
+        with pytest.raises(PluginError):
+            archive_name(empty)

@@ -72,15 +72,15 @@ def test_vm_full_incremental_restore(
     assert second["answer"] == {"drive-scsi0": "use", "drive-virtio1": "use"}
     assert second["modes"] == {"drive-scsi0": "reuse", "drive-virtio1": "reuse"}
     by_name = {v["volid"].split(":", 1)[1]: v for v in volumes}
-    assert by_name[second["archive-name"]]["parent"] == first["archive-name"]
+    assert by_name[second["volname"]]["parent"] == first["volname"]
     assert 0 < second["size"] < first["size"]
 
     helper = spawn()
     helper.hello(**hello)
-    assert helper.call("archive_get_guest_config", volname=first["archive-name"]) == CONFIG
-    assert helper.call("archive_get_firewall_config", volname=first["archive-name"]) == FIREWALL
-    assert helper.call("archive_get_firewall_config", volname=second["archive-name"]) is None
-    for volname, expected in ((first["archive-name"], snapshot1), (second["archive-name"], disks)):
+    assert helper.call("archive_get_guest_config", volname=first["volname"]) == CONFIG
+    assert helper.call("archive_get_firewall_config", volname=first["volname"]) == FIREWALL
+    assert helper.call("archive_get_firewall_config", volname=second["volname"]) is None
+    for volname, expected in ((first["volname"], snapshot1), (second["volname"], disks)):
         out = tmp_path / f"restore-{len(volname)}-{volname[-6:].replace('/', '_')}"
         out.mkdir()
         restored = restore_vm(helper, volname, out)
@@ -143,7 +143,7 @@ def test_vm_file_handle_mechanism(tmp_path: Path, spawn: Callable[..., Helper]) 
     assert "read 4.0 MiB" in text and "read 128.0 KiB" in text, text
     out = tmp_path / "restore"
     out.mkdir()
-    restored = restore_vm(helper, second["archive-name"], out)
+    restored = restore_vm(helper, second["volname"], out)
     assert same_image(disks["drive-scsi0"], restored["drive-scsi0"])
     assert helper.bye() == 0
 
@@ -166,7 +166,7 @@ def test_passphrase_only_through_hello(tmp_path: Path, spawn: Callable[..., Help
     helper.call("job_cleanup")
     out = tmp_path / "restore"
     out.mkdir()
-    restored = restore_vm(helper, done["archive-name"], out)
+    restored = restore_vm(helper, done["volname"], out)
     assert same_image(disks["drive-scsi0"], restored["drive-scsi0"])
     assert helper.bye() == 0
     assert PASSPHRASE.encode() not in helper.all_output()
@@ -175,7 +175,7 @@ def test_passphrase_only_through_hello(tmp_path: Path, spawn: Callable[..., Help
     helper = spawn()
     helper.hello(**hello, secrets={"passphrase": wrong})
     with pytest.raises(BridgeError) as err:
-        helper.call("archive_get_guest_config", volname=done["archive-name"])
+        helper.call("archive_get_guest_config", volname=done["volname"])
     assert err.value.type == "WrongKeyError"
     assert helper.bye() == 0
     assert wrong.encode() not in helper.all_output()

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pvebackup.api.errors import (
+    PluginError,
     PveBackupError,
     StateError,
     UnsupportedError,
@@ -69,6 +70,21 @@ class _Guest:
     container: dict[str, Any] | None = None
     refusal: PveBackupError | None = None
     closed: bool = False
+
+
+def archive_name(target: str) -> str:
+    """The merged API's ``archive-name`` for a seed target (a volume name).
+
+    vzdump builds the volume id as ``"$storeid:backup/$archive_name"`` (pve-manager
+    ``PVE/VZDump.pm``, ``exec_backup_task``: notes, protection, the task log), so the
+    ``backup/`` of our volume names goes; restores get the whole volume name back
+    (``backup/...``, from ``parse_volname``). A third-party target without it is
+    passed on as it is: its storage plugin decides what ``backup/<target>`` means.
+    """
+    name = target.removeprefix("backup/")
+    if not name:
+        raise PluginError(f"backup_get_target returned {target!r}: no archive name")
+    return name
 
 
 class MergedAdapter(RestoreSide):
@@ -191,7 +207,7 @@ class MergedAdapter(RestoreSide):
                 return {"archive-name": guest.archive_name}
             mechanism, guest.bitmap_id = answer
             guest.mechanism = BackupMechanism(mechanism)
-            guest.archive_name = self.provider.backup_get_target(vmid, vmtype)
+            guest.archive_name = archive_name(self.provider.backup_get_target(vmid, vmtype))
         except Exception as exc:
             self._abort_guest(guest, str(exc))
             raise

@@ -118,8 +118,7 @@ sub backup_init {
         'backup_init', { vmid => $vmid + 0, vmtype => $vmtype, start_time => $start_time + 0 },
     );
     # vzdump makes the volume id "$storeid:backup/$archive_name" (PVE/VZDump.pm
-    # exec_backup_task): our providers' targets are volume names, backup/ included.
-    $res->{'archive-name'} =~ s!^backup/!! if ref($res) eq 'HASH' && defined($res->{'archive-name'});
+    # exec_backup_task); the helper answers without the backup/ of our volume names.
     if (ref($res) eq 'HASH' && defined(my $archive = $res->{'archive-name'})) {
         my $volid = "$self->{storeid}:backup/$archive";
         PVE::PveBackup::Bridge::announce_volume($volid);
