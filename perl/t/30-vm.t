@@ -241,7 +241,8 @@ sub same_image {
 
 for my $case (['bdir', undef], ['bstore', undef], ['bdir', 'file-handle']) {
     my ($storeid, $want_mechanism) = @$case;
-    local $PVE::PveBackup::Bridge::VM_MECHANISM = $want_mechanism;
+    # storage.cfg's vm-mechanism (the section reaches the helper in hello's scfg).
+    local $cfg->{ids}->{$storeid}->{'vm-mechanism'} = $want_mechanism if $want_mechanism;
     note("storage $storeid, mechanism " . ($want_mechanism // 'default'));
     if ($want_mechanism) {
         # A fresh storage for this pass: the name stays (it is the storage id).

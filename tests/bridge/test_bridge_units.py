@@ -433,3 +433,30 @@ def test_archive_name_is_the_volume_name_without_backup() -> None:
     for empty in ("backup/", ""):
         with pytest.raises(PluginError):
             archive_name(empty)
+
+
+@pytest.mark.parametrize("kind", ["backup-dir", "backup-store"])
+def test_vm_mechanism_is_a_storage_property(tmp_path: Path, kind: str) -> None:
+    """storage.cfg's vm-mechanism (all a node can set) picks what vzdump is told."""
+    (tmp_path / "s").mkdir()
+    scfg = {"type": kind, "path": str(tmp_path / "s"), "vm-mechanism": "file-handle"}
+    hello = _hello(tmp_path, scfg=scfg, **{"plugin-type": kind})
+    lines, text = _serve(
+        [hello,
+         {"id": 1, "method": "job_init", "params": {"start_time": 1}},
+         {"id": 2, "method": "backup_init",
+          "params": {"vmid": 100, "vmtype": "qemu", "start_time": 1}},
+         {"id": 3, "method": "backup_get_mechanism", "params": {"vmid": 100, "vmtype": "qemu"}},
+         {"id": 4, "method": "backup_cleanup",
+          "params": {"vmid": 100, "vmtype": "qemu", "success": 0, "info": {"error": "x"}}},
+         {"id": 5, "method": "job_cleanup"},
+         {"id": 6, "method": "bye"}],
+        tmp_path,
+    )  # fmt: skip
+    answers = {m["id"]: m for m in lines if "id" in m}
+    assert answers[3].get("result") == "file-handle", text
+
+    bad = {**scfg, "vm-mechanism": "carrier-pigeon"}
+    lines, text = _serve([{**hello, "params": {**hello["params"], "scfg": bad}}], tmp_path)
+    (error,) = [m["error"] for m in lines if m.get("id") == 0]
+    assert "vm-mechanism" in error["message"] and error["exit"] == 2, error

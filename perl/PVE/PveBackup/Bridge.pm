@@ -27,9 +27,6 @@ our $STATE_DIR;
 # Where a running backup announces its volume id, so that notes and protection set
 # before its backup_cleanup (vzdump's order) wait for it.
 our $RUN_DIR = '/run/pvebackup/bridge';
-# What backup_get_mechanism answers for VMs: undef (the helper's default, nbd) or
-# 'file-handle' (qemu-server then reads the export through nbdfuse).
-our $VM_MECHANISM;
 
 # The helper refuses longer lines too (protocol: max line 16 MiB).
 use constant MAX_LINE => 16 * 1024 * 1024;
@@ -75,7 +72,6 @@ sub start {
     my $res = $self->call('hello', {
         protocol => 1,
         (defined($STATE_DIR) ? ('state-dir' => $STATE_DIR) : ()),
-        (defined($VM_MECHANISM) ? ('vm-mechanism' => $VM_MECHANISM) : ()),
         %$hello,
     });
     die "pvebackup helper speaks protocol '" . ($res->{protocol} // '?') . "', not 1\n"

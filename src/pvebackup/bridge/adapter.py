@@ -50,10 +50,10 @@ from pvebackup.bridge.params import Params, bandwidth, device_name
 from pvebackup.bridge.restore import OpenRestore, RestoreSide
 from pvebackup.kit.fdsource import FdSource
 from pvebackup.kit.hoststate import HostState
+from pvebackup.storage.bridgeprops import VM_MECHANISMS
 
 __all__ = ["MergedAdapter", "VM_MECHANISMS"]
 
-VM_MECHANISMS = ("nbd", "file-handle")
 _FILE_HANDLE_BITMAP = "file-handle"
 """Bitmap name given to ``backup_nbd`` for a file handle: the source ignores it."""
 

@@ -216,7 +216,8 @@ class Server:
             storeid,
             self.log,
             state=HostState("bridge", storeid, state_dir or default_state_dir()),
-            vm_mechanism=params.opt_text("vm-mechanism") or "nbd",
+            # hello's vm-mechanism wins over the storage's (storage.cfg on a node).
+            vm_mechanism=params.opt_text("vm-mechanism") or scfg.get("vm-mechanism") or "nbd",
         )
         self.greeted = True
         return self._welcome()

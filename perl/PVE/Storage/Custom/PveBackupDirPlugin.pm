@@ -39,6 +39,13 @@ sub properties {
             minimum => 0,
             maximum => 1000,
         },
+        # Shared by both types (defined once: PVE's storage schema is one namespace).
+        'vm-mechanism' => {
+            description => "How vzdump hands VM disks to the provider: nbd (default) or"
+                . " file-handle (through nbdfuse).",
+            type => 'string',
+            enum => ['nbd', 'file-handle'],
+        },
     };
 }
 
@@ -53,6 +60,7 @@ sub options {
         bitmap => { optional => 1 },
         'ct-format' => { optional => 1 },
         'max-chain-length' => { optional => 1 },
+        'vm-mechanism' => { optional => 1 },
         is_mountpoint => { optional => 1 },
         'create-base-path' => { optional => 1 },
         mkdir => { optional => 1 },

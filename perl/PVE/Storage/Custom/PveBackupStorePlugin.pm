@@ -75,6 +75,7 @@ sub options {
         'encryption-passphrase-file' => { optional => 1 },
         'chunk-size' => { optional => 1 },
         'ct-restore' => { optional => 1 },
+        'vm-mechanism' => { optional => 1 },
         's3-endpoint' => { optional => 1 },
         's3-bucket' => { fixed => 1, optional => 1 },
         's3-prefix' => { fixed => 1, optional => 1 },

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pvebackup.storage.basepath import BASE_PATH_PROPERTIES, CREATE_SUBDIRS, BasePath
+from pvebackup.storage.bridgeprops import BRIDGE_PROPERTIES
 from pvebackup.storage.plugin import COMMON_PROPERTIES, PRUNE_PROPERTIES
 from pvebackup.storage.properties import PropertyKind, PropertySpec, parse_properties
 
@@ -51,6 +52,7 @@ PROPERTIES: Mapping[str, PropertySpec] = {
         f"(default {DEFAULT_MAX_CHAIN_LENGTH}; 0: no limit)",
     ),
     **BASE_PATH_PROPERTIES,
+    **BRIDGE_PROPERTIES,
     **CREATE_SUBDIRS,
 }
 """Every property a ``backup-dir`` section may have."""

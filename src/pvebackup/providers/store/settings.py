@@ -47,6 +47,7 @@ from pvebackup.api.errors import MissingKeyError, NotFoundError, StorageConfigEr
 from pvebackup.kit.passphrase import passphrase_source
 from pvebackup.kit.units import parse_size
 from pvebackup.storage.basepath import BASE_PATH_PROPERTIES, BasePath
+from pvebackup.storage.bridgeprops import BRIDGE_PROPERTIES
 from pvebackup.storage.plugin import COMMON_PROPERTIES, PRUNE_PROPERTIES
 from pvebackup.storage.properties import (
     PropertyKind,
@@ -147,6 +148,7 @@ PROPERTIES: Mapping[str, PropertySpec] = {
         description="container restore mechanism offered to the host (default tar)",
     ),
     **BASE_PATH_PROPERTIES,
+    **BRIDGE_PROPERTIES,
     **S3_PROPERTIES,
 }
 """Every property a ``backup-store`` section may have."""
