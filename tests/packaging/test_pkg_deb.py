@@ -73,6 +73,13 @@ def test_pkg_deb_builds_installs_and_runs(tmp_path: Path) -> None:
         assert path in paths, f"{path} not in the package"
     assert not any("__pycache__" in p or p.endswith(".pyc") for p in paths)
     assert not any("/t/" in p or p.endswith(".t") for p in paths), "tests shipped"
+    # Optional at run time (docs/proxmox-ve.md, "Python dependencies"): Recommends only,
+    # and Debian packages all the same.
+    recommends = subprocess.run(["dpkg-deb", "-f", str(deb), "Recommends"], check=True,
+                                capture_output=True, text=True).stdout  # fmt: skip
+    for name in ("python3-rich", "python3-boto3"):
+        assert name in recommends
+        assert subprocess.run(["apt-cache", "show", name], capture_output=True).returncode == 0
     (entry_points,) = [p for p in paths if p.endswith(".dist-info/entry_points.txt")]
 
     if os.geteuid() != 0:
@@ -114,7 +121,14 @@ def test_pkg_deb_builds_installs_and_runs(tmp_path: Path) -> None:
     (node / "etc/pve/storage.cfg").write_text(
         f"backup-dir: bdir\n\tpath {tmp_path / 'bdir'}\n\tcontent backup\n"
     )
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root / "usr/lib/python3/dist-packages")}
+    # The optional modules made unimportable, whatever this host has installed: the
+    # command line and the helper must start without them.
+    blocked = tmp_path / "blocked"
+    for name in ("rich", "boto3", "botocore", "pyfastcdc"):
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} blocked')\n")
+    env = {"PATH": "/usr/bin:/bin",
+           "PYTHONPATH": f"{blocked}:{root / 'usr/lib/python3/dist-packages'}"}  # fmt: skip
     listed = subprocess.run(
         ["/usr/bin/python3", str(root / "usr/bin/pvebackup"), "--root", str(node),
          "list", "bdir", "--output", "json"],
