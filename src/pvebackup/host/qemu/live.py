@@ -118,7 +118,9 @@ class LiveBackupExport(BackupExport):
             ) from exc
         check_features(self._client)
         for spec in self._specs:
-            self._live[spec.devicename] = resolve_disk(self._client, spec.devicename, spec.path)
+            self._live[spec.devicename] = resolve_disk(
+                self._client, spec.devicename, spec.path, spec.volume
+            )
         if self.mode == "suspend":
             self._pause()
         # The NBD socket lives in the run's private directory; QEMU (root) creates it.

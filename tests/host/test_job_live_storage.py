@@ -1,0 +1,134 @@
+"""Live backups of running VMs whose disks are on the storage types of real nodes.
+
+Real qemu-system-x86_64 (TCG): (a) a disk on a block device (a loop device) that
+QEMU opened by another device node than the config names (as ``/dev/VG/LV`` and
+``/dev/dm-N``), started with ``-drive``; (b) a raw disk on a btrfs storage (btrfs
+on a loop device), started with ``-blockdev`` as qemu-server 9 does, where the
+drive has no block backend name and is found by its device. The rbd naming is
+tested against QEMU's answers in tests/host/qemu/test_live_running.py.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from live_vm import LiveVm
+from sample_node import MiB, Node, sh
+
+from btrfs_loop import btrfs_mounted
+from pvebackup.api.types import GuestType
+from pvebackup.host.job import run_backup_job
+from pvebackup.host.restore import run_restore
+from pvebackup.storage import registry
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+SIZE = 8 * MiB
+A, B = 0xA1, 0xB2
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[Path]:
+    backing = tmp_path / "loop.img"
+    with open(backing, "wb") as f:
+        f.truncate(SIZE)
+    res = subprocess.run(
+        ["losetup", "--find", "--show", str(backing)], capture_output=True, text=True
+    )
+    if res.returncode != 0:
+        pytest.skip(f"no loop device here: {res.stderr.strip()}")
+    dev = Path(res.stdout.strip())
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", str(dev)], check=False)
+
+
+def _storage_cfg(node: Node, extra: str = "") -> None:
+    (node.path / "bdir").mkdir(exist_ok=True)
+    node.root.storage_cfg.write_text(
+        f"dir: local\n\tpath {node.path}/var/lib/vz\n\tcontent images,rootdir\n\n"
+        f"backup-dir: bdir\n\tpath {node.path}/bdir\n" + extra
+    )
+
+
+def _backup_while_the_guest_writes(node: Node, vm: LiveVm) -> str:
+    before = vm.graph()
+
+    def guest() -> None:
+        vm.wait_exports()
+        for off in range(0, SIZE, MiB):
+            vm.write(B, off, MiB)
+
+    writer = threading.Thread(target=guest)
+    writer.start()
+    res = run_backup_job(node.root, "bdir", [100], bwlimit_kib=8 * 1024, terminal=None)
+    writer.join()
+    assert not res.failed, res.guests
+    log = res.guests[0].log_path
+    assert log is not None and "backup mode snapshot" in log.read_text()
+    assert vm.status() == "running"
+    assert vm.graph() == before  # the device is back on its own node, nothing of ours left
+    assert vm.read_ok(B, 0, SIZE)
+    assert res.guests[0].target is not None
+    return res.guests[0].target
+
+
+def _restored(node: Node, target: str, vmid: int) -> bytes:
+    run_restore(node.root, target, vmid, target_storage="local", terminal=None)
+    (img,) = (node.images / str(vmid)).iterdir()
+    raw = img.parent / "check.raw"
+    sh("qemu-img", "convert", "-O", "raw", str(img), str(raw))
+    return raw.read_bytes()
+
+
+def test_running_vm_on_a_block_device_opened_by_another_name(
+    node: Node, tmp_path: Path, loop_device: Path
+) -> None:
+    # QEMU opens one device node, the config names another of the same device (as
+    # /dev/VG/LV vs /dev/dm-N): a file name comparison refused this disk.
+    sh("qemu-io", "-f", "raw", "-c", f"write -P {A} 0 {SIZE}", str(loop_device))
+    rdev = os.stat(loop_device).st_rdev
+    alias = tmp_path / "dev" / "vm-100-disk-0"
+    alias.parent.mkdir()
+    os.mknod(alias, 0o600 | stat.S_IFBLK, rdev)
+    _storage_cfg(node)
+    node.root.config_path(100, GuestType.QEMU).write_text(
+        f"name: vm\nmemory: 512\nscsi0: {loop_device},size=8M\n"
+    )
+    vm = LiveVm(node.root, 100, alias, fmt="raw")
+    try:
+        _backup_while_the_guest_writes(node, vm)
+    finally:
+        vm.stop()
+    # A passthrough disk is not restored onto a storage: read the stored image.
+    (stored,) = (node.path / "bdir/backup").glob("vm-100-*/drive-scsi0.qcow2")
+    raw = tmp_path / "check.raw"
+    sh("qemu-img", "convert", "-O", "raw", str(stored), str(raw))
+    assert raw.read_bytes() == bytes([A]) * SIZE
+
+
+def test_running_vm_on_btrfs_started_with_blockdev(node: Node, tmp_path: Path) -> None:
+    with btrfs_mounted(tmp_path) as mnt:
+        _storage_cfg(node, f"\nbtrfs: bt1\n\tpath {mnt}/bt1\n\tcontent images,rootdir\n")
+        plugin = registry.lookup("btrfs")
+        scfg = {"type": "btrfs", "path": f"{mnt}/bt1", "content": "images"}
+        plugin.allocate(scfg, "bt1", 100, "raw", SIZE, "100/vm-100-disk-0.raw")  # type: ignore[attr-defined]
+        disk = mnt / "bt1/images/100/vm-100-disk-0/disk.raw"
+        sh("qemu-io", "-f", "raw", "-c", f"write -P {A} 0 {SIZE}", str(disk))
+        node.root.config_path(100, GuestType.QEMU).write_text(
+            "name: vm\nmemory: 512\nscsi0: bt1:100/vm-100-disk-0.raw,size=8M\n"
+        )
+        vm = LiveVm(node.root, 100, disk, fmt="raw", blockdev=True)
+        try:
+            block = vm.qmp.execute("query-block")
+            assert [(b["device"], b["qdev"]) for b in block] == [("", "scsi0")]
+            target = _backup_while_the_guest_writes(node, vm)
+        finally:
+            vm.stop()
+        assert _restored(node, target, 200) == bytes([A]) * SIZE
