@@ -14,7 +14,7 @@ import os
 import stat
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -22,10 +22,13 @@ from live_vm import LiveVm
 from sample_node import MiB, Node, sh
 
 from btrfs_loop import btrfs_mounted
+from pvebackup.api.errors import UnsupportedError
 from pvebackup.api.types import GuestType
 from pvebackup.host.job import run_backup_job
 from pvebackup.host.restore import run_restore
-from pvebackup.storage import registry
+from pvebackup.storage import GuestVolume, GuestVolumeStorage, registry
+from pvebackup.storage.guestvol import next_disk_name
+from pvebackup.storage.plugin import COMMON_PROPERTIES, PropertyKind, PropertySpec
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 SIZE = 8 * MiB
@@ -132,3 +135,79 @@ def test_running_vm_on_btrfs_started_with_blockdev(node: Node, tmp_path: Path) -
         finally:
             vm.stop()
         assert _restored(node, target, 200) == bytes([A]) * SIZE
+
+
+class ExtentStorage(GuestVolumeStorage):
+    """A raw-only storage like a thick LV: a new volume is rounded up (extents) and
+    holds old data (0xAA). Files ``vm-<vmid>-...`` under ``path``."""
+
+    type = "test-extents"
+    properties = {**COMMON_PROPERTIES, "path": PropertySpec(PropertyKind.PATH, required=True)}
+    image_formats = ("raw",)
+    zeroed_images = False
+
+    def _dir(self, scfg: Mapping[str, str]) -> Path:
+        return Path(scfg["path"])
+
+    def guest_volume(self, scfg: Mapping[str, str], storeid: str, volname: str) -> GuestVolume:
+        return GuestVolume(str(self._dir(scfg) / volname), "raw", "file")
+
+    def volume_exists(self, scfg: Mapping[str, str], storeid: str, volname: str) -> bool:
+        return (self._dir(scfg) / volname).exists()
+
+    def next_volname(self, scfg: Mapping[str, str], storeid: str, vmid: int, fmt: str) -> str:
+        self.check_format(storeid, fmt)
+        return next_disk_name(os.listdir(self._dir(scfg)), vmid)
+
+    def allocate(
+        self, scfg: Mapping[str, str], storeid: str, vmid: int, fmt: str, size: int, volname: str
+    ) -> str:
+        self.check_format(storeid, fmt)
+        (self._dir(scfg) / volname).write_bytes(b"\xaa" * (size + MiB))  # rounded up
+        return volname
+
+    def free(self, scfg: Mapping[str, str], storeid: str, volname: str) -> None:
+        (self._dir(scfg) / volname).unlink()
+
+
+def test_fleecing_on_a_raw_only_storage_with_rounded_up_volumes(
+    node: Node, tmp_path: Path
+) -> None:
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    # Not ours (Proxmox VE's own backup beside us could have made it): never touched.
+    (ext / "vm-100-fleece-0").write_bytes(b"theirs")
+    with registry.registered(ExtentStorage):
+        _storage_cfg(node, f"\ntest-extents: ext\n\tpath {ext}\n\tcontent images\n")
+        (disk,) = node.add_vm(100, {"scsi0": SIZE})
+        sh("qemu-io", "-f", "qcow2", "-c", f"write -P {A} 0 {SIZE}", str(disk))
+        # A storage that allocates no images is refused before the job starts.
+        with pytest.raises(UnsupportedError, match="'bdir'"):
+            run_backup_job(node.root, "bdir", [100], fleecing_storage="bdir", terminal=None)
+        vm = LiveVm(node.root, 100, disk)
+        try:
+            before = vm.graph()
+
+            def guest() -> None:
+                vm.wait_exports()
+                for off in range(0, SIZE, MiB):
+                    vm.write(B, off, MiB)
+
+            writer = threading.Thread(target=guest)
+            writer.start()
+            res = run_backup_job(
+                node.root, "bdir", [100], bwlimit_kib=8 * 1024, fleecing_storage="ext",
+                terminal=None,
+            )  # fmt: skip
+            writer.join()
+            assert not res.failed, res.guests
+            assert vm.graph() == before and vm.read_ok(B, 0, SIZE)
+        finally:
+            vm.stop()
+        text = res.guests[0].log_path.read_text()  # type: ignore[union-attr]
+        # PVE's rule: qcow2 where the storage allocates it, else raw.
+        assert "fleecing image ext:vm-100-fleece-1 (raw) allocated" in text
+        assert sorted(os.listdir(ext)) == ["vm-100-fleece-0"]  # ours freed, theirs kept
+        assert (ext / "vm-100-fleece-0").read_bytes() == b"theirs"
+        assert res.guests[0].target is not None
+        assert _restored(node, res.guests[0].target, 200) == bytes([A]) * SIZE

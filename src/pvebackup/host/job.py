@@ -57,6 +57,7 @@ from pvebackup.api.types import BackupMechanism, GuestType
 from pvebackup.host.guests import CtConfig, GuestConfig, NodeRoot, VmConfig
 from pvebackup.host.lxc.directory import backup_sources, prepare_backup_directory
 from pvebackup.host.qemu.export import BackupExport, DiskSpec
+from pvebackup.host.qemu.fleecing import FleecingVolumes, fleecing_format
 from pvebackup.host.qemu.live import LiveBackupExport
 from pvebackup.host.qemu.liverestore import start_command as vm_start_command
 from pvebackup.host.qemu.qmp import QmpClient
@@ -69,8 +70,10 @@ from pvebackup.kit.crashpoint import crash_point
 from pvebackup.kit.proc import private_dir
 from pvebackup.storage import (
     GuestVolume,
+    GuestVolumeStorage,
     StorageConfig,
     guest_volume,
+    guest_volume_storage,
     new_backup_provider,
     read_storage_config,
     storage_config,
@@ -151,7 +154,8 @@ def run_backup_job(
     :param start_command: argv starting a VM again after mode ``stop`` when the VMID
         is appended; default :func:`~pvebackup.host.qemu.liverestore.start_command`
         (``$PVEBACKUP_START_COMMAND``, else ``qm start``), the same as live restore's.
-    :param fleecing_storage: a dir storage for the fleecing images of running VMs.
+    :param fleecing_storage: a storage for the fleecing images of running VMs (any
+        type that allocates images; qcow2 where it can, else raw).
     :returns: the per-guest results; check :attr:`JobResult.failed`.
     :raises StorageConfigError, StorageNotFoundError, PluginError: before the job starts.
     :raises GuestNotFoundError: a requested vmid has no config (before the job starts).
@@ -181,10 +185,10 @@ def run_backup_job(
     argv = tuple(start_command) if start_command is not None else tuple(vm_start_command())
     job.live = _LiveOptions(mode, stop_wait, argv, None)
     if fleecing_storage is not None:
-        fscfg = storage_config(cfg, fleecing_storage)
-        if "path" not in fscfg:
-            raise UsageError(f"fleecing storage {fleecing_storage!r} has no path (dir storage)")
-        job.live.fleecing_dir = Path(str(fscfg["path"]))
+        # Any storage that allocates images (PVE allows any): checked before the job.
+        fscfg, fplugin = guest_volume_storage(cfg, fleecing_storage)
+        fleecing_format(fplugin, fleecing_storage)
+        job.live.fleecing = (fleecing_storage, fscfg, fplugin)
     with ExitStack() as locks:
         # Every guest's lock before the provider hears of a job: a second backup of
         # a guest fails at once (exit 7), and what a killed run left is cleaned up.
@@ -239,7 +243,7 @@ class _LiveOptions:
     mode: str
     stop_wait: float  # minutes
     start_command: tuple[str, ...]
-    fleecing_dir: Path | None
+    fleecing: tuple[str, dict[str, str], GuestVolumeStorage] | None
 
 
 class _Job:
@@ -428,9 +432,16 @@ class _Job:
             return
         agent = vm.qga_path if _agent_enabled(config) else None
         run = self.runs.get(vmid)
+        fleecing = None
+        if self.live.fleecing is not None:
+            fstoreid, fscfg, fplugin = self.live.fleecing
+            fleecing = FleecingVolumes(
+                fstoreid, fscfg, fplugin, vmid, self.log,
+                record=run.add_volume if run is not None else None,
+            )  # fmt: skip
         self._export_and_send(vmid, LiveBackupExport(
             specs, vm, storeid=self.storeid, bitmap_id=bitmap_id, log=self.log,
-            workdir=workdir, fleecing_dir=self.live.fleecing_dir, mode=mode, agent=agent,
+            workdir=workdir, fleecing=fleecing, mode=mode, agent=agent,
             record=run.set_live if run is not None else None,
         ))  # fmt: skip
 

@@ -40,6 +40,7 @@ from pvebackup.kit.proc import private_dir
 from .agent import frozen_filesystems
 from .bitmaps import BitmapPlan, plan_bitmap
 from .export import BackupExport, DiskSpec, _Disk
+from .fleecing import FleecingVolumes
 from .qmp import QmpClient, QmpConnectionError
 from .running import LiveDisk, RunningVm, check_features, resolve_disk
 
@@ -71,7 +72,7 @@ class LiveBackupExport(BackupExport):
         bitmap_id: str | None,
         log: LogFunction,
         workdir: Path | None = None,
-        fleecing_dir: Path | None = None,
+        fleecing: FleecingVolumes | None = None,
         mode: str = "snapshot",
         agent: Path | None = None,
         record: LiveRecorder | None = None,
@@ -84,7 +85,7 @@ class LiveBackupExport(BackupExport):
             bitmap_id=bitmap_id,
             log=log,
             workdir=workdir,
-            fleecing_dir=fleecing_dir,
+            fleecing=fleecing,
         )
         if mode not in ("snapshot", "suspend"):
             raise ValueError(f"mode {mode!r}")
@@ -286,11 +287,12 @@ class LiveBackupExport(BackupExport):
         finally:
             if self._client is not None:
                 self._client.close()
-            for d in (self._fleece_dir, self._sock_dir):
-                if d is not None:
-                    # Also when QEMU still has a fleecing image open: the inode
-                    # lives on until the next run's clean-up closes the node.
-                    shutil.rmtree(d, ignore_errors=True)
+            # Also when QEMU still has a fleecing image open: a file's inode lives
+            # on until the next run's clean-up closes the node; a volume that
+            # cannot be freed now is named in a warning.
+            self._free_fleecing()
+            if self._sock_dir is not None:
+                shutil.rmtree(self._sock_dir, ignore_errors=True)
 
 
 def remove_leftovers(record: dict[str, Any], *, vm_pid: int | None, log: LogFunction) -> bool:
