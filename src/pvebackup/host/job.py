@@ -75,6 +75,7 @@ from pvebackup.storage import (
     guest_volume,
     guest_volume_storage,
     new_backup_provider,
+    parse_volume_id,
     read_storage_config,
     storage_config,
 )
@@ -270,6 +271,8 @@ class _Job:
         self.bwlimit = bwlimit
         self.exclude_paths = exclude_paths
         self.ended = False  # the current guest's backup_end returned
+        # (volid, plugin, scfg) of what the current guest's backup activated
+        self.activated: list[tuple[str, GuestVolumeStorage, dict[str, str]]] = []
 
     def backup_guest(self, vmid: int, vmtype: GuestType) -> GuestResult:
         """One guest, start to finish. Re-raises only AbortedError (after backup_abort)."""
@@ -363,9 +366,53 @@ class _Job:
 
     def _volume(self, config: GuestConfig, volid: str, *, activate: bool = True) -> GuestVolume:
         try:
-            return guest_volume(self.cfg, volid, activate=activate)
+            if not activate:
+                return guest_volume(self.cfg, volid)
+            storeid, volname = parse_volume_id(volid)
+            scfg, plugin = guest_volume_storage(self.cfg, storeid)
+            if plugin.activate_volume(scfg, storeid, volname):
+                self.activated.append((volid, plugin, scfg))
+            return plugin.guest_volume(scfg, storeid, volname)
         except PveBackupError as exc:
             raise GuestConfigError(f"volume {volid}: {exc}", path=config.where) from exc
+
+    def _deactivate(self, vmid: int) -> None:
+        """Deactivate what this guest's backup activated (PVE deactivates a stopped
+        guest's volumes when its backup ends), unless a running guest uses it now.
+        Volumes that were active before are never in the list."""
+        activated, self.activated = self.activated, []
+        if not activated:
+            return
+        if self.root.vm_pid(vmid) is not None:
+            self.log.info(f"VM {vmid} runs now: its volumes stay active")
+            return
+        try:
+            in_use = self._volumes_of_running_guests()
+        except PveBackupError as exc:
+            # Cannot prove that no running guest uses them: leave them active.
+            self.log.warn(f"volumes left active: cannot read a running guest's config: {exc}")
+            return
+        for volid, plugin, scfg in activated:
+            if volid in in_use:
+                self.log.info(f"volume {volid} stays active: a running guest uses it")
+                continue
+            storeid, volname = parse_volume_id(volid)
+            try:
+                plugin.deactivate_volume(scfg, storeid, volname)
+            except (PveBackupError, OSError) as exc:
+                self.log.warn(f"cannot deactivate volume {volid}: {_describe(exc)}")
+                continue
+            self.log.info(f"deactivated volume {volid} (activated for this backup)")
+
+    def _volumes_of_running_guests(self) -> set[str]:
+        used: set[str] = set()
+        for vmid, vmtype in self.root.list_guests():
+            if not self.root.is_running(vmid):
+                continue
+            config = self.root.load_guest(vmid, vmtype)
+            if isinstance(config, VmConfig | CtConfig):
+                used.update(config.volume_ids())
+        return used
 
     def _ct_volume_path(self, config: GuestConfig, volid: str) -> Path:
         volume = self._volume(config, volid, activate=False)  # directories need none
@@ -381,6 +428,15 @@ class _Job:
         return Path(volume.path)
 
     def _backup_vm(
+        self, vmid: int, config: VmConfig, workdir: Path, bitmap_id: str | None
+    ) -> None:
+        self.activated = []
+        try:
+            self._backup_vm_disks(vmid, config, workdir, bitmap_id)
+        finally:
+            self._deactivate(vmid)
+
+    def _backup_vm_disks(
         self, vmid: int, config: VmConfig, workdir: Path, bitmap_id: str | None
     ) -> None:
         specs: list[DiskSpec] = []
