@@ -35,8 +35,9 @@ class LiveVm:
         fmt: str = "qcow2",
         blockdev: bool = False,
     ) -> None:
-        """``blockdev``: as qemu-server 9 starts it (``-blockdev`` nodes, an anonymous
-        block backend found by its device); else ``-drive id=drive-<key>``."""
+        """``blockdev``: as qemu-server 9 starts it (``-blockdev`` nodes with a throttle
+        filter on top, an anonymous block backend found by its device); else
+        ``-drive id=drive-<key>``."""
         self.root = root
         self.vmid = vmid
         self.key = key
@@ -119,14 +120,19 @@ def _drive(disk: Path, key: str, fmt: str, blockdev: bool) -> list[str]:
     driver = "host_device" if stat.S_ISBLK(os.stat(disk).st_mode) else "file"
     if not blockdev:
         return ["-drive", f"file={disk},if=none,id=drive-{key},format={fmt}"]
-    # qemu-server 9 names the top node drive-<key>; without its throttle filter
-    # (scsi-block disks have none either) the format node is the top.
+    # qemu-server 9's layout: a throttle filter named drive-<key> (the disk's
+    # limits, its own throttle group) above the format node f<hash>, above e<hash>.
     node = {
-        "driver": fmt,
+        "driver": "throttle",
         "node-name": f"drive-{key}",
-        "file": {"driver": driver, "filename": str(disk), "node-name": f"e-{key}"},
+        "throttle-group": f"throttle-drive-{key}",
+        "file": {
+            "driver": fmt,
+            "node-name": f"f{key}",
+            "file": {"driver": driver, "filename": str(disk), "node-name": f"e{key}"},
+        },
     }
-    return ["-blockdev", json.dumps(node)]
+    return ["-object", f"throttle-group,id=throttle-drive-{key}", "-blockdev", json.dumps(node)]
 
 
 class FakeAgent(threading.Thread):

@@ -11,8 +11,10 @@ tested against QEMU's answers in tests/host/qemu/test_live_running.py.
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -21,16 +23,19 @@ import pytest
 from live_vm import LiveVm
 from sample_node import MiB, Node, sh
 
+import pvebackup
 from btrfs_loop import btrfs_mounted
 from pvebackup.api.errors import UnsupportedError
 from pvebackup.api.types import GuestType
 from pvebackup.host.job import run_backup_job
 from pvebackup.host.restore import run_restore
+from pvebackup.kit.crashpoint import ENV
 from pvebackup.storage import GuestVolume, GuestVolumeStorage, registry
 from pvebackup.storage.guestvol import next_disk_name
 from pvebackup.storage.plugin import COMMON_PROPERTIES, PropertyKind, PropertySpec
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+SRC = str(Path(pvebackup.__file__).resolve().parents[1])
 SIZE = 8 * MiB
 A, B = 0xA1, 0xB2
 
@@ -132,6 +137,21 @@ def test_running_vm_on_btrfs_started_with_blockdev(node: Node, tmp_path: Path) -
             block = vm.qmp.execute("query-block")
             assert [(b["device"], b["qdev"]) for b in block] == [("", "scsi0")]
             target = _backup_while_the_guest_writes(node, vm)
+            # Killed with our filter above the throttle node: the next run puts the
+            # device back on the throttle node (not on the image's node below it).
+            before = vm.graph()
+            p = subprocess.run(
+                [sys.executable, "-m", "pvebackup", "--root", str(node.path), "backup", "100",
+                 "--storage", "bdir"],
+                env={**os.environ, "PYTHONPATH": SRC, ENV: "backup-export-ready"},
+                capture_output=True, timeout=120,
+            )  # fmt: skip
+            assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+            assert vm.graph() != before
+            again = run_backup_job(node.root, "bdir", [100], terminal=None)
+            assert not again.failed, again.guests
+            assert vm.graph() == before and vm.status() == "running"
+            assert vm.qmp.execute("query-block")[0]["inserted"]["node-name"] == "drive-scsi0"
         finally:
             vm.stop()
         assert _restored(node, target, 200) == bytes([A]) * SIZE

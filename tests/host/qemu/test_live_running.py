@@ -63,7 +63,7 @@ def test_pve_layout_resolves_with_bitmaps_as_qemu_img_shows_them(tmp_path: Path)
         ({"query-block": []}, "no drive of that name"),
         ({"query-block": [{"device": "drive-scsi0"}]}, "no medium"),
         ({"query-named-block-nodes": [
-            {"node-name": "n1", "drv": "throttle", "file": "x"}]}, "driver 'throttle'"),
+            {"node-name": "n1", "drv": "blkdebug", "file": "x"}]}, "driver 'blkdebug'"),
         ({"query-named-block-nodes": [
             {"node-name": "n1", "drv": "copy-before-write", "file": "x"}]}, "unsupported block"),
         ({"query-named-block-nodes": [
@@ -72,7 +72,7 @@ def test_pve_layout_resolves_with_bitmaps_as_qemu_img_shows_them(tmp_path: Path)
         ({"qom-get": "drive-scsi1"}, "uses 'drive-scsi1'"),
         ({"query-block": "garbage", "query-named-block-nodes": 7}, "no drive of that name"),
     ],
-    ids=["missing", "no-medium", "throttle", "leftover-filter", "other-file", "no-device",
+    ids=["missing", "no-medium", "blkdebug", "leftover-filter", "other-file", "no-device",
          "other-drive", "garbage"],
 )  # fmt: skip
 def test_other_layouts_fail_that_guest_clearly(
@@ -230,3 +230,54 @@ def test_one_file_two_names_matches_and_a_lookalike_does_not(tmp_path: Path) -> 
         {"driver": "qcow2", "file": {"driver": "host_device", "filename": str(link)}}
     ).join(["json:", ""])
     resolve_disk(Stub(ans), "drive-scsi0", img)  # type: ignore[arg-type]
+
+
+def throttled(img: Path, child_drv: str = "qcow2", edges: Any = None) -> dict[str, Any]:
+    """qemu-server 9's layout: throttle drive-scsi0 above format node fscsi0."""
+    ans = answers(img)
+    image = ans["query-named-block-nodes"][0]
+    ans["query-block"] = [{"device": "", "qdev": "scsi0", "inserted": {"node-name": "drive-scsi0"}}]
+    ans["query-named-block-nodes"] = [
+        {"node-name": "drive-scsi0", "drv": "throttle", "file": "json:{}"},
+        {**image, "node-name": "fscsi0", "drv": child_drv},
+    ]
+    ans["x-debug-query-block-graph"] = {
+        "nodes": [
+            {"name": "scsi0", "type": "block-backend", "id": 1},
+            {"name": "drive-scsi0", "type": "block-driver", "id": 2},
+            {"name": "fscsi0", "type": "block-driver", "id": 4},
+        ],
+        "edges": edges if edges is not None else [
+            {"name": "root", "parent": 1, "child": 2},
+            {"name": "file", "parent": 2, "child": 4},
+        ],
+    }  # fmt: skip
+    ans["qom-get"] = "drive-scsi0"
+    return ans
+
+
+def test_throttle_filter_of_qemu_server_9_is_looked_through(tmp_path: Path) -> None:
+    img = tmp_path / "vm-100-disk-0.qcow2"
+    img.touch()
+    disk = resolve_disk(Stub(throttled(img)), "drive-scsi0", img)  # type: ignore[arg-type]
+    # bitmaps on the image's node; the filter goes above the throttle (the device's)
+    assert (disk.node, disk.top) == ("fscsi0", "drive-scsi0")
+    assert {b.name for b in disk.info.bitmaps} == {"pvebackup-st-inc", "bad"}
+
+
+@pytest.mark.parametrize(
+    ("ans", "message"),
+    [
+        ({"child_drv": "copy-before-write"}, "driver 'copy-before-write'"),
+        ({"edges": []}, "has 0 file children"),
+        ({"edges": "garbage"}, "cannot find what the throttle filter"),
+    ],
+    ids=["filter-below", "no-child", "garbage"],
+)
+def test_a_throttle_above_something_else_is_refused(
+    tmp_path: Path, ans: dict[str, Any], message: str
+) -> None:
+    img = tmp_path / "vm-100-disk-0.qcow2"
+    img.touch()
+    with pytest.raises(ExternalToolError, match=message):
+        resolve_disk(Stub(throttled(img, **ans)), "drive-scsi0", img)  # type: ignore[arg-type]

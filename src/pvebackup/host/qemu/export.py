@@ -122,6 +122,7 @@ class _Disk:
     plan: BitmapPlan
     fleece_path: Path
     disk_node: str = ""  # the image's node: ours (pvb-disk<i>) or the running VM's
+    filter_file: str = ""  # what the copy-before-write filter filters (default: disk_node)
     nodes: list[str] = field(default_factory=list)  # added, in order
     exports: list[str] = field(default_factory=list)
     bitmaps_started: bool = False
@@ -129,6 +130,8 @@ class _Disk:
     def __post_init__(self) -> None:
         if not self.disk_node:
             self.disk_node = f"pvb-disk{self.index}"
+        if not self.filter_file:
+            self.filter_file = self.disk_node
 
 
 class BackupExport:
@@ -246,7 +249,9 @@ class BackupExport:
             self._fleece_dir = private_dir("pvebackup-fleece-", self._workdir)
         for i, (spec, (size, plan)) in enumerate(zip(self._specs, plans, strict=True)):
             fleece = (self._fleece_dir or Path()) / f"fleece{i}.qcow2"  # or set when allocated
-            self._disks.append(_Disk(i, spec, size, plan, fleece, self._disk_node_of(i)))
+            self._disks.append(
+                _Disk(i, spec, size, plan, fleece, self._disk_node_of(i), self._filter_file_of(i))
+            )
         self._changed()
         for d in self._disks:
             self._add_nodes(d)
@@ -281,6 +286,9 @@ class BackupExport:
 
     def _disk_node_of(self, index: int) -> str:
         return f"pvb-disk{index}"
+
+    def _filter_file_of(self, index: int) -> str:
+        return self._disk_node_of(index)
 
     def _switch_views(self) -> None:
         """Freeze the bitmaps and put the filters in place: the backup's instant."""
@@ -373,7 +381,7 @@ class BackupExport:
         cbw: dict[str, Any] = {
             "driver": "copy-before-write",
             "node-name": f"pvb-cbw{i}",
-            "file": d.disk_node,
+            "file": d.filter_file,
             "target": f"pvb-fleece{i}",
         }
         if d.plan.mode is BitmapMode.REUSE:

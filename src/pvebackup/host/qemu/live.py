@@ -155,6 +155,10 @@ class LiveBackupExport(BackupExport):
     def _disk_node_of(self, index: int) -> str:
         return self._live[self._specs[index].devicename].node
 
+    def _filter_file_of(self, index: int) -> str:
+        # Above a throttle filter: the guest's I/O stays throttled as before.
+        return self._live[self._specs[index].devicename].top
+
     def _add_nodes(self, d: _Disk) -> None:
         self._add_fleece(d)  # the image node is the VM's own
 
@@ -184,11 +188,11 @@ class LiveBackupExport(BackupExport):
         if node == f"pvb-cbw{d.index}" and d.index in self._inserted:
             live = self._live[d.spec.devicename]
             if self._try(
-                f"put {live.node} back under {live.qom_path}",
+                f"put {live.top} back under {live.qom_path}",
                 "qom-set",
                 path=live.qom_path,
                 property="drive",
-                value=live.node,
+                value=live.top,
             ):
                 self._inserted.discard(d.index)
 
@@ -228,7 +232,7 @@ class LiveBackupExport(BackupExport):
             "disks": [
                 {
                     "qom_path": self._live[d.spec.devicename].qom_path,
-                    "node": d.disk_node,
+                    "node": self._live[d.spec.devicename].top,  # what the device goes back to
                     "filter": f"pvb-cbw{d.index}",
                 }
                 for d in self._disks

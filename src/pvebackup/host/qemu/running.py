@@ -94,8 +94,13 @@ class LiveDisk:
 
     devicename: str  # drive-scsi0: the block backend's name
     qom_path: str  # /machine/peripheral/scsi0
-    node: str  # the image's node (its driver is qcow2 or raw)
+    node: str  # the image's node (its driver is qcow2 or raw): bitmaps live here
     info: ImageInfo  # size and persistent bitmaps as the running QEMU sees them
+    top: str = ""  # the device's node: the image's, or a throttle filter above it
+
+    def __post_init__(self) -> None:
+        if not self.top:
+            object.__setattr__(self, "top", self.node)
 
 
 def resolve_disk(
@@ -120,19 +125,28 @@ def resolve_disk(
     inserted = block.get("inserted")
     if not isinstance(inserted, dict):
         raise ExternalToolError(f"{devicename}: no medium in the running VM's drive")
-    node = str(inserted.get("node-name", ""))
+    top_name = node = str(inserted.get("node-name", ""))
     listed = _list(qmp.execute("query-named-block-nodes", flat=True))
     nodes = {n.get("node-name"): n for n in listed}
     top = nodes.get(node)
     if top is None:
         raise ExternalToolError(f"{devicename}: node {node!r} not listed by QEMU")
     drv = str(top.get("drv", ""))
+    if drv == "throttle":
+        # qemu-server 9: the device's node is a throttle filter named drive-<key>
+        # (its disk limits) above the image's format node.
+        node = _filtered_child(qmp, devicename, node)
+        top = nodes.get(node)
+        if top is None:
+            raise ExternalToolError(f"{devicename}: node {node!r} not listed by QEMU")
+        drv = str(top.get("drv", ""))
     if drv not in _IMAGE_DRIVERS:
-        # A filter (throttle, or a copy-before-write an earlier run left) or an
-        # unknown driver: we would insert ours at the wrong place.
+        # A filter (or a copy-before-write an earlier run left) or an unknown
+        # driver: we would insert ours at the wrong place.
         raise ExternalToolError(
-            f"{devicename}: unsupported block layout in the running VM: the drive's top"
+            f"{devicename}: unsupported block layout in the running VM: the drive's"
             f" node {node!r} has driver {drv!r}, expected {' or '.join(_IMAGE_DRIVERS)}"
+            " (optionally below a throttle filter)"
         )
     opened = str(top.get("file", ""))
     if not _same_volume(opened, path, volume):
@@ -147,7 +161,7 @@ def resolve_disk(
         raise ExternalToolError(
             f"{devicename}: no device {key!r} using it in the running VM: {exc}"
         ) from exc
-    if drive not in (devicename, node):
+    if drive not in (devicename, top_name):
         raise ExternalToolError(
             f"{devicename}: device {key!r} uses {drive!r}, not {devicename!r}"
         )
@@ -168,7 +182,30 @@ def resolve_disk(
         size = int(top["image"]["virtual-size"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ExternalToolError(f"{devicename}: QEMU reports no size: {exc}") from exc
-    return LiveDisk(devicename, qom_path, node, ImageInfo(path, drv, size, bitmaps))
+    return LiveDisk(devicename, qom_path, node, ImageInfo(path, drv, size, bitmaps), top_name)
+
+
+def _filtered_child(qmp: QmpClient, devicename: str, node: str) -> str:
+    """The ``file`` child of filter ``node``. QMP names a node's children only in
+    ``x-debug-query-block-graph`` (in QEMU since 4.0, unchanged since)."""
+    try:
+        graph = qmp.execute("x-debug-query-block-graph")
+        ids = {n["id"]: str(n["name"]) for n in graph["nodes"] if n.get("type") == "block-driver"}
+        parent = next(i for i, name in ids.items() if name == node)
+        children = [
+            ids[e["child"]]
+            for e in graph["edges"]
+            if e.get("parent") == parent and e.get("name") == "file" and e.get("child") in ids
+        ]
+    except (QmpError, KeyError, TypeError, AttributeError, StopIteration) as exc:
+        raise ExternalToolError(
+            f"{devicename}: cannot find what the throttle filter {node!r} filters: {exc!r}"
+        ) from exc
+    if len(children) != 1:
+        raise ExternalToolError(
+            f"{devicename}: the throttle filter {node!r} has {len(children)} file children"
+        )
+    return children[0]
 
 
 def _qdev_key(qdev: str) -> str:
