@@ -207,9 +207,15 @@ def test_fleecing_on_a_raw_only_storage_with_rounded_up_volumes(
         vm = LiveVm(node.root, 100, disk)
         try:
             before = vm.graph()
+            fleece_sizes: list[int] = []
 
             def guest() -> None:
                 vm.wait_exports()
+                fleece_sizes.extend(
+                    n["image"]["virtual-size"]
+                    for n in vm.qmp.execute("query-named-block-nodes")
+                    if n["node-name"] == "pvb-fleece0"
+                )
                 for off in range(0, SIZE, MiB):
                     vm.write(B, off, MiB)
 
@@ -222,6 +228,8 @@ def test_fleecing_on_a_raw_only_storage_with_rounded_up_volumes(
             writer.join()
             assert not res.failed, res.guests
             assert vm.graph() == before and vm.read_ok(B, 0, SIZE)
+            # The volume is 1 MiB bigger (rounded up); QEMU sees the disk's size.
+            assert fleece_sizes == [SIZE]
         finally:
             vm.stop()
         text = res.guests[0].log_path.read_text()  # type: ignore[union-attr]
