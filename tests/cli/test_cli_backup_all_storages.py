@@ -99,7 +99,7 @@ def test_backup_all_on_dir_and_btrfs_then_restore(tmp_path: Path) -> None:
 
             writer = threading.Thread(target=guest)
             writer.start()
-            res = cli(path, "backup", "--all", "--storage", "bdir", "--output", "json")
+            res = cli(path, "backup", "--all", "--output", "json")  # storage: vzdump.conf
             writer.join()
             assert res.returncode == 0, res.stderr[-3000:]
             assert vm.graph() == before and vm.status() == "running"
