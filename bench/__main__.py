@@ -43,6 +43,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warm", action="store_true",
                    help="do not drop the page cache before timed steps")
     p.add_argument("--no-peers", action="store_true", help="measure only ours")
+    p.add_argument("--container", action="store_true",
+                   help="only the container benchmark (a generated file tree)")
+    p.add_argument("--ct-files", type=int, default=5000,
+                   help="files of the container benchmark's tree (default 5000)")
     p.add_argument("--seed", type=int, default=5, help="seed of the generated data")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help="work and result directory (default bench/out)")
@@ -76,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         keep_caches_warm()
     cold = drop_caches()
     compiled = precompile()
+    if args.container:
+        from bench.container import run_container
+
+        run_container(cfg.out, args.ct_files, with_peers=not args.no_peers)
+        return 0
+
     inputs = prepare_inputs(cfg)
     results = Results()
     dense = format_bytes(cfg.data_size).replace(".0 ", " ")

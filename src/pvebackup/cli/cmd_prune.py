@@ -205,14 +205,18 @@ def prune_storage(
     *,
     vmids: Collection[int] | None = None,
     dry_run: bool = False,
+    default: KeepOptions | None = None,
 ) -> tuple[KeepOptions, list[PruneResult]]:
     """Prune the guests ``vmids`` (None: all) on ``storeid``.
 
-    ``options`` None: the storage's ``prune-backups`` property (none: keep all).
+    ``options`` None: the storage's ``prune-backups`` property, else ``default``
+    (vzdump.conf's, for backup jobs), else keep all.
     """
     cfg = read_storage_config(root.storage_cfg)
     scfg = storage_config(cfg, storeid)
     plugin = lookup(scfg["type"])
+    if options is None and default is not None and "prune-backups" not in scfg:
+        options = default
     if options is None:
         try:
             options = parse_keep_options(scfg.get("prune-backups", ""))

@@ -755,25 +755,7 @@ class Datastore:
         an impossible date, written by someone else) is skipped, never fatal to the
         listing; ``on_skip(key prefix, reason)`` hears of each.
         """
-        prefix = SNAPSHOTS_PREFIX
-        if guest_type is not None:
-            prefix += SnapshotId(guest_type, 1, 0).kind + "/"
-            if vmid is not None:
-                prefix += f"{vmid}/"
-        found: list[SnapshotId] = []
-        suffix = "/" + MANIFEST_NAME
-        for key in self.backend.list(prefix):
-            if not key.endswith(suffix):
-                continue
-            try:
-                sid = SnapshotId.parse(key[len(SNAPSHOTS_PREFIX) : -len(suffix)])
-            except ValueError as exc:
-                if on_skip is not None:
-                    on_skip(key[: -len(suffix)], str(exc))
-                continue  # not ours: skip rather than fail the whole listing
-            if vmid is None or sid.vmid == vmid:
-                found.append(sid)
-        return sorted(found, key=lambda s: (s.backup_time, s.kind, s.vmid))
+        return list_snapshot_ids(self.backend, guest_type, vmid, on_skip=on_skip)
 
     def remove_snapshot(self, snapshot: SnapshotId) -> None:
         """Drop a snapshot: the manifest first (it vanishes at once), then its files.
@@ -836,3 +818,79 @@ def _get_bounded(backend: Backend, key: str, limit: int) -> bytes:
     if len(data) > limit:  # it grew between stat and get
         raise CorruptIndexError(f"{key}: more than the {limit} bytes it may have")
     return data
+
+
+def list_snapshot_ids(
+    backend: Backend,
+    guest_type: GuestType | None = None,
+    vmid: int | None = None,
+    *,
+    on_skip: Callable[[str, str], None] | None = None,
+) -> list[SnapshotId]:
+    """:meth:`Datastore.list_snapshots` on ``backend``: names only, no key needed."""
+    prefix = SNAPSHOTS_PREFIX
+    if guest_type is not None:
+        prefix += SnapshotId(guest_type, 1, 0).kind + "/"
+        if vmid is not None:
+            prefix += f"{vmid}/"
+    found: list[SnapshotId] = []
+    suffix = "/" + MANIFEST_NAME
+    for key in backend.list(prefix):
+        if not key.endswith(suffix):
+            continue
+        try:
+            sid = SnapshotId.parse(key[len(SNAPSHOTS_PREFIX) : -len(suffix)])
+        except ValueError as exc:
+            if on_skip is not None:
+                on_skip(key[: -len(suffix)], str(exc))
+            continue  # not ours: skip rather than fail the whole listing
+        if vmid is None or sid.vmid == vmid:
+            found.append(sid)
+    return sorted(found, key=lambda s: (s.backup_time, s.kind, s.vmid))
+
+
+class KeylessListing:
+    """What ``list`` may read of a store without its key: names, times, sizes, notes.
+
+    ``snapshot/manifest.json`` is plain JSON (only its signature needs the key);
+    chunks, indexes' data and the stored files (guest config, task log) stay
+    encrypted and are never opened here. There is no chunk codec and no writer:
+    a store opened this way cannot be written to, so a missing key can never
+    lead to plaintext chunks in an encrypted store.
+    """
+
+    def __init__(self, backend: Backend) -> None:
+        try:
+            raw = _get_bounded(backend, CONFIG_KEY, MAX_CONFIG_SIZE)
+        except ObjectNotFoundError as exc:
+            raise ObjectNotFoundError(f"no store in {backend!r} ({CONFIG_KEY} missing)") from exc
+        self.backend = backend
+        self.config = StoreConfig.from_bytes(raw)
+
+    def list_snapshots(
+        self, *, on_skip: Callable[[str, str], None] | None = None
+    ) -> list[SnapshotId]:
+        return list_snapshot_ids(self.backend, on_skip=on_skip)
+
+    def has_snapshot(self, snapshot: SnapshotId) -> bool:
+        return self.backend.exists(snapshot.prefix + MANIFEST_NAME)
+
+    def manifest(self, snapshot: SnapshotId) -> Manifest:
+        """The manifest, every field checked but (encrypted) its signature unchecked.
+
+        :raises CorruptIndexError: malformed, or it names another snapshot or key.
+        """
+        key = snapshot.prefix + MANIFEST_NAME
+        try:
+            raw = _get_bounded(self.backend, key, MAX_MANIFEST_SIZE)
+        except ObjectNotFoundError as exc:
+            raise VolumeNotFoundError(f"no snapshot {snapshot} in the store") from exc
+        name = f"snapshot {snapshot}"
+        manifest = Manifest.from_bytes(raw, None, name=name, unsigned_ok=self.config.encrypted)
+        if manifest.snapshot != snapshot:
+            raise CorruptIndexError(f"{name}: manifest names {manifest.snapshot}")
+        if manifest.encrypted != self.config.encrypted or (
+            manifest.key_fingerprint != self.config.key_fingerprint
+        ):
+            raise CorruptIndexError(f"{name}: manifest does not match the store's key")
+        return manifest

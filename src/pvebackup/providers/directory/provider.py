@@ -418,11 +418,12 @@ class BackupDirProvider(BackupProvider):
 
     def backup_guest_config(self, vmid: int, filename: str) -> None:
         _store_host_file(filename, self._workdir_fd(vmid), GUEST_CONFIG)
-        self.log("info", f"backup-dir: stored guest configuration {filename}")
+        # The name it has in the backup: the host's copy is a temporary file.
+        self.log("info", f"backup-dir: stored guest configuration as {GUEST_CONFIG}")
 
     def backup_firewall_config(self, vmid: int, filename: str) -> None:
         _store_host_file(filename, self._workdir_fd(vmid), FIREWALL_CONFIG)
-        self.log("info", f"backup-dir: stored firewall configuration {filename}")
+        self.log("info", f"backup-dir: stored firewall configuration as {FIREWALL_CONFIG}")
 
     def backup_handle_log_file(self, vmid: int, filename: str) -> None:
         """Store the task log in the committed volume; nothing for aborted ones."""

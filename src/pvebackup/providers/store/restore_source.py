@@ -22,5 +22,5 @@ def open_image(
     key = EncryptionKey(key_material) if key_material else None
     store = Datastore.open(make_backend(backend, location), key=key)
     snap = store.open_snapshot(SnapshotId.parse(snapshot))
-    index = snap.open_index(device)
+    index = snap.open_fixed_index(device)
     return SnapshotImage(store.read_chunk, index, f"snapshot {snapshot} device {device}")
