@@ -8,9 +8,10 @@ Key layout on the backend (store format 2)::
     snapshots/<vm|ct>/<vmid>/<time>/<file>        indexes, blobs, manifest.json (last)
 
 A datastore is one writer session: new chunks go into an open pack (in memory)
-that is put, durably, when it reaches ``pack_size``; ``flush`` (called by
-``SnapshotWriter.commit`` before the manifest) puts the open pack and one index
-object naming this session's packs. Lookups go to a local cache of the index
+that is handed to a pack writer thread when it reaches ``pack_size`` (named and
+put durably there, beside the chunk work); ``flush`` (called by
+``SnapshotWriter.commit`` before the manifest) puts the open pack, waits for
+the pack writer, and then puts one index object naming this session's packs. Lookups go to a local cache of the index
 objects (``chunkindex``), refreshed from the store on the first miss.
 
 Opening checks the config against the key before anything else is read:
