@@ -11,8 +11,9 @@ A datastore is one writer session: new chunks go into an open pack (in memory)
 that is handed to a pack writer thread when it reaches ``pack_size`` (named and
 put durably there, beside the chunk work); ``flush`` (called by
 ``SnapshotWriter.commit`` before the manifest) puts the open pack, waits for
-the pack writer, and then puts one index object naming this session's packs. Lookups go to a local cache of the index
-objects (``chunkindex``), refreshed from the store on the first miss.
+the pack writer, and then puts one index object naming this session's packs.
+Lookups go to a local cache of the index objects (``chunkindex``), refreshed
+from the store on the first miss.
 
 Opening checks the config against the key before anything else is read:
 an encrypted store without a key is ``MissingKeyError``, with another key
@@ -497,6 +498,8 @@ class Datastore:
         pack, self._pack = self._pack, None
         if pack is None or not len(pack):
             return
+        # A failed previous put raises here and this pack is dropped with it: the
+        # caller's snapshot fails, later ones store these chunks again.
         self._collect_pack()
         if self._pack_writer is None:
             self._pack_writer = ThreadPoolExecutor(1, thread_name_prefix="pvebackup-pack")
@@ -521,15 +524,17 @@ class Datastore:
         """Wait for the sealed pack's put, then record its chunks (lock held).
 
         Only from here on may an index object name the pack. A failed put raises
-        here, and again at every later call: the pack stays sealed, so nothing
-        indexes its chunks and the backup fails instead of losing them.
+        here, once, and the pack is dropped: its chunks are never indexed and
+        count as absent from then on (stored again if met again). Every snapshot
+        that referenced one of them commits after this point (``flush`` collects
+        first), so the failure fails it instead of losing its data.
         """
         if self._sealed_put is None:
             return
-        name = self._sealed_put.result()
-        pack = self._sealed
-        assert pack is not None
+        pack, put = self._sealed, self._sealed_put
         self._sealed = self._sealed_put = None
+        name = put.result()
+        assert pack is not None
         for e in pack.entries:
             self._written[e.digest] = ChunkLocation(name, e.offset, e.length, e.size)
         self._unindexed.append((name, pack.entries))
