@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from bdir_helpers import STOREID, LogRecords, run
 
+from pvebackup.api.errors import NotFoundError
 from pvebackup.api.types import BackupMechanism, GuestType, IdMapEntry, RestoreMechanism
 from pvebackup.providers.directory.provider import BackupDirProvider
 
@@ -189,7 +190,7 @@ def test_aborted_container_backup_leaves_no_volume(
 ) -> None:
     provider.job_start(0)
     provider.backup_start(200, GuestType.LXC)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(NotFoundError, match="missing"):
         provider.backup_directory(200, str(ct_root / "missing"), ID_MAP, [], ["."], None)
     provider.backup_abort(200, "failed")
     provider.job_end()
