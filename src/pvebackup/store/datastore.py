@@ -36,7 +36,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -44,6 +44,7 @@ from typing import Any, Final
 from pvebackup.api.errors import (
     CorruptChunkError,
     CorruptIndexError,
+    IntegrityError,
     MissingKeyError,
     ObjectNotFoundError,
     StateError,
@@ -100,6 +101,7 @@ from pvebackup.store.pack import (
     pack_name_from_key,
     read_pack_entries,
 )
+from pvebackup.store.readplan import plan_spans
 from pvebackup.store.snapshot import (
     MANIFEST_NAME,
     SNAPSHOTS_PREFIX,
@@ -638,12 +640,64 @@ class Datastore:
                     ) from exc
             if len(blob) != loc.length:
                 raise CorruptChunkError(f"chunk {digest.hex()}: pack {loc.pack.hex()} cut short")
+        return self._decode(blob, digest, size)
+
+    def _decode(self, blob: BytesLike, digest: bytes, size: int | None) -> bytes:
         data = self.codec.decode_chunk(blob, digest)
         if size is not None and len(data) != size:
             raise CorruptChunkError(
                 f"chunk {digest.hex()}: {len(data)} bytes, the index expects {size}"
             )
         return data
+
+    def read_chunks(self, wanted: Sequence[tuple[bytes, int]]) -> list[bytes | IntegrityError]:
+        """``read_chunk(digest, size)`` of each of ``wanted``, with few backend reads.
+
+        Chunks that lie close together in one pack are fetched with one ranged
+        read (:mod:`.readplan`): a restore's read-ahead asks for a few MiB of an
+        image at a time, which a full backup stored in one run of one pack. Each
+        result is the plaintext or the ``IntegrityError`` that ``read_chunk`` would
+        raise for that chunk (one damaged chunk does not fail its neighbours);
+        backend failures other than a missing pack are raised.
+        """
+        results: list[bytes | IntegrityError | None] = [None] * len(wanted)
+        located: list[tuple[int, ChunkLocation]] = []
+        for pos, (digest, size) in enumerate(wanted):
+            with self._lock:
+                pending = self._pack is not None and self._pack.blob(digest) is not None
+            loc = None if digest == ZERO_DIGEST or pending else self._locate_for_read(digest)
+            if loc is None:  # zero, in the open pack, or missing: read_chunk says which
+                results[pos] = self._read_one(digest, size)
+            else:
+                located.append((pos, loc))
+        for span in plan_spans(located):
+            try:
+                data = memoryview(
+                    self.backend.get_range(pack_key(span.pack), span.start, span.end - span.start)
+                )
+            except ObjectNotFoundError:
+                data = memoryview(b"")  # repacked since? read_chunk refreshes and retries
+            for pos, loc in span.members:
+                digest, size = wanted[pos]
+                rel = loc.offset - span.start
+                if len(data) < rel + loc.length:
+                    results[pos] = self._read_one(digest, size)
+                    continue
+                try:
+                    results[pos] = self._decode(data[rel : rel + loc.length], digest, size)
+                except IntegrityError as exc:
+                    results[pos] = exc
+        done: list[bytes | IntegrityError] = []
+        for r in results:
+            assert r is not None
+            done.append(r)
+        return done
+
+    def _read_one(self, digest: bytes, size: int) -> bytes | IntegrityError:
+        try:
+            return self.read_chunk(digest, size)
+        except IntegrityError as exc:
+            return exc
 
     # --- snapshots ----------------------------------------------------------------
 
@@ -674,6 +728,11 @@ class Datastore:
             raw = _get_bounded(self.backend, key, MAX_MANIFEST_SIZE)
         except ObjectNotFoundError as exc:
             raise VolumeNotFoundError(f"no snapshot {snapshot} in the store") from exc
+        return self.snapshot_from_manifest(snapshot, raw)
+
+    def snapshot_from_manifest(self, snapshot: SnapshotId, raw: bytes) -> Snapshot:
+        """The snapshot whose manifest bytes are ``raw`` (read by the caller, e.g.
+        from a cache), verified exactly as ``open_snapshot`` verifies them."""
         manifest = Manifest.from_bytes(raw, self._key, name=f"snapshot {snapshot}")
         if manifest.snapshot != snapshot:
             raise CorruptIndexError(f"snapshot {snapshot}: manifest names {manifest.snapshot}")

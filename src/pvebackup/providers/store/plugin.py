@@ -47,7 +47,9 @@ from pvebackup.storage.plugin import (
     VolumeScan,
 )
 from pvebackup.store import annotations as sidecars
+from pvebackup.store.catalog import catalog_for
 from pvebackup.store.datastore import Datastore
+from pvebackup.store.metacache import MetaCache
 from pvebackup.store.snapshot import Snapshot, SnapshotId
 
 __all__ = ["FORMAT", "BackupStorePlugin"]
@@ -90,9 +92,16 @@ class BackupStorePlugin(StoragePlugin):
         def skipped(prefix: str, reason: str) -> None:
             damaged.append(DamagedVolume(f"{storeid}:{prefix}", reason))
 
-        for sid in store.list_snapshots(on_skip=skipped):
+        # On S3: one listing and a host cache instead of ~6 requests per snapshot.
+        meta = MetaCache(settings.cache_root() / "metacache" / store.config.store_id)
+        catalog = catalog_for(store, meta)
+        sids = (store.list_snapshots(on_skip=skipped) if catalog is None
+                else catalog.snapshots(on_skip=skipped))  # fmt: skip
+        for sid in sids:
             try:
-                snap = store.open_snapshot(sid)
+                snap = store.open_snapshot(sid) if catalog is None else catalog.open_snapshot(sid)
+            except VolumeNotFoundError:
+                continue  # removed since the listing
             except (IntegrityError, CryptoError) as exc:
                 # CryptoError too: a manifest claiming another key, or encryption in
                 # a plain store, is one damaged snapshot, not a reason to list none.
@@ -100,13 +109,17 @@ class BackupStorePlugin(StoragePlugin):
                 continue
             parent = snap.manifest.parent
             try:
-                notes = sidecars.read_notes(store, sid)
+                notes = (sidecars.read_notes(store, sid) if catalog is None
+                         else catalog.notes(sid))  # fmt: skip
             except (IntegrityError, UnsafeStorageError):
                 notes = ""  # hostile or damaged notes: not shown (`notes` names why)
             except VolumeNotFoundError:
                 continue  # removed since the listing
-            verified = sidecars.read_verify_state(store, sid)
-            protected = sidecars.is_protected(store, sid)
+            if catalog is None:
+                verified = sidecars.read_verify_state(store, sid)
+                protected = sidecars.is_protected(store, sid)
+            else:
+                verified, protected = catalog.verify_state(sid), catalog.protected(sid)
             volumes.append(
                 VolumeInfo(
                     volid=f"{storeid}:{sid.volname}",
