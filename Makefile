@@ -16,6 +16,9 @@ DEB_PACKAGES := qemu-utils qemu-system-common qemu-system-x86 python3-libnbd lib
 # A real S3 server (Ceph RADOS Gateway: mon + osd + rgw) that the S3 backend's tests
 # start themselves (tests/s3fixture.py); installed without recommends (61 MB).
 S3_PACKAGES := radosgw ceph-mon ceph-osd
+# Storage tools the tests use for real (btrfs on a loop device; see docs/design.md,
+# "Guest volumes on the storage types of real nodes").
+TEST_PACKAGES := btrfs-progs
 # Peers measured by `make bench` only.
 BENCH_PACKAGES := borgbackup restic hyperfine
 
@@ -66,6 +69,7 @@ lint: setup
 	$(VENV)/bin/mypy src examples/plainfiles/src
 
 test: setup s3deps lint
+	$(call apt_install,$(TEST_PACKAGES))
 	$(VENV)/bin/pytest -q
 
 # DEMO_ARGS=--keep keeps the sample node; --dir DIR uses DIR.

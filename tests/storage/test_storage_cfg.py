@@ -245,8 +245,12 @@ def test_a_real_nodes_storage_cfg_parses_and_round_trips() -> None:
         )
         is None
     )
-    with pytest.raises(UnsupportedError, match="'dir' storages only"):
-        lvm.image_path(storage_config(cfg, "local-lvm"), "vm-100-disk-0")
+    # The installer's local-lvm resolves as `pvesm path` does; PBS holds no disks.
+    assert str(lvm.image_path(storage_config(cfg, "local-lvm"), "vm-100-disk-0")) == (
+        "/dev/pve/vm-100-disk-0"
+    )
+    with pytest.raises(UnsupportedError, match="lvmthin, zfspool and rbd storages only"):
+        registry.lookup("pbs").image_path(storage_config(cfg, "pbs1"), "vm-100-disk-0")
 
 
 def test_unknown_type_lists_known_types() -> None:

@@ -35,7 +35,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "restore",
         help="restore a backup as a new guest",
         description="Restore backup STOREID:VOLNAME as guest VMID. New volumes are "
-        "created on the --storage dir storage (default: where each volume was). "
+        "allocated on the --storage storage with its own tool (default: where each "
+        "volume was): dir, nfs, cifs and btrfs (VM disks as qcow2, btrfs raw), "
+        "lvmthin, lvm, zfspool and rbd (raw; containers only on dir-like, btrfs and "
+        "zfspool storages). "
         "An existing guest VMID is refused (exit 7) unless --force is given; it is "
         "replaced only after the restore succeeded. A failed restore removes what it "
         "created; volumes a killed restore of VMID left are freed by the next one. "
@@ -60,7 +63,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("volid", metavar="STOREID:VOLNAME", help="the backup to restore")
     p.add_argument("vmid", metavar="VMID", type=vmid_arg, help="id of the restored guest")
-    p.add_argument("--storage", metavar="STOREID", help="dir storage for the new volumes")
+    p.add_argument(
+        "--storage",
+        metavar="STOREID",
+        help="storage for the new volumes (dir, nfs, cifs, btrfs, lvm, lvmthin, zfspool, rbd)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing guest VMID")
     p.add_argument(
         "--keep-host-access",

@@ -296,9 +296,13 @@ class CtConfig(GuestConfig):
 
 
 def _owned(spec: VolumeSpec, vmid: int) -> bool:
-    # A cdrom ISO (local:iso/x.iso) belongs to nobody; image volumes are "<vmid>/...".
+    # A cdrom ISO (local:iso/x.iso) belongs to nobody; image volumes are "<vmid>/..."
+    # on dir-like storages, "vm-<vmid>-..." on lvm, zfspool and rbd.
     volid = spec.volid
-    return volid is not None and volid.partition(":")[2].startswith(f"{vmid}/")
+    if volid is None:
+        return False
+    volname = volid.partition(":")[2]
+    return volname.startswith((f"{vmid}/", f"vm-{vmid}-", f"subvol-{vmid}-"))
 
 
 def _iter_main_section(text: str, where: str) -> Iterator[tuple[int, str | ConfigEntry]]:

@@ -68,11 +68,12 @@ from pvebackup.kit import proc
 from pvebackup.kit.crashpoint import crash_point
 from pvebackup.kit.proc import private_dir
 from pvebackup.storage import (
+    GuestVolume,
     StorageConfig,
+    guest_volume,
     new_backup_provider,
     read_storage_config,
     storage_config,
-    volume_path,
 )
 
 __all__ = ["MODES", "GuestResult", "JobResult", "run_backup_job"]
@@ -356,11 +357,24 @@ class _Job:
         # teardown failure must not call backup_abort (see backup_guest).
         self.ended = True
 
-    def _volume_path(self, config: GuestConfig, volid: str) -> Path:
+    def _volume(self, config: GuestConfig, volid: str, *, activate: bool = True) -> GuestVolume:
         try:
-            return volume_path(self.cfg, volid)
+            return guest_volume(self.cfg, volid, activate=activate)
         except PveBackupError as exc:
             raise GuestConfigError(f"volume {volid}: {exc}", path=config.where) from exc
+
+    def _ct_volume_path(self, config: GuestConfig, volid: str) -> Path:
+        volume = self._volume(config, volid, activate=False)  # directories need none
+        if volume.format != "subvol":
+            # A container volume on a block storage (lvm, lvmthin, rbd, a zvol) is a
+            # raw device with a file system inside: it would have to be mounted in
+            # the host kernel, which pvebackup does not do for containers (yet).
+            raise UnsupportedError(
+                f"container volume {volid} is a {volume.format} block device ({volume.path});"
+                " pvebackup backs up container volumes that are directories only (dir, nfs,"
+                " cifs, btrfs, zfspool subvols): not mounting its file system"
+            )
+        return Path(volume.path)
 
     def _backup_vm(
         self, vmid: int, config: VmConfig, workdir: Path, bitmap_id: str | None
@@ -376,8 +390,17 @@ class _Job:
                 path, fmt = _plain_disk(disk.spec.volume, disk.spec.option("format"), config)
                 volid = disk.spec.volume
             else:
-                path = self._volume_path(config, volid)
-                fmt = _image_format(volid, config)
+                volume = self._volume(config, volid)
+                if volume.format not in ("qcow2", "raw"):
+                    raise GuestConfigError(
+                        f"volume {volid}: unsupported image format (qcow2 or raw)",
+                        path=config.where,
+                    )
+                self.log.info(f"include disk '{disk.key}' '{volid}' ({volume.format})")
+                specs.append(
+                    DiskSpec(disk.devicename, Path(volume.path), volume.format, volume)
+                )
+                continue
             self.log.info(f"include disk '{disk.key}' '{volid}' ({fmt})")
             specs.append(DiskSpec(disk.devicename, path, fmt))
         if not specs:
@@ -465,7 +488,7 @@ class _Job:
     def _backup_ct(self, vmid: int, config: CtConfig, workdir: Path) -> None:
         rootfs_volid = config.rootfs.spec.volid
         assert rootfs_volid is not None
-        rootfs = self._volume_path(config, rootfs_volid)
+        rootfs = self._ct_volume_path(config, rootfs_volid)
         mounts: list[tuple[str, Path]] = []
         for mp in config.mountpoints[1:]:
             if not mp.included:
@@ -473,7 +496,7 @@ class _Job:
                 continue
             volid = mp.spec.volid
             assert volid is not None
-            mounts.append((mp.ct_path, self._volume_path(config, volid)))
+            mounts.append((mp.ct_path, self._ct_volume_path(config, volid)))
             self.log.info(f"including {mp.key} ({mp.ct_path}) in backup")
         id_map = config.id_map()
         running = self.root.is_running(vmid)
@@ -548,15 +571,6 @@ def _plain_disk(volume: str, given: str | None, config: GuestConfig) -> tuple[Pa
             f"disk {volume}: unsupported image format {fmt!r} (qcow2 or raw)", path=config.where
         )
     return Path(volume), fmt
-
-
-def _image_format(volid: str, config: GuestConfig) -> str:
-    suffix = volid.rsplit(".", 1)[-1] if "." in volid.rpartition("/")[2] else ""
-    if suffix in ("qcow2", "raw"):
-        return suffix
-    raise GuestConfigError(
-        f"volume {volid}: unsupported image format (qcow2 or raw)", path=config.where
-    )
 
 
 def _hms(seconds: float) -> str:

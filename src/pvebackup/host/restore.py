@@ -80,9 +80,10 @@ from pvebackup.host.tasklog import LogRouter
 from pvebackup.kit import qemuimg
 from pvebackup.kit.crashpoint import crash_point
 from pvebackup.storage import (
-    DirPlugin,
+    GuestVolume,
+    GuestVolumeStorage,
     StorageConfig,
-    lookup,
+    guest_volume_storage,
     new_backup_provider,
     parse_volume_id,
     read_storage_config,
@@ -220,41 +221,50 @@ class _Restore:
         self.live_disks: list[liverestore.LiveDisk] = []
         self.live_sources: list[str] = []  # devicenames whose restore source is open
         if target_storage is not None:
-            self._dir_storage(target_storage)  # fail early on a bad --storage
+            guest_volume_storage(cfg, target_storage)  # fail early on a bad --storage
 
     # -- storages ------------------------------------------------------------------
 
-    def _dir_storage(self, storeid: str) -> tuple[dict[str, str], DirPlugin]:
-        scfg = storage_config(self.cfg, storeid)
-        plugin = lookup(scfg["type"])
-        if not isinstance(plugin, DirPlugin):
-            raise UnsupportedError(
-                f"storage '{storeid}' (type {scfg['type']}) cannot hold guest volumes;"
-                " a dir storage is needed"
-            )
-        return scfg, plugin
+    def _storage(self, storeid: str) -> tuple[dict[str, str], GuestVolumeStorage]:
+        return guest_volume_storage(self.cfg, storeid)
+
+    @staticmethod
+    def _holds(plugin: GuestVolumeStorage, content: str) -> bool:
+        return plugin.subvols if content == "rootdir" else bool(plugin.image_formats)
 
     def _target_for(self, original: str | None, content: str) -> str:
         if self.target_storage is not None:
             return self.target_storage
         if original is not None:
             try:
-                self._dir_storage(original)
-                return original
+                _, plugin = self._storage(original)
             except (StorageNotFoundError, StorageUnavailableError, UnsupportedError):
-                pass  # gone or disabled since the backup: another dir storage below
+                pass  # gone, disabled or unreachable since the backup: another one below
+            else:
+                if self._holds(plugin, content):
+                    return original
+                self.log.warn(
+                    f"storage '{original}' (type {plugin.type}) cannot hold {content}"
+                    " volumes for pvebackup; restoring onto another storage"
+                )
         candidates: list[str] = []
         for sid in self.cfg:
             if self.cfg.disabled(sid):
                 continue
-            scfg = storage_config(self.cfg, sid)
-            if not isinstance(lookup(scfg["type"]), DirPlugin):
+            try:
+                scfg, plugin = self._storage(sid)
+            except UnsupportedError:
+                continue
+            if not self._holds(plugin, content):
                 continue
             contents = scfg.get("content")
             if contents is None or content in contents.split(","):
                 candidates.append(sid)
         if not candidates:
-            raise UnsupportedError(f"no dir storage for {content}; give one with --storage")
+            raise UnsupportedError(
+                f"no storage that pvebackup can allocate {content} volumes on;"
+                " give one with --storage"
+            )
         return candidates[0]
 
     # -- the restore -----------------------------------------------------------------
@@ -316,27 +326,48 @@ class _Restore:
         self._write_firewall(firewall)
         return RestoreResult(self.vmid, vmtype, path, list(self.created))
 
-    def _alloc_image(self, original: str | None, size: int) -> tuple[str, Path]:
-        target = self._target_for(original, "images")
-        scfg, plugin = self._dir_storage(target)
-        name = plugin.free_name(scfg, self.vmid, "qcow2")
+    def _alloc(self, target: str, fmt: str, size: int) -> tuple[str, GuestVolume]:
+        """Allocate with the storage's own tool; recorded first, freed on failure."""
+        scfg, plugin = self._storage(target)
+        volname = plugin.next_volname(scfg, target, self.vmid, fmt)
         # Recorded before it exists: if we are killed now, the next run frees it.
-        self.guest_run.add_volume(f"{target}:{self.vmid}/{name}")
-        volname = plugin.alloc_image(scfg, target, self.vmid, "qcow2", size, name=name)
+        self.guest_run.add_volume(f"{target}:{volname}")
+        volname = plugin.allocate(scfg, target, self.vmid, fmt, size, volname)
         volid = f"{target}:{volname}"
         self.created.append(volid)
         crash_point("restore-after-alloc")
-        return volid, plugin.image_path(scfg, volname)
+        plugin.activate_volume(scfg, target, volname)
+        return volid, plugin.guest_volume(scfg, target, volname)
+
+    def _alloc_image(self, original: str | None, size: int) -> tuple[str, GuestVolume, bool]:
+        """A new disk image: qcow2 where the storage has files, else its raw volume.
+
+        The flag tells whether the new image reads as zeroes (a thick LV does not).
+        """
+        target = self._target_for(original, "images")
+        _, plugin = self._storage(target)
+        if self.live:
+            # The read-through target is a qcow2 whose backing file is the backup.
+            fmt = "qcow2"
+            if fmt not in plugin.image_formats:
+                raise UnsupportedError(
+                    f"live restore needs a qcow2 image; storage '{target}' (type"
+                    f" {plugin.type}) allocates {', '.join(plugin.image_formats)} only:"
+                    " restore without --live or onto a dir-like storage"
+                )
+        else:
+            if not plugin.image_formats:
+                plugin.check_format(target, "raw")  # raises, saying what it holds
+            fmt = plugin.image_formats[0]
+        volid, volume = self._alloc(target, fmt, size)
+        return volid, volume, plugin.zeroed_images
 
     def _alloc_subvol(self, original: str | None) -> tuple[str, Path]:
         target = self._target_for(original, "rootdir")
-        scfg, plugin = self._dir_storage(target)
-        name = plugin.free_name(scfg, self.vmid, "subvol")
-        self.guest_run.add_volume(f"{target}:{self.vmid}/{name}")
-        volname = plugin.alloc_subvol(scfg, target, self.vmid, name=name)
-        volid = f"{target}:{volname}"
-        self.created.append(volid)
-        return volid, plugin.image_path(scfg, volname)
+        _, plugin = self._storage(target)
+        plugin.check_format(target, "subvol")
+        volid, volume = self._alloc(target, "subvol", 0)
+        return volid, Path(volume.path)
 
     def _restore_vm(self, config: VmConfig) -> dict[str, str | None]:
         info = self.provider.restore_qemu_get_device_info(self.volname, self.storeid)
@@ -357,7 +388,7 @@ class _Restore:
                 replace[disk.key] = None
                 continue
             size = _device_size(info[disk.devicename], disk.devicename)
-            volid, path = self._alloc_image(disk.spec.storeid, size)
+            volid, volume, zeroed = self._alloc_image(disk.spec.storeid, size)
             self.log.info(f"{disk.devicename}: restoring {format_size(size)} into {volid}")
             init = functools.partial(
                 self.provider.restore_qemu_img_init, self.volname, self.storeid, disk.devicename
@@ -371,12 +402,19 @@ class _Restore:
                 # also when the init itself fails (the seed: "in both" scenarios).
                 self.live_sources.append(disk.devicename)
                 source = init()
+                path = Path(volume.path)
                 liverestore.set_backing(path, str(source))
                 self.live_disks.append(liverestore.LiveDisk(disk.devicename, path))
                 replace[disk.key] = disk.spec.render(volume=volid, size=format_size(size))
                 continue
             with self._paired("restore_qemu_img", init, cleanup) as source:
-                _qemu_img_convert(str(source), path, self._progress(disk.devicename))
+                _qemu_img_convert(
+                    str(source),
+                    volume.qemu_name(),
+                    self._progress(disk.devicename),
+                    target_fmt=volume.format,
+                    target_is_zero=zeroed,
+                )
             replace[disk.key] = disk.spec.render(volume=volid, size=format_size(size))
         return replace
 
@@ -474,8 +512,8 @@ class _Restore:
 
     def _free(self, volid: str) -> None:
         storeid, volname = parse_volume_id(volid)
-        scfg, plugin = self._dir_storage(storeid)
-        plugin.free_image(scfg, volname)
+        scfg, plugin = self._storage(storeid)
+        plugin.free(scfg, storeid, volname)
 
     def _free_created(self) -> None:
         for volid in reversed(self.created):
@@ -508,7 +546,7 @@ class _Restore:
             if volid in result.volumes:
                 continue
             _, volname = volid.split(":", 1)
-            if not volname.startswith(f"{self.vmid}/"):
+            if not _owned_by(volname, self.vmid):
                 continue  # not the guest's own (an ISO, another guest's base image)
             try:
                 self._free(volid)
@@ -516,6 +554,14 @@ class _Restore:
                 self.log.info(f"removed volume {volid} of the replaced guest")
             except Exception as exc:
                 self.log.warn(f"could not remove old volume {volid}: {_describe(exc)}")
+
+
+def _owned_by(volname: str, vmid: int) -> bool:
+    """A volume of the guest itself: ``<vmid>/...`` (dir-like) or ``vm-<vmid>-...``
+    (an LV, zvol or rbd image); not an ISO or another guest's base image."""
+    return volname.startswith(f"{vmid}/") or re.match(
+        rf"^(?:vm|subvol)-{vmid}-", volname
+    ) is not None
 
 
 def _describe(exc: BaseException) -> str:
@@ -598,12 +644,17 @@ def _device_size(entry: object, devicename: str) -> int:
 
 def _qemu_img_convert(
     source: str,
-    target: Path,
+    target: str | os.PathLike[str],
     progress: Callable[[float], None] | None = None,
     *,
     interval: float = 5.0,
+    target_fmt: str = "qcow2",
+    target_is_zero: bool = True,
 ) -> None:
-    """``qemu-img convert`` ``source`` into the existing qcow2 ``target``.
+    """``qemu-img convert`` ``source`` into the existing ``target`` of ``target_fmt``.
+
+    ``target_is_zero``: the new volume reads as zeroes, so zero areas are not
+    written; a thick LV holds old data and gets every block written.
 
     ``source`` is read as raw unless it is a ``json:`` name with a driver
     (:func:`_source_format`). ``progress(percent)`` is called at most every
@@ -622,8 +673,8 @@ def _qemu_img_convert(
         source,
         target,
         source_fmt=_source_format(source),
-        target_fmt="qcow2",
+        target_fmt=target_fmt,
         target_exists=True,
-        target_is_zero=True,
+        target_is_zero=target_is_zero,
         progress=on_progress,
     )

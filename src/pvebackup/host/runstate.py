@@ -45,7 +45,13 @@ from pvebackup.kit import safefs
 from pvebackup.kit.lock import FileLock
 from pvebackup.kit.oserrors import os_error
 from pvebackup.kit.proc import ChildInfo, kill_verified, observe_children, process_start_time
-from pvebackup.storage import DirPlugin, StorageConfig, lookup, parse_volume_id, storage_config
+from pvebackup.storage import (
+    GuestVolumeStorage,
+    StorageConfig,
+    lookup,
+    parse_volume_id,
+    storage_config,
+)
 
 __all__ = ["GuestRun", "mounts_below"]
 
@@ -336,12 +342,11 @@ class GuestRun:
             storeid, volname = parse_volume_id(volid)
             scfg = storage_config(self.cfg, storeid)
             plugin = lookup(scfg["type"])
-            if not isinstance(plugin, DirPlugin):
+            if not isinstance(plugin, GuestVolumeStorage):
                 return True
-            path = plugin.image_path(scfg, volname)
-            if not os.path.lexists(path):
+            if not plugin.volume_exists(scfg, storeid, volname):
                 return True
-            plugin.free_image(scfg, volname)
+            plugin.free(scfg, storeid, volname)
         except PveBackupError as exc:
             self._warn(f"cannot free orphan volume {volid}: {exc}")
             return False

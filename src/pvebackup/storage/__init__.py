@@ -26,6 +26,7 @@ from pvebackup.storage.config import (
     write_storage_config,
 )
 from pvebackup.storage.dir import DirPlugin
+from pvebackup.storage.guestvol import GuestVolume, GuestVolumeStorage
 from pvebackup.storage.plugin import (
     COMMON_PROPERTIES,
     VOLUME_ATTRIBUTES,
@@ -53,7 +54,12 @@ from pvebackup.storage.registry import (
     unregister,
 )
 from pvebackup.storage.version import APIAGE, APIVER, check_api_version
-from pvebackup.storage.volume import parse_volume_id, volume_path
+from pvebackup.storage.volume import (
+    guest_volume,
+    guest_volume_storage,
+    parse_volume_id,
+    volume_path,
+)
 
 __all__ = [
     "APIAGE",
@@ -94,6 +100,10 @@ __all__ = [
     "unregister",
     "valid_storeid",
     "volume_path",
+    "guest_volume",
+    "guest_volume_storage",
+    "GuestVolume",
+    "GuestVolumeStorage",
     "write_storage_config",
 ]
 

@@ -29,13 +29,15 @@ from pvebackup.api.errors import (
     ExternalToolError,
     StateError,
     UnsafeStorageError,
+    UnsupportedError,
     UsageError,
     VolumeNotFoundError,
 )
 from pvebackup.kit import qemuimg, safefs
 from pvebackup.kit.safefs import owned_fd
 from pvebackup.storage.basepath import BASE_PATH_PROPERTIES, CREATE_SUBDIRS, BasePath
-from pvebackup.storage.plugin import COMMON_PROPERTIES, StoragePlugin
+from pvebackup.storage.guestvol import SUBVOL, GuestVolume, GuestVolumeStorage
+from pvebackup.storage.plugin import COMMON_PROPERTIES
 from pvebackup.storage.properties import PropertyKind, PropertySpec
 from pvebackup.storage.pve import LEGACY_PROPERTIES
 
@@ -83,11 +85,52 @@ _DIR_PROPERTIES: dict[str, PropertySpec] = {
 }
 
 
-class DirPlugin(StoragePlugin):
+class DirPlugin(GuestVolumeStorage):
     """Plain directory storage (``dir: ID`` with ``path``)."""
 
     type: ClassVar[str] = "dir"
     properties: ClassVar[Mapping[str, PropertySpec]] = _DIR_PROPERTIES
+    image_formats: ClassVar[tuple[str, ...]] = IMAGE_FORMATS[::-1]  # qcow2 first
+    subvols: ClassVar[bool] = True
+
+    # the guest volume interface (pvebackup.storage.guestvol) ---------------------
+
+    def guest_volume(self, scfg: Mapping[str, str], storeid: str, volname: str) -> GuestVolume:
+        """A file (``.qcow2``/``.raw``) or a subvol directory (``.subvol``)."""
+        path = self.image_path(scfg, volname)
+        suffix = path.name.rpartition(".")[2] if "." in path.name else ""
+        if suffix in IMAGE_FORMATS:
+            return GuestVolume(str(path), suffix, "file")
+        if suffix == SUBVOL or path.name.startswith("subvol-"):
+            return GuestVolume(str(path), SUBVOL, "dir")
+        raise UnsupportedError(f"volume {volname}: unsupported image format (qcow2 or raw)")
+
+    def volume_exists(self, scfg: Mapping[str, str], storeid: str, volname: str) -> bool:
+        return os.path.lexists(self.image_path(scfg, volname))
+
+    def next_volname(self, scfg: Mapping[str, str], storeid: str, vmid: int, fmt: str) -> str:
+        self.check_format(storeid, fmt)
+        return f"{vmid}/{self.free_name(scfg, vmid, fmt)}"
+
+    def allocate(
+        self,
+        scfg: Mapping[str, str],
+        storeid: str,
+        vmid: int,
+        fmt: str,
+        size: int,
+        volname: str,
+    ) -> str:
+        self.check_format(storeid, fmt)
+        owner, name = self._split_volname(volname)
+        if owner != vmid or volname != f"{owner}/{name}":
+            raise UsageError(f"illegal volume name {volname!r}: should be '{vmid}/...'")
+        if fmt == SUBVOL:
+            return self.alloc_subvol(scfg, storeid, vmid, name=name)
+        return self.alloc_image(scfg, storeid, vmid, fmt, size, name=name)
+
+    def free(self, scfg: Mapping[str, str], storeid: str, volname: str) -> None:
+        self.free_image(scfg, volname)
 
     # paths -----------------------------------------------------------------------
 

@@ -10,9 +10,11 @@ pve-storage 9.1), plus the legacy ones an older node may still have written
 those are accepted with a warning. Anything else is an unknown property, an
 error naming ``file:line`` for that one storage.
 
-They have no backup provider and hold no volumes the host side can reach (a guest
-disk on one of them fails that guest's backup with a clear message; ``dir`` is
-what the host side reads and writes today). Values are kept as written except
+They have no backup provider. The types that hold guest volumes the host reaches
+(``nfs``, ``cifs``, ``btrfs``, ``lvm``, ``lvmthin``, ``zfspool``, ``rbd``) get
+their own plugins (:mod:`pvebackup.storage.guestvol`), which take these property
+tables; a guest disk on one of the others fails that guest's backup with a clear
+message. Values are kept as written except
 flags and numbers, which are checked as Proxmox VE checks them.
 """
 
@@ -32,6 +34,7 @@ __all__ = [
     "PVE_STORAGE_TYPES",
     "OtherPveStorage",
     "other_pve_plugins",
+    "unreachable",
 ]
 
 _S = PropertySpec()
@@ -122,10 +125,15 @@ class OtherPveStorage(StoragePlugin):
     """Why the type itself is legacy (a warning when storage.cfg is read), or ''."""
 
     def image_path(self, scfg: Mapping[str, str], volname: str) -> Path:
-        raise UnsupportedError(
-            f"volume {volname!r} is on a storage of type {self.type}; pvebackup's host "
-            "side reaches guest volumes on 'dir' storages only"
-        )
+        raise UnsupportedError(f"volume {volname!r} is on {unreachable(self.type)}")
+
+
+def unreachable(kind: str) -> str:
+    """The end of a message for a guest volume on a type the host cannot reach."""
+    return (
+        f"a storage of type {kind}; pvebackup's host side reaches guest volumes on"
+        " dir, nfs, cifs, btrfs, lvm, lvmthin, zfspool and rbd storages only"
+    )
 
 
 def other_pve_plugins() -> tuple[type[StoragePlugin], ...]:

@@ -28,10 +28,15 @@ from contextlib import contextmanager
 from importlib.metadata import EntryPoint, entry_points
 
 from pvebackup.api.errors import PluginError, PluginNotFoundError
+from pvebackup.storage.btrfs import BtrfsPlugin
 from pvebackup.storage.dir import DirPlugin
+from pvebackup.storage.lvm import LvmPlugin, LvmThinPlugin
+from pvebackup.storage.netfs import CifsPlugin, NfsPlugin
 from pvebackup.storage.plugin import StoragePlugin
 from pvebackup.storage.pve import other_pve_plugins
+from pvebackup.storage.rbd import RbdPlugin
 from pvebackup.storage.version import check_api_version
+from pvebackup.storage.zfspool import ZfsPoolPlugin
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -47,7 +52,14 @@ ENTRY_POINT_GROUP = "pvebackup.storage_plugins"
 
 _log = logging.getLogger(__name__)
 
-_BUILTIN: tuple[type[StoragePlugin], ...] = (DirPlugin, *other_pve_plugins())
+_GUEST_VOLUME_TYPES: tuple[type[StoragePlugin], ...] = (
+    DirPlugin, NfsPlugin, CifsPlugin, BtrfsPlugin, LvmPlugin, LvmThinPlugin, ZfsPoolPlugin,
+    RbdPlugin,
+)  # fmt: skip
+_BUILTIN: tuple[type[StoragePlugin], ...] = (
+    *_GUEST_VOLUME_TYPES,
+    *(p for p in other_pve_plugins() if p.type not in {g.type for g in _GUEST_VOLUME_TYPES}),
+)
 
 
 class _Registry:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pvebackup.api.errors import UsageError
+from pvebackup.api.errors import UnsupportedError, UsageError
 from pvebackup.storage import registry
 from pvebackup.storage.config import StorageConfig, storage_config
+from pvebackup.storage.guestvol import GuestVolume, GuestVolumeStorage
+from pvebackup.storage.pve import unreachable
 
-__all__ = ["parse_volume_id", "volume_path"]
+__all__ = ["guest_volume", "guest_volume_storage", "parse_volume_id", "volume_path"]
 
 # Proxmox VE's parse_volume_id: a storage id, a colon, a non-empty rest.
 _VOLID = re.compile(r"^([a-z][a-z0-9\-_.]*[a-z0-9]):(.+)$", re.IGNORECASE | re.DOTALL)
@@ -40,4 +42,38 @@ def volume_path(cfg: StorageConfig, volid: str) -> Path:
     """
     storeid, volname = parse_volume_id(volid)
     scfg = storage_config(cfg, storeid)
-    return registry.lookup(scfg["type"]).image_path(scfg, volname)
+    plugin = registry.lookup(scfg["type"])
+    if isinstance(plugin, GuestVolumeStorage):
+        return Path(plugin.guest_volume(scfg, storeid, volname).path)
+    return plugin.image_path(scfg, volname)
+
+
+def guest_volume_storage(
+    cfg: StorageConfig, storeid: str
+) -> tuple[dict[str, str], GuestVolumeStorage]:
+    """``(scfg, plugin)`` of a storage that holds guest volumes.
+
+    :raises StorageNotFoundError: no such storage.
+    :raises StorageUnavailableError: it is disabled.
+    :raises UnsupportedError: its type holds no guest volumes pvebackup can reach.
+    """
+    scfg = storage_config(cfg, storeid)
+    plugin = registry.lookup(scfg["type"])
+    if not isinstance(plugin, GuestVolumeStorage):
+        raise UnsupportedError(f"storage '{storeid}' is {unreachable(scfg['type'])}")
+    return dict(scfg), plugin
+
+
+def guest_volume(cfg: StorageConfig, volid: str, *, activate: bool = False) -> GuestVolume:
+    """What QEMU opens for ``volid`` (``pvesm path``), activated first if asked.
+
+    :raises UsageError: ``volid`` is malformed, or no volume name of its type.
+    :raises StorageNotFoundError: its storage does not exist.
+    :raises UnsupportedError: the storage type holds no guest volumes we reach.
+    :raises ExternalToolError: activating it failed.
+    """
+    storeid, volname = parse_volume_id(volid)
+    scfg, plugin = guest_volume_storage(cfg, storeid)
+    if activate:
+        plugin.activate_volume(scfg, storeid, volname)
+    return plugin.guest_volume(scfg, storeid, volname)

@@ -35,7 +35,9 @@ it holds never changes during the backup; at commit it is cleared as always.
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,6 +50,7 @@ from pvebackup.api.types import BitmapMode, LogFunction, LogLevel
 from pvebackup.kit import qemuimg
 from pvebackup.kit.nbdsource import write_zeroes
 from pvebackup.kit.proc import private_dir
+from pvebackup.storage.guestvol import GuestVolume
 
 from .bitmaps import BitmapPlan, plan_bitmap
 from .daemon import StorageDaemon
@@ -62,11 +65,42 @@ _ALL_GRANULARITY = 1 << 31  # QEMU's largest: fewest bits to set
 
 @dataclass(frozen=True)
 class DiskSpec:
-    """One disk to back up."""
+    """One disk to back up.
+
+    ``volume`` is the storage's answer for a storage volume (an rbd image, an LV);
+    without it ``path`` is opened as a file, or as a host device when it is a
+    block device (a passthrough disk, ``scsi0: /dev/sdg``).
+    """
 
     devicename: str  # "drive-scsi0": also the NBD export name
-    path: Path  # the image file
+    path: Path  # the image file or device
     format: str  # "qcow2" or "raw"
+    volume: GuestVolume | None = None
+
+    def file_node(self) -> dict[str, Any]:
+        """The protocol node's blockdev options (QEMU's ``file`` driver refuses devices)."""
+        if self.volume is not None:
+            return self.volume.file_node()
+        driver = "host_device" if _is_block_device(self.path) else "file"
+        return {"driver": driver, "filename": str(self.path)}
+
+    def image_name(self) -> str:
+        """What ``qemu-img`` opens: the path, or a ``json:`` name pinning the protocol."""
+        return self.volume.qemu_name() if self.volume is not None else str(self.path)
+
+    def check_present(self) -> None:
+        """:raises NotFoundError: no image file or block device at the path."""
+        if self.volume is not None and self.volume.protocol not in ("file", "host_device"):
+            return  # a network image: the daemon's open says whether it exists
+        if not (self.path.is_file() or _is_block_device(self.path)):
+            raise NotFoundError(f"{self.devicename}: disk image {self.path} does not exist")
+
+
+def _is_block_device(path: Path) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -263,9 +297,8 @@ class BackupExport:
         """Check every image, decide bitmaps, remove stale ones (no daemon yet)."""
         plans: list[tuple[int, BitmapPlan]] = []
         for spec in self._specs:
-            if not spec.path.is_file():
-                raise NotFoundError(f"{spec.devicename}: disk image {spec.path} does not exist")
-            info = qemuimg.info(spec.path, fmt=spec.format)
+            spec.check_present()
+            info = qemuimg.info(Path(spec.image_name()), fmt=spec.format)
             plan = plan_bitmap(
                 info,
                 devicename=spec.devicename,
@@ -284,7 +317,7 @@ class BackupExport:
             "blockdev-add",
             driver=d.spec.format,
             **{"node-name": d.disk_node},
-            file={"driver": "file", "filename": str(d.spec.path)},
+            file=d.spec.file_node(),
         )
         d.nodes.append(d.disk_node)
         self._add_fleece(d)
@@ -412,7 +445,7 @@ class BackupExport:
         return self._daemon.execute(cmd, **args)
 
     def _remove_bitmap(self, spec: DiskSpec, name: str) -> None:
-        qemuimg.bitmap_remove(spec.path, name)
+        qemuimg.bitmap_remove(Path(spec.image_name()), name)
 
     # -- teardown ----------------------------------------------------------------
 
