@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pvebackup.api.types import GuestType
+from pvebackup.kit.annotations import NOTES_MAX
 from pvebackup.providers.store.plugin import BackupStorePlugin
 from pvebackup.storage.plugin import VolumeInfo
 from pvebackup.store import annotations as sidecars
@@ -124,3 +125,22 @@ def test_a_tampered_or_missing_cache_is_rebuilt_from_the_bucket(
     rebuilt, cost = _scan(scfg, s3_server)
     assert rebuilt == first
     assert cost["get"] == 2 + SNAPSHOTS + 1, cost
+
+
+def test_an_oversized_planted_note_is_never_read(
+    tmp_path: Path, s3_server: S3Server, s3_bucket: str
+) -> None:
+    backend = S3Backend(S3Config(s3_server.endpoint, s3_bucket),
+                        access_key=s3_server.access_key, secret_key=s3_server.secret_key)
+    store = Datastore.create(RetryBackend(backend), chunk_size=64 * 1024)
+    sids = [SnapshotId(GuestType.QEMU, 100, T0 + n) for n in range(3)]
+    for sid in sids:
+        with store.new_snapshot(sid) as w:
+            w.add_file("guest.conf", b"name: vm\n")
+    store.close()
+    # Whoever can write the bucket plants a huge note: the listing's size is
+    # checked before any read (a GET of it would cost transfer and memory).
+    backend.put(sids[1].prefix + "notes", b"x" * (NOTES_MAX + 1), overwrite=True)
+    volumes, cost = _scan(_scfg(tmp_path, s3_server, s3_bucket), s3_server)
+    assert [v.notes for v in volumes] == ["", "", ""]
+    assert cost["get"] == 2 + len(sids), cost  # config.json (HEAD, GET) and the manifests
