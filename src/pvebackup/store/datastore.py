@@ -37,6 +37,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -124,6 +125,8 @@ DEFAULT_CHUNK_SIZE: Final = 256 * 1024
 """See docs/design.md, "Chunk size": scattered small writes must not cost much."""
 _PACK_ENTRY_LIMIT: Final = 65536
 """Most chunks per pack (compressible chunks are tiny): keeps descriptions small."""
+_REFRESH_JOBS: Final = 8
+"""Index objects read at once when the chunk index is refreshed."""
 _MIN_LEVEL: Final = -7  # zstd's fast levels go lower; nobody needs them for backups
 _MAX_LEVEL: Final = 22
 
@@ -523,22 +526,33 @@ class Datastore:
                 self._index.clear()
                 seen = set()
             self._refreshed = True
-        new = 0
+        todo: list[tuple[str, bytes]] = []
         for key in keys:
-            if key in seen:
-                continue
-            name = index_name_from_key(key)
-            if name is None:
-                continue  # not ours (an editor's backup file?): never read
+            name = None if key in seen else index_name_from_key(key)
+            if name is not None:  # None: ingested, or not ours (never read)
+                todo.append((key, name))
+
+        def fetch(item: tuple[str, bytes]) -> bytes | None:
             try:
-                data = _get_bounded(self.backend, key, MAX_INDEX_OBJECT_SIZE)
+                return _get_bounded(self.backend, item[0], MAX_INDEX_OBJECT_SIZE)
             except ObjectNotFoundError:
-                continue  # compacted away meanwhile
-            parsed = parse_index_object(self.codec, data, name)
-            with self._lock:
-                self._index.add(parsed.entries)
-                self._index.mark_ingested(key)
-            new += 1
+                return None  # compacted away meanwhile
+
+        new = 0
+        # Several reads at once: on S3 each is a round trip, and a host without a
+        # cache (a restore, a new node) reads every index object of the store.
+        # In slices, so that at most 2 * _REFRESH_JOBS objects wait in memory.
+        with ThreadPoolExecutor(_REFRESH_JOBS, thread_name_prefix="pvebackup-index") as pool:
+            for first in range(0, len(todo), 2 * _REFRESH_JOBS):
+                part = todo[first : first + 2 * _REFRESH_JOBS]
+                for (key, name), data in zip(part, pool.map(fetch, part), strict=True):
+                    if data is None:
+                        continue
+                    parsed = parse_index_object(self.codec, data, name)
+                    with self._lock:
+                        self._index.add(parsed.entries)
+                        self._index.mark_ingested(key)
+                    new += 1
         return new
 
     def index_entries(self) -> dict[bytes, ChunkLocation]:
