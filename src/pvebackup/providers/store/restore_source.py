@@ -27,7 +27,8 @@ BATCH_BYTES: Final = 4 << 20
 READ_AHEAD_BYTES: Final = 32 << 20
 IN_FLIGHT_BYTES: Final = 32 << 20
 """Cached beyond the window: what concurrent NBD requests are reading (qemu-img
-convert: 8 x 2 MiB; nbdkit serves 16 at once)."""
+convert keeps 8 of up to 2 MiB in flight; the restore server's nbdkit serves 4
+at once), with room to spare: too little and read-ahead is evicted unused."""
 LOCAL_JOBS: Final = 4
 
 
