@@ -96,6 +96,16 @@ def test_sequential_restore_reads_each_batch_with_one_request() -> None:
     # demand read is what coalescing gives.
     assert len(packs) <= 64 // 16 + 2, packs
     assert all(length > CS for _, _, length in packs[1:]), packs
+    assert counting.most <= 4  # the read-ahead jobs bound the requests in flight
+
+
+def test_read_ahead_jobs_follow_s3_max_requests() -> None:
+    from pvebackup.providers.store.restore_source import LOCAL_JOBS, _jobs
+    from pvebackup.store.backends.s3 import S3Config
+
+    location = S3Config("http://127.0.0.1:1", "b", max_requests=13).location()
+    assert _jobs("s3", location) == 13
+    assert _jobs("local", "/srv/store") == LOCAL_JOBS
 
 
 def test_read_chunks_isolates_a_damaged_chunk_in_a_span(tmp_path: Path) -> None:
