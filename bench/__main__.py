@@ -52,6 +52,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                    help="skip the S3 lines (a Ceph RGW started on loopback)")
     p.add_argument("--s3-only", action="store_true",
                    help="only ours local and ours on S3: full, incremental, restore")
+    p.add_argument("--container", action="store_true",
+                   help="only the container benchmark (a generated file tree)")
+    p.add_argument("--ct-files", type=int, default=5000,
+                   help="files of the container benchmark's tree (default 5000)")
     p.add_argument("--seed", type=int, default=5, help="seed of the generated data")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help="work and result directory (default bench/out)")
@@ -113,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.warm:
         keep_caches_warm()
     cold = drop_caches()
+    if args.container:
+        from bench.container import run_container
+
+        run_container(cfg.out, args.ct_files, with_peers=not args.no_peers)
+        return 0
+
     inputs = prepare_inputs(cfg)
     results = Results()
     dense = format_bytes(cfg.data_size).replace(".0 ", " ")

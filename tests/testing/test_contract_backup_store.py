@@ -1,6 +1,7 @@
 """backup-store against the provider contract suite (pvebackup.testing).
 
-backup-store backs up VMs and containers (restored through the ``tar`` mechanism).
+backup-store backs up VMs and containers (restored through the ``tar`` mechanism, or
+``directory`` with ``ct-restore directory``).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pvebackup.api.types import RestoreMechanism
 from pvebackup.testing import Capability, ProviderContract
 
 pytestmark = pytest.mark.e2e
@@ -21,8 +23,13 @@ class TestBackupStoreContract(ProviderContract):
     capabilities = frozenset(
         {Capability.VM, Capability.INCREMENTAL, Capability.LIST, Capability.REMOVE,
          Capability.GARBAGE_COLLECTED, Capability.FAKE_SOURCE, Capability.CHAINED,
-         Capability.CT, Capability.RESTORE_TAR, Capability.ATTRIBUTES}
+         Capability.CT, Capability.RESTORE_TAR, Capability.RESTORE_DIRECTORY,
+         Capability.ATTRIBUTES}
     )  # fmt: skip
+    ct_restore_properties = {
+        RestoreMechanism.TAR: {"ct-restore": "tar"},
+        RestoreMechanism.DIRECTORY: {"ct-restore": "directory"},
+    }
 
     def storage_properties(self, base: Path) -> dict[str, str]:
         return {"path": str(base), "chunk-size": "65536"}

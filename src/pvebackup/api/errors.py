@@ -24,9 +24,11 @@ caller can decide whether retrying can help.
     │   ├── PluginVersionError                   api version out of the accepted range
     │   ├── ProviderNotImplementedError          method not implemented by the provider
     │   └── UnsupportedError                     provider does not support this guest/mechanism
+    │       └── UnsupportedFilesystemError       vm-files: no file system it can read on the disk
     ├── IntegrityError                  exit 5   stored data is not what was written
     │   ├── CorruptChunkError                    digest/tag mismatch, bad blob header
-    │   └── CorruptIndexError                    bad index, manifest or snapshot
+    │   ├── CorruptIndexError                    bad index, manifest or snapshot
+    │   └── CorruptFilesystemError               vm-files: a guest file system cannot be read
     ├── CryptoError                     exit 6   keys
     │   ├── MissingKeyError                      encrypted store opened without a key
     │   ├── WrongKeyError                        key or passphrase does not fit
@@ -67,6 +69,7 @@ __all__ = [
     "BaseUnusableError",
     "ConfigError",
     "CorruptChunkError",
+    "CorruptFilesystemError",
     "CorruptIndexError",
     "CryptoError",
     "ExternalToolError",
@@ -101,6 +104,7 @@ __all__ = [
     "UnsafeImageError",
     "UnsafeStorageError",
     "UnsupportedError",
+    "UnsupportedFilesystemError",
     "UsageError",
     "VolumeInUseError",
     "VolumeNotFoundError",
@@ -213,6 +217,10 @@ class UnsupportedError(PluginError):
     """The provider does not support this guest type or mechanism."""
 
 
+class UnsupportedFilesystemError(UnsupportedError):
+    """``vm-files``: the chosen disk or partition holds no file system it can read."""
+
+
 class IntegrityError(PveBackupError):
     """Stored data does not match what was written (checksum, tag, structure)."""
 
@@ -226,6 +234,10 @@ class CorruptChunkError(IntegrityError):
 
 class CorruptIndexError(IntegrityError):
     """An index, manifest or snapshot is malformed or fails its checksum."""
+
+
+class CorruptFilesystemError(IntegrityError):
+    """``vm-files``: a guest file system in a backup is damaged (or crafted) beyond reading."""
 
 
 class CryptoError(PveBackupError):

@@ -120,7 +120,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="protect a key file's key with a new passphrase",
         description="Re-wrap the key in FILE under a new passphrase (or none with --kdf "
         "none). The key and its fingerprint stay the same, so every backup made with it "
-        "stays readable; FILE is replaced atomically (mode 0600). " + _PASSPHRASES
+        "stays readable; FILE is replaced atomically (mode 0600). "
+        + _PASSPHRASES
         + "The new passphrase comes from --new-passphrase-file, else it is asked twice "
         "on the terminal. " + _EXIT,
     )

@@ -22,6 +22,7 @@ from pvebackup.cli import (
     cmd_remove,
     cmd_restore,
     cmd_verify,
+    cmd_vmfiles,
 )
 from pvebackup.kit.hoststate import STATE_DIR_ENV
 
@@ -49,7 +50,7 @@ EXIT_CODES = exit_status_help()
 
 _COMMANDS = (
     cmd_backup, cmd_restore, cmd_list, cmd_remove, cmd_prune, cmd_gc, cmd_verify,
-    cmd_protect, cmd_notes, cmd_key,
+    cmd_protect, cmd_notes, cmd_key, cmd_vmfiles,
 )  # fmt: skip
 
 

@@ -42,7 +42,7 @@ from pvebackup.kit.fsxattrs import (
 )
 from pvebackup.kit.pacing import PacedReader, ProgressLog, TokenBucket
 
-__all__ = ["ZSTD_LEVEL", "tar_info", "write_pax_stream", "write_tar"]
+__all__ = ["ZSTD_LEVEL", "hardlink_target", "tar_info", "write_pax_stream", "write_tar"]
 
 ZSTD_LEVEL = 3
 _TYPES = {
@@ -99,7 +99,7 @@ def tar_info(entry: Entry, ids: IdTranslator, first_name: str | None) -> tarfile
     return info
 
 
-def _first_name(inodes: dict[tuple[int, int], str], entry: Entry) -> str | None:
+def hardlink_target(inodes: dict[tuple[int, int], str], entry: Entry) -> str | None:
     """The earlier archive name of ``entry``'s inode, remembering it if it is new."""
     if entry.is_dir or entry.st.st_nlink < 2:
         return None
@@ -129,7 +129,7 @@ def write_pax_stream(
     inodes: dict[tuple[int, int], str] = {}
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         for entry in walker:
-            info = tar_info(entry, ids, _first_name(inodes, entry))
+            info = tar_info(entry, ids, hardlink_target(inodes, entry))
             if info is None:
                 stats.skipped += 1
                 continue

@@ -31,36 +31,43 @@ from pvebackup.kit.annotations import (
     VerifyState,
     parse_notes,
 )
-from pvebackup.store.backends.base import ObjectInfo
-from pvebackup.store.datastore import Datastore
+from pvebackup.store.backends.base import Backend, ObjectInfo
 from pvebackup.store.formats import MAX_MANIFEST_SIZE
 from pvebackup.store.metacache import MetaCache
-from pvebackup.store.snapshot import MANIFEST_NAME, SNAPSHOTS_PREFIX, Snapshot, SnapshotId
+from pvebackup.store.snapshot import MANIFEST_NAME, SNAPSHOTS_PREFIX, Manifest, SnapshotId
 
-__all__ = ["SnapshotCatalog", "catalog_for"]
+__all__ = ["ParseManifest", "SnapshotCatalog", "catalog_for"]
 
 
 class _ListsInfo(Protocol):
     def list_info(self, prefix: str = "") -> Iterator[tuple[str, ObjectInfo]]: ...
 
 
-def catalog_for(store: Datastore, cache: MetaCache | None) -> SnapshotCatalog | None:
-    """A catalog of ``store`` if its backend lists with tags, else None."""
+ParseManifest = Callable[[SnapshotId, bytes], Manifest]
+"""Verifies a manifest's bytes as the store's own read path does (with the key:
+``Datastore.snapshot_from_manifest``; without: ``KeylessListing.manifest_from_bytes``)."""
+
+
+def catalog_for(
+    backend: Backend, cache: MetaCache | None, parse: ParseManifest
+) -> SnapshotCatalog | None:
+    """A catalog of the store on ``backend`` if it lists with tags, else None."""
     # A wrapper (RetryBackend) has the method even when its inner backend has not.
-    inner = getattr(store.backend, "inner", store.backend)
-    if not hasattr(store.backend, "list_info") or not hasattr(inner, "list_info"):
+    inner = getattr(backend, "inner", backend)
+    if not hasattr(backend, "list_info") or not hasattr(inner, "list_info"):
         return None
-    return SnapshotCatalog(store, cache)
+    return SnapshotCatalog(backend, cache, parse)
 
 
 class SnapshotCatalog:
     """One listing of ``snapshots/`` (made on construction) and reads through it."""
 
-    def __init__(self, store: Datastore, cache: MetaCache | None) -> None:
-        self.store = store
+    def __init__(self, backend: Backend, cache: MetaCache | None, parse: ParseManifest) -> None:
+        self.backend = backend
         self.cache = cache
-        backend: _ListsInfo = store.backend  # type: ignore[assignment]
-        self._objects: dict[str, ObjectInfo] = dict(backend.list_info(SNAPSHOTS_PREFIX))
+        self._parse = parse
+        lister: _ListsInfo = backend  # type: ignore[assignment]
+        self._objects: dict[str, ObjectInfo] = dict(lister.list_info(SNAPSHOTS_PREFIX))
         if cache is not None:
             cache.retain(self._objects)
 
@@ -90,7 +97,7 @@ class SnapshotCatalog:
             if data is not None:
                 return data
         try:
-            data = self.store.backend.get(key)
+            data = self.backend.get(key)
         except ObjectNotFoundError:
             return None
         if len(data) > limit:  # replaced by a larger one since the listing
@@ -99,12 +106,15 @@ class SnapshotCatalog:
             self.cache.put(key, info.tag, data)
         return data
 
-    def open_snapshot(self, sid: SnapshotId) -> Snapshot:
-        """As ``Datastore.open_snapshot``; the manifest from the cache if unchanged."""
+    def manifest(self, sid: SnapshotId) -> Manifest:
+        """The snapshot's manifest, verified by ``parse``; from the cache if unchanged.
+
+        :raises VolumeNotFoundError: not listed (or removed since).
+        """
         raw = self._read(sid.prefix + MANIFEST_NAME, MAX_MANIFEST_SIZE)
         if raw is None:
             raise VolumeNotFoundError(f"no snapshot {sid} in the store")
-        return self.store.snapshot_from_manifest(sid, raw)
+        return self._parse(sid, raw)
 
     def notes(self, sid: SnapshotId) -> str:
         """As ``annotations.read_notes`` (``CorruptIndexError`` if too large or not UTF-8)."""

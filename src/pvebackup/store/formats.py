@@ -37,6 +37,9 @@ __all__ = [
     "DIGEST_SIZE",
     "FIXED_INDEX_HEADER",
     "FIXED_INDEX_MAGIC",
+    "DYNAMIC_INDEX_MAGIC",
+    "DYNAMIC_INDEX_HEADER",
+    "DYNAMIC_INDEX_ENTRY",
     "FORMAT_VERSION",
     "GC_RECORD_ENTRY",
     "GC_RECORD_HEADER",
@@ -204,6 +207,40 @@ FIXED_INDEX_HEADER: Final = Layout(
     512,
 )
 
+# --- dynamic index ---------------------------------------------------------------
+# A stream (a container archive) cut at content-defined boundaries: header, then
+# one DYNAMIC_INDEX_ENTRY per chunk (the chunk's end offset in the stream, then its
+# digest), ends strictly increasing, the last one equal to ``size``.
+
+# sha256(b"pvebackup dynamic index v1")[:8]
+DYNAMIC_INDEX_MAGIC: Final = bytes.fromhex("d7e2cb7076e971c2")
+assert derive_magic("dynamic index v1") == DYNAMIC_INDEX_MAGIC
+
+DYNAMIC_INDEX_HEADER: Final = Layout(
+    "dynamic index header",
+    (
+        Field("magic", "8s"),
+        Field("uuid", "16s"),
+        Field("ctime", "q"),  # seconds since the epoch, UTC
+        Field("size", "Q"),  # stream size in bytes
+        Field("count", "Q"),  # number of entries
+        Field("flags", "I"),  # none defined yet: must be 0
+        # sha256 over the header with this field zeroed, then all entries
+        Field("checksum", "32s"),
+        Field("reserved", "428s"),
+    ),
+    512,
+)
+
+DYNAMIC_INDEX_ENTRY: Final = Layout(
+    "dynamic index entry",
+    (
+        Field("end", "Q"),  # offset just past the chunk in the stream
+        Field("digest", "32s"),
+    ),
+    40,
+)
+
 # --- pack ------------------------------------------------------------------------
 # PACK_HEADER, the chunk blobs back to back, the description (one blob, encrypted
 # in an encrypted store), PACK_TRAILER. Named by the SHA-256 of all its bytes.
@@ -343,6 +380,7 @@ STORE_FORMAT_IDS: Final[dict[str, str]] = {
 MAGICS: Final[dict[str, bytes]] = {
     "BLOB_MAGIC": BLOB_MAGIC,
     "FIXED_INDEX_MAGIC": FIXED_INDEX_MAGIC,
+    "DYNAMIC_INDEX_MAGIC": DYNAMIC_INDEX_MAGIC,
     "PACK_MAGIC": PACK_MAGIC,
     "PACK_DESCRIPTION_MAGIC": PACK_DESCRIPTION_MAGIC,
     "CHUNK_INDEX_MAGIC": CHUNK_INDEX_MAGIC,
@@ -351,6 +389,8 @@ MAGICS: Final[dict[str, bytes]] = {
 LAYOUTS: Final[dict[str, Layout]] = {
     "BLOB_HEADER": BLOB_HEADER,
     "FIXED_INDEX_HEADER": FIXED_INDEX_HEADER,
+    "DYNAMIC_INDEX_HEADER": DYNAMIC_INDEX_HEADER,
+    "DYNAMIC_INDEX_ENTRY": DYNAMIC_INDEX_ENTRY,
     "PACK_HEADER": PACK_HEADER,
     "PACK_TRAILER": PACK_TRAILER,
     "PACK_DESCRIPTION_HEADER": PACK_DESCRIPTION_HEADER,

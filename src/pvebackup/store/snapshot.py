@@ -58,6 +58,12 @@ from pvebackup.kit.volname import (
 )
 from pvebackup.store.backends.base import Backend
 from pvebackup.store.blob import ChunkCodec
+from pvebackup.store.dynindex import (
+    MAX_STREAM_SIZE,
+    DynamicIndex,
+    DynamicIndexWriter,
+    max_dynamic_index_size,
+)
 from pvebackup.store.formats import (
     BLOB_HEADER,
     BLOB_TAG_SIZE,
@@ -90,6 +96,7 @@ __all__ = [
 SNAPSHOTS_PREFIX: Final = "snapshots/"
 MANIFEST_NAME: Final = "manifest.json"
 INDEX_SUFFIX: Final = ".fidx"
+DYNAMIC_INDEX_SUFFIX: Final = ".didx"
 _MAX_INDEXED: Final = (MAX_INDEX_CHUNKS * MAX_CHUNK_SIZE, MAX_CHUNK_SIZE)
 
 _KINDS: Final = KIND_OF
@@ -107,6 +114,11 @@ MAX_BLOB_FILE_SIZE: Final = BLOB_HEADER.size + MAX_CHUNK_SIZE + BLOB_TAG_SIZE
 def _zstd_bound(size: int) -> int:
     """ZSTD_COMPRESSBOUND: the most a zstd frame of ``size`` bytes of input takes."""
     return size + (size >> 8) + (((128 << 10) - size) >> 11 if size < (128 << 10) else 0) + 64
+
+
+_MAX_INDEX_FILE: Final = _zstd_bound(
+    max(index_size(*_MAX_INDEXED), max_dynamic_index_size(MAX_STREAM_SIZE))
+)
 
 
 # The time format and the volume name scheme are shared with backup-dir.
@@ -242,12 +254,20 @@ class Manifest:
         return _canonical(body) + b"\n"
 
     @classmethod
-    def from_bytes(cls, data: bytes, key: EncryptionKey | None, *, name: str) -> Manifest:
+    def from_bytes(
+        cls, data: bytes, key: EncryptionKey | None, *, name: str, unsigned_ok: bool = False
+    ) -> Manifest:
         """Parse and verify. ``key`` is the store's key (None for a plain store).
 
         ``CorruptIndexError``: malformed, checksum or signature mismatch, or an
         unsigned manifest in an encrypted store. ``MissingKeyError``: encrypted, no
         key. ``WrongKeyError``: signed by a key with another fingerprint.
+
+        ``unsigned_ok`` (listing an encrypted store without its key, only): an
+        encrypted manifest is parsed without checking its signature, which needs
+        the key. Every field is still checked as in a plain store (the checksum of
+        which authenticates nothing either); nothing read so may be trusted beyond
+        showing it: whoever can write the storage can forge such a listing.
         """
 
         def bad(reason: str) -> CorruptIndexError:
@@ -268,6 +288,13 @@ class Manifest:
         stored = doc.pop("checksum", None)
         encrypted = doc.get("encrypted")
         if encrypted is True:
+            if key is None and unsigned_ok:
+                if not isinstance(stored, str) or not stored.startswith("hmac-sha256:"):
+                    raise bad("encrypted manifest without a signature")
+                try:
+                    return cls._from_doc(doc)
+                except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                    raise bad(f"malformed field: {exc}") from exc
             if key is None:
                 raise MissingKeyError(f"{name}: the snapshot is encrypted; no key given")
         elif key is not None:
@@ -309,9 +336,15 @@ class Manifest:
         chunk_size = check_chunk_size(typed(doc["chunk_size"], int))
         devices: dict[str, SnapshotDevice] = {}
         for k, v in typed(doc["devices"], dict).items():
-            size = check_image_size(typed(typed(v, dict)["size"], int), chunk_size)
+            size = typed(typed(v, dict)["size"], int)
             index = _check_name(typed(v["index"], str), "index")
-            if index != _check_name(k, "device") + INDEX_SUFFIX:
+            # The suffix says the index kind (a container archive's stream has a
+            # dynamic one); each kind bounds the size it may claim.
+            if index == _check_name(k, "device") + DYNAMIC_INDEX_SUFFIX:
+                ranged(size, 0, MAX_STREAM_SIZE, "stream size")
+            elif index == k + INDEX_SUFFIX:
+                check_image_size(size, chunk_size)
+            else:
                 raise ValueError(f"device {k!r} has index {index!r}")
             devices[k] = SnapshotDevice(size, index)
         files: dict[str, FileEntry] = {}
@@ -319,9 +352,7 @@ class Manifest:
             kind = typed(typed(v, dict)["kind"], str)
             if kind not in _FILE_KINDS:
                 raise ValueError(f"file {k!r} of unknown kind {kind!r:.20}")
-            limit = _zstd_bound(index_size(*_MAX_INDEXED)) if kind == "index" else (
-                MAX_BLOB_FILE_SIZE
-            )
+            limit = _MAX_INDEX_FILE if kind == "index" else MAX_BLOB_FILE_SIZE
             files[_check_name(k, "file")] = FileEntry(
                 ranged(v["size"], 0, limit, "file size"),
                 matching(v["sha256"], _SHA256_RE, "sha256"),
@@ -430,6 +461,18 @@ class SnapshotWriter:
         return FixedIndexWriter(
             size, self.chunk_size, on_commit=lambda data: self.add_index(device, data)
         )
+
+    def add_dynamic_index(self, device: str, index: bytes) -> None:
+        """Store the encoded dynamic index of stream ``device`` (zstd-compressed)."""
+        parsed = DynamicIndex(index, name=f"{self.snapshot} {device}")
+        name = _check_name(device, "device") + DYNAMIC_INDEX_SUFFIX
+        self._put(name, zstandard.ZstdCompressor(level=3).compress(index), "index")
+        self._devices[device] = SnapshotDevice(parsed.size, name)
+
+    def dynamic_index_writer(self, device: str) -> DynamicIndexWriter:
+        """A new dynamic index for stream ``device``, stored when its block ends."""
+        _check_name(device, "device")
+        return DynamicIndexWriter(on_commit=lambda data: self.add_dynamic_index(device, data))
 
     def index_writer_from(self, device: str, previous: FixedIndex) -> FixedIndexWriter:
         """An index for ``device`` starting from ``previous`` (incremental backup)."""
@@ -546,11 +589,43 @@ class Snapshot:
         except CorruptChunkError as exc:
             raise CorruptIndexError(str(exc)) from exc
 
-    def open_index(self, device: str) -> FixedIndex:
-        """The verified fixed index of ``device``."""
+    def open_index(self, device: str) -> FixedIndex | DynamicIndex:
+        """The verified index of ``device``: fixed for disks, dynamic for streams."""
         dev = self.manifest.devices.get(device)
         if dev is None:
             raise ObjectNotFoundError(f"snapshot {self.id} has no device {device!r}")
+        if dev.index.endswith(DYNAMIC_INDEX_SUFFIX):
+            return self._open_dynamic(device, dev)
+        return self.open_fixed_index(device)
+
+    def _open_dynamic(self, device: str, dev: SnapshotDevice) -> DynamicIndex:
+        name = f"snapshot {self.id} {device}"
+        # Bounded inflation as for fixed indexes, but the entry count is not fixed
+        # by the size: at most one entry per byte, at most MAX_INDEX_CHUNKS.
+        limit = max_dynamic_index_size(dev.size)
+        entry = self.manifest.files.get(dev.index)
+        if entry is not None and entry.size > _zstd_bound(limit):
+            raise CorruptIndexError(f"{name}: stored index larger than its content could be")
+        compressed = self._read(dev.index, "index")
+        try:
+            declared = zstandard.frame_content_size(compressed)
+            if not 0 <= declared <= limit:
+                raise CorruptIndexError(f"{name}: index frame declares {declared} bytes")
+            data = zstandard.ZstdDecompressor().decompress(compressed, max_output_size=limit)
+        except zstandard.ZstdError as exc:
+            raise CorruptIndexError(f"{name}: index does not decompress: {exc}") from exc
+        index = DynamicIndex(data, name=name)
+        if index.size != dev.size:
+            raise CorruptIndexError(f"{name}: index disagrees with manifest")
+        return index
+
+    def open_fixed_index(self, device: str) -> FixedIndex:
+        """The verified fixed index of disk ``device``."""
+        dev = self.manifest.devices.get(device)
+        if dev is None:
+            raise ObjectNotFoundError(f"snapshot {self.id} has no device {device!r}")
+        if not dev.index.endswith(INDEX_SUFFIX):
+            raise CorruptIndexError(f"snapshot {self.id} {device} is a stream, not a disk")
         name = f"snapshot {self.id} {device}"
         # Bounded inflation: the manifest's disk size (itself capped at parse time by
         # MAX_INDEX_CHUNKS) fixes the index size exactly. zstd allocates what the

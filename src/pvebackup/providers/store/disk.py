@@ -64,7 +64,7 @@ class DiskBackup:
                 "backup to apply it to"
             )
         try:
-            prev = base.open_index(self.devicename)
+            prev = base.open_fixed_index(self.devicename)
         except ObjectNotFoundError as exc:
             raise BaseUnusableError(
                 f"{self.devicename}: the previous backup {base.id} has no such disk"

@@ -47,10 +47,11 @@ from pvebackup.storage.plugin import (
     VolumeScan,
 )
 from pvebackup.store import annotations as sidecars
-from pvebackup.store.catalog import catalog_for
+from pvebackup.store.catalog import ParseManifest, SnapshotCatalog, catalog_for
 from pvebackup.store.datastore import Datastore
 from pvebackup.store.metacache import MetaCache
-from pvebackup.store.snapshot import Snapshot, SnapshotId
+from pvebackup.store.snapshot import Manifest, SnapshotId
+from pvebackup.store.snapshotops import KeylessListing
 
 __all__ = ["FORMAT", "BackupStorePlugin"]
 
@@ -85,21 +86,25 @@ class BackupStorePlugin(StoragePlugin):
         if settings.empty():
             # Before the first backup: nothing to list, which is no error (as backup-dir).
             return VolumeScan([], [])
-        store = settings.open()
+        store = settings.open_for_listing()
+        keyless = isinstance(store, KeylessListing)
         volumes: list[VolumeInfo] = []
         damaged: list[DamagedVolume] = []
 
         def skipped(prefix: str, reason: str) -> None:
             damaged.append(DamagedVolume(f"{storeid}:{prefix}", reason))
 
-        # On S3: one listing and a host cache instead of ~6 requests per snapshot.
-        meta = MetaCache(settings.cache_root() / "metacache" / store.config.store_id)
-        catalog = catalog_for(store, meta)
+        catalog = _catalog(store, settings)
         sids = (store.list_snapshots(on_skip=skipped) if catalog is None
                 else catalog.snapshots(on_skip=skipped))  # fmt: skip
         for sid in sids:
             try:
-                snap = store.open_snapshot(sid) if catalog is None else catalog.open_snapshot(sid)
+                if catalog is not None:
+                    manifest = catalog.manifest(sid)
+                elif isinstance(store, KeylessListing):
+                    manifest = store.manifest(sid)
+                else:
+                    manifest = store.open_snapshot(sid).manifest
             except VolumeNotFoundError:
                 continue  # removed since the listing
             except (IntegrityError, CryptoError) as exc:
@@ -107,7 +112,11 @@ class BackupStorePlugin(StoragePlugin):
                 # a plain store, is one damaged snapshot, not a reason to list none.
                 damaged.append(DamagedVolume(f"{storeid}:{sid.volname}", str(exc)))
                 continue
-            parent = snap.manifest.parent
+            comment = _describe(manifest.metadata)
+            if keyless:
+                # Listed without the key: the signature is unchecked (see KeylessListing).
+                comment += "; encrypted, listed without the key (signature not checked)"
+            parent = manifest.parent
             try:
                 notes = (sidecars.read_notes(store, sid) if catalog is None
                          else catalog.notes(sid))  # fmt: skip
@@ -126,11 +135,11 @@ class BackupStorePlugin(StoragePlugin):
                     vmid=sid.vmid,
                     vmtype=sid.guest_type,
                     ctime=sid.backup_time,
-                    size=_stored_size(snap),
+                    size=_stored_size(manifest),
                     format=FORMAT,
                     parent=None if parent is None else parent.volname,
-                    virtual_size=sum(d.size for d in snap.devices.values()),
-                    comment=_describe(snap.manifest.metadata),
+                    virtual_size=sum(d.size for d in manifest.devices.values()),
+                    comment=comment,
                     notes=notes,
                     protected=protected,
                     verify_state=None if verified is None else verified.state,
@@ -204,15 +213,15 @@ def _sid(volname: str) -> SnapshotId:
         raise VolumeNotFoundError(f"{volname!r} is not a backup-store volume name") from exc
 
 
-def _stored_size(snap: Snapshot) -> int:
+def _stored_size(manifest: Manifest) -> int:
     """What this snapshot added: its new chunk blobs and its own files (the task size).
 
     ``stored-bytes`` is metadata (a free string): anything but a plain number
     counts as 0 rather than failing the listing.
     """
-    stored = snap.manifest.metadata.get("stored-bytes", "")
+    stored = manifest.metadata.get("stored-bytes", "")
     chunks = int(stored) if stored.isascii() and stored.isdigit() and len(stored) <= 20 else 0
-    return chunks + sum(f.size for f in snap.manifest.files.values())
+    return chunks + sum(f.size for f in manifest.files.values())
 
 
 def _describe(metadata: Mapping[str, str]) -> str:
@@ -223,3 +232,17 @@ def _describe(metadata: Mapping[str, str]) -> str:
     if stored is None or not (stored.isascii() and stored.isdigit()) or len(stored) > 20:
         return kind
     return f"{kind}, stored {format_bytes(int(stored))}"
+
+
+def _catalog(store: Datastore | KeylessListing, settings: StoreSettings) -> SnapshotCatalog | None:
+    """On S3: one listing and a host cache (``cache-dir``) instead of ~6 requests per
+    snapshot; None for a local store (its reads cost no requests)."""
+    parse: ParseManifest
+    if isinstance(store, KeylessListing):
+        parse = store.manifest_from_bytes
+    else:
+        def parse(sid: SnapshotId, raw: bytes) -> Manifest:
+            return store.snapshot_from_manifest(sid, raw).manifest
+
+    meta = MetaCache(settings.cache_root() / "metacache" / store.config.store_id)
+    return catalog_for(store.backend, meta, parse)

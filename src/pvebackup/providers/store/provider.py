@@ -16,6 +16,7 @@ nbdkit (:mod:`.restore_server`).
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,7 +49,8 @@ from pvebackup.kit.oserrors import os_error
 from pvebackup.kit.safefs import MAX_CONFIG_FILE_SIZE
 from pvebackup.kit.units import format_bytes
 from pvebackup.providers.store.bitmap_base import BitmapBase, commit_base, decide, reset_base
-from pvebackup.providers.store.ctarchive import TarFeeder, backup_archive
+from pvebackup.providers.store.ctarchive import TarFeeder, backup_archive, extract_directory
+from pvebackup.providers.store.ctreuse import find_previous
 from pvebackup.providers.store.disk import DiskBackup
 from pvebackup.providers.store.restore_server import RestoreServer
 from pvebackup.providers.store.settings import StoreSettings
@@ -74,6 +76,7 @@ class _Guest:
     bitmap_id: str | None = None
     base: SnapshotId | None = None
     base_sha256: str | None = None
+    pinned: SnapshotId | None = None
     modes: dict[str, str] = field(default_factory=dict)
     new_bytes: int = 0
     stored_bytes: int = 0
@@ -108,6 +111,7 @@ class BackupStoreProvider(BackupProvider):
         self._guests: dict[int, _Guest] = {}
         self._restores: dict[tuple[str, str], RestoreServer] = {}
         self._tar_feeders: dict[str, TarFeeder] = {}
+        self._ct_dirs: dict[str, Path] = {}
 
     def provider_name(self) -> str:
         return "backup-store"
@@ -192,6 +196,11 @@ class BackupStoreProvider(BackupProvider):
             guest.bitmap_id = decision.bitmap_id
             guest.base = decision.base
             guest.base_sha256 = decision.base_sha256
+            if decision.base is not None and guest.pinned is None:
+                # Until this guest's backup ends, removal in any process refuses
+                # the base (store lock protocol, docs/design.md).
+                store.pin_snapshot(decision.base)
+                guest.pinned = decision.base
         return BackupMechanism.NBD, decision.bitmap_id
 
     def backup_get_target(self, vmid: int, vmtype: GuestType) -> str:
@@ -279,10 +288,11 @@ class BackupStoreProvider(BackupProvider):
         bandwidth_limit: int | None,
     ) -> None:
         guest = self._guest(vmid)
+        previous = find_previous(self.store(), vmid, self.log_function)
         try:
             stats = backup_archive(
                 self.store(), guest.writer, directory, sources, id_map, exclude_paths,
-                bandwidth_limit, self.log_function,
+                bandwidth_limit, self.log_function, previous,
             )  # fmt: skip
         except OSError as exc:
             raise os_error(exc, f"cannot archive {directory}") from exc
@@ -294,8 +304,17 @@ class BackupStoreProvider(BackupProvider):
             "info",
             f"backup-store: {walk.entries} entries, {format_bytes(walk.data)} of file data, "
             f"{walk.excluded} excluded, {walk.skipped} skipped, "
-            f"archive {format_bytes(stats.size)}",
+            f"archive {format_bytes(stats.size)} in {stats.chunks} chunks, "
+            f"{format_bytes(stats.new)} new, {format_bytes(stats.reused)} deduplicated, "
+            f"{stats.sparse_files} sparse files ({format_bytes(stats.holes)} of holes not stored)",
         )
+        if previous is not None:
+            self.log(
+                "info",
+                f"backup-store: reused {stats.reused_entries} unchanged entries and "
+                f"{stats.reused_files} large files ({format_bytes(stats.reused_data)} of file "
+                f"data) of {previous.volname} without reading them",
+            )
 
     def backup_end(self, vmid: int) -> None:
         guest = self._guest(vmid)
@@ -317,6 +336,7 @@ class BackupStoreProvider(BackupProvider):
         manifest = writer.commit()
         crash_point("backup-after-manifest")
         guest.committed = True
+        self._unpin(guest)
         guest.task_size = guest.stored_bytes + sum(f.size for f in manifest.files.values())
         if guest.vmtype is GuestType.QEMU:
             # The proof for the next incremental: this snapshot, byte for byte (the
@@ -341,6 +361,10 @@ class BackupStoreProvider(BackupProvider):
             return
         if not guest.committed:
             guest.writer.abort()
+        try:
+            self._unpin(guest)
+        except PveBackupError as exc:  # the pin ends with the session anyway
+            self.log("warn", f"cannot unpin {guest.pinned}: {exc}")
         reason: str | None = None
         if guest.base_unusable is not None:
             reason = guest.base_unusable
@@ -348,6 +372,11 @@ class BackupStoreProvider(BackupProvider):
             reason = "a backup that created a new dirty bitmap failed"
         if reason is not None and not guest.committed:
             reset_base(self.store(), self.hoststate, "vm", vmid, reason)
+
+    def _unpin(self, guest: _Guest) -> None:
+        if guest.pinned is not None:
+            self.store().unpin_snapshot(guest.pinned)
+            guest.pinned = None
 
     def backup_handle_log_file(self, vmid: int, filename: str) -> None:
         guest = self._guests.get(vmid)
@@ -378,6 +407,8 @@ class BackupStoreProvider(BackupProvider):
     ) -> tuple[RestoreMechanism, GuestType]:
         snap = self._snapshot(volname)
         if snap.id.guest_type is GuestType.LXC:
+            if self.settings.ct_restore == "directory":
+                return RestoreMechanism.DIRECTORY, GuestType.LXC
             return RestoreMechanism.TAR, GuestType.LXC
         return RestoreMechanism.QEMU_IMG, GuestType.QEMU
 
@@ -391,12 +422,15 @@ class BackupStoreProvider(BackupProvider):
         return _config_text(snap, FIREWALL_FILE)
 
     def restore_tar_init(self, volname: str, storeid: str) -> str:
+        """A FIFO in a private directory serving the archive as plain, uncompressed
+        tar (PAX; sparse files as PAX sparse 1.0), every chunk verified."""
         snap = self._snapshot(volname)
         if snap.id.guest_type is not GuestType.LXC:
             raise UnsupportedError(f"{volname} is not a container backup")
         self.restore_tar_cleanup(volname, storeid)
         feeder = TarFeeder(self.store(), snap)
         self._tar_feeders[volname] = feeder
+        self.log("info", f"backup-store: serving {volname} as uncompressed tar through a FIFO")
         return str(feeder.path)
 
     def restore_tar_cleanup(self, volname: str, storeid: str) -> None:
@@ -404,12 +438,27 @@ class BackupStoreProvider(BackupProvider):
         if feeder is not None:
             feeder.close()
 
+    def restore_directory_init(self, volname: str, storeid: str) -> str:
+        """The archive extracted (every chunk verified) into a private directory."""
+        snap = self._snapshot(volname)
+        if snap.id.guest_type is not GuestType.LXC:
+            raise UnsupportedError(f"{volname} is not a container backup")
+        self.restore_directory_cleanup(volname, storeid)
+        root = extract_directory(self.store(), snap, self.log_function)
+        self._ct_dirs[volname] = root
+        return str(root)
+
+    def restore_directory_cleanup(self, volname: str, storeid: str) -> None:
+        root = self._ct_dirs.pop(volname, None)
+        if root is not None:
+            shutil.rmtree(root.parent, ignore_errors=True)
+
     def restore_qemu_get_device_info(self, volname: str, storeid: str) -> DeviceInfo:
         return {name: {"size": dev.size} for name, dev in self._snapshot(volname).devices.items()}
 
     def restore_qemu_img_init(self, volname: str, storeid: str, devicename: str) -> str:
         snap = self._snapshot(volname)
-        snap.open_index(devicename)  # fail here, with a clear error, not inside nbdkit
+        snap.open_fixed_index(devicename)  # fail here, with a clear error, not inside nbdkit
         self.restore_qemu_img_cleanup(volname, storeid, devicename)
         key = self.settings.load_key()
         server = RestoreServer(

@@ -47,7 +47,7 @@ def open_image(
     key = EncryptionKey(key_material) if key_material else None
     store = Datastore.open(make_backend(backend, location), key=key)
     snap = store.open_snapshot(SnapshotId.parse(snapshot))
-    index = snap.open_index(device)
+    index = snap.open_fixed_index(device)
     chunk = index.chunk_size
     return SnapshotImage(
         store.read_chunk,

@@ -8,6 +8,7 @@
         encryption-passphrase-file /etc/pvebackup/store1.pass   # only for protected keys
         chunk-size 256K                  # for new indexes; default: the store's
         cache-dir /var/cache/pvebackup/store1   # host caches (default: host state dir)
+        ct-restore tar                   # container restore mechanism: tar or directory
         is_mountpoint yes                # usable only while a file system is mounted there
         create-base-path 0               # create path when missing (default no: refused)
 
@@ -43,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pvebackup.api.errors import NotFoundError, StorageConfigError
+from pvebackup.api.errors import MissingKeyError, NotFoundError, StorageConfigError
 from pvebackup.kit.hoststate import HostState
 from pvebackup.kit.passphrase import passphrase_source
 from pvebackup.kit.units import parse_size
@@ -62,6 +63,7 @@ from pvebackup.store.datastore import Datastore
 from pvebackup.store.formats import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from pvebackup.store.index import check_chunk_size
 from pvebackup.store.keys import EncryptionKey, load_key_file
+from pvebackup.store.snapshotops import KeylessListing
 
 __all__ = ["PROPERTIES", "S3_PROPERTIES", "StoreSettings"]
 
@@ -146,6 +148,11 @@ PROPERTIES: Mapping[str, PropertySpec] = {
         description="host directory for the chunk index and snapshot metadata caches "
         "(default: under the host state dir)",
     ),
+    "ct-restore": PropertySpec(
+        PropertyKind.ENUM,
+        choices=("tar", "directory"),
+        description="container restore mechanism offered to the host (default tar)",
+    ),
     **BASE_PATH_PROPERTIES,
     **S3_PROPERTIES,
 }
@@ -161,6 +168,7 @@ class StoreSettings:
     key_file: str | None = None
     passphrase_file: str | None = None
     chunk_size: int | None = None
+    ct_restore: str = "tar"
     backend: str = "local"
     base: BasePath | None = None
     s3: S3Config | None = None
@@ -197,6 +205,7 @@ class StoreSettings:
             key_file=None if key_file is None else str(key_file),
             passphrase_file=None if passphrase_file is None else str(passphrase_file),
             chunk_size=props.number("chunk-size"),
+            ct_restore=props.text("ct-restore") or "tar",
             cache_dir=cache_dir,
         )
 
@@ -210,22 +219,52 @@ class StoreSettings:
             return Path(self.cache_dir)
         return HostState("backup-store", self.storeid, state_dir).dir
 
-    def load_key(self) -> EncryptionKey | None:
+    def load_key(self, *, interactive: bool = True) -> EncryptionKey | None:
         """The storage's key; a protected one is unlocked with its passphrase from
         ``encryption-passphrase-file``, else ``PVEBACKUP_PASSPHRASE_FILE``, else a
-        prompt on a terminal (:mod:`pvebackup.kit.passphrase`)."""
+        prompt on a terminal (:mod:`pvebackup.kit.passphrase`; not if not
+        ``interactive``: then ``MissingKeyError``)."""
         if self.key_file is None:
             return None
         # Nothing is read or asked for a plain key: the provider is called lazily.
+        what = f"key file {self.key_file}"
         return load_key_file(
             self.key_file,
-            passphrase_source(self.passphrase_file, f"key file {self.key_file}"),
+            passphrase_source(self.passphrase_file, what)
+            if interactive
+            else passphrase_source(self.passphrase_file, what, prompt=lambda _: None),
         )
 
     @property
     def location(self) -> str:
         """What :func:`make_backend` takes with :attr:`backend` (path or S3 config)."""
         return self.path if self.s3 is None else self.s3.location()
+
+    def open_for_listing(self) -> Datastore | KeylessListing:
+        """The store for ``list``: with its key if that is at hand without asking,
+        else (no key configured, the key file missing, a protected key and no
+        passphrase file) a :class:`KeylessListing`, as ``proxmox-backup-client
+        snapshot list`` needs no key. A key that is there but wrong still fails.
+
+        :raises StorageUnavailableError, NotFoundError: as :meth:`open`.
+        :raises WrongKeyError, KeyFileError: a key file that is there but wrong.
+        """
+        key: EncryptionKey | None = None
+        if self.key_file is not None and Path(self.key_file).exists():
+            # A key file that is there but broken, unprotected or wrong is an error;
+            # one that is absent (kept off this machine) is what listing without it
+            # is for.
+            try:
+                key = self.load_key(interactive=False)
+            except MissingKeyError:
+                key = None  # protected, and no passphrase without asking
+        if self.empty():
+            raise NotFoundError(f"storage {self.storeid!r}: no datastore at {self.path}")
+        backend = make_backend(self.backend, self.location)
+        try:
+            return Datastore.open(backend, key=key)
+        except MissingKeyError:
+            return KeylessListing(backend)
 
     def empty(self, *, create: bool = False) -> bool:
         """True while the storage holds no datastore yet (before the first backup).
