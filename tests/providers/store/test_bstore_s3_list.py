@@ -15,6 +15,7 @@ from pvebackup.store import annotations as sidecars
 from pvebackup.store.backends.retry import RetryBackend
 from pvebackup.store.backends.s3 import S3Backend, S3Config
 from pvebackup.store.datastore import Datastore
+from pvebackup.store.keys import EncryptionKey
 from pvebackup.store.snapshot import SnapshotId
 from pvebackup.testing.rgw import request_counts
 from s3fixture import S3Server
@@ -144,3 +145,26 @@ def test_an_oversized_planted_note_is_never_read(
     volumes, cost = _scan(_scfg(tmp_path, s3_server, s3_bucket), s3_server)
     assert [v.notes for v in volumes] == ["", "", ""]
     assert cost["get"] == 2 + len(sids), cost  # config.json (HEAD, GET) and the manifests
+
+
+def test_an_encrypted_store_lists_without_its_key_through_the_cache(
+    tmp_path: Path, s3_server: S3Server, s3_bucket: str
+) -> None:
+    backend = S3Backend(S3Config(s3_server.endpoint, s3_bucket),
+                        access_key=s3_server.access_key, secret_key=s3_server.secret_key)
+    store = Datastore.create(RetryBackend(backend), key=EncryptionKey.generate(),
+                             chunk_size=64 * 1024)  # fmt: skip
+    sids = [SnapshotId(GuestType.QEMU, 100, T0 + n) for n in range(4)]
+    for sid in sids:
+        with store.new_snapshot(sid) as w:
+            w.add_file("guest.conf", b"name: vm\n")
+    store.close()
+    scfg = _scfg(tmp_path, s3_server, s3_bucket)  # no encryption-key: keyless listing
+    cold, _ = _scan(scfg, s3_server)
+    warm, cost = _scan(scfg, s3_server)
+    assert [v.volid for v in warm] == [f"s3st:{s.volname}" for s in sids]
+    assert warm == cold
+    assert all("listed without the key" in (v.comment or "") for v in warm)
+    # config.json only (twice: opened with a key first, then keyless); the
+    # manifests came from the cache.
+    assert cost["get"] == 4, cost
