@@ -56,6 +56,11 @@ class SnapshotOps:
             raw = get_bounded(self.backend, key, MAX_MANIFEST_SIZE)
         except ObjectNotFoundError as exc:
             raise VolumeNotFoundError(f"no snapshot {snapshot} in the store") from exc
+        return self.snapshot_from_manifest(snapshot, raw)
+
+    def snapshot_from_manifest(self, snapshot: SnapshotId, raw: bytes) -> Snapshot:
+        """The snapshot whose manifest bytes are ``raw`` (read by the caller, e.g.
+        from a cache), verified exactly as ``open_snapshot`` verifies them."""
         manifest = Manifest.from_bytes(raw, self._key, name=f"snapshot {snapshot}")
         if manifest.snapshot != snapshot:
             raise CorruptIndexError(f"snapshot {snapshot}: manifest names {manifest.snapshot}")
@@ -217,6 +222,10 @@ class KeylessListing:
             raw = get_bounded(self.backend, key, MAX_MANIFEST_SIZE)
         except ObjectNotFoundError as exc:
             raise VolumeNotFoundError(f"no snapshot {snapshot} in the store") from exc
+        return self.manifest_from_bytes(snapshot, raw)
+
+    def manifest_from_bytes(self, snapshot: SnapshotId, raw: bytes) -> Manifest:
+        """:meth:`manifest` of bytes read by the caller (e.g. from a cache)."""
         name = f"snapshot {snapshot}"
         manifest = Manifest.from_bytes(raw, None, name=name, unsigned_ok=self.config.encrypted)
         if manifest.snapshot != snapshot:

@@ -128,8 +128,10 @@ class BackupStoreProvider(BackupProvider):
 
     @property
     def chunk_cache_dir(self) -> Path:
-        """``<state dir>/backup-store/<storeid>/chunkcache``; one subdirectory per
-        store id, owned (locked) by one process at a time."""
+        """``<cache-dir or state dir/backup-store/<storeid>>/chunkcache``; one
+        subdirectory per store id, owned (locked) by one process at a time."""
+        if self.settings.cache_dir is not None:
+            return Path(self.settings.cache_dir) / "chunkcache"
         return self.hoststate.dir / "chunkcache"
 
     # job hooks ---------------------------------------------------------------------
