@@ -130,6 +130,23 @@ def test_mail_summary_through_sendmail(
     assert "100: " in msg and "Starting Backup of VM 100" in msg  # the task log
 
 
+def test_mail_names_guests_by_their_name_and_hostname(
+    cli_node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vzdump's "Name" column: the VM's ``name``, the container's ``hostname``."""
+    record = _fake_sendmail(tmp_path, monkeypatch)
+    cli_node.add_vm(100, {"scsi0": MiB})  # name: vm
+    cli_node.add_ct(101)  # hostname: ct101
+    _vzdump_conf(cli_node, "storage: rec\nmailto: root\n")
+    assert run(cli_node, "backup", "--all") == 0
+    rows = {
+        line.split()[0]: line.split()[1]
+        for line in (record / "0.msg").read_text().splitlines()
+        if re.match(r"^10[01] ", line)
+    }
+    assert rows == {"100": "vm", "101": "ct101"}
+
+
 def test_mailnotification_failure_mails_only_failures(
     cli_node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -314,10 +314,10 @@ def run(opts: BackupOptions) -> int:
         # vzdump mails a job that failed as a whole too (mailnotification failure).
         empty = JobResult(opts.storage, "", int(time.time()))
         send_job_mail(mail, empty, total_seconds=time.monotonic() - started,
-                      cmdline=_cmdline(opts), log=_stderr_log, error=str(exc))
+                      cmdline=_cmdline(opts), log=_stderr_log, error=str(exc), root=root)
         raise
     send_job_mail(mail, result, total_seconds=time.monotonic() - started,
-                  cmdline=_cmdline(opts), log=_stderr_log)
+                  cmdline=_cmdline(opts), log=_stderr_log, root=root)
     if opts.output == "json":
         print_json(_json_report(result))
     else:
