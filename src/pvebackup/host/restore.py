@@ -140,7 +140,8 @@ def run_restore(
     :param start_command: argv that starts a VM when the VMID is appended
         (default :func:`liverestore.start_command`: ``qm start``).
     :param bwlimit_kib: KiB/s per disk: ``qemu-img convert -r`` (VMs), the
-        background copy of a live restore; not applied to containers (logged).
+        background copy of a live restore; for containers the bytes read from the
+        archive or directory.
     :param unique: new MAC addresses (and a new SMBIOS uuid for VMs), as
         ``qmrestore --unique``; without it a warning names other guests of the node
         that use the restored MACs. ``vmgenid`` is always new (qmrestore's rule).
@@ -457,10 +458,6 @@ class _Restore:
             self.log.info(f"{mp.key} ({mp.ct_path}): restoring into {volid}")
         id_map = config.id_map()
         vol, sid = self.volname, self.storeid
-        if self.rate:
-            self.log.warn(
-                "the bandwidth limit applies to VM disks; a container restore is not paced"
-            )
         if mechanism == RestoreMechanism.TAR:
             with paired(
                 self.log,
@@ -468,7 +465,7 @@ class _Restore:
                 lambda: self.provider.restore_tar_init(vol, sid),
                 lambda: self.provider.restore_tar_cleanup(vol, sid),
             ) as archive:
-                extract_tar(Path(archive), targets, id_map, log=self.log)
+                extract_tar(Path(archive), targets, id_map, log=self.log, rate=self.rate)
         else:
             with paired(
                 self.log,
@@ -476,7 +473,7 @@ class _Restore:
                 lambda: self.provider.restore_directory_init(vol, sid),
                 lambda: self.provider.restore_directory_cleanup(vol, sid),
             ) as source:
-                copy_directory(Path(source), targets, id_map, log=self.log)
+                copy_directory(Path(source), targets, id_map, log=self.log, rate=self.rate)
         return replace
 
     # -- cleanup and replacement ---------------------------------------------------
