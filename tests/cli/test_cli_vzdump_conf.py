@@ -61,8 +61,10 @@ def test_backup_all_with_no_options_takes_vzdump_conf(
     nbd = [c for c in calls if c[0] == "backup_nbd"]
     assert nbd and all(c[-1] == 100 * 1024 for c in nbd)  # KiB/s -> bytes/s
     (ct,) = [c for c in calls if c[0] == "backup_directory"]
-    # vzdump: the file's exclude paths, then the command line's
-    assert ct[4] == ["/var/cache/?*", "/srv/a b", "/opt/x"]
+    # vzdump: the file's exclude paths, then the command line's, then stdexcludes
+    assert ct[4] == [
+        "/var/cache/?*", "/srv/a b", "/opt/x", "/tmp/?*", "/var/tmp/?*", "/var/run/?*.pid"
+    ]
     assert ct[6] == 100 * 1024
     assert "tmpdir" not in capsys.readouterr().err  # a known PVE key: no warning
 
