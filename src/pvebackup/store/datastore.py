@@ -702,13 +702,7 @@ class Datastore:
 
         Its chunks stay until garbage collection.
         """
-        key = snapshot.prefix + MANIFEST_NAME
-        if not self.backend.exists(key):
-            raise VolumeNotFoundError(f"no snapshot {snapshot} in the store")
-        self.backend.delete(key)
-        self.backend.sync()
-        for k in list(self.backend.list(snapshot.prefix)):
-            self.backend.delete(k)
+        remove_snapshot_objects(self.backend, snapshot)
 
     def incomplete_snapshots(self) -> Iterator[tuple[str, float]]:
         """``(prefix, newest mtime)`` of every snapshot prefix without a manifest."""
@@ -789,14 +783,33 @@ def list_snapshot_ids(
     return sorted(found, key=lambda s: (s.backup_time, s.kind, s.vmid))
 
 
+def remove_snapshot_objects(backend: Backend, snapshot: SnapshotId) -> None:
+    """Delete a snapshot's objects: the manifest first (the snapshot vanishes at
+    once, and a crash leaves an incomplete prefix that cleanup removes), then the
+    rest. Needs no key: nothing is decrypted or written; chunks stay for GC.
+
+    :raises VolumeNotFoundError: no manifest (no such committed snapshot).
+    """
+    key = snapshot.prefix + MANIFEST_NAME
+    if not backend.exists(key):
+        raise VolumeNotFoundError(f"no snapshot {snapshot} in the store")
+    backend.delete(key)
+    backend.sync()
+    for k in list(backend.list(snapshot.prefix)):
+        backend.delete(k)
+
+
 class KeylessListing:
-    """What ``list`` may read of a store without its key: names, times, sizes, notes.
+    """What ``list``, ``remove`` and ``prune`` may do with a store without its key:
+    read names, times, sizes, notes; delete whole snapshots.
 
     ``snapshot/manifest.json`` is plain JSON (only its signature needs the key);
     chunks, indexes' data and the stored files (guest config, task log) stay
-    encrypted and are never opened here. There is no chunk codec and no writer:
-    a store opened this way cannot be written to, so a missing key can never
-    lead to plaintext chunks in an encrypted store.
+    encrypted and are never opened here. There is no chunk codec and no writer
+    (deleting a snapshot's objects is the only change): a store opened this way
+    cannot be written to, so a missing key can never lead to plaintext chunks in
+    an encrypted store. Removal is what PBS allows without the key too (``snapshot
+    forget``); the freed chunks go at the next GC, which runs with the key.
     """
 
     def __init__(self, backend: Backend) -> None:
@@ -814,6 +827,10 @@ class KeylessListing:
 
     def has_snapshot(self, snapshot: SnapshotId) -> bool:
         return self.backend.exists(snapshot.prefix + MANIFEST_NAME)
+
+    def remove_snapshot(self, snapshot: SnapshotId) -> None:
+        """As :meth:`Datastore.remove_snapshot` (no key needed)."""
+        remove_snapshot_objects(self.backend, snapshot)
 
     def manifest(self, snapshot: SnapshotId) -> Manifest:
         """The manifest, every field checked but (encrypted) its signature unchecked.
