@@ -23,7 +23,7 @@ collection.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import ClassVar, Literal, overload
 
 from pvebackup.api.errors import (
     CryptoError,
@@ -150,12 +150,15 @@ class BackupStorePlugin(StoragePlugin):
 
     def free_volume(self, scfg: Mapping[str, str], storeid: str, volname: str) -> None:
         """Remove the snapshot; its chunks are reclaimed by a later garbage collection.
+        The key is not needed (nor read).
 
         :raises VolumeNotFoundError: no such snapshot.
         :raises VolumeProtectedError: it is protected.
         """
         sid = _sid(volname)
-        store = StoreSettings.from_scfg(scfg, storeid).open()
+        # Keyless on purpose: removal decrypts and writes nothing (an encrypted
+        # store's backups can be pruned on a node that does not hold its key).
+        store = StoreSettings.from_scfg(scfg, storeid).open_keyless()
         if sidecars.is_protected(store, sid):
             raise VolumeProtectedError(
                 f"backup {storeid}:{volname} is protected (pvebackup unprotect it first)"
@@ -171,7 +174,9 @@ class BackupStorePlugin(StoragePlugin):
         :raises CorruptIndexError: the notes object is too large or not UTF-8.
         :raises UnsafeStorageError: it is a symlink or special file.
         """
-        sid, store = _sid(volname), self._store(scfg, storeid)
+        # Keyless: the sidecars are plain (as ``list`` shows them without the key), and
+        # ``remove``/``prune`` ask for ``protected`` before removing.
+        sid, store = _sid(volname), self._store(scfg, storeid, keyless=True)
         if attribute == "notes":
             return sidecars.read_notes(store, sid)
         if attribute == "protected":
@@ -198,12 +203,26 @@ class BackupStorePlugin(StoragePlugin):
         else:
             raise UsageError(f"attribute {attribute!r}: wrong type {type(value).__name__}")
 
+    @overload
     @staticmethod
-    def _store(scfg: Mapping[str, str], storeid: str) -> Datastore:
+    def _store(
+        scfg: Mapping[str, str], storeid: str, *, keyless: Literal[False] = False
+    ) -> Datastore: ...
+
+    @overload
+    @staticmethod
+    def _store(
+        scfg: Mapping[str, str], storeid: str, *, keyless: Literal[True]
+    ) -> KeylessListing: ...
+
+    @staticmethod
+    def _store(
+        scfg: Mapping[str, str], storeid: str, *, keyless: bool = False
+    ) -> Datastore | KeylessListing:
         settings = StoreSettings.from_scfg(scfg, storeid)
         if settings.empty():
             raise VolumeNotFoundError(f"storage {storeid} holds no backups yet")
-        return settings.open()
+        return settings.open_keyless() if keyless else settings.open()
 
 
 def _sid(volname: str) -> SnapshotId:

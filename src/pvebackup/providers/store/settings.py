@@ -266,6 +266,17 @@ class StoreSettings:
         except MissingKeyError:
             return KeylessListing(backend)
 
+    def open_keyless(self) -> KeylessListing:
+        """The store for ``remove`` and ``prune``: never with the key, which removal
+        does not need (as PBS's ``snapshot forget``), and never able to write data.
+
+        :raises StorageUnavailableError: as :meth:`open`.
+        :raises NotFoundError: no datastore there.
+        """
+        if self.empty():
+            raise NotFoundError(f"storage {self.storeid!r}: no datastore at {self.path}")
+        return KeylessListing(make_backend(self.backend, self.location))
+
     def empty(self, *, create: bool = False) -> bool:
         """True while the storage holds no datastore yet (before the first backup).
 
