@@ -1,6 +1,10 @@
 """Parallel runs (``pytest -n 2``, pytest-xdist; ``make test`` runs so): a plugin that
 tests/conftest.py loads.
 
+Each worker's temp dir is ``<run's dir>/N``, not xdist's ``<run's dir>/popen-gwN``: the
+code under test binds Unix sockets (QMP, NBD) below ``tmp_path``, and a socket path
+must be shorter than 108 bytes; xdist's 10 more bytes broke tests with long names.
+
 A test marked ``serial`` (it measures a time or a rate) runs while no other test
 runs: it holds a run-wide lock exclusively, every other test holds it shared. Without
 xdist this is a no-op. (xdist's ``--dist loadgroup`` would have let the S3 tests share
@@ -13,10 +17,19 @@ from __future__ import annotations
 import fcntl
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 WORKER_ENV = "PYTEST_XDIST_WORKER"
+
+
+@pytest.hookimpl(tryfirst=True)  # before the tmp_path plugin reads the option
+def pytest_configure(config: pytest.Config) -> None:
+    worker = os.environ.get(WORKER_ENV)
+    given = config.option.basetemp
+    if worker and given and Path(given).name == f"popen-{worker}":
+        config.option.basetemp = str(Path(given).with_name(worker.removeprefix("gw")))
 
 
 @pytest.fixture(autouse=True)
