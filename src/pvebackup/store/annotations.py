@@ -41,7 +41,7 @@ from pvebackup.store.snapshot import SnapshotId
 
 class SnapshotObjects(Protocol):
     """What reading a sidecar needs: a :class:`Datastore`, or a
-    :class:`~pvebackup.store.datastore.KeylessListing` (sidecars are not
+    :class:`~pvebackup.store.snapshotops.KeylessListing` (sidecars are not
     encrypted, so ``list`` shows them without the key)."""
 
     @property

@@ -47,8 +47,9 @@ from pvebackup.storage.plugin import (
     VolumeScan,
 )
 from pvebackup.store import annotations as sidecars
-from pvebackup.store.datastore import Datastore, KeylessListing
+from pvebackup.store.datastore import Datastore
 from pvebackup.store.snapshot import Manifest, SnapshotId
+from pvebackup.store.snapshotops import KeylessListing
 
 __all__ = ["FORMAT", "BackupStorePlugin"]
 

@@ -57,10 +57,11 @@ from pvebackup.storage.properties import (
 from pvebackup.store.backends import make_backend
 from pvebackup.store.backends.base import validate_key
 from pvebackup.store.backends.s3 import DEFAULT_MAX_REQUESTS, DEFAULT_REGION, S3Config
-from pvebackup.store.datastore import Datastore, KeylessListing
+from pvebackup.store.datastore import Datastore
 from pvebackup.store.formats import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from pvebackup.store.index import check_chunk_size
 from pvebackup.store.keys import EncryptionKey, load_key_file
+from pvebackup.store.snapshotops import KeylessListing
 
 __all__ = ["PROPERTIES", "S3_PROPERTIES", "StoreSettings"]
 
