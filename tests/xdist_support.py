@@ -15,18 +15,22 @@ which pytest no longer reads. So each worker that meets an S3 test starts its ow
 from __future__ import annotations
 
 import fcntl
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-WORKER_ENV = "PYTEST_XDIST_WORKER"
+
+def _worker(config: pytest.Config) -> str | None:
+    """This process's xdist worker id (gw0, ...), or None. Not from the environment:
+    a pytest that a test starts inherits PYTEST_XDIST_WORKER but is no worker."""
+    workerinput = getattr(config, "workerinput", None)
+    return None if workerinput is None else str(workerinput["workerid"])
 
 
 @pytest.hookimpl(tryfirst=True)  # before the tmp_path plugin reads the option
 def pytest_configure(config: pytest.Config) -> None:
-    worker = os.environ.get(WORKER_ENV)
+    worker = _worker(config)
     given = config.option.basetemp
     if worker and given and Path(given).name == f"popen-{worker}":
         config.option.basetemp = str(Path(given).with_name(worker.removeprefix("gw")))
@@ -37,8 +41,8 @@ def _serial_lock(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[None]:
     """The run-wide lock; its file is in the temp dir the workers of one run share
-    (each worker's basetemp is a ``popen-gwN`` below it), so two runs never meet."""
-    if WORKER_ENV not in os.environ:
+    (each worker's basetemp is below it: see pytest_configure), so two runs never meet."""
+    if _worker(request.config) is None:
         yield
         return
     exclusive = request.node.get_closest_marker("serial") is not None
