@@ -13,6 +13,7 @@ from pvebackup import __version__
 from pvebackup.api.errors import AbortedError, PveBackupError, exit_codes
 from pvebackup.cli import (
     cmd_backup,
+    cmd_files,
     cmd_gc,
     cmd_key,
     cmd_list,
@@ -50,7 +51,7 @@ EXIT_CODES = exit_status_help()
 
 _COMMANDS = (
     cmd_backup, cmd_restore, cmd_list, cmd_remove, cmd_prune, cmd_gc, cmd_verify,
-    cmd_protect, cmd_notes, cmd_key, cmd_vmfiles,
+    cmd_protect, cmd_notes, cmd_key, cmd_vmfiles, cmd_files,
 )  # fmt: skip
 
 
