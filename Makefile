@@ -19,10 +19,13 @@ S3_PACKAGES := radosgw ceph-mon ceph-osd
 # Storage tools the tests use for real (btrfs on a loop device; see docs/design.md,
 # "Guest volumes on the storage types of real nodes").
 TEST_PACKAGES := btrfs-progs
+# The Perl tests (prove) of the Proxmox VE bridge; `make deb` builds the package.
+PERL_PACKAGES := perl
+DEBBUILD_PACKAGES := dpkg-dev
 # Peers measured by `make bench` only.
 BENCH_PACKAGES := borgbackup restic hyperfine
 
-.PHONY: setup deps s3deps test lint demo bench pins clean
+.PHONY: setup deps s3deps test lint perltest deb demo bench pins clean
 
 setup: $(STAMP)
 
@@ -68,9 +71,25 @@ lint: setup
 	$(VENV)/bin/ruff check src tests bench examples
 	$(VENV)/bin/mypy src examples/plainfiles/src
 
-test: setup s3deps lint
+test: setup s3deps lint perltest
 	$(call apt_install,$(TEST_PACKAGES))
 	$(VENV)/bin/pytest -q
+
+# The Perl storage plugins and backup provider against the real Python helper of this
+# checkout (perl/t/*.t; the PVE base classes are stand-ins under perl/t/lib).
+perltest: setup
+	$(call apt_install,$(PERL_PACKAGES))
+	PYTHONPATH=$(CURDIR)/src PVEBACKUP_TEST_PYTHON=$(abspath $(PY)) prove -I perl/t/lib -I perl perl/t
+
+# build/deb/pvebackup_<version>_all.deb, by debian/rules (plain dpkg-dev, no debhelper;
+# `dpkg-buildpackage -us -uc -b` runs the same rules and writes to ..).
+deb:
+	$(call apt_install,$(DEBBUILD_PACKAGES))
+	rm -rf build/deb && mkdir -p build/deb
+	debian/rules clean
+	DEB_OUTDIR=build/deb debian/rules binary
+	debian/rules clean
+	@ls build/deb/*.deb
 
 # DEMO_ARGS=--keep keeps the sample node; --dir DIR uses DIR.
 DEMO_ARGS ?=
@@ -95,4 +114,4 @@ pins: setup
 	@git diff --stat -- $(CONSTRAINTS) 2>/dev/null || true
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) build debian/pvebackup debian/files src/*.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,12 +1,15 @@
 """Imports between the layers of pvebackup point downwards only (docs/design.md).
 
     cli (and top-level modules)  >  host  >  providers  >  store  >  storage  >  kit  >  api
+    cli  >  bridge  >  storage  >  kit  >  api       (bridge: beside host)
 
 A module may import its own layer and the layers below. Besides the order:
 ``api`` imports nothing of ours but itself; nothing imports ``testing`` (the
 provider contract suite, at the top) and it never imports ``providers``;
 ``host`` never imports ``providers``
-(it talks to them only through ``api``); ``store.backends`` never imports the
+(it talks to them only through ``api``); ``bridge`` (the Proxmox VE bridge
+helper) sits beside ``host``: it imports only ``api``, ``kit`` and ``storage``
+and reaches providers through the storage registry; ``store.backends`` never imports the
 rest of ``store`` (backends know only keys and bytes).
 Checked on the source with ``ast``, so conditional, ``TYPE_CHECKING`` and
 function-local imports count too.
@@ -23,7 +26,8 @@ import pvebackup
 
 SRC = Path(pvebackup.__file__).resolve().parent
 
-LAYERS = ["api", "kit", "storage", "store", "providers", "host", "cli"]
+LAYERS = ["api", "kit", "storage", "store", "providers", "host", "bridge", "cli"]
+BRIDGE_MAY_IMPORT = {"api", "kit", "storage", "bridge"}
 TOP = len(LAYERS) - 1  # pvebackup/__init__.py, __main__.py, demo.py, ...: cli level
 
 
@@ -80,6 +84,8 @@ def violation(importer: str, imported: str) -> str | None:
     if dst > src:
         return f"{LAYERS[src]} may not import the higher layer {LAYERS[dst]}"
     parts_src, parts_dst = importer.split("."), imported.split(".")
+    if LAYERS[src] == "bridge" and LAYERS[dst] not in BRIDGE_MAY_IMPORT:
+        return "bridge imports only api, kit and storage (providers via the registry)"
     if LAYERS[src] == "host" and LAYERS[dst] == "providers":
         return "host never imports providers (only pvebackup.api)"
     if parts_dst[1:2] == ["testing"] and parts_src[1:2] != ["testing"]:
@@ -200,6 +206,14 @@ def test_checker_reports_file_line_and_import(fake_tree: Path) -> None:
         ("pvebackup.testing.contract", "pvebackup.testing.spy", True),
         ("pvebackup.cli.main", "pvebackup.testing", False),
         ("pvebackup.testing.contract", "pvebackup.providers.directory", False),
+        ("pvebackup.bridge.adapter", "pvebackup.storage.registry", True),
+        ("pvebackup.bridge.adapter", "pvebackup.kit.fdsource", True),
+        ("pvebackup.bridge.adapter", "pvebackup.providers.store", False),
+        ("pvebackup.bridge.adapter", "pvebackup.store.datastore", False),
+        ("pvebackup.bridge.server", "pvebackup.host.job", False),
+        ("pvebackup.bridge.server", "pvebackup", False),
+        ("pvebackup.host.job", "pvebackup.bridge.adapter", False),
+        ("pvebackup.cli.main", "pvebackup.bridge.server", True),
     ],
 )
 def test_violation_rule(importer: str, imported: str, ok: bool) -> None:

@@ -61,7 +61,7 @@ class Step:
     guest: str
     storage: str
     kind: str
-    size: int
+    size: int | str  # a str: as the job's table printed it
     seconds: float
     result: str
 
@@ -75,7 +75,7 @@ class Demo:
         self.root = root
         self.images = root / "var/lib/vz/images"
         self.steps: list[Step] = []
-        self.storage_bytes: dict[str, int] = {}
+        self.last_stdout = ""
         self.rng = random.Random(20241126)
 
     # running the CLI ---------------------------------------------------------------
@@ -94,6 +94,7 @@ class Demo:
             log.append(line)
         stdout = proc.stdout.read()  # the command's report comes after its log
         proc.wait()
+        self.last_stdout = stdout
         if not capture:
             print(stdout, end="", flush=True)
         elapsed = time.perf_counter() - start
@@ -101,16 +102,9 @@ class Demo:
             raise SystemExit(f"demo: `pvebackup {' '.join(args)}` failed (exit {proc.returncode})")
         return elapsed, stdout if capture else "".join(log)
 
-    def added_bytes(self, storeid: str) -> int:
-        """Bytes on disk of the storage now minus before (the previous call)."""
-        path = self.root / "backup" / storeid
-        total = sum(f.lstat().st_blocks * 512 for f in path.rglob("*") if not f.is_symlink())
-        added = total - self.storage_bytes.get(storeid, 0)
-        self.storage_bytes[storeid] = total
-        return added
-
     def newest_volume(self, storeid: str, vmid: int) -> dict[str, object]:
         _, out = self.pvebackup("list", storeid, "--output", "json", capture=True)
+        print(out, end="", flush=True)  # what the command just shown printed
         records = [r for r in json.loads(out) if int(r["vmid"]) == vmid]
         if not records:
             raise SystemExit(f"demo: no backup of {vmid} on {storeid}")
@@ -225,6 +219,7 @@ class Demo:
         for vmid, storeid, guest in ((VM_ID, "store", "VM"), (CT_ID, "plain", "CT"),
                                      (CT_ID, "store", "CT")):  # fmt: skip
             seconds, log = self.pvebackup("backup", "--storage", storeid, str(vmid))
+            size = table_size(self.last_stdout, vmid)
             rec = self.newest_volume(storeid, vmid)
             # what the host decided, from the task log: bitmap reuse = incremental;
             # for a container in backup-store, the unchanged entries it did not read
@@ -233,13 +228,15 @@ class Demo:
             if reused:
                 kind = f"{reused.group(1)} entries reused"
             self.steps.append(Step(label, f"{guest} {vmid}", storeid, kind,
-                                   self.added_bytes(storeid), seconds, str(rec["volid"])))
+                                   size, seconds, str(rec["volid"])))
 
     def restore_and_compare(self) -> bool:
         say(f"restoring to new VMIDs {VM_RESTORED} and {CT_RESTORED} and comparing")
         ok = True
         vm_vol = str(self.newest_volume("store", VM_ID)["volid"])
-        seconds, _ = self.pvebackup("restore", vm_vol, str(VM_RESTORED), "--storage", "local")
+        # --unique: the restored VM gets new MAC addresses (its source still runs here)
+        seconds, _ = self.pvebackup(
+            "restore", vm_vol, str(VM_RESTORED), "--storage", "local", "--unique")
         original = self.images / f"{VM_ID}/vm-{VM_ID}-disk-0.qcow2"
         restored = sorted((self.images / str(VM_RESTORED)).glob("*.qcow2"))
         same = len(restored) == 1 and qemuimg.compare(
@@ -349,7 +346,7 @@ class Demo:
         print(f"VM {LIVE_ID}: {writes} writes of 1 MiB during the backup; VM still {status}")
         kind = "snapshot mode" if "backup mode snapshot" in out else "?"
         self.steps.append(Step("live backup", f"VM {LIVE_ID}", "store", kind,
-                               self.added_bytes("store"), seconds,
+                               table_size(out, LIVE_ID), seconds,
                                str(self.newest_volume("store", LIVE_ID)["volid"])))
         vol = str(self.newest_volume("store", LIVE_ID)["volid"])
         seconds, _ = self.pvebackup("restore", vol, str(LIVE_RESTORED), "--storage", "local")
@@ -368,7 +365,8 @@ class Demo:
         say("summary")
         header = ("step", "guest", "storage", "kind", "size", "time", "result")
         rows = [header] + [
-            (s.what, s.guest, s.storage, s.kind, format_bytes(s.size), f"{s.seconds:.1f} s",
+            (s.what, s.guest, s.storage, s.kind,
+             s.size if isinstance(s.size, str) else format_bytes(s.size), f"{s.seconds:.1f} s",
              s.result)
             for s in self.steps
         ]
@@ -377,8 +375,18 @@ class Demo:
             print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
             if n == 0:
                 print("  ".join("-" * w for w in widths))
-        print("\nsize: for backups, the bytes the backup added to its storage; "
-              "for restores, the guest's data size.")
+        print("\nsize: for backups, the SIZE of the job's table (what the backup added to"
+              " its storage); for restores, the guest's data size.")
+
+
+def table_size(stdout: str, vmid: int) -> str:
+    """The SIZE cell of ``vmid``'s row in a backup job's table (VMID TYPE STATUS TIME
+    SIZE TARGET; the size is two words, ``48.0 MiB``)."""
+    for line in stdout.splitlines():
+        cells = line.split()
+        if cells and cells[0] == str(vmid) and len(cells) >= 7:
+            return " ".join(cells[4:6])
+    raise SystemExit(f"demo: no row for {vmid} in the job's table")
 
 
 def run(cmd: list[str]) -> None:
@@ -411,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n(removed {root}; `make demo DEMO_ARGS=--keep` keeps it to look around)")
     print("\nresult: " + ("every guest restored identical to its backup" if ok
                           else "DIFFERENCES FOUND (see above)"))
+    if args.keep or args.dir is not None:
+        print(f"the node is kept in {root} (try: pvebackup --root {root} list store)")
     return 0 if ok else 1
 
 

@@ -37,7 +37,7 @@ def test_help_states_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
         ["backup", "--storage", "rec", "--all", "100"],
         ["backup", "--storage", "rec", "abc"],
         ["backup", "--storage", "rec", "99"],
-        ["backup", "--storage", "rec", "--bwlimit", "0", "100"],
+        ["backup", "--storage", "rec", "--bwlimit", "-1", "100"],
         ["restore", "rec:x"],
         ["list"],
     ],

@@ -92,6 +92,8 @@ def test_verify_json_matches_the_doc(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert code == 5 and keys_of(report) | skipped_keys == documented()["verify"]
     assert report["ok"] is False and report["skipped"] == []
     assert report["bad_chunks"][0]["digest"] == digests[0].hex()
+    (record,) = report["bad_chunks"][0]["moved_aside"]
+    assert record.startswith("bad/records/") and (path / record).is_file()
     assert [s["state"] for s in report["snapshots"]] == ["failed", "ok"]
     assert report["snapshots"][0]["volid"] == f"st:{VOL0}"
     # VOL1 was recorded ok just now: skipped; the failed VOL0 is checked again.

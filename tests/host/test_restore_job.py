@@ -118,20 +118,39 @@ def test_backup_change_incremental_restore(node: Node, tmp_path: Path, mechanism
 
 def test_existing_guest_is_refused_then_replaced_with_force(node: Node) -> None:
     node.add_vm(100, {"scsi0": 2 * MiB})
-    old = node.add_ct(150, mp=False)
+    old = node.add_vm(150, {"scsi0": MiB})
     assert not run_backup_job(node.root, "rec", [100], terminal=None).failed
-    before = node.root.config_path(150, GuestType.LXC).read_text()
+    before = node.root.config_path(150, GuestType.QEMU).read_text()
     with pytest.raises(GuestExistsError, match="150"):
         run_restore(node.root, "rec:qemu-100-000", 150, terminal=None)
-    assert node.root.config_path(150, GuestType.LXC).read_text() == before
+    assert node.root.config_path(150, GuestType.QEMU).read_text() == before
     assert "restore_get_mechanism" not in call_names(node.backup_dir)
 
     result = run_restore(node.root, "rec:qemu-100-000", 150, force=True, terminal=None)
     assert node.root.guest_type(150) == GuestType.QEMU
-    assert not node.root.config_path(150, GuestType.LXC).exists()
-    assert result.removed == ["local:150/subvol-150-disk-0.subvol"]
+    assert result.removed == ["local:150/vm-150-disk-0.qcow2"]
     assert not old[0].exists()
     assert node.image(150, "vm-150-disk-1.qcow2").exists()  # new volume, new name
+
+
+@pytest.mark.parametrize("direction", ["vm-over-ct", "ct-over-vm"])
+def test_force_never_replaces_a_guest_of_the_other_type(node: Node, direction: str) -> None:
+    node.add_vm(100, {"scsi0": MiB})
+    node.add_ct(101, mp=False)
+    assert not run_backup_job(node.root, "rec", [100, 101], terminal=None).failed
+    if direction == "vm-over-ct":
+        kept = node.add_ct(300, mp=False)[0]
+        volid, kind, other = "rec:qemu-100-000", GuestType.LXC, "VM 300 - CT 300"
+    else:
+        kept = node.add_vm(300, {"scsi0": MiB})[0]
+        volid, kind, other = "rec:lxc-101-000", GuestType.QEMU, "CT 300 - VM 300"
+    before = node.root.config_path(300, kind).read_text()
+    with pytest.raises(GuestExistsError, match=f"unable to restore {other} already exists"):
+        run_restore(node.root, volid, 300, force=True, terminal=None)
+    assert node.root.guest_type(300) == kind
+    assert node.root.config_path(300, kind).read_text() == before
+    assert kept.exists()
+    assert sorted(p.name for p in node.image(300, "x").parent.iterdir()) == [kept.name]
 
 
 def test_failed_restore_removes_what_it_created(node: Node) -> None:

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pvebackup.api.errors import GuestBackupError, PveBackupError
+from pvebackup.api.errors import GuestBackupError, PveBackupError, UsageError
 from pvebackup.api.types import GuestType
 from pvebackup.cli.cmd_prune import prune_storage
 from pvebackup.cli.common import vmid_arg
 from pvebackup.cli.output import add_output_option, human_size, print_json, table
-from pvebackup.host.defaults import read_job_defaults
+from pvebackup.host.defaults import MAIL_POLICIES, JobDefaults, read_job_defaults
 from pvebackup.host.guests import NodeRoot
 from pvebackup.host.job import MODES, JobResult, run_backup_job
+from pvebackup.host.mail import MailSettings, send_job_mail
 from pvebackup.host.qemu.liverestore import start_command as vm_start_command
 from pvebackup.kit.notestemplate import check_template, render_template
 from pvebackup.kit.prune import parse_keep_options
@@ -28,17 +31,19 @@ __all__ = ["BackupOptions", "add_parser", "run"]
 @dataclass
 class BackupOptions:
     root: Path
-    storage: str
+    storage: str | None  # None: 'storage:' of ROOT/etc/vzdump.conf
     vmids: list[int] | None  # None: every guest (--all)
-    bwlimit_kib: int | None = None
+    bwlimit_kib: int | None = None  # None: vzdump.conf; 0: unlimited
     exclude_paths: list[str] = field(default_factory=list)
     output: str = "text"
     mode: str | None = None  # None: ROOT/etc/vzdump.conf, else snapshot
     stop_wait: float | None = None  # None: ROOT/etc/vzdump.conf, else 10 minutes
     start_command: str | None = None  # None: $PVEBACKUP_START_COMMAND, else qm start
     fleecing_storage: str | None = None
-    prune_backups: str | None = None  # None: the storage's prune-backups property
-    notes_template: str | None = None
+    prune_backups: str | None = None  # None: the storage's prune-backups, else vzdump.conf's
+    mailto: list[str] | None = None  # None: vzdump.conf
+    mail_policy: str | None = None  # None: vzdump.conf, else always
+    notes_template: str | None = None  # None: vzdump.conf's notes-template
     protected: bool = False
 
 
@@ -52,6 +57,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _kib_per_s(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, not {value}")
+    return value
+
+
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "backup",
@@ -62,15 +77,27 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "holds makes the job fail at once with exit status 7 ('locked by PID N'). "
         "What a killed earlier run of a guest left (processes, mounts, temporary "
         "files) is removed first, with a warning for each. "
+        "Defaults come from <root>/etc/vzdump.conf, as vzdump's (storage, mode, "
+        "stopwait, bwlimit, exclude-path, prune-backups, notes-template, mailto, "
+        "mailnotification, fleecing, performance); options given here win. "
+        "With mailto set, the job summary is mailed through the local sendmail "
+        "(mailnotification failure: only when something failed). "
         "Exit status 0 when every guest was backed up, 11 when some failed, "
         "130 when interrupted (SIGINT/SIGTERM), other codes as listed in "
         "'pvebackup --help'.",
     )
     p.add_argument("vmids", metavar="VMID", nargs="*", type=vmid_arg, help="guests to back up")
     p.add_argument("--all", action="store_true", help="back up every guest on the node")
-    p.add_argument("--storage", required=True, metavar="STOREID", help="the backup storage")
     p.add_argument(
-        "--bwlimit", type=_positive, metavar="KIB_PER_S", help="bandwidth limit in KiB/s"
+        "--storage",
+        metavar="STOREID",
+        help="the backup storage (default: 'storage:' in vzdump.conf)",
+    )
+    p.add_argument(
+        "--bwlimit",
+        type=_kib_per_s,
+        metavar="KIB_PER_S",
+        help="bandwidth limit in KiB/s, 0 for none (default: 'bwlimit:' in vzdump.conf)",
     )
     p.add_argument(
         "--exclude-path",
@@ -78,7 +105,20 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         action="append",
         default=[],
         metavar="PATTERN",
-        help="exclude files of containers (rsync-style pattern; repeatable)",
+        help="exclude files of containers (rsync-style pattern; repeatable; added to"
+        " 'exclude-path:' of vzdump.conf, as vzdump does)",
+    )
+    p.add_argument(
+        "--mailto",
+        action="append",
+        metavar="ADDRESS",
+        help="mail the job summary here through sendmail (repeatable; default:"
+        " 'mailto:' in vzdump.conf)",
+    )
+    p.add_argument(
+        "--mailnotification",
+        choices=MAIL_POLICIES,
+        help="when to mail: always (default) or on failure only",
     )
     p.add_argument(
         "--mode",
@@ -112,7 +152,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="keep-last=N,...",
         help="after the job, prune the backed-up guests' backups on STORAGE with this"
         " retention (Proxmox VE syntax, as 'pvebackup prune'; default: the storage's"
-        " prune-backups property, else keep all)",
+        " prune-backups property, else vzdump.conf's, else keep all)",
     )
     p.add_argument(
         "--notes-template",
@@ -145,6 +185,8 @@ def _from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         stop_wait=None if args.stop_wait is None else float(args.stop_wait),
         start_command=args.start_command,
         prune_backups=args.prune_backups,
+        mailto=args.mailto,
+        mail_policy=args.mailnotification,
         notes_template=args.notes_template,
         protected=args.protected,
     )
@@ -205,33 +247,93 @@ def _json_report(result: JobResult) -> dict[str, object]:
     }
 
 
+def apply_defaults(opts: BackupOptions, defaults: JobDefaults) -> BackupOptions:
+    """``opts`` completed from vzdump.conf: what the command line left unset.
+
+    As vzdump: exclude paths of both are used (the file's first); ``prune-backups``
+    of the file ranks below the storage's own property (see :func:`_prune_after`).
+
+    :raises UsageError: neither ``--storage`` nor ``storage:`` names a storage.
+    """
+    storage = opts.storage or defaults.storage
+    if storage is None:
+        raise UsageError(
+            "backup: no --storage given and no 'storage:' in vzdump.conf"
+        )
+    bwlimit = opts.bwlimit_kib if opts.bwlimit_kib is not None else defaults.bwlimit_kib
+    return dataclasses.replace(
+        opts,
+        storage=storage,
+        bwlimit_kib=bwlimit or None,  # 0: unlimited, as vzdump
+        exclude_paths=[*defaults.exclude_paths, *opts.exclude_paths],
+        mode=opts.mode or defaults.mode or "snapshot",
+        stop_wait=opts.stop_wait or defaults.stop_wait or 10.0,
+        fleecing_storage=opts.fleecing_storage or defaults.fleecing_storage,
+        mailto=opts.mailto if opts.mailto is not None else list(defaults.mailto),
+        mail_policy=opts.mail_policy or defaults.mail_policy or "always",
+        notes_template=(
+            opts.notes_template if opts.notes_template is not None else defaults.notes_template
+        ),
+    )
+
+
+def _cmdline(opts: BackupOptions) -> str:
+    guests = " ".join(map(str, opts.vmids)) if opts.vmids is not None else "--all"
+    return f"pvebackup backup {guests} --storage {opts.storage}"
+
+
 def run(opts: BackupOptions) -> int:
     """Run the job; print a report on stdout. Returns the exit status."""
     root = NodeRoot(opts.root)
     defaults = read_job_defaults(root)
-    result = run_backup_job(
-        root,
-        opts.storage,
-        opts.vmids,
-        bwlimit_kib=opts.bwlimit_kib,
-        exclude_paths=opts.exclude_paths,
-        terminal=sys.stderr,
-        mode=opts.mode or defaults.mode or "snapshot",
-        stop_wait=opts.stop_wait or defaults.stop_wait or 10.0,
-        start_command=vm_start_command(opts.start_command),
-        fleecing_storage=opts.fleecing_storage or defaults.fleecing_storage,
+    for warning in defaults.warnings:
+        print(f"WARN: {warning}", file=sys.stderr)
+    for note in defaults.notes:
+        print(f"INFO: {note}", file=sys.stderr)
+    opts = apply_defaults(opts, defaults)
+    assert opts.storage is not None
+    mail = MailSettings(
+        tuple(opts.mailto or ()), opts.mail_policy or "always",
+        defaults.notification_mode or "auto",
     )
+    started = time.monotonic()
+    try:
+        result = run_backup_job(
+            root,
+            opts.storage,
+            opts.vmids,
+            bwlimit_kib=opts.bwlimit_kib,
+            exclude_paths=opts.exclude_paths,
+            terminal=sys.stderr,
+            mode=opts.mode or "snapshot",
+            stop_wait=opts.stop_wait or 10.0,
+            start_command=vm_start_command(opts.start_command),
+            fleecing_storage=opts.fleecing_storage,
+        )
+    except PveBackupError as exc:
+        # vzdump mails a job that failed as a whole too (mailnotification failure).
+        empty = JobResult(opts.storage, "", int(time.time()))
+        send_job_mail(mail, empty, total_seconds=time.monotonic() - started,
+                      cmdline=_cmdline(opts), log=_stderr_log, error=str(exc))
+        raise
+    send_job_mail(mail, result, total_seconds=time.monotonic() - started,
+                  cmdline=_cmdline(opts), log=_stderr_log)
     if opts.output == "json":
         print_json(_json_report(result))
     else:
         print(_report(result), flush=True)
     code = _annotate_after(root, opts, result)
-    code = _prune_after(root, opts, result) or code
+    code = _prune_after(root, opts, result, defaults.prune_backups) or code
     if result.failed:
         for g in result.failed:
             print(f"error: backup of {g.vmid} failed: {g.error}", file=sys.stderr)
         return GuestBackupError.exit_code
     return code
+
+
+def _stderr_log(level: str, message: str) -> None:
+    label = {"info": "INFO", "warn": "WARN", "err": "ERROR"}.get(level, level.upper())
+    print(f"{label}: {message}", file=sys.stderr, flush=True)
 
 
 def _annotate_after(root: NodeRoot, opts: BackupOptions, result: JobResult) -> int:
@@ -243,6 +345,7 @@ def _annotate_after(root: NodeRoot, opts: BackupOptions, result: JobResult) -> i
     """
     if opts.notes_template is None and not opts.protected:
         return 0
+    assert opts.storage is not None  # apply_defaults made sure
     scfg = storage_config(read_storage_config(root.storage_cfg), opts.storage)
     plugin = lookup(scfg["type"])
     cluster = _cluster_name(root)
@@ -298,7 +401,9 @@ def _cluster_name(root: NodeRoot) -> str:
     return m.group(1) if m else "standalone node"
 
 
-def _prune_after(root: NodeRoot, opts: BackupOptions, result: JobResult) -> int:
+def _prune_after(
+    root: NodeRoot, opts: BackupOptions, result: JobResult, fallback: str | None = None
+) -> int:
     """Prune the guests backed up successfully, as vzdump does (a failed guest's old
     backups are all it has). On stderr, so that --output json stays the job's report.
     """
@@ -306,8 +411,10 @@ def _prune_after(root: NodeRoot, opts: BackupOptions, result: JobResult) -> int:
     if not done:
         return 0
     given = None if opts.prune_backups is None else parse_keep_options(opts.prune_backups)
+    default = None if fallback is None else parse_keep_options(fallback)
+    assert opts.storage is not None
     try:
-        _, pruned = prune_storage(root, opts.storage, given, vmids=done)
+        _, pruned = prune_storage(root, opts.storage, given, vmids=done, default=default)
     except PveBackupError as exc:
         print(f"error: prune after backup failed: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Collection
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pvebackup.api.errors import (
+    LockedError,
     PveBackupError,
     UsageError,
     VolumeInUseError,
@@ -18,6 +20,7 @@ from pvebackup.api.errors import (
 from pvebackup.cli.common import vmid_arg
 from pvebackup.cli.output import add_output_option, print_json, table, utc_time
 from pvebackup.host.guests import NodeRoot
+from pvebackup.host.runstate import GuestRun
 from pvebackup.kit.prune import (
     KeepOptions,
     Mark,
@@ -90,7 +93,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "Protected backups (pvebackup protect) are never removed and use no slot. "
         "Without --keep-* options the storage's 'prune-backups' property applies; "
         "with none at all, everything is kept. A backup another backup depends on "
-        "(an incremental chain's base on backup-dir) is kept, and the reason shown. "
+        "(an incremental chain's base on backup-dir; a running backup's base) is kept, "
+        "and the reason shown. Each guest is pruned under its lock: while it is being "
+        "backed up or restored its backups are kept (exit 7). "
         "Exit status 0; otherwise the code of the first removal that failed, as listed "
         "in 'pvebackup --help' (the others are still tried).",
     )
@@ -134,6 +139,7 @@ def prune_volumes(
     vmids: Collection[int] | None = None,
     dry_run: bool = False,
     children_need_parent: bool = True,
+    lock_guest: Callable[[int], AbstractContextManager[object]] | None = None,
 ) -> list[PruneResult]:
     """Mark each guest's backups and remove those marked (``remove(volid)``), newest first.
 
@@ -143,6 +149,11 @@ def prune_volumes(
     without its base (``backup-dir`` refuses anyway; this names the reason up front
     so that a dry run says the same as the real run). Elsewhere a refusal of the
     provider (:class:`VolumeInUseError`) keeps the volume, with its message.
+
+    ``lock_guest(vmid)``: taken before the first removal of a guest's backups and held
+    until all are done, so a prune never races a backup or restore of that guest
+    (the host's per-guest lock); refused (:class:`LockedError`), that guest's
+    removals are skipped with the holder named and the lock's exit code.
     """
     groups: dict[tuple[str, int], list[VolumeInfo]] = {}
     for v in volumes:
@@ -156,34 +167,73 @@ def prune_volumes(
         results += [PruneResult(v, marks[v.volid]) for v in group]
     results.sort(key=lambda r: (r.volume.ctime, r.volume.volid), reverse=True)
     gone: set[str] = set()
-    for r in results:
-        if r.mark is not Mark.REMOVE:
-            continue
-        volname = r.volume.volid.split(":", 1)[1]
-        dependents = sorted(
-            o.volume.volid
-            for o in results
-            # a base is named by volname; only a volume that stays still needs it
-            if o.volume.parent == volname and o.volume.volid not in gone
-        )
-        if dependents and children_need_parent:
-            r.reason = "base of " + ", ".join(dependents)
-            continue
-        if dry_run:
-            gone.add(r.volume.volid)
-            continue
-        try:
-            remove(r.volume.volid)
-        except (VolumeInUseError, VolumeProtectedError) as exc:  # protected since the scan
-            r.reason = str(exc)
-            continue
-        except PveBackupError as exc:
-            r.reason = str(exc)
-            r.exit_code = exc.exit_code
-            continue
-        r.removed = True
-        gone.add(r.volume.volid)
+    locks = ExitStack()
+    busy: dict[int, PveBackupError | None] = {}
+    with locks:
+        for r in results:
+            _prune_one(r, results, gone, remove, dry_run, children_need_parent,
+                       lambda vmid: _take(locks, busy, lock_guest, vmid))
     return results
+
+
+def _take(
+    locks: ExitStack,
+    busy: dict[int, PveBackupError | None],
+    lock_guest: Callable[[int], AbstractContextManager[object]] | None,
+    vmid: int,
+) -> PveBackupError | None:
+    """The guest's lock, taken once per prune run; the error if it is held."""
+    if lock_guest is None:
+        return None
+    if vmid not in busy:
+        try:
+            locks.enter_context(lock_guest(vmid))
+            busy[vmid] = None
+        except LockedError as exc:
+            busy[vmid] = exc
+    return busy[vmid]
+
+
+def _prune_one(
+    r: PruneResult,
+    results: list[PruneResult],
+    gone: set[str],
+    remove: Callable[[str], None],
+    dry_run: bool,
+    children_need_parent: bool,
+    take: Callable[[int], PveBackupError | None],
+) -> None:
+    if r.mark is not Mark.REMOVE:
+        return
+    volname = r.volume.volid.split(":", 1)[1]
+    dependents = sorted(
+        o.volume.volid
+        for o in results
+        # a base is named by volname; only a volume that stays still needs it
+        if o.volume.parent == volname and o.volume.volid not in gone
+    )
+    if dependents and children_need_parent:
+        r.reason = "base of " + ", ".join(dependents)
+        return
+    if dry_run:
+        gone.add(r.volume.volid)
+        return
+    locked = take(r.volume.vmid)
+    if locked is not None:
+        r.reason = f"not removed: {locked}"
+        r.exit_code = locked.exit_code
+        return
+    try:
+        remove(r.volume.volid)
+    except (VolumeInUseError, VolumeProtectedError) as exc:  # protected since the scan
+        r.reason = str(exc)
+        return
+    except PveBackupError as exc:
+        r.reason = str(exc)
+        r.exit_code = exc.exit_code
+        return
+    r.removed = True
+    gone.add(r.volume.volid)
 
 
 def keep_options(keep: dict[str, int]) -> KeepOptions:
@@ -205,14 +255,18 @@ def prune_storage(
     *,
     vmids: Collection[int] | None = None,
     dry_run: bool = False,
+    default: KeepOptions | None = None,
 ) -> tuple[KeepOptions, list[PruneResult]]:
     """Prune the guests ``vmids`` (None: all) on ``storeid``.
 
-    ``options`` None: the storage's ``prune-backups`` property (none: keep all).
+    ``options`` None: the storage's ``prune-backups`` property, else ``default``
+    (vzdump.conf's, for backup jobs), else keep all.
     """
     cfg = read_storage_config(root.storage_cfg)
     scfg = storage_config(cfg, storeid)
     plugin = lookup(scfg["type"])
+    if options is None and default is not None and "prune-backups" not in scfg:
+        options = default
     if options is None:
         try:
             options = parse_keep_options(scfg.get("prune-backups", ""))
@@ -228,6 +282,11 @@ def prune_storage(
     def remove(volid: str) -> None:
         remove_backup_volume(plugin, scfg, storeid, volid.split(":", 1)[1])
 
+    def lock_guest(vmid: int) -> GuestRun:
+        # The lock of backups and restores of the guest; entering it also cleans up
+        # after a killed holder, as any next holder does.
+        return GuestRun(root, vmid, action="prune", log=_stderr_log, cfg=cfg)
+
     return options, prune_volumes(
         scan.volumes,
         options,
@@ -235,7 +294,12 @@ def prune_storage(
         vmids=vmids,
         dry_run=dry_run,
         children_need_parent=plugin.children_need_parent,
+        lock_guest=lock_guest,
     )
+
+
+def _stderr_log(level: str, msg: str) -> None:
+    print(f"{level}: {msg}", file=sys.stderr)
 
 
 def run(opts: PruneOptions) -> int:

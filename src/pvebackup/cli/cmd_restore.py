@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pvebackup.cli.common import vmid_arg
@@ -28,6 +29,8 @@ class RestoreOptions:
     start_command: str | None = None
     bwlimit: int | None = None
     output: str = "text"
+    unique: bool = False
+    storage_map: dict[str, str] = field(default_factory=dict)
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -68,6 +71,22 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="STOREID",
         help="storage for the new volumes (dir, nfs, cifs, btrfs, lvm, lvmthin, zfspool, rbd)",
     )
+    p.add_argument(
+        "--map",
+        dest="storage_map",
+        action="append",
+        type=_map_arg,
+        default=[],
+        metavar="DISK=STOREID",
+        help="put the new volume of one disk or mount point (scsi0, efidisk0, rootfs, "
+        "mp0...) on this storage (repeatable; others: --storage, else their own)",
+    )
+    p.add_argument(
+        "--unique",
+        action="store_true",
+        help="new MAC addresses (and SMBIOS uuid) as qmrestore --unique; without it a "
+        "warning names other guests using the same MACs",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing guest VMID")
     p.add_argument(
         "--keep-host-access",
@@ -90,13 +109,30 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--bwlimit",
         metavar="KIB_PER_S",
         type=int,
-        help="limit the background copy of --live, per disk",
+        help="bandwidth limit per VM disk in KiB/s (also the background copy of --live)",
     )
     add_output_option(p)
     p.set_defaults(command=_from_args, usage_parser=p)
 
 
+_MAP_KEY = re.compile(r"^(?:(?:ide|sata|scsi|virtio|efidisk|tpmstate|mp)\d+|rootfs)$")
+
+
+def _map_arg(text: str) -> tuple[str, str]:
+    key, sep, storeid = text.partition("=")
+    if not sep or not _MAP_KEY.match(key) or not storeid:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: want DISK=STOREID, e.g. scsi0=local-lvm or mp0=local"
+        )
+    return key, storeid
+
+
 def _from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    storage_map: dict[str, str] = {}
+    for key, storeid in args.storage_map:
+        if key in storage_map:
+            parser.error(f"restore: --map {key} given twice")
+        storage_map[key] = storeid
     return run(
         RestoreOptions(
             args.root,
@@ -109,6 +145,8 @@ def _from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             args.start_command,
             args.bwlimit,
             args.output,
+            args.unique,
+            storage_map,
         )
     )
 
@@ -125,6 +163,8 @@ def run(opts: RestoreOptions) -> int:
         start_command=liverestore.start_command(opts.start_command) if opts.live else None,
         bwlimit_kib=opts.bwlimit,
         terminal=sys.stderr,
+        unique=opts.unique,
+        storage_map=opts.storage_map,
     )
     if opts.output == "json":
         print_json(

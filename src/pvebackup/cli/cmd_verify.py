@@ -268,7 +268,10 @@ def _json(storeid: str, report: VerifyReport) -> dict[str, object]:
         "finished": int(report.finished),
         "chunks": report.chunks,
         "bytes": report.bytes,
-        "bad_chunks": [{"digest": d, "error": e} for d, e in report.bad_chunks.items()],
+        "bad_chunks": [
+            {"digest": d, "error": e, "moved_aside": report.moved_aside.get(d, [])}
+            for d, e in report.bad_chunks.items()
+        ],
         "snapshots": [
             {
                 "volid": f"{storeid}:{s.volname}",

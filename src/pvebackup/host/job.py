@@ -56,6 +56,7 @@ from pvebackup.api.provider import BackupProvider
 from pvebackup.api.types import BackupMechanism, GuestType
 from pvebackup.host.guests import CtConfig, GuestConfig, NodeRoot, VmConfig
 from pvebackup.host.lxc.directory import backup_sources, prepare_backup_directory
+from pvebackup.host.progress import ProgressDisplay, wants_bar
 from pvebackup.host.qemu.export import BackupExport, DiskSpec
 from pvebackup.host.qemu.live import LiveBackupExport
 from pvebackup.host.qemu.liverestore import start_command as vm_start_command
@@ -67,6 +68,7 @@ from pvebackup.host.tasklog import LogRouter, TaskLog
 from pvebackup.kit import proc
 from pvebackup.kit.crashpoint import crash_point
 from pvebackup.kit.proc import private_dir
+from pvebackup.kit.units import format_bytes
 from pvebackup.storage import (
     GuestVolume,
     StorageConfig,
@@ -137,6 +139,7 @@ def run_backup_job(
     stop_wait: float = 10.0,
     start_command: Sequence[str] | None = None,
     fleecing_storage: str | None = None,
+    progress_bar: bool | None = None,
 ) -> JobResult:
     """Back up guests ``vmids`` (``None``: every guest) to storage ``storeid``.
 
@@ -152,6 +155,8 @@ def run_backup_job(
         is appended; default :func:`~pvebackup.host.qemu.liverestore.start_command`
         (``$PVEBACKUP_START_COMMAND``, else ``qm start``), the same as live restore's.
     :param fleecing_storage: a dir storage for the fleecing images of running VMs.
+    :param progress_bar: draw live progress bars on ``terminal`` (default: when it
+        is a terminal; :func:`~pvebackup.host.progress.wants_bar`).
     :returns: the per-guest results; check :attr:`JobResult.failed`.
     :raises StorageConfigError, StorageNotFoundError, PluginError: before the job starts.
     :raises GuestNotFoundError: a requested vmid has no config (before the job starts).
@@ -168,6 +173,9 @@ def run_backup_job(
     scfg = storage_config(cfg, storeid)
     guests = _select_guests(root, vmids)
     log = LogRouter(terminal)
+    if progress_bar if progress_bar is not None else wants_bar(terminal):
+        assert terminal is not None
+        log.display = ProgressDisplay(terminal)
     provider = new_backup_provider(cfg, storeid, log)
     if provider is None:
         raise UnsupportedError(
@@ -193,6 +201,9 @@ def run_backup_job(
             for vmid, _ in guests
         }
         job.runs = runs
+        if log.display is not None:
+            log.display.start()
+            locks.callback(_stop_display, log)
         with abort_on_signals():
             try:
                 log.info(f"starting new backup job: storage {storeid}, provider {name}")
@@ -215,11 +226,27 @@ def run_backup_job(
             except Exception as exc:
                 raise PluginError(f"job_end failed: {_describe(exc)}") from exc
     failed = len(result.failed)
+    # The same figures as the job's table: the sum of its SIZE column (the
+    # providers' task sizes) and the time from job_start to job_end.
+    total = sum(g.size or 0 for g in result.guests if g.ok)
+    took = _hms(clock() - start_time)
     if failed:
-        log.err(f"backup job finished with errors: {failed} of {len(guests)} guests failed")
+        log.err(
+            f"backup job finished with errors: {failed} of {len(guests)} guests failed"
+            f" ({format_bytes(total)} backed up, {took})"
+        )
     else:
-        log.info(f"backup job finished successfully ({len(guests)} guests)")
+        log.info(
+            f"backup job finished successfully ({len(guests)} guests,"
+            f" {format_bytes(total)}, {took})"
+        )
     return result
+
+
+def _stop_display(log: LogRouter) -> None:
+    display, log.display = log.display, None
+    if display is not None:
+        display.stop()
 
 
 def _select_guests(root: NodeRoot, vmids: Sequence[int] | None) -> list[tuple[int, GuestType]]:
@@ -306,6 +333,8 @@ class _Job:
         finally:
             self.log.current = None
             tasklog.close()
+            if self.log.display is not None:
+                self.log.display.clear()
         try:
             self.provider.backup_handle_log_file(vmid, str(res.log_path))
         except Exception as exc:

@@ -41,7 +41,8 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,12 +74,20 @@ from pvebackup.host.guests import (
 )
 from pvebackup.host.hostaccess import restrict_config
 from pvebackup.host.lxc.restore import copy_directory, extract_tar
+from pvebackup.host.netident import (
+    identity_replacements,
+    mac_addresses,
+    mac_prefix,
+    shared_macs,
+)
+from pvebackup.host.progress import ProgressDisplay, wants_bar
 from pvebackup.host.qemu import liverestore
 from pvebackup.host.runstate import GuestRun
 from pvebackup.host.signals import abort_on_signals
 from pvebackup.host.tasklog import LogRouter
 from pvebackup.kit import qemuimg
 from pvebackup.kit.crashpoint import crash_point
+from pvebackup.kit.pacing import PROGRESS_INTERVAL, progress_text
 from pvebackup.storage import (
     GuestVolume,
     GuestVolumeStorage,
@@ -123,6 +132,8 @@ def run_restore(
     start_command: Sequence[str] | None = None,
     bwlimit_kib: int | None = None,
     terminal: TextIO | None = sys.stderr,
+    unique: bool = False,
+    storage_map: Mapping[str, str] | None = None,
 ) -> RestoreResult:
     """Restore backup ``volid`` (``STOREID:VOLNAME``) as guest ``vmid``.
 
@@ -134,11 +145,18 @@ def run_restore(
         source is a NBD URI, and a new ``vmid`` (not with ``force``).
     :param start_command: argv that starts a VM when the VMID is appended
         (default :func:`liverestore.start_command`: ``qm start``).
-    :param bwlimit_kib: KiB/s per disk for a live restore's background copy.
+    :param bwlimit_kib: KiB/s per disk: ``qemu-img convert -r`` (VMs), the
+        background copy of a live restore; not applied to containers (logged).
+    :param unique: new MAC addresses (and a new SMBIOS uuid for VMs), as
+        ``qmrestore --unique``; without it a warning names other guests of the node
+        that use the restored MACs. ``vmgenid`` is always new (qmrestore's rule).
+    :param storage_map: disk or mount point key -> dir storage for its new volume
+        (``--map scsi0=STORE``); others go to ``target_storage`` or their own.
     :param keep_host_access: keep the backed-up config's keys that grant host
         access (each logged); without it they are dropped with a warning.
         ``lxc.idmap`` is never restored from a backup.
-    :raises GuestExistsError: guest ``vmid`` exists and ``force`` is not set.
+    :raises GuestExistsError: guest ``vmid`` exists and ``force`` is not set, or
+        it is a guest of the other type (never replaced, also with ``force``).
     :raises LockedError: another backup or restore of ``vmid`` runs (exit 7).
     :raises GuestRunningError: ``vmid`` is a running VM (exit 7), also with ``force``.
     :raises UnsupportedError: the storage has no provider, or the mechanism does
@@ -151,6 +169,39 @@ def run_restore(
     if live and force:
         raise UsageError("a live restore needs a new VMID; it cannot be combined with --force")
     log = LogRouter(terminal)
+    if wants_bar(terminal):
+        assert terminal is not None
+        log.display = ProgressDisplay(terminal)
+    try:
+        if log.display is not None:
+            log.display.start()
+        return _run_restore(
+            root, volid, vmid, log,
+            target_storage=target_storage, force=force, keep_host_access=keep_host_access,
+            live=live, start_command=start_command, bwlimit_kib=bwlimit_kib,
+            unique=unique, storage_map=storage_map,
+        )
+    finally:
+        display, log.display = log.display, None
+        if display is not None:
+            display.stop()
+
+
+def _run_restore(
+    root: NodeRoot,
+    volid: str,
+    vmid: int,
+    log: LogRouter,
+    *,
+    target_storage: str | None,
+    force: bool,
+    keep_host_access: bool,
+    live: bool,
+    start_command: Sequence[str] | None,
+    bwlimit_kib: int | None,
+    unique: bool,
+    storage_map: Mapping[str, str] | None,
+) -> RestoreResult:
     cfg = read_storage_config(root.storage_cfg)
     storeid, volname = parse_volume_id(volid)
     scfg = storage_config(cfg, storeid)
@@ -177,6 +228,10 @@ def run_restore(
                 root, cfg, provider, storeid, volname, vmid, target_storage, log, guest_run
             )
             run.keep_host_access = keep_host_access
+            run.unique = unique
+            run.existing_type = old_type
+            run.storage_map = dict(storage_map or {})
+            run.rate = (bwlimit_kib or 0) * 1024
             if live:
                 run.live = True
                 run.start_command = list(start_command or liverestore.start_command())
@@ -186,7 +241,6 @@ def run_restore(
             result = run.restore()
             if old_config is not None:
                 run.remove_old_guest(old_config, result)
-    log.info(f"restored {volid} as {result.vmtype} guest {vmid}")
     return result
 
 
@@ -220,6 +274,10 @@ class _Restore:
         self.live_speed = 0
         self.live_disks: list[liverestore.LiveDisk] = []
         self.live_sources: list[str] = []  # devicenames whose restore source is open
+        self.unique = False
+        self.existing_type: GuestType | None = None
+        self.storage_map: dict[str, str] = {}
+        self.rate = 0  # bytes/s per disk, 0: unlimited
         if target_storage is not None:
             guest_volume_storage(cfg, target_storage)  # fail early on a bad --storage
 
@@ -232,7 +290,9 @@ class _Restore:
     def _holds(plugin: GuestVolumeStorage, content: str) -> bool:
         return plugin.subvols if content == "rootdir" else bool(plugin.image_formats)
 
-    def _target_for(self, original: str | None, content: str) -> str:
+    def _target_for(self, original: str | None, content: str, key: str | None = None) -> str:
+        if key is not None and key in self.storage_map:
+            return self.storage_map[key]
         if self.target_storage is not None:
             return self.target_storage
         if original is not None:
@@ -280,8 +340,19 @@ class _Restore:
                 raise UnsupportedError(
                     f"restore mechanism '{mechanism}' does not fit guest type '{vmtype}'"
                 )
+            if self.existing_type is not None and self.existing_type != vmtype:
+                # As Proxmox VE: --force replaces a guest, never turns a VM into a
+                # container (its disks, HA and firewall settings mean another thing).
+                kinds = {GuestType.QEMU: "VM", GuestType.LXC: "CT"}
+                raise GuestExistsError(
+                    f"unable to restore {kinds[vmtype]} {self.vmid} -"
+                    f" {kinds[self.existing_type]} {self.vmid} already exists"
+                    " (--force does not replace a guest of the other type)"
+                )
             if self.live and vmtype != GuestType.QEMU:
                 raise UnsupportedError("live restore is for VMs; this backup is a container")
+            for name in self.storage_map:
+                self._storage(self.storage_map[name])  # fail before any data moves
             text = self.provider.extract_guest_config(self.volname, self.storeid)
             where = f"{self.storeid}:{self.volname} (guest config)"
             config = restrict_config(
@@ -290,7 +361,15 @@ class _Restore:
                 target_id_map=self.target_id_map,
                 log=self.log,
             )
+            self._check_map(config)
             firewall = self.provider.extract_firewall_config(self.volname, self.storeid)
+            identity = identity_replacements(
+                config,
+                unique=self.unique,
+                prefix=mac_prefix(self.root, self.log.warn) if self.unique else "",
+            )
+            if not self.unique:
+                self._warn_shared_macs(config)
             if isinstance(config, VmConfig):
                 replace = self._restore_vm(config)
             elif isinstance(config, CtConfig):
@@ -300,6 +379,7 @@ class _Restore:
             for entry in config.entries:
                 if entry.key in _DROP_KEYS or entry.key.startswith("unused"):
                     replace[entry.key] = None
+            replace.update(identity)
             path = self.root.config_path(self.vmid, vmtype)
             crash_point("restore-before-config")
             if self.live:
@@ -326,6 +406,26 @@ class _Restore:
         self._write_firewall(firewall)
         return RestoreResult(self.vmid, vmtype, path, list(self.created))
 
+    def _check_map(self, config: GuestConfig) -> None:
+        keys = (
+            [d.key for d in config.disks] if isinstance(config, VmConfig)
+            else [m.key for m in config.mountpoints] if isinstance(config, CtConfig) else []
+        )
+        unknown = sorted(set(self.storage_map) - set(keys))
+        if unknown:
+            raise UsageError(
+                f"--map {', '.join(unknown)}: not a disk of this backup"
+                f" (it has {', '.join(keys) or 'none'})"
+            )
+
+    def _warn_shared_macs(self, config: GuestConfig) -> None:
+        for other, macs in sorted(shared_macs(self.root, self.vmid, mac_addresses(config)).items()):
+            self.log.warn(
+                f"guest {other} uses the same MAC address{'es' if len(macs) > 1 else ''}"
+                f" ({', '.join(sorted(macs))}): running both on one network breaks it;"
+                " restore with --unique for new ones"
+            )
+
     def _alloc(self, target: str, fmt: str, size: int) -> tuple[str, GuestVolume]:
         """Allocate with the storage's own tool; recorded first, freed on failure."""
         scfg, plugin = self._storage(target)
@@ -339,12 +439,14 @@ class _Restore:
         plugin.activate_volume(scfg, target, volname)
         return volid, plugin.guest_volume(scfg, target, volname)
 
-    def _alloc_image(self, original: str | None, size: int) -> tuple[str, GuestVolume, bool]:
+    def _alloc_image(
+        self, original: str | None, size: int, key: str | None = None
+    ) -> tuple[str, GuestVolume, bool]:
         """A new disk image: qcow2 where the storage has files, else its raw volume.
 
         The flag tells whether the new image reads as zeroes (a thick LV does not).
         """
-        target = self._target_for(original, "images")
+        target = self._target_for(original, "images", key)
         _, plugin = self._storage(target)
         if self.live:
             # The read-through target is a qcow2 whose backing file is the backup.
@@ -362,8 +464,8 @@ class _Restore:
         volid, volume = self._alloc(target, fmt, size)
         return volid, volume, plugin.zeroed_images
 
-    def _alloc_subvol(self, original: str | None) -> tuple[str, Path]:
-        target = self._target_for(original, "rootdir")
+    def _alloc_subvol(self, original: str | None, key: str | None = None) -> tuple[str, Path]:
+        target = self._target_for(original, "rootdir", key)
         _, plugin = self._storage(target)
         plugin.check_format(target, "subvol")
         volid, volume = self._alloc(target, "subvol", 0)
@@ -388,7 +490,7 @@ class _Restore:
                 replace[disk.key] = None
                 continue
             size = _device_size(info[disk.devicename], disk.devicename)
-            volid, volume, zeroed = self._alloc_image(disk.spec.storeid, size)
+            volid, volume, zeroed = self._alloc_image(disk.spec.storeid, size, disk.key)
             self.log.info(f"{disk.devicename}: restoring {format_size(size)} into {volid}")
             init = functools.partial(
                 self.provider.restore_qemu_img_init, self.volname, self.storeid, disk.devicename
@@ -411,9 +513,11 @@ class _Restore:
                 _qemu_img_convert(
                     str(source),
                     volume.qemu_name(),
-                    self._progress(disk.devicename),
+                    self._progress(disk.devicename, size),
                     target_fmt=volume.format,
                     target_is_zero=zeroed,
+                    interval=0.0,
+                    rate=self.rate,
                 )
             replace[disk.key] = disk.spec.render(volume=volid, size=format_size(size))
         return replace
@@ -439,9 +543,25 @@ class _Restore:
             except Exception as exc:
                 self.log.err(f"{devicename}: restore cleanup failed: {_describe(exc)}")
 
-    def _progress(self, devicename: str) -> Callable[[float], None]:
+    def _progress(self, devicename: str, size: int) -> Callable[[float], None]:
+        """qemu-img's percentages as the backup's progress: a bar on a terminal, a
+        line every few seconds and one at the end, both from one formula."""
+        start = time.monotonic()
+        next_line = start + PROGRESS_INTERVAL
+        finished = False
+
         def report(percent: float) -> None:
-            self.log.info(f"{devicename}: {percent:.0f}% restored")
+            nonlocal next_line, finished
+            if finished:
+                return
+            now = time.monotonic()
+            done, final = int(size * min(percent, 100.0) / 100), percent >= 100.0
+            line = None
+            if final or now >= next_line:
+                next_line = now + PROGRESS_INTERVAL
+                line = progress_text(devicename, done, size, now - start, final=final)
+            finished = final
+            self.log.progress(devicename, done, size, now - start, line, final)
 
         return report
 
@@ -457,12 +577,16 @@ class _Restore:
                     )
                     replace[mp.key] = None
                 continue
-            volid, path = self._alloc_subvol(mp.spec.storeid)
+            volid, path = self._alloc_subvol(mp.spec.storeid, mp.key)
             targets[mp.ct_path] = path
             replace[mp.key] = mp.spec.render(volume=volid)
             self.log.info(f"{mp.key} ({mp.ct_path}): restoring into {volid}")
         id_map = config.id_map()
         vol, sid = self.volname, self.storeid
+        if self.rate:
+            self.log.warn(
+                "the bandwidth limit applies to VM disks; a container restore is not paced"
+            )
         if mechanism == RestoreMechanism.TAR:
             with self._paired(
                 "restore_tar",
@@ -650,6 +774,7 @@ def _qemu_img_convert(
     interval: float = 5.0,
     target_fmt: str = "qcow2",
     target_is_zero: bool = True,
+    rate: int = 0,
 ) -> None:
     """``qemu-img convert`` ``source`` into the existing ``target`` of ``target_fmt``.
 
@@ -677,4 +802,5 @@ def _qemu_img_convert(
         target_exists=True,
         target_is_zero=target_is_zero,
         progress=on_progress,
+        rate_limit=rate or None,
     )

@@ -14,7 +14,10 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from .progress import ProgressDisplay
 
 __all__ = ["LEVEL_LABELS", "LogRouter", "TaskLog"]
 
@@ -69,23 +72,52 @@ class LogRouter:
 
     Writes ``LEVEL: message`` to ``terminal`` and, while a guest is being backed
     up (:attr:`current` set), the stamped line to that guest's :class:`TaskLog`.
+    With a :attr:`display` (a terminal), lines are printed above its progress
+    bars and periodic progress lines go to the task log only
+    (:meth:`progress`, the :class:`~pvebackup.kit.pacing.ProgressSink` of
+    providers' progress).
     """
 
     def __init__(self, terminal: TextIO | None) -> None:
         self.terminal = terminal
         self.current: TaskLog | None = None
+        self.display: ProgressDisplay | None = None
         self._lock = threading.Lock()
 
     def __call__(self, level: str, message: str) -> None:
         current = self.current
         if current is not None:
             current.write(level, message)
-        if self.terminal is not None:
-            label = _label(level)
-            with self._lock:
-                for line in str(message).splitlines() or [""]:
+        self._to_terminal(level, message)
+
+    def _to_terminal(self, level: str, message: str) -> None:
+        if self.terminal is None:
+            return
+        label = _label(level)
+        display = self.display
+        with self._lock:
+            for line in str(message).splitlines() or [""]:
+                if display is not None:
+                    display.print(f"{label}: {line}")
+                else:
                     self.terminal.write(f"{label}: {line}\n")
+            if display is None:
                 self.terminal.flush()
+
+    def progress(
+        self, what: str, done: int, total: int | None, elapsed: float, line: str | None,
+        final: bool,
+    ) -> None:
+        display = self.display
+        if display is not None:
+            display.update(what, done, total, elapsed, final)
+        if line is None:
+            return
+        current = self.current
+        if current is not None:
+            current.write("info", line)
+        if display is None or final:
+            self._to_terminal("info", line)
 
     def info(self, message: str) -> None:
         self("info", message)

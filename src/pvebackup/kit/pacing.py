@@ -11,12 +11,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from pvebackup.api.types import LogFunction
 from pvebackup.kit.crashpoint import crash_point
 
-__all__ = ["MIB", "PROGRESS_INTERVAL", "PacedReader", "ProgressLog", "TokenBucket"]
+__all__ = [
+    "MIB",
+    "PROGRESS_INTERVAL",
+    "PacedReader",
+    "ProgressLog",
+    "ProgressSink",
+    "TokenBucket",
+    "progress_text",
+]
 
 MIB = 1024 * 1024
 PROGRESS_INTERVAL = 5.0
@@ -69,12 +77,43 @@ class TokenBucket:
             self._sleep(delay)
 
 
+def progress_text(
+    what: str, done: int, total: int | None, elapsed: float, *, final: bool = False
+) -> str:
+    """``<what>: N% (x of y MiB) in t s, z MiB/s``: one formula for the log lines and
+    the terminal's progress bar, so that both show the same numbers."""
+    elapsed = max(elapsed, 1e-6)
+    rate = done / MIB / elapsed
+    took = f" in {elapsed:.1f} s" if final else ""
+    if total is None:
+        amount = f"{done / MIB:.1f} MiB"
+    else:
+        percent = 100 if final or total == 0 else done * 100 // total
+        amount = f"{percent}% ({done / MIB:.1f} of {total / MIB:.1f} MiB)"
+    return f"{what}: {amount}{took}, {rate:.1f} MiB/s"
+
+
+class ProgressSink(Protocol):
+    """What a ``log_function`` may offer besides being called: the host's log router
+    draws a progress bar on a terminal from it. A provider need not know: its
+    :class:`ProgressLog` finds the method on the log function, if there is one."""
+
+    def progress(
+        self, what: str, done: int, total: int | None, elapsed: float, line: str | None,
+        final: bool,
+    ) -> None:
+        """Bytes ``done`` of ``total`` after ``elapsed`` seconds; ``line`` is the log
+        line due now (None: none due), which the sink then logs itself."""
+
+
 class ProgressLog:
     """Log ``<what>: N% (x of y MiB), z MiB/s`` every ``interval`` seconds and at the end.
 
     With ``total`` None (a directory walk does not know its size beforehand) the
     lines say ``x MiB`` without a percentage. ``detail``, when given, is called
-    for each line and its text appended (a provider's own counters).
+    for each line and its text appended (a provider's own counters). A log function
+    with a ``progress`` method (:class:`ProgressSink`) hears of every update and
+    is handed the lines to log.
     """
 
     def __init__(
@@ -96,6 +135,8 @@ class ProgressLog:
         self._start = clock()
         self._next = self._start + interval
         self.done = 0
+        sink = getattr(log_function, "progress", None)
+        self._sink: Callable[..., None] | None = sink if callable(sink) else None
 
     def advance(self, nbytes: int) -> None:
         """Count ``nbytes`` more as done; log a line if the interval has passed."""
@@ -109,22 +150,21 @@ class ProgressLog:
         if now >= self._next and (self.total is None or self.done < self.total):
             self._next = now + self._interval
             self._emit(now)
+        elif self._sink is not None:
+            self._sink(self._what, self.done, self.total, now - self._start, None, False)
 
     def finish(self) -> None:
         """Log the final line: 100 %, the time taken and the average rate."""
         self._emit(self._clock(), final=True)
 
     def _emit(self, now: float, final: bool = False) -> None:
-        elapsed = max(now - self._start, 1e-6)
-        rate = self.done / MIB / elapsed
-        took = f" in {elapsed:.1f} s" if final else ""
-        if self.total is None:
-            amount = f"{self.done / MIB:.1f} MiB"
-        else:
-            percent = 100 if final or self.total == 0 else self.done * 100 // self.total
-            amount = f"{percent}% ({self.done / MIB:.1f} of {self.total / MIB:.1f} MiB)"
+        elapsed = now - self._start
+        text = progress_text(self._what, self.done, self.total, elapsed, final=final)
         detail = f", {self._detail()}" if self._detail is not None else ""
-        self._log("info", f"{self._what}: {amount}{took}, {rate:.1f} MiB/s{detail}")
+        if self._sink is not None:
+            self._sink(self._what, self.done, self.total, elapsed, text + detail, final)
+        else:
+            self._log("info", text + detail)
 
 
 class PacedReader:

@@ -6,10 +6,12 @@ One order everywhere a passphrase is needed (the CLI's ``key`` commands, a
 1. a file named explicitly (``--passphrase-file F``, the storage property
    ``encryption-passphrase-file``),
 2. the file named by the environment variable ``PVEBACKUP_PASSPHRASE_FILE``,
-3. an interactive prompt, only when standard input is a terminal (``getpass``:
+3. a passphrase handed to this process in memory (:func:`set_process_passphrase`:
+   the Proxmox VE bridge helper gets it over its pipe, never from a file),
+4. an interactive prompt, only when standard input is a terminal (``getpass``:
    read from the terminal with echo off, never from a pipe); asked once per key
    and process,
-4. else :class:`MissingKeyError`, saying these three ways.
+5. else :class:`MissingKeyError`, saying these ways.
 
 Passphrase files follow the key files' rule (:mod:`pvebackup.kit.secretfile`:
 refused when group or others may access them); the passphrase is their first
@@ -32,6 +34,7 @@ __all__ = [
     "new_passphrase",
     "passphrase_source",
     "read_passphrase_file",
+    "set_process_passphrase",
     "terminal_prompt",
 ]
 
@@ -43,6 +46,24 @@ Prompt = Callable[[str], "str | None"]
 # opens its store once per guest and step, and must not ask every time. Only
 # typed answers are kept (files are read again; they may be fixed meanwhile).
 _typed: dict[str, str] = {}
+
+# Set once by a process that received the passphrase over a pipe (the bridge
+# helper); kept in memory only, never written to a file or the environment.
+_process_passphrase: list[str] = []
+
+
+def set_process_passphrase(passphrase: str | None) -> None:
+    """Use ``passphrase`` for every key of this process that has no passphrase
+    file (step 3 of the module's order); ``None`` forgets it.
+
+    :raises KeyFileError: ``passphrase`` is empty.
+    """
+    _process_passphrase.clear()
+    if passphrase is None:
+        return
+    if not passphrase:
+        raise KeyFileError("the passphrase is empty")
+    _process_passphrase.append(passphrase)
 
 
 def read_passphrase_file(path: str | os.PathLike[str]) -> str:
@@ -105,6 +126,8 @@ def passphrase_source(
         env = os.environ.get(PASSPHRASE_FILE_ENV)
         if env:
             return read_passphrase_file(env)
+        if _process_passphrase:
+            return _process_passphrase[0]
         if what in _typed:
             return _typed[what]
         answer = (prompt or terminal_prompt)(f"Passphrase for {what}: ")

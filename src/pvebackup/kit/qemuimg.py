@@ -289,6 +289,7 @@ def convert(
     target_exists: bool = False,
     target_is_zero: bool = False,
     progress: Callable[[float], None] | None = None,
+    rate_limit: int | None = None,
 ) -> None:
     """``qemu-img convert`` ``source`` into ``target``, both formats explicit.
 
@@ -298,12 +299,17 @@ def convert(
     :param progress: called with each percentage qemu-img prints (``-p``, about
         one call per percent), and 100 at the end. An exception from it (a signal
         turned into one) stops qemu-img before it propagates.
+    :param rate_limit: bytes per second (``-r``), None: unlimited.
     """
     args = [QEMU_IMG, "convert", "-p"]
     if target_exists:
         args.append("-n")
     if target_is_zero:
         args.append("--target-is-zero")
+    if rate_limit is not None:
+        if rate_limit <= 0:
+            raise ValueError(f"rate limit must be positive, not {rate_limit}")
+        args += ["-r", str(rate_limit)]
     args += ["-f", source_fmt, source, "-O", target_fmt, os.fspath(target)]
     what = f"qemu-img convert {source} -> {os.fspath(target)}"
     with tempfile.TemporaryFile() as errors:
@@ -331,13 +337,17 @@ def throttled(
     report: Callable[[float], None], interval: float, clock: Callable[[], float] = time.monotonic
 ) -> Callable[[float], None]:
     """A ``progress`` callback passing on at most one value per ``interval`` seconds
-    (and always 100)."""
+    (and 100 once: qemu-img prints it more than once, then the caller's end)."""
     next_at = clock() + interval
+    finished = False
 
     def call(percent: float) -> None:
-        nonlocal next_at
+        nonlocal next_at, finished
+        if finished:
+            return
         if percent >= 100.0 or clock() >= next_at:
             next_at = clock() + interval
+            finished = percent >= 100.0
             report(percent)
 
     return call

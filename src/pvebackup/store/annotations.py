@@ -16,6 +16,8 @@ Removing a snapshot removes its sidecars with it (everything under the prefix).
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from pvebackup.api.errors import (
     CorruptIndexError,
     ObjectNotFoundError,
@@ -32,8 +34,20 @@ from pvebackup.kit.annotations import (
     check_notes,
     parse_notes,
 )
+from pvebackup.store.backends.base import Backend
 from pvebackup.store.datastore import Datastore
 from pvebackup.store.snapshot import SnapshotId
+
+
+class SnapshotObjects(Protocol):
+    """What reading a sidecar needs: a :class:`Datastore`, or a
+    :class:`~pvebackup.store.snapshotops.KeylessListing` (sidecars are not
+    encrypted, so ``list`` shows them without the key)."""
+
+    @property
+    def backend(self) -> Backend: ...
+
+    def has_snapshot(self, snapshot: SnapshotId) -> bool: ...
 
 __all__ = [
     "is_protected",
@@ -45,7 +59,7 @@ __all__ = [
 ]
 
 
-def _existing(store: Datastore, sid: SnapshotId) -> str:
+def _existing(store: SnapshotObjects, sid: SnapshotId) -> str:
     """The snapshot's prefix; ``VolumeNotFoundError`` unless it is committed.
 
     So that annotating a name that is no snapshot never creates objects under it.
@@ -55,7 +69,7 @@ def _existing(store: Datastore, sid: SnapshotId) -> str:
     return sid.prefix
 
 
-def _get(store: Datastore, key: str, limit: int) -> bytes | None:
+def _get(store: SnapshotObjects, key: str, limit: int) -> bytes | None:
     """The object, ``None`` if absent; too large is ``CorruptIndexError`` (not read)."""
     try:
         size = store.backend.stat(key).size
@@ -69,7 +83,7 @@ def _get(store: Datastore, key: str, limit: int) -> bytes | None:
     return data
 
 
-def read_notes(store: Datastore, sid: SnapshotId) -> str:
+def read_notes(store: SnapshotObjects, sid: SnapshotId) -> str:
     """The snapshot's notes, ``""`` if none.
 
     :raises VolumeNotFoundError: no such snapshot.
@@ -95,7 +109,7 @@ def write_notes(store: Datastore, sid: SnapshotId, text: str) -> None:
         _delete(store, key)
 
 
-def is_protected(store: Datastore, sid: SnapshotId) -> bool:
+def is_protected(store: SnapshotObjects, sid: SnapshotId) -> bool:
     """Whether the snapshot is protected; a symlink or special file there counts too
     (fails safe: prune keeps rather than removes).
 
@@ -120,7 +134,7 @@ def set_protected(store: Datastore, sid: SnapshotId, protected: bool) -> None:
         _delete(store, key)
 
 
-def read_verify_state(store: Datastore, sid: SnapshotId) -> VerifyState | None:
+def read_verify_state(store: SnapshotObjects, sid: SnapshotId) -> VerifyState | None:
     """The last verify's result; ``None`` if never verified or unreadable (advisory)."""
     try:
         data = _get(store, sid.prefix + VERIFY_NAME, VERIFY_MAX)

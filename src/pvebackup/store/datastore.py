@@ -6,6 +6,8 @@ Key layout on the backend (store format 2)::
     packs/<hex[0:2]>/<sha256 hex>                 chunk blobs plus their description
     index/<sha256 hex>                            chunk index object: digest -> pack, offset
     snapshots/<vm|ct>/<vmid>/<time>/<file>        indexes, blobs, manifest.json (last)
+    sessions/<hex>, gc/condemned/<hex>            writer sessions (with pins), GC records
+    bad/records/<hex>, bad/data/<hex>             chunk locations verify moved aside
 
 A datastore is one writer session: new chunks go into an open pack (in memory)
 that is put, durably, when it reaches ``pack_size``; ``flush`` (called by
@@ -30,29 +32,22 @@ different guests never share a key.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from pvebackup.api.errors import (
     CorruptChunkError,
-    CorruptIndexError,
     MissingKeyError,
     ObjectNotFoundError,
     StateError,
-    UnsupportedError,
-    VolumeNotFoundError,
     WrongKeyError,
 )
-from pvebackup.api.types import GuestType
-from pvebackup.store import chunkcache  # module: chunkcache imports store first
+from pvebackup.store import badchunk, chunkcache  # modules: chunkcache imports store first
 from pvebackup.store.backends.base import Backend
 from pvebackup.store.blob import (
     DEFAULT_COMPRESSION_LEVEL,
@@ -73,12 +68,8 @@ from pvebackup.store.chunkindex import (
     parse_index_object,
 )
 from pvebackup.store.formats import (
-    CONFIG_FORMAT,
-    FORMAT_VERSION,
     MAX_CHUNK_INDEX_ENTRIES,
     MAX_CONFIG_SIZE,
-    MAX_MANIFEST_SIZE,
-    STORE_FORMAT_IDS,
     ZERO_DIGEST,
 )
 from pvebackup.store.gcrecord import (
@@ -101,13 +92,11 @@ from pvebackup.store.pack import (
     read_pack_entries,
 )
 from pvebackup.store.snapshot import (
-    MANIFEST_NAME,
-    SNAPSHOTS_PREFIX,
-    Manifest,
-    Snapshot,
     SnapshotId,
     SnapshotWriter,
 )
+from pvebackup.store.snapshotops import SnapshotOps
+from pvebackup.store.storeconfig import CONFIG_KEY, StoreConfig, get_bounded
 
 __all__ = [
     "CONFIG_KEY",
@@ -117,13 +106,10 @@ __all__ = [
     "StoreConfig",
 ]
 
-CONFIG_KEY: Final = "config.json"
 DEFAULT_CHUNK_SIZE: Final = 256 * 1024
 """See docs/design.md, "Chunk size": scattered small writes must not cost much."""
 _PACK_ENTRY_LIMIT: Final = 65536
 """Most chunks per pack (compressible chunks are tiny): keeps descriptions small."""
-_MIN_LEVEL: Final = -7  # zstd's fast levels go lower; nobody needs them for backups
-_MAX_LEVEL: Final = 22
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,94 +125,7 @@ class InsertResult:
     is_new: bool
 
 
-@dataclass(frozen=True, slots=True)
-class StoreConfig:
-    """``config.json``: what a store is, fixed at creation."""
-
-    store_id: str
-    created: int
-    chunk_size: int
-    compression_level: int
-    encrypted: bool
-    key_fingerprint: str | None
-    key_check: str | None
-    pack_size: int = DEFAULT_PACK_SIZE
-
-    def to_bytes(self) -> bytes:
-        doc = {
-            "format": CONFIG_FORMAT,
-            "version": FORMAT_VERSION,
-            "formats": STORE_FORMAT_IDS,
-            "pack_size": self.pack_size,
-            "store_id": self.store_id,
-            "created": self.created,
-            "chunk_size": self.chunk_size,
-            "compression_level": self.compression_level,
-            "encrypted": self.encrypted,
-            "key_fingerprint": self.key_fingerprint,
-            "key_check": self.key_check,
-        }
-        return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("ascii")
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> StoreConfig:
-        """Parse ``config.json``; ``CorruptIndexError`` if it is not one, field by field.
-
-        Hostile input: a string for an int, a list for a dict, NaN, a nesting bomb.
-        """
-
-        def typed(value: Any, t: type | tuple[type, ...]) -> Any:
-            if not isinstance(value, t) or (t is int and isinstance(value, bool)):
-                raise TypeError(f"{value!r:.80} is not {t}")
-            return value
-
-        if len(data) > MAX_CONFIG_SIZE:
-            raise CorruptIndexError(f"{CONFIG_KEY}: {len(data)} bytes, too large for a config")
-        try:
-            doc: Any = json.loads(data)
-            if not isinstance(doc, dict) or doc.get("format") != CONFIG_FORMAT:
-                raise ValueError("not a pvebackup store config")
-            if doc.get("version") == 1:
-                raise UnsupportedError(
-                    "this store has format 1 (one file per chunk, written by a development "
-                    "version); format 2 (packs) is required: create a new store"
-                )
-            if doc.get("version") != FORMAT_VERSION:
-                raise ValueError(f"unsupported store version {doc.get('version')!r:.40}")
-            if typed(doc["formats"], dict) != STORE_FORMAT_IDS:
-                raise UnsupportedError(
-                    f"{CONFIG_KEY}: unknown algorithms or layouts {doc.get('formats')!r:.200}; "
-                    f"this version knows {STORE_FORMAT_IDS}"
-                )
-            pack_size = typed(doc["pack_size"], int)
-            if not MIN_PACK_SIZE <= pack_size <= MAX_TARGET_PACK_SIZE:
-                raise ValueError(f"pack size {pack_size} out of range")
-            level = typed(doc["compression_level"], int)
-            if not _MIN_LEVEL <= level <= _MAX_LEVEL:
-                raise ValueError(f"compression level {level} out of range")
-            created = typed(doc["created"], int)
-            if not 0 <= created < 1 << 62:
-                raise ValueError(f"created {created} out of range")
-            cfg = cls(
-                store_id=str(uuid.UUID(typed(doc["store_id"], str))),
-                created=created,
-                chunk_size=check_chunk_size(typed(doc["chunk_size"], int)),
-                compression_level=level,
-                encrypted=typed(doc["encrypted"], bool),
-                key_fingerprint=typed(doc["key_fingerprint"], (str, type(None))),
-                key_check=typed(doc["key_check"], (str, type(None))),
-                pack_size=pack_size,
-            )
-        except (KeyError, TypeError, ValueError, RecursionError) as exc:
-            raise CorruptIndexError(f"{CONFIG_KEY}: {exc}") from exc
-        if cfg.encrypted and not (
-            isinstance(cfg.key_check, str) and isinstance(cfg.key_fingerprint, str)
-        ):
-            raise CorruptIndexError(f"{CONFIG_KEY}: encrypted store without key check")
-        return cfg
-
-
-class Datastore:
+class Datastore(SnapshotOps):
     """A chunk store. Make one with ``create`` or ``open``, not the constructor."""
 
     def __init__(
@@ -262,9 +161,13 @@ class Datastore:
         self._session_started: float | None = None
         self._last_beat = 0.0
         self._condemned: frozenset[bytes] = frozenset()
+        self._bad: badchunk.BadMap | None = None  # loaded on first need
+        self._healed: dict[bytes, ChunkLocation] = {}  # good copies of bad digests
+        self._healed_scanned = False
         self._session_lock = threading.Lock()
         self._refresh_lock = threading.Lock()
         self._session_ready = False
+        self._pins: dict[str, int] = {}  # snapshot prefix -> how many users
 
     def __repr__(self) -> str:
         enc = f", key={self._key.fingerprint}" if self._key else ""
@@ -313,7 +216,7 @@ class Datastore:
     ) -> Datastore:
         """Open the store on ``backend``; checks ``key`` before touching any data."""
         try:
-            raw = _get_bounded(backend, CONFIG_KEY, MAX_CONFIG_SIZE)
+            raw = get_bounded(backend, CONFIG_KEY, MAX_CONFIG_SIZE)
         except ObjectNotFoundError as exc:
             raise ObjectNotFoundError(f"no store in {backend!r} ({CONFIG_KEY} missing)") from exc
         config = StoreConfig.from_bytes(raw)
@@ -376,6 +279,7 @@ class Datastore:
             condemned = load_condemned_digests(self.backend, self.codec)
             with self._lock:
                 self._condemned = frozenset(condemned)
+            self._bad_map()
             self.refresh_index(check_vanished=True)
             self._session_ready = True
 
@@ -383,11 +287,29 @@ class Datastore:
         assert self._session_started is not None
         self.backend.put(
             session_key(self.session),
-            encode_session(self.session, self._session_started, now, self.session_ttl),
+            encode_session(
+                self.session, self._session_started, now, self.session_ttl, self._pins
+            ),
             overwrite=True,
             durable=True,
         )
         self._last_beat = now
+
+    def pin_snapshot(self, snapshot: SnapshotId) -> None:
+        """Name ``snapshot`` in this writer's session object: ``remove_snapshot`` in
+        any process refuses it while the session lives (a running backup's base)."""
+        self._ensure_session()
+        with self._lock:
+            self._pins[snapshot.prefix] = self._pins.get(snapshot.prefix, 0) + 1
+            self._beat(time.time())
+
+    def unpin_snapshot(self, snapshot: SnapshotId) -> None:
+        with self._lock:
+            n = self._pins.pop(snapshot.prefix, 0) - 1
+            if n > 0:
+                self._pins[snapshot.prefix] = n
+            if self._session_started is not None:
+                self._beat(time.time())
 
     def _check_session(self) -> None:
         """Before a manifest: a session silent past its TTL may have been taken for dead."""
@@ -416,6 +338,7 @@ class Datastore:
                 self.backend.delete(session_key(self.session))
                 self._session_started = None
                 self._session_ready = False
+            self._pins.clear()
 
     def close_cache(self) -> None:
         """Save the chunk index cache and release it (its lock) for other processes;
@@ -437,7 +360,7 @@ class Datastore:
                 return len(blob)
         loc = self._written.get(digest)
         if loc is None and digest not in self._condemned:
-            loc = self._index.lookup(digest)
+            loc = self._usable(digest, self._healed.get(digest) or self._index.lookup(digest))
         return -1 if loc is None else loc.length
 
     def _lookup_size(self, digest: bytes) -> int:
@@ -485,6 +408,10 @@ class Datastore:
         key = index_key(name)
         self.backend.put(key, data, overwrite=False, durable=True)
         self._index.add(self._written.items())
+        bad = self._bad or {}
+        # A new copy of a digest moved aside: the cache keeps the first location
+        # it met (the bad one), so remember the good one for this session.
+        self._healed.update((d, loc) for d, loc in self._written.items() if d in bad)
         self._index.mark_ingested(key)
         self._written.clear()
         self._unindexed.clear()
@@ -529,7 +456,7 @@ class Datastore:
             if name is None:
                 continue  # not ours (an editor's backup file?): never read
             try:
-                data = _get_bounded(self.backend, key, MAX_INDEX_OBJECT_SIZE)
+                data = get_bounded(self.backend, key, MAX_INDEX_OBJECT_SIZE)
             except ObjectNotFoundError:
                 continue  # compacted away meanwhile
             parsed = parse_index_object(self.codec, data, name)
@@ -545,7 +472,7 @@ class Datastore:
         for key in sorted(self.backend.list(INDEX_PREFIX)):
             name = index_name_from_key(key)
             if name is not None:
-                data = _get_bounded(self.backend, key, MAX_INDEX_OBJECT_SIZE)
+                data = get_bounded(self.backend, key, MAX_INDEX_OBJECT_SIZE)
                 for digest, loc in parse_index_object(self.codec, data, name).entries:
                     out.setdefault(digest, loc)
         return out
@@ -587,25 +514,76 @@ class Datastore:
         return digest == ZERO_DIGEST or self._lookup_size(digest) >= 0
 
     def locate_chunk(self, digest: bytes) -> ChunkLocation | None:
-        """Where the chunk is stored; None if not (or still in the open pack)."""
+        """Where the chunk is stored; None if not (or still in the open pack, or
+        only at locations verify moved aside)."""
         with self._lock:
-            loc = self._written.get(digest) or self._index.lookup(digest)
+            loc = self._written.get(digest) or self._healed.get(digest)
+            loc = loc or self._index.lookup(digest)
         if loc is None:
             self.refresh_index()
             with self._lock:
                 loc = self._written.get(digest) or self._index.lookup(digest)
-        return loc
+        self._bad_map()
+        with self._lock:
+            return self._usable(digest, loc)
 
     def _locate_for_read(self, digest: bytes) -> ChunkLocation | None:
         """``locate_chunk``, and once more on a cache started over: a miss on a read
         is rare (the index said the chunk exists), and a persistent cache another
         process saved over may lack entries it claims to have ingested."""
         loc = self.locate_chunk(digest)
-        if loc is None:
+        if loc is None and digest not in self._bad_map():
             with self._lock:
                 self._index.clear()
             loc = self.locate_chunk(digest)
         return loc
+
+    # --- chunks moved aside by verify (store/badchunk.py) ---------------------------
+
+    def _bad_map(self) -> badchunk.BadMap:
+        """The locations moved aside, read once per datastore (a writer: at its start)."""
+        if self._bad is None:
+            found = badchunk.bad_map(badchunk.read_bad_chunks(self.backend, self.codec))
+            with self._lock:
+                if self._bad is None:
+                    self._bad = found
+        assert self._bad is not None
+        return self._bad
+
+    def _usable(self, digest: bytes, loc: ChunkLocation | None) -> ChunkLocation | None:
+        """``loc`` unless verify moved it aside; then another copy, if any (lock held).
+
+        One pass over the index objects per datastore finds the other copies of
+        every bad digest; it happens only when a bad location is met at all."""
+        bad = self._bad or {}
+        if loc is None or loc.pack not in bad.get(digest, ()):
+            return loc
+        if digest not in self._healed and not self._healed_scanned:
+            self._healed.update(badchunk.good_locations(self.backend, self.codec, bad))
+            self._healed_scanned = True
+        return self._healed.get(digest)
+
+    def bad_reason(self, digest: bytes) -> str | None:
+        """Why verify moved the chunk aside (None if it did not)."""
+        reasons = self._bad_map().get(digest)
+        return None if not reasons else "; ".join(sorted(set(reasons.values())))
+
+    def is_moved_aside(self, digest: bytes, pack: bytes) -> bool:
+        return pack in self._bad_map().get(digest, ())
+
+    def move_chunk_aside(
+        self, digest: bytes, loc: ChunkLocation, reason: str
+    ) -> badchunk.BadChunk:
+        """Record ``loc`` of ``digest`` as bad (bytes kept in ``bad/data/``): from now
+        on this datastore, and every one opened later, treats it as absent."""
+        record = badchunk.move_aside(self.backend, self.codec, digest, loc, reason)
+        bad = self._bad_map()
+        with self._lock:
+            bad.setdefault(digest, {})[loc.pack] = record.reason
+            if (h := self._healed.get(digest)) is not None and h.pack == loc.pack:
+                del self._healed[digest]
+            self._healed_scanned = False
+        return record
 
     def read_chunk(self, digest: bytes, size: int | None = None) -> bytes:
         """The verified plaintext of chunk ``digest``.
@@ -623,6 +601,12 @@ class Datastore:
         if blob is None:
             loc = self._locate_for_read(digest)
             if loc is None:
+                why = self.bad_reason(digest)
+                if why is not None:
+                    raise CorruptChunkError(
+                        f"chunk {digest.hex()}: moved aside as bad ({why}); a backup "
+                        "that stores it again heals the store"
+                    )
                 raise CorruptChunkError(f"chunk {digest.hex()}: missing from the store")
             try:
                 blob = self.backend.get_range(pack_key(loc.pack), loc.offset, loc.length)
@@ -666,113 +650,3 @@ class Datastore:
             parent=parent,
             flush=self.flush,
         )
-
-    def open_snapshot(self, snapshot: SnapshotId) -> Snapshot:
-        """The committed snapshot, manifest verified (``VolumeNotFoundError`` if none)."""
-        key = snapshot.prefix + MANIFEST_NAME
-        try:
-            raw = _get_bounded(self.backend, key, MAX_MANIFEST_SIZE)
-        except ObjectNotFoundError as exc:
-            raise VolumeNotFoundError(f"no snapshot {snapshot} in the store") from exc
-        manifest = Manifest.from_bytes(raw, self._key, name=f"snapshot {snapshot}")
-        if manifest.snapshot != snapshot:
-            raise CorruptIndexError(f"snapshot {snapshot}: manifest names {manifest.snapshot}")
-        return Snapshot(self.backend, self.codec, manifest, hashlib.sha256(raw).hexdigest())
-
-    def has_snapshot(self, snapshot: SnapshotId) -> bool:
-        return self.backend.exists(snapshot.prefix + MANIFEST_NAME)
-
-    def list_snapshots(
-        self,
-        guest_type: GuestType | None = None,
-        vmid: int | None = None,
-        *,
-        on_skip: Callable[[str, str], None] | None = None,
-    ) -> list[SnapshotId]:
-        """Committed snapshots (those with a manifest), oldest first.
-
-        A manifest under a prefix that is no snapshot name (``vm/100/2026-02-31T...``:
-        an impossible date, written by someone else) is skipped, never fatal to the
-        listing; ``on_skip(key prefix, reason)`` hears of each.
-        """
-        prefix = SNAPSHOTS_PREFIX
-        if guest_type is not None:
-            prefix += SnapshotId(guest_type, 1, 0).kind + "/"
-            if vmid is not None:
-                prefix += f"{vmid}/"
-        found: list[SnapshotId] = []
-        suffix = "/" + MANIFEST_NAME
-        for key in self.backend.list(prefix):
-            if not key.endswith(suffix):
-                continue
-            try:
-                sid = SnapshotId.parse(key[len(SNAPSHOTS_PREFIX) : -len(suffix)])
-            except ValueError as exc:
-                if on_skip is not None:
-                    on_skip(key[: -len(suffix)], str(exc))
-                continue  # not ours: skip rather than fail the whole listing
-            if vmid is None or sid.vmid == vmid:
-                found.append(sid)
-        return sorted(found, key=lambda s: (s.backup_time, s.kind, s.vmid))
-
-    def remove_snapshot(self, snapshot: SnapshotId) -> None:
-        """Drop a snapshot: the manifest first (it vanishes at once), then its files.
-
-        Its chunks stay until garbage collection.
-        """
-        key = snapshot.prefix + MANIFEST_NAME
-        if not self.backend.exists(key):
-            raise VolumeNotFoundError(f"no snapshot {snapshot} in the store")
-        self.backend.delete(key)
-        self.backend.sync()
-        for k in list(self.backend.list(snapshot.prefix)):
-            self.backend.delete(k)
-
-    def incomplete_snapshots(self) -> Iterator[tuple[str, float]]:
-        """``(prefix, newest mtime)`` of every snapshot prefix without a manifest."""
-        groups: dict[str, list[str]] = {}
-        for key in self.backend.list(SNAPSHOTS_PREFIX):
-            parts = key[len(SNAPSHOTS_PREFIX) :].split("/")
-            if len(parts) < 4:
-                continue
-            groups.setdefault(SNAPSHOTS_PREFIX + "/".join(parts[:3]) + "/", []).append(key)
-        for prefix, keys in groups.items():
-            if prefix + MANIFEST_NAME in keys:
-                continue
-            newest = 0.0
-            for k in keys:
-                try:
-                    newest = max(newest, self.backend.stat(k).mtime)
-                except ObjectNotFoundError:
-                    continue
-            yield prefix, newest
-
-    def cleanup_incomplete(self, *, min_age: float = 86400.0) -> list[str]:
-        """Delete leftovers of snapshots that never got a manifest.
-
-        Only prefixes whose newest file is older than ``min_age`` seconds, so that a
-        backup still running is left alone. Returns the removed prefixes.
-        """
-        cutoff = time.time() - min_age
-        removed: list[str] = []
-        for prefix, newest in list(self.incomplete_snapshots()):
-            if newest > cutoff:
-                continue
-            for k in list(self.backend.list(prefix)):
-                self.backend.delete(k)
-            removed.append(prefix)
-        return removed
-
-
-def _get_bounded(backend: Backend, key: str, limit: int) -> bytes:
-    """``backend.get(key)``, refused before reading when the object exceeds ``limit``.
-
-    A metadata object replaced by a huge file must not be read into memory whole.
-    """
-    size = backend.stat(key).size
-    if size > limit:
-        raise CorruptIndexError(f"{key}: {size} bytes, more than the {limit} it may have")
-    data = backend.get(key)
-    if len(data) > limit:  # it grew between stat and get
-        raise CorruptIndexError(f"{key}: more than the {limit} bytes it may have")
-    return data

@@ -14,7 +14,8 @@ One run (``collect_garbage``), on any backend, without locks, renames or atimes:
    (kept); the others are deleted: a pack left with nothing live is deleted, one
    whose dead share exceeds ``max_unused`` is repacked, others keep their dead
    bytes until a later run;
-4. condemn: every indexed location whose digest is unmarked and every pack no
+4. condemn: every indexed location whose digest is unmarked or that verify moved
+   aside (``badchunk``: its bytes are kept under ``bad/``), and every pack no
    index object names (a crashed writer's) goes into a new record (not deleted);
 5. compact: when anything moved or was deleted, or there are several index
    objects, the surviving entries are written as new index objects (durable),
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from pvebackup.api.errors import CorruptChunkError, CorruptIndexError, ObjectNotFoundError
+from pvebackup.store.badchunk import read_bad_chunks
 from pvebackup.store.chunkindex import (
     INDEX_PREFIX,
     MAX_INDEX_OBJECT_SIZE,
@@ -171,6 +173,9 @@ def collect_garbage(
     index_keys, locations = _read_index(store)
     packs = set(store.pack_names())
     indexed_packs = {p for _, p in locations}
+    # Locations verify moved aside are garbage however referenced: their bytes are
+    # kept under bad/, readers and writers skip them, a healed copy lives elsewhere.
+    bad = {(b.digest, b.pack) for b in read_bad_chunks(store.backend, store.codec)}
 
     ripe: list[CondemnedRecord] = []
     pending: set[tuple[bytes, bytes]] = set()
@@ -189,7 +194,7 @@ def collect_garbage(
                 if pack in packs and pack not in indexed_packs:
                     dead_packs.add(pack)
             elif (digest, pack) in locations:
-                if digest in marked:
+                if digest in marked and (digest, pack) not in bad:
                     report.chunks_resurrected += 1
                 else:
                     doomed.add((digest, pack))
@@ -222,7 +227,7 @@ def collect_garbage(
     new_pairs = {
         (d, p)
         for (d, p) in locations
-        if d not in marked and (d, p) not in pending and (d, p) not in doomed
+        if (d not in marked or (d, p) in bad) and (d, p) not in pending and (d, p) not in doomed
     }
     orphans = {
         p

@@ -2,7 +2,8 @@
 
 ``sessions/<session hex>``: a small JSON object a writer puts before its first
 dedup lookup and overwrites as a heartbeat (``started``, ``heartbeat``, ``ttl``,
-seconds since the epoch); deleted when the writer ends. A session whose
+seconds since the epoch; ``pins``: the snapshots the writer builds on, which
+removal refuses to remove); deleted when the writer ends. A session whose
 ``heartbeat + ttl`` has passed is dead (the writer crashed or hung).
 
 ``gc/condemned/<hex>``: a blob (encrypted in an encrypted store) of
@@ -42,6 +43,8 @@ from pvebackup.store.formats import (
 __all__ = [
     "CONDEMNED_PREFIX",
     "SESSIONS_PREFIX",
+    "MAX_PINS",
+    "MAX_SESSION_SIZE",
     "SESSION_TTL",
     "CondemnedRecord",
     "SessionInfo",
@@ -74,13 +77,27 @@ class SessionInfo:
     started: float
     heartbeat: float
     ttl: float
+    pins: tuple[str, ...] = ()
 
     def alive(self, now: float) -> bool:
         return self.heartbeat + self.ttl >= now
 
 
-def encode_session(session: bytes, started: float, heartbeat: float, ttl: float) -> bytes:
-    doc = {"session": session.hex(), "started": started, "heartbeat": heartbeat, "ttl": ttl}
+MAX_PINS: Final = 32
+"""A writer pins one base per guest it backs up at once: a few."""
+
+
+def encode_session(
+    session: bytes, started: float, heartbeat: float, ttl: float, pins: Iterable[str] = ()
+) -> bytes:
+    doc: dict[str, Any] = {
+        "session": session.hex(), "started": started, "heartbeat": heartbeat, "ttl": ttl
+    }
+    pinned = sorted(pins)
+    if pinned:
+        if len(pinned) > MAX_PINS:
+            raise ValueError(f"{len(pinned)} pinned snapshots, at most {MAX_PINS}")
+        doc["pins"] = pinned
     return json.dumps(doc, sort_keys=True).encode("ascii")
 
 
@@ -98,7 +115,13 @@ def parse_session(data: bytes) -> SessionInfo:
             for t in times
         ):
             raise ValueError("times must be finite numbers")
-        return SessionInfo(doc["session"], *(float(t) for t in times))
+        pins = doc.get("pins", [])
+        if not isinstance(pins, list) or len(pins) > MAX_PINS or not all(
+            isinstance(p, str) and 0 < len(p) <= 128 for p in pins
+        ):
+            raise ValueError("pins must be a short list of snapshot names")
+        started, heartbeat, ttl = (float(t) for t in times)
+        return SessionInfo(doc["session"], started, heartbeat, ttl, tuple(pins))
     except (KeyError, TypeError, ValueError, RecursionError) as exc:
         raise CorruptIndexError(f"session object: {exc}") from exc
 

@@ -254,12 +254,20 @@ class Manifest:
         return _canonical(body) + b"\n"
 
     @classmethod
-    def from_bytes(cls, data: bytes, key: EncryptionKey | None, *, name: str) -> Manifest:
+    def from_bytes(
+        cls, data: bytes, key: EncryptionKey | None, *, name: str, unsigned_ok: bool = False
+    ) -> Manifest:
         """Parse and verify. ``key`` is the store's key (None for a plain store).
 
         ``CorruptIndexError``: malformed, checksum or signature mismatch, or an
         unsigned manifest in an encrypted store. ``MissingKeyError``: encrypted, no
         key. ``WrongKeyError``: signed by a key with another fingerprint.
+
+        ``unsigned_ok`` (listing an encrypted store without its key, only): an
+        encrypted manifest is parsed without checking its signature, which needs
+        the key. Every field is still checked as in a plain store (the checksum of
+        which authenticates nothing either); nothing read so may be trusted beyond
+        showing it: whoever can write the storage can forge such a listing.
         """
 
         def bad(reason: str) -> CorruptIndexError:
@@ -280,6 +288,13 @@ class Manifest:
         stored = doc.pop("checksum", None)
         encrypted = doc.get("encrypted")
         if encrypted is True:
+            if key is None and unsigned_ok:
+                if not isinstance(stored, str) or not stored.startswith("hmac-sha256:"):
+                    raise bad("encrypted manifest without a signature")
+                try:
+                    return cls._from_doc(doc)
+                except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                    raise bad(f"malformed field: {exc}") from exc
             if key is None:
                 raise MissingKeyError(f"{name}: the snapshot is encrypted; no key given")
         elif key is not None:

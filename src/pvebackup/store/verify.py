@@ -11,10 +11,11 @@ against its digest (and its tag, in an encrypted store) by ``read_chunk``. A
 damaged object is reported by name and never stops the run, so one bad pack
 cannot hide the state of the rest of the store.
 
-A bad chunk is recorded, not moved aside: in store format 2 it lives inside an
-immutable pack named by the hash of its content, next to healthy chunks, so moving
-it aside would mean rewriting the pack and the chunk index (garbage collection's
-job, under its lock). See docs/design.md ("Verify").
+A bad chunk is moved aside (``store/badchunk.py``): every indexed location of its
+digest is read again, and each one that fails gets a record and a copy of its bytes
+under ``bad/``; from then on writers store the chunk anew (a later backup of the
+same data heals the store) and readers skip the location. Nothing is deleted. See
+docs/design.md ("Verify").
 """
 
 from __future__ import annotations
@@ -25,13 +26,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pvebackup.api.errors import (
+    CorruptChunkError,
     CryptoError,
     IntegrityError,
     ObjectNotFoundError,
     VolumeNotFoundError,
 )
+from pvebackup.store.badchunk import index_locations
 from pvebackup.store.datastore import Datastore
 from pvebackup.store.formats import ZERO_DIGEST
+from pvebackup.store.pack import pack_key
 from pvebackup.store.snapshot import SnapshotId
 
 __all__ = ["DEFAULT_WORKERS", "SnapshotResult", "VerifyReport", "verify_store"]
@@ -61,7 +65,10 @@ class VerifyReport:
     chunks: int = 0
     bytes: int = 0
     bad_chunks: dict[str, str] = field(default_factory=dict)
+    moved_aside: dict[str, list[str]] = field(default_factory=dict)
+    """digest hex -> the records (``bad/records/<id>``) this run wrote for it."""
     snapshots: list[SnapshotResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -72,6 +79,11 @@ class VerifyReport:
         for s in self.snapshots:
             out.append(f"{s.state:6} {s.volname}")
             out.extend(f"       {e}" for e in s.errors)
+        for digest in sorted(self.bad_chunks):
+            moved = self.moved_aside.get(digest)
+            where = ", ".join(moved) if moved else "nothing (new) to move aside"
+            out.append(f"bad    chunk {digest}: moved aside: {where}")
+        out.extend(self.notes)
         out.append(
             f"verified {len(self.snapshots)} snapshots, {self.chunks} chunks "
             f"({self.bytes} bytes) in {self.finished - self.started:.1f}s: "
@@ -87,10 +99,42 @@ def _check_chunk(store: Datastore, digest: bytes, size: int) -> tuple[int, str |
         return 0, str(exc)
 
 
+def _move_aside(store: Datastore, report: VerifyReport, bad: dict[bytes, str]) -> None:
+    """Re-read every indexed location of each bad digest; record those that fail.
+
+    Every location, not only the one the read used: the cache keeps one per digest,
+    and a second (also bad) copy would otherwise be read the next time.
+    """
+    try:
+        found = index_locations(store.backend, store.codec, set(bad))
+    except (IntegrityError, CryptoError) as exc:
+        # A damaged index object: nothing can be moved safely; say so, fail the run.
+        report.notes.append(f"bad chunks not moved aside: {exc}")
+        return
+    for digest, locs in found.items():
+        for loc in locs:
+            try:
+                blob = store.backend.get_range(pack_key(loc.pack), loc.offset, loc.length)
+                if len(blob) != loc.length:
+                    raise CorruptChunkError(f"chunk {digest.hex()}: its pack is cut short")
+                if len(store.codec.decode_chunk(blob, digest)) != loc.size:
+                    raise CorruptChunkError(f"chunk {digest.hex()}: wrong size")
+                continue  # a good copy: readers will find it
+            except ObjectNotFoundError:
+                reason = f"chunk {digest.hex()}: its pack {loc.pack.hex()} is missing"
+            except (IntegrityError, CryptoError) as exc:
+                reason = str(exc)
+            if store.is_moved_aside(digest, loc.pack):
+                continue  # moved aside by an earlier run
+            record = store.move_chunk_aside(digest, loc, reason)
+            report.moved_aside.setdefault(digest.hex(), []).append(record.key)
+
+
 def verify_store(
     store: Datastore,
     snapshots: Iterable[SnapshotId] | None = None,
     *,
+    move_aside: bool = True,
     workers: int = DEFAULT_WORKERS,
     log: Log | None = None,
     now: Callable[[], float] = time.time,
@@ -137,6 +181,8 @@ def verify_store(
                 result.state = "failed"
                 result.bad_chunks.append(digest.hex())
                 result.errors.append(error)
+    if move_aside and report.bad_chunks:
+        _move_aside(store, report, {bytes.fromhex(d): e for d, e in report.bad_chunks.items()})
     report.finished = now()
     if log is not None:
         for result in report.snapshots:

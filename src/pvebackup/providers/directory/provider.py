@@ -130,6 +130,7 @@ class BackupDirProvider(BackupProvider):
         self.layout = VolumeLayout(settings.path)
         self.base = settings.base
         self.use_bitmap = settings.use_bitmap
+        self.max_chain_length = settings.max_chain_length
         self.ct_format = settings.ct_format
         self._guests: dict[int, _GuestBackup] = {}
         self._restores: dict[tuple[str, str], images.ImageChain] = {}
@@ -340,8 +341,29 @@ class BackupDirProvider(BackupProvider):
             fresh = self._fresh_chain(vmid)
             self.log("info", f"backup-dir: full backup of {vmid}, starting bitmap {fresh}")
             return None, None, fresh
+        depth = self._chain_depth(volname)
+        if self.max_chain_length and depth >= self.max_chain_length:
+            # A new chain, so that retention can remove the old one whole: a base
+            # stays while a child needs it (see docs/design.md, "Chains and retention").
+            fresh = self._fresh_chain(vmid)
+            self.log(
+                "info",
+                f"backup-dir: full backup of {vmid}, starting bitmap {fresh}: the chain "
+                f"has {depth} incremental backups (max-chain-length {self.max_chain_length})",
+            )
+            return None, None, fresh
         self.log("info", f"backup-dir: incremental backup of {vmid} on top of {volname}")
         return volname, sha, chain_id
+
+    def _chain_depth(self, volname: str) -> int:
+        """Incremental backups from the chain's full backup up to ``volname``
+        (checked just before by ``_base_problem``; bounded like a restore's walk)."""
+        depth = 0
+        current = self.layout.read_index_checked(volname)[0].parent
+        while current is not None and depth < images.MAX_CHAIN_DEPTH:
+            depth += 1
+            current = self.layout.read_index_checked(current)[0].parent
+        return depth
 
     def _has_volumes(self, vmid: int) -> bool:
         prefix = f"backup/{GuestType.QEMU.value}-{vmid}-"
@@ -418,11 +440,12 @@ class BackupDirProvider(BackupProvider):
 
     def backup_guest_config(self, vmid: int, filename: str) -> None:
         _store_host_file(filename, self._workdir_fd(vmid), GUEST_CONFIG)
-        self.log("info", f"backup-dir: stored guest configuration {filename}")
+        # The name it has in the backup: the host's copy is a temporary file.
+        self.log("info", f"backup-dir: stored guest configuration as {GUEST_CONFIG}")
 
     def backup_firewall_config(self, vmid: int, filename: str) -> None:
         _store_host_file(filename, self._workdir_fd(vmid), FIREWALL_CONFIG)
-        self.log("info", f"backup-dir: stored firewall configuration {filename}")
+        self.log("info", f"backup-dir: stored firewall configuration as {FIREWALL_CONFIG}")
 
     def backup_handle_log_file(self, vmid: int, filename: str) -> None:
         """Store the task log in the committed volume; nothing for aborted ones."""

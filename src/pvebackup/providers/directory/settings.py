@@ -16,7 +16,10 @@ from pvebackup.storage.basepath import BASE_PATH_PROPERTIES, CREATE_SUBDIRS, Bas
 from pvebackup.storage.plugin import COMMON_PROPERTIES, PRUNE_PROPERTIES
 from pvebackup.storage.properties import PropertyKind, PropertySpec, parse_properties
 
-__all__ = ["CT_FORMATS", "PROPERTIES", "BackupDirSettings"]
+__all__ = ["CT_FORMATS", "DEFAULT_MAX_CHAIN_LENGTH", "PROPERTIES", "BackupDirSettings"]
+
+DEFAULT_MAX_CHAIN_LENGTH = 6
+"""Daily backups: a full one a week. See docs/design.md ("Chains and retention")."""
 
 CT_FORMATS = ("tar", "directory")
 """How containers are stored: a zstd tar (``root.tar.zst``) or a directory tree."""
@@ -38,6 +41,15 @@ PROPERTIES: Mapping[str, PropertySpec] = {
         default="tar",
         description="how containers are stored: tar (zstd tar, default) or directory",
     ),
+    "max-chain-length": PropertySpec(
+        PropertyKind.INT,
+        default=DEFAULT_MAX_CHAIN_LENGTH,
+        minimum=0,
+        maximum=1000,
+        description="most incremental VM backups on top of a full one; the next backup "
+        "is full and starts a new chain, so retention can remove the old chain "
+        f"(default {DEFAULT_MAX_CHAIN_LENGTH}; 0: no limit)",
+    ),
     **BASE_PATH_PROPERTIES,
     **CREATE_SUBDIRS,
 }
@@ -52,6 +64,8 @@ class BackupDirSettings:
     base: BasePath
     use_bitmap: bool
     ct_format: str
+    max_chain_length: int = DEFAULT_MAX_CHAIN_LENGTH
+    """0: unlimited."""
 
     @classmethod
     def from_scfg(cls, scfg: Mapping[str, str], storeid: str) -> BackupDirSettings:
@@ -67,4 +81,5 @@ class BackupDirSettings:
             base=BasePath.from_properties(props, create_default=False),
             use_bitmap=props.flag("bitmap"),
             ct_format=ct_format,
+            max_chain_length=props.number("max-chain-length") or 0,
         )

@@ -48,7 +48,8 @@ from pvebackup.storage.plugin import (
 )
 from pvebackup.store import annotations as sidecars
 from pvebackup.store.datastore import Datastore
-from pvebackup.store.snapshot import Snapshot, SnapshotId
+from pvebackup.store.snapshot import Manifest, SnapshotId
+from pvebackup.store.snapshotops import KeylessListing
 
 __all__ = ["FORMAT", "BackupStorePlugin"]
 
@@ -83,7 +84,8 @@ class BackupStorePlugin(StoragePlugin):
         if settings.empty():
             # Before the first backup: nothing to list, which is no error (as backup-dir).
             return VolumeScan([], [])
-        store = settings.open()
+        store = settings.open_for_listing()
+        keyless = isinstance(store, KeylessListing)
         volumes: list[VolumeInfo] = []
         damaged: list[DamagedVolume] = []
 
@@ -92,13 +94,20 @@ class BackupStorePlugin(StoragePlugin):
 
         for sid in store.list_snapshots(on_skip=skipped):
             try:
-                snap = store.open_snapshot(sid)
+                if isinstance(store, KeylessListing):
+                    manifest = store.manifest(sid)
+                else:
+                    manifest = store.open_snapshot(sid).manifest
             except (IntegrityError, CryptoError) as exc:
                 # CryptoError too: a manifest claiming another key, or encryption in
                 # a plain store, is one damaged snapshot, not a reason to list none.
                 damaged.append(DamagedVolume(f"{storeid}:{sid.volname}", str(exc)))
                 continue
-            parent = snap.manifest.parent
+            comment = _describe(manifest.metadata)
+            if keyless:
+                # Listed without the key: the signature is unchecked (see KeylessListing).
+                comment += "; encrypted, listed without the key (signature not checked)"
+            parent = manifest.parent
             try:
                 notes = sidecars.read_notes(store, sid)
             except (IntegrityError, UnsafeStorageError):
@@ -113,11 +122,11 @@ class BackupStorePlugin(StoragePlugin):
                     vmid=sid.vmid,
                     vmtype=sid.guest_type,
                     ctime=sid.backup_time,
-                    size=_stored_size(snap),
+                    size=_stored_size(manifest),
                     format=FORMAT,
                     parent=None if parent is None else parent.volname,
-                    virtual_size=sum(d.size for d in snap.devices.values()),
-                    comment=_describe(snap.manifest.metadata),
+                    virtual_size=sum(d.size for d in manifest.devices.values()),
+                    comment=comment,
                     notes=notes,
                     protected=protected,
                     verify_state=None if verified is None else verified.state,
@@ -191,15 +200,15 @@ def _sid(volname: str) -> SnapshotId:
         raise VolumeNotFoundError(f"{volname!r} is not a backup-store volume name") from exc
 
 
-def _stored_size(snap: Snapshot) -> int:
+def _stored_size(manifest: Manifest) -> int:
     """What this snapshot added: its new chunk blobs and its own files (the task size).
 
     ``stored-bytes`` is metadata (a free string): anything but a plain number
     counts as 0 rather than failing the listing.
     """
-    stored = snap.manifest.metadata.get("stored-bytes", "")
+    stored = manifest.metadata.get("stored-bytes", "")
     chunks = int(stored) if stored.isascii() and stored.isdigit() and len(stored) <= 20 else 0
-    return chunks + sum(f.size for f in snap.manifest.files.values())
+    return chunks + sum(f.size for f in manifest.files.values())
 
 
 def _describe(metadata: Mapping[str, str]) -> str:

@@ -77,6 +77,7 @@ class _Guest:
     bitmap_id: str | None = None
     base: SnapshotId | None = None
     base_sha256: str | None = None
+    pinned: SnapshotId | None = None
     modes: dict[str, str] = field(default_factory=dict)
     new_bytes: int = 0
     stored_bytes: int = 0
@@ -194,6 +195,11 @@ class BackupStoreProvider(BackupProvider):
             guest.bitmap_id = decision.bitmap_id
             guest.base = decision.base
             guest.base_sha256 = decision.base_sha256
+            if decision.base is not None and guest.pinned is None:
+                # Until this guest's backup ends, removal in any process refuses
+                # the base (store lock protocol, docs/design.md).
+                store.pin_snapshot(decision.base)
+                guest.pinned = decision.base
         return BackupMechanism.NBD, decision.bitmap_id
 
     def backup_get_target(self, vmid: int, vmtype: GuestType) -> str:
@@ -329,6 +335,7 @@ class BackupStoreProvider(BackupProvider):
         manifest = writer.commit()
         crash_point("backup-after-manifest")
         guest.committed = True
+        self._unpin(guest)
         guest.task_size = guest.stored_bytes + sum(f.size for f in manifest.files.values())
         if guest.vmtype is GuestType.QEMU:
             # The proof for the next incremental: this snapshot, byte for byte (the
@@ -353,6 +360,10 @@ class BackupStoreProvider(BackupProvider):
             return
         if not guest.committed:
             guest.writer.abort()
+        try:
+            self._unpin(guest)
+        except PveBackupError as exc:  # the pin ends with the session anyway
+            self.log("warn", f"cannot unpin {guest.pinned}: {exc}")
         reason: str | None = None
         if guest.base_unusable is not None:
             reason = guest.base_unusable
@@ -360,6 +371,11 @@ class BackupStoreProvider(BackupProvider):
             reason = "a backup that created a new dirty bitmap failed"
         if reason is not None and not guest.committed:
             reset_base(self.store(), self.hoststate, "vm", vmid, reason)
+
+    def _unpin(self, guest: _Guest) -> None:
+        if guest.pinned is not None:
+            self.store().unpin_snapshot(guest.pinned)
+            guest.pinned = None
 
     def backup_handle_log_file(self, vmid: int, filename: str) -> None:
         guest = self._guests.get(vmid)

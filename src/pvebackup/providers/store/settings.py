@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pvebackup.api.errors import NotFoundError, StorageConfigError
+from pvebackup.api.errors import MissingKeyError, NotFoundError, StorageConfigError
 from pvebackup.kit.passphrase import passphrase_source
 from pvebackup.kit.units import parse_size
 from pvebackup.storage.basepath import BASE_PATH_PROPERTIES, BasePath
@@ -61,6 +61,7 @@ from pvebackup.store.datastore import Datastore
 from pvebackup.store.formats import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from pvebackup.store.index import check_chunk_size
 from pvebackup.store.keys import EncryptionKey, load_key_file
+from pvebackup.store.snapshotops import KeylessListing
 
 __all__ = ["PROPERTIES", "S3_PROPERTIES", "StoreSettings"]
 
@@ -196,22 +197,52 @@ class StoreSettings:
             ct_restore=props.text("ct-restore") or "tar",
         )
 
-    def load_key(self) -> EncryptionKey | None:
+    def load_key(self, *, interactive: bool = True) -> EncryptionKey | None:
         """The storage's key; a protected one is unlocked with its passphrase from
         ``encryption-passphrase-file``, else ``PVEBACKUP_PASSPHRASE_FILE``, else a
-        prompt on a terminal (:mod:`pvebackup.kit.passphrase`)."""
+        prompt on a terminal (:mod:`pvebackup.kit.passphrase`; not if not
+        ``interactive``: then ``MissingKeyError``)."""
         if self.key_file is None:
             return None
         # Nothing is read or asked for a plain key: the provider is called lazily.
+        what = f"key file {self.key_file}"
         return load_key_file(
             self.key_file,
-            passphrase_source(self.passphrase_file, f"key file {self.key_file}"),
+            passphrase_source(self.passphrase_file, what)
+            if interactive
+            else passphrase_source(self.passphrase_file, what, prompt=lambda _: None),
         )
 
     @property
     def location(self) -> str:
         """What :func:`make_backend` takes with :attr:`backend` (path or S3 config)."""
         return self.path if self.s3 is None else self.s3.location()
+
+    def open_for_listing(self) -> Datastore | KeylessListing:
+        """The store for ``list``: with its key if that is at hand without asking,
+        else (no key configured, the key file missing, a protected key and no
+        passphrase file) a :class:`KeylessListing`, as ``proxmox-backup-client
+        snapshot list`` needs no key. A key that is there but wrong still fails.
+
+        :raises StorageUnavailableError, NotFoundError: as :meth:`open`.
+        :raises WrongKeyError, KeyFileError: a key file that is there but wrong.
+        """
+        key: EncryptionKey | None = None
+        if self.key_file is not None and Path(self.key_file).exists():
+            # A key file that is there but broken, unprotected or wrong is an error;
+            # one that is absent (kept off this machine) is what listing without it
+            # is for.
+            try:
+                key = self.load_key(interactive=False)
+            except MissingKeyError:
+                key = None  # protected, and no passphrase without asking
+        if self.empty():
+            raise NotFoundError(f"storage {self.storeid!r}: no datastore at {self.path}")
+        backend = make_backend(self.backend, self.location)
+        try:
+            return Datastore.open(backend, key=key)
+        except MissingKeyError:
+            return KeylessListing(backend)
 
     def empty(self, *, create: bool = False) -> bool:
         """True while the storage holds no datastore yet (before the first backup).
