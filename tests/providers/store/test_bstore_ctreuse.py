@@ -227,3 +227,19 @@ def test_iter_catalog_over_pieces_equals_the_whole() -> None:
     assert list(parse_catalog(data, 10**6, name="c")) == records
     with pytest.raises(CorruptIndexError, match="truncated"):
         list(iter_catalog(pieces[:-1], 10**6, name="c"))
+
+
+def test_known_chunks_do_not_pile_up_until_finish() -> None:
+    """An unchanged re-run appends only known chunks: they are indexed as they come."""
+    from pvebackup.providers.store import cdc
+    from pvebackup.store.dynindex import DynamicIndexWriter
+
+    index = DynamicIndexWriter()
+    sink = cdc.CdcSink(None, index)  # type: ignore[arg-type]  # no chunk is stored
+    try:
+        for i in range(1000):
+            sink.append_known(512, i.to_bytes(32, "big"))
+            assert len(sink._pending) <= cdc._QUEUED
+    finally:
+        sink.finish()
+    assert len(index) == 1000 and sink.stats.reused == 512 * 1000
