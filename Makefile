@@ -17,8 +17,9 @@ DEB_PACKAGES := qemu-utils qemu-system-common qemu-system-x86 python3-libnbd lib
 # start themselves (tests/s3fixture.py); installed without recommends (61 MB).
 S3_PACKAGES := radosgw ceph-mon ceph-osd
 # Storage tools the tests use for real (btrfs on a loop device; see docs/design.md,
-# "Guest volumes on the storage types of real nodes").
-TEST_PACKAGES := btrfs-progs
+# "Guest volumes on the storage types of real nodes"), and what the .deb test installs
+# and runs with Debian's own python3 (tests/packaging/test_pkg_deb.py).
+TEST_PACKAGES := btrfs-progs dpkg-dev python3-zstandard python3-cryptography
 # The Perl tests (prove) of the Proxmox VE bridge; `make deb` builds the package.
 PERL_PACKAGES := perl
 DEBBUILD_PACKAGES := dpkg-dev
