@@ -10,6 +10,7 @@ from pathlib import Path
 from bench.inputs import GiB, MiB
 from bench.machine import machine_info
 from bench.measure import drop_caches, keep_caches_warm
+from bench.ours import precompile
 from bench.peers import tool_versions
 from bench.report import evaluate, format_bytes, format_report, format_sweep, write_json
 from bench.scenarios import (
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.warm:
         keep_caches_warm()
     cold = drop_caches()
+    compiled = precompile()
     if args.ct_rss:
         from bench.container import run_container_rss
 
@@ -110,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     extra: dict[str, object] = {
         "machine": machine,
-        "config": {**asdict(cfg), "out": str(cfg.out), "cold_cache": cold},
+        "config": {**asdict(cfg), "out": str(cfg.out), "cold_cache": cold,
+                   "byte_compiled": compiled},
         "tools": tool_versions(),
     }
 

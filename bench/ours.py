@@ -11,6 +11,7 @@ The restore goal is measured on the provider's export itself: ``bench.export``
 
 from __future__ import annotations
 
+import compileall
 import importlib.util
 import json
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from bench.measure import Timed, ToolFailed, disk_usage, drop_caches, run_timed
 
-__all__ = ["OURS", "PYTHON_NAME", "VMID", "OurNode", "unavailable_reason"]
+__all__ = ["OURS", "PYTHON_NAME", "VMID", "OurNode", "precompile", "unavailable_reason"]
 
 VMID = 100
 RESTORE_VMID = 200
@@ -40,6 +41,21 @@ def unavailable_reason() -> str | None:
         if found is None:
             return f"{module} does not exist yet"
     return None
+
+
+def precompile(package_dir: Path | None = None) -> bool:
+    """Byte-compile our package (``__pycache__``), as a Debian install does.
+
+    With ``PYTHONDONTWRITEBYTECODE`` set (common in development shells) every
+    ``pvebackup`` run would otherwise compile all its modules from source, about
+    0.3 s of CPU that no installed system pays. Returns False if it failed.
+    """
+    if package_dir is None:
+        spec = importlib.util.find_spec("pvebackup")
+        if spec is None or not spec.submodule_search_locations:
+            return False
+        package_dir = Path(next(iter(spec.submodule_search_locations)))
+    return bool(compileall.compile_dir(str(package_dir), quiet=1))
 
 
 class OurNode:

@@ -52,6 +52,7 @@ VM_POINTS = {
         "backup-export-ready",
         "backup-mid-read:3",
         "backup-after-chunks",
+        "pack-durable",  # the pack writer thread: a pack put, its index object not yet
         "backup-after-index",
         "backup-before-manifest",
         "backup-after-manifest",

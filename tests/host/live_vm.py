@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -24,10 +25,23 @@ MiB = 1024 * 1024
 
 
 class LiveVm:
-    def __init__(self, root: NodeRoot, vmid: int, disk: Path, key: str = "scsi0") -> None:
+    def __init__(
+        self,
+        root: NodeRoot,
+        vmid: int,
+        disk: Path,
+        key: str = "scsi0",
+        *,
+        fmt: str = "qcow2",
+        blockdev: bool = False,
+    ) -> None:
+        """``blockdev``: as qemu-server 9 starts it (``-blockdev`` nodes with a throttle
+        filter on top, an anonymous block backend found by its device); else
+        ``-drive id=drive-<key>``."""
         self.root = root
         self.vmid = vmid
         self.key = key
+        self.blockdev = blockdev
         run = root.qemu_run_dir
         run.mkdir(parents=True, exist_ok=True)
         self.pidfile = run / f"{vmid}.pid"
@@ -39,7 +53,7 @@ class LiveVm:
                 "-display", "none", "-m", "32", "-pidfile", str(self.pidfile),
                 "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
                 "-qmp", f"unix:{self.test_qmp},server=on,wait=off",
-                "-drive", f"file={disk},if=none,id=drive-{key},format=qcow2",
+                *_drive(disk, key, fmt, blockdev),
                 "-device", "virtio-scsi-pci,id=scsihw0",
                 "-device", f"scsi-hd,bus=scsihw0.0,drive=drive-{key},id={key}",
             ],
@@ -58,15 +72,19 @@ class LiveVm:
         return self.proc.pid
 
     def hmp(self, line: str) -> str:
+        # HMP's qemu-io takes a block backend name, or the device's qdev id.
         return str(self.qmp.execute("human-monitor-command", **{"command-line": line}))
 
     def write(self, pattern: int, offset: int, length: int) -> None:
-        out = self.hmp(f'qemu-io drive-{self.key} "write -P {pattern} {offset} {length}"')
+        out = self.hmp(f'qemu-io {self._dev()} "write -P {pattern} {offset} {length}"')
         assert "error" not in out.lower(), out
 
     def read_ok(self, pattern: int, offset: int, length: int) -> bool:
-        out = self.hmp(f'qemu-io drive-{self.key} "read -P {pattern} {offset} {length}"')
+        out = self.hmp(f'qemu-io {self._dev()} "read -P {pattern} {offset} {length}"')
         return "fail" not in out.lower() and "error" not in out.lower()
+
+    def _dev(self) -> str:
+        return f"-d {self.key}" if self.blockdev else f"drive-{self.key}"
 
     def status(self) -> str:
         return str(self.qmp.execute("query-status")["status"])
@@ -75,7 +93,10 @@ class LiveVm:
         nodes = sorted(
             (n["node-name"], n["drv"]) for n in self.qmp.execute("query-named-block-nodes")
         )
-        top = [(b["device"], b["inserted"]["node-name"]) for b in self.qmp.execute("query-block")]
+        top = [
+            (b["device"], b.get("qdev"), b["inserted"]["node-name"])
+            for b in self.qmp.execute("query-block")
+        ]
         exports = self.qmp.execute("query-block-exports")
         return tuple(nodes), tuple(top), tuple(json.dumps(e) for e in exports)
 
@@ -93,6 +114,25 @@ class LiveVm:
         if self.proc.stderr is not None:
             self.proc.stderr.close()
         self.pidfile.unlink(missing_ok=True)
+
+
+def _drive(disk: Path, key: str, fmt: str, blockdev: bool) -> list[str]:
+    driver = "host_device" if stat.S_ISBLK(os.stat(disk).st_mode) else "file"
+    if not blockdev:
+        return ["-drive", f"file={disk},if=none,id=drive-{key},format={fmt}"]
+    # qemu-server 9's layout: a throttle filter named drive-<key> (the disk's
+    # limits, its own throttle group) above the format node f<hash>, above e<hash>.
+    node = {
+        "driver": "throttle",
+        "node-name": f"drive-{key}",
+        "throttle-group": f"throttle-drive-{key}",
+        "file": {
+            "driver": fmt,
+            "node-name": f"f{key}",
+            "file": {"driver": driver, "filename": str(disk), "node-name": f"e{key}"},
+        },
+    }
+    return ["-object", f"throttle-group,id=throttle-drive-{key}", "-blockdev", json.dumps(node)]
 
 
 class FakeAgent(threading.Thread):

@@ -249,12 +249,16 @@ def test_fleecing_on_a_storage_and_its_leftovers_after_sigkill(node: Node, vm: L
     )  # fmt: skip
     p.communicate(timeout=60)
     assert p.returncode == -signal.SIGKILL
-    (fleece,) = vz.glob("pvebackup-fleece-*")  # on the named storage, not in the run dir
-    assert list(fleece.glob("fleece0.qcow2"))
+    # On the named storage as Proxmox VE names it, allocated through the storage.
+    fleece = vz / "images/100/vm-100-fleece-0.qcow2"
+    assert fleece.is_file()
     assert vm.graph() != before
     res = run_backup_job(node.root, "bdir", [100], fleecing_storage="local", terminal=None)
     assert not res.failed, res.guests
-    assert not list(vz.glob("pvebackup-fleece-*"))
+    text = res.guests[0].log_path.read_text()  # type: ignore[union-attr]
+    # fleece-0 again: the killed run's image was freed (its record) before this one
+    assert "fleecing image local:100/vm-100-fleece-0.qcow2 (qcow2) allocated" in text
+    assert sorted(p.name for p in (vz / "images/100").iterdir()) == ["vm-100-disk-0.qcow2"]
     assert vm.graph() == before and vm.status() == "running"
 
 

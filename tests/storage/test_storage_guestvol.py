@@ -360,3 +360,25 @@ def test_types_without_guest_volumes_say_which_types_are_reached() -> None:
         guest_volume(cfg, "san:0.0.1.scsi-36001405")
     with pytest.raises(UnsupportedError, match="type iscsi"):
         volume_path(cfg, "san:0.0.1.scsi-36001405")
+
+
+def test_lvm_and_krbd_deactivate_what_they_activated(
+    tools: Tools, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scfg, plugin = plugin_of("local-lvm")
+    assert plugin.activate_volume(scfg, "local-lvm", "vm-100-disk-0") is True  # it ran lvchange
+    plugin.deactivate_volume(scfg, "local-lvm", "vm-100-disk-0")
+    assert tools.calls()[-1] == ["lvchange", "-aln", "pve/vm-100-disk-0"]
+    kscfg, kplugin = plugin_of("kceph")
+    assert kplugin.activate_volume(kscfg, "kceph", "vm-100-disk-0") is True
+    dev = "/dev/rbd-pve/0b3f4a2c-1111-2222-3333-444455556666/vms/vm-100-disk-0"
+    monkeypatch.setattr("pvebackup.storage.rbd.os.path.exists", lambda p: p == dev)
+    assert kplugin.activate_volume(kscfg, "kceph", "vm-100-disk-0") is False  # mapped already
+    kplugin.deactivate_volume(kscfg, "kceph", "vm-100-disk-0")
+    assert tools.calls()[-1][-2:] == ["unmap", dev]
+    # QEMU's own rbd driver: nothing to map, nothing to unmap
+    cscfg, cplugin = plugin_of("ceph")
+    before = len(tools.calls())
+    assert cplugin.activate_volume(cscfg, "ceph", "vm-100-disk-0") is False
+    cplugin.deactivate_volume(cscfg, "ceph", "vm-100-disk-0")
+    assert len(tools.calls()) == before

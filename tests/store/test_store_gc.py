@@ -128,6 +128,7 @@ def test_crashed_writer_leaves_garbage_that_is_freed_after_expiry(backend: Memor
     crashed = _new(backend)
     for c in range(2, 22):  # more than a pack: one pack is written, no index object
         crashed.insert_chunk(_POOL[c])
+    crashed.wait_packs()  # the pack writer thread stored the full pack
     assert len(crashed.pack_names()) == 2  # keep's and the crashed writer's
     # the process died: its session stops heartbeating and expires
     key = session_key(crashed.session)

@@ -161,6 +161,7 @@ def test_packs_written_mid_backup_are_durable_before_their_index_object() -> Non
         for i in range(40):
             index.set(i, store.insert_chunk(os.urandom(CHUNK)).digest)
     writer.add_file("guest.conf", b"memory: 512\n")
+    store.wait_packs()  # full packs are put by the pack writer thread
     packs_before_commit = [op for op in backend.ops if op.startswith("put packs/")]
     assert len(packs_before_commit) == 2  # 16 random 64 KiB chunks fill 1 MiB
     # nothing was synced yet, but the packs would survive a crash

@@ -144,7 +144,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--fleecing",
         metavar="storage=STOREID",
-        help="put the fleecing images of running VMs on this dir storage (default:"
+        help="put the fleecing images of running VMs on this storage, any type that holds"
+        " disk images; qcow2 where it can, else raw (default:"
         " 'fleecing: storage=ID' in vzdump.conf, else the run's private directory)",
     )
     p.add_argument(

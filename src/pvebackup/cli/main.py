@@ -3,28 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from pvebackup import __version__
 from pvebackup.api.errors import AbortedError, PveBackupError, exit_codes
-from pvebackup.cli import (
-    cmd_backup,
-    cmd_files,
-    cmd_gc,
-    cmd_key,
-    cmd_list,
-    cmd_notes,
-    cmd_protect,
-    cmd_prune,
-    cmd_remove,
-    cmd_restore,
-    cmd_verify,
-    cmd_vmfiles,
-)
 from pvebackup.kit.hoststate import STATE_DIR_ENV
 
 __all__ = ["EXIT_CODES", "build_parser", "exit_status_help", "main"]
@@ -49,13 +37,43 @@ def exit_status_help() -> str:
 EXIT_CODES = exit_status_help()
 
 
-_COMMANDS = (
-    cmd_backup, cmd_restore, cmd_list, cmd_remove, cmd_prune, cmd_gc, cmd_verify,
-    cmd_protect, cmd_notes, cmd_key, cmd_vmfiles, cmd_files,
-)  # fmt: skip
+# verb -> module (``pvebackup.cli.<module>``), in the order of ``--help``. Only the
+# module of the verb given is imported when the command line names one: each
+# command module pulls in its own layers (host, store, S3...), and building every
+# subparser costs more than some whole commands (the fixed cost of a backup).
+COMMAND_MODULES: dict[str, str] = {
+    "backup": "cmd_backup", "restore": "cmd_restore", "list": "cmd_list",
+    "remove": "cmd_remove", "prune": "cmd_prune", "gc": "cmd_gc", "verify": "cmd_verify",
+    "protect": "cmd_protect", "unprotect": "cmd_protect", "notes": "cmd_notes",
+    "key": "cmd_key", "vm-files": "cmd_vmfiles", "ls": "cmd_files", "extract": "cmd_files",
+}  # fmt: skip
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_module(name: str) -> Any:
+    return importlib.import_module(f"pvebackup.cli.{name}")
+
+
+def _verb(argv: Sequence[str]) -> str | None:
+    """The verb of ``argv`` if it is a known one, found without a parser; else None.
+
+    Only ``--root DIR`` / ``--root=DIR`` may precede it (the top level's only
+    option with a value); anything else (``--help``, ``--version``, a typo) gets
+    the full parser.
+    """
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--root":
+            i += 2
+        elif arg.startswith("--root="):
+            i += 1
+        else:
+            return arg if arg in COMMAND_MODULES else None
+    return None
+
+
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The command-line parser: every command, or only ``verb``'s (same parsing)."""
     parser = argparse.ArgumentParser(
         prog="pvebackup",
         description="Back up and restore Proxmox VE guests through backup providers.",
@@ -71,14 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="the node root holding etc/pve (default: /)",
     )
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
-    for module in _COMMANDS:
-        module.add_parser(sub)
+    names = [COMMAND_MODULES[verb]] if verb is not None else COMMAND_MODULES.values()
+    for name in dict.fromkeys(names):
+        _command_module(name).add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pvebackup`` console script; returns the exit status."""
-    parser = build_parser()
+    parser = build_parser(_verb(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     # Providers keep their host-side state (the incremental base proof) below the
     # node root, so that a --root test node never touches the real /var/lib. An

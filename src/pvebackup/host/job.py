@@ -58,6 +58,7 @@ from pvebackup.host.guests import CtConfig, GuestConfig, NodeRoot, VmConfig
 from pvebackup.host.lxc.directory import backup_sources, prepare_backup_directory
 from pvebackup.host.progress import ProgressDisplay, wants_bar
 from pvebackup.host.qemu.export import BackupExport, DiskSpec
+from pvebackup.host.qemu.fleecing import FleecingVolumes, fleecing_format
 from pvebackup.host.qemu.live import LiveBackupExport
 from pvebackup.host.qemu.liverestore import start_command as vm_start_command
 from pvebackup.host.qemu.qmp import QmpClient
@@ -71,9 +72,12 @@ from pvebackup.kit.proc import private_dir
 from pvebackup.kit.units import format_bytes
 from pvebackup.storage import (
     GuestVolume,
+    GuestVolumeStorage,
     StorageConfig,
     guest_volume,
+    guest_volume_storage,
     new_backup_provider,
+    parse_volume_id,
     read_storage_config,
     storage_config,
 )
@@ -154,7 +158,8 @@ def run_backup_job(
     :param start_command: argv starting a VM again after mode ``stop`` when the VMID
         is appended; default :func:`~pvebackup.host.qemu.liverestore.start_command`
         (``$PVEBACKUP_START_COMMAND``, else ``qm start``), the same as live restore's.
-    :param fleecing_storage: a dir storage for the fleecing images of running VMs.
+    :param fleecing_storage: a storage for the fleecing images of running VMs (any
+        type that allocates images; qcow2 where it can, else raw).
     :param progress_bar: draw live progress bars on ``terminal`` (default: when it
         is a terminal; :func:`~pvebackup.host.progress.wants_bar`).
     :returns: the per-guest results; check :attr:`JobResult.failed`.
@@ -189,10 +194,10 @@ def run_backup_job(
     argv = tuple(start_command) if start_command is not None else tuple(vm_start_command())
     job.live = _LiveOptions(mode, stop_wait, argv, None)
     if fleecing_storage is not None:
-        fscfg = storage_config(cfg, fleecing_storage)
-        if "path" not in fscfg:
-            raise UsageError(f"fleecing storage {fleecing_storage!r} has no path (dir storage)")
-        job.live.fleecing_dir = Path(str(fscfg["path"]))
+        # Any storage that allocates images (PVE allows any): checked before the job.
+        fscfg, fplugin = guest_volume_storage(cfg, fleecing_storage)
+        fleecing_format(fplugin, fleecing_storage)
+        job.live.fleecing = (fleecing_storage, fscfg, fplugin)
     with ExitStack() as locks:
         # Every guest's lock before the provider hears of a job: a second backup of
         # a guest fails at once (exit 7), and what a killed run left is cleaned up.
@@ -266,7 +271,7 @@ class _LiveOptions:
     mode: str
     stop_wait: float  # minutes
     start_command: tuple[str, ...]
-    fleecing_dir: Path | None
+    fleecing: tuple[str, dict[str, str], GuestVolumeStorage] | None
 
 
 class _Job:
@@ -293,6 +298,8 @@ class _Job:
         self.bwlimit = bwlimit
         self.exclude_paths = exclude_paths
         self.ended = False  # the current guest's backup_end returned
+        # (volid, plugin, scfg) of what the current guest's backup activated
+        self.activated: list[tuple[str, GuestVolumeStorage, dict[str, str]]] = []
 
     def backup_guest(self, vmid: int, vmtype: GuestType) -> GuestResult:
         """One guest, start to finish. Re-raises only AbortedError (after backup_abort)."""
@@ -388,9 +395,53 @@ class _Job:
 
     def _volume(self, config: GuestConfig, volid: str, *, activate: bool = True) -> GuestVolume:
         try:
-            return guest_volume(self.cfg, volid, activate=activate)
+            if not activate:
+                return guest_volume(self.cfg, volid)
+            storeid, volname = parse_volume_id(volid)
+            scfg, plugin = guest_volume_storage(self.cfg, storeid)
+            if plugin.activate_volume(scfg, storeid, volname):
+                self.activated.append((volid, plugin, scfg))
+            return plugin.guest_volume(scfg, storeid, volname)
         except PveBackupError as exc:
             raise GuestConfigError(f"volume {volid}: {exc}", path=config.where) from exc
+
+    def _deactivate(self, vmid: int) -> None:
+        """Deactivate what this guest's backup activated (PVE deactivates a stopped
+        guest's volumes when its backup ends), unless a running guest uses it now.
+        Volumes that were active before are never in the list."""
+        activated, self.activated = self.activated, []
+        if not activated:
+            return
+        if self.root.vm_pid(vmid) is not None:
+            self.log.info(f"VM {vmid} runs now: its volumes stay active")
+            return
+        try:
+            in_use = self._volumes_of_running_guests()
+        except PveBackupError as exc:
+            # Cannot prove that no running guest uses them: leave them active.
+            self.log.warn(f"volumes left active: cannot read a running guest's config: {exc}")
+            return
+        for volid, plugin, scfg in activated:
+            if volid in in_use:
+                self.log.info(f"volume {volid} stays active: a running guest uses it")
+                continue
+            storeid, volname = parse_volume_id(volid)
+            try:
+                plugin.deactivate_volume(scfg, storeid, volname)
+            except (PveBackupError, OSError) as exc:
+                self.log.warn(f"cannot deactivate volume {volid}: {_describe(exc)}")
+                continue
+            self.log.info(f"deactivated volume {volid} (activated for this backup)")
+
+    def _volumes_of_running_guests(self) -> set[str]:
+        used: set[str] = set()
+        for vmid, vmtype in self.root.list_guests():
+            if not self.root.is_running(vmid):
+                continue
+            config = self.root.load_guest(vmid, vmtype)
+            if isinstance(config, VmConfig | CtConfig):
+                used.update(config.volume_ids())
+        return used
 
     def _ct_volume_path(self, config: GuestConfig, volid: str) -> Path:
         volume = self._volume(config, volid, activate=False)  # directories need none
@@ -406,6 +457,15 @@ class _Job:
         return Path(volume.path)
 
     def _backup_vm(
+        self, vmid: int, config: VmConfig, workdir: Path, bitmap_id: str | None
+    ) -> None:
+        self.activated = []
+        try:
+            self._backup_vm_disks(vmid, config, workdir, bitmap_id)
+        finally:
+            self._deactivate(vmid)
+
+    def _backup_vm_disks(
         self, vmid: int, config: VmConfig, workdir: Path, bitmap_id: str | None
     ) -> None:
         specs: list[DiskSpec] = []
@@ -457,9 +517,16 @@ class _Job:
             return
         agent = vm.qga_path if _agent_enabled(config) else None
         run = self.runs.get(vmid)
+        fleecing = None
+        if self.live.fleecing is not None:
+            fstoreid, fscfg, fplugin = self.live.fleecing
+            fleecing = FleecingVolumes(
+                fstoreid, fscfg, fplugin, vmid, self.log,
+                record=run.add_volume if run is not None else None,
+            )  # fmt: skip
         self._export_and_send(vmid, LiveBackupExport(
             specs, vm, storeid=self.storeid, bitmap_id=bitmap_id, log=self.log,
-            workdir=workdir, fleecing_dir=self.live.fleecing_dir, mode=mode, agent=agent,
+            workdir=workdir, fleecing=fleecing, mode=mode, agent=agent,
             record=run.set_live if run is not None else None,
         ))  # fmt: skip
 

@@ -105,10 +105,21 @@ class GuestVolumeStorage(StoragePlugin):
         """The path of :meth:`guest_volume` (``pvesm path``)."""
         return Path(self.guest_volume(scfg, str(scfg.get("type", self.type)), volname).path)
 
-    def activate_volume(self, scfg: Mapping[str, str], storeid: str, volname: str) -> None:
+    def activate_volume(self, scfg: Mapping[str, str], storeid: str, volname: str) -> bool:
         """Make the volume openable (an inactive LV, an unmapped krbd image).
 
         The default does nothing: files and zvols are always there.
+
+        :returns: True when this call activated it (it was not active before), so
+            that the caller may :meth:`deactivate_volume` it when done.
+        :raises ExternalToolError: the storage's tool failed.
+        """
+        return False
+
+    def deactivate_volume(self, scfg: Mapping[str, str], storeid: str, volname: str) -> None:
+        """Undo :meth:`activate_volume` (PVE's ``deactivate_volume``: ``lvchange
+        -aln``, ``rbd unmap``). Only for a volume the caller activated itself and
+        no running guest uses. The default does nothing.
 
         :raises ExternalToolError: the storage's tool failed.
         """

@@ -66,14 +66,22 @@ class _LvmBase(GuestVolumeStorage):
         name, _, fmt = self.parse_volname(volname)
         return GuestVolume(f"/dev/{self._vg(scfg, storeid)}/{name}", fmt, "host_device")
 
-    def activate_volume(self, scfg: Mapping[str, str], storeid: str, volname: str) -> None:
+    def activate_volume(self, scfg: Mapping[str, str], storeid: str, volname: str) -> bool:
         # PVE 9 creates LVs with autoactivation off: a stopped guest's LV may have
         # no device node until activated (PVE's activate_volume does the same).
         name, _, _ = self.parse_volname(volname)
         path = f"/dev/{self._vg(scfg, storeid)}/{name}"
         if os.path.exists(path):
-            return
+            return False
         run_tool(["lvchange", "-aly", f"{self._vg(scfg, storeid)}/{name}"], f"activating {path}")
+        return True
+
+    def deactivate_volume(self, scfg: Mapping[str, str], storeid: str, volname: str) -> None:
+        # PVE's deactivate_volume: an active LV of a stopped guest is what keeps a
+        # shared VG's LV active on two nodes; only what we activated comes here.
+        name, _, _ = self.parse_volname(volname)
+        vg = self._vg(scfg, storeid)
+        run_tool(["lvchange", "-aln", f"{vg}/{name}"], f"deactivating /dev/{vg}/{name}")
 
     def _lvs(self, scfg: Mapping[str, str], storeid: str) -> list[str]:
         vg = self._vg(scfg, storeid)

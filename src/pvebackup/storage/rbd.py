@@ -152,14 +152,24 @@ class RbdPlugin(GuestVolumeStorage):
             argv += ["--keyring", opts["keyring"]]
         return [*argv, op, *args]
 
-    def activate_volume(self, scfg: Mapping[str, str], storeid: str, volname: str) -> None:
+    def activate_volume(self, scfg: Mapping[str, str], storeid: str, volname: str) -> bool:
         if not self.parse_properties(scfg, storeid).flag("krbd"):
-            return  # QEMU's rbd driver connects itself
+            return False  # QEMU's rbd driver connects itself
         vol = self.guest_volume(scfg, storeid, volname)
         if os.path.exists(vol.path):
-            return
+            return False
         name, _ = self.parse_volname(volname)
         run_tool(self.rbd_argv(scfg, storeid, "map", name), f"rbd map {name}")
+        return True
+
+    def deactivate_volume(self, scfg: Mapping[str, str], storeid: str, volname: str) -> None:
+        # PVE's unmap_volume: the kernel mapping is dropped by its device path.
+        if not self.parse_properties(scfg, storeid).flag("krbd"):
+            return
+        vol = self.guest_volume(scfg, storeid, volname)
+        if not os.path.exists(vol.path):
+            return
+        run_tool(self.rbd_argv(scfg, storeid, "unmap", vol.path), f"rbd unmap {vol.path}")
 
     def _images(self, scfg: Mapping[str, str], storeid: str) -> list[str]:
         return run_tool(self.rbd_argv(scfg, storeid, "ls"), f"rbd ls on '{storeid}'").split()

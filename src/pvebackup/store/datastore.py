@@ -10,10 +10,12 @@ Key layout on the backend (store format 2)::
     bad/records/<hex>, bad/data/<hex>             chunk locations verify moved aside
 
 A datastore is one writer session: new chunks go into an open pack (in memory)
-that is put, durably, when it reaches ``pack_size``; ``flush`` (called by
-``SnapshotWriter.commit`` before the manifest) puts the open pack and one index
-object naming this session's packs. Lookups go to a local cache of the index
-objects (``chunkindex``), refreshed from the store on the first miss.
+that is handed to a pack writer thread when it reaches ``pack_size`` (named and
+put durably there, beside the chunk work); ``flush`` (called by
+``SnapshotWriter.commit`` before the manifest) puts the open pack, waits for
+the pack writer, and then puts one index object naming this session's packs.
+Lookups go to a local cache of the index objects (``chunkindex``), refreshed
+from the store on the first miss.
 
 Opening checks the config against the key before anything else is read:
 an encrypted store without a key is ``MissingKeyError``, with another key
@@ -36,6 +38,7 @@ import secrets
 import threading
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -47,6 +50,7 @@ from pvebackup.api.errors import (
     StateError,
     WrongKeyError,
 )
+from pvebackup.kit.crashpoint import crash_point
 from pvebackup.store import badchunk, chunkcache  # modules: chunkcache imports store first
 from pvebackup.store.backends.base import Backend
 from pvebackup.store.blob import (
@@ -153,6 +157,12 @@ class Datastore(SnapshotOps):
         self._index: ChunkIndexCache = index
         self._lock = threading.RLock()
         self._pack: PackBuilder | None = None
+        # The full pack being put by the pack writer thread, and that put. Its chunks
+        # count as present (a read finds their blob here) but no index object may
+        # name it before the put returned: ``_collect_pack`` waits for it first.
+        self._sealed: PackBuilder | None = None
+        self._sealed_put: Future[bytes] | None = None
+        self._pack_writer: ThreadPoolExecutor | None = None
         self._written: dict[bytes, ChunkLocation] = {}  # in durable packs, not yet indexed
         self._unindexed: list[tuple[bytes, list[PackEntry]]] = []
         self._unindexed_count = 0
@@ -331,7 +341,13 @@ class Datastore(SnapshotOps):
         The chunk index cache is saved (a persistent one stays open and locked:
         the store may be used again; ``close_cache`` lets it go)."""
         with self._lock:
-            self._write_pack()
+            try:
+                self._write_pack()
+                self._collect_pack()
+            finally:
+                if self._pack_writer is not None:
+                    self._pack_writer.shutdown(wait=True)
+                    self._pack_writer = None
             self._write_index_object()
             self._index.save()
             if self._session_started is not None:
@@ -354,10 +370,9 @@ class Datastore(SnapshotOps):
         once the sessions that could have seen it are gone, so a new copy is
         written (this resurrects it).
         """
-        if self._pack is not None:
-            blob = self._pack.blob(digest)
-            if blob is not None:
-                return len(blob)
+        blob = self._pending_blob(digest)
+        if blob is not None:
+            return len(blob)
         loc = self._written.get(digest)
         if loc is None and digest not in self._condemned:
             loc = self._usable(digest, self._healed.get(digest) or self._index.lookup(digest))
@@ -386,13 +401,63 @@ class Datastore(SnapshotOps):
                 self._write_pack()
         return InsertResult(digest, len(blob), True)
 
+    def _pending_blob(self, digest: bytes) -> bytes | None:
+        """The blob of a chunk in the open or the sealed pack (lock held)."""
+        for pack in (self._pack, self._sealed):
+            if pack is not None:
+                blob = pack.blob(digest)
+                if blob is not None:
+                    return blob
+        return None
+
     def _write_pack(self) -> None:
-        """Put the open pack durably (before any index object names it). Lock held."""
+        """Hand the open pack to the pack writer thread. Lock held.
+
+        The pack's hash (its name) and its durable put run there, beside the
+        chunk work: a put waits for an fsync of up to a pack's bytes, and with the
+        lock held every worker would wait with it. One pack at a time: the
+        previous one is collected first (memory stays at two packs).
+        """
         pack, self._pack = self._pack, None
         if pack is None or not len(pack):
             return
+        # A failed previous put raises here and this pack is dropped with it: the
+        # caller's snapshot fails, later ones store these chunks again.
+        self._collect_pack()
+        if self._pack_writer is None:
+            self._pack_writer = ThreadPoolExecutor(1, thread_name_prefix="pvebackup-pack")
+        self._sealed = pack
+        self._sealed_put = self._pack_writer.submit(self._put_pack, pack)
+
+    def _put_pack(self, pack: PackBuilder) -> bytes:
+        """Pack writer thread: name the pack, put it durably; returns its name."""
         name, data = pack.finish()
         self.backend.put(pack_key(name), data, overwrite=False, durable=True)
+        crash_point("pack-durable")
+        return name
+
+    def wait_packs(self) -> None:
+        """Wait until the full packs handed to the pack writer are stored (durably).
+
+        Writes no index object and not the open pack (``flush`` does both)."""
+        with self._lock:
+            self._collect_pack()
+
+    def _collect_pack(self) -> None:
+        """Wait for the sealed pack's put, then record its chunks (lock held).
+
+        Only from here on may an index object name the pack. A failed put raises
+        here, once, and the pack is dropped: its chunks are never indexed and
+        count as absent from then on (stored again if met again). Every snapshot
+        that referenced one of them commits after this point (``flush`` collects
+        first), so the failure fails it instead of losing its data.
+        """
+        if self._sealed_put is None:
+            return
+        pack, put = self._sealed, self._sealed_put
+        self._sealed = self._sealed_put = None
+        name = put.result()
+        assert pack is not None
         for e in pack.entries:
             self._written[e.digest] = ChunkLocation(name, e.offset, e.length, e.size)
         self._unindexed.append((name, pack.entries))
@@ -426,6 +491,7 @@ class Datastore(SnapshotOps):
         self._check_session()
         with self._lock:
             self._write_pack()
+            self._collect_pack()
             self._write_index_object()
 
     def refresh_index(self, *, check_vanished: bool = False) -> int:
@@ -597,7 +663,7 @@ class Datastore(SnapshotOps):
                 raise ValueError("the size of a zero chunk must be given")
             return bytes(size)
         with self._lock:
-            blob = None if self._pack is None else self._pack.blob(digest)
+            blob = self._pending_blob(digest)
         if blob is None:
             loc = self._locate_for_read(digest)
             if loc is None:

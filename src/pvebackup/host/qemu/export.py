@@ -54,6 +54,7 @@ from pvebackup.storage.guestvol import GuestVolume
 
 from .bitmaps import BitmapPlan, plan_bitmap
 from .daemon import StorageDaemon
+from .fleecing import FleecingVolumes
 from .qmp import QmpConnectionError
 
 __all__ = ["BackupExport", "DiskSpec", "ExportedDisk"]
@@ -121,6 +122,7 @@ class _Disk:
     plan: BitmapPlan
     fleece_path: Path
     disk_node: str = ""  # the image's node: ours (pvb-disk<i>) or the running VM's
+    filter_file: str = ""  # what the copy-before-write filter filters (default: disk_node)
     nodes: list[str] = field(default_factory=list)  # added, in order
     exports: list[str] = field(default_factory=list)
     bitmaps_started: bool = False
@@ -128,6 +130,8 @@ class _Disk:
     def __post_init__(self) -> None:
         if not self.disk_node:
             self.disk_node = f"pvb-disk{self.index}"
+        if not self.filter_file:
+            self.filter_file = self.disk_node
 
 
 class BackupExport:
@@ -143,8 +147,8 @@ class BackupExport:
     :param workdir: where the private directories (fleecing images, and sockets
         when the path is short enough) are made; default: the system temporary
         directory. Fleecing images grow with guest writes.
-    :param fleecing_dir: where the fleecing images go (``--fleecing storage=ID``);
-        default: ``workdir``.
+    :param fleecing: allocates the fleecing images on a storage (``--fleecing
+        storage=ID``); default: qcow2 files in a private directory under ``workdir``.
     :param guest_writable: also export each copy-before-write node writable under
         :meth:`guest_export_name`: writes there are what a running guest's writes
         would be (tests use it; a real VM writes through QEMU instead).
@@ -159,7 +163,7 @@ class BackupExport:
         log: LogFunction,
         workdir: Path | None = None,
         guest_writable: bool = False,
-        fleecing_dir: Path | None = None,
+        fleecing: FleecingVolumes | None = None,
     ) -> None:
         if not disks:
             raise UsageError("no disks to export")
@@ -174,7 +178,7 @@ class BackupExport:
         self.bitmap_id = bitmap_id
         self._log = log
         self._workdir = workdir
-        self._fleecing_parent = fleecing_dir if fleecing_dir is not None else workdir
+        self._fleecing = fleecing
         self._guest_writable = guest_writable
         self._daemon: StorageDaemon | None = None
         self._fleece_dir: Path | None = None
@@ -240,11 +244,14 @@ class BackupExport:
     def _setup(self) -> None:
         runtime_dir = self._start_backend()
         plans = self._inspect()
-        # private_dir: recorded in the guest's run state before it exists.
-        self._fleece_dir = private_dir("pvebackup-fleece-", self._fleecing_parent)
+        if self._fleecing is None:
+            # private_dir: recorded in the guest's run state before it exists.
+            self._fleece_dir = private_dir("pvebackup-fleece-", self._workdir)
         for i, (spec, (size, plan)) in enumerate(zip(self._specs, plans, strict=True)):
-            fleece = self._fleece_dir / f"fleece{i}.qcow2"
-            self._disks.append(_Disk(i, spec, size, plan, fleece, self._disk_node_of(i)))
+            fleece = (self._fleece_dir or Path()) / f"fleece{i}.qcow2"  # or set when allocated
+            self._disks.append(
+                _Disk(i, spec, size, plan, fleece, self._disk_node_of(i), self._filter_file_of(i))
+            )
         self._changed()
         for d in self._disks:
             self._add_nodes(d)
@@ -279,6 +286,9 @@ class BackupExport:
 
     def _disk_node_of(self, index: int) -> str:
         return f"pvb-disk{index}"
+
+    def _filter_file_of(self, index: int) -> str:
+        return self._disk_node_of(index)
 
     def _switch_views(self) -> None:
         """Freeze the bitmaps and put the filters in place: the backup's instant."""
@@ -324,14 +334,19 @@ class BackupExport:
 
     def _add_fleece(self, d: _Disk) -> None:
         i = d.index
-        qemuimg.create(d.fleece_path, d.size, fmt="qcow2")
-        self._qmp(
-            "blockdev-add",
-            driver="qcow2",
-            discard="unmap",
-            **{"node-name": f"pvb-fleece{i}"},
-            file={"driver": "file", "filename": str(d.fleece_path), "discard": "unmap"},
-        )
+        if self._fleecing is not None:
+            volume, node = self._fleecing.allocate(d.size)
+            d.fleece_path = Path(volume.path)
+            self._qmp("blockdev-add", **node, **{"node-name": f"pvb-fleece{i}"})
+        else:
+            qemuimg.create(d.fleece_path, d.size, fmt="qcow2")
+            self._qmp(
+                "blockdev-add",
+                driver="qcow2",
+                discard="unmap",
+                **{"node-name": f"pvb-fleece{i}"},
+                file={"driver": "file", "filename": str(d.fleece_path), "discard": "unmap"},
+            )
         d.nodes.append(f"pvb-fleece{i}")
         self._changed()
 
@@ -366,7 +381,7 @@ class BackupExport:
         cbw: dict[str, Any] = {
             "driver": "copy-before-write",
             "node-name": f"pvb-cbw{i}",
-            "file": d.disk_node,
+            "file": d.filter_file,
             "target": f"pvb-fleece{i}",
         }
         if d.plan.mode is BitmapMode.REUSE:
@@ -469,8 +484,14 @@ class BackupExport:
                 if daemon is not None:
                     daemon.stop()
             finally:
-                if self._fleece_dir is not None:
-                    shutil.rmtree(self._fleece_dir, ignore_errors=True)
+                self._free_fleecing()
+
+    def _free_fleecing(self) -> None:
+        """Remove the fleecing images (their nodes are gone, or QEMU is)."""
+        if self._fleece_dir is not None:
+            shutil.rmtree(self._fleece_dir, ignore_errors=True)
+        if self._fleecing is not None:
+            self._fleecing.free_all()
 
     def _log_daemon_lost(self, daemon: StorageDaemon) -> None:
         deadline = time.monotonic() + 1.0

@@ -40,6 +40,7 @@ from pvebackup.kit.proc import private_dir
 from .agent import frozen_filesystems
 from .bitmaps import BitmapPlan, plan_bitmap
 from .export import BackupExport, DiskSpec, _Disk
+from .fleecing import FleecingVolumes
 from .qmp import QmpClient, QmpConnectionError
 from .running import LiveDisk, RunningVm, check_features, resolve_disk
 
@@ -71,7 +72,7 @@ class LiveBackupExport(BackupExport):
         bitmap_id: str | None,
         log: LogFunction,
         workdir: Path | None = None,
-        fleecing_dir: Path | None = None,
+        fleecing: FleecingVolumes | None = None,
         mode: str = "snapshot",
         agent: Path | None = None,
         record: LiveRecorder | None = None,
@@ -84,7 +85,7 @@ class LiveBackupExport(BackupExport):
             bitmap_id=bitmap_id,
             log=log,
             workdir=workdir,
-            fleecing_dir=fleecing_dir,
+            fleecing=fleecing,
         )
         if mode not in ("snapshot", "suspend"):
             raise ValueError(f"mode {mode!r}")
@@ -118,7 +119,9 @@ class LiveBackupExport(BackupExport):
             ) from exc
         check_features(self._client)
         for spec in self._specs:
-            self._live[spec.devicename] = resolve_disk(self._client, spec.devicename, spec.path)
+            self._live[spec.devicename] = resolve_disk(
+                self._client, spec.devicename, spec.path, spec.volume
+            )
         if self.mode == "suspend":
             self._pause()
         # The NBD socket lives in the run's private directory; QEMU (root) creates it.
@@ -152,6 +155,10 @@ class LiveBackupExport(BackupExport):
     def _disk_node_of(self, index: int) -> str:
         return self._live[self._specs[index].devicename].node
 
+    def _filter_file_of(self, index: int) -> str:
+        # Above a throttle filter: the guest's I/O stays throttled as before.
+        return self._live[self._specs[index].devicename].top
+
     def _add_nodes(self, d: _Disk) -> None:
         self._add_fleece(d)  # the image node is the VM's own
 
@@ -181,11 +188,11 @@ class LiveBackupExport(BackupExport):
         if node == f"pvb-cbw{d.index}" and d.index in self._inserted:
             live = self._live[d.spec.devicename]
             if self._try(
-                f"put {live.node} back under {live.qom_path}",
+                f"put {live.top} back under {live.qom_path}",
                 "qom-set",
                 path=live.qom_path,
                 property="drive",
-                value=live.node,
+                value=live.top,
             ):
                 self._inserted.discard(d.index)
 
@@ -225,7 +232,7 @@ class LiveBackupExport(BackupExport):
             "disks": [
                 {
                     "qom_path": self._live[d.spec.devicename].qom_path,
-                    "node": d.disk_node,
+                    "node": self._live[d.spec.devicename].top,  # what the device goes back to
                     "filter": f"pvb-cbw{d.index}",
                 }
                 for d in self._disks
@@ -284,11 +291,12 @@ class LiveBackupExport(BackupExport):
         finally:
             if self._client is not None:
                 self._client.close()
-            for d in (self._fleece_dir, self._sock_dir):
-                if d is not None:
-                    # Also when QEMU still has a fleecing image open: the inode
-                    # lives on until the next run's clean-up closes the node.
-                    shutil.rmtree(d, ignore_errors=True)
+            # Also when QEMU still has a fleecing image open: a file's inode lives
+            # on until the next run's clean-up closes the node; a volume that
+            # cannot be freed now is named in a warning.
+            self._free_fleecing()
+            if self._sock_dir is not None:
+                shutil.rmtree(self._sock_dir, ignore_errors=True)
 
 
 def remove_leftovers(record: dict[str, Any], *, vm_pid: int | None, log: LogFunction) -> bool:
