@@ -72,9 +72,13 @@ lint: setup
 	$(VENV)/bin/ruff check src tests bench examples
 	$(VENV)/bin/mypy src examples/plainfiles/src
 
+# Tests run on TEST_JOBS pytest-xdist workers (most wait on qemu, ceph and other
+# subprocesses, so 2 workers nearly halve the time even on 2 cores); TEST_JOBS=0 runs
+# them in one process. Tests marked `serial` run alone (tests/xdist_support.py).
+TEST_JOBS ?= 2
 test: setup s3deps lint perltest
 	$(call apt_install,$(TEST_PACKAGES))
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n $(TEST_JOBS)
 
 # The Perl storage plugins and backup provider against the real Python helper of this
 # checkout (perl/t/*.t; the PVE base classes are stand-ins under perl/t/lib).

@@ -21,7 +21,7 @@ from pathlib import Path
 from bench.measure import Timed, disk_usage, run_timed
 from bench.peers import RESTIC_PASSWORD
 
-__all__ = ["make_tree", "run_container"]
+__all__ = ["make_small_tree", "make_tree", "run_container", "run_container_rss"]
 
 _WORDS = [f"w{i:03d}x" for i in range(256)]
 
@@ -66,6 +66,48 @@ def make_tree(root: Path, files: int, seed: int = 5) -> int:
         if d.is_dir() and not d.is_symlink():
             os.lchown(d, 100000, 100000)
     return total
+
+
+def make_small_tree(root: Path, files: int, seed: int = 7) -> int:
+    """``files`` small files (0..256 bytes, 1000 per directory); returns data bytes."""
+    rng = random.Random(seed)
+    total = 0
+    for i in range(files):
+        if i % 1000 == 0:
+            d = root / f"d{i // 100_000:02d}" / f"s{(i // 1000) % 100:02d}"
+            d.mkdir(parents=True, exist_ok=True)
+        data = rng.randbytes(rng.randrange(257))
+        fd = os.open(d / f"f{i:07d}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, data)
+        os.close(fd)
+        total += len(data)
+    return total
+
+
+def run_container_rss(out: Path, files: int) -> dict[str, object]:
+    """Peak RSS of our container backup (first and unchanged re-run) of ``files``
+    small files: the issue's goal is <= 200 MiB for a million."""
+    work = out / "ct-rss-work"
+    shutil.rmtree(work, ignore_errors=True)
+    tree = work / "tree"
+    tree.mkdir(parents=True)
+    data = make_small_tree(tree, files)
+    conf = work / "200.conf"
+    conf.write_text("arch: amd64\nrootfs: local:200/subvol-200-disk-0.subvol\n")
+    (work / "ours").mkdir()
+    rows: dict[str, dict[str, object]] = {}
+    for step in ("first", "unchanged"):
+        t = _ours(work / "ours", tree, conf)
+        peak = next(int(line.split(":")[1]) for line in t.stdout.splitlines()
+                    if line.startswith("peak rss KiB:"))  # fmt: skip
+        rows[step] = {"seconds": round(t.seconds, 1), "peak rss MiB": round(peak / 1024, 1),
+                      "log": [x for x in t.stdout.splitlines() if "backup-store" in x]}
+        print(f"{step}: {t.seconds:.1f} s, peak RSS {peak / 1024:.1f} MiB", flush=True)
+    print(f"container tree of {files} small files ({data / 2**20:.0f} MiB of data)")
+    result: dict[str, object] = {"files": files, "data_bytes": data, "rows": rows}
+    (out / "container-rss.json").write_text(json.dumps(result, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
+    return result
 
 
 def change_tree(root: Path, fraction: float = 0.01, seed: int = 6) -> None:

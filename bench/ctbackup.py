@@ -3,11 +3,13 @@ container benchmark as a child): ``python -m bench.ctbackup STORE TREE CONF``.
 
 It plays the host's calls (job_start .. job_end) against the provider, so the
 time is the provider's: walking, tar stream, chunking, digests, compression,
-packs. Prints the provider's archive log line.
+packs. Prints the provider's archive log lines and the process's peak RSS
+(``getrusage``: the kernel's high-water mark, which polling can miss).
 """
 
 from __future__ import annotations
 
+import resource
 import sys
 import time
 
@@ -34,6 +36,7 @@ def main(store: str, tree: str, conf: str) -> int:
     p.backup_end(200)
     p.job_end()
     print("\n".join(m for m in lines if "backup-store" in m))
+    print(f"peak rss KiB: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}")
     return 0
 
 

@@ -22,13 +22,14 @@ from pathlib import Path
 
 from bench.measure import Timed, ToolFailed, disk_usage, drop_caches, run_timed
 
-__all__ = ["OURS", "PYTHON_NAME", "VMID", "OurNode", "precompile", "unavailable_reason"]
+__all__ = ["OURS", "OURS_S3", "PYTHON_NAME", "VMID", "OurNode", "precompile", "unavailable_reason"]
 
 VMID = 100
 RESTORE_VMID = 200
 STOREID = "store"
 PYTHON_NAME = "pvebackup (python)"  # process name in peak RSS reports
 OURS = "ours"  # tool name in measurements
+OURS_S3 = "ours on S3 (Ceph RGW)"  # the same with the store in a bucket (bench.s3)
 
 
 def unavailable_reason() -> str | None:

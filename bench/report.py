@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.measure import Measurement
-from bench.ours import OURS, PYTHON_NAME
+from bench.ours import OURS, OURS_S3, PYTHON_NAME
 from pvebackup.kit import units
 
 __all__ = [
@@ -141,6 +141,19 @@ def _restore_vs_local(find: Lookup) -> float | None:
     return _div(_seconds(find, "restore", "local convert"), _seconds(find, "restore", OURS))
 
 
+def _s3_speed(scenario: str) -> Callable[[Lookup], float | None]:
+    def get(find: Lookup) -> float | None:
+        return _div(_seconds(find, scenario, OURS), _seconds(find, scenario, OURS_S3))
+    return get
+
+
+def _s3_value(scenario: str, name: str) -> Callable[[Lookup], float | None]:
+    def get(find: Lookup) -> float | None:
+        m = find(scenario, OURS_S3)
+        return None if m is None or m.error else m.values.get(name)
+    return get
+
+
 def _rss(scenario: str, process: str) -> Callable[[Lookup], float | None]:
     def get(find: Lookup) -> float | None:
         m = find(scenario, OURS)
@@ -179,6 +192,11 @@ GOALS: tuple[Goal, ...] = (
          _value(CHUNK_INDEX, "lookups_per_s")),
     Goal("chunk index, 10M chunks: peak RSS", 200.0, False, "MiB",
          _value(CHUNK_INDEX, "peak_rss_mib")),
+    Goal("S3 full backup: speed vs local store", 0.7, True, "x", _s3_speed("full")),
+    Goal("S3 incremental: speed vs local store", 0.7, True, "x", _s3_speed("incremental")),
+    Goal("S3 restore: speed vs local store", 0.7, True, "x", _s3_speed("restore")),
+    Goal("S3 PUT requests per GiB of new data (full)", 100.0, False, "objects",
+         _s3_value("full", "PUT per GiB of image data")),
 )
 
 

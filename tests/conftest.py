@@ -18,6 +18,9 @@ from hypothesis import settings
 from pvebackup.kit.hoststate import STATE_DIR_ENV
 from s3fixture import s3_bucket, s3_server  # noqa: F401  (a real RGW, started on first use)
 
+# Parallel runs (pytest -n 2): the S3 tests on one worker, `serial` tests alone.
+pytest_plugins = ["xdist_support"]
+
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
 settings.register_profile("explore", max_examples=2000, database=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

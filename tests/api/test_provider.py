@@ -46,7 +46,8 @@ SEED_METHODS: dict[str, list[str]] = {
 }
 
 # Helpers of ours beyond the seed, allowed on the public surface.
-EXTRA_PUBLIC = {"log"}
+EXTRA_PUBLIC = {"log", "restore_file_reader"}
+"""``restore_file_reader``: the one optional capability beyond the seed (default: refuse)."""
 
 # Sample arguments per name, so every method can be called.
 SAMPLE_ARGS: dict[str, Any] = {

@@ -153,3 +153,22 @@ def test_the_issue_table_lines_gc_objects_and_chunk_index() -> None:
     assert "250,000/s" in line and ">= 200,000/s" in line and line.endswith("PASS")
     unchanged = next(x for x in text.splitlines() if "nothing changed (ours)" in x)
     assert "0.35 s" in unchanged and "<= 0.2 s" in unchanged
+
+
+def test_s3_goals_compare_with_the_local_store_and_count_puts() -> None:
+    from bench.ours import OURS_S3
+
+    s3_full = m("full", OURS_S3, [1.6])
+    s3_full.values["PUT per GiB of image data"] = 84.0
+    ms = [*measurements(), s3_full, m("incremental", OURS_S3, [0.6]),
+          m("restore", OURS_S3, [1.4])]  # fmt: skip
+    results = {g.name: g for g in evaluate(ms)}
+    full = results["S3 full backup: speed vs local store"]
+    assert full.value is not None and abs(full.value - 1.2 / 1.6) < 1e-9
+    assert full.verdict == "PASS"
+    assert results["S3 incremental: speed vs local store"].verdict == "MISS"  # 0.5x
+    assert results["S3 restore: speed vs local store"].verdict == "PASS"  # 0.75x
+    assert results["S3 PUT requests per GiB of new data (full)"].verdict == "PASS"
+    assert "ours on S3 (Ceph RGW)" in format_report(ms, evaluate(ms), INFO, None)
+    # Without RGW: n/a, never a pass.
+    assert verdicts(measurements())["S3 restore: speed vs local store"] == "n/a"

@@ -30,7 +30,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 class TestBridgedBackupDirContract(ProviderContract):
     storage_type = "bridged-backup-dir"
     plugin = BridgedDirPlugin
-    capabilities = frozenset(Capability) - {Capability.GARBAGE_COLLECTED, Capability.FAKE_SOURCE}
+    capabilities = frozenset(Capability) - {
+        Capability.GARBAGE_COLLECTED, Capability.FAKE_SOURCE, Capability.FILES,
+    }
     ct_restore_properties = {
         RestoreMechanism.TAR: {"ct-format": "tar"},
         RestoreMechanism.DIRECTORY: {"ct-format": "directory"},

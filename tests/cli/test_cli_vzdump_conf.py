@@ -61,8 +61,10 @@ def test_backup_all_with_no_options_takes_vzdump_conf(
     nbd = [c for c in calls if c[0] == "backup_nbd"]
     assert nbd and all(c[-1] == 100 * 1024 for c in nbd)  # KiB/s -> bytes/s
     (ct,) = [c for c in calls if c[0] == "backup_directory"]
-    # vzdump: the file's exclude paths, then the command line's
-    assert ct[4] == ["/var/cache/?*", "/srv/a b", "/opt/x"]
+    # vzdump: the file's exclude paths, then the command line's, then stdexcludes
+    assert ct[4] == [
+        "/var/cache/?*", "/srv/a b", "/opt/x", "/tmp/?*", "/var/tmp/?*", "/var/run/?*.pid"
+    ]
     assert ct[6] == 100 * 1024
     assert "tmpdir" not in capsys.readouterr().err  # a known PVE key: no warning
 
@@ -128,6 +130,23 @@ def test_mail_summary_through_sendmail(
     assert "To: root@example.com, ops@example.com" in msg
     assert "rec:qemu-100-000" in msg  # the table
     assert "100: " in msg and "Starting Backup of VM 100" in msg  # the task log
+
+
+def test_mail_names_guests_by_their_name_and_hostname(
+    cli_node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vzdump's "Name" column: the VM's ``name``, the container's ``hostname``."""
+    record = _fake_sendmail(tmp_path, monkeypatch)
+    cli_node.add_vm(100, {"scsi0": MiB})  # name: vm
+    cli_node.add_ct(101)  # hostname: ct101
+    _vzdump_conf(cli_node, "storage: rec\nmailto: root\n")
+    assert run(cli_node, "backup", "--all") == 0
+    rows = {
+        line.split()[0]: line.split()[1]
+        for line in (record / "0.msg").read_text().splitlines()
+        if re.match(r"^10[01] ", line)
+    }
+    assert rows == {"100": "vm", "101": "ct101"}
 
 
 def test_mailnotification_failure_mails_only_failures(

@@ -18,10 +18,10 @@ class TestRecorderContract(ProviderContract):
     plugin = RecordingPlugin
     # Each image stands alone (no parent); failed backups are removed at once; it
     # reads exports with its own libnbd handle (no source_factory); no notes or
-    # protection (the base class's defaults).
+    # protection, no single files (the base class's defaults).
     capabilities = frozenset(Capability) - {
         Capability.CHAINED, Capability.GARBAGE_COLLECTED, Capability.FAKE_SOURCE,
-        Capability.ATTRIBUTES}  # fmt: skip
+        Capability.ATTRIBUTES, Capability.FILES}  # fmt: skip
     ct_restore_properties = {
         RestoreMechanism.TAR: {"restore-mechanism": "tar"},
         RestoreMechanism.DIRECTORY: {"restore-mechanism": "directory"},

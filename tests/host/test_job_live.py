@@ -124,9 +124,10 @@ def test_killed_live_backup_leaves_the_vm_as_it_was(node: Node, vm: LiveVm, how:
         assert vm.graph() != before  # our filter is still in the running VM
     else:
         # Dirty data to read, or the incremental (nothing changed) may end before the
-        # signal comes: 4 MiB at 1 MiB/s keeps it busy for seconds.
-        vm.write(0xCC, 0, 4 * MiB)
-        p = _cli(node, "backup", "100", "--storage", "bdir", "--bwlimit", "1024")
+        # signal comes: 16 MiB at 256 KiB/s keeps it busy for a minute, so the signal
+        # lands mid-copy even on a loaded machine (the run ends at the signal).
+        vm.write(0xCC, 0, 16 * MiB)
+        p = _cli(node, "backup", "100", "--storage", "bdir", "--bwlimit", "256")
         try:
             vm.wait_exports()
         except AssertionError:
@@ -153,7 +154,7 @@ def test_killed_live_backup_leaves_the_vm_as_it_was(node: Node, vm: LiveVm, how:
     assert target is not None
     want = bytearray([A]) * SIZE
     if how == "SIGTERM":
-        want[0 : 4 * MiB] = bytes([0xCC]) * 4 * MiB
+        want[0 : 16 * MiB] = bytes([0xCC]) * 16 * MiB
     want[5 * MiB : 5 * MiB + 64 * 1024] = bytes([0xDD]) * 64 * 1024
     assert restored_bytes(node, target, 202) == bytes(want)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pvebackup.api.errors import ExternalToolError, NotFoundError, PluginError
-from pvebackup.host import restore
+from pvebackup.host import restoresource as restore
 
 pytestmark = pytest.mark.e2e
 MiB = 1024 * 1024
@@ -33,7 +33,7 @@ def test_progress_is_reported_and_ends_at_100(tmp_path: Path) -> None:
     src = image(tmp_path / "src.raw", 64 * MiB, "write -P 9 0 48M", fmt="raw")
     dst = image(tmp_path / "dst.qcow2", 64 * MiB)
     seen: list[float] = []
-    restore._qemu_img_convert(str(src), dst, seen.append, interval=0)
+    restore.qemu_img_convert(str(src), dst, seen.append, interval=0)
     assert len(seen) >= 2 and seen[-1] == 100.0
     assert seen == sorted(seen) and all(0 <= p <= 100 for p in seen)
     assert same(src, "raw", dst)
@@ -43,9 +43,9 @@ def test_failure_carries_qemu_img_message(tmp_path: Path) -> None:
     dst = image(tmp_path / "dst.qcow2", MiB)
     # A missing source is "not found" (exit 3), still with qemu-img's words.
     with pytest.raises(NotFoundError, match="Could not open"):
-        restore._qemu_img_convert(str(tmp_path / "missing.qcow2"), dst)
+        restore.qemu_img_convert(str(tmp_path / "missing.qcow2"), dst)
     with pytest.raises(ExternalToolError, match="qemu-img convert .*: qemu-img: .*") as caught:
-        restore._qemu_img_convert(str(dst), tmp_path)  # a directory is no qcow2 target
+        restore.qemu_img_convert(str(dst), tmp_path)  # a directory is no qcow2 target
     assert not isinstance(caught.value, NotFoundError) and caught.value.stderr
 
 
@@ -57,7 +57,7 @@ def test_interruption_kills_qemu_img(tmp_path: Path) -> None:
         raise KeyboardInterrupt  # what a signal does to the main thread
 
     with pytest.raises(KeyboardInterrupt):
-        restore._qemu_img_convert(str(src), dst, interrupted, interval=0)
+        restore.qemu_img_convert(str(src), dst, interrupted, interval=0)
     left = subprocess.run(["pgrep", "-f", f"qemu-img convert.*{dst}"], capture_output=True)
     assert left.returncode == 1  # nothing running
 
@@ -74,7 +74,7 @@ def test_plain_path_is_read_as_raw_never_probed(tmp_path: Path) -> None:
         check=True,
     )
     dst = image(tmp_path / "dst.qcow2", MiB)
-    restore._qemu_img_convert(str(src), dst)
+    restore.qemu_img_convert(str(src), dst)
     raw = tmp_path / "out.raw"
     subprocess.run(
         ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(dst), str(raw)], check=True
@@ -89,8 +89,8 @@ def test_json_source_uses_its_driver_as_the_format(tmp_path: Path) -> None:
     dst = image(tmp_path / "dst.qcow2", 4 * MiB)
     spec = {"driver": "qcow2", "file": {"driver": "file", "filename": str(src)}}
     source = "json:" + json.dumps(spec)
-    assert restore._source_format(source) == "qcow2"
-    restore._qemu_img_convert(source, dst)
+    assert restore.source_format(source) == "qcow2"
+    restore.qemu_img_convert(source, dst)
     assert same(src, "qcow2", dst)
 
 
@@ -101,4 +101,4 @@ def test_json_source_uses_its_driver_as_the_format(tmp_path: Path) -> None:
 def test_json_source_without_a_plain_driver_is_refused(tmp_path: Path, source: str) -> None:
     dst = image(tmp_path / "dst.qcow2", MiB)
     with pytest.raises(PluginError, match="json:"):
-        restore._qemu_img_convert(source, dst)
+        restore.qemu_img_convert(source, dst)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pvebackup.api.errors import IntegrityError
-from pvebackup.host.restore import _device_size
+from pvebackup.host.restoresource import device_size as _device_size
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,8 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from pvebackup.store.backends.memory import MemoryBackend
 from pvebackup.store.chunkcache import SortedChunkIndex, write_sorted_index
 from pvebackup.store.chunkindex import ChunkLocation
@@ -44,6 +46,7 @@ def test_merge_keeps_old_and_new_entries_sorted(tmp_path: Path) -> None:
     assert all(cache.lookup(d) == loc for d, loc in {**first, **second}.items())
 
 
+@pytest.mark.serial
 def test_lookups_on_a_synthetic_index_are_fast(tmp_path: Path) -> None:
     # The big one (10 million chunks, RSS) is bench/chunkindex.py; this guards the
     # lookup path against an accidental linear scan.

@@ -24,7 +24,7 @@ class TestBackupStoreContract(ProviderContract):
         {Capability.VM, Capability.INCREMENTAL, Capability.LIST, Capability.REMOVE,
          Capability.GARBAGE_COLLECTED, Capability.FAKE_SOURCE, Capability.CHAINED,
          Capability.CT, Capability.RESTORE_TAR, Capability.RESTORE_DIRECTORY,
-         Capability.ATTRIBUTES}
+         Capability.ATTRIBUTES, Capability.FILES}
     )  # fmt: skip
     ct_restore_properties = {
         RestoreMechanism.TAR: {"ct-restore": "tar"},

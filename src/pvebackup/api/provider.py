@@ -66,7 +66,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from pvebackup.api.errors import ProviderNotImplementedError
+from pvebackup.api.errors import ProviderNotImplementedError, UnsupportedError
+from pvebackup.api.files import FsReader
 from pvebackup.api.types import (
     BackupMechanism,
     BitmapMode,
@@ -120,13 +121,16 @@ class BackupProvider:
         """Write ``message`` to the task log through ``log_function``."""
         self.log_function(str(level), message)
 
-    def _not_implemented(self, method: str) -> ProviderNotImplementedError:
-        name = type(self).__name__
+    def _shown_name(self) -> str:
         try:
-            name = self.provider_name()
+            return self.provider_name()
         except ProviderNotImplementedError:
-            pass
-        return ProviderNotImplementedError(f"{method}() is not implemented by {name}")
+            return type(self).__name__
+
+    def _not_implemented(self, method: str) -> ProviderNotImplementedError:
+        return ProviderNotImplementedError(
+            f"{method}() is not implemented by {self._shown_name()}"
+        )
 
     # general ---------------------------------------------------------------------
 
@@ -433,3 +437,20 @@ class BackupProvider:
         """Clean up after a ``directory`` restore. Called on success and on failure,
         also after ``restore_directory_init`` raised (see ``restore_qemu_img_cleanup``)."""
         raise self._not_implemented("restore_directory_cleanup")
+
+    # -- optional capabilities (not in the seed) ------------------------------------
+
+    def restore_file_reader(self, volname: str, storeid: str) -> FsReader:
+        """Optional: the files of backup ``volname``, for ``pvebackup ls``/``extract``.
+
+        A provider that can list and read single files of a container backup
+        without restoring it whole returns a :class:`~pvebackup.api.files.FsReader`
+        (entries with container ids as owners; every read verified). The host
+        writes what it reads with its safe extractor; the provider never writes
+        outside its storage. The default refuses.
+
+        :raises UnsupportedError: the provider (or this backup's format) cannot.
+        """
+        raise UnsupportedError(
+            f"{self._shown_name()}: file-level access to {volname} is not supported"
+        )

@@ -16,7 +16,12 @@ from pvebackup.api.types import GuestType
 from pvebackup.cli.cmd_prune import prune_storage
 from pvebackup.cli.common import vmid_arg
 from pvebackup.cli.output import add_output_option, human_size, print_json, table
-from pvebackup.host.defaults import MAIL_POLICIES, JobDefaults, read_job_defaults
+from pvebackup.host.defaults import (
+    MAIL_POLICIES,
+    STD_EXCLUDES,
+    JobDefaults,
+    read_job_defaults,
+)
 from pvebackup.host.guests import NodeRoot
 from pvebackup.host.job import MODES, JobResult, run_backup_job
 from pvebackup.host.mail import MailSettings, send_job_mail
@@ -35,6 +40,7 @@ class BackupOptions:
     vmids: list[int] | None  # None: every guest (--all)
     bwlimit_kib: int | None = None  # None: vzdump.conf; 0: unlimited
     exclude_paths: list[str] = field(default_factory=list)
+    stdexcludes: bool | None = None  # None: vzdump.conf, else on
     output: str = "text"
     mode: str | None = None  # None: ROOT/etc/vzdump.conf, else snapshot
     stop_wait: float | None = None  # None: ROOT/etc/vzdump.conf, else 10 minutes
@@ -55,6 +61,14 @@ def _positive(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, not {value}")
     return value
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"not a boolean (0 or 1): {text!r}")
 
 
 def _kib_per_s(text: str) -> int:
@@ -107,6 +121,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="PATTERN",
         help="exclude files of containers (rsync-style pattern; repeatable; added to"
         " 'exclude-path:' of vzdump.conf, as vzdump does)",
+    )
+    p.add_argument(
+        "--stdexcludes",
+        type=_boolean,
+        metavar="0|1",
+        help="leave /tmp/?*, /var/tmp/?* and /var/run/?*.pid out of containers"
+        " (default: 'stdexcludes:' in vzdump.conf, else 1, as vzdump)",
     )
     p.add_argument(
         "--mailto",
@@ -181,6 +202,7 @@ def _from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         vmids=None if args.all else list(args.vmids),
         bwlimit_kib=args.bwlimit,
         exclude_paths=list(args.exclude_paths),
+        stdexcludes=args.stdexcludes,
         output=args.output,
         mode=args.mode,
         stop_wait=None if args.stop_wait is None else float(args.stop_wait),
@@ -262,11 +284,19 @@ def apply_defaults(opts: BackupOptions, defaults: JobDefaults) -> BackupOptions:
             "backup: no --storage given and no 'storage:' in vzdump.conf"
         )
     bwlimit = opts.bwlimit_kib if opts.bwlimit_kib is not None else defaults.bwlimit_kib
+    stdexcludes = next(
+        (v for v in (opts.stdexcludes, defaults.stdexcludes) if v is not None), True
+    )
     return dataclasses.replace(
         opts,
         storage=storage,
         bwlimit_kib=bwlimit or None,  # 0: unlimited, as vzdump
-        exclude_paths=[*defaults.exclude_paths, *opts.exclude_paths],
+        # vzdump's order: the file's, the command line's, then the standard ones.
+        exclude_paths=[
+            *defaults.exclude_paths,
+            *opts.exclude_paths,
+            *(STD_EXCLUDES if stdexcludes else ()),
+        ],
         mode=opts.mode or defaults.mode or "snapshot",
         stop_wait=opts.stop_wait or defaults.stop_wait or 10.0,
         fleecing_storage=opts.fleecing_storage or defaults.fleecing_storage,
@@ -315,10 +345,10 @@ def run(opts: BackupOptions) -> int:
         # vzdump mails a job that failed as a whole too (mailnotification failure).
         empty = JobResult(opts.storage, "", int(time.time()))
         send_job_mail(mail, empty, total_seconds=time.monotonic() - started,
-                      cmdline=_cmdline(opts), log=_stderr_log, error=str(exc))
+                      cmdline=_cmdline(opts), log=_stderr_log, error=str(exc), root=root)
         raise
     send_job_mail(mail, result, total_seconds=time.monotonic() - started,
-                  cmdline=_cmdline(opts), log=_stderr_log)
+                  cmdline=_cmdline(opts), log=_stderr_log, root=root)
     if opts.output == "json":
         print_json(_json_report(result))
     else:

@@ -45,7 +45,7 @@ COMMAND_MODULES: dict[str, str] = {
     "backup": "cmd_backup", "restore": "cmd_restore", "list": "cmd_list",
     "remove": "cmd_remove", "prune": "cmd_prune", "gc": "cmd_gc", "verify": "cmd_verify",
     "protect": "cmd_protect", "unprotect": "cmd_protect", "notes": "cmd_notes",
-    "key": "cmd_key", "vm-files": "cmd_vmfiles",
+    "key": "cmd_key", "vm-files": "cmd_vmfiles", "ls": "cmd_files", "extract": "cmd_files",
 }  # fmt: skip
 
 

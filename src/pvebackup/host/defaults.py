@@ -9,8 +9,9 @@ strings (``fleecing``'s default key is ``enabled``, which defaults to 0, so
 ``fleecing: storage=X`` alone leaves fleecing off, as in Proxmox VE).
 
 Keys applied: ``storage``, ``mode``, ``stopwait``, ``bwlimit`` (KiB/s, 0: none),
-``exclude-path``, ``prune-backups`` (below the storage's own property, as vzdump),
-``notes-template``, ``mailto``, ``mailnotification``, ``notification-mode``,
+``exclude-path``, ``stdexcludes`` (default 1), ``prune-backups`` (below the
+storage's own property, as vzdump), ``notes-template``, ``mailto``,
+``mailnotification``, ``notification-mode``,
 ``fleecing``; ``performance`` is checked and reported as not applicable. Other
 vzdump keys are accepted and ignored (``script`` and ``dumpdir`` with a warning,
 they change what a job does); unknown keys warn, as Proxmox VE warns. Unlike
@@ -34,17 +35,26 @@ from pvebackup.kit.prune import format_keep_options, parse_keep_options
 
 from .guests import NodeRoot
 
-__all__ = ["MAIL_POLICIES", "JobDefaults", "defaults_path", "read_job_defaults"]
+__all__ = [
+    "MAIL_POLICIES",
+    "STD_EXCLUDES",
+    "JobDefaults",
+    "defaults_path",
+    "read_job_defaults",
+]
 
 _MODES = ("snapshot", "suspend", "stop")
 MAIL_POLICIES = ("always", "failure")
+STD_EXCLUDES = ("/tmp/?*", "/var/tmp/?*", "/var/run/?*.pid")
+"""What ``stdexcludes`` (on by default) leaves out of a container backup: vzdump's
+list (PVE/VZDump.pm), after the ``exclude-path`` patterns."""
 _NOTIFICATION_MODES = ("auto", "legacy-sendmail", "notification-system")
 
 # vzdump's other keys (pve-guest-common PVE/VZDump/Common.pm): valid in the file,
 # without meaning for a backup provider job.
 _IGNORED = frozenset(
     (
-        "tmpdir", "compress", "pigz", "zstd", "ionice", "lockwait", "stdexcludes", "quiet",
+        "tmpdir", "compress", "pigz", "zstd", "ionice", "lockwait", "quiet",
         "remove", "pool", "protected", "pbs-change-detection-mode", "node", "stop",
         "exclude", "all", "vmid", "stdout", "notification-policy", "notification-target",
     )
@@ -71,6 +81,7 @@ class JobDefaults:
     storage: str | None = None
     bwlimit_kib: int | None = None  # 0: explicitly unlimited
     exclude_paths: tuple[str, ...] = ()
+    stdexcludes: bool | None = None  # None: on, as vzdump
     prune_backups: str | None = None  # normalised keep options
     notes_template: str | None = None
     mailto: tuple[str, ...] = ()
@@ -140,6 +151,7 @@ class _Parser:
             storage=_opt_str(v.get("storage")),
             bwlimit_kib=_opt_int(v.get("bwlimit")),
             exclude_paths=tuple(self.excludes),
+            stdexcludes=_opt_bool(v.get("stdexcludes")),
             prune_backups=_opt_str(prune),
             notes_template=_opt_str(v.get("notes-template")),
             mailto=tuple(str(a) for a in _opt_list(v.get("mailto"))),
@@ -198,6 +210,10 @@ class _Parser:
             self.values[key] = value
         elif key == "mailto":
             self.values[key] = self.addresses(value)
+        elif key == "stdexcludes":
+            if value.lower() not in _TRUE + _FALSE:
+                raise self.error(f"stdexcludes {value[:40]!r} is not a boolean")
+            self.values[key] = value.lower() in _TRUE
         elif key == "mailnotification":
             self.values[key] = self.choice(key, value, MAIL_POLICIES)
         elif key == "notification-mode":
@@ -289,6 +305,10 @@ def _opt_list(value: object) -> list[object]:
 
 def _opt_int(value: object) -> int | None:
     return value if isinstance(value, int) else None
+
+
+def _opt_bool(value: object) -> bool | None:
+    return value if isinstance(value, bool) else None
 
 
 def _opt_float(value: object) -> float | None:

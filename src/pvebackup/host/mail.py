@@ -16,19 +16,21 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formatdate
 from pathlib import Path
 
-from pvebackup.api.errors import ExternalToolError
+from pvebackup.api.errors import ExternalToolError, PveBackupError
+from pvebackup.api.types import GuestType
 from pvebackup.kit import proc
 from pvebackup.kit.units import format_bytes
 
+from .guests import NodeRoot
 from .job import JobResult
 
-__all__ = ["MailSettings", "find_sendmail", "job_message", "send_job_mail"]
+__all__ = ["MailSettings", "find_sendmail", "guest_names", "job_message", "send_job_mail"]
 
 MAX_LOG_SIZE = 1024 * 1024  # vzdump's MAX_LOG_SIZE
 _SBIN = ("/usr/sbin", "/usr/lib", "/sbin")
@@ -54,10 +56,33 @@ def _duration(seconds: float) -> str:
     )
 
 
+def guest_names(root: NodeRoot, result: JobResult) -> dict[int, str]:
+    """The mail's "Name" column as vzdump fills it: a VM's ``name``, a container's
+    ``hostname`` (``VM <vmid>``/``CT<vmid>`` without one); unreadable configs are left out."""
+    names: dict[int, str] = {}
+    for g in result.guests:
+        try:
+            config = root.load_guest(g.vmid, g.vmtype)
+        except PveBackupError:
+            continue  # gone since, or broken: the table falls back to the type and VMID
+        if config.vmtype == GuestType.QEMU:
+            names[g.vmid] = config.get("name") or f"VM {g.vmid}"
+        else:
+            names[g.vmid] = config.get("hostname") or f"CT{g.vmid}"
+    return names
+
+
 def job_message(
-    result: JobResult, total_seconds: float, cmdline: str, host: str, error: str | None = None
+    result: JobResult,
+    total_seconds: float,
+    cmdline: str,
+    host: str,
+    error: str | None = None,
+    names: Mapping[int, str] | None = None,
 ) -> EmailMessage:
-    """The summary mail of one job (no recipients set); ``error``: the job's own failure."""
+    """The summary mail of one job (no recipients set); ``error``: the job's own failure;
+    ``names``: VMID -> guest name (:func:`guest_names`)."""
+    names = names or {}
     failed = bool(result.failed) or error is not None
     status = "backup failed" if failed else "backup successful"
     if error is not None:
@@ -70,7 +95,7 @@ def job_message(
         rows.append(
             (
                 str(g.vmid),
-                f"{g.vmtype or 'guest'} {g.vmid}",
+                names.get(g.vmid) or f"{g.vmtype or 'guest'} {g.vmid}",
                 "ok" if g.ok else "err",
                 _duration(g.seconds),
                 format_bytes(size),
@@ -119,6 +144,7 @@ def send_job_mail(
     log: Callable[[str, str], None],
     sendmail: str | None | Callable[[], str | None] = find_sendmail,
     error: str | None = None,
+    root: NodeRoot | None = None,
 ) -> bool:
     """Mail the summary of ``result`` if vzdump would; returns whether it was sent.
 
@@ -139,7 +165,8 @@ def send_job_mail(
         log("warn", f"no sendmail on this node: the job summary was not mailed to {recipients}")
         return False
     host = socket.getfqdn() or "localhost"
-    msg = job_message(result, total_seconds, cmdline, host, error)
+    names = guest_names(root, result) if root is not None else None
+    msg = job_message(result, total_seconds, cmdline, host, error, names)
     msg["To"] = recipients
     argv: Sequence[str] = [program, "-i", "--", *settings.mailto]
     try:

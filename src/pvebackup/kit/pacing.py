@@ -4,11 +4,14 @@ Every provider paces what it reads with one :class:`TokenBucket` (the seed's
 ``bandwidth_limit``, bytes per second) and reports with one :class:`ProgressLog`
 (percent, MiB/s, every few seconds and once at the end), so that the same limit
 and the same task log look alike whatever provider runs. :class:`PacedReader`
-applies both to a file copied with ``read(n)`` (a container's files).
+applies both to a file copied with ``read(n)`` (a container's files);
+:func:`paced_reader` and :class:`PacedWriter` apply the limit alone to a byte
+stream (a container restore's tar stream).
 """
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable
 from typing import BinaryIO, Protocol
@@ -20,9 +23,11 @@ __all__ = [
     "MIB",
     "PROGRESS_INTERVAL",
     "PacedReader",
+    "PacedWriter",
     "ProgressLog",
     "ProgressSink",
     "TokenBucket",
+    "paced_reader",
     "progress_text",
 ]
 
@@ -190,3 +195,46 @@ class PacedReader:
         self._progress.advance(len(data))
         crash_point("backup-mid-read")
         return data
+
+
+class _PacedRaw(io.RawIOBase):
+    def __init__(self, source: BinaryIO, limiter: TokenBucket) -> None:
+        super().__init__()
+        self._source = source
+        self._limiter = limiter
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        self._limiter.consume(len(buffer))
+        data = self._source.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def paced_reader(source: BinaryIO, limiter: TokenBucket, buffer_size: int = 1 << 16) -> BinaryIO:
+    """``source`` read within ``limiter`` (buffered, with ``peek``); closing it
+    leaves ``source`` open."""
+    return io.BufferedReader(_PacedRaw(source, limiter), buffer_size)
+
+
+class PacedWriter:
+    """A write-only wrapper that pays ``limiter`` before each write; ``after`` runs
+    after each one (the writer of a pipe may have to serve its reader's messages)."""
+
+    def __init__(
+        self, target: BinaryIO, limiter: TokenBucket, after: Callable[[], None] = lambda: None
+    ) -> None:
+        self._target = target
+        self._limiter = limiter
+        self._after = after
+
+    def write(self, data: bytes) -> int:
+        self._limiter.consume(len(data))
+        written = self._target.write(data)
+        self._after()
+        return written
+
+    def flush(self) -> None:
+        self._target.flush()

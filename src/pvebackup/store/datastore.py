@@ -38,6 +38,7 @@ import secrets
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ from typing import Final
 
 from pvebackup.api.errors import (
     CorruptChunkError,
+    IntegrityError,
     MissingKeyError,
     ObjectNotFoundError,
     StateError,
@@ -95,6 +97,7 @@ from pvebackup.store.pack import (
     pack_name_from_key,
     read_pack_entries,
 )
+from pvebackup.store.readplan import plan_spans
 from pvebackup.store.snapshot import (
     SnapshotId,
     SnapshotWriter,
@@ -114,6 +117,8 @@ DEFAULT_CHUNK_SIZE: Final = 256 * 1024
 """See docs/design.md, "Chunk size": scattered small writes must not cost much."""
 _PACK_ENTRY_LIMIT: Final = 65536
 """Most chunks per pack (compressible chunks are tiny): keeps descriptions small."""
+_REFRESH_JOBS: Final = 8
+"""Index objects read at once when the chunk index is refreshed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -514,22 +519,33 @@ class Datastore(SnapshotOps):
                 self._index.clear()
                 seen = set()
             self._refreshed = True
-        new = 0
+        todo: list[tuple[str, bytes]] = []
         for key in keys:
-            if key in seen:
-                continue
-            name = index_name_from_key(key)
-            if name is None:
-                continue  # not ours (an editor's backup file?): never read
+            name = None if key in seen else index_name_from_key(key)
+            if name is not None:  # None: ingested, or not ours (never read)
+                todo.append((key, name))
+
+        def fetch(item: tuple[str, bytes]) -> bytes | None:
             try:
-                data = get_bounded(self.backend, key, MAX_INDEX_OBJECT_SIZE)
+                return get_bounded(self.backend, item[0], MAX_INDEX_OBJECT_SIZE)
             except ObjectNotFoundError:
-                continue  # compacted away meanwhile
-            parsed = parse_index_object(self.codec, data, name)
-            with self._lock:
-                self._index.add(parsed.entries)
-                self._index.mark_ingested(key)
-            new += 1
+                return None  # compacted away meanwhile
+
+        new = 0
+        # Several reads at once: on S3 each is a round trip, and a host without a
+        # cache (a restore, a new node) reads every index object of the store.
+        # In slices, so that at most 2 * _REFRESH_JOBS objects wait in memory.
+        with ThreadPoolExecutor(_REFRESH_JOBS, thread_name_prefix="pvebackup-index") as pool:
+            for first in range(0, len(todo), 2 * _REFRESH_JOBS):
+                part = todo[first : first + 2 * _REFRESH_JOBS]
+                for (key, name), data in zip(part, pool.map(fetch, part), strict=True):
+                    if data is None:
+                        continue
+                    parsed = parse_index_object(self.codec, data, name)
+                    with self._lock:
+                        self._index.add(parsed.entries)
+                        self._index.mark_ingested(key)
+                    new += 1
         return new
 
     def index_entries(self) -> dict[bytes, ChunkLocation]:
@@ -688,12 +704,64 @@ class Datastore(SnapshotOps):
                     ) from exc
             if len(blob) != loc.length:
                 raise CorruptChunkError(f"chunk {digest.hex()}: pack {loc.pack.hex()} cut short")
+        return self._decode(blob, digest, size)
+
+    def _decode(self, blob: BytesLike, digest: bytes, size: int | None) -> bytes:
         data = self.codec.decode_chunk(blob, digest)
         if size is not None and len(data) != size:
             raise CorruptChunkError(
                 f"chunk {digest.hex()}: {len(data)} bytes, the index expects {size}"
             )
         return data
+
+    def read_chunks(self, wanted: Sequence[tuple[bytes, int]]) -> list[bytes | IntegrityError]:
+        """``read_chunk(digest, size)`` of each of ``wanted``, with few backend reads.
+
+        Chunks that lie close together in one pack are fetched with one ranged
+        read (:mod:`.readplan`): a restore's read-ahead asks for a few MiB of an
+        image at a time, which a full backup stored in one run of one pack. Each
+        result is the plaintext or the ``IntegrityError`` that ``read_chunk`` would
+        raise for that chunk (one damaged chunk does not fail its neighbours);
+        backend failures other than a missing pack are raised.
+        """
+        results: list[bytes | IntegrityError | None] = [None] * len(wanted)
+        located: list[tuple[int, ChunkLocation]] = []
+        for pos, (digest, size) in enumerate(wanted):
+            with self._lock:
+                pending = self._pack is not None and self._pack.blob(digest) is not None
+            loc = None if digest == ZERO_DIGEST or pending else self._locate_for_read(digest)
+            if loc is None:  # zero, in the open pack, or missing: read_chunk says which
+                results[pos] = self._read_one(digest, size)
+            else:
+                located.append((pos, loc))
+        for span in plan_spans(located):
+            try:
+                data = memoryview(
+                    self.backend.get_range(pack_key(span.pack), span.start, span.end - span.start)
+                )
+            except ObjectNotFoundError:
+                data = memoryview(b"")  # repacked since? read_chunk refreshes and retries
+            for pos, loc in span.members:
+                digest, size = wanted[pos]
+                rel = loc.offset - span.start
+                if len(data) < rel + loc.length:
+                    results[pos] = self._read_one(digest, size)
+                    continue
+                try:
+                    results[pos] = self._decode(data[rel : rel + loc.length], digest, size)
+                except IntegrityError as exc:
+                    results[pos] = exc
+        done: list[bytes | IntegrityError] = []
+        for r in results:
+            assert r is not None
+            done.append(r)
+        return done
+
+    def _read_one(self, digest: bytes, size: int) -> bytes | IntegrityError:
+        try:
+            return self.read_chunk(digest, size)
+        except IntegrityError as exc:
+            return exc
 
     # --- snapshots ----------------------------------------------------------------
 

@@ -35,7 +35,13 @@ from pvebackup.store.snapshot import (
 )
 from pvebackup.store.storeconfig import CONFIG_KEY, StoreConfig, get_bounded
 
-__all__ = ["KeylessListing", "SnapshotOps", "list_snapshot_ids"]
+__all__ = [
+    "KeylessListing",
+    "SnapshotOps",
+    "list_snapshot_ids",
+    "pinned_snapshots",
+    "remove_snapshot_objects",
+]
 
 _PIN_SKEW: Final = 600.0
 """Seconds a session's heartbeat may lie ahead of our clock (skew between hosts)."""
@@ -56,6 +62,11 @@ class SnapshotOps:
             raw = get_bounded(self.backend, key, MAX_MANIFEST_SIZE)
         except ObjectNotFoundError as exc:
             raise VolumeNotFoundError(f"no snapshot {snapshot} in the store") from exc
+        return self.snapshot_from_manifest(snapshot, raw)
+
+    def snapshot_from_manifest(self, snapshot: SnapshotId, raw: bytes) -> Snapshot:
+        """The snapshot whose manifest bytes are ``raw`` (read by the caller, e.g.
+        from a cache), verified exactly as ``open_snapshot`` verifies them."""
         manifest = Manifest.from_bytes(raw, self._key, name=f"snapshot {snapshot}")
         if manifest.snapshot != snapshot:
             raise CorruptIndexError(f"snapshot {snapshot}: manifest names {manifest.snapshot}")
@@ -84,21 +95,7 @@ class SnapshotOps:
 
         Its chunks stay until garbage collection.
         """
-        key = snapshot.prefix + MANIFEST_NAME
-        if not self.backend.exists(key):
-            raise VolumeNotFoundError(f"no snapshot {snapshot} in the store")
-        # A running backup (any process or host) builds on it: see "Store lock
-        # protocol" in docs/design.md for the race this leaves and why it is safe.
-        session = self.pinned_snapshots().get(snapshot.prefix)
-        if session is not None:
-            raise VolumeInUseError(
-                f"snapshot {snapshot} is the base of a running backup (writer session "
-                f"{session}); try again when it has ended"
-            )
-        self.backend.delete(key)
-        self.backend.sync()
-        for k in list(self.backend.list(snapshot.prefix)):
-            self.backend.delete(k)
+        remove_snapshot_objects(self.backend, snapshot)
 
     def incomplete_snapshots(self) -> Iterator[tuple[str, float]]:
         """``(prefix, newest mtime)`` of every snapshot prefix without a manifest."""
@@ -137,19 +134,49 @@ class SnapshotOps:
 
     def pinned_snapshots(self, *, now: float | None = None) -> dict[str, str]:
         """Snapshot key prefix -> the live writer session (hex) that pins it."""
-        when = time.time() if now is None else now
-        out: dict[str, str] = {}
-        for key in self.backend.list(SESSIONS_PREFIX):
-            try:
-                info = parse_session(self.backend.get_range(key, 0, MAX_SESSION_SIZE + 1))
-            except (ObjectNotFoundError, CorruptIndexError):
-                continue  # ended meanwhile / not a session: pins nothing
-            # Threat: a planted session with a heartbeat far ahead (or a huge ttl)
-            # would pin a snapshot forever; only a plausible one pins.
-            plausible = info.heartbeat <= when + _PIN_SKEW and info.ttl <= _MAX_PIN_TTL
-            if plausible and info.alive(when):
-                out.update((p, info.session) for p in info.pins)
-        return out
+        return pinned_snapshots(self.backend, now=now)
+
+
+def pinned_snapshots(backend: Backend, *, now: float | None = None) -> dict[str, str]:
+    """Snapshot key prefix -> the live writer session (hex) that pins it (no key needed)."""
+    when = time.time() if now is None else now
+    out: dict[str, str] = {}
+    for key in backend.list(SESSIONS_PREFIX):
+        try:
+            info = parse_session(backend.get_range(key, 0, MAX_SESSION_SIZE + 1))
+        except (ObjectNotFoundError, CorruptIndexError):
+            continue  # ended meanwhile / not a session: pins nothing
+        # Threat: a planted session with a heartbeat far ahead (or a huge ttl)
+        # would pin a snapshot forever; only a plausible one pins.
+        plausible = info.heartbeat <= when + _PIN_SKEW and info.ttl <= _MAX_PIN_TTL
+        if plausible and info.alive(when):
+            out.update((p, info.session) for p in info.pins)
+    return out
+
+
+def remove_snapshot_objects(backend: Backend, snapshot: SnapshotId) -> None:
+    """Delete a snapshot's objects: the manifest first (the snapshot vanishes at
+    once), then the rest. Needs no key: nothing is decrypted or written; the
+    chunks stay for garbage collection.
+
+    :raises VolumeNotFoundError: no such committed snapshot.
+    :raises VolumeInUseError: a running backup builds on it.
+    """
+    key = snapshot.prefix + MANIFEST_NAME
+    if not backend.exists(key):
+        raise VolumeNotFoundError(f"no snapshot {snapshot} in the store")
+    # A running backup (any process or host) builds on it: see "Store lock
+    # protocol" in docs/design.md for the race this leaves and why it is safe.
+    session = pinned_snapshots(backend).get(snapshot.prefix)
+    if session is not None:
+        raise VolumeInUseError(
+            f"snapshot {snapshot} is the base of a running backup (writer session "
+            f"{session}); try again when it has ended"
+        )
+    backend.delete(key)
+    backend.sync()
+    for k in list(backend.list(snapshot.prefix)):
+        backend.delete(k)
 
 
 def list_snapshot_ids(
@@ -182,13 +209,16 @@ def list_snapshot_ids(
 
 
 class KeylessListing:
-    """What ``list`` may read of a store without its key: names, times, sizes, notes.
+    """What ``list``, ``remove`` and ``prune`` may do with a store without its key:
+    read names, times, sizes, notes; delete whole snapshots.
 
     ``snapshot/manifest.json`` is plain JSON (only its signature needs the key);
     chunks, indexes' data and the stored files (guest config, task log) stay
-    encrypted and are never opened here. There is no chunk codec and no writer:
-    a store opened this way cannot be written to, so a missing key can never
-    lead to plaintext chunks in an encrypted store.
+    encrypted and are never opened here. There is no chunk codec and no writer
+    (deleting a snapshot's objects is the only change): a store opened this way
+    cannot be written to, so a missing key can never lead to plaintext chunks in
+    an encrypted store. Removal needs no key in PBS either (``snapshot forget``);
+    the freed chunks go at the next garbage collection.
     """
 
     def __init__(self, backend: Backend) -> None:
@@ -207,6 +237,10 @@ class KeylessListing:
     def has_snapshot(self, snapshot: SnapshotId) -> bool:
         return self.backend.exists(snapshot.prefix + MANIFEST_NAME)
 
+    def remove_snapshot(self, snapshot: SnapshotId) -> None:
+        """As :meth:`SnapshotOps.remove_snapshot` (pins honoured, no key needed)."""
+        remove_snapshot_objects(self.backend, snapshot)
+
     def manifest(self, snapshot: SnapshotId) -> Manifest:
         """The manifest, every field checked but (encrypted) its signature unchecked.
 
@@ -217,6 +251,10 @@ class KeylessListing:
             raw = get_bounded(self.backend, key, MAX_MANIFEST_SIZE)
         except ObjectNotFoundError as exc:
             raise VolumeNotFoundError(f"no snapshot {snapshot} in the store") from exc
+        return self.manifest_from_bytes(snapshot, raw)
+
+    def manifest_from_bytes(self, snapshot: SnapshotId, raw: bytes) -> Manifest:
+        """:meth:`manifest` of bytes read by the caller (e.g. from a cache)."""
         name = f"snapshot {snapshot}"
         manifest = Manifest.from_bytes(raw, None, name=name, unsigned_ok=self.config.encrypted)
         if manifest.snapshot != snapshot:

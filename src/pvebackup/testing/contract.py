@@ -125,6 +125,10 @@ class Capability(StrEnum):
     ATTRIBUTES = "attributes"
     """The storage plugin implements ``get_volume_attribute`` and
     ``update_volume_attribute`` (notes and protection); needs ``LIST`` and ``REMOVE``."""
+    FILES = "files"
+    """The provider implements the optional ``restore_file_reader`` for its container
+    backups (``pvebackup ls``/``extract``); without the claim it must refuse with
+    ``UnsupportedError``. Needs ``CT``."""
 
 
 @dataclass
@@ -723,6 +727,33 @@ class ProviderContract:
         self, ct_runs: dict[RestoreMechanism | None, _CtRun]
     ) -> None:
         self._ct_restore_roundtrip(ct_runs, RestoreMechanism.DIRECTORY)
+
+    def test_restore_file_reader(self, ct_runs: dict[RestoreMechanism | None, _CtRun]) -> None:
+        """Optional capability: single files of a container backup, or a typed refusal."""
+        if not self.claims(Capability.CT):
+            pytest.skip("no container backups to read files of")
+        assert not self.claims(Capability.FILES) or Capability.CT in self.capabilities
+        run = ct_runs[self._ct_mechanisms()[0]]
+        assert not run.job.failed, run.job.guests[0].error
+        target = run.job.guests[0].target
+        assert target is not None
+        volname = target.split(":", 1)[1]
+        with _state_dir(run.node):
+            provider = self._provider(run.node)
+            if not self.claims(Capability.FILES):
+                with pytest.raises(UnsupportedError):
+                    provider.restore_file_reader(volname, STOREID)
+                return
+            reader = provider.restore_file_reader(volname, STOREID)
+        root = reader.root()
+        assert root.is_dir
+        names = {e.name: e for e in reader.list_dir(root.inode)}
+        assert {b"etc", b"srv"} <= set(names), sorted(names)
+        assert b"var" in names  # excluded below it, not itself
+        etc = {e.name: e for e in reader.list_dir(names[b"etc"].inode)}
+        hostname = etc[b"hostname"]
+        assert hostname.is_file and hostname.size == len(f"ct{_CTID}\n")
+        assert b"".join(reader.read(hostname)) == f"ct{_CTID}\n".encode()
 
     def test_extract_firewall_config_none(
         self, ct_runs: dict[RestoreMechanism | None, _CtRun]

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from pvebackup.api.errors import CorruptFilesystemError, StateError, StorageFullError, UsageError
+from pvebackup.api.files import Entry
 from pvebackup.host.vmfiles import extract as extract_mod
-from pvebackup.host.vmfiles.entries import Entry
 from pvebackup.host.vmfiles.ext4 import MAX_ENTRIES, parse_listing
 from pvebackup.host.vmfiles.extract import Extractor, open_target, safe_name
 from pvebackup.host.vmfiles.partitions import (

@@ -205,6 +205,7 @@ def test_job_abort_removes_unfinished_backups(ct_root: Path, provider: BackupDir
     assert list(provider.layout.backup_dir.iterdir()) == []
 
 
+@pytest.mark.serial
 def test_bandwidth_limit_applies_to_file_data(tmp_path: Path, provider: BackupDirProvider) -> None:
     root = tmp_path / "small"
     root.mkdir()

@@ -158,6 +158,7 @@ def test_missing_base_means_a_full_backup(node: Node) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_bandwidth_limit_holds_through_the_host(node: Node) -> None:
     disk = node.add_vm(100, [16 * MiB])[0]
     sh("qemu-io", "-f", "qcow2", "-c", "write -P 0x12 0 12M", str(disk))

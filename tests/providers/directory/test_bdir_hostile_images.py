@@ -27,8 +27,9 @@ from pvebackup.api.errors import (
 )
 from pvebackup.api.types import GuestType
 from pvebackup.cli.main import main
-from pvebackup.host import restore
+from pvebackup.host import restoresource as restore
 from pvebackup.host.guests import NodeRoot
+from pvebackup.host.restore import run_restore
 from pvebackup.providers.directory import images
 from pvebackup.providers.directory.provider import BackupDirProvider
 from pvebackup.providers.directory.volumes import BackupIndex, DeviceEntry, VolumeName
@@ -351,7 +352,7 @@ def test_legit_chain_restores_identically_even_when_swapped_after_the_check(
     hostile_top = qcow2(tmp_path / "top.qcow2", "-b", str(secret_file(tmp_path)), "-F", "raw")
     os.replace(hostile_top, paths[-1])
     target = qcow2(tmp_path / "target.qcow2")
-    restore._qemu_img_convert(source, target)
+    restore.qemu_img_convert(source, target)
     out = tmp_path / "out.raw"
     run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(target), str(out))
     assert out.read_bytes() == expected.read_bytes()  # the checked inodes were read
@@ -368,7 +369,7 @@ def test_untouched_chain_passes_the_cleanup_check(
     before = open_fds()
     source = provider.restore_qemu_img_init(names[-1], STOREID, DEVICE)
     target = qcow2(tmp_path / "target.qcow2")
-    restore._qemu_img_convert(source, target)
+    restore.qemu_img_convert(source, target)
     provider.restore_qemu_img_cleanup(names[-1], STOREID, DEVICE)
     assert open_fds() <= before
     run("qemu-img", "compare", "-q", "-f", "qcow2", "-F", "qcow2", str(paths[-1]), str(target))
@@ -468,5 +469,5 @@ def test_header_rewritten_in_place_during_the_restore_fails_it(
 
     monkeypatch.setattr(BackupDirProvider, "restore_qemu_img_init", init_then_rewrite)
     with pytest.raises(UnsafeImageError, match="while it was being restored"):
-        restore.run_restore(NodeRoot(node), f"plain:{volname}", 200, terminal=None)
+        run_restore(NodeRoot(node), f"plain:{volname}", 200, terminal=None)
     assert_nothing_restored(node)

@@ -352,6 +352,7 @@ def test_export_without_the_bitmap_is_an_nbd_error(
 
 @pytest.mark.e2e
 @pytest.mark.slow
+@pytest.mark.serial
 def test_bandwidth_limit_holds_within_ten_percent(
     tmp_path: Path, nbd_exports: NbdExports, logs: LogRecords
 ) -> None:

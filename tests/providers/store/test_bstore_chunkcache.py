@@ -31,3 +31,19 @@ def test_cache_is_host_state_and_free_after_the_job(host: FakeHost, tmp_path: Pa
     again = open_chunk_cache(cache)
     assert isinstance(again, SortedChunkIndex) and len(again) > 0
     again.close()
+
+
+def test_cache_dir_property_moves_the_caches(tmp_path: Path) -> None:
+    from pvebackup.providers.store.provider import BackupStoreProvider
+    from pvebackup.providers.store.settings import StoreSettings
+
+    scfg = {"type": "backup-store", "path": str(tmp_path / "st"),
+            "cache-dir": str(tmp_path / "cache")}  # fmt: skip
+    settings = StoreSettings.from_scfg(scfg, "store1")
+    assert settings.cache_root() == tmp_path / "cache"
+    provider = BackupStoreProvider(None, scfg, "store1", lambda level, msg: None)
+    assert provider.chunk_cache_dir == tmp_path / "cache" / "chunkcache"
+    # Default: the host state directory of the storage.
+    del scfg["cache-dir"]
+    default = StoreSettings.from_scfg(scfg, "store1").cache_root()
+    assert default == default_state_dir() / "backup-store" / "store1"

@@ -6,16 +6,19 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from bstore_support import FakeHost
 
+from pvebackup.api.errors import CorruptChunkError, CorruptIndexError
 from pvebackup.api.types import GuestType
 from pvebackup.kit.fswalk import SourceWalker
 from pvebackup.kit.fsxattrs import ContainerIds
 from pvebackup.kit.paxtar import hardlink_target
-from pvebackup.providers.store.ctarchive import ARCHIVE_DEVICE, read_catalog
+from pvebackup.providers.store.catalog import CatalogEntry
+from pvebackup.providers.store.ctarchive import ARCHIVE_DEVICE, _run_start, read_catalog
 from pvebackup.providers.store.ctreuse import PreviousArchive
 from pvebackup.store.datastore import Datastore
 from pvebackup.store.dynindex import DynamicIndex
@@ -147,3 +150,96 @@ def test_hostile_catalog_offsets_are_not_trusted(host: FakeHost, tmp_path: Path)
     bad = PreviousArchive("v", index, forged)
     assert bad.group(store, run, ids, data_follows=True) is None
     assert bad.file_data(store, next(e for e in forged if e.path == "srv/data/big1")) is None
+
+
+def test_previous_catalog_is_streamed_in_walk_order(host: FakeHost, tmp_path: Path) -> None:
+    """The cursor reads only as far as the walk: records are not loaded whole."""
+    root = _tree(tmp_path / "ct")
+    _backup(host, root)
+    store = host.provider().store()
+    snap = store.open_snapshot(store.list_snapshots()[-1])
+    index = snap.open_index(ARCHIVE_DEVICE)
+    assert isinstance(index, DynamicIndex)
+    entries = read_catalog(store, snap)
+    taken: list[str] = []
+
+    def counted() -> Iterator[CatalogEntry]:
+        for e in entries:
+            taken.append(e.path)
+            yield e
+
+    prev = PreviousArchive("v", index, counted())
+    ids = ContainerIds(ID_MAP)
+    inodes: dict[tuple[int, int], str] = {}
+    walked = [(e, hardlink_target(inodes, e)) for e in SourceWalker(str(root), ["."], [])]
+    assert [e.relpath for e, _ in walked] == [e.path for e in entries]  # same order
+    def starts(i: int) -> bool:
+        return walked[i][0].is_dir or _run_start(walked[i][0].relpath)
+
+    # A one-member run: it and the next member each start a run (in the middle of
+    # the walk, so there is something left to not read).
+    small = next(i for i in range(len(walked) // 2, len(walked) - 2)
+                 if starts(i) and starts(i + 1) and walked[i][0].st.st_size < 16 * KiB)
+    assert prev.group(store, walked[small : small + 1], ids, data_follows=False) is not None
+    assert len(taken) == small + 2  # up to the record after the run, nothing more
+    # A path the walk has passed is not found again (the cursor only moves forward).
+    assert prev.group(store, walked[1:2], ids, data_follows=False) is None
+
+
+def test_previous_catalog_damaged_midway_ends_reuse_with_a_warning(
+    host: FakeHost, tmp_path: Path
+) -> None:
+    root = _tree(tmp_path / "ct")
+    _backup(host, root)
+    store = host.provider().store()
+    snap = store.open_snapshot(store.list_snapshots()[-1])
+    index = snap.open_index(ARCHIVE_DEVICE)
+    assert isinstance(index, DynamicIndex)
+    entries = read_catalog(store, snap)
+
+    def damaged() -> Iterator[CatalogEntry]:
+        yield from entries[:5]
+        raise CorruptChunkError("chunk abcd: damaged")
+
+    warnings: list[str] = []
+    prev = PreviousArchive("v", index, damaged(), lambda level, msg: warnings.append(msg))
+    ids = ContainerIds(ID_MAP)
+    inodes: dict[tuple[int, int], str] = {}
+    walked = [(e, hardlink_target(inodes, e)) for e in SourceWalker(str(root), ["."], [])]
+    assert prev.group(store, walked[10:11], ids, data_follows=False) is None
+    assert len(warnings) == 1 and "chunk abcd: damaged" in warnings[0]
+    assert prev.group(store, walked[12:13], ids, data_follows=False) is None  # no raise
+
+
+def test_iter_catalog_over_pieces_equals_the_whole() -> None:
+    from pvebackup.providers.store.catalog import (
+        CATALOG_MAGIC,
+        encode_entry,
+        iter_catalog,
+        parse_catalog,
+    )
+
+    records = [CatalogEntry(f"dir/name-{i}", "0", 0o644, 1, 2, i, 5, 6, 7, 1000 * i + 1,
+                            1000 * i + 512, i, 0) for i in range(50)]  # fmt: skip
+    data = CATALOG_MAGIC + b"".join(encode_entry(r) for r in records)
+    pieces = [data[i : i + 7] for i in range(0, len(data), 7)]
+    assert list(iter_catalog(pieces, 10**6, name="c")) == records
+    assert list(parse_catalog(data, 10**6, name="c")) == records
+    with pytest.raises(CorruptIndexError, match="truncated"):
+        list(iter_catalog(pieces[:-1], 10**6, name="c"))
+
+
+def test_known_chunks_do_not_pile_up_until_finish() -> None:
+    """An unchanged re-run appends only known chunks: they are indexed as they come."""
+    from pvebackup.providers.store import cdc
+    from pvebackup.store.dynindex import DynamicIndexWriter
+
+    index = DynamicIndexWriter()
+    sink = cdc.CdcSink(None, index)  # type: ignore[arg-type]  # no chunk is stored
+    try:
+        for i in range(1000):
+            sink.append_known(512, i.to_bytes(32, "big"))
+            assert len(sink._pending) <= cdc._QUEUED
+    finally:
+        sink.finish()
+    assert len(index) == 1000 and sink.stats.reused == 512 * 1000

@@ -141,6 +141,7 @@ def test_two_concurrent_backups_into_one_store(host: FakeHost, tmp_path: Path) -
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_bandwidth_limit_roughly_holds(host: FakeHost, tmp_path: Path) -> None:
     src = tmp_path / "src.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", str(src), str(4 * MiB))

@@ -18,6 +18,7 @@ from pvebackup.api.errors import (
     UsageError,
 )
 from pvebackup.store.backends import make_backend
+from pvebackup.store.backends.retry import RetryBackend
 from pvebackup.store.backends.s3 import S3Backend, S3Config, read_credentials
 from s3fixture import S3Server, s3_client
 
@@ -122,6 +123,23 @@ def test_planted_keys_that_are_no_backend_keys_are_not_listed(
         client.close()
     backend = _backend(s3_server, s3_bucket)
     assert list(backend.list()) == ["ok/key"]
+    assert [k for k, _ in backend.list_info()] == ["ok/key"]
+    backend.close()
+
+
+@s3
+def test_list_info_gives_size_and_the_md5_etag_of_a_plain_put(
+    s3_server: S3Server, s3_bucket: str
+) -> None:
+    backend = RetryBackend(_backend(s3_server, s3_bucket))
+    backend.put("a/one", b"first", overwrite=False)
+    backend.put("a/two", b"second!", overwrite=True)
+    infos = dict(backend.list_info("a/"))
+    assert {k: (i.size, i.tag) for k, i in infos.items()} == {
+        "a/one": (5, hashlib.md5(b"first").hexdigest()),
+        "a/two": (7, hashlib.md5(b"second!").hexdigest()),
+    }
+    assert backend.inner.stat("a/one").tag == infos["a/one"].tag
     backend.close()
 
 

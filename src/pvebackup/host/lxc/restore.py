@@ -19,6 +19,10 @@ Where the writer runs depends on the target container:
 root file system, ``"/srv/data"`` for a mount point; each entry goes to the target
 with the longest matching prefix. On any error the restore stops; the targets
 then hold a partial tree which the caller removes.
+
+``rate`` (bytes per second, ``0``: unlimited) paces what the restore reads, as
+``--bwlimit`` paces a VM disk's ``qemu-img convert``: the archive's bytes, or the
+tar stream made from a directory, through :mod:`pvebackup.kit.pacing`.
 """
 
 from __future__ import annotations
@@ -33,11 +37,14 @@ from pvebackup.host.lxc.treesource import walk_source
 from pvebackup.host.lxc.userns import restore_in_userns
 from pvebackup.host.lxc.writer import SafeTreeWriter
 from pvebackup.kit.oserrors import os_error
+from pvebackup.kit.pacing import PacedWriter, TokenBucket, paced_reader
 
 __all__ = ["copy_directory", "extract_tar"]
 
 # Control characters of hostile names, shown escaped: a name must not start a
 # log line of its own.
+_CHUNK = 1 << 16
+
 _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c != 0x09}
 
 
@@ -57,6 +64,7 @@ def extract_tar(
     id_map: Sequence[IdMapEntry],
     *,
     log: LogFunction,
+    rate: int = 0,
 ) -> None:
     """Extract a (zstd, gzip, bzip2, xz or plain) tar archive into ``targets``.
 
@@ -76,14 +84,24 @@ def extract_tar(
         raw = open(archive, "rb")
     except OSError as exc:
         raise os_error(exc, f"cannot open archive {archive}") from exc
+    limiter = TokenBucket(rate)
     with raw:
-        if id_map:
+        if id_map and not rate:
             count = restore_in_userns(
                 targets, id_map, log=log, label=archive.name, source_fd=raw.fileno()
             )
+        elif id_map:
+
+            def feed(stream: BinaryIO, between: Callable[[], None]) -> None:
+                paced = PacedWriter(stream, limiter, between)
+                while chunk := raw.read(_CHUNK):
+                    paced.write(chunk)
+
+            count = restore_in_userns(targets, id_map, log=log, label=archive.name, feed=feed)
         else:
             with SafeTreeWriter(targets, id_map, log) as writer:
-                count = restore_tar_stream(raw, writer, log, label=archive.name)
+                source = paced_reader(raw, limiter) if rate else raw
+                count = restore_tar_stream(source, writer, log, label=archive.name)
     log("info", f"restored {count} entries from {archive.name}")
 
 
@@ -93,6 +111,7 @@ def copy_directory(
     id_map: Sequence[IdMapEntry],
     *,
     log: LogFunction,
+    rate: int = 0,
 ) -> None:
     """Copy a directory holding a container's file system (with container ids).
 
@@ -106,16 +125,22 @@ def copy_directory(
     source, :class:`PveBackupError` when reading or writing fails.
     """
     log = _readable(log)
+    limiter = TokenBucket(rate)
     if id_map:
 
         def feed(stream: BinaryIO, between: Callable[[], None]) -> None:
-            write_pax_stream(walk_source(source, log), stream, log, between=between)
+            out = PacedWriter(stream, limiter) if rate else stream
+            write_pax_stream(
+                walk_source(source, log), out, log, between=between  # type: ignore[arg-type]
+            )
 
         count = restore_in_userns(targets, id_map, log=log, label=str(source), feed=feed)
     else:
         count = 0
         with SafeTreeWriter(targets, id_map, log) as writer:
             for entry, data in walk_source(source, log):
+                if data is not None:
+                    limiter.consume(entry.size)  # the file's bytes, paid before they move
                 writer.write(entry, data)
                 count += 1
             writer.finish()

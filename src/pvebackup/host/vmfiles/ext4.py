@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pvebackup.api.errors import CorruptFilesystemError, ExternalToolError
-from pvebackup.host.vmfiles.entries import Entry
+from pvebackup.api.files import Entry
 from pvebackup.kit import proc
 
 __all__ = ["DEBUGFS", "MAX_ENTRIES", "ROOT_INODE", "Entry", "Ext4Reader", "parse_listing"]

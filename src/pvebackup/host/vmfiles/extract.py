@@ -34,7 +34,7 @@ from pvebackup.api.errors import (
     StorageFullError,
     UsageError,
 )
-from pvebackup.host.vmfiles.entries import Entry, FsReader
+from pvebackup.api.files import Entry, FsReader
 
 __all__ = ["ExtractResult", "Extractor", "open_target", "safe_name"]
 
@@ -184,6 +184,7 @@ class Extractor:
             self.extract_children(fd, entry, shown, depth)
             self._owner(fd, None, entry)
             os.fchmod(fd, entry.mode & _KEEP_BITS)
+            self._mtime(fd, entry)
         finally:
             os.close(fd)
 
@@ -209,6 +210,7 @@ class Extractor:
                     view = view[os.write(fd, view) :]
             self._owner(fd, None, entry)
             os.fchmod(fd, entry.mode & 0o777)
+            self._mtime(fd, entry)
             written = True
         finally:
             os.close(fd)
@@ -216,6 +218,10 @@ class Extractor:
                 os.unlink(entry.name, dir_fd=dir_fd)  # no partial file stays behind
         self.result.files += 1
         self.result.bytes += entry.size
+
+    def _mtime(self, fd: int, entry: Entry) -> None:
+        if entry.mtime_ns is not None:
+            os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
 
     def _owner(self, fd: int, name: bytes | None, entry: Entry) -> None:
         if not self.keep_owner:

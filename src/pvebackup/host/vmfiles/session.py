@@ -38,12 +38,12 @@ from pvebackup.api.errors import (
     UnsupportedFilesystemError,
     UsageError,
 )
+from pvebackup.api.files import Entry, FsReader, lookup
 from pvebackup.api.types import GuestType, RestoreMechanism
 from pvebackup.host.guests import NodeRoot
 from pvebackup.host.signals import abort_on_signals
 from pvebackup.host.tasklog import LogRouter
 from pvebackup.host.vmfiles.blockfile import BlockFiles
-from pvebackup.host.vmfiles.entries import Entry, FsReader, lookup
 from pvebackup.host.vmfiles.ext4 import Ext4Reader
 from pvebackup.host.vmfiles.extract import Extractor, ExtractResult, open_target
 from pvebackup.host.vmfiles.partitions import (
@@ -59,7 +59,9 @@ from pvebackup.storage import new_backup_provider, parse_volume_id, read_storage
 __all__ = [
     "FileInfo",
     "GuestFilesystem",
+    "extract_entries",
     "extract_files",
+    "list_entries",
     "list_files",
     "open_guest_filesystem",
     "split_guest_path",
@@ -239,6 +241,7 @@ class FileInfo:
     inode: int
     target: bytes | None
     """A symbolic link's target."""
+    mtime_ns: int | None = None
 
 
 def split_guest_path(path: str) -> list[bytes]:
@@ -249,23 +252,28 @@ def split_guest_path(path: str) -> list[bytes]:
     return parts
 
 
-def _lookup(fs: GuestFilesystem, path: str) -> Entry:
+def _lookup(reader: FsReader, path: str, where: str = "the guest") -> Entry:
     try:
-        return lookup(fs.reader, split_guest_path(path))
+        return lookup(reader, split_guest_path(path))
     except FileNotFoundError as exc:
-        raise NotFoundError(f"{path}: no such file or directory in the guest ({exc})") from exc
+        raise NotFoundError(f"{path}: no such file or directory in {where} ({exc})") from exc
 
 
 def list_files(fs: GuestFilesystem, path: str = "/") -> list[FileInfo]:
     """The entries of directory ``path`` (sorted by name), or ``path`` itself."""
-    entry = _lookup(fs, path)
-    entries = fs.reader.list_dir(entry.inode) if entry.is_dir else [entry]
+    return list_entries(fs.reader, path)
+
+
+def list_entries(reader: FsReader, path: str = "/", where: str = "the guest") -> list[FileInfo]:
+    """:func:`list_files` for any file tree reader (``where`` names it in errors)."""
+    entry = _lookup(reader, path, where)
+    entries = reader.list_dir(entry.inode) if entry.is_dir else [entry]
     infos = []
     for e in sorted(entries, key=lambda e: e.name):
-        target = fs.reader.readlink(e) if e.is_symlink else None
+        target = reader.readlink(e) if e.is_symlink else None
         kind = _TYPES.get(stat.S_IFMT(e.mode), "unknown")
         infos.append(FileInfo(e.name, kind, e.mode & 0o7777, e.uid, e.gid, e.size, e.inode,
-                              target))  # fmt: skip
+                              target, e.mtime_ns))  # fmt: skip
     return infos
 
 
@@ -284,7 +292,7 @@ def extract_files(
     :raises CorruptFilesystemError: some entries could not be read (the others were
         extracted; each unreadable one was warned about).
     """
-    entry = _lookup(fs, path)
+    entry = _lookup(fs.reader, path)
     dir_fd, _created = open_target(target)
     try:
         extractor = Extractor(fs.reader, log.warn, keep_owner=keep_owner)
@@ -295,10 +303,44 @@ def extract_files(
             extractor.extract(dir_fd, entry, shown)
     finally:
         os.close(dir_fd)
-    bad = extractor.result.unreadable
+    return _checked(extractor.result, target)
+
+
+def extract_entries(
+    reader: FsReader,
+    paths: list[str],
+    target: Path,
+    *,
+    keep_owner: bool,
+    log: LogRouter,
+    where: str,
+) -> ExtractResult:
+    """Write each of ``paths`` below ``target`` under its own name (``/``: the
+    root's contents), with the same safe extractor as :func:`extract_files`.
+
+    Every path is looked up before anything is written: a typo costs nothing.
+    :raises NotFoundError: a path is not in the tree.
+    """
+    entries = [(path, _lookup(reader, path, where)) for path in paths]
+    dir_fd, _created = open_target(target)
+    try:
+        extractor = Extractor(reader, log.warn, keep_owner=keep_owner)
+        for path, entry in entries:
+            shown = "/" + b"/".join(split_guest_path(path)).decode(errors="backslashreplace")
+            if shown == "/":
+                extractor.extract_children(dir_fd, entry, shown)
+            else:
+                extractor.extract(dir_fd, entry, shown)
+    finally:
+        os.close(dir_fd)
+    return _checked(extractor.result, target)
+
+
+def _checked(result: ExtractResult, target: Path) -> ExtractResult:
+    bad = result.unreadable
     if bad:
         raise CorruptFilesystemError(
-            f"{len(bad)} entries could not be read from the damaged file system (first:"
+            f"{len(bad)} entries could not be read from the damaged backup (first:"
             f" {bad[0]}); everything else was extracted into {target}"
         )
-    return extractor.result
+    return result

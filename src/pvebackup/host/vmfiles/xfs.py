@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from pvebackup.api.errors import CorruptFilesystemError
-from pvebackup.host.vmfiles.entries import Entry
+from pvebackup.api.files import Entry
 from pvebackup.kit import proc
 
 __all__ = ["XFS_DB", "XfsReader", "parse_ls"]

@@ -26,7 +26,7 @@ truncated record is an error, not a short listing.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from pvebackup.api.errors import CorruptIndexError
@@ -39,6 +39,7 @@ __all__ = [
     "SPARSE",
     "CatalogEntry",
     "encode_entry",
+    "iter_catalog",
     "parse_catalog",
 ]
 
@@ -94,23 +95,52 @@ def parse_catalog(data: bytes, archive_size: int, *, name: str) -> Iterator[Cata
 
     :raises CorruptIndexError: bad magic, a truncated or out-of-range record.
     """
+    return iter_catalog([data], archive_size, name=name)
+
+
+def iter_catalog(
+    pieces: Iterable[bytes], archive_size: int, *, name: str
+) -> Iterator[CatalogEntry]:
+    """:func:`parse_catalog` over the catalog's bytes in pieces (its chunks), holding
+    only one record and one piece at a time: a catalog of a million files is read in
+    stream order without ever being whole in memory.
+
+    :raises CorruptIndexError: bad magic, a truncated or out-of-range record.
+    """
 
     def bad(reason: str) -> CorruptIndexError:
         return CorruptIndexError(f"{name}: {reason}")
 
-    if data[:8] != CATALOG_MAGIC:
+    source = iter(pieces)
+    buf = bytearray()
+    pos = 0  # of buf[0] in the catalog
+    at = 0  # read position in buf
+
+    def fill(n: int) -> bool:
+        """At least ``n`` bytes from ``at`` in ``buf``; False at the end of the catalog."""
+        nonlocal buf, at, pos
+        while len(buf) - at < n:
+            piece = next(source, None)
+            if piece is None:
+                return False
+            if at:
+                del buf[:at]
+                pos += at
+                at = 0
+            buf += piece
+        return True
+
+    if not fill(8) or bytes(buf[:8]) != CATALOG_MAGIC:
         raise bad("not a catalog (bad magic)")
-    view = memoryview(data)
-    pos, last = 8, -1
-    while pos < len(data):
-        if pos + _REC.size > len(data):
-            raise bad(f"truncated record at {pos}")
+    at, last = 8, -1
+    while fill(1):
+        here = pos + at
+        if not fill(_REC.size):
+            raise bad(f"truncated record at {here}")
         (kind, mode, uid, gid, size, mtime, ctime, ino,
-         header, offset, dsize, flags, plen, llen) = _REC.unpack_from(view, pos)  # fmt: skip
-        pos += _REC.size
-        end = pos + plen + llen
-        if end > len(data):
-            raise bad(f"truncated record at {pos - _REC.size}")
+         header, offset, dsize, flags, plen, llen) = _REC.unpack_from(buf, at)  # fmt: skip
+        if not fill(_REC.size + plen + llen):
+            raise bad(f"truncated record at {here}")
         # Offsets a reader will seek to: inside the archive, in stream order.
         if (
             kind not in _KINDS
@@ -118,11 +148,12 @@ def parse_catalog(data: bytes, archive_size: int, *, name: str) -> Iterator[Cata
             or not last < header <= offset
             or offset + dsize > archive_size
         ):
-            raise bad(f"record at {pos - _REC.size} is out of range")
+            raise bad(f"record at {here} is out of range")
         last = header
-        path = bytes(view[pos : pos + plen]).decode("utf-8", "surrogateescape")
-        link = bytes(view[pos + plen : end]).decode("utf-8", "surrogateescape")
-        pos = end
+        body = at + _REC.size
+        path = bytes(buf[body : body + plen]).decode("utf-8", "surrogateescape")
+        link = bytes(buf[body + plen : body + plen + llen]).decode("utf-8", "surrogateescape")
+        at = body + plen + llen
         yield CatalogEntry(
             path, chr(kind), mode, uid, gid, size, mtime, ctime, ino,
             header, offset, dsize, flags, link,

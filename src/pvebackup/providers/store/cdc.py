@@ -133,6 +133,10 @@ class CdcSink:
         done.set_result(InsertResult(digest, 0, False))
         self._pending.append((length, done))
         self.offset += length
+        # Bounded like stored chunks: an unchanged re-run appends only known chunks,
+        # and a Future per chunk of a million-file tree held ~1 GiB until finish().
+        while len(self._pending) > _QUEUED:
+            self._collect()
 
     def _collect(self) -> None:
         length, future = self._pending.popleft()

@@ -57,7 +57,7 @@ from pvebackup.providers.store.catalog import (
     SPARSE,
     CatalogEntry,
     encode_entry,
-    parse_catalog,
+    iter_catalog,
 )
 from pvebackup.providers.store.cdc import CdcSink, SinkStats
 from pvebackup.store.datastore import Datastore
@@ -78,6 +78,7 @@ __all__ = [
     "backup_archive",
     "extract_directory",
     "read_catalog",
+    "stream_catalog",
 ]
 
 ARCHIVE_DEVICE = "root.tar"
@@ -407,10 +408,19 @@ def _stream(store: Datastore, index: FixedIndex | DynamicIndex) -> Iterator[byte
 
 def read_catalog(store: Datastore, snap: Snapshot) -> list[CatalogEntry]:
     """The catalog of a format-2 archive, verified chunk by chunk."""
+    return list(stream_catalog(store, snap))
+
+
+def stream_catalog(store: Datastore, snap: Snapshot) -> Iterator[CatalogEntry]:
+    """The catalog's records in stream order, its chunks read (and verified) as the
+    caller goes: memory stays at one chunk, whatever the number of files.
+
+    The indexes are opened now; chunk and record errors come while iterating.
+    """
     archive = snap.open_index(ARCHIVE_DEVICE)
     index = snap.open_index(CATALOG_DEVICE)
-    data = b"".join(_stream(store, index))
-    return list(parse_catalog(data, archive.size, name=f"{snap.id} {CATALOG_DEVICE}"))
+    name = f"{snap.id} {CATALOG_DEVICE}"
+    return iter_catalog(_stream(store, index), archive.size, name=name)
 
 
 class TarFeeder:

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import stat
 import tarfile
+from collections import deque
+from collections.abc import Iterable
 
 from pvebackup.api.errors import PveBackupError
 from pvebackup.api.types import GuestType, LogFunction
@@ -38,7 +40,7 @@ from pvebackup.providers.store.ctarchive import (
     ARCHIVE_DEVICE,
     ARCHIVE_FORMAT,
     ARCHIVE_FORMAT_KEY,
-    read_catalog,
+    stream_catalog,
 )
 from pvebackup.store.datastore import Datastore
 from pvebackup.store.dynindex import DynamicIndex
@@ -51,14 +53,63 @@ _KIND = {
 }  # fmt: skip
 
 
-class PreviousArchive:
-    """The previous archive's catalog (by path, in stream order) and its index."""
+def _walk_key(path: str) -> tuple[str, ...]:
+    """Where ``path`` comes in walk order (depth first, names sorted: component-wise)."""
+    return tuple(path.split("/")) if path else ()
 
-    def __init__(self, volname: str, index: DynamicIndex, entries: list[CatalogEntry]) -> None:
+
+class PreviousArchive:
+    """The previous archive's catalog, read forward in walk order, and its index.
+
+    The catalog is streamed (:func:`~.ctarchive.stream_catalog`), not loaded: a
+    cursor moves forward as the walk does (both are depth first with names sorted),
+    dropping records of paths the walk has passed and holding only the few records
+    of the current run. A walk that jumps back (a mount point outside the root's
+    tree, a catalog out of order) only misses reuse: every reuse still checks the
+    path and metadata of each record. A catalog that turns out damaged mid-way
+    (a chunk, a record) ends reuse there with one warning; nothing reused before
+    depended on the damaged part.
+    """
+
+    def __init__(
+        self,
+        volname: str,
+        index: DynamicIndex,
+        entries: Iterable[CatalogEntry],
+        log: LogFunction | None = None,
+    ) -> None:
         self.volname = volname
         self._index = index
-        self._entries = entries
-        self._position = {e.path: i for i, e in enumerate(entries)}
+        self._source = iter(entries)
+        self._ahead: deque[CatalogEntry] = deque()
+        self._log = log
+        self._ended = False
+
+    def _fill(self, n: int) -> bool:
+        """At least ``n`` records ahead; False if the catalog has fewer left."""
+        while len(self._ahead) < n and not self._ended:
+            try:
+                self._ahead.append(next(self._source))
+            except StopIteration:
+                self._ended = True
+            except PveBackupError as exc:
+                self._ended = True
+                if self._log is not None:
+                    self._log("warn", f"previous backup {self.volname}: {exc}; reading the"
+                                      " remaining files")  # fmt: skip
+        return len(self._ahead) >= n
+
+    def _seek(self, path: str) -> bool:
+        """Drop the records before ``path``; True if the next one is ``path``'s."""
+        key = _walk_key(path)
+        while self._fill(1):
+            head = self._ahead[0]
+            if head.path == path:
+                return True
+            if _walk_key(head.path) > key:
+                return False
+            self._ahead.popleft()
+        return False
 
     def _unchanged(self, prev: CatalogEntry, entry: Entry, ids: IdTranslator,
                    link: str | None) -> bool:
@@ -106,10 +157,9 @@ class PreviousArchive:
         starts on a boundary; else it ends where the next member starts. Returns
         the previous catalog records and the chunks of the run's bytes.
         """
-        first = self._position.get(entries[0][0].relpath)
-        if first is None or first + len(entries) > len(self._entries):
+        if not self._seek(entries[0][0].relpath) or not self._fill(len(entries)):
             return None
-        prevs = self._entries[first : first + len(entries)]
+        prevs = [self._ahead[i] for i in range(len(entries))]
         try:
             for prev, (entry, link) in zip(prevs, entries, strict=True):
                 if prev.path != entry.relpath or not self._unchanged(prev, entry, ids, link):
@@ -121,8 +171,8 @@ class PreviousArchive:
             if last.flags != ALIGNED:
                 return None
             end = last.data_offset
-        elif first + len(entries) < len(self._entries):
-            end = self._entries[first + len(entries)].header_offset
+        elif self._fill(len(entries) + 1):
+            end = self._ahead[len(entries)].header_offset
         else:  # the archive's last run: the end-of-archive blocks follow a boundary
             end = last.data_end
         chunks = self._whole_chunks(store, prevs[0].header_offset, end)
@@ -138,10 +188,11 @@ class PreviousArchive:
         self, store: Datastore, entry: Entry, info: tarfile.TarInfo
     ) -> list[tuple[int, bytes]] | None:
         """``(length, digest)`` of the data chunks ``entry`` may reuse, or None."""
-        pos = self._position.get(entry.relpath)
-        if pos is None or info.type != tarfile.REGTYPE or "GNU.sparse.major" in info.pax_headers:
+        if info.type != tarfile.REGTYPE or "GNU.sparse.major" in info.pax_headers:
             return None
-        prev, st = self._entries[pos], entry.st
+        if not self._seek(entry.relpath):
+            return None
+        prev, st = self._ahead[0], entry.st
         if (
             (prev.size, prev.mode, prev.uid, prev.gid) != (info.size, info.mode, info.uid, info.gid)
             or (prev.mtime_ns, prev.ctime_ns, prev.ino) != (st.st_mtime_ns, st.st_ctime_ns,
@@ -164,8 +215,8 @@ def find_previous(store: Datastore, vmid: int, log: LogFunction) -> PreviousArch
         index = snap.open_index(ARCHIVE_DEVICE)
         if not isinstance(index, DynamicIndex):
             return None
-        entries = read_catalog(store, snap)
+        entries = stream_catalog(store, snap)
     except PveBackupError as exc:
         log("warn", f"previous backup {sid.volname} unusable for reuse, reading all files: {exc}")
         return None
-    return PreviousArchive(sid.volname, index, entries)
+    return PreviousArchive(sid.volname, index, entries, log)

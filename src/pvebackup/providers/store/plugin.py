@@ -23,7 +23,7 @@ collection.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import ClassVar, Literal, overload
 
 from pvebackup.api.errors import (
     CryptoError,
@@ -47,7 +47,9 @@ from pvebackup.storage.plugin import (
     VolumeScan,
 )
 from pvebackup.store import annotations as sidecars
+from pvebackup.store.catalog import ParseManifest, SnapshotCatalog, catalog_for
 from pvebackup.store.datastore import Datastore
+from pvebackup.store.metacache import MetaCache
 from pvebackup.store.snapshot import Manifest, SnapshotId
 from pvebackup.store.snapshotops import KeylessListing
 
@@ -92,12 +94,19 @@ class BackupStorePlugin(StoragePlugin):
         def skipped(prefix: str, reason: str) -> None:
             damaged.append(DamagedVolume(f"{storeid}:{prefix}", reason))
 
-        for sid in store.list_snapshots(on_skip=skipped):
+        catalog = _catalog(store, settings)
+        sids = (store.list_snapshots(on_skip=skipped) if catalog is None
+                else catalog.snapshots(on_skip=skipped))  # fmt: skip
+        for sid in sids:
             try:
-                if isinstance(store, KeylessListing):
+                if catalog is not None:
+                    manifest = catalog.manifest(sid)
+                elif isinstance(store, KeylessListing):
                     manifest = store.manifest(sid)
                 else:
                     manifest = store.open_snapshot(sid).manifest
+            except VolumeNotFoundError:
+                continue  # removed since the listing
             except (IntegrityError, CryptoError) as exc:
                 # CryptoError too: a manifest claiming another key, or encryption in
                 # a plain store, is one damaged snapshot, not a reason to list none.
@@ -109,13 +118,17 @@ class BackupStorePlugin(StoragePlugin):
                 comment += "; encrypted, listed without the key (signature not checked)"
             parent = manifest.parent
             try:
-                notes = sidecars.read_notes(store, sid)
+                notes = (sidecars.read_notes(store, sid) if catalog is None
+                         else catalog.notes(sid))  # fmt: skip
             except (IntegrityError, UnsafeStorageError):
                 notes = ""  # hostile or damaged notes: not shown (`notes` names why)
             except VolumeNotFoundError:
                 continue  # removed since the listing
-            verified = sidecars.read_verify_state(store, sid)
-            protected = sidecars.is_protected(store, sid)
+            if catalog is None:
+                verified = sidecars.read_verify_state(store, sid)
+                protected = sidecars.is_protected(store, sid)
+            else:
+                verified, protected = catalog.verify_state(sid), catalog.protected(sid)
             volumes.append(
                 VolumeInfo(
                     volid=f"{storeid}:{sid.volname}",
@@ -137,12 +150,15 @@ class BackupStorePlugin(StoragePlugin):
 
     def free_volume(self, scfg: Mapping[str, str], storeid: str, volname: str) -> None:
         """Remove the snapshot; its chunks are reclaimed by a later garbage collection.
+        The key is not needed (nor read).
 
         :raises VolumeNotFoundError: no such snapshot.
         :raises VolumeProtectedError: it is protected.
         """
         sid = _sid(volname)
-        store = StoreSettings.from_scfg(scfg, storeid).open()
+        # Keyless on purpose: removal decrypts and writes nothing (an encrypted
+        # store's backups can be pruned on a node that does not hold its key).
+        store = StoreSettings.from_scfg(scfg, storeid).open_keyless()
         if sidecars.is_protected(store, sid):
             raise VolumeProtectedError(
                 f"backup {storeid}:{volname} is protected (pvebackup unprotect it first)"
@@ -158,7 +174,9 @@ class BackupStorePlugin(StoragePlugin):
         :raises CorruptIndexError: the notes object is too large or not UTF-8.
         :raises UnsafeStorageError: it is a symlink or special file.
         """
-        sid, store = _sid(volname), self._store(scfg, storeid)
+        # Keyless: the sidecars are plain (as ``list`` shows them without the key), and
+        # ``remove``/``prune`` ask for ``protected`` before removing.
+        sid, store = _sid(volname), self._store(scfg, storeid, keyless=True)
         if attribute == "notes":
             return sidecars.read_notes(store, sid)
         if attribute == "protected":
@@ -185,12 +203,26 @@ class BackupStorePlugin(StoragePlugin):
         else:
             raise UsageError(f"attribute {attribute!r}: wrong type {type(value).__name__}")
 
+    @overload
     @staticmethod
-    def _store(scfg: Mapping[str, str], storeid: str) -> Datastore:
+    def _store(
+        scfg: Mapping[str, str], storeid: str, *, keyless: Literal[False] = False
+    ) -> Datastore: ...
+
+    @overload
+    @staticmethod
+    def _store(
+        scfg: Mapping[str, str], storeid: str, *, keyless: Literal[True]
+    ) -> KeylessListing: ...
+
+    @staticmethod
+    def _store(
+        scfg: Mapping[str, str], storeid: str, *, keyless: bool = False
+    ) -> Datastore | KeylessListing:
         settings = StoreSettings.from_scfg(scfg, storeid)
         if settings.empty():
             raise VolumeNotFoundError(f"storage {storeid} holds no backups yet")
-        return settings.open()
+        return settings.open_keyless() if keyless else settings.open()
 
 
 def _sid(volname: str) -> SnapshotId:
@@ -219,3 +251,17 @@ def _describe(metadata: Mapping[str, str]) -> str:
     if stored is None or not (stored.isascii() and stored.isdigit()) or len(stored) > 20:
         return kind
     return f"{kind}, stored {format_bytes(int(stored))}"
+
+
+def _catalog(store: Datastore | KeylessListing, settings: StoreSettings) -> SnapshotCatalog | None:
+    """On S3: one listing and a host cache (``cache-dir``) instead of ~6 requests per
+    snapshot; None for a local store (its reads cost no requests)."""
+    parse: ParseManifest
+    if isinstance(store, KeylessListing):
+        parse = store.manifest_from_bytes
+    else:
+        def parse(sid: SnapshotId, raw: bytes) -> Manifest:
+            return store.snapshot_from_manifest(sid, raw).manifest
+
+    meta = MetaCache(settings.cache_root() / "metacache" / store.config.store_id)
+    return catalog_for(store.backend, meta, parse)

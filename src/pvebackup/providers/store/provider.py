@@ -50,6 +50,7 @@ from pvebackup.kit.safefs import MAX_CONFIG_FILE_SIZE
 from pvebackup.kit.units import format_bytes
 from pvebackup.providers.store.bitmap_base import BitmapBase, commit_base, decide, reset_base
 from pvebackup.providers.store.ctarchive import TarFeeder, backup_archive, extract_directory
+from pvebackup.providers.store.ctfiles import CatalogFiles
 from pvebackup.providers.store.ctreuse import find_previous
 from pvebackup.providers.store.disk import DiskBackup
 from pvebackup.providers.store.restore_server import RestoreServer
@@ -128,8 +129,10 @@ class BackupStoreProvider(BackupProvider):
 
     @property
     def chunk_cache_dir(self) -> Path:
-        """``<state dir>/backup-store/<storeid>/chunkcache``; one subdirectory per
-        store id, owned (locked) by one process at a time."""
+        """``<cache-dir or state dir/backup-store/<storeid>>/chunkcache``; one
+        subdirectory per store id, owned (locked) by one process at a time."""
+        if self.settings.cache_dir is not None:
+            return Path(self.settings.cache_dir) / "chunkcache"
         return self.hoststate.dir / "chunkcache"
 
     # job hooks ---------------------------------------------------------------------
@@ -445,6 +448,15 @@ class BackupStoreProvider(BackupProvider):
         root = extract_directory(self.store(), snap, self.log_function)
         self._ct_dirs[volname] = root
         return str(root)
+
+    def restore_file_reader(self, volname: str, storeid: str) -> CatalogFiles:
+        """The container archive's files through its catalog (format 2 only)."""
+        snap = self._snapshot(volname)
+        if snap.id.guest_type is not GuestType.LXC:
+            raise UnsupportedError(
+                f"{volname} is not a container backup (for VM backups: pvebackup vm-files)"
+            )
+        return CatalogFiles.open(self.store(), snap)
 
     def restore_directory_cleanup(self, volname: str, storeid: str) -> None:
         root = self._ct_dirs.pop(volname, None)

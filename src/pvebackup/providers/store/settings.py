@@ -7,6 +7,7 @@
         encryption-key /etc/pvebackup/store1.key
         encryption-passphrase-file /etc/pvebackup/store1.pass   # only for protected keys
         chunk-size 256K                  # for new indexes; default: the store's
+        cache-dir /var/cache/pvebackup/store1   # host caches (default: host state dir)
         ct-restore tar                   # container restore mechanism: tar or directory
         is_mountpoint yes                # usable only while a file system is mounted there
         create-base-path 0               # create path when missing (default no: refused)
@@ -44,6 +45,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from pvebackup.api.errors import MissingKeyError, NotFoundError, StorageConfigError
+from pvebackup.kit.hoststate import HostState
 from pvebackup.kit.passphrase import passphrase_source
 from pvebackup.kit.units import parse_size
 from pvebackup.storage.basepath import BASE_PATH_PROPERTIES, BasePath
@@ -142,6 +144,11 @@ PROPERTIES: Mapping[str, PropertySpec] = {
         description="chunk size of new disk indexes: a power of two, 64K..16M "
         "(bytes, or with K or M)",
     ),
+    "cache-dir": PropertySpec(
+        PropertyKind.PATH,
+        description="host directory for the chunk index and snapshot metadata caches "
+        "(default: under the host state dir)",
+    ),
     "ct-restore": PropertySpec(
         PropertyKind.ENUM,
         choices=("tar", "directory"),
@@ -167,6 +174,7 @@ class StoreSettings:
     backend: str = "local"
     base: BasePath | None = None
     s3: S3Config | None = None
+    cache_dir: str | None = None
 
     @classmethod
     def from_scfg(cls, scfg: Mapping[str, str], storeid: str) -> StoreSettings:
@@ -179,6 +187,8 @@ class StoreSettings:
         key_file = props.optional_path("encryption-key")
         passphrase_file = props.optional_path("encryption-passphrase-file")
         s3 = _s3_config(props, storeid)
+        cache = props.optional_path("cache-dir")
+        cache_dir = None if cache is None else str(cache)
         if s3 is not None:
             return cls(
                 storeid=storeid,
@@ -188,6 +198,7 @@ class StoreSettings:
                 chunk_size=props.number("chunk-size"),
                 backend="s3",
                 s3=s3,
+                cache_dir=cache_dir,
             )
         return cls(
             storeid=storeid,
@@ -197,7 +208,18 @@ class StoreSettings:
             passphrase_file=None if passphrase_file is None else str(passphrase_file),
             chunk_size=props.number("chunk-size"),
             ct_restore=props.text("ct-restore") or "tar",
+            cache_dir=cache_dir,
         )
+
+    def cache_root(self, state_dir: Path | str | None = None) -> Path:
+        """Where this storage's host-side caches live: ``cache-dir``, else
+        ``<state dir>/backup-store/<storeid>``. Under it, ``chunkcache/<store id>``
+        (the chunk index) and ``metacache/<store id>`` (manifests and sidecars
+        for ``list``): per store id, so a store made anew never meets old entries.
+        Never inside the storage: what the caches say steers dedup and listings."""
+        if self.cache_dir is not None:
+            return Path(self.cache_dir)
+        return HostState("backup-store", self.storeid, state_dir).dir
 
     def load_key(self, *, interactive: bool = True) -> EncryptionKey | None:
         """The storage's key; a protected one is unlocked with its passphrase from
@@ -245,6 +267,17 @@ class StoreSettings:
             return Datastore.open(backend, key=key)
         except MissingKeyError:
             return KeylessListing(backend)
+
+    def open_keyless(self) -> KeylessListing:
+        """The store for ``remove`` and ``prune``: never with the key, which removal
+        does not need (as PBS's ``snapshot forget``), and never able to write data.
+
+        :raises StorageUnavailableError: as :meth:`open`.
+        :raises NotFoundError: no datastore there.
+        """
+        if self.empty():
+            raise NotFoundError(f"storage {self.storeid!r}: no datastore at {self.path}")
+        return KeylessListing(make_backend(self.backend, self.location))
 
     def empty(self, *, create: bool = False) -> bool:
         """True while the storage holds no datastore yet (before the first backup).

@@ -37,10 +37,15 @@ __all__ = ["Backend", "ObjectInfo", "check_range", "validate_key"]
 
 @dataclass(frozen=True, slots=True)
 class ObjectInfo:
-    """What ``stat`` reports: size in bytes and last modification (seconds, epoch)."""
+    """What ``stat`` reports: size in bytes and last modification (seconds, epoch).
+
+    ``tag``: the server's entity tag where it has one (S3's ETag, unquoted; for
+    an object written with one plain PUT, the MD5 of its bytes), else ``""``.
+    """
 
     size: int
     mtime: float
+    tag: str = ""
 
 
 # A key: segments joined by "/"; each segment printable ASCII without space, "/"

@@ -25,7 +25,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pvebackup.api.errors import TransientBackendError
 from pvebackup.store.backends.base import Backend, ObjectInfo
@@ -121,14 +121,31 @@ class RetryBackend:
         self._retry(f"delete {key}", lambda: self.inner.delete(key))
 
     def list(self, prefix: str = "") -> Iterator[str]:
+        return (key for key, _ in self._list(prefix, self.inner.list, lambda key: (key, None)))
+
+    def list_info(self, prefix: str = "") -> Iterator[tuple[str, ObjectInfo]]:
+        """The inner backend's ``list_info`` (``AttributeError`` if it has none),
+        restarted after a failure as ``list`` is."""
+        inner: Callable[[str], Iterator[tuple[str, ObjectInfo]]] = self.inner.list_info  # type: ignore[attr-defined]
+        for key, info in self._list(prefix, inner, lambda item: item):
+            assert info is not None
+            yield key, info
+
+    def _list(
+        self,
+        prefix: str,
+        source: Callable[[str], Iterator[Any]],
+        split: Callable[[Any], tuple[str, ObjectInfo | None]],
+    ) -> Iterator[tuple[str, ObjectInfo | None]]:
         seen: set[str] = set()
         failed = 0
         while True:
             try:
-                for key in self.inner.list(prefix):
+                for item in source(prefix):
+                    key, info = split(item)
                     if key not in seen:
                         seen.add(key)
-                        yield key
+                        yield key, info
                 return
             except TransientBackendError as exc:
                 failed += 1

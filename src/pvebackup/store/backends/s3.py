@@ -398,7 +398,11 @@ class S3Backend:
 
     def stat(self, key: str) -> ObjectInfo:
         head = self._head(key)
-        return ObjectInfo(int(head["ContentLength"]), head["LastModified"].timestamp())
+        return ObjectInfo(
+            int(head["ContentLength"]),
+            head["LastModified"].timestamp(),
+            str(head.get("ETag") or "").strip('"'),
+        )
 
     def delete(self, key: str) -> None:
         try:
@@ -407,6 +411,11 @@ class S3Backend:
             return  # S3 answers 204 for a missing key; some servers 404
 
     def list(self, prefix: str = "") -> Iterator[str]:
+        return (key for key, _ in self.list_info(prefix))
+
+    def list_info(self, prefix: str = "") -> Iterator[tuple[str, ObjectInfo]]:
+        """``list`` with each key's size, time and ETag, at no extra request: what
+        :mod:`pvebackup.store.catalog` needs to know which cached objects changed."""
         token: str | None = None
         strip = len(self._prefix)
         while True:
@@ -421,7 +430,12 @@ class S3Backend:
                     validate_key(key)
                 except PermanentBackendError:
                     continue
-                yield key
+                modified = item.get("LastModified")
+                yield key, ObjectInfo(
+                    int(item.get("Size", 0)),
+                    modified.timestamp() if modified is not None else 0.0,
+                    str(item.get("ETag") or "").strip('"'),
+                )
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return

@@ -1,4 +1,11 @@
-"""What a userspace file system reader gives the listing and the extraction."""
+"""A file tree read from a backup, for listing and extracting single files.
+
+Two kinds of readers give it: ``vm-files``' userspace readers of a guest file
+system (ext4, xfs) and a provider's :meth:`BackupProvider.restore_file_reader`
+for a container archive. The host's safe extractor
+(:mod:`pvebackup.host.vmfiles.extract`) writes what either gives; everything in
+an :class:`Entry` is untrusted (it comes from backup storage or a guest).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["Entry", "FsReader"]
+__all__ = ["Entry", "FsReader", "lookup"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +27,8 @@ class Entry:
     uid: int
     gid: int
     size: int
+    mtime_ns: int | None = None
+    """Set by readers that know it; the extractor then applies it."""
 
     @property
     def is_dir(self) -> bool:
@@ -35,10 +44,12 @@ class Entry:
 
 
 class FsReader(Protocol):
-    """A guest file system read in userspace (ext4 by debugfs, xfs by xfs_db).
+    """A file tree read in userspace (a guest's ext4 or xfs, a container archive).
 
     Every method raises :class:`~pvebackup.api.errors.CorruptFilesystemError` when
-    the file system cannot be read there.
+    the tree cannot be read there (the extractor skips that entry and goes on), or
+    :class:`~pvebackup.api.errors.IntegrityError` when stored data fails its check
+    (the extraction stops).
     """
 
     def root(self) -> Entry:
@@ -54,7 +65,8 @@ class FsReader(Protocol):
         ...
 
     def read(self, entry: Entry) -> Iterator[bytes]:
-        """A regular file's contents, exactly ``entry.size`` bytes, in chunks."""
+        """A regular file's contents, exactly ``entry.size`` bytes, in chunks
+        (a hard link's: its target's)."""
         ...
 
 
