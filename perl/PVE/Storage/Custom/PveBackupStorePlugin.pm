@@ -34,6 +34,12 @@ sub properties {
             description => "Chunk size of new disk indexes: a power of two, 64K..16M.",
             type => 'string',
         },
+        'cache-dir' => {
+            description => "Host directory for the chunk index and snapshot metadata caches"
+                . " (default: under the host state dir).",
+            type => 'string',
+            format => 'pve-storage-path',
+        },
         'ct-restore' => {
             description => "Container restore mechanism offered to the host: tar (default)"
                 . " or directory.",
@@ -75,6 +81,7 @@ sub options {
         'encryption-passphrase-file' => { optional => 1 },
         'chunk-size' => { optional => 1 },
         'ct-restore' => { optional => 1 },
+        'cache-dir' => { optional => 1 },
         'vm-mechanism' => { optional => 1 },
         's3-endpoint' => { optional => 1 },
         's3-bucket' => { fixed => 1, optional => 1 },
