@@ -84,3 +84,59 @@ def test_not_started() -> None:
         with pytest.raises(RuntimeError):
             getattr(d, attr)
     assert not d.alive and d.stop() is None and d.log_tail() == ""
+
+
+def test_a_handshake_that_hangs_is_retried_on_a_fresh_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A monitor that greets but never answers qmp_capabilities (seen about once per
+    thousand starts, when the client connects before the monitor is attached) must
+    cost one short handshake timeout, not the whole start."""
+    import json
+    import socket
+    import threading
+
+    from pvebackup.host.qemu.daemon import StorageDaemon
+
+    path = tmp_path / "qmp.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(2)
+    greeting = json.dumps({"QMP": {"version": {}, "capabilities": []}}).encode() + b"\r\n"
+    connections: list[socket.socket] = []
+
+    def serve() -> None:
+        first, _ = server.accept()
+        connections.append(first)
+        first.sendall(greeting)  # ... and never answers
+        second, _ = server.accept()
+        connections.append(second)
+        second.sendall(greeting)
+        request = json.loads(second.recv(4096))
+        second.sendall(json.dumps({"return": {}, "id": request["id"]}).encode() + b"\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+
+    class Running:
+        def poll(self) -> None:
+            return None
+
+    import pvebackup.host.qemu.daemon as daemon_module
+
+    monkeypatch.setattr(daemon_module, "_HANDSHAKE_TIMEOUT", 0.5)
+    # qmp_timeout far above start_timeout: one hung handshake waited out in full
+    # would fail the start.
+    daemon = StorageDaemon(start_timeout=3.0, qmp_timeout=30.0)
+    daemon._proc = Running()  # type: ignore[assignment]
+    started = time.monotonic()
+    client = daemon._connect(path)
+    try:
+        assert time.monotonic() - started < 5.0
+        assert len(connections) == 2
+        assert client.timeout == 30.0  # commands keep the full timeout
+    finally:
+        client.close()
+        for c in connections:
+            c.close()
+        server.close()

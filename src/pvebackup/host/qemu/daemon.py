@@ -25,13 +25,15 @@ from typing import Any
 from pvebackup.api.errors import ExternalToolError, QmpError
 from pvebackup.kit.proc import Child, private_dir, spawn
 
-from .qmp import QmpClient
+from .qmp import QmpClient, QmpConnectionError
 
 __all__ = ["StorageDaemon"]
 
 _BINARY = "qemu-storage-daemon"
 # 107 bytes for a socket path, minus "/pvebackup-qsd-XXXXXXXX/qmp.sock" and a margin.
 _MAX_PARENT_LEN = 64
+_HANDSHAKE_TIMEOUT = 10.0
+"""Seconds one QMP greeting + qmp_capabilities may take before a new connection."""
 
 
 class StorageDaemon:
@@ -156,7 +158,13 @@ class StorageDaemon:
             raise ExternalToolError(f"cannot start {self.binary}: {exc}") from exc
 
     def _connect(self, qmp_path: Path) -> QmpClient:
+        # The socket file exists as soon as the chardev listens, before the monitor
+        # is attached; a client connecting in that window was seen (about once per
+        # thousand starts) to get its greeting but never an answer to
+        # qmp_capabilities. So each handshake gets a short timeout and a fresh
+        # connection is tried again, within start_timeout + qmp_timeout overall.
         deadline = time.monotonic() + self.start_timeout
+        handshake_deadline = deadline + self.qmp_timeout
         while True:
             assert self._proc is not None
             code = self._proc.poll()
@@ -166,7 +174,18 @@ class StorageDaemon:
                 )
             if qmp_path.exists():
                 try:
-                    return QmpClient(str(qmp_path), timeout=self.qmp_timeout)
+                    client = QmpClient(
+                        str(qmp_path), timeout=min(self.qmp_timeout, _HANDSHAKE_TIMEOUT)
+                    )
+                    client.timeout = self.qmp_timeout
+                    return client
+                except QmpConnectionError as exc:
+                    if "no answer" in str(exc) and time.monotonic() < handshake_deadline:
+                        continue  # a fresh connection, see above
+                    if time.monotonic() > deadline:
+                        raise ExternalToolError(
+                            f"{self.binary}: QMP does not answer: {exc}"
+                        ) from exc
                 except (OSError, QmpError) as exc:
                     if time.monotonic() > deadline:
                         raise ExternalToolError(
