@@ -460,3 +460,44 @@ def test_vm_mechanism_is_a_storage_property(tmp_path: Path, kind: str) -> None:
     lines, text = _serve([{**hello, "params": {**hello["params"], "scfg": bad}}], tmp_path)
     (error,) = [m["error"] for m in lines if m.get("id") == 0]
     assert "vm-mechanism" in error["message"] and error["exit"] == 2, error
+
+
+def test_spools_of_dead_helpers_are_swept_and_nothing_else(tmp_path: Path) -> None:
+    """A helper killed with SIGKILL leaves its uncompressed archive behind: the next
+    spool removes it, but never a live helper's, a foreign name, a link or a dir
+    that is not ours and private."""
+    import subprocess
+
+    from pvebackup.bridge.restore import spool_tar
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"pvebackup-ct-restore-{dead.pid}-abcd"
+    stale.mkdir(mode=0o700)
+    (stale / "archive.tar").write_bytes(b"x" * 1024)
+    live = tmp_path / f"pvebackup-ct-restore-{os.getpid()}-efgh"
+    live.mkdir(mode=0o700)
+    public = tmp_path / f"pvebackup-ct-restore-{dead.pid}-open"
+    public.mkdir(mode=0o755)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("keep")
+    link = tmp_path / f"pvebackup-ct-restore-{dead.pid}-link"
+    link.symlink_to(victim)
+    source = tmp_path / "source.tar"
+    source.write_bytes(b"tar bytes")
+
+    old = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp_path)
+    try:
+        spooled = spool_tar(str(source))
+    finally:
+        if old is None:
+            del os.environ["TMPDIR"]
+        else:
+            os.environ["TMPDIR"] = old
+    assert spooled.read_bytes() == b"tar bytes"
+    assert spooled.parent.name.startswith(f"pvebackup-ct-restore-{os.getpid()}-")
+    assert not stale.exists()
+    assert live.is_dir() and public.is_dir() and link.is_symlink()
+    assert (victim / "keep").read_text() == "keep"

@@ -16,6 +16,8 @@ a FIFO into a private regular file (0600 in a 0700 directory under ``$TMPDIR``,
 default ``/var/tmp``), removed at cleanup: the node needs free space there for the
 uncompressed archive. The provider's ``restore_tar_cleanup`` runs as soon as the
 FIFO is drained, so a feeding error fails ``restore_container_init`` itself.
+A helper killed with SIGKILL cannot remove its spool; the directory name carries
+the helper's pid, and the next spool removes those of dead helpers.
 """
 
 from __future__ import annotations
@@ -34,18 +36,65 @@ from pvebackup.api.provider import BackupProvider
 from pvebackup.api.types import GuestType, RestoreMechanism
 from pvebackup.bridge.params import Params, device_name
 from pvebackup.bridge.rawexport import RawExport, needs_export
+from pvebackup.kit import safefs
 from pvebackup.kit.oserrors import os_error
 
-__all__ = ["OpenRestore", "RestoreSide", "spool_tar"]
+__all__ = ["OpenRestore", "RestoreSide", "spool_tar", "sweep_stale_spools"]
 
 _SPOOL_BLOCK = 1 << 20
+_SPOOL_PREFIX = "pvebackup-ct-restore-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_spools(base: str) -> None:
+    """Remove the spool directories of helpers that died without cleaning up.
+
+    Threat: ``base`` may be world-writable (``/var/tmp``): only our own 0700
+    directories (owned by us, not links) whose pid is dead are removed, through
+    ``safefs.rmtree_at``, which never follows a link or crosses a mount.
+    """
+    try:
+        dir_fd = safefs.open_root(base)
+    except OSError:
+        return
+    with safefs.owned_fd(dir_fd):
+        for entry in safefs.listdir_at(dir_fd):
+            rest = entry.name.removeprefix(_SPOOL_PREFIX)
+            pid_text = rest.split("-", 1)[0]
+            if rest == entry.name or not pid_text.isdigit():
+                continue
+            st = safefs.stat_at(dir_fd, entry.name)
+            if (
+                st is None
+                or not stat.S_ISDIR(st.st_mode)
+                or st.st_uid != os.geteuid()
+                or st.st_mode & 0o077
+                or _pid_alive(int(pid_text))
+            ):
+                continue
+            try:
+                safefs.rmtree_at(dir_fd, entry.name, missing_ok=True)
+            except OSError:
+                continue  # the next spool tries again
 
 
 def spool_tar(source: str) -> Path:
     """``source`` (a FIFO, or any non-regular file the provider gave) copied into a
     new private regular file; the caller removes its parent directory."""
     base = os.environ.get("TMPDIR") or "/var/tmp"
-    directory = Path(tempfile.mkdtemp(prefix="pvebackup-ct-restore-", dir=base))
+    sweep_stale_spools(base)
+    directory = Path(
+        tempfile.mkdtemp(prefix=f"{_SPOOL_PREFIX}{os.getpid()}-", dir=base)
+    )
     target = directory / "archive.tar"
     try:
         # O_NOFOLLOW|O_EXCL: a fresh file in our 0700 directory, never someone's link.
